@@ -1,0 +1,1 @@
+"""Built-in backends, one module per model family (installed as `earlyexit.backends`)."""

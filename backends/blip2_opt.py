@@ -1,0 +1,175 @@
+"""BLIP-2 with an OPT language model (`blip2-opt`): how the family is wired.
+
+Image -> ViT -> Q-Former (`num_query_tokens` queries) -> linear projection -> the embeddings of
+the `<image>` placeholder tokens the processor puts in front of the prompt -> OPT decoder.
+OPT adds learned absolute positions to the input embeddings (offset 2, pads at position -1), so
+its layers themselves take no positions; the read-out is final layer norm, `project_out` where
+the word-embedding width differs, then the LM head (tied to the input embeddings).
+"""
+
+from __future__ import annotations
+
+import os
+
+from earlyexit import hookimpl
+from earlyexit.backend import Backend
+from earlyexit.errors import ConfigError, ModelNotAvailableError
+
+
+class Blip2OptBackend(Backend):
+    name = "blip2-opt"
+    description = "BLIP-2 with an OPT decoder (Blip2ForConditionalGeneration), e.g. Salesforce/blip2-opt-2.7b"
+
+    # -- loading -----------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, dtype: str = "float32", device: str = "cpu") -> Blip2OptBackend:
+        import torch
+        from transformers import AutoConfig, AutoProcessor, Blip2ForConditionalGeneration
+
+        local = os.path.isdir(name_or_path)
+        looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+        if not local and looks_like_path:
+            raise ConfigError(f"model folder {name_or_path!r} does not exist; pass a folder written by "
+                              "save_pretrained or a hub id such as Salesforce/blip2-opt-2.7b")
+        try:
+            config = AutoConfig.from_pretrained(name_or_path)
+        except OSError as error:
+            if local:
+                raise ModelNotAvailableError(f"{name_or_path}: no BLIP-2 config.json there ({error})") from error
+            raise ModelNotAvailableError(
+                f"model {name_or_path!r} is not available offline and the hub cannot be reached; "
+                "download it on a connected machine and pass the local folder instead"
+            ) from error
+        text_type = getattr(getattr(config, "text_config", None), "model_type", None)
+        if config.model_type != "blip-2" or text_type != "opt":
+            raise ConfigError(f"{name_or_path} is a {config.model_type}/{text_type} model, not BLIP-2 with OPT; "
+                              "pick the matching --backend (see `earlyexit list`)")
+        model = Blip2ForConditionalGeneration.from_pretrained(name_or_path, dtype=getattr(torch, dtype))
+        try:
+            processor = AutoProcessor.from_pretrained(name_or_path)
+        except OSError as error:
+            raise ModelNotAvailableError(f"{name_or_path}: the processor (tokenizer and image processor) "
+                                         f"could not be loaded ({error})") from error
+        processor.tokenizer.padding_side = "left"
+        return cls(model.to(device).eval(), processor)
+
+    @classmethod
+    def from_tiny_config(cls, seed: int = 0, num_layers: int = 4, hidden_size: int = 32, num_heads: int = 4,
+                         ffn_dim: int | None = None, word_embed_proj_dim: int | None = None,
+                         num_query_tokens: int = 4, image_size: int = 16, vision_hidden: int = 32,
+                         do_layer_norm_before: bool = True, init_std: float = 0.2) -> Blip2OptBackend:
+        """A tiny random BLIP-2 OPT with a word-level tokenizer and a real processor."""
+        import torch
+        from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2QFormerConfig,
+                                  Blip2VisionConfig, OPTConfig)
+
+        from earlyexit.tiny import build_processor
+
+        processor = build_processor(image_size=image_size, num_query_tokens=num_query_tokens)
+        tokenizer = processor.tokenizer
+        text = OPTConfig(
+            vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=num_layers,
+            ffn_dim=ffn_dim or 4 * hidden_size, num_attention_heads=num_heads, max_position_embeddings=256,
+            word_embed_proj_dim=word_embed_proj_dim or hidden_size, do_layer_norm_before=do_layer_norm_before,
+            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, init_std=init_std, dropout=0.0, attention_dropout=0.0,
+        )
+        vision = Blip2VisionConfig(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
+                                   num_hidden_layers=1, num_attention_heads=4, image_size=image_size,
+                                   patch_size=image_size // 2)
+        qformer = Blip2QFormerConfig(hidden_size=vision_hidden, num_hidden_layers=1, num_attention_heads=4,
+                                     intermediate_size=2 * vision_hidden, encoder_hidden_size=vision_hidden)
+        config = Blip2Config(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(),
+                             text_config=text.to_dict(), num_query_tokens=num_query_tokens,
+                             image_token_index=tokenizer.convert_tokens_to_ids(processor.image_token.content))
+        torch.manual_seed(seed)
+        model = Blip2ForConditionalGeneration(config).eval()
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        return cls(model, processor)
+
+    # -- inputs ------------------------------------------------------------------------------
+    def prepare_inputs(self, images, prompts=None):
+        if self.processor is None:
+            raise ConfigError("this model has no processor; load it from a folder that holds one")
+        prompts = prompts if prompts is not None else [""] * len(images)
+        return dict(self.processor(images=images, text=prompts, padding=True, return_tensors="pt"))
+
+    def decoder_inputs_embeds(self, pixel_values, input_ids):
+        model = self.model
+        features = model.get_image_features(pixel_values, return_dict=True).pooler_output
+        embeds = model.get_input_embeddings()(input_ids)
+        image_slots = (input_ids == model.config.image_token_id).unsqueeze(-1)
+        if int(image_slots.sum()) != features.shape[0] * features.shape[1]:
+            raise ConfigError(f"the prompt must start with {model.config.num_query_tokens} image tokens per image; "
+                              "build inputs with backend.prepare_inputs (the processor adds them)")
+        return embeds.masked_scatter(image_slots, features.to(embeds.dtype))
+
+    # -- the language model --------------------------------------------------------------------
+    @property
+    def language_model(self):
+        return self.model.language_model
+
+    @property
+    def decoder(self):
+        return self.model.language_model.model.decoder
+
+    @property
+    def text_config(self):
+        return self.model.language_model.config
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.decoder.layers)
+
+    def decoder_layers(self):
+        return list(self.decoder.layers)
+
+    def position_ids(self, attention_mask):
+        # OPT counts positions over the unpadded tokens and puts pads at -1
+        return (attention_mask.long().cumsum(-1) * attention_mask - 1).long()
+
+    def embed(self, input_ids, inputs_embeds, position_ids):
+        decoder = self.decoder
+        if inputs_embeds is None:
+            inputs_embeds = decoder.embed_tokens(input_ids)
+        if decoder.project_in is not None:
+            inputs_embeds = decoder.project_in(inputs_embeds)
+        return inputs_embeds + decoder.embed_positions(None, 0, position_ids=position_ids)
+
+    def bind_cache_slot(self, layer, slot):
+        layer.self_attn.layer_idx = slot
+
+    def run_layer(self, layer, hidden, *, attention_mask, position_ids, cache):
+        return layer(hidden, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True)
+
+    def logits(self, hidden):
+        decoder = self.decoder
+        if decoder.final_layer_norm is not None:
+            hidden = decoder.final_layer_norm(hidden)
+        if decoder.project_out is not None:
+            hidden = decoder.project_out(hidden)
+        return self.language_model.lm_head(hidden)
+
+    def fill_kv(self, layer, hidden, *, position_ids, cache):
+        attention = layer.self_attn
+        x = layer.self_attn_layer_norm(hidden) if layer.do_layer_norm_before else hidden
+        rows = x.shape[0]
+        keys = attention.k_proj(x).view(rows, -1, attention.num_heads, attention.head_dim).transpose(1, 2)
+        values = attention.v_proj(x).view(rows, -1, attention.num_heads, attention.head_dim).transpose(1, 2)
+        cache.update(keys, values, attention.layer_idx)
+
+    # -- cost accounting -----------------------------------------------------------------------
+    def kv_projection_param_count(self) -> int:
+        layer = self.decoder.layers[0]
+        modules = [layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn_layer_norm]
+        return sum(p.numel() for m in modules for p in m.parameters())
+
+    def head_param_count(self) -> int:
+        decoder = self.decoder
+        modules = [self.language_model.lm_head, decoder.final_layer_norm, decoder.project_out]
+        return sum(p.numel() for m in modules if m is not None for p in m.parameters())
+
+
+@hookimpl
+def earlyexit_register_backends():
+    return [Blip2OptBackend]

@@ -1,0 +1,125 @@
+"""The Backend contract: everything that differs between model families.
+
+A backend wraps one loaded vision-language model. Strategies and the engine only talk to the
+language model through these methods, so they never branch on the family. Classes stay
+importable without torch (for `earlyexit list`); methods import it where needed.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+
+class Backend:
+    """One model family. Subclasses set `name` and `description` and implement the methods below.
+
+    Layer indices are 0-based here (`run_layer(0, ...)` is the first decoder layer); exit layers
+    elsewhere are 1-based counts ("after k layers").
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+
+    def __init__(self, model: Any, processor: Any = None):
+        self.model = model
+        self.processor = processor
+
+    # -- loading -----------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, **kwargs) -> Backend:
+        """Load weights and processor from a hub id or a local `save_pretrained` folder."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_tiny_config(cls, seed: int = 0, **overrides) -> Backend:
+        """A tiny randomly initialised model of this family (tests, benchmarks)."""
+        raise NotImplementedError
+
+    def save_pretrained(self, path: str) -> None:
+        self.model.save_pretrained(path)
+        if self.processor is not None:
+            self.processor.save_pretrained(path)
+
+    # -- inputs ------------------------------------------------------------------------------
+    def prepare_inputs(self, images: list, prompts: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """Processor output for a batch: `pixel_values`, `input_ids`, `attention_mask` (left padded)."""
+        raise NotImplementedError
+
+    def decoder_inputs_embeds(self, pixel_values: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """Language-model input embeddings with the image features scattered into the image placeholders."""
+        raise NotImplementedError
+
+    def plain_generate(self, **inputs_and_generate_kwargs) -> torch.Tensor:
+        """The backbone's own `generate` (the reference the early-exit model must match)."""
+        return self.model.generate(**inputs_and_generate_kwargs)
+
+    # -- the language model, layer by layer --------------------------------------------------
+    @property
+    def language_model(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    @property
+    def text_config(self) -> Any:
+        raise NotImplementedError
+
+    @property
+    def num_layers(self) -> int:
+        raise NotImplementedError
+
+    def decoder_layers(self) -> list[torch.nn.Module]:
+        raise NotImplementedError
+
+    def position_ids(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Absolute position of every position of the sequence (rows, length), as the family's
+        own forward computes it from a (left-padded) attention mask."""
+        positions = attention_mask.long().cumsum(-1) - 1
+        return positions.masked_fill(attention_mask == 0, 1)
+
+    def embed(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
+              position_ids: torch.Tensor) -> torch.Tensor:
+        """Hidden states entering the first decoder layer for the given positions."""
+        raise NotImplementedError
+
+    def layer_mask(self, block: torch.Tensor, attention_mask_2d: torch.Tensor, cache: Any, slot: int) -> Any:
+        """The attention mask for a block of new positions at cache slot `slot`, whose 2D mask
+        covers the slot's held positions followed by the block."""
+        from transformers.masking_utils import create_causal_mask
+
+        return create_causal_mask(config=self.text_config, inputs_embeds=block,
+                                  attention_mask=attention_mask_2d, cache=cache, layer_idx=slot)
+
+    def bind_cache_slot(self, layer: torch.nn.Module, slot: int) -> None:
+        """Make `layer` (an exit module of the backbone's layer kind) write its K/V to `slot`."""
+        raise NotImplementedError
+
+    def run_layer(self, layer: torch.nn.Module, hidden: torch.Tensor, *, attention_mask: Any,
+                  position_ids: torch.Tensor, cache: Any) -> torch.Tensor:
+        """Run one decoder layer (a backbone layer or an exit module of the same kind) on a block
+        of positions, appending their K/V to the layer's cache slot."""
+        raise NotImplementedError
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Read out vocabulary logits from any hidden state (final norm, projections, LM head)."""
+        raise NotImplementedError
+
+    def fill_kv(self, layer: torch.nn.Module, hidden: torch.Tensor, *, position_ids: torch.Tensor,
+                cache: Any) -> None:
+        """Append to `layer`'s cache slot the K/V it projects from `hidden` (state propagation,
+        CALM-style) without running the rest of the layer."""
+        raise NotImplementedError
+
+    def kv_projection_param_count(self) -> int:
+        """Parameters used by `fill_kv` for one layer (norm and K/V projections)."""
+        raise NotImplementedError
+
+    # -- cost accounting ---------------------------------------------------------------------
+    def layer_param_counts(self) -> list[int]:
+        """Parameters of each decoder layer."""
+        return [sum(p.numel() for p in layer.parameters()) for layer in self.decoder_layers()]
+
+    def head_param_count(self) -> int:
+        """Parameters touched by one logit read-out (final norm, projections, LM head)."""
+        raise NotImplementedError

@@ -1,0 +1,37 @@
+"""One error hierarchy. The CLI prints `str(error)` as a single line and exits with `exit_code`."""
+
+
+class EarlyExitError(Exception):
+    """Base of every error this package raises on purpose."""
+
+    exit_code = 1
+
+
+class ConfigError(EarlyExitError):
+    """A bad option, value or combination of options: the user can fix it by changing the call."""
+
+    exit_code = 2
+
+
+class PluginError(EarlyExitError):
+    """A plugin could not be loaded, registers a clashing name, or a name is unknown."""
+
+    exit_code = 2
+
+
+class DataError(EarlyExitError):
+    """An input file or data set is missing or malformed."""
+
+    exit_code = 2
+
+
+class ModelNotAvailableError(EarlyExitError):
+    """Weights could not be found locally and the hub cannot be reached."""
+
+    exit_code = 2
+
+
+class CheckpointError(EarlyExitError):
+    """A checkpoint or adapter does not match what it is loaded onto, or is corrupt."""
+
+    exit_code = 2

@@ -1,0 +1,1 @@
+"""Built-in exit strategies, one module per method (installed as `earlyexit.strategies`)."""

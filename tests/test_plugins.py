@@ -1,0 +1,240 @@
+"""Plugin loading: built-ins, third-party entry points, broken plugins, clashes, unknown names."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+import textwrap
+
+import pluggy
+import pytest
+
+from earlyexit import hookimpl, hookspecs
+from earlyexit.cli import main
+from earlyexit.errors import PluginError
+from earlyexit.plugins import (
+    BUILTIN_PLUGINS,
+    BUILTIN_SOURCE,
+    DISABLE_AUTOLOAD_ENV,
+    Registry,
+    get_registry,
+    make_plugin_manager,
+)
+from earlyexit.strategy import Strategy
+
+TOY_PLUGIN = """
+    from earlyexit import hookimpl
+    from earlyexit.backend import Backend
+    from earlyexit.strategy import Strategy
+
+    class ToyStrategy(Strategy):
+        name = "toy-strategy"
+        description = "A strategy from a third-party distribution"
+
+    class ToyBackend(Backend):
+        name = "toy-backend"
+        description = "A backend from a third-party distribution"
+
+    @hookimpl
+    def earlyexit_register_strategies():
+        return [ToyStrategy]
+
+    @hookimpl
+    def earlyexit_register_backends():
+        return [ToyBackend]
+"""
+
+CLASHING_PLUGIN = """
+    from earlyexit import hookimpl
+    from earlyexit.strategy import Strategy
+
+    class AnotherFixed(Strategy):
+        name = "{name}"
+        description = "Clashes with a name registered elsewhere"
+
+    @hookimpl
+    def earlyexit_register_strategies():
+        return [AnotherFixed]
+"""
+
+
+@pytest.fixture
+def install_distribution(tmp_path, monkeypatch):
+    """Returns `install(dist_name, modules, entry_points)`, which writes modules and a
+    `.dist-info` with `[earlyexit]` entry points into a folder on sys.path, as pip would."""
+    monkeypatch.delenv(DISABLE_AUTOLOAD_ENV, raising=False)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    created_modules: list[str] = []
+
+    def install(dist_name: str, modules: dict[str, str], entry_points: dict[str, str]) -> None:
+        for module, source in modules.items():
+            (tmp_path / f"{module}.py").write_text(textwrap.dedent(source))
+            created_modules.append(module)
+        info = tmp_path / f"{dist_name.replace('-', '_')}-0.1.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist_name}\nVersion: 0.1\n")
+        lines = "".join(f"{name} = {target}\n" for name, target in entry_points.items())
+        (info / "entry_points.txt").write_text("[earlyexit]\n" + lines)
+        importlib.invalidate_caches()
+
+    yield install
+    for module in created_modules:  # the next test must import its own copy
+        sys.modules.pop(module, None)
+
+
+@pytest.fixture
+def thirdparty(install_distribution):
+    install_distribution("earlyexit-thirdparty", {"ee_thirdparty": TOY_PLUGIN}, {"thirdparty": "ee_thirdparty"})
+
+
+def test_builtins_register_through_the_plugin_hooks(monkeypatch):
+    pm = make_plugin_manager(load_entrypoints=False)
+    for module_name in BUILTIN_PLUGINS:
+        assert pm.get_plugin(module_name) is sys.modules[module_name]
+    registry = Registry(pm)
+    assert {"confidence", "fixed"} <= set(registry.names("strategy"))
+    assert "blip2-opt" in registry.names("backend")
+    assert registry.plugin_of("strategy", "fixed") == BUILTIN_SOURCE
+    assert registry.strategy("fixed").name == "fixed"
+    assert registry.failures == []
+
+
+def test_third_party_entry_point_is_registered_with_its_distribution_name(thirdparty):
+    registry = get_registry()
+    strategy, backend = registry.strategy("toy-strategy"), registry.backend("toy-backend")
+    assert strategy is sys.modules["ee_thirdparty"].ToyStrategy
+    assert backend is sys.modules["ee_thirdparty"].ToyBackend
+    assert registry.plugin_of("strategy", "toy-strategy") == "earlyexit-thirdparty"
+    assert registry.plugin_of("backend", "toy-backend") == "earlyexit-thirdparty"
+    assert registry.plugin_of("strategy", "fixed") == BUILTIN_SOURCE
+
+
+def test_list_json_shows_third_party_entries(thirdparty, capsys):
+    assert main(["list", "--json"]) == 0
+    entries = {(e["kind"], e["name"]): e for e in json.loads(capsys.readouterr().out)}
+    assert entries["strategy", "toy-strategy"] == {
+        "name": "toy-strategy",
+        "kind": "strategy",
+        "plugin": "earlyexit-thirdparty",
+        "description": "A strategy from a third-party distribution",
+    }
+    assert entries["backend", "toy-backend"]["plugin"] == "earlyexit-thirdparty"
+    assert entries["strategy", "fixed"]["plugin"] == BUILTIN_SOURCE
+
+
+@pytest.mark.parametrize(
+    "broken_source, expected_error",
+    [
+        ("raise ImportError('needs libfoo')", "ImportError: needs libfoo"),
+        ("import ee_module_that_does_not_exist", "ModuleNotFoundError"),
+        # Imports fine, but its hook breaks when called: also only that plugin is dropped.
+        (
+            "from earlyexit import hookimpl\n"
+            "@hookimpl\n"
+            "def earlyexit_register_strategies():\n"
+            "    raise RuntimeError('bad config file')\n",
+            "RuntimeError: bad config file",
+        ),
+        ("from earlyexit import hookimpl\n@hookimpl\ndef earlyexit_register_strategies():\n    return [int]\n",
+         "not a Strategy subclass"),
+        # A hook with arguments its spec does not have is rejected by pluggy at registration.
+        ("from earlyexit import hookimpl\n@hookimpl\ndef earlyexit_batch_stats(stats, extra):\n    pass\n",
+         "PluginValidationError"),
+    ],
+)
+def test_broken_plugin_is_reported_and_the_rest_keep_working(
+    install_distribution, thirdparty, capsys, broken_source, expected_error
+):
+    install_distribution("earlyexit-broken", {"ee_broken": broken_source}, {"broken": "ee_broken"})
+
+    registry = get_registry()
+    assert len(registry.failures) == 1
+    failure = registry.failures[0]
+    assert (failure.plugin, failure.distribution) == ("broken", "earlyexit-broken")
+    assert expected_error in failure.error
+    assert "\n" not in str(failure)
+    assert registry.strategy("toy-strategy") and registry.strategy("fixed")
+
+    assert main(["list"]) == 0
+    captured = capsys.readouterr()
+    warnings = captured.err.strip().splitlines()
+    assert len(warnings) == 1
+    assert warnings[0].startswith("warning: plugin 'broken' from earlyexit-broken failed to load")
+    assert "toy-strategy" in captured.out and "fixed" in captured.out
+
+
+def test_entry_point_to_a_missing_module_is_a_failure_not_a_crash(install_distribution):
+    install_distribution("earlyexit-ghost", {}, {"ghost": "ee_ghost_module"})
+    registry = get_registry()
+    assert [(f.plugin, f.distribution) for f in registry.failures] == [("ghost", "earlyexit-ghost")]
+    assert "ModuleNotFoundError" in registry.failures[0].error
+
+
+def test_name_clash_with_a_builtin_names_both_plugins(install_distribution, capsys):
+    install_distribution("earlyexit-dupe", {"ee_dupe": CLASHING_PLUGIN.format(name="fixed")}, {"dupe": "ee_dupe"})
+    with pytest.raises(PluginError, match="strategy 'fixed' is registered twice") as excinfo:
+        get_registry()
+    assert BUILTIN_SOURCE in str(excinfo.value) and "earlyexit-dupe" in str(excinfo.value)
+
+    assert main(["list"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: strategy 'fixed' is registered twice")
+
+
+def test_name_clash_between_two_third_party_plugins_names_both(install_distribution):
+    install_distribution("earlyexit-one", {"ee_one": CLASHING_PLUGIN.format(name="toy")}, {"one": "ee_one"})
+    install_distribution("earlyexit-two", {"ee_two": CLASHING_PLUGIN.format(name="toy")}, {"two": "ee_two"})
+    with pytest.raises(PluginError) as excinfo:
+        get_registry()
+    assert "'toy'" in str(excinfo.value)
+    assert "earlyexit-one" in str(excinfo.value) and "earlyexit-two" in str(excinfo.value)
+
+
+@pytest.mark.parametrize("value, loaded", [("1", False), ("true", False), ("0", True), ("", True)])
+def test_autoload_switch(thirdparty, monkeypatch, value, loaded):
+    monkeypatch.setenv(DISABLE_AUTOLOAD_ENV, value)
+    registry = get_registry()
+    assert ("toy-strategy" in registry.names("strategy")) is loaded
+    assert {"confidence", "fixed"} <= set(registry.names("strategy"))
+    # An explicit argument wins over the environment.
+    assert "toy-strategy" not in get_registry(load_entrypoints=False).names("strategy")
+    assert "toy-strategy" in get_registry(load_entrypoints=True).names("strategy")
+
+
+class Fixed(Strategy):
+    name = "fixed"
+
+
+class Confidence(Strategy):
+    name = "confidence"
+
+
+class OnlyTwoStrategies:
+    @staticmethod
+    @hookimpl
+    def earlyexit_register_strategies():
+        return [Fixed, Confidence]
+
+
+@pytest.fixture
+def two_strategy_registry():
+    pm = pluggy.PluginManager("earlyexit")
+    pm.add_hookspecs(hookspecs)
+    pm.register(OnlyTwoStrategies, name="only-two")
+    return Registry(pm)
+
+
+def test_unknown_name_suggests_the_closest_match(two_strategy_registry):
+    with pytest.raises(PluginError) as excinfo:
+        two_strategy_registry.strategy("fixd")
+    assert str(excinfo.value) == "unknown strategy 'fixd'. Did you mean 'fixed'? Available: confidence, fixed"
+    assert two_strategy_registry.plugin_of("strategy", "fixed") == "only-two"
+
+
+def test_unknown_name_without_a_close_match_lists_what_is_available(two_strategy_registry):
+    with pytest.raises(PluginError) as excinfo:
+        two_strategy_registry.strategy("zzz")
+    assert str(excinfo.value) == "unknown strategy 'zzz'. Available: confidence, fixed"
+    with pytest.raises(PluginError, match=r"^unknown backend 'blip2'\. Available: none$"):
+        two_strategy_registry.backend("blip2")
