@@ -21,8 +21,9 @@ def no_eos(backend):
     return {"bad_words_ids": [[backend.language_model.generation_config.eos_token_id]]}
 
 
-def full_forward_cache(backend, inputs, sequences):
-    """K/V of one plain full forward over prompt + generated tokens (all but the last)."""
+def full_forward_cache(backend, inputs, sequences, drop_last=True):
+    """K/V of one plain full forward over prompt + generated tokens (all but the last, which
+    generation never feeds back, unless `drop_last` is False)."""
     from transformers import DynamicCache
 
     prompt_length = inputs["input_ids"].shape[1]
@@ -31,7 +32,7 @@ def full_forward_cache(backend, inputs, sequences):
     pixel_values = inputs["pixel_values"].repeat_interleave(repeat, 0)
     prompt_ids = inputs["input_ids"].repeat_interleave(repeat, 0)
     embeds = backend.decoder_inputs_embeds(pixel_values, prompt_ids)
-    new_ids = sequences[:, prompt_length:-1]
+    new_ids = sequences[:, prompt_length:sequences.shape[1] - int(drop_last)]
     embeds = torch.cat([embeds, backend.language_model.get_input_embeddings()(new_ids)], dim=1)
     mask = torch.cat([inputs["attention_mask"].repeat_interleave(repeat, 0),
                       torch.ones_like(new_ids)], dim=1)

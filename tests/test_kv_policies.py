@@ -1,0 +1,182 @@
+"""Cache invariants of the three kv policies."""
+
+import copy
+
+import pytest
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from earlyexit.engine import EarlyExitForCausalLM
+from earlyexit.strategy import Strategy
+from helpers import full_forward_cache, no_eos
+
+ATOL = 1e-4
+
+
+def fixed(registry, backend, layer, every):
+    cls = registry.strategy("fixed")
+    return cls(backend, [layer], cls.Config(every=every))
+
+
+def assert_cache_matches_full_forward(cache, backend, inputs, sequences, drop_last=True):
+    """Every slot holds exactly the K/V of one full forward, for the positions it holds."""
+    reference, mask = full_forward_cache(backend, inputs, sequences, drop_last)
+    for j in range(backend.num_layers):
+        held = cache.slot_length(j)
+        assert cache.held_positions(j) is None  # catch-up keeps every slot a prefix
+        real = mask[:, :held].bool()  # pad positions' own states are never read
+        for name in ("keys", "values"):
+            got = getattr(cache.layers[j], name).transpose(1, 2)[real]
+            want = getattr(reference.layers[j], name)[:, :, :held].transpose(1, 2)[real]
+            torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+
+
+class CacheSnapshots(LogitsProcessor):
+    """Copies the cache and the running sequences (beams, in cache row order) at every step."""
+
+    def __init__(self, cache):
+        self.cache, self.snapshots = cache, []
+
+    def __call__(self, input_ids, scores):
+        self.snapshots.append((input_ids.clone(), copy.deepcopy(self.cache)))
+        return scores
+
+
+@pytest.mark.parametrize("every", [1, 2, 3])
+def test_catchup_cache_equals_full_forward_greedy(registry, backend6, batch2, every):
+    model = EarlyExitForCausalLM(backend6, fixed(registry, backend6, 2, every), kv_policy="catchup")
+    sequences = model.generate(**batch2, max_new_tokens=9, do_sample=False, **no_eos(backend6))
+    layers = model.last_trace.exit_layers
+    assert (layers == 2).any()
+    if every > 1:
+        assert (layers == 6).any()
+        assert sum(r.catchup_evals for r in model.last_trace.steps) > 0
+    assert_cache_matches_full_forward(model.last_cache, backend6, batch2, sequences)
+    # deep layers lag behind by the positions still waiting, and the pending states cover them
+    cache = model.last_cache
+    lag = cache.total_length - cache.slot_length(5)
+    assert (0 if cache.pending is None else cache.pending.shape[1]) == lag
+
+
+def test_catchup_with_confidence_mixes_depths(registry, backend6, batch2):
+    cls = registry.strategy("confidence")
+    model = EarlyExitForCausalLM(backend6, cls(backend6, [2, 4], cls.Config(threshold=0.1)))
+    sequences = model.generate(**batch2, max_new_tokens=12, do_sample=False, **no_eos(backend6))
+    depths = {r.depth for r in model.last_trace.steps[1:]}
+    assert len(depths) >= 2, f"threshold should give a mix of depths, got {depths}"
+    assert_cache_matches_full_forward(model.last_cache, backend6, batch2, sequences)
+
+
+def test_catchup_cache_equals_full_forward_beam(registry, backend6, batch2):
+    model = EarlyExitForCausalLM(backend6, fixed(registry, backend6, 3, 2), kv_policy="catchup")
+    cache = model.new_cache()
+    snapshots = CacheSnapshots(cache)
+    model.generate(**batch2, max_new_tokens=7, num_beams=3, do_sample=False, cache=cache,
+                   logits_processor=LogitsProcessorList([snapshots]), **no_eos(backend6))
+    assert (model.last_trace.exit_layers == 3).any()
+    assert sum(r.catchup_evals for r in model.last_trace.steps) > 0
+    for running, snapshot in snapshots.snapshots[1:]:
+        # after each forward the cache holds every fed token of the running beams
+        assert_cache_matches_full_forward(snapshot, backend6, batch2, running, drop_last=False)
+
+
+def test_propagate_fills_deep_layers_from_exit_state(registry, backend6, batch2):
+    exit_depth = 2
+    model = EarlyExitForCausalLM(backend6, fixed(registry, backend6, exit_depth, 2), kv_policy="propagate")
+    states = []  # output of the last layer run before an exit, per forward
+    hook = model.layers[exit_depth - 1].register_forward_hook(lambda m, a, out: states.append(out))
+    try:
+        model.generate(**batch2, max_new_tokens=7, do_sample=False, **no_eos(backend6))
+    finally:
+        hook.remove()
+    cache = model.last_cache
+    prompt = batch2["input_ids"].shape[1]
+    exited_steps = [t for t, r in enumerate(model.last_trace.steps) if r.depth == exit_depth]
+    assert exited_steps, "fixed every=2 must exit on some tokens"
+    for t in exited_steps:
+        position = prompt + t - 1  # step t feeds the token generated at step t-1
+        exit_state = states[t][:, -1:]
+        for j in range(exit_depth, backend6.num_layers):
+            layer = model.layers[j]
+            x = layer.self_attn_layer_norm(exit_state)
+            attn = layer.self_attn
+            keys = attn.k_proj(x).view(2, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
+            values = attn.v_proj(x).view(2, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
+            torch.testing.assert_close(cache.layers[j].keys[:, :, position:position + 1], keys)
+            torch.testing.assert_close(cache.layers[j].values[:, :, position:position + 1], values)
+    # every layer holds every position under propagate
+    assert {cache.slot_length(j) for j in range(backend6.num_layers)} == {cache.total_length}
+
+
+def test_skip_leaves_exited_positions_out_of_deep_layers(registry, backend6, batch2):
+    model = EarlyExitForCausalLM(backend6, fixed(registry, backend6, 2, 2), kv_policy="skip")
+    model.generate(**batch2, max_new_tokens=7, do_sample=False, **no_eos(backend6))
+    cache = model.last_cache
+    prompt = batch2["input_ids"].shape[1]
+    skipped = {prompt + t - 1 for t, r in enumerate(model.last_trace.steps) if r.depth == 2}
+    assert skipped
+    everything = set(range(cache.total_length))
+    for j in range(backend6.num_layers):
+        held = cache.held_positions(j)
+        held = set(range(cache.slot_length(j))) if held is None else set(held.tolist())
+        assert held == (everything if j < 2 else everything - skipped)
+        assert cache.slot_length(j) == len(held)
+
+
+class AttentionExit(Strategy):
+    """Test strategy with an exit transformer (a copy of a backbone layer), like FREE at inference."""
+
+    name = "test-attention-exit"
+
+    def __init__(self, backend, exit_layers, every=2):
+        super().__init__(backend, exit_layers)
+        self.every = every
+        self.modules = torch.nn.ModuleList(
+            copy.deepcopy(backend.decoder_layers()[k]) for k in self.exit_layers)
+
+    def exit_modules(self):
+        return self.modules
+
+    def exit_attention_layer(self, exit_index):
+        return self.modules[exit_index]
+
+    def exit_module_layer_cost(self, exit_index):
+        return 1.0
+
+    def exit_logits(self, exit_index, hidden):
+        return self.backend.logits(hidden)
+
+    def should_exit(self, exit_index, logits, hidden, context):
+        return torch.full((logits.shape[0],), context.step % self.every == 0)
+
+
+def test_exit_transformer_keeps_its_own_exact_cache_under_catchup(backend6, batch2):
+    strategy = AttentionExit(backend6, [2, 4], every=3)
+    model = EarlyExitForCausalLM(backend6, strategy, kv_policy="catchup")
+    sequences = model.generate(**batch2, max_new_tokens=9, do_sample=False, **no_eos(backend6))
+    cache = model.last_cache
+    # reference: each exit transformer run once over the full forward's hidden states at its depth
+    _, mask = full_forward_cache(backend6, batch2, sequences)
+    prompt_ids = batch2["input_ids"]
+    embeds = torch.cat([backend6.decoder_inputs_embeds(batch2["pixel_values"], prompt_ids),
+                        backend6.language_model.get_input_embeddings()(sequences[:, prompt_ids.shape[1]:-1])], 1)
+    with torch.no_grad():
+        hidden = backend6.language_model(inputs_embeds=embeds, attention_mask=mask,
+                                         output_hidden_states=True).hidden_states
+        from earlyexit.cache import EarlyExitCache
+        from transformers.masking_utils import create_causal_mask
+
+        for e, depth in enumerate(strategy.exit_layers):
+            slot = backend6.num_layers + e
+            reference = EarlyExitCache(slot + 1)
+            full_mask = create_causal_mask(config=backend6.text_config, inputs_embeds=hidden[depth],
+                                           attention_mask=mask, cache=reference, layer_idx=slot)
+            positions = backend6.position_ids(mask)
+            strategy.modules[e](hidden[depth], attention_mask=full_mask, position_ids=positions, cache=reference)
+            held = cache.slot_length(slot)
+            assert held >= cache.slot_length(depth)
+            real = mask[:, :held].bool()
+            torch.testing.assert_close(cache.layers[slot].keys.transpose(1, 2)[real],
+                                       reference.layers[slot].keys[:, :, :held].transpose(1, 2)[real],
+                                       atol=ATOL, rtol=0)
+    assert_cache_matches_full_forward(model.last_cache, backend6, batch2, sequences)
