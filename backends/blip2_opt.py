@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 
 from earlyexit import hookimpl
-from earlyexit.backend import Backend
+from earlyexit.backend import Backend, hub_offline
 from earlyexit.errors import ConfigError, ModelNotAvailableError
 
 
@@ -31,22 +31,25 @@ class Blip2OptBackend(Backend):
         if not local and looks_like_path:
             raise ConfigError(f"model folder {name_or_path!r} does not exist; pass a folder written by "
                               "save_pretrained or a hub id such as Salesforce/blip2-opt-2.7b")
+        offline = hub_offline()
         try:
-            config = AutoConfig.from_pretrained(name_or_path)
+            config = AutoConfig.from_pretrained(name_or_path, local_files_only=offline)
         except OSError as error:
             if local:
                 raise ModelNotAvailableError(f"{name_or_path}: no BLIP-2 config.json there ({error})") from error
             raise ModelNotAvailableError(
                 f"model {name_or_path!r} is not available offline and the hub cannot be reached; "
-                "download it on a connected machine and pass the local folder instead"
+                "download it on a connected machine and pass its local folder instead (set "
+                "HF_HUB_OFFLINE=1 to fail at once instead of retrying the network)"
             ) from error
         text_type = getattr(getattr(config, "text_config", None), "model_type", None)
         if config.model_type != "blip-2" or text_type != "opt":
             raise ConfigError(f"{name_or_path} is a {config.model_type}/{text_type} model, not BLIP-2 with OPT; "
                               "pick the matching --backend (see `earlyexit list`)")
-        model = Blip2ForConditionalGeneration.from_pretrained(name_or_path, dtype=getattr(torch, dtype))
+        model = Blip2ForConditionalGeneration.from_pretrained(name_or_path, dtype=getattr(torch, dtype),
+                                                              local_files_only=offline)
         try:
-            processor = AutoProcessor.from_pretrained(name_or_path)
+            processor = AutoProcessor.from_pretrained(name_or_path, local_files_only=offline)
         except OSError as error:
             raise ModelNotAvailableError(f"{name_or_path}: the processor (tokenizer and image processor) "
                                          f"could not be loaded ({error})") from error

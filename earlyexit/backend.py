@@ -13,6 +13,17 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 
+def hub_offline() -> bool:
+    """Whether the user asked for offline mode (read at call time, unlike huggingface_hub's
+    import-time constant), so loading never waits on network retries then."""
+    import os
+
+    from huggingface_hub import constants
+
+    flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("TRANSFORMERS_OFFLINE", ""))
+    return constants.HF_HUB_OFFLINE or any(f.lower() in ("1", "true", "yes", "on") for f in flags)
+
+
 class Backend:
     """One model family. Subclasses set `name` and `description` and implement the methods below.
 

@@ -64,7 +64,9 @@ class ListCommand:
 
 # Add new subcommands here (e.g. `from . import cli_generate` and append it). They may import
 # helpers from this module, as this list is built after everything above is defined.
-SUBCOMMANDS: list = [ListCommand]
+from .cli_generate import GenerateCommand  # noqa: E402 - imports helpers defined above
+
+SUBCOMMANDS: list = [ListCommand, GenerateCommand]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,7 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for command in SUBCOMMANDS:
-        command.add_parser(subparsers).set_defaults(run=command.run)
+        subparser = command.add_parser(subparsers)
+        subparser.set_defaults(run=command.run)
+        # also accept --debug after the subcommand; SUPPRESS keeps a global --debug intact
+        subparser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                               help="show the full traceback on errors")
     return parser
 
 

@@ -50,6 +50,11 @@ class Strategy:
         self.config = config if config is not None else self.Config()
         self.exit_layers = self.validate_exit_layers(exit_layers, backend.num_layers)
 
+    @classmethod
+    def default_exit_layers(cls, num_layers: int) -> list[int]:
+        """Exits used when none are given: after each quarter of the depth."""
+        return sorted({max(1, round(num_layers * q / 4)) for q in (1, 2, 3)} - {num_layers})
+
     @staticmethod
     def validate_exit_layers(exit_layers: list[int], num_layers: int) -> list[int]:
         """Exit layer `k` means "after the k-th decoder layer" (1-based); the last layer is not an exit."""

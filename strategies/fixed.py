@@ -27,6 +27,10 @@ class FixedStrategy(Strategy):
     description = "always exit at the first exit layer (optionally on every n-th token); for cost measurements"
     Config = FixedConfig
 
+    @classmethod
+    def default_exit_layers(cls, num_layers):
+        return [max(1, num_layers // 2)]
+
     def __init__(self, backend, exit_layers, config=None):
         super().__init__(backend, exit_layers, config)
         if len(self.exit_layers) != 1:

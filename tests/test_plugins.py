@@ -60,30 +60,6 @@ CLASHING_PLUGIN = """
 
 
 @pytest.fixture
-def install_distribution(tmp_path, monkeypatch):
-    """Returns `install(dist_name, modules, entry_points)`, which writes modules and a
-    `.dist-info` with `[earlyexit]` entry points into a folder on sys.path, as pip would."""
-    monkeypatch.delenv(DISABLE_AUTOLOAD_ENV, raising=False)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    created_modules: list[str] = []
-
-    def install(dist_name: str, modules: dict[str, str], entry_points: dict[str, str]) -> None:
-        for module, source in modules.items():
-            (tmp_path / f"{module}.py").write_text(textwrap.dedent(source))
-            created_modules.append(module)
-        info = tmp_path / f"{dist_name.replace('-', '_')}-0.1.dist-info"
-        info.mkdir()
-        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist_name}\nVersion: 0.1\n")
-        lines = "".join(f"{name} = {target}\n" for name, target in entry_points.items())
-        (info / "entry_points.txt").write_text("[earlyexit]\n" + lines)
-        importlib.invalidate_caches()
-
-    yield install
-    for module in created_modules:  # the next test must import its own copy
-        sys.modules.pop(module, None)
-
-
-@pytest.fixture
 def thirdparty(install_distribution):
     install_distribution("earlyexit-thirdparty", {"ee_thirdparty": TOY_PLUGIN}, {"thirdparty": "ee_thirdparty"})
 

@@ -1,0 +1,165 @@
+"""`earlyexit generate`: caption or answer about one image, showing where each token left."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+from .errors import ConfigError, DataError
+
+
+def parse_int_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer numbers such as 3,6,9, got {text!r}")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared by every command that runs a model with a strategy."""
+    parser.add_argument("--backend", required=True, help="model family (see `earlyexit list`)")
+    parser.add_argument("--model", required=True, help="local folder written by save_pretrained, or a hub id")
+    parser.add_argument("--strategy", help="exit strategy (see `earlyexit list`); omit to run the full model")
+    parser.add_argument("--threshold", type=float, help="confidence threshold of the strategy (its `threshold` option)")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="any other strategy option, e.g. --option every=2 (repeatable)")
+    parser.add_argument("--exit-layers", type=parse_int_list,
+                        help="comma-separated exit layers, counted in decoder layers from 1 (default: the strategy's)")
+    parser.add_argument("--kv-policy", choices=["catchup", "propagate", "skip"], default="catchup",
+                        help="what deeper layers get for a token that left early (default: catchup, exact)")
+
+
+def build_strategy_config(strategy_cls, threshold: float | None, options: list[str]):
+    """The strategy's config dataclass from --threshold and --option KEY=VALUE."""
+    fields = {f.name: f for f in dataclasses.fields(strategy_cls.Config)}
+    values = {}
+    if threshold is not None:
+        if "threshold" not in fields:
+            raise ConfigError(f"strategy {strategy_cls.name!r} has no threshold; its options are: "
+                              f"{', '.join(fields) or 'none'}")
+        values["threshold"] = threshold
+    for option in options:
+        key, sep, raw = option.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in fields:
+            raise ConfigError(f"bad --option {option!r}: use KEY=VALUE with KEY one of "
+                              f"{', '.join(fields) or '(this strategy has no options)'}")
+        kind = type(fields[key].default)
+        try:
+            values[key] = (raw.lower() in ("1", "true", "yes")) if kind is bool else kind(raw)
+        except ValueError:
+            raise ConfigError(f"bad --option {option!r}: {key} expects a {kind.__name__}")
+    return strategy_cls.Config(**values)
+
+
+def load_model(registry, args):
+    """Backend, strategy and the early-exit model from the shared model arguments."""
+    from transformers.utils import logging as hf_logging
+
+    from .engine import EarlyExitForCausalLM
+
+    hf_logging.disable_progress_bar()  # weight-loading bars would bury our one-line messages
+    hf_logging.set_verbosity_error()
+    backend_cls = registry.backend(args.backend)
+    strategy_cls = registry.strategy(args.strategy) if args.strategy else None
+    if strategy_cls is None and (args.threshold is not None or args.option or args.exit_layers):
+        raise ConfigError("--threshold, --option and --exit-layers need a --strategy")
+    config = build_strategy_config(strategy_cls, args.threshold, args.option) if strategy_cls else None
+    backend = backend_cls.from_pretrained(args.model)
+    strategy = None
+    if strategy_cls is not None:
+        exit_layers = args.exit_layers or strategy_cls.default_exit_layers(backend.num_layers)
+        strategy = strategy_cls(backend, exit_layers, config)
+    return backend, strategy, EarlyExitForCausalLM(backend, strategy, kv_policy=args.kv_policy)
+
+
+def open_image(path: str):
+    from PIL import Image, UnidentifiedImageError
+
+    if not os.path.isfile(path):
+        raise DataError(f"image {path!r} does not exist; pass an existing image file with --image")
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError) as error:
+        raise DataError(f"{path} is not a readable image ({error}); pass a PNG or JPEG file")
+
+
+def describe_tokens(tokenizer, token_ids: list[int], exit_layers: list[int]) -> list[dict]:
+    return [{"token": tokenizer.decode([t]), "id": t, "exit_layer": k} for t, k in zip(token_ids, exit_layers)]
+
+
+class GenerateCommand:
+    """`earlyexit generate`: generate text for one image and show each token's exit layer."""
+
+    @staticmethod
+    def add_parser(subparsers) -> argparse.ArgumentParser:
+        parser = subparsers.add_parser("generate", help="generate text for an image with early exits",
+                                       description=GenerateCommand.__doc__)
+        add_model_arguments(parser)
+        parser.add_argument("--image", required=True, help="image file (PNG, JPEG, ...)")
+        parser.add_argument("--prompt", default="", help="text prompt, e.g. 'Question: what colour? Answer:'")
+        parser.add_argument("--max-new-tokens", type=positive_int, default=20)
+        parser.add_argument("--num-beams", type=positive_int, default=1)
+        parser.add_argument("--json", action="store_true", help="print one JSON object")
+        return parser
+
+    @staticmethod
+    def run(args: argparse.Namespace) -> int:
+        from .cli import report_plugin_failures
+        from .plugins import get_registry
+
+        registry = get_registry()
+        report_plugin_failures(registry)
+        image = open_image(args.image)  # before loading weights: fail fast on a typo
+        backend, strategy, model = load_model(registry, args)
+        return print_generation(args, backend, strategy, model, image)
+
+
+def print_generation(args, backend, strategy, model, image) -> int:
+    from .accounting import CostModel, summarize
+
+    inputs = backend.prepare_inputs([image], [args.prompt])
+    sequences = model.generate(**inputs, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
+                               do_sample=False)
+    trace = model.last_trace
+    exit_layers = trace.per_sequence()[0]
+    token_ids = sequences[0, inputs["input_ids"].shape[1]:].tolist()[: len(exit_layers)]
+    tokenizer = backend.processor.tokenizer
+    summary = summarize(trace, CostModel.for_model(model))
+    result = {
+        "text": tokenizer.decode(token_ids, skip_special_tokens=True).strip(),
+        "token_ids": token_ids,
+        "exit_layers": exit_layers,
+        "tokens": describe_tokens(tokenizer, token_ids, exit_layers),
+        "num_layers": backend.num_layers,
+        "backend": backend.name,
+        "strategy": strategy.name if strategy else None,
+        "strategy_config": strategy.config.to_dict() if strategy else None,
+        "exit_layer_choices": strategy.exit_layers if strategy else [],
+        "kv_policy": model.kv_policy,
+        "param_speedup": summary["param_speedup"],
+        "layer_speedup": summary["layer_speedup"],
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(result["text"])
+    marked = " ".join(f"{t['token'].strip() or repr(t['token'])}[{t['exit_layer']}]" for t in result["tokens"])
+    print(f"tokens[exit layer of {backend.num_layers}]: {marked}")
+    print(f"speed-up: param {summary['param_speedup']:.2f}x, layer {summary['layer_speedup']:.2f}x "
+          "(layer counts heads and catch-up; wall-clock: see benchmarks/speed.py)", file=sys.stdout)
+    return 0

@@ -1,0 +1,150 @@
+"""`earlyexit generate`: output, error paths, and a third-party plugin used end to end."""
+
+import json
+
+import pytest
+import torch
+
+from earlyexit.cli import main
+from earlyexit.engine import EarlyExitForCausalLM
+from helpers import make_backend, make_images
+
+THIRD_PARTY = """
+    import torch
+    from earlyexit import hookimpl
+    from earlyexit.backends.blip2_opt import Blip2OptBackend
+    from earlyexit.strategy import Strategy
+
+    class FirstExit(Strategy):
+        name = "first-exit"
+        description = "leaves at the first exit, always"
+
+        def exit_logits(self, exit_index, hidden):
+            return self.backend.logits(hidden)
+
+        def should_exit(self, exit_index, logits, hidden, context):
+            return torch.ones(logits.shape[0], dtype=torch.bool)
+
+    class MyBlip2(Blip2OptBackend):
+        name = "my-blip2"
+        description = "a third-party backend"
+
+    @hookimpl
+    def earlyexit_register_strategies():
+        return [FirstExit]
+
+    @hookimpl
+    def earlyexit_register_backends():
+        return [MyBlip2]
+"""
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny")
+    make_backend(seed=5, num_layers=6).save_pretrained(str(folder / "model"))
+    make_images(1, seed=6)[0].save(folder / "image.png")
+    return folder
+
+
+def run_json(capsys, *argv):
+    assert main(list(argv) + ["--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_generate_json_matches_library(capsys, model_dir, registry):
+    model_path, image = str(model_dir / "model"), str(model_dir / "image.png")
+    result = run_json(capsys, "generate", "--backend", "blip2-opt", "--model", model_path, "--image", image,
+                      "--prompt", "a red", "--strategy", "fixed", "--exit-layers", "2", "--option", "every=2",
+                      "--max-new-tokens", "6")
+    # the same generation through the library
+    backend = registry.backend("blip2-opt").from_pretrained(model_path)
+    strategy = registry.strategy("fixed")(backend, [2], registry.strategy("fixed").Config(every=2))
+    model = EarlyExitForCausalLM(backend, strategy)
+    inputs = backend.prepare_inputs(make_images(1, seed=6), ["a red"])
+    expected = model.generate(**inputs, max_new_tokens=6, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+    length = len(result["token_ids"])
+    assert result["token_ids"] == expected.tolist()[:length]
+    assert result["exit_layers"] == [2, 6, 2, 6, 2, 6][:length]
+    assert len(result["exit_layers"]) == length and result["num_layers"] == 6
+    assert set(result) >= {"text", "token_ids", "exit_layers"}
+
+
+def test_generate_without_strategy_goes_full_depth(capsys, model_dir):
+    result = run_json(capsys, "generate", "--backend", "blip2-opt", "--model", str(model_dir / "model"),
+                      "--image", str(model_dir / "image.png"), "--max-new-tokens", "4", "--num-beams", "2")
+    assert result["exit_layers"] and set(result["exit_layers"]) == {6}
+
+
+def test_generate_text_output_marks_exit_layers(capsys, model_dir):
+    code = main(["generate", "--backend", "blip2-opt", "--model", str(model_dir / "model"), "--image",
+                 str(model_dir / "image.png"), "--strategy", "fixed", "--exit-layers", "3", "--max-new-tokens", "3"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "[3]" in out and "param" in out and "layer" in out
+
+
+ERRORS = [
+    (["--backend", "blip2-opx"], "Did you mean 'blip2-opt'"),
+    (["--strategy", "confidense"], "Did you mean 'confidence'"),
+    (["--image", "missing.png"], "does not exist"),
+    (["--exit-layers", "2,9"], "out of range"),
+    (["--strategy", "fixed", "--threshold", "0.5"], "has no threshold"),
+    (["--strategy", "fixed", "--exit-layers", "2,4"], "exactly one layer"),
+    (["--strategy", "fixed", "--option", "every=0"], "positive integer"),
+    (["--strategy", "fixed", "--option", "bogus=1"], "bad --option"),
+    (["--threshold", "0.5"], "need a --strategy"),
+    (["--model", "./no/such/folder"], "does not exist"),
+]
+
+
+@pytest.mark.parametrize("change,message", ERRORS, ids=[m for _, m in ERRORS])
+def test_user_mistakes_are_one_line_and_exit_2(capsys, model_dir, change, message):
+    args = {"--backend": "blip2-opt", "--model": str(model_dir / "model"), "--image": str(model_dir / "image.png"),
+            "--strategy": "confidence"}
+    extra = []
+    for i in range(0, len(change), 2):
+        if change[i] in args:
+            args[change[i]] = change[i + 1]
+        else:
+            extra += change[i:i + 2]
+    if change == ["--threshold", "0.5"]:
+        del args["--strategy"]
+    argv = ["generate"] + [x for kv in args.items() for x in kv] + extra
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_bad_values_rejected_by_argparse(capsys, model_dir):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--backend", "blip2-opt", "--model", "x", "--image", "y", "--max-new-tokens", "0"])
+    assert exit_info.value.code == 2
+
+
+def test_debug_shows_traceback(capsys, model_dir):
+    assert main(["generate", "--backend", "blip2-opt", "--model", str(model_dir / "model"),
+                 "--image", "missing.png", "--debug"]) == 2
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_hub_id_offline_says_so(capsys, model_dir, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["generate", "--backend", "blip2-opt", "--model", "Salesforce/blip2-opt-2.7b",
+                 "--image", str(model_dir / "image.png")]) == 2
+    err = capsys.readouterr().err
+    assert "not available offline" in err and "local folder" in err
+
+
+def test_third_party_plugin_is_listed_and_generates(capsys, model_dir, install_distribution):
+    install_distribution("earlyexit-firstexit", {"ee_firstexit": THIRD_PARTY}, {"firstexit": "ee_firstexit"})
+    entries = run_json(capsys, "list")
+    mine = {(e["name"], e["kind"], e["plugin"]) for e in entries}
+    assert ("first-exit", "strategy", "earlyexit-firstexit") in mine
+    assert ("my-blip2", "backend", "earlyexit-firstexit") in mine
+    result = run_json(capsys, "generate", "--backend", "my-blip2", "--model", str(model_dir / "model"),
+                      "--image", str(model_dir / "image.png"), "--strategy", "first-exit",
+                      "--exit-layers", "2,4", "--max-new-tokens", "5")
+    assert result["backend"] == "my-blip2" and result["strategy"] == "first-exit"
+    assert result["exit_layers"] and set(result["exit_layers"]) == {2}
