@@ -60,8 +60,10 @@ class Blip2OptBackend(Backend):
     def from_tiny_config(cls, seed: int = 0, num_layers: int = 4, hidden_size: int = 32, num_heads: int = 4,
                          ffn_dim: int | None = None, word_embed_proj_dim: int | None = None,
                          num_query_tokens: int = 4, image_size: int = 16, vision_hidden: int = 32,
-                         do_layer_norm_before: bool = True, init_std: float = 0.2) -> Blip2OptBackend:
-        """A tiny random BLIP-2 OPT with a word-level tokenizer and a real processor."""
+                         do_layer_norm_before: bool = True, init_std: float = 0.2,
+                         vocab_size: int | None = None) -> Blip2OptBackend:
+        """A tiny random BLIP-2 OPT with a word-level tokenizer and a real processor. A
+        `vocab_size` above the tokenizer's gives a real-sized LM head (benchmarks)."""
         import torch
         from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2QFormerConfig,
                                   Blip2VisionConfig, OPTConfig)
@@ -71,7 +73,7 @@ class Blip2OptBackend(Backend):
         processor = build_processor(image_size=image_size, num_query_tokens=num_query_tokens)
         tokenizer = processor.tokenizer
         text = OPTConfig(
-            vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=num_layers,
+            vocab_size=max(vocab_size or 0, len(tokenizer)), hidden_size=hidden_size, num_hidden_layers=num_layers,
             ffn_dim=ffn_dim or 4 * hidden_size, num_attention_heads=num_heads, max_position_embeddings=256,
             word_embed_proj_dim=word_embed_proj_dim or hidden_size, do_layer_norm_before=do_layer_norm_before,
             pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,

@@ -34,15 +34,15 @@ class EarlyExitCache(Cache):
         """Absolute positions held by `slot`, or None when they are the prefix 0..len-1."""
         return self.held[slot]
 
-    def note_appended(self, slot: int, positions: torch.Tensor, before: int) -> None:
-        """Record that `positions` (ascending absolute indices) were appended to `slot`,
-        which held `before` positions; keeps `held` as None while the slot stays a prefix."""
+    def note_appended(self, slot: int, start: int, end: int, before: int) -> None:
+        """Record that positions [start, end) were appended to `slot`, which held `before`
+        positions; `held` stays None (no tensor work) while the slot is a contiguous prefix."""
         current = self.held[slot]
-        if current is None and positions.numel() and int(positions[0]) == before:
-            return  # still the contiguous prefix
+        if current is None and start == before:
+            return
         if current is None:
-            current = torch.arange(before, device=positions.device)
-        self.held[slot] = torch.cat([current, positions])
+            current = torch.arange(before)
+        self.held[slot] = torch.cat([current, torch.arange(start, end)])
 
     def remember_positions(self, new_positions: torch.Tensor) -> torch.Tensor:
         """Append the newest positions' ids; return the ids of the whole sequence."""

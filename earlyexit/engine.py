@@ -108,8 +108,9 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
             self.strategy.reset()
         cache = kwargs.pop("cache", None) or self.new_cache()
         wants_dict = kwargs.get("return_dict_in_generate", False)
-        # beam search: the returned sequences' beam history is needed to attribute exit layers
-        kwargs.update(return_dict_in_generate=True, output_scores=True)
+        kwargs["return_dict_in_generate"] = True
+        if (kwargs.get("num_beams") or self.generation_config.num_beams or 1) > 1:
+            kwargs["output_scores"] = True  # gives beam_indices: which beam each returned token came from
         out = super().generate(
             input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache, **kwargs
         )
@@ -235,8 +236,8 @@ class _ForwardRun:
             key = (before, block_start)
             mask_2d = self.attention_mask[:, : self.total]
         else:  # the slot skipped positions: attend to exactly those it holds
-            prefix = torch.arange(before, device=block.device) if held is None else held
-            index = torch.cat([prefix, torch.arange(block_start, self.total, device=block.device)])
+            prefix = torch.arange(before) if held is None else held
+            index = torch.cat([prefix, torch.arange(block_start, self.total)]).to(block.device)
             key = (slot,)
             mask_2d = self.attention_mask[:, index]
         mask = self.masks.get(key)
@@ -245,7 +246,7 @@ class _ForwardRun:
             self.masks[key] = mask
         out = backend.run_layer(layer, block, attention_mask=mask,
                                 position_ids=self.all_positions[:, block_start:self.total], cache=cache)
-        cache.note_appended(slot, torch.arange(block_start, self.total, device=block.device), before)
+        cache.note_appended(slot, block_start, self.total, before)
         return out
 
     def leave_early(self, depth: int, hidden, start: int, record: StepRecord) -> None:
@@ -265,6 +266,6 @@ class _ForwardRun:
             for layer, slot in deeper:
                 before = cache.slot_length(slot)
                 self.backend.fill_kv(layer, hidden, position_ids=positions, cache=cache)
-                cache.note_appended(slot, torch.arange(start, self.total, device=hidden.device), before)
+                cache.note_appended(slot, start, self.total, before)
                 record.kv_fill_evals += 1
         # "skip": deeper slots simply never hold these positions
