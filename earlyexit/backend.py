@@ -39,6 +39,16 @@ class Backend:
         self.processor = processor
 
     # -- loading -----------------------------------------------------------------------------
+    TINY_RANDOM = "tiny-random"
+
+    @classmethod
+    def load(cls, name_or_path: str) -> Backend:
+        """`from_pretrained`, or, for the name `tiny-random`, an untrained 12-layer model built in
+        memory (no download, no weights: for trying commands and measuring cost, not quality)."""
+        if name_or_path == cls.TINY_RANDOM:
+            return cls.from_tiny_config(seed=0, num_layers=12, hidden_size=64)
+        return cls.from_pretrained(name_or_path)
+
     @classmethod
     def from_pretrained(cls, name_or_path: str, **kwargs) -> Backend:
         """Load weights and processor from a hub id or a local `save_pretrained` folder."""

@@ -31,7 +31,8 @@ def positive_int(text: str) -> int:
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by every command that runs a model with a strategy."""
     parser.add_argument("--backend", required=True, help="model family (see `earlyexit list`)")
-    parser.add_argument("--model", required=True, help="local folder written by save_pretrained, or a hub id")
+    parser.add_argument("--model", required=True, help="local folder written by save_pretrained, a hub id, or `tiny-random` "
+                        "(an untrained 12-layer model built in memory)")
     parser.add_argument("--strategy", help="exit strategy (see `earlyexit list`); omit to run the full model")
     parser.add_argument("--threshold", type=float, help="confidence threshold of the strategy (its `threshold` option)")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
@@ -78,7 +79,7 @@ def load_model(registry, args):
     if strategy_cls is None and (args.threshold is not None or args.option or args.exit_layers):
         raise ConfigError("--threshold, --option and --exit-layers need a --strategy")
     config = build_strategy_config(strategy_cls, args.threshold, args.option) if strategy_cls else None
-    backend = backend_cls.from_pretrained(args.model)
+    backend = backend_cls.load(args.model)
     strategy = None
     if strategy_cls is not None:
         exit_layers = args.exit_layers or strategy_cls.default_exit_layers(backend.num_layers)

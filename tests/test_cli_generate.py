@@ -148,3 +148,10 @@ def test_third_party_plugin_is_listed_and_generates(capsys, model_dir, install_d
                       "--exit-layers", "2,4", "--max-new-tokens", "5")
     assert result["backend"] == "my-blip2" and result["strategy"] == "first-exit"
     assert result["exit_layers"] and set(result["exit_layers"]) == {2}
+
+
+def test_tiny_random_needs_no_files(capsys, monkeypatch):
+    monkeypatch.chdir(__import__("pathlib").Path(__file__).parent.parent)
+    result = run_json(capsys, "generate", "--backend", "blip2-opt", "--model", "tiny-random", "--image",
+                      "examples/shapes.png", "--strategy", "fixed", "--max-new-tokens", "3")
+    assert result["num_layers"] == 12 and result["exit_layers"][0] == 6

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Create .venv with the CPU build of torch and this project (editable, with test extras).
+# torch is installed first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet "torch==2.13.0"
+.venv/bin/python -m pip install --quiet -e ".[test]"
+echo "ready: .venv/bin/earlyexit --help"
