@@ -13,16 +13,22 @@ DEFAULT_WORDS = (
 ).split()
 
 
+PUNCTUATION = ["?", ":", ",", ".", "'"]
+
+
 def build_tokenizer(words=DEFAULT_WORDS):
-    """A whitespace word-level tokenizer with OPT's special-token ids (<s>=0, <pad>=1, </s>=2)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    """A lower-casing word-level tokenizer (punctuation split off) with OPT's special-token ids
+    (<s>=0, <pad>=1, </s>=2, <unk>=3); a BOS is added in front of every text, as OPT's does."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<s>", "<pad>", "</s>", "<unk>"]
-    vocab = {token: i for i, token in enumerate(specials + sorted(set(words) - set(specials)))}
+    words = {w.lower() for w in words} | set(PUNCTUATION)
+    vocab = {token: i for i, token in enumerate(specials + sorted(words - set(specials)))}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    core.decoder = decoders.WordPiece(prefix="##")  # joins words with single spaces
+    core.normalizer = normalizers.Lowercase()
+    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    core.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # single spaces, no space before "?"
     core.post_processor = processors.TemplateProcessing(single="</s> $A", special_tokens=[("</s>", 2)])
     return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="</s>", eos_token="</s>", pad_token="<pad>",
                                    unk_token="<unk>", padding_side="left")

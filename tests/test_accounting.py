@@ -6,8 +6,8 @@ from earlyexit.accounting import CostModel, layer_speedup, param_speedup, summar
 from earlyexit.engine import EarlyExitForCausalLM
 from helpers import make_backend, make_images, no_eos
 
-# the tiny model: width 32, ffn 128, vocabulary 76 (the tiny tokenizer), 6 layers
-WIDTH, FFN, VOCAB = 32, 128, 76
+# the tiny model: width 32, ffn 128, vocabulary 100, 6 layers
+WIDTH, FFN, VOCAB = 32, 128, 100
 LAYER = 4 * (WIDTH * WIDTH + WIDTH) + (WIDTH * FFN + FFN) + (FFN * WIDTH + WIDTH) + 2 * 2 * WIDTH
 HEAD = VOCAB * WIDTH + 2 * WIDTH  # tied LM head + final layer norm
 KV = 2 * (WIDTH * WIDTH + WIDTH) + 2 * WIDTH  # k/v projections + the attention layer norm
@@ -15,7 +15,7 @@ KV = 2 * (WIDTH * WIDTH + WIDTH) + 2 * WIDTH  # k/v projections + the attention 
 
 @pytest.fixture(scope="module")
 def backend():
-    return make_backend(seed=2, num_layers=6)
+    return make_backend(seed=2, num_layers=6, vocab_size=VOCAB)
 
 
 def run_fixed(registry, backend, policy):
