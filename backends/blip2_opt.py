@@ -22,6 +22,15 @@ class Blip2OptBackend(Backend):
 
     # -- loading -----------------------------------------------------------------------------
     @classmethod
+    def load(cls, name_or_path: str) -> Blip2OptBackend:
+        """Also knows `tiny`: the embedded model trained on the scene data (built on first use)."""
+        from earlyexit import embedded
+
+        if name_or_path == embedded.NAME:
+            return cls.from_pretrained(embedded.ensure_built())
+        return super().load(name_or_path)
+
+    @classmethod
     def from_pretrained(cls, name_or_path: str, dtype: str = "float32", device: str = "cpu") -> Blip2OptBackend:
         import torch
         from transformers import AutoConfig, AutoProcessor, Blip2ForConditionalGeneration
@@ -59,18 +68,20 @@ class Blip2OptBackend(Backend):
     @classmethod
     def from_tiny_config(cls, seed: int = 0, num_layers: int = 4, hidden_size: int = 32, num_heads: int = 4,
                          ffn_dim: int | None = None, word_embed_proj_dim: int | None = None,
-                         num_query_tokens: int = 4, image_size: int = 16, vision_hidden: int = 32,
+                         num_query_tokens: int = 4, image_size: int = 16, patch_size: int | None = None,
+                         vision_hidden: int = 32, vision_layers: int = 1, qformer_layers: int = 1,
                          do_layer_norm_before: bool = True, init_std: float = 0.2,
-                         vocab_size: int | None = None) -> Blip2OptBackend:
-        """A tiny random BLIP-2 OPT with a word-level tokenizer and a real processor. A
-        `vocab_size` above the tokenizer's gives a real-sized LM head (benchmarks)."""
+                         vocab_size: int | None = None, words=None) -> Blip2OptBackend:
+        """A small randomly initialised BLIP-2 OPT with a word-level tokenizer and a real
+        processor. A `vocab_size` above the tokenizer's gives a real-sized LM head (benchmarks)."""
         import torch
         from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2QFormerConfig,
                                   Blip2VisionConfig, OPTConfig)
 
-        from earlyexit.tiny import build_processor
+        from earlyexit.tiny import DEFAULT_WORDS, build_processor
 
-        processor = build_processor(image_size=image_size, num_query_tokens=num_query_tokens)
+        processor = build_processor(image_size=image_size, num_query_tokens=num_query_tokens,
+                                    words=words or DEFAULT_WORDS)
         tokenizer = processor.tokenizer
         text = OPTConfig(
             vocab_size=max(vocab_size or 0, len(tokenizer)), hidden_size=hidden_size, num_hidden_layers=num_layers,
@@ -79,11 +90,12 @@ class Blip2OptBackend(Backend):
             pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id, init_std=init_std, dropout=0.0, attention_dropout=0.0,
         )
-        vision = Blip2VisionConfig(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
-                                   num_hidden_layers=1, num_attention_heads=4, image_size=image_size,
-                                   patch_size=image_size // 2)
-        qformer = Blip2QFormerConfig(hidden_size=vision_hidden, num_hidden_layers=1, num_attention_heads=4,
-                                     intermediate_size=2 * vision_hidden, encoder_hidden_size=vision_hidden)
+        vision = Blip2VisionConfig(hidden_size=vision_hidden, intermediate_size=4 * vision_hidden,
+                                   num_hidden_layers=vision_layers, num_attention_heads=4, image_size=image_size,
+                                   patch_size=patch_size or image_size // 2)
+        qformer = Blip2QFormerConfig(hidden_size=vision_hidden, num_hidden_layers=qformer_layers,
+                                     num_attention_heads=4, intermediate_size=4 * vision_hidden,
+                                     encoder_hidden_size=vision_hidden)
         config = Blip2Config(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(),
                              text_config=text.to_dict(), num_query_tokens=num_query_tokens,
                              image_token_index=tokenizer.convert_tokens_to_ids(processor.image_token.content))

@@ -113,26 +113,33 @@ def _after_end(tokens: torch.Tensor, eos_token_id) -> torch.Tensor:
     return (is_end.cumsum(-1) - is_end) > 0
 
 
-def param_speedup(trace: Trace, costs: CostModel) -> float:
-    used = [costs.token_params(k) for _, _, k in trace.tokens()]
+def _as_list(traces) -> list[Trace]:
+    return [traces] if isinstance(traces, Trace) else list(traces)
+
+
+def param_speedup(traces: Trace | list[Trace], costs: CostModel) -> float:
+    """Over every token of one trace or of several generations (e.g. the batches of an eval)."""
+    used = [costs.token_params(k) for trace in _as_list(traces) for _, _, k in trace.tokens()]
     return sum(costs.layer_params) / (sum(used) / len(used))
 
 
-def layer_speedup(trace: Trace, costs: CostModel) -> float:
-    spent = [costs.step_cost(trace.steps[t]) for _, t, _ in trace.tokens()]
+def layer_speedup(traces: Trace | list[Trace], costs: CostModel) -> float:
+    spent = [costs.step_cost(trace.steps[t]) for trace in _as_list(traces) for _, t, _ in trace.tokens()]
     return costs.full_token_cost() * len(spent) / sum(spent)
 
 
-def summarize(trace: Trace, costs: CostModel) -> dict:
-    """Everything a report needs from one generation, numbers only."""
-    layers = [k for _, _, k in trace.tokens()]
+def summarize(traces: Trace | list[Trace], costs: CostModel) -> dict:
+    """Everything a report needs from one or more generations, numbers only."""
+    traces = _as_list(traces)
+    layers = [k for trace in traces for _, _, k in trace.tokens()]
+    steps = [record for trace in traces for record in trace.steps]
     return {
         "tokens": len(layers),
         "mean_exit_layer": sum(layers) / len(layers) if layers else float("nan"),
-        "exit_layer_histogram": trace.histogram(),
-        "param_speedup": param_speedup(trace, costs) if layers else float("nan"),
-        "layer_speedup": layer_speedup(trace, costs) if layers else float("nan"),
-        "catchup_evals": sum(r.catchup_evals for r in trace.steps),
-        "head_evals": sum(r.head_evals for r in trace.steps),
-        "kv_fill_evals": sum(r.kv_fill_evals for r in trace.steps),
+        "exit_layer_histogram": dict(sorted(Counter(layers).items())),
+        "param_speedup": param_speedup(traces, costs) if layers else float("nan"),
+        "layer_speedup": layer_speedup(traces, costs) if layers else float("nan"),
+        "catchup_evals": sum(r.catchup_evals for r in steps),
+        "head_evals": sum(r.head_evals for r in steps),
+        "kv_fill_evals": sum(r.kv_fill_evals for r in steps),
     }

@@ -64,9 +64,11 @@ class ListCommand:
 
 # Add new subcommands here (e.g. `from . import cli_generate` and append it). They may import
 # helpers from this module, as this list is built after everything above is defined.
-from .cli_generate import GenerateCommand  # noqa: E402 - imports helpers defined above
+from .cli_eval import EvalCommand  # noqa: E402 - these import helpers defined above
+from .cli_generate import GenerateCommand  # noqa: E402
+from .cli_train import BuildTinyCommand, TrainCommand  # noqa: E402
 
-SUBCOMMANDS: list = [ListCommand, GenerateCommand]
+SUBCOMMANDS: list = [ListCommand, GenerateCommand, EvalCommand, TrainCommand, BuildTinyCommand]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -66,14 +66,19 @@ def build_strategy_config(strategy_cls, threshold: float | None, options: list[s
     return strategy_cls.Config(**values)
 
 
-def load_model(registry, args):
-    """Backend, strategy and the early-exit model from the shared model arguments."""
+def quiet_transformers() -> None:
+    """Weight-loading bars and advisory warnings would bury our one-line messages."""
     from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def load_model(registry, args):
+    """Backend, strategy and the early-exit model from the shared model arguments."""
     from .engine import EarlyExitForCausalLM
 
-    hf_logging.disable_progress_bar()  # weight-loading bars would bury our one-line messages
-    hf_logging.set_verbosity_error()
+    quiet_transformers()
     backend_cls = registry.backend(args.backend)
     strategy_cls = registry.strategy(args.strategy) if args.strategy else None
     if strategy_cls is None and (args.threshold is not None or args.option or args.exit_layers):

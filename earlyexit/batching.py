@@ -1,0 +1,119 @@
+"""From samples to model inputs: prompts, targets, and training batches.
+
+Captioning uses an empty prompt (the model starts after BOS, as BLIP-2 does); VQA uses
+BLIP-2's "Question: … Answer:" prompt and the most frequent human answer as the target.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import torch
+
+from .data import Dataset, Sample
+
+VQA_PROMPT = "Question: {question} Answer:"
+
+
+def prompt_for(sample: Sample, task: str) -> str:
+    return VQA_PROMPT.format(question=sample.question) if task in ("vqa", "dialog") else ""
+
+
+def target_for(sample: Sample, task: str, rng: np.random.Generator | None = None) -> str:
+    if task == "caption":
+        if rng is None:
+            return sample.captions[0]
+        return sample.captions[int(rng.integers(len(sample.captions)))]
+    return Counter(sample.answers).most_common(1)[0][0]
+
+
+def pixel_values(backend, images) -> torch.Tensor:
+    return backend.processor.image_processor(images, return_tensors="pt")["pixel_values"]
+
+
+class TrainingBatches:
+    """`batches(step)` -> the inputs and labels of training step `step`, deterministically.
+
+    Each epoch visits every (data set, sample) item once in an order fixed by (seed, epoch);
+    image tensors are preprocessed once and kept in memory (the embedded data is small).
+    """
+
+    def __init__(self, backend, datasets: list[Dataset], batch_size: int, seed: int = 0):
+        self.backend, self.batch_size, self.seed = backend, batch_size, seed
+        self.items = [(d, i) for d, dataset in enumerate(datasets) for i in range(len(dataset))]
+        if not self.items:
+            from .errors import DataError
+
+            raise DataError("the training data is empty; check --data and --split")
+        self.datasets = datasets
+        self._orders: dict[int, np.ndarray] = {}
+        self.pixels, self.pixel_row = self._preprocess(datasets)
+        tokenizer = backend.processor.tokenizer
+        self.tokenizer = tokenizer
+        self.image_token = backend.model.config.image_token_id
+        self.num_query_tokens = backend.model.config.num_query_tokens
+
+    def _preprocess(self, datasets: list[Dataset]) -> tuple[torch.Tensor, list[list[int]]]:
+        """Pixel tensors of every distinct image (VQA has several questions per image), and
+        for each data set and sample the row of its image."""
+        def key(dataset, sample):
+            return dataset.name, dataset.split, sample.extra.get("image_id", sample.id)
+
+        rows, first_sample = {}, []
+        for dataset in datasets:
+            for sample in dataset.samples:
+                if key(dataset, sample) not in rows:
+                    rows[key(dataset, sample)] = len(rows)
+                    first_sample.append(sample)
+        chunks = [pixel_values(self.backend, [s.load_image() for s in first_sample[i:i + 256]])
+                  for i in range(0, len(first_sample), 256)]
+        row_of = [[rows[key(d, s)] for s in d.samples] for d in datasets]
+        return torch.cat(chunks), row_of
+
+    def order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._orders:
+            self._orders = {epoch: np.random.default_rng([self.seed, epoch]).permutation(len(self.items))}
+        return self._orders[epoch]
+
+    def __call__(self, step: int) -> dict[str, torch.Tensor]:
+        first = step * self.batch_size
+        picks = []
+        for k in range(first, first + self.batch_size):
+            epoch, offset = divmod(k, len(self.items))
+            picks.append(self.items[self.order(epoch)[offset]])
+        rng = np.random.default_rng([self.seed, step, 7])
+        rows, pixels = [], []
+        for d, i in picks:
+            dataset = self.datasets[d]
+            sample = dataset.samples[i]
+            rows.append(self.encode(prompt_for(sample, dataset.task), target_for(sample, dataset.task, rng)))
+            pixels.append(self.pixels[self.pixel_row[d][i]])
+        return self.collate(rows, torch.stack(pixels))
+
+    def encode(self, prompt: str, target: str) -> tuple[list[int], list[int]]:
+        """Image placeholders + BOS + prompt + target + EOS; labels only on target and EOS."""
+        prompt_ids = self.tokenizer(prompt)["input_ids"]  # starts with BOS
+        target_ids = self.tokenizer(" " + target, add_special_tokens=False)["input_ids"]
+        target_ids = target_ids + [self.tokenizer.eos_token_id]
+        image = [self.image_token] * self.num_query_tokens
+        ids = image + prompt_ids + target_ids
+        labels = [-100] * (len(image) + len(prompt_ids)) + target_ids
+        return ids, labels
+
+    def collate(self, rows, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        length = max(len(ids) for ids, _ in rows)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.full((len(rows), length), pad, dtype=torch.long)
+        labels = torch.full((len(rows), length), -100, dtype=torch.long)
+        mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for r, (ids, targets) in enumerate(rows):  # right padding: training is not generation
+            input_ids[r, : len(ids)] = torch.tensor(ids)
+            labels[r, : len(ids)] = torch.tensor(targets)
+            mask[r, : len(ids)] = 1
+        return {"pixel_values": pixels, "input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def language_model_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy of the BLIP-2 model on the labelled tokens (the model shifts labels)."""
+    return model(**batch).loss

@@ -1,0 +1,88 @@
+"""`earlyexit eval`: quality, the three speed-ups and the exit-layer histogram on a data set."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+
+from .cli_generate import add_model_arguments, load_model, positive_int
+
+
+def write_json_atomically(path: str, payload: dict) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
+    try:
+        with os.fdopen(handle, "w") as out:
+            json.dump(payload, out, indent=2)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def format_report(result: dict) -> str:
+    lines = []
+    config = result["config"]
+    lines.append(f"{config['backend']} / {config['strategy'] or 'full model'} on {config['data']}/{config['split']} "
+                 f"({config['samples']} samples, kv policy {config['kv_policy']})")
+    quality = {k: v for k, v in result["quality"].items() if isinstance(v, (int, float))}
+    lines.append("quality: " + "  ".join(f"{k} {v:.4g}" for k, v in quality.items()))
+    for metric, reason in result["quality"].get("skipped", {}).items():
+        lines.append(f"  ({metric} skipped: {reason})")
+    speed = result["speed"]
+    wall = f"{speed['wall_speedup']:.2f}x" if speed.get("wall_speedup") else "n/a (full model)"
+    lines.append(f"speed-up: param {speed['param_speedup']:.2f}x  layer {speed['layer_speedup']:.2f}x  wall {wall}"
+                 f"   ({speed['tokens']} tokens, mean exit layer {speed['mean_exit_layer']:.2f} of "
+                 f"{result['num_layers']})")
+    total = sum(result["exit_layer_histogram"].values()) or 1
+    lines.append("exit layers: " + "  ".join(f"{k}: {100 * v / total:.1f}%"
+                                             for k, v in result["exit_layer_histogram"].items()))
+    return "\n".join(lines)
+
+
+class EvalCommand:
+    """`earlyexit eval`: evaluate a model (optionally with an exit strategy) on a data set."""
+
+    @staticmethod
+    def add_parser(subparsers) -> argparse.ArgumentParser:
+        parser = subparsers.add_parser("eval", help="quality and speed-up on a data set",
+                                       description=EvalCommand.__doc__)
+        add_model_arguments(parser)
+        parser.add_argument("--data", required=True,
+                            help="scenes, scenes-vqa, easy-vqa, or NAME:ROOT for coco, nocaps, vqav2, okvqa, "
+                                 "vizwiz, gqa, ... (see README)")
+        parser.add_argument("--split", default="test", help="data split (default: test)")
+        parser.add_argument("--limit", type=positive_int, help="evaluate the first N samples only")
+        parser.add_argument("--batch-size", type=positive_int, default=16)
+        parser.add_argument("--num-beams", type=positive_int, default=1)
+        parser.add_argument("--max-new-tokens", type=positive_int, default=20)
+        parser.add_argument("--noise", type=float, default=0.0,
+                            help="add Gaussian noise of this standard deviation to the images (pixels in 0..1)")
+        parser.add_argument("--no-wall", action="store_true",
+                            help="do not time the full model next to the early-exit one (halves the work)")
+        parser.add_argument("--json", metavar="FILE", help="also write everything, with provenance, to FILE")
+        return parser
+
+    @staticmethod
+    def run(args: argparse.Namespace) -> int:
+        from .cli import report_plugin_failures
+        from .data.registry import load_dataset
+        from .evaluate import EvalSettings, evaluate
+        from .plugins import get_registry
+
+        settings = EvalSettings(batch_size=args.batch_size, num_beams=args.num_beams,
+                                max_new_tokens=args.max_new_tokens, noise=args.noise, limit=args.limit,
+                                measure_wall=not args.no_wall)
+        registry = get_registry()
+        report_plugin_failures(registry)
+        dataset = load_dataset(args.data, args.split)
+        backend, strategy, model = load_model(registry, args)
+        result = evaluate(backend, strategy, dataset, settings, kv_policy=args.kv_policy)
+        print(format_report(result))
+        if args.json:
+            write_json_atomically(args.json, result)
+            print(f"wrote {args.json}")
+        return 0

@@ -1,0 +1,87 @@
+"""`earlyexit train backbone` and `earlyexit build-tiny`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from .cli_generate import positive_int
+
+
+class TrainCommand:
+    """`earlyexit train backbone`: fine-tune (or train) a backbone with cross-entropy (paper §3.2)."""
+
+    @staticmethod
+    def add_parser(subparsers) -> argparse.ArgumentParser:
+        parser = subparsers.add_parser("train", help="train a backbone", description=TrainCommand.__doc__)
+        parser.add_argument("what", choices=["backbone"], help="what to train")
+        parser.add_argument("--backend", required=True)
+        parser.add_argument("--model", required=True, help="starting weights: folder, hub id, tiny or tiny-random")
+        parser.add_argument("--data", required=True, action="append",
+                            help="training data (repeatable to mix), e.g. scenes and scenes-vqa")
+        parser.add_argument("--split", default="train")
+        parser.add_argument("--output", required=True, help="folder for checkpoints and the trained model")
+        parser.add_argument("--steps", type=positive_int, default=1000)
+        parser.add_argument("--batch-size", type=positive_int, default=32)
+        parser.add_argument("--learning-rate", type=float, default=1e-4)
+        parser.add_argument("--warmup-steps", type=int, default=100)
+        parser.add_argument("--checkpoint-every", type=positive_int, default=200)
+        parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument("--freeze-vision", action="store_true",
+                            help="train only the Q-Former, projection and language model")
+        return parser
+
+    @staticmethod
+    def run(args: argparse.Namespace) -> int:
+        from .batching import TrainingBatches, language_model_loss
+        from .cli import report_plugin_failures
+        from .cli_generate import quiet_transformers
+        from .data.registry import load_dataset
+        from .plugins import get_registry
+        from .training import TrainConfig, latest_checkpoint, train
+
+        config = TrainConfig(output_dir=os.path.join(args.output, "checkpoints"), steps=args.steps,
+                             learning_rate=args.learning_rate, warmup_steps=args.warmup_steps,
+                             checkpoint_every=args.checkpoint_every, seed=args.seed)
+        registry = get_registry()
+        report_plugin_failures(registry)
+        datasets = [load_dataset(spec, args.split) for spec in args.data]
+        quiet_transformers()
+        backend = registry.backend(args.backend).load(args.model)
+        if args.freeze_vision:
+            for parameter in backend.model.vision_model.parameters():
+                parameter.requires_grad_(False)
+        batches = TrainingBatches(backend, datasets, batch_size=args.batch_size, seed=args.seed)
+        if latest_checkpoint(config.output_dir):
+            print(f"resuming from {latest_checkpoint(config.output_dir)}")
+        losses = train(backend.model, language_model_loss, batches, config)
+        final = os.path.join(args.output, "model")
+        backend.save_pretrained(final)
+        recent = losses[-min(50, len(losses)):]
+        print(f"trained {len(losses)} steps, mean loss of the last {len(recent)}: {sum(recent) / len(recent):.4f}; "
+              f"model saved to {final}")
+        return 0
+
+
+class BuildTinyCommand:
+    """`earlyexit build-tiny`: train the embedded `tiny` model (done automatically on first use)."""
+
+    @staticmethod
+    def add_parser(subparsers) -> argparse.ArgumentParser:
+        parser = subparsers.add_parser("build-tiny", help="(re)build the embedded tiny model",
+                                       description=BuildTinyCommand.__doc__)
+        parser.add_argument("--force", action="store_true", help="rebuild even if a built model is cached")
+        return parser
+
+    @staticmethod
+    def run(args: argparse.Namespace) -> int:
+        from . import embedded
+        from .cli_generate import quiet_transformers
+
+        quiet_transformers()
+        path = embedded.ensure_built(force=args.force)
+        info = embedded.build_info() or {}
+        print(f"tiny model: {path}")
+        if info:
+            print(f"trained in {info['train_seconds']:.0f} s, final loss {info['final_loss']:.3f}")
+        return 0

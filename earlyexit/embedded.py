@@ -1,0 +1,136 @@
+"""The embedded default model `tiny`: a BLIP-2 OPT trained from scratch on the scene data.
+
+It is built on first use (a few minutes on 2 CPU cores), saved with `save_pretrained` in the
+user cache under a fingerprint of its recipe, and reused afterwards; changing the recipe
+changes the fingerprint, so a stale model is never picked up. `earlyexit build-tiny --force`
+rebuilds it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+NAME = "tiny"
+
+RECIPE = {
+    "version": 1,
+    "scenes": {"seed": 0, "image_size": 64},
+    "model": dict(num_layers=12, hidden_size=128, num_heads=4, ffn_dim=512, num_query_tokens=8, image_size=64,
+                  patch_size=8, vision_hidden=128, vision_layers=2, qformer_layers=1, init_std=0.02, seed=0),
+    "train": dict(steps=1500, batch_size=32, learning_rate=2e-3, warmup_steps=100, weight_decay=0.01, seed=0),
+    "tasks": ["caption", "vqa"],
+    "questions_per_image": 1,  # of the 5 per scene: keeps VQA from crowding out captions
+}
+
+
+def cache_root() -> str:
+    base = os.environ.get("EARLYEXIT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "earlyexit")
+    return base
+
+
+def fingerprint(recipe: dict = RECIPE) -> str:
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def model_path(recipe: dict = RECIPE) -> str:
+    return os.path.join(cache_root(), "models", f"{NAME}-{fingerprint(recipe)}")
+
+
+def is_built(recipe: dict = RECIPE) -> bool:
+    return os.path.isfile(os.path.join(model_path(recipe), "config.json"))
+
+
+def scene_config(recipe: dict = RECIPE):
+    from .data.scenes import SceneConfig
+
+    return SceneConfig(**recipe["scenes"])
+
+
+def ensure_built(recipe: dict = RECIPE, force: bool = False, progress: bool = True) -> str:
+    """The folder of the built model, training it first if needed."""
+    path = model_path(recipe)
+    if is_built(recipe) and not force:
+        return path
+    build(recipe, path, progress=progress)
+    return path
+
+
+def build(recipe: dict, path: str, progress: bool = True) -> dict:
+    """Train the recipe from scratch and save it to `path` atomically; returns build info."""
+    from .backends.blip2_opt import Blip2OptBackend
+    from .batching import TrainingBatches, language_model_loss
+    from .data.scenes import load_scenes, vocabulary
+    from .tiny import DEFAULT_WORDS
+    from .training import TrainConfig, train
+
+    scenes = scene_config(recipe)
+    if progress:
+        print(f"building the embedded '{NAME}' model ({fingerprint(recipe)}): scene data, then training; "
+              "this happens once", file=sys.stderr)
+    words = sorted(set(vocabulary(scenes)) | set(DEFAULT_WORDS) | {"question", "answer"})
+    backend = Blip2OptBackend.from_tiny_config(words=words, **recipe["model"])
+    datasets = [load_scenes("train", task=task, config=scenes) for task in recipe["tasks"]]
+    datasets = [thin_questions(d, recipe["questions_per_image"]) if d.task == "vqa" else d for d in datasets]
+    settings = dict(recipe["train"])
+    batches = TrainingBatches(backend, datasets, batch_size=settings.pop("batch_size"), seed=settings["seed"])
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    work = tempfile.mkdtemp(prefix=f".{NAME}-build-", dir=os.path.dirname(path))
+    try:
+        config = TrainConfig(output_dir=os.path.join(work, "checkpoints"), progress=progress,
+                             checkpoint_every=10**9, **settings)
+        started = time.perf_counter()
+        losses = train(backend.model, language_model_loss, batches, config)
+        seconds = time.perf_counter() - started
+        backend.model.generation_config.max_new_tokens = 20
+        model_dir = os.path.join(work, "model")
+        backend.save_pretrained(model_dir)
+        info = {"recipe": recipe, "fingerprint": fingerprint(recipe), "train_seconds": seconds,
+                "final_loss": sum(losses[-50:]) / min(50, len(losses))}
+        with open(os.path.join(model_dir, "earlyexit_build.json"), "w") as handle:
+            json.dump(info, handle, indent=2)
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.replace(model_dir, path)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return info
+
+
+def thin_questions(dataset, per_image: int):
+    """Keep `per_image` questions of each scene, rotating through the question kinds."""
+    import dataclasses
+
+    by_image: dict[str, list] = {}
+    for sample in dataset.samples:
+        by_image.setdefault(sample.extra["image_id"], []).append(sample)
+    kept = []
+    for n, questions in enumerate(by_image.values()):
+        kept += [questions[(n + k) % len(questions)] for k in range(min(per_image, len(questions)))]
+    return dataclasses.replace(dataset, samples=kept)
+
+
+def build_info(recipe: dict = RECIPE) -> dict | None:
+    file = os.path.join(model_path(recipe), "earlyexit_build.json")
+    if not os.path.isfile(file):
+        return None
+    with open(file) as handle:
+        return json.load(handle)
+
+
+def with_overrides(**sections) -> dict:
+    """A copy of the recipe with some sections updated (tests build a micro version)."""
+    recipe = json.loads(json.dumps(RECIPE))
+    for section, values in sections.items():
+        if isinstance(recipe.get(section), dict):
+            recipe[section].update(values)
+        else:
+            recipe[section] = values
+    return recipe
+
