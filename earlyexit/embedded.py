@@ -23,7 +23,7 @@ RECIPE = {
     "scenes": {"seed": 0, "image_size": 64},
     "model": dict(num_layers=12, hidden_size=128, num_heads=4, ffn_dim=512, num_query_tokens=8, image_size=64,
                   patch_size=8, vision_hidden=128, vision_layers=2, qformer_layers=1, init_std=0.02, seed=0),
-    "train": dict(steps=1500, batch_size=32, learning_rate=2e-3, warmup_steps=100, weight_decay=0.01, seed=0),
+    "train": dict(steps=1200, batch_size=32, learning_rate=2e-3, warmup_steps=100, weight_decay=0.01, seed=0),
     "tasks": ["caption", "vqa"],
     "questions_per_image": 1,  # of the 5 per scene: keeps VQA from crowding out captions
 }

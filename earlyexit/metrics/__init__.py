@@ -1,0 +1,9 @@
+"""Evaluation metrics. Import the submodule you need; nothing heavy is imported here.
+
+- `earlyexit.metrics.caption`: `caption_scores`, `CaptionScorer`, `cider_per_item` —
+  BLEU-1..4, METEOR, ROUGE-L, CIDEr (SPICE when its jars are present) via pycocoevalcap (Java).
+- `earlyexit.metrics.vqa`: `normalize_answer`, `vqa_accuracy`, `vqa_scores` — official VQA
+  answer normalisation and the min(#humans/3, 1) accuracy over leave-one-out subsets.
+- `earlyexit.metrics.dialog`: `rank_of_ground_truth`, `dialog_scores` — VisDial MRR, R@1/5/10
+  and mean rank.
+"""
