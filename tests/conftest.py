@@ -47,3 +47,17 @@ def install_distribution(tmp_path, monkeypatch):
     yield install
     for module in created_modules:  # the next test must import its own copy
         sys.modules.pop(module, None)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Tests never read or write the user's cache (scenes, the embedded model)."""
+    import os
+
+    previous = os.environ.get("EARLYEXIT_CACHE")
+    os.environ["EARLYEXIT_CACHE"] = str(tmp_path_factory.mktemp("earlyexit-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("EARLYEXIT_CACHE", None)
+    else:
+        os.environ["EARLYEXIT_CACHE"] = previous

@@ -1,0 +1,80 @@
+"""The training loop: determinism, atomic checkpoints, resume on the same loss trajectory."""
+
+import os
+
+import pytest
+import torch
+
+from earlyexit.batching import TrainingBatches, language_model_loss
+from earlyexit.data.scenes import SceneConfig, load_scenes
+from earlyexit.errors import CheckpointError
+from earlyexit.training import TrainConfig, latest_checkpoint, train
+from helpers import make_backend
+
+MICRO = SceneConfig(train=24, val=10, test=10)
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("scenes")
+    return [load_scenes("train", task=task, config=MICRO, cache_dir=cache) for task in ("caption", "vqa")]
+
+
+def fresh(scenes, **kwargs):
+    backend = make_backend(seed=11, num_layers=3, image_size=64, patch_size=16, init_std=0.02)
+    return backend, TrainingBatches(backend, scenes, batch_size=4, seed=kwargs.pop("seed", 0))
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_batches_are_deterministic_and_labelled(scenes):
+    _, batches = fresh(scenes)
+    first, again = batches(3), batches(3)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not torch.equal(batches(4)["input_ids"], first["input_ids"])
+    labels, ids = first["labels"], first["input_ids"]
+    supervised = labels != -100
+    assert supervised.any(axis=1).all()
+    assert torch.equal(labels[supervised], ids[supervised])  # targets are the tokens themselves
+    image_token = batches.image_token
+    assert (labels[ids == image_token] == -100).all()
+
+
+def test_resume_continues_the_same_loss_trajectory(scenes, tmp_path):
+    backend, batches = fresh(scenes)
+    config = TrainConfig(output_dir=str(tmp_path / "straight"), steps=6, checkpoint_every=3, warmup_steps=2,
+                         progress=False)
+    straight = train(backend.model, language_model_loss, batches, config)
+
+    backend, batches = fresh(scenes)
+    config = TrainConfig(output_dir=str(tmp_path / "resumed"), steps=6, checkpoint_every=3, warmup_steps=2,
+                         progress=False)
+
+    def crash_at_4(step):
+        if step == 4:
+            raise Interrupt()
+        return batches(step)
+
+    with pytest.raises(Interrupt):
+        train(backend.model, language_model_loss, crash_at_4, config)
+    assert latest_checkpoint(config.output_dir).endswith("checkpoint-3")
+    assert not [n for n in os.listdir(config.output_dir) if n.startswith(".checkpoint-")]  # no half-written ones
+
+    backend, batches = fresh(scenes)  # a new process: fresh weights, resumed from the checkpoint
+    resumed = train(backend.model, language_model_loss, batches, config)
+    assert len(resumed) == 6
+    assert resumed[:3] == straight[:3]
+    torch.testing.assert_close(torch.tensor(resumed[3:]), torch.tensor(straight[3:]), rtol=1e-5, atol=1e-6)
+    assert straight[-1] < straight[0]
+
+
+def test_resume_refuses_other_settings(scenes, tmp_path):
+    backend, batches = fresh(scenes)
+    config = TrainConfig(output_dir=str(tmp_path), steps=2, checkpoint_every=1, progress=False)
+    train(backend.model, language_model_loss, batches, config)
+    backend, batches = fresh(scenes)
+    other = TrainConfig(output_dir=str(tmp_path), steps=2, checkpoint_every=1, learning_rate=0.5, progress=False)
+    with pytest.raises(CheckpointError, match="other settings"):
+        train(backend.model, language_model_loss, batches, other)
