@@ -92,7 +92,8 @@ class Blip2OptBackend(Backend):
         )
         vision = Blip2VisionConfig(hidden_size=vision_hidden, intermediate_size=4 * vision_hidden,
                                    num_hidden_layers=vision_layers, num_attention_heads=4, image_size=image_size,
-                                   patch_size=patch_size or image_size // 2)
+                                   patch_size=patch_size or image_size // 2,
+                                   initializer_range=0.02)  # BLIP-2's default (1e-10) assumes pretrained weights
         qformer = Blip2QFormerConfig(hidden_size=vision_hidden, num_hidden_layers=qformer_layers,
                                      num_attention_heads=4, intermediate_size=4 * vision_hidden,
                                      encoder_hidden_size=vision_hidden)

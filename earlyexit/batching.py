@@ -114,6 +114,11 @@ class TrainingBatches:
         return {"pixel_values": pixels, "input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
-def language_model_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Cross-entropy of the BLIP-2 model on the labelled tokens (the model shifts labels)."""
-    return model(**batch).loss
+def language_model_step(model):
+    """A training step (see `training.train`): cross-entropy of the BLIP-2 model on the labelled
+    tokens (the model shifts the labels itself)."""
+
+    def step(batch: dict[str, torch.Tensor], engine) -> dict[str, float]:
+        return {"loss": engine.optimize("model", model(**batch).loss)}
+
+    return step

@@ -33,7 +33,7 @@ class TrainCommand:
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
-        from .batching import TrainingBatches, language_model_loss
+        from .batching import TrainingBatches, language_model_step
         from .cli import report_plugin_failures
         from .cli_generate import quiet_transformers
         from .data.registry import load_dataset
@@ -54,10 +54,10 @@ class TrainCommand:
         batches = TrainingBatches(backend, datasets, batch_size=args.batch_size, seed=args.seed)
         if latest_checkpoint(config.output_dir):
             print(f"resuming from {latest_checkpoint(config.output_dir)}")
-        losses = train(backend.model, language_model_loss, batches, config)
+        losses = train(backend.model, language_model_step(backend.model), batches, config)
         final = os.path.join(args.output, "model")
         backend.save_pretrained(final)
-        recent = losses[-min(50, len(losses)):]
+        recent = [entry["loss"] for entry in losses[-min(50, len(losses)):]]
         print(f"trained {len(losses)} steps, mean loss of the last {len(recent)}: {sum(recent) / len(recent):.4f}; "
               f"model saved to {final}")
         return 0

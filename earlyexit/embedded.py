@@ -19,7 +19,7 @@ import time
 NAME = "tiny"
 
 RECIPE = {
-    "version": 1,
+    "version": 2,  # bump when code that shapes the trained model changes
     "scenes": {"seed": 0, "image_size": 64},
     "model": dict(num_layers=12, hidden_size=128, num_heads=4, ffn_dim=512, num_query_tokens=8, image_size=64,
                   patch_size=8, vision_hidden=128, vision_layers=2, qformer_layers=1, init_std=0.02, seed=0),
@@ -65,7 +65,7 @@ def ensure_built(recipe: dict = RECIPE, force: bool = False, progress: bool = Tr
 def build(recipe: dict, path: str, progress: bool = True) -> dict:
     """Train the recipe from scratch and save it to `path` atomically; returns build info."""
     from .backends.blip2_opt import Blip2OptBackend
-    from .batching import TrainingBatches, language_model_loss
+    from .batching import TrainingBatches, language_model_step
     from .data.scenes import load_scenes, vocabulary
     from .tiny import DEFAULT_WORDS
     from .training import TrainConfig, train
@@ -86,13 +86,13 @@ def build(recipe: dict, path: str, progress: bool = True) -> dict:
         config = TrainConfig(output_dir=os.path.join(work, "checkpoints"), progress=progress,
                              checkpoint_every=10**9, **settings)
         started = time.perf_counter()
-        losses = train(backend.model, language_model_loss, batches, config)
+        losses = train(backend.model, language_model_step(backend.model), batches, config)
         seconds = time.perf_counter() - started
         backend.model.generation_config.max_new_tokens = 20
         model_dir = os.path.join(work, "model")
         backend.save_pretrained(model_dir)
         info = {"recipe": recipe, "fingerprint": fingerprint(recipe), "train_seconds": seconds,
-                "final_loss": sum(losses[-50:]) / min(50, len(losses))}
+                "final_loss": sum(e["loss"] for e in losses[-50:]) / min(50, len(losses))}
         with open(os.path.join(model_dir, "earlyexit_build.json"), "w") as handle:
             json.dump(info, handle, indent=2)
         if os.path.exists(path):

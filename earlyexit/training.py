@@ -62,51 +62,69 @@ def warmup_cosine(step: int, warmup: int, total: int) -> float:
 
 
 class PlainEngine:
-    """Plain PyTorch optimisation of `parameters` (named) of `model`."""
+    """Plain PyTorch optimisation: one AdamW (+ schedule) per named group of parameters.
 
-    def __init__(self, model: torch.nn.Module, named_parameters: dict[str, torch.nn.Parameter], config: TrainConfig):
-        self.model, self.config = model, config
-        self.parameters = named_parameters
-        decay = [p for n, p in named_parameters.items() if p.ndim >= 2]
-        no_decay = [p for n, p in named_parameters.items() if p.ndim < 2]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=config.learning_rate,
-        )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: warmup_cosine(s, config.warmup_steps, config.steps))
+    Most training has one group; adversarial training (FREE) has two, a generator and a
+    discriminator, each stepped on its own loss. `optimize(group, loss)` is all a training
+    step needs, so a DeepSpeed engine (one engine per group) can stand in.
+    """
 
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
+    def __init__(self, groups: dict[str, dict[str, torch.nn.Parameter]], config: TrainConfig):
+        self.config = config
+        self.groups = groups
+        self.optimizers, self.schedulers = {}, {}
+        for name, parameters in groups.items():
+            decay = [p for p in parameters.values() if p.ndim >= 2]
+            no_decay = [p for p in parameters.values() if p.ndim < 2]
+            optimizer = torch.optim.AdamW(
+                [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                lr=config.learning_rate)
+            self.optimizers[name] = optimizer
+            self.schedulers[name] = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda s: warmup_cosine(s, config.warmup_steps, config.steps))
 
-    def step(self) -> None:
+    def optimize(self, group: str, loss: torch.Tensor) -> float:
+        """Backward `loss` into `group`'s parameters only, and step its optimiser."""
+        parameters = list(self.groups[group].values())
+        if not torch.isfinite(loss):
+            raise ConfigError(f"the {group} loss became {loss.item()}; lower the learning rate")
+        grads = torch.autograd.grad(loss, parameters, allow_unused=True)
+        for parameter, grad in zip(parameters, grads):
+            parameter.grad = grad
         if self.config.grad_clip:
-            torch.nn.utils.clip_grad_norm_(list(self.parameters.values()), self.config.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            torch.nn.utils.clip_grad_norm_(parameters, self.config.grad_clip)
+        self.optimizers[group].step()
+        self.schedulers[group].step()
+        self.optimizers[group].zero_grad(set_to_none=True)
+        return loss.item()
+
+    def named_parameters(self) -> dict[str, torch.nn.Parameter]:
+        return {f"{group}/{name}": p for group, params in self.groups.items() for name, p in params.items()}
 
     def save(self, folder: str) -> None:
         from safetensors.torch import save_file
 
-        save_file({n: p.detach().contiguous() for n, p in self.parameters.items()},
+        save_file({n: p.detach().contiguous() for n, p in self.named_parameters().items()},
                   os.path.join(folder, "trainable.safetensors"))
-        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
-                   os.path.join(folder, "optimizer.pt"))
+        state = {name: {"optimizer": self.optimizers[name].state_dict(), "scheduler": self.schedulers[name].state_dict()}
+                 for name in self.groups}
+        torch.save(state, os.path.join(folder, "optimizer.pt"))
 
     def load(self, folder: str) -> None:
         from safetensors.torch import load_file
 
         weights = load_file(os.path.join(folder, "trainable.safetensors"))
-        if set(weights) != set(self.parameters):
-            raise CheckpointError(f"{folder} holds other parameters than this model trains; "
+        parameters = self.named_parameters()
+        if set(weights) != set(parameters):
+            raise CheckpointError(f"{folder} holds other parameters than this run trains; "
                                   "start over with a fresh --output folder")
         with torch.no_grad():
             for name, value in weights.items():
-                self.parameters[name].copy_(value)
+                parameters[name].copy_(value)
         state = torch.load(os.path.join(folder, "optimizer.pt"), weights_only=True)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        for name in self.groups:
+            self.optimizers[name].load_state_dict(state[name]["optimizer"])
+            self.schedulers[name].load_state_dict(state[name]["scheduler"])
 
 
 def latest_checkpoint(output_dir: str) -> str | None:
@@ -154,29 +172,28 @@ def resume(engine, config: TrainConfig) -> tuple[int, list[float]]:
     return state["step"], state["losses"]
 
 
-def train(model: torch.nn.Module, loss_fn: Callable, batch_for_step: Callable[[int], dict], config: TrainConfig,
-          engine=None, trainable: dict | None = None, on_log: Callable[[int, float], None] | None = None) -> list[float]:
-    """Run (or resume) training to `config.steps`; returns the loss of every step."""
+def train(model: torch.nn.Module, step_fn: Callable, batch_for_step: Callable[[int], dict], config: TrainConfig,
+          engine=None, on_log: Callable[[int, dict], None] | None = None) -> list[dict]:
+    """Run (or resume) training to `config.steps`; returns every step's losses.
+
+    `step_fn(batch, engine) -> dict[str, float]` does one step: it computes its losses and calls
+    `engine.optimize(group, loss)` for each parameter group. Without an engine, one plain group
+    "model" holds every parameter of `model` that requires grad.
+    """
     from tqdm.auto import tqdm
 
-    if trainable is None:
-        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    engine = engine or PlainEngine(model, trainable, config)
+    if engine is None:
+        engine = PlainEngine({"model": {n: p for n, p in model.named_parameters() if p.requires_grad}}, config)
     start, losses = resume(engine, config)
     model.train()
     bar = tqdm(total=config.steps, initial=start, desc="training", disable=not config.progress, unit="step")
     for step in range(start, config.steps):
         torch.manual_seed(config.seed * 1_000_003 + step)  # dropout noise depends on the step only
-        loss = loss_fn(model, batch_for_step(step))
-        if not torch.isfinite(loss):
-            raise ConfigError(f"the loss became {loss.item()} at step {step}; lower the learning rate")
-        engine.backward(loss)
-        engine.step()
-        losses.append(loss.item())
+        losses.append(step_fn(batch_for_step(step), engine))
         bar.update(1)
         if (step + 1) % config.log_every == 0:
-            recent = sum(losses[-config.log_every:]) / config.log_every
-            bar.set_postfix(loss=f"{recent:.3f}")
+            recent = {k: sum(entry[k] for entry in losses[-config.log_every:]) / config.log_every for k in losses[-1]}
+            bar.set_postfix({k: f"{v:.3f}" for k, v in recent.items()})
             if on_log:
                 on_log(step + 1, recent)
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:

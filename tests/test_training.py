@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from earlyexit.batching import TrainingBatches, language_model_loss
+from earlyexit.batching import TrainingBatches, language_model_step
 from earlyexit.data.scenes import SceneConfig, load_scenes
 from earlyexit.errors import CheckpointError
 from earlyexit.training import TrainConfig, latest_checkpoint, train
@@ -46,7 +46,7 @@ def test_resume_continues_the_same_loss_trajectory(scenes, tmp_path):
     backend, batches = fresh(scenes)
     config = TrainConfig(output_dir=str(tmp_path / "straight"), steps=6, checkpoint_every=3, warmup_steps=2,
                          progress=False)
-    straight = train(backend.model, language_model_loss, batches, config)
+    straight = train(backend.model, language_model_step(backend.model), batches, config)
 
     backend, batches = fresh(scenes)
     config = TrainConfig(output_dir=str(tmp_path / "resumed"), steps=6, checkpoint_every=3, warmup_steps=2,
@@ -58,13 +58,14 @@ def test_resume_continues_the_same_loss_trajectory(scenes, tmp_path):
         return batches(step)
 
     with pytest.raises(Interrupt):
-        train(backend.model, language_model_loss, crash_at_4, config)
+        train(backend.model, language_model_step(backend.model), crash_at_4, config)
     assert latest_checkpoint(config.output_dir).endswith("checkpoint-3")
     assert not [n for n in os.listdir(config.output_dir) if n.startswith(".checkpoint-")]  # no half-written ones
 
     backend, batches = fresh(scenes)  # a new process: fresh weights, resumed from the checkpoint
-    resumed = train(backend.model, language_model_loss, batches, config)
+    resumed = train(backend.model, language_model_step(backend.model), batches, config)
     assert len(resumed) == 6
+    resumed, straight = [e["loss"] for e in resumed], [e["loss"] for e in straight]
     assert resumed[:3] == straight[:3]
     torch.testing.assert_close(torch.tensor(resumed[3:]), torch.tensor(straight[3:]), rtol=1e-5, atol=1e-6)
     assert straight[-1] < straight[0]
@@ -73,8 +74,8 @@ def test_resume_continues_the_same_loss_trajectory(scenes, tmp_path):
 def test_resume_refuses_other_settings(scenes, tmp_path):
     backend, batches = fresh(scenes)
     config = TrainConfig(output_dir=str(tmp_path), steps=2, checkpoint_every=1, progress=False)
-    train(backend.model, language_model_loss, batches, config)
+    train(backend.model, language_model_step(backend.model), batches, config)
     backend, batches = fresh(scenes)
     other = TrainConfig(output_dir=str(tmp_path), steps=2, checkpoint_every=1, learning_rate=0.5, progress=False)
     with pytest.raises(CheckpointError, match="other settings"):
-        train(backend.model, language_model_loss, batches, other)
+        train(backend.model, language_model_step(backend.model), batches, other)

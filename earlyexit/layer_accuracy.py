@@ -1,0 +1,60 @@
+"""How good is each layer's read-out? Teacher-forced next-token accuracy per decoder layer.
+
+For every reference caption (or answer) of a data set, the backbone runs once with the text as
+input; at each layer k the shared head reads the hidden states (`backend.logits`, the untrained
+`confidence` exit) and we count how often its argmax is the true next token, and how often it
+agrees with the final layer. This is the paper's "mid-crisis" view (Fig. 3) for untrained exits;
+a strategy with trained exit modules can pass `exit_logits` to measure its own exits.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .batching import TrainingBatches
+from .data import Dataset
+
+
+@torch.no_grad()
+def per_layer_accuracy(backend, dataset: Dataset, limit: int | None = 200, batch_size: int = 32,
+                       exit_logits: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> list[dict]:
+    """One row per depth 1..N: `accuracy` (vs the reference token) and `agreement` (vs the final
+    layer's prediction), over the target tokens (captions: every word and the end token)."""
+    dataset = dataset.subset(limit)
+    batches = TrainingBatches(backend, [dataset], batch_size=batch_size, seed=0)
+    read_out = exit_logits or (lambda depth, hidden: backend.logits(hidden))
+    n = backend.num_layers
+    correct, agree, total = [0] * (n + 1), [0] * (n + 1), 0
+    for start in range(0, len(dataset), batch_size):
+        rows = [batches.encode(_prompt(dataset, s), _target(dataset, s)) for s in dataset.samples[start:start + batch_size]]
+        picks = [batches.pixel_row[0][i] for i in range(start, min(start + batch_size, len(dataset)))]
+        batch = batches.collate(rows, batches.pixels[picks])
+        labels = batch.pop("labels")
+        embeds = backend.decoder_inputs_embeds(batch["pixel_values"], batch["input_ids"])
+        out = backend.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+                                     output_hidden_states=True)
+        targets = labels[:, 1:]
+        where = targets != -100
+        total += int(where.sum())
+        final = out.logits[:, :-1].argmax(-1)
+        for depth in range(1, n + 1):
+            hidden = out.hidden_states[depth][:, :-1]
+            predicted = final if depth == n else read_out(depth, hidden).argmax(-1)
+            correct[depth] += int((predicted == targets)[where].sum())
+            agree[depth] += int((predicted == final)[where].sum())
+    return [{"layer": depth, "accuracy": correct[depth] / total, "agreement": agree[depth] / total}
+            for depth in range(1, n + 1)]
+
+
+def _prompt(dataset: Dataset, sample) -> str:
+    from .batching import prompt_for
+
+    return prompt_for(sample, dataset.task)
+
+
+def _target(dataset: Dataset, sample) -> str:
+    from .batching import target_for
+
+    return target_for(sample, dataset.task)
