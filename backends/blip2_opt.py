@@ -71,7 +71,8 @@ class Blip2OptBackend(Backend):
                          num_query_tokens: int = 4, image_size: int = 16, patch_size: int | None = None,
                          vision_hidden: int = 32, vision_layers: int = 1, qformer_layers: int = 1,
                          do_layer_norm_before: bool = True, init_std: float = 0.2,
-                         vocab_size: int | None = None, words=None) -> Blip2OptBackend:
+                         vocab_size: int | None = None, words=None,
+                         encoder_init_std: float = 0.02) -> Blip2OptBackend:
         """A small randomly initialised BLIP-2 OPT with a word-level tokenizer and a real
         processor. A `vocab_size` above the tokenizer's gives a real-sized LM head (benchmarks)."""
         import torch
@@ -93,15 +94,17 @@ class Blip2OptBackend(Backend):
         vision = Blip2VisionConfig(hidden_size=vision_hidden, intermediate_size=4 * vision_hidden,
                                    num_hidden_layers=vision_layers, num_attention_heads=4, image_size=image_size,
                                    patch_size=patch_size or image_size // 2,
-                                   initializer_range=0.02)  # BLIP-2's default (1e-10) assumes pretrained weights
+                                   initializer_range=encoder_init_std)  # BLIP-2's 1e-10 assumes pretrained weights
         qformer = Blip2QFormerConfig(hidden_size=vision_hidden, num_hidden_layers=qformer_layers,
                                      num_attention_heads=4, intermediate_size=4 * vision_hidden,
-                                     encoder_hidden_size=vision_hidden)
+                                     encoder_hidden_size=vision_hidden, initializer_range=encoder_init_std)
         config = Blip2Config(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(),
                              text_config=text.to_dict(), num_query_tokens=num_query_tokens,
                              image_token_index=tokenizer.convert_tokens_to_ids(processor.image_token.content))
         torch.manual_seed(seed)
         model = Blip2ForConditionalGeneration(config).eval()
+        with torch.no_grad():  # transformers leaves the queries at zero (checkpoints bring them): identical
+            model.query_tokens.normal_(0.0, encoder_init_std)  # queries would stay identical, as BLIP-2 initialises them
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         return cls(model, processor)
 

@@ -66,9 +66,10 @@ class ListCommand:
 # helpers from this module, as this list is built after everything above is defined.
 from .cli_eval import EvalCommand  # noqa: E402 - these import helpers defined above
 from .cli_generate import GenerateCommand  # noqa: E402
+from .cli_run import RunCommand  # noqa: E402
 from .cli_train import BuildTinyCommand, TrainCommand  # noqa: E402
 
-SUBCOMMANDS: list = [ListCommand, GenerateCommand, EvalCommand, TrainCommand, BuildTinyCommand]
+SUBCOMMANDS: list = [ListCommand, RunCommand, GenerateCommand, EvalCommand, TrainCommand, BuildTinyCommand]
 
 
 def build_parser() -> argparse.ArgumentParser:

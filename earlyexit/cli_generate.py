@@ -43,6 +43,26 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="what deeper layers get for a token that left early (default: catchup, exact)")
 
 
+def option_type(config_cls, name: str) -> type:
+    """The plain type of a config field (`float | None` -> float), for parsing --option values."""
+    import types
+    import typing
+
+    hint = typing.get_type_hints(config_cls)[name]
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    return hint if isinstance(hint, type) else str
+
+
+def parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(text)
+
+
 def build_strategy_config(strategy_cls, threshold: float | None, options: list[str]):
     """The strategy's config dataclass from --threshold and --option KEY=VALUE."""
     fields = {f.name: f for f in dataclasses.fields(strategy_cls.Config)}
@@ -58,9 +78,9 @@ def build_strategy_config(strategy_cls, threshold: float | None, options: list[s
         if not sep or key not in fields:
             raise ConfigError(f"bad --option {option!r}: use KEY=VALUE with KEY one of "
                               f"{', '.join(fields) or '(this strategy has no options)'}")
-        kind = type(fields[key].default)
+        kind = option_type(strategy_cls.Config, key)
         try:
-            values[key] = (raw.lower() in ("1", "true", "yes")) if kind is bool else kind(raw)
+            values[key] = parse_bool(raw) if kind is bool else kind(raw)
         except ValueError:
             raise ConfigError(f"bad --option {option!r}: {key} expects a {kind.__name__}")
     return strategy_cls.Config(**values)

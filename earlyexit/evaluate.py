@@ -34,6 +34,7 @@ class EvalSettings:
     measure_wall: bool = True  # time the plain backbone too (doubles the work)
     seed: int = 0
     progress: bool = True
+    quick_metrics: bool = False  # captions: CIDEr only (no METEOR start-up), for calibration sweeps
 
     def __post_init__(self):
         if self.batch_size < 1 or self.num_beams < 1 or self.max_new_tokens < 1:
@@ -58,11 +59,15 @@ def decode_new_tokens(backend, sequences: torch.Tensor, prompt_length: int) -> l
     return [text.strip() for text in texts]
 
 
-def score(dataset: Dataset, predictions: dict[str, str]) -> dict:
+def score(dataset: Dataset, predictions: dict[str, str], quick: bool = False) -> dict:
     if dataset.task == "caption":
-        from .metrics.caption import caption_scores
+        from .metrics.caption import caption_scores, cider_per_item
 
-        return caption_scores(predictions, {s.id: s.captions for s in dataset if s.id in predictions})
+        references = {s.id: s.captions for s in dataset if s.id in predictions}
+        if quick:
+            per_item = cider_per_item(predictions, references)
+            return {"CIDEr": sum(per_item.values()) / len(per_item)}
+        return caption_scores(predictions, references)
     if dataset.task == "vqa":
         from .metrics.vqa import vqa_scores
 
@@ -79,7 +84,7 @@ def evaluate(backend, strategy, dataset: Dataset, settings: EvalSettings, kv_pol
     dataset = dataset.subset(settings.limit)
     model = EarlyExitForCausalLM(backend, strategy, kv_policy=kv_policy)
     generate = dict(max_new_tokens=settings.max_new_tokens, num_beams=settings.num_beams, do_sample=False)
-    predictions, traces, exit_times, full_times = {}, [], [], []
+    predictions, traces, exit_times, full_times, token_ids = {}, [], [], [], {}
     bar = tqdm(total=len(dataset), desc=f"eval {dataset.name}/{dataset.split}", disable=not settings.progress,
                unit="sample")
     for start in range(0, len(dataset), settings.batch_size):
@@ -98,6 +103,9 @@ def evaluate(backend, strategy, dataset: Dataset, settings: EvalSettings, kv_pol
         traces.append(model.last_trace)
         for sample, text in zip(batch, decode_new_tokens(backend, sequences, inputs["input_ids"].shape[1])):
             predictions[sample.id] = text
+        if start == 0:  # kept for the examples shown with their exit layers
+            for i, sample in enumerate(batch[:5]):
+                token_ids[sample.id] = sequences[i, inputs["input_ids"].shape[1]:].tolist()
         bar.update(len(batch))
     bar.close()
 
@@ -105,10 +113,13 @@ def evaluate(backend, strategy, dataset: Dataset, settings: EvalSettings, kv_pol
     speed["wall_speedup"] = (sum(full_times) / sum(exit_times)) if full_times else None
     speed["seconds"] = {"early_exit": sum(exit_times), "full": sum(full_times) if full_times else None,
                         "median_batch_early_exit": statistics.median(exit_times)}
-    examples = [{"id": s.id, "prediction": predictions[s.id], "exit_layers": traces[i // settings.batch_size]
-                 .per_sequence()[i % settings.batch_size]} for i, s in enumerate(dataset.samples[:5])]
+    examples = []
+    for i, sample in enumerate(dataset.samples[:min(5, settings.batch_size)]):
+        layers = traces[0].per_sequence()[i]
+        examples.append({"id": sample.id, "prediction": predictions[sample.id], "exit_layers": layers,
+                         "token_ids": token_ids[sample.id][:len(layers)]})
     return {
-        "quality": score(dataset, predictions),
+        "quality": score(dataset, predictions, quick=settings.quick_metrics),
         "speed": speed,
         "exit_layer_histogram": speed.pop("exit_layer_histogram"),
         "num_layers": backend.num_layers,

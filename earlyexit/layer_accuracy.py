@@ -58,3 +58,24 @@ def _target(dataset: Dataset, sample) -> str:
     from .batching import target_for
 
     return target_for(sample, dataset.task)
+
+
+@torch.no_grad()
+def exit_accuracy(backend, strategy, dataset: Dataset, limit: int | None = 200, batch_size: int = 32) -> dict:
+    """{exit layer: teacher-forced next-token accuracy} of a strategy with exit transformers."""
+    from .exit_training import backbone_features
+
+    dataset = dataset.subset(limit)
+    batches = TrainingBatches(backend, [dataset], batch_size=batch_size, seed=0)
+    correct, total = [0] * len(strategy.exit_layers), 0
+    for start in range(0, len(dataset), batch_size):
+        samples = dataset.samples[start:start + batch_size]
+        rows = [batches.encode(_prompt(dataset, s), _target(dataset, s)) for s in samples]
+        batch = batches.collate(rows, batches.pixels[batches.pixel_row[0][start:start + len(samples)]])
+        features = backbone_features(backend, batch)
+        where = features.targets != -100
+        total += int(where.sum())
+        for e, out in enumerate(strategy.teacher_forced_exits(features)):
+            predicted = backend.logits(out[:, :-1]).argmax(-1)
+            correct[e] += int((predicted == features.targets)[where].sum())
+    return {k: c / total for k, c in zip(strategy.exit_layers, correct)}

@@ -25,6 +25,7 @@ BUILTIN_PLUGINS = (
     "earlyexit.backends.blip2_opt",
     "earlyexit.strategies.confidence",
     "earlyexit.strategies.fixed",
+    "earlyexit.strategies.free",
 )
 ENTRY_POINT_GROUP = "earlyexit"
 DISABLE_AUTOLOAD_ENV = "EARLYEXIT_DISABLE_PLUGIN_AUTOLOAD"

@@ -69,16 +69,23 @@ class PlainEngine:
     step needs, so a DeepSpeed engine (one engine per group) can stand in.
     """
 
-    def __init__(self, groups: dict[str, dict[str, torch.nn.Parameter]], config: TrainConfig):
+    def __init__(self, groups: dict[str, dict[str, torch.nn.Parameter]], config: TrainConfig,
+                 lr_multipliers: dict[str, float] | None = None):
+        """`lr_multipliers` scales the learning rate of parameters whose name starts with a
+        prefix (e.g. a from-scratch vision tower learns faster than a language model)."""
         self.config = config
         self.groups = groups
         self.optimizers, self.schedulers = {}, {}
+        multipliers = lr_multipliers or {}
         for name, parameters in groups.items():
-            decay = [p for p in parameters.values() if p.ndim >= 2]
-            no_decay = [p for p in parameters.values() if p.ndim < 2]
+            buckets: dict[tuple, list] = {}
+            for pname, p in parameters.items():
+                scale = next((m for prefix, m in multipliers.items() if pname.startswith(prefix)), 1.0)
+                decay = config.weight_decay if p.ndim >= 2 else 0.0
+                buckets.setdefault((scale, decay), []).append(p)
             optimizer = torch.optim.AdamW(
-                [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                lr=config.learning_rate)
+                [{"params": ps, "weight_decay": decay, "lr": config.learning_rate * scale}
+                 for (scale, decay), ps in buckets.items()], lr=config.learning_rate)
             self.optimizers[name] = optimizer
             self.schedulers[name] = torch.optim.lr_scheduler.LambdaLR(
                 optimizer, lambda s: warmup_cosine(s, config.warmup_steps, config.steps))

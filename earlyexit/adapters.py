@@ -1,0 +1,110 @@
+"""Exit weights are adapters: only the exit modules and a small JSON config are saved.
+
+    exits.safetensors   the strategy's exit modules (e.g. FREE's exit transformers)
+    exit_config.json    strategy, backend, backbone name, exit layers, strategy config
+                        (threshold included) and a fingerprint of the backbone
+
+Loading checks the fingerprint, so exits are never silently attached to another backbone.
+Weights are read with safetensors only (no pickle). Saving writes a temporary folder and renames
+it into place: a crash never leaves a half-written adapter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+
+from .errors import CheckpointError
+
+WEIGHTS, CONFIG = "exits.safetensors", "exit_config.json"
+FORMAT_VERSION = 1
+_VOLATILE_KEYS = ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures",
+                  "_attn_implementation", "_attn_implementation_autoset")
+
+
+def backbone_fingerprint(backend) -> str:
+    """The language model's architecture plus a digest of some of its weights, so the same
+    architecture trained differently gets another fingerprint."""
+    import torch
+
+    config = {k: v for k, v in backend.text_config.to_dict().items() if k not in _VOLATILE_KEYS}
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    layers = backend.decoder_layers()
+    for module in (layers[0], layers[-1]):
+        for parameter in list(module.parameters())[:2]:
+            digest.update(parameter.detach().flatten()[:256].to(torch.float32).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def save_exits(strategy, folder: str, backbone_name: str | None = None) -> None:
+    from safetensors.torch import save_file
+
+    modules = strategy.exit_modules()
+    weights = {n: p.detach().contiguous() for n, p in modules.state_dict().items()} if modules is not None else {}
+    config = {
+        "format_version": FORMAT_VERSION,
+        "strategy": strategy.name,
+        "backend": strategy.backend.name,
+        "backbone": backbone_name,
+        "backbone_fingerprint": backbone_fingerprint(strategy.backend),
+        "exit_layers": strategy.exit_layers,
+        "strategy_config": strategy.config.to_dict(),
+    }
+    parent = os.path.dirname(os.path.abspath(folder))
+    os.makedirs(parent, exist_ok=True)
+    temporary = tempfile.mkdtemp(prefix=".exits-", dir=parent)
+    try:
+        if weights:
+            save_file(weights, os.path.join(temporary, WEIGHTS))
+        with open(os.path.join(temporary, CONFIG), "w") as handle:
+            json.dump(config, handle, indent=2)
+        if os.path.exists(folder):
+            shutil.rmtree(folder)
+        os.replace(temporary, folder)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+
+
+def read_exit_config(folder: str) -> dict:
+    path = os.path.join(folder, CONFIG)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{folder} holds no {CONFIG}; pass a folder written by save_exits / earlyexit run")
+    with open(path) as handle:
+        try:
+            return json.load(handle)
+        except json.JSONDecodeError as error:
+            raise CheckpointError(f"{path} is not valid JSON ({error}); re-train or re-save the exits")
+
+
+def load_exits(folder: str, backend, registry, **config_overrides):
+    """The strategy saved in `folder`, attached to `backend` (refused if the fingerprints differ)."""
+    from safetensors.torch import load_file
+
+    saved = read_exit_config(folder)
+    if saved.get("backend") != backend.name:
+        raise CheckpointError(f"{folder} holds exits for backend {saved.get('backend')!r}, not {backend.name!r}")
+    expected, actual = saved.get("backbone_fingerprint"), backbone_fingerprint(backend)
+    if expected != actual:
+        raise CheckpointError(
+            f"{folder} was trained on another backbone ({saved.get('backbone')}, fingerprint {expected}); this "
+            f"one's fingerprint is {actual}. Train exits for this backbone instead")
+    cls = registry.strategy(saved["strategy"])
+    fields = {f.name for f in dataclasses.fields(cls.Config)}
+    values = {k: v for k, v in {**saved["strategy_config"], **config_overrides}.items() if k in fields}
+    strategy = cls(backend, saved["exit_layers"], cls.Config(**values))
+    modules = strategy.exit_modules()
+    weights_path = os.path.join(folder, WEIGHTS)
+    if modules is not None:
+        if not os.path.isfile(weights_path):
+            raise CheckpointError(f"{folder} has no {WEIGHTS}; the adapter is incomplete, save it again")
+        state = load_file(weights_path)
+        missing, unexpected = modules.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise CheckpointError(f"{weights_path} does not fit {saved['strategy']} at exits {saved['exit_layers']} "
+                                  f"(missing {len(missing)}, unexpected {len(unexpected)} tensors)")
+    return strategy

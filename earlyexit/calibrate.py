@@ -1,0 +1,111 @@
+"""Choosing the exit threshold on the development split, by a stated rule.
+
+The sweep evaluates the strategy at every threshold of the grid (the paper's 0.5 … 1.0 by
+default) and records quality next to the speed-ups: the paper's speed-versus-quality curve
+(Fig. 4b), written as CSV and PNG. Rules:
+- `best`: the threshold with the best quality (ties: the faster one);
+- `budget`: the fastest threshold (layer-based speed-up) whose quality is at least
+  (1 - budget) x the full model's; if none qualifies, the best-quality one, and the result
+  says so.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+
+from .errors import ConfigError
+
+PAPER_GRID = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+RULES = ("best", "budget")
+
+
+@dataclasses.dataclass
+class CalibrationPoint:
+    threshold: float
+    quality: float
+    param_speedup: float
+    layer_speedup: float
+    mean_exit_layer: float
+
+
+def main_metric(task: str) -> str:
+    return "CIDEr" if task == "caption" else "overall"
+
+
+def sweep(backend, strategy, dataset, settings, grid=PAPER_GRID, kv_policy: str = "catchup",
+          progress: bool = True) -> tuple[float, list[CalibrationPoint]]:
+    """(full model's quality, one point per threshold) on `dataset`."""
+    from tqdm.auto import tqdm
+
+    from .evaluate import evaluate
+
+    settings = dataclasses.replace(settings, measure_wall=False, progress=False, quick_metrics=True)
+    metric = main_metric(dataset.task)
+    full = evaluate(backend, None, dataset, settings)["quality"][metric]
+    points = []
+    original = strategy.config.threshold
+    try:
+        for threshold in tqdm(grid, desc="calibrating", disable=not progress):
+            strategy.config.threshold = threshold
+            result = evaluate(backend, strategy, dataset, settings, kv_policy=kv_policy)
+            speed = result["speed"]
+            points.append(CalibrationPoint(threshold, result["quality"][metric], speed["param_speedup"],
+                                           speed["layer_speedup"], speed["mean_exit_layer"]))
+    finally:
+        strategy.config.threshold = original
+    return full, points
+
+
+def choose(points: list[CalibrationPoint], full_quality: float, rule: str = "best",
+           budget: float = 0.02) -> tuple[CalibrationPoint, str]:
+    """The chosen point and a sentence saying why."""
+    if rule not in RULES:
+        raise ConfigError(f"calibration rule must be one of {', '.join(RULES)} (got {rule!r})")
+    if not points:
+        raise ConfigError("the calibration grid is empty; pass thresholds such as 0.5,0.7,0.9")
+    best = max(points, key=lambda p: (p.quality, p.layer_speedup))
+    if rule == "best":
+        return best, f"best quality on the dev split (threshold {best.threshold})"
+    floor = (1.0 - budget) * full_quality
+    allowed = [p for p in points if p.quality >= floor]
+    if not allowed:
+        return best, (f"no threshold keeps quality within {budget:.1%} of the full model's; "
+                      f"took the best quality (threshold {best.threshold})")
+    fastest = max(allowed, key=lambda p: (p.layer_speedup, p.quality))
+    return fastest, (f"fastest threshold within {budget:.1%} of the full model's quality "
+                     f"(threshold {fastest.threshold})")
+
+
+def write_curve(points: list[CalibrationPoint], full_quality: float, metric: str, folder: str,
+                name: str = "calibration") -> tuple[str, str]:
+    """The speed-versus-quality curve as CSV and PNG; returns both paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(folder, exist_ok=True)
+    csv_path, png_path = os.path.join(folder, f"{name}.csv"), os.path.join(folder, f"{name}.png")
+    with open(csv_path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["threshold", metric, "param_speedup", "layer_speedup", "mean_exit_layer"])
+        writer.writerow(["full", full_quality, 1.0, 1.0, ""])
+        for p in points:
+            writer.writerow([p.threshold, p.quality, p.param_speedup, p.layer_speedup, p.mean_exit_layer])
+    figure, axis = plt.subplots(figsize=(5, 3.5))
+    axis.plot([p.layer_speedup for p in points], [p.quality for p in points], "o-", label="layer speed-up")
+    axis.plot([p.param_speedup for p in points], [p.quality for p in points], "s--", label="param speed-up")
+    for p in points:
+        axis.annotate(f"{p.threshold:g}", (p.layer_speedup, p.quality), textcoords="offset points", xytext=(4, 4),
+                      fontsize=7)
+    axis.axhline(full_quality, color="gray", linestyle=":", label="full model")
+    axis.set_xlabel("speed-up (x)")
+    axis.set_ylabel(metric)
+    axis.set_title("quality versus speed-up by threshold")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(png_path, dpi=120)
+    plt.close(figure)
+    return csv_path, png_path

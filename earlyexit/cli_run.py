@@ -1,0 +1,148 @@
+"""`earlyexit run --backend blip2-opt --strategy free`: the headline command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .cli_generate import parse_int_list, positive_int
+
+COLORS = ("\033[32m", "\033[36m", "\033[33m", "\033[35m", "\033[31m")  # early ... late
+RESET = "\033[0m"
+
+
+def parse_float_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated thresholds such as 0.5,0.7,0.9, got {text!r}")
+
+
+def mark_tokens(tokenizer, token_ids: list[int], layers: list[int], num_layers: int, color: bool) -> str:
+    """Each token with the layer it left at: coloured by depth in a terminal, `word[k]` otherwise."""
+    words = []
+    for token, layer in zip(token_ids, layers):
+        text = tokenizer.decode([token], skip_special_tokens=True).strip()
+        if not text:
+            continue
+        if color:
+            shade = COLORS[min(len(COLORS) - 1, (layer - 1) * len(COLORS) // num_layers)]
+            words.append(f"{shade}{text}{RESET}")
+        else:
+            words.append(f"{text}[{layer}]")
+    return " ".join(words)
+
+
+def format_run(report: dict, color: bool) -> str:
+    results = report["results"]
+    first = next(iter(results.values()))
+    metrics = [k for k, v in first["quality"].items() if isinstance(v, (int, float)) and k != "num_questions"]
+    settings = report["settings"]
+    lines = [f"earlyexit run: {settings['backend']} / {settings['strategy']} on {settings['data']} "
+             f"(test: {first['config']['samples']} samples), threshold {report['threshold']}, "
+             f"exits at {report['exit_layers']} of {report['num_layers']} layers, kv policy {settings['kv_policy']}"]
+    if report["calibration"]:
+        lines.append(f"calibrated on the dev split: {report['calibration']['why']}")
+    header = f"{'model':<22}" + "".join(f"{m:>9}" for m in metrics) + f"{'param':>8}{'layer':>8}{'wall':>8}{'exit':>7}"
+    lines += ["", header, "-" * len(header)]
+    for name, result in results.items():
+        speed = result["speed"]
+        label = name if name == "full" else f"{name} @{report['threshold']}"
+        wall = speed.get("wall_speedup") or 1.0
+        lines.append(f"{label:<22}" + "".join(f"{result['quality'][m]:>9.4f}" for m in metrics)
+                     + f"{speed['param_speedup']:>7.2f}x{speed['layer_speedup']:>7.2f}x{wall:>7.2f}x"
+                     f"{speed['mean_exit_layer']:>7.2f}")
+    lines.append("param: the paper's parameter ratio; layer: layer-equivalents incl. exit modules, LM heads and "
+                 "catch-up; wall: clock time of the full model / this one on the same batches; exit: mean exit layer")
+    strategy = settings["strategy"]
+    histogram = results[strategy]["exit_layer_histogram"]
+    total = sum(histogram.values()) or 1
+    lines.append(f"exit layers ({strategy}): " + "  ".join(f"{k}: {100 * v / total:.1f}%" for k, v in histogram.items()))
+    full_quality = results["full"]["quality"]
+    key = "CIDEr" if "CIDEr" in full_quality else "overall"
+    if full_quality.get(key):
+        change = results[strategy]["quality"][key] / full_quality[key] - 1
+        lines.append(f"{key} change versus the full model: {100 * change:+.1f}%")
+    lines.append("")
+    lines.append("examples (each token marked by the layer it left at" + (", green = early, red = late):" if color
+                                                                         else "):"))
+    tokenizer = report["tokenizer"]
+    for example in results[strategy]["examples"][:4]:
+        marked = mark_tokens(tokenizer, example["token_ids"], example["exit_layers"], report["num_layers"], color)
+        lines.append(f"  {example['id']}: {marked}")
+    if report["mid_crisis"]:
+        mid = report["mid_crisis"]
+        lines.append("")
+        lines.append("per-exit accuracy (teacher forced, dev): " + "  ".join(
+            f"layer {k}: untrained {mid['untrained'][k]:.3f} / trained {v:.3f}" for k, v in mid["trained"].items()))
+        lines.append(f"mid-crisis plot: {mid['csv']}, {mid['png']}")
+    timings = report["timings"]
+    lines.append("")
+    lines.append("run time: " + ", ".join(f"{k[:-2].replace('_', ' ')} {v:.0f} s" for k, v in timings.items()))
+    return "\n".join(lines)
+
+
+class RunCommand:
+    """`earlyexit run`: train exits if needed, calibrate, evaluate against the full model, report."""
+
+    @staticmethod
+    def add_parser(subparsers) -> argparse.ArgumentParser:
+        parser = subparsers.add_parser("run", help="train, calibrate, evaluate and report a strategy",
+                                       description=RunCommand.__doc__)
+        parser.add_argument("--backend", required=True)
+        parser.add_argument("--strategy", required=True)
+        parser.add_argument("--model", default="tiny", help="backbone: tiny (embedded, default), a folder or hub id")
+        parser.add_argument("--data", default="scenes", help="scenes (default), scenes-vqa, or NAME:ROOT (see README)")
+        parser.add_argument("--exit-layers", type=parse_int_list)
+        parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                            help="strategy option, e.g. --option mode=distill (repeatable)")
+        parser.add_argument("--threshold", type=float, help="use this threshold instead of calibrating")
+        parser.add_argument("--rule", choices=["best", "budget"], default="best",
+                            help="calibration rule: best quality, or fastest within --budget of the full model")
+        parser.add_argument("--budget", type=float, default=0.02, help="allowed relative quality loss for --rule budget")
+        parser.add_argument("--grid", type=parse_float_list, default=(0.5, 0.6, 0.7, 0.8, 0.9, 1.0))
+        parser.add_argument("--kv-policy", choices=["catchup", "propagate", "skip"], default="catchup")
+        parser.add_argument("--test-limit", type=positive_int, help="evaluate on the first N test samples")
+        parser.add_argument("--dev-limit", type=positive_int, help="calibrate on the first N dev samples")
+        parser.add_argument("--train-limit", type=positive_int, help="train exits on the first N samples")
+        parser.add_argument("--batch-size", type=positive_int, default=32)
+        parser.add_argument("--num-beams", type=positive_int, default=1)
+        parser.add_argument("--max-new-tokens", type=positive_int, default=20)
+        parser.add_argument("--retrain", action="store_true", help="train exits even if cached ones exist")
+        parser.add_argument("--output", default="runs", help="folder for the curves and plots (default: runs/)")
+        parser.add_argument("--json", metavar="FILE", help="also write everything, with provenance, to FILE")
+        return parser
+
+    @staticmethod
+    def run(args: argparse.Namespace) -> int:
+        from .cli import report_plugin_failures
+        from .cli_eval import write_json_atomically
+        from .cli_generate import build_strategy_config, quiet_transformers
+        from .plugins import get_registry
+        from .run import RunSettings, check_settings, run
+
+        registry = get_registry()
+        report_plugin_failures(registry)
+        strategy_cls = registry.strategy(args.strategy)
+        registry.backend(args.backend)
+        options = build_strategy_config(strategy_cls, None, args.option).to_dict() if args.option else {}
+        settings = RunSettings(backend=args.backend, strategy=args.strategy, model=args.model, data=args.data,
+                               exit_layers=args.exit_layers, options={k: options[k] for k in _given(args.option)},
+                               threshold=args.threshold, rule=args.rule, budget=args.budget, grid=args.grid,
+                               kv_policy=args.kv_policy, test_limit=args.test_limit, dev_limit=args.dev_limit,
+                               train_limit=args.train_limit, batch_size=args.batch_size, num_beams=args.num_beams,
+                               max_new_tokens=args.max_new_tokens,
+                               retrain=args.retrain, output=args.output)
+        check_settings(settings)
+        quiet_transformers()
+        report = run(settings, registry, log=lambda message: print(message, file=sys.stderr))
+        print(format_run(report, color=sys.stdout.isatty()))
+        if args.json:
+            payload = {k: v for k, v in report.items() if k != "tokenizer"}
+            write_json_atomically(args.json, payload)
+            print(f"wrote {args.json}")
+        return 0
+
+
+def _given(options: list[str]) -> list[str]:
+    return [option.partition("=")[0].strip().replace("-", "_") for option in options]

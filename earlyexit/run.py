@@ -1,0 +1,194 @@
+"""`earlyexit run`: train (if needed), calibrate, evaluate and report, in one command.
+
+1. the backbone (default: the embedded `tiny`, built on first use);
+2. exits: loaded from the adapter cache, or trained on the exit-training split and saved;
+3. the threshold: given, or calibrated on the development split by the stated rule;
+4. the test split: the full model, the strategy at the chosen threshold, and the untrained
+   `confidence` exits at the same threshold, each with quality and the three speed-ups;
+5. the per-exit accuracy of untrained versus trained exits (the paper's mid-crisis plot).
+Splits follow the paper: exits train on 80 % of val and are tuned on the other 20 %.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+
+from . import embedded
+from .errors import ConfigError
+
+
+@dataclasses.dataclass
+class RunSettings:
+    backend: str
+    strategy: str
+    model: str = embedded.NAME
+    data: str = "scenes"
+    exit_layers: list[int] | None = None
+    options: dict = dataclasses.field(default_factory=dict)  # strategy config overrides
+    threshold: float | None = None  # skip calibration
+    rule: str = "best"
+    budget: float = 0.02
+    grid: tuple = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+    kv_policy: str = "catchup"
+    test_limit: int | None = None
+    dev_limit: int | None = None
+    train_limit: int | None = None
+    batch_size: int = 32
+    num_beams: int = 1
+    max_new_tokens: int = 20
+    retrain: bool = False
+    output: str = "runs"
+    seed: int = 0
+    progress: bool = True
+
+
+def splits_for(data: str) -> tuple[str, str, str]:
+    """(exit training, development, test) split names."""
+    name = data.partition(":")[0]
+    if name in ("scenes", "scenes-vqa"):
+        return "exit_train", "dev", "test"
+    return "val:0.0-0.8", "val:0.8-1.0", "test"
+
+
+def load_split(data: str, split: str, limit: int | None):
+    """A split, where `val:A-B` is the slice [A, B) of the val split (the paper's 80/20 cut)."""
+    from .data.registry import load_dataset
+
+    name, _, part = split.partition(":")
+    dataset = load_dataset(data, name)
+    if part:
+        start, stop = (float(x) for x in part.split("-"))
+        n = len(dataset)
+        dataset = dataclasses.replace(dataset, split=split,
+                                      samples=dataset.samples[round(start * n):round(stop * n)])
+    return dataset.subset(limit)
+
+
+def exits_cache_folder(settings: RunSettings, strategy, backbone_fingerprint: str) -> str:
+    recipe = {"strategy": strategy.name, "exit_layers": strategy.exit_layers, "data": settings.data,
+              "train_limit": settings.train_limit, "seed": settings.seed,
+              "config": {k: v for k, v in strategy.config.to_dict().items() if k != "threshold"}}
+    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+    return os.path.join(embedded.cache_root(), "exits", f"{settings.backend}-{backbone_fingerprint}-{strategy.name}-{key}")
+
+
+def run(settings: RunSettings, registry, log=print) -> dict:
+    from .adapters import backbone_fingerprint, load_exits, save_exits
+    from .calibrate import choose, main_metric, sweep, write_curve
+    from .evaluate import EvalSettings, evaluate, provenance
+    from .exit_training import train_exits
+    from .layer_accuracy import per_layer_accuracy
+
+    started = time.perf_counter()
+    backend = registry.backend(settings.backend).load(settings.model)
+    strategy_cls = registry.strategy(settings.strategy)
+    config = strategy_cls.Config(**settings.options)
+    exit_layers = settings.exit_layers or strategy_cls.default_exit_layers(backend.num_layers)
+    strategy = strategy_cls(backend, exit_layers, config)
+    train_split, dev_split, test_split = splits_for(settings.data)
+    timings = {}
+
+    if getattr(strategy, "needs_training", False):
+        folder = exits_cache_folder(settings, strategy, backbone_fingerprint(backend))
+        if os.path.isdir(folder) and not settings.retrain:
+            log(f"exits: reusing {folder}")
+            strategy = load_exits(folder, backend, registry)
+        else:
+            log(f"exits: training {strategy.name} at layers {strategy.exit_layers} on {settings.data}/{train_split}")
+            began = time.perf_counter()
+            train_data = load_split(settings.data, train_split, settings.train_limit)
+            work = folder + ".work"  # checkpoints: an interrupted training resumes from here
+            train_exits(strategy, backend, train_data, work, seed=settings.seed, progress=settings.progress)
+            save_exits(strategy, folder, backbone_name=settings.model)
+            shutil.rmtree(work, ignore_errors=True)
+            timings["train_exits_s"] = time.perf_counter() - began
+
+    evaluation = EvalSettings(batch_size=settings.batch_size, num_beams=settings.num_beams,
+                              max_new_tokens=settings.max_new_tokens, seed=settings.seed, progress=settings.progress)
+    output = os.path.join(settings.output, f"{settings.backend}-{settings.strategy}")
+    dev = load_split(settings.data, dev_split, settings.dev_limit)
+    metric = main_metric(dev.task)
+    calibration = None
+    if settings.threshold is not None:
+        strategy.config.threshold = settings.threshold
+    elif hasattr(strategy.config, "threshold"):
+        began = time.perf_counter()
+        full_dev, points = sweep(backend, strategy, dev, evaluation, grid=settings.grid, kv_policy=settings.kv_policy,
+                                 progress=settings.progress)
+        chosen, why = choose(points, full_dev, settings.rule, settings.budget)
+        strategy.config.threshold = chosen.threshold
+        csv_path, png_path = write_curve(points, full_dev, metric, output)
+        calibration = {"rule": settings.rule, "budget": settings.budget, "why": why, "threshold": chosen.threshold,
+                       "full_quality": full_dev, "points": [dataclasses.asdict(p) for p in points],
+                       "csv": csv_path, "png": png_path}
+        timings["calibrate_s"] = time.perf_counter() - began
+        log(f"calibration: {why}; curve in {csv_path} and {png_path}")
+
+    began = time.perf_counter()
+    test = load_split(settings.data, test_split, settings.test_limit)
+    results = {"full": evaluate(backend, None, test, evaluation, kv_policy=settings.kv_policy),
+               settings.strategy: evaluate(backend, strategy, test, evaluation, kv_policy=settings.kv_policy)}
+    if settings.strategy != "confidence" and hasattr(strategy.config, "threshold"):
+        confidence_cls = registry.strategy("confidence")
+        confidence = confidence_cls(backend, strategy.exit_layers,
+                                    confidence_cls.Config(threshold=strategy.config.threshold))
+        results["confidence"] = evaluate(backend, confidence, test, evaluation, kv_policy=settings.kv_policy)
+    timings["evaluate_s"] = time.perf_counter() - began
+
+    mid_crisis = None
+    if hasattr(strategy, "teacher_forced_exits") and dev.task == "caption":
+        mid_crisis = mid_crisis_report(backend, strategy, dev, output)
+
+    timings["total_s"] = time.perf_counter() - started
+    return {"settings": dataclasses.asdict(settings), "threshold": getattr(strategy.config, "threshold", None),
+            "exit_layers": strategy.exit_layers, "strategy_config": strategy.config.to_dict(),
+            "calibration": calibration, "results": results, "mid_crisis": mid_crisis, "timings": timings,
+            "num_layers": backend.num_layers, "output": output, "provenance": provenance(),
+            "tokenizer": backend.processor.tokenizer}
+
+
+def mid_crisis_report(backend, strategy, dataset, folder: str, limit: int = 100) -> dict:
+    """Per-exit teacher-forced accuracy: untrained (shared head) versus the strategy's exits."""
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .layer_accuracy import exit_accuracy, per_layer_accuracy
+
+    untrained = per_layer_accuracy(backend, dataset, limit=limit)
+    trained = exit_accuracy(backend, strategy, dataset, limit=limit)
+    os.makedirs(folder, exist_ok=True)
+    csv_path, png_path = os.path.join(folder, "mid_crisis.csv"), os.path.join(folder, "mid_crisis.png")
+    with open(csv_path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["layer", "untrained_accuracy", f"{strategy.name}_accuracy"])
+        for row in untrained:
+            writer.writerow([row["layer"], row["accuracy"], trained.get(row["layer"], "")])
+    figure, axis = plt.subplots(figsize=(5, 3.5))
+    axis.plot([r["layer"] for r in untrained], [r["accuracy"] for r in untrained], "o-",
+              label="untrained exits (shared head)")
+    axis.plot(list(trained), list(trained.values()), "s-", label=f"{strategy.name} exits")
+    axis.set_xlabel("exit layer")
+    axis.set_ylabel("next-token accuracy (teacher forced)")
+    axis.set_title("per-exit accuracy on the dev split")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(png_path, dpi=120)
+    plt.close(figure)
+    return {"untrained": {r["layer"]: r["accuracy"] for r in untrained}, "trained": trained,
+            "csv": csv_path, "png": png_path}
+
+
+def check_settings(settings: RunSettings) -> None:
+    if not 0 <= settings.budget < 1:
+        raise ConfigError(f"--budget is a fraction of the full model's quality, e.g. 0.02 (got {settings.budget})")
+    if any(not 0 <= t <= 1.5 for t in settings.grid):
+        raise ConfigError("calibration thresholds must lie in 0..1 (e.g. --grid 0.5,0.6,0.7,0.8,0.9,1.0)")

@@ -1,0 +1,34 @@
+"""`earlyexit run` end to end on a micro configuration."""
+
+import json
+import os
+
+from earlyexit.cli import main
+from helpers import make_backend
+
+
+def test_run_free_end_to_end(tmp_path, capsys):
+    model = tmp_path / "micro"
+    make_backend(seed=8, num_layers=4, image_size=64, patch_size=16, init_std=0.1).save_pretrained(str(model))
+    argv = ["run", "--backend", "blip2-opt", "--strategy", "free", "--model", str(model), "--data", "scenes",
+            "--exit-layers", "1,2", "--train-limit", "6", "--dev-limit", "6", "--test-limit", "4",
+            "--grid", "0.2,0.9", "--batch-size", "4", "--max-new-tokens", "4", "--output", str(tmp_path / "runs"),
+            "--option", "epochs=1", "--option", "batch_size=4", "--json", str(tmp_path / "run.json")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "free @" in out and "confidence @" in out and "full" in out and "CIDEr" in out
+    report = json.loads((tmp_path / "run.json").read_text())
+    assert set(report["results"]) == {"full", "free", "confidence"}
+    assert report["threshold"] in (0.2, 0.9) and report["calibration"]["rule"] == "best"
+    assert [p["threshold"] for p in report["calibration"]["points"]] == [0.2, 0.9]
+    for name in ("calibration.csv", "calibration.png", "mid_crisis.csv", "mid_crisis.png"):
+        assert os.path.getsize(tmp_path / "runs" / "blip2-opt-free" / name) > 0
+    free = report["results"]["free"]
+    assert free["speed"]["wall_speedup"] > 0 and free["speed"]["layer_speedup"] > 0
+    assert set(report["mid_crisis"]["trained"]) == {"1", "2"}
+    assert "train_exits_s" in report["timings"]
+
+    # a second run reuses the trained exits
+    assert main(argv[:-2]) == 0
+    captured = capsys.readouterr()
+    assert "exits: reusing" in captured.err and "train exits" not in captured.out
