@@ -15,10 +15,9 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 
 from .errors import CheckpointError
+from .files import atomic_folder
 
 WEIGHTS, CONFIG = "exits.safetensors", "exit_config.json"
 FORMAT_VERSION = 1
@@ -54,20 +53,11 @@ def save_exits(strategy, folder: str, backbone_name: str | None = None) -> None:
         "exit_layers": strategy.exit_layers,
         "strategy_config": strategy.config.to_dict(),
     }
-    parent = os.path.dirname(os.path.abspath(folder))
-    os.makedirs(parent, exist_ok=True)
-    temporary = tempfile.mkdtemp(prefix=".exits-", dir=parent)
-    try:
+    with atomic_folder(folder) as temporary:
         if weights:
             save_file(weights, os.path.join(temporary, WEIGHTS))
         with open(os.path.join(temporary, CONFIG), "w") as handle:
             json.dump(config, handle, indent=2)
-        if os.path.exists(folder):
-            shutil.rmtree(folder)
-        os.replace(temporary, folder)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
 
 
 def read_exit_config(folder: str) -> dict:

@@ -39,8 +39,12 @@ class TrainingBatches:
     image tensors are preprocessed once and kept in memory (the embedded data is small).
     """
 
-    def __init__(self, backend, datasets: list[Dataset], batch_size: int, seed: int = 0):
+    def __init__(self, backend, datasets: list[Dataset], batch_size: int, seed: int = 0, caption_words: bool = False):
+        """`caption_words` adds `caption_words` (rows x vocabulary: the words of all reference
+        captions of the row's image, for caption rows; all zero otherwise), the target of an
+        auxiliary bag-of-words loss that teaches a from-scratch image encoder what to see."""
         self.backend, self.batch_size, self.seed = backend, batch_size, seed
+        self.caption_words = caption_words
         self.items = [(d, i) for d, dataset in enumerate(datasets) for i in range(len(dataset))]
         if not self.items:
             from .errors import DataError
@@ -89,7 +93,14 @@ class TrainingBatches:
             sample = dataset.samples[i]
             rows.append(self.encode(prompt_for(sample, dataset.task), target_for(sample, dataset.task, rng)))
             pixels.append(self.pixels[self.pixel_row[d][i]])
-        return self.collate(rows, torch.stack(pixels))
+        batch = self.collate(rows, torch.stack(pixels))
+        if self.caption_words:
+            words = torch.zeros(len(picks), len(self.tokenizer))
+            for r, (d, i) in enumerate(picks):
+                for caption in self.datasets[d].samples[i].captions:
+                    words[r, self.tokenizer(caption, add_special_tokens=False)["input_ids"]] = 1.0
+            batch["caption_words"] = words
+        return batch
 
     def encode(self, prompt: str, target: str) -> tuple[list[int], list[int]]:
         """Image placeholders + BOS + prompt + target + EOS; labels only on target and EOS."""

@@ -3,24 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import tempfile
 
 from .cli_generate import add_model_arguments, load_model, positive_int
-
-
-def write_json_atomically(path: str, payload: dict) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(handle, "w") as out:
-            json.dump(payload, out, indent=2)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+from .files import write_json_atomically
 
 
 def format_report(result: dict) -> str:

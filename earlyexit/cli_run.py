@@ -116,7 +116,7 @@ class RunCommand:
     @staticmethod
     def run(args: argparse.Namespace) -> int:
         from .cli import report_plugin_failures
-        from .cli_eval import write_json_atomically
+        from .files import write_json_atomically
         from .cli_generate import build_strategy_config, quiet_transformers
         from .plugins import get_registry
         from .run import RunSettings, check_settings, run

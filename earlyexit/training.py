@@ -17,12 +17,12 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from typing import Callable
 
 import torch
 
 from .errors import CheckpointError, ConfigError
+from .files import atomic_folder
 
 STATE_FILE = "trainer_state.json"
 
@@ -144,20 +144,12 @@ def latest_checkpoint(output_dir: str) -> str | None:
 
 
 def save_checkpoint(engine, config: TrainConfig, step: int, losses: list[float]) -> str:
-    os.makedirs(config.output_dir, exist_ok=True)
     final = os.path.join(config.output_dir, f"checkpoint-{step}")
-    temporary = tempfile.mkdtemp(prefix=".checkpoint-", dir=config.output_dir)
-    try:
+    with atomic_folder(final) as temporary:
         engine.save(temporary)
         state = {"step": step, "losses": losses, "schedule": config.schedule_key()}
         with open(os.path.join(temporary, STATE_FILE), "w") as handle:
             json.dump(state, handle)
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(temporary, final)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
     kept = sorted((int(n.split("-")[1]) for n in os.listdir(config.output_dir)
                    if n.startswith("checkpoint-") and n.split("-")[1].isdigit()), reverse=True)
     for old in kept[config.keep_checkpoints:]:

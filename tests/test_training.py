@@ -79,3 +79,39 @@ def test_resume_refuses_other_settings(scenes, tmp_path):
     other = TrainConfig(output_dir=str(tmp_path), steps=2, checkpoint_every=1, learning_rate=0.5, progress=False)
     with pytest.raises(CheckpointError, match="other settings"):
         train(backend.model, language_model_step(backend.model), batches, other)
+
+
+def test_caption_words_mark_every_reference_word(scenes):
+    backend, _ = fresh(scenes)
+    batches = TrainingBatches(backend, scenes, batch_size=6, seed=0, caption_words=True)
+    batch = batches(0)
+    tokenizer = backend.processor.tokenizer
+    for row, (d, i) in enumerate(batches.items[k] for k in batches.order(0)[:6]):
+        sample = scenes[d].samples[i]
+        words = set()
+        for caption in sample.captions:
+            words |= set(tokenizer(caption, add_special_tokens=False)["input_ids"])
+        assert set(batch["caption_words"][row].nonzero().flatten().tolist()) == words  # empty for VQA rows
+
+
+def test_embedded_build_is_cached_under_its_fingerprint(tmp_path, monkeypatch):
+    from earlyexit import embedded
+
+    monkeypatch.setenv("EARLYEXIT_CACHE", str(tmp_path))
+    recipe = embedded.with_overrides(
+        model={"num_layers": 2, "hidden_size": 32, "ffn_dim": 64, "vision_hidden": 32, "vision_layers": 1,
+               "num_query_tokens": 2, "patch_size": 16},
+        train={"steps": 2, "batch_size": 4})
+    assert not embedded.is_built(recipe)
+    path = embedded.ensure_built(recipe, progress=False)
+    assert path == embedded.model_path(recipe) and embedded.is_built(recipe)
+    assert embedded.fingerprint(recipe) in path and embedded.fingerprint(recipe) != embedded.fingerprint()
+    info = embedded.build_info(recipe)
+    assert info["recipe"] == recipe and info["train_seconds"] > 0
+    from earlyexit.backends.blip2_opt import Blip2OptBackend
+
+    backend = Blip2OptBackend.from_pretrained(path)
+    assert backend.num_layers == 2
+    mtime = (tmp_path / "models").stat().st_mtime
+    assert embedded.ensure_built(recipe, progress=False) == path  # reused, not rebuilt
+    assert (tmp_path / "models").stat().st_mtime == mtime
