@@ -124,3 +124,30 @@ def test_capfilt_keeps_the_top_two_by_the_scorer(scenes):
     assert all(s.captions == ["two", "four"] for s in kept)
     assert seen[0] == ["one", "two", "three", "four"]  # duplicates scored once
     assert len(one_caption_per_sample(kept)) == 2 * len(scenes)
+
+
+@pytest.mark.parametrize("mode", ["distill", "capfilt"])
+def test_unlabelled_modes_train_on_the_backbones_own_captions(scenes, tmp_path, mode):
+    backend = backend64()
+    strategy = FreeStrategy(backend, [1], FreeConfig(mode=mode, epochs=1, batch_size=4, capfilt_samples=3))
+    losses = train_exits(strategy, backend, scenes, str(tmp_path / mode), progress=False)
+    assert losses and ("kd" in losses[0]) == (mode == "distill") and ("ce" in losses[0]) == (mode == "capfilt")
+    from earlyexit.exit_training import training_data
+
+    data = training_data(strategy, backend, scenes, progress=False)
+    references = {c for s in scenes for c in s.captions}
+    assert data.samples and not ({s.captions[0] for s in data} & references)  # no reference captions used
+    if mode == "capfilt":  # at most `capfilt_keep` captions per image survive the filter
+        per_image = {}
+        for s in data:
+            per_image.setdefault(s.extra["image_id"], []).append(s)
+        assert max(len(v) for v in per_image.values()) <= 2
+
+
+def test_clip_scorer_offline_is_a_clear_error(monkeypatch):
+    from earlyexit.errors import ModelNotAvailableError
+    from earlyexit.exit_training import make_scorer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelNotAvailableError, match="not available offline"):
+        make_scorer("clip:openai/clip-vit-large-patch14", None)
