@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from .batching import TrainingBatches
+from .batching import TrainingBatches, prompt_for, target_for
 from .data import Dataset
 
 
@@ -28,7 +28,7 @@ def per_layer_accuracy(backend, dataset: Dataset, limit: int | None = 200, batch
     n = backend.num_layers
     correct, agree, total = [0] * (n + 1), [0] * (n + 1), 0
     for start in range(0, len(dataset), batch_size):
-        rows = [batches.encode(_prompt(dataset, s), _target(dataset, s)) for s in dataset.samples[start:start + batch_size]]
+        rows = [batches.encode(prompt_for(s, dataset.task), target_for(s, dataset.task)) for s in dataset.samples[start:start + batch_size]]
         picks = [batches.pixel_row[0][i] for i in range(start, min(start + batch_size, len(dataset)))]
         batch = batches.collate(rows, batches.pixels[picks])
         labels = batch.pop("labels")
@@ -48,18 +48,6 @@ def per_layer_accuracy(backend, dataset: Dataset, limit: int | None = 200, batch
             for depth in range(1, n + 1)]
 
 
-def _prompt(dataset: Dataset, sample) -> str:
-    from .batching import prompt_for
-
-    return prompt_for(sample, dataset.task)
-
-
-def _target(dataset: Dataset, sample) -> str:
-    from .batching import target_for
-
-    return target_for(sample, dataset.task)
-
-
 @torch.no_grad()
 def exit_accuracy(backend, strategy, dataset: Dataset, limit: int | None = 200, batch_size: int = 32) -> dict:
     """{exit layer: teacher-forced next-token accuracy} of a strategy with exit transformers."""
@@ -70,7 +58,7 @@ def exit_accuracy(backend, strategy, dataset: Dataset, limit: int | None = 200, 
     correct, total = [0] * len(strategy.exit_layers), 0
     for start in range(0, len(dataset), batch_size):
         samples = dataset.samples[start:start + batch_size]
-        rows = [batches.encode(_prompt(dataset, s), _target(dataset, s)) for s in samples]
+        rows = [batches.encode(prompt_for(s, dataset.task), target_for(s, dataset.task)) for s in samples]
         batch = batches.collate(rows, batches.pixels[batches.pixel_row[0][start:start + len(samples)]])
         features = backbone_features(backend, batch)
         where = features.targets != -100
