@@ -151,3 +151,18 @@ def test_clip_scorer_offline_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelNotAvailableError, match="not available offline"):
         make_scorer("clip:openai/clip-vit-large-patch14", None)
+
+
+def test_capfilt_with_a_local_clip_keeps_its_top_two(scenes, tmp_path):
+    from earlyexit.exit_training import make_scorer
+    from helpers import make_tiny_clip
+
+    make_tiny_clip(tmp_path / "clip")
+    scorer = make_scorer(f"clip:{tmp_path / 'clip'}", None)
+    texts = ["a red circle", "two blue squares", "a picture", "three shapes"]
+    sample = scenes[0]
+    scores = scorer(sample, texts)
+    assert len(scores) == 4 and all(math.isfinite(s) for s in scores)
+    best_two = [texts[i] for i in sorted(range(4), key=lambda i: -scores[i])[:2]]
+    kept = capfilt(scenes.subset(1), {sample.id: texts}, scorer, keep=2)
+    assert kept[0].captions == best_two
