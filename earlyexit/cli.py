@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"earlyexit {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    # the deepspeed launcher passes --local_rank=N to every process; the rank comes from the environment
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for command in SUBCOMMANDS:
         subparser = command.add_parser(subparsers)

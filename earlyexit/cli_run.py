@@ -111,6 +111,9 @@ class RunCommand:
         parser.add_argument("--retrain", action="store_true", help="train exits even if cached ones exist")
         parser.add_argument("--output", default="runs", help="folder for the curves and plots (default: runs/)")
         parser.add_argument("--json", metavar="FILE", help="also write everything, with provenance, to FILE")
+        from .deepspeed_config import add_arguments
+
+        add_arguments(parser)
         return parser
 
     @staticmethod
@@ -132,16 +135,25 @@ class RunCommand:
                                kv_policy=args.kv_policy, test_limit=args.test_limit, dev_limit=args.dev_limit,
                                train_limit=args.train_limit, batch_size=args.batch_size, num_beams=args.num_beams,
                                max_new_tokens=args.max_new_tokens,
-                               retrain=args.retrain, output=args.output)
+                               retrain=args.retrain, output=args.output, deepspeed=_deepspeed(args, strategy_cls, options))
         check_settings(settings)
         quiet_transformers()
         report = run(settings, registry, log=lambda message: print(message, file=sys.stderr))
+        if report is None:  # a non-zero rank of a multi-process run: rank 0 reports
+            return 0
         print(format_run(report, color=sys.stdout.isatty()))
         if args.json:
             payload = {k: v for k, v in report.items() if k != "tokenizer"}
             write_json_atomically(args.json, payload)
             print(f"wrote {args.json}")
         return 0
+
+
+def _deepspeed(args, strategy_cls, options: dict) -> dict | None:
+    from .deepspeed_config import config_from_arguments
+
+    batch_size = options.get("batch_size") or getattr(strategy_cls.Config(), "batch_size", 16)
+    return config_from_arguments(args, batch_size)
 
 
 def _given(options: list[str]) -> list[str]:

@@ -29,6 +29,9 @@ class TrainCommand:
         parser.add_argument("--seed", type=int, default=0)
         parser.add_argument("--freeze-vision", action="store_true",
                             help="train only the Q-Former, projection and language model")
+        from .deepspeed_config import add_arguments
+
+        add_arguments(parser)
         return parser
 
     @staticmethod
@@ -43,6 +46,10 @@ class TrainCommand:
         config = TrainConfig(output_dir=os.path.join(args.output, "checkpoints"), steps=args.steps,
                              learning_rate=args.learning_rate, warmup_steps=args.warmup_steps,
                              checkpoint_every=args.checkpoint_every, seed=args.seed)
+        from .deepspeed_config import config_from_arguments, is_main_process
+        from .distributed import DeepSpeedEngine
+
+        ds_config = config_from_arguments(args, args.batch_size)  # before any slow loading: fail fast
         registry = get_registry()
         report_plugin_failures(registry)
         datasets = [load_dataset(spec, args.split) for spec in args.data]
@@ -52,11 +59,20 @@ class TrainCommand:
             for parameter in backend.model.vision_model.parameters():
                 parameter.requires_grad_(False)
         batches = TrainingBatches(backend, datasets, batch_size=args.batch_size, seed=args.seed)
-        if latest_checkpoint(config.output_dir):
+        engine = DeepSpeedEngine({"model": backend.model}, config, ds_config) if ds_config else None
+        if latest_checkpoint(config.output_dir) and is_main_process():
             print(f"resuming from {latest_checkpoint(config.output_dir)}")
-        losses = train(backend.model, language_model_step(backend.model), batches, config)
+        losses = train(backend.model, language_model_step(backend.model), batches, config, engine)
         final = os.path.join(args.output, "model")
-        backend.save_pretrained(final)
+        if engine is not None:
+            with engine.full_parameters("model"):  # ZeRO-3: gather the shards before saving
+                if is_main_process():
+                    backend.save_pretrained(final)
+            engine.barrier()
+        else:
+            backend.save_pretrained(final)
+        if not is_main_process():
+            return 0
         recent = [entry["loss"] for entry in losses[-min(50, len(losses)):]]
         print(f"trained {len(losses)} steps, mean loss of the last {len(recent)}: {sum(recent) / len(recent):.4f}; "
               f"model saved to {final}")

@@ -138,9 +138,16 @@ def training_data(strategy, backend, dataset: Dataset, progress: bool = True) ->
     return one_caption_per_sample(dataset)
 
 
+def _world_size() -> int:
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def train_exits(strategy, backend, dataset: Dataset, output_dir: str, seed: int = 0, progress: bool = True,
-                engine=None) -> list[dict]:
-    """Train the strategy's exit modules on `dataset` with the backbone frozen."""
+                engine=None, deepspeed_config: dict | None = None) -> list[dict]:
+    """Train the strategy's exit modules on `dataset` with the backbone frozen; with a
+    `deepspeed_config`, DeepSpeed ZeRO runs the optimisation (one engine per player)."""
     if not getattr(strategy, "needs_training", False):
         raise ConfigError(f"strategy {strategy.name!r} has nothing to train")
     backend.model.requires_grad_(False)
@@ -151,10 +158,28 @@ def train_exits(strategy, backend, dataset: Dataset, output_dir: str, seed: int 
     train_config = TrainConfig(output_dir=output_dir, steps=steps, learning_rate=config.learning_rate,
                                warmup_steps=min(50, steps // 10), weight_decay=0.0, seed=seed,
                                checkpoint_every=max(1, steps // 4), progress=progress)
+    if engine is None and deepspeed_config is not None:
+        from .distributed import DeepSpeedEngine
+
+        engine = DeepSpeedEngine(strategy.training_modules(), train_config,
+                                 {**deepspeed_config, "train_micro_batch_size_per_gpu": max(
+                                     1, config.batch_size // _world_size())})
     engine = engine or PlainEngine(strategy.training_groups(), train_config)
     container = torch.nn.ModuleList([m for m in (strategy.exit_modules(), getattr(strategy, "feature_classifiers", None))
                                      if m is not None])
     losses = train(container, strategy.training_step, batches, train_config, engine)
-    for module in container:
-        module.requires_grad_(False)
+    if getattr(engine, "stage", 0) == 3:
+        adopt_consolidated(strategy, {group: engine.consolidated_state(group) for group in engine.modules})
+    for module in (strategy.exit_modules(), getattr(strategy, "feature_classifiers", None)):
+        if module is not None:
+            module.requires_grad_(False)
     return losses
+
+
+def adopt_consolidated(strategy, states: dict) -> None:
+    """After ZeRO-3 the trained modules hold only this rank's shards and DeepSpeed's hooks: give
+    the strategy fresh modules with the gathered weights (the sharded ones are dropped)."""
+    fresh = type(strategy)(strategy.backend, strategy.exit_layers, strategy.config)
+    for group, module in fresh.training_modules().items():
+        module.load_state_dict(states[group])
+    vars(strategy).update(vars(fresh))

@@ -43,6 +43,7 @@ class RunSettings:
     max_new_tokens: int = 20
     retrain: bool = False
     output: str = "runs"
+    deepspeed: dict | None = None  # exit training under DeepSpeed (e.g. launched with torchrun)
     seed: int = 0
     progress: bool = True
 
@@ -77,9 +78,10 @@ def exits_cache_folder(settings: RunSettings, strategy, backbone_fingerprint: st
     return os.path.join(embedded.cache_root(), "exits", f"{settings.backend}-{backbone_fingerprint}-{strategy.name}-{key}")
 
 
-def run(settings: RunSettings, registry, log=print) -> dict:
+def run(settings: RunSettings, registry, log=print) -> dict | None:
     from .adapters import backbone_fingerprint, load_exits, save_exits
     from .calibrate import choose, main_metric, sweep, write_curve
+    from .deepspeed_config import is_main_process
     from .evaluate import EvalSettings, evaluate, provenance
     from .exit_training import train_exits
     from .layer_accuracy import per_layer_accuracy
@@ -103,10 +105,15 @@ def run(settings: RunSettings, registry, log=print) -> dict:
             began = time.perf_counter()
             train_data = load_split(settings.data, train_split, settings.train_limit)
             work = folder + ".work"  # checkpoints: an interrupted training resumes from here
-            train_exits(strategy, backend, train_data, work, seed=settings.seed, progress=settings.progress)
+            train_exits(strategy, backend, train_data, work, seed=settings.seed, progress=settings.progress,
+                        deepspeed_config=settings.deepspeed)
+            if not is_main_process():  # other ranks helped train; rank 0 saves, calibrates and reports
+                return None
             save_exits(strategy, folder, backbone_name=settings.model)
             shutil.rmtree(work, ignore_errors=True)
             timings["train_exits_s"] = time.perf_counter() - began
+    if not is_main_process():
+        return None
 
     evaluation = EvalSettings(batch_size=settings.batch_size, num_beams=settings.num_beams,
                               max_new_tokens=settings.max_new_tokens, seed=settings.seed, progress=settings.progress)

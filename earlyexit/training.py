@@ -143,17 +143,34 @@ def latest_checkpoint(output_dir: str) -> str | None:
     return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
 
 
-def save_checkpoint(engine, config: TrainConfig, step: int, losses: list[float]) -> str:
+def save_checkpoint(engine, config: TrainConfig, step: int, losses: list) -> str:
     final = os.path.join(config.output_dir, f"checkpoint-{step}")
-    with atomic_folder(final) as temporary:
+    rank, world = getattr(engine, "rank", 0), getattr(engine, "world_size", 1)
+    state = {"step": step, "losses": losses, "schedule": config.schedule_key(), "world_size": world}
+    if world == 1:
+        with atomic_folder(final) as temporary:
+            engine.save(temporary)
+            with open(os.path.join(temporary, STATE_FILE), "w") as handle:
+                json.dump(state, handle)
+    else:  # every rank writes its shard into one temporary folder; rank 0 renames it
+        temporary = os.path.join(config.output_dir, f".checkpoint-{step}-partial")
+        if rank == 0:
+            shutil.rmtree(temporary, ignore_errors=True)
+            os.makedirs(temporary)
+        engine.barrier()
         engine.save(temporary)
-        state = {"step": step, "losses": losses, "schedule": config.schedule_key()}
-        with open(os.path.join(temporary, STATE_FILE), "w") as handle:
-            json.dump(state, handle)
-    kept = sorted((int(n.split("-")[1]) for n in os.listdir(config.output_dir)
-                   if n.startswith("checkpoint-") and n.split("-")[1].isdigit()), reverse=True)
-    for old in kept[config.keep_checkpoints:]:
-        shutil.rmtree(os.path.join(config.output_dir, f"checkpoint-{old}"), ignore_errors=True)
+        engine.barrier()
+        if rank == 0:
+            with open(os.path.join(temporary, STATE_FILE), "w") as handle:
+                json.dump(state, handle)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(temporary, final)
+        engine.barrier()
+    if rank == 0:
+        kept = sorted((int(n.split("-")[1]) for n in os.listdir(config.output_dir)
+                       if n.startswith("checkpoint-") and n.split("-")[1].isdigit()), reverse=True)
+        for old in kept[config.keep_checkpoints:]:
+            shutil.rmtree(os.path.join(config.output_dir, f"checkpoint-{old}"), ignore_errors=True)
     return final
 
 
@@ -164,6 +181,8 @@ def resume(engine, config: TrainConfig) -> tuple[int, list[float]]:
         return 0, []
     with open(os.path.join(folder, STATE_FILE)) as handle:
         state = json.load(handle)
+    if state.get("world_size", 1) != getattr(engine, "world_size", 1):
+        raise CheckpointError(f"{folder} was written by {state.get('world_size', 1)} processes; resume with as many")
     if state["schedule"] != config.schedule_key():
         raise CheckpointError(f"{folder} was written with other settings ({state['schedule']}); "
                               "resume with the same settings or use a fresh --output folder")
@@ -185,15 +204,20 @@ def train(model: torch.nn.Module, step_fn: Callable, batch_for_step: Callable[[i
         engine = PlainEngine({"model": {n: p for n, p in model.named_parameters() if p.requires_grad}}, config)
     start, losses = resume(engine, config)
     model.train()
-    bar = tqdm(total=config.steps, initial=start, desc="training", disable=not config.progress, unit="step")
+    main_process = getattr(engine, "rank", 0) == 0  # progress and logs on rank 0 only
+    bar = tqdm(total=config.steps, initial=start, desc="training", disable=not (config.progress and main_process),
+               unit="step")
     for step in range(start, config.steps):
         torch.manual_seed(config.seed * 1_000_003 + step)  # dropout noise depends on the step only
-        losses.append(step_fn(batch_for_step(step), engine))
+        batch = batch_for_step(step)
+        if hasattr(engine, "shard"):  # data parallel: each rank takes its rows of the global batch
+            batch = engine.shard(batch)
+        losses.append(step_fn(batch, engine))
         bar.update(1)
         if (step + 1) % config.log_every == 0:
             recent = {k: sum(entry[k] for entry in losses[-config.log_every:]) / config.log_every for k in losses[-1]}
             bar.set_postfix({k: f"{v:.3f}" for k, v in recent.items()})
-            if on_log:
+            if on_log and main_process:
                 on_log(step + 1, recent)
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
             save_checkpoint(engine, config, step + 1, losses)

@@ -9,5 +9,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet "torch==2.13.0"
+# DeepSpeed ships as a source package whose build imports torch: build it against the torch above
+# (no isolated build env, which would fetch a CUDA torch) and without compiling ops up front.
+DS_BUILD_OPS=0 .venv/bin/python -m pip install --quiet --no-build-isolation "deepspeed==0.19.8"
 .venv/bin/python -m pip install --quiet -e ".[test]"
 echo "ready: .venv/bin/earlyexit --help"

@@ -141,16 +141,17 @@ class FreeStrategy(Strategy):
         return logits.float().softmax(-1).amax(-1) >= self.config.threshold
 
     # -- training ----------------------------------------------------------------------------
-    def training_groups(self) -> dict:
-        groups = {"generator": {f"e{e}.{n}": p for e, m in enumerate(self.exit_transformers)
-                                for n, p in m.named_parameters()}}
+    def training_modules(self) -> dict:
+        """The players, one optimiser each: exit transformers and feature classifiers."""
+        modules = {"generator": self.exit_transformers}
         if self.config.adversarial:
-            groups["discriminator"] = {f"d{e}.{n}": p for e, m in enumerate(self.feature_classifiers)
-                                       for n, p in m.named_parameters()}
-        for parameters in groups.values():
-            for p in parameters.values():
-                p.requires_grad_(True)
-        return groups
+            modules["discriminator"] = self.feature_classifiers
+        for module in modules.values():
+            module.requires_grad_(True)
+        return modules
+
+    def training_groups(self) -> dict:
+        return {group: dict(module.named_parameters()) for group, module in self.training_modules().items()}
 
     def teacher_forced_exits(self, features) -> list:
         """E_k(h_k) for every exit over whole sequences (`features` from `backbone_features`)."""
@@ -173,6 +174,9 @@ class FreeStrategy(Strategy):
             loss_fc = sum(feature_classifier_loss(d(real), d(fake.detach()))
                           for d, fake in zip(self.feature_classifiers, fakes))
             losses["fc"] = engine.optimize("discriminator", loss_fc)
+        # the generator's loss runs through the classifiers: freeze them so no engine (DeepSpeed
+        # hooks included) ever sees gradients for them from this step
+        self.feature_classifiers.requires_grad_(False)
         total, parts = 0.0, {"adv": 0.0, "ce": 0.0, "kd": 0.0}
         final_logits = features.final_logits[:, :-1][where]
         for d, fake in zip(self.feature_classifiers, fakes):
@@ -187,6 +191,7 @@ class FreeStrategy(Strategy):
                 kd = distillation_loss(logits, final_logits, self.config.kd_direction)
                 total, parts["kd"] = total + kd, parts["kd"] + kd.item()
         losses["gen"] = engine.optimize("generator", total)
+        self.feature_classifiers.requires_grad_(self.config.adversarial)
         losses.update({k: v for k, v in parts.items() if v})
         return losses
 
