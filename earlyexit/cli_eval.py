@@ -61,11 +61,19 @@ class EvalCommand:
         settings = EvalSettings(batch_size=args.batch_size, num_beams=args.num_beams,
                                 max_new_tokens=args.max_new_tokens, noise=args.noise, limit=args.limit,
                                 measure_wall=not args.no_wall)
+        import os
+
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun / deepspeed launcher: shard the data
+            from .distributed import init_distributed
+
+            init_distributed()
         registry = get_registry()
         report_plugin_failures(registry)
         dataset = load_dataset(args.data, args.split)
         backend, strategy, model = load_model(registry, args)
         result = evaluate(backend, strategy, dataset, settings, kv_policy=args.kv_policy)
+        if result is None:  # not rank 0: it reports for everyone
+            return 0
         print(format_report(result))
         if args.json:
             write_json_atomically(args.json, result)

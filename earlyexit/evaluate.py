@@ -81,11 +81,14 @@ def evaluate(backend, strategy, dataset: Dataset, settings: EvalSettings, kv_pol
     if dataset.task != "caption" and any(not s.answers for s in dataset):
         raise ConfigError(f"{dataset.name}/{dataset.split} has no answers to score against; pick a split "
                           "with annotations")
-    dataset = dataset.subset(settings.limit)
+    dataset = full_dataset = dataset.subset(settings.limit)
+    rank, world = process_group()
+    if world > 1:  # each rank generates its share; rank 0 gathers, scores and reports
+        dataset = dataclasses.replace(dataset, samples=dataset.samples[rank::world])
     model = EarlyExitForCausalLM(backend, strategy, kv_policy=kv_policy)
     generate = dict(max_new_tokens=settings.max_new_tokens, num_beams=settings.num_beams, do_sample=False)
-    predictions, traces, exit_times, full_times, token_ids = {}, [], [], [], {}
-    bar = tqdm(total=len(dataset), desc=f"eval {dataset.name}/{dataset.split}", disable=not settings.progress,
+    predictions, traces, exit_times, full_times, token_ids, layers_by_id = {}, [], [], [], {}, {}
+    bar = tqdm(total=len(dataset), desc=f"eval {dataset.name}/{dataset.split}", disable=not settings.progress or rank,
                unit="sample")
     for start in range(0, len(dataset), settings.batch_size):
         batch = dataset.samples[start:start + settings.batch_size]
@@ -101,23 +104,31 @@ def evaluate(backend, strategy, dataset: Dataset, settings: EvalSettings, kv_pol
                 backend.plain_generate(**inputs, **generate)
                 full_times.append(time.perf_counter() - began)
         traces.append(model.last_trace)
-        for sample, text in zip(batch, decode_new_tokens(backend, sequences, inputs["input_ids"].shape[1])):
+        prompt_length = inputs["input_ids"].shape[1]
+        for i, (sample, text) in enumerate(zip(batch, decode_new_tokens(backend, sequences, prompt_length))):
             predictions[sample.id] = text
-        if start == 0:  # kept for the examples shown with their exit layers
-            for i, sample in enumerate(batch[:5]):
-                token_ids[sample.id] = sequences[i, inputs["input_ids"].shape[1]:].tolist()
+            layers_by_id[sample.id] = model.last_trace.per_sequence()[i]
+            token_ids[sample.id] = sequences[i, prompt_length:prompt_length + len(layers_by_id[sample.id])].tolist()
         bar.update(len(batch))
     bar.close()
+    if world > 1:
+        shares = [None] * world
+        torch.distributed.all_gather_object(shares, (predictions, traces, exit_times, full_times, token_ids,
+                                                     layers_by_id))
+        if rank != 0:
+            return None
+        predictions, traces, exit_times, full_times, token_ids, layers_by_id = {}, [], [], [], {}, {}
+        for share in shares:
+            predictions.update(share[0]), traces.extend(share[1]), exit_times.extend(share[2])
+            full_times.extend(share[3]), token_ids.update(share[4]), layers_by_id.update(share[5])
+        dataset = full_dataset
 
     speed = summarize(traces, CostModel.for_model(model))
     speed["wall_speedup"] = (sum(full_times) / sum(exit_times)) if full_times else None
     speed["seconds"] = {"early_exit": sum(exit_times), "full": sum(full_times) if full_times else None,
                         "median_batch_early_exit": statistics.median(exit_times)}
-    examples = []
-    for i, sample in enumerate(dataset.samples[:min(5, settings.batch_size)]):
-        layers = traces[0].per_sequence()[i]
-        examples.append({"id": sample.id, "prediction": predictions[sample.id], "exit_layers": layers,
-                         "token_ids": token_ids[sample.id][:len(layers)]})
+    examples = [{"id": s.id, "prediction": predictions[s.id], "exit_layers": layers_by_id[s.id],
+                 "token_ids": token_ids[s.id]} for s in dataset.samples[:5]]
     return {
         "quality": score(dataset, predictions, quick=settings.quick_metrics),
         "speed": speed,
@@ -125,6 +136,7 @@ def evaluate(backend, strategy, dataset: Dataset, settings: EvalSettings, kv_pol
         "num_layers": backend.num_layers,
         "examples": examples,
         "predictions": predictions,
+        "processes": world,
         "config": {"backend": backend.name, "strategy": strategy.name if strategy else None,
                    "strategy_config": strategy.config.to_dict() if strategy else None,
                    "exit_layers": strategy.exit_layers if strategy else [], "kv_policy": kv_policy,
@@ -132,6 +144,13 @@ def evaluate(backend, strategy, dataset: Dataset, settings: EvalSettings, kv_pol
                    "settings": dataclasses.asdict(settings)},
         "provenance": provenance(),
     }
+
+
+def process_group() -> tuple[int, int]:
+    """(rank, world size) when launched with several processes, else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
 
 def provenance() -> dict:

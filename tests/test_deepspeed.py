@@ -21,6 +21,11 @@ from helpers import make_backend, make_images, no_eos  # noqa: E402
 MICRO = SceneConfig(train=10, val=10, test=5)
 
 
+def console_script(name: str) -> str:
+    """The installed script beside this interpreter (a PATH lookup may find a shell shim)."""
+    return os.path.join(os.path.dirname(sys.executable), name)
+
+
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory):
     return load_scenes("exit_train", config=MICRO, cache_dir=tmp_path_factory.mktemp("scenes"))
@@ -139,14 +144,12 @@ def test_two_processes_train_exits_that_load_and_generate(scenes, tmp_path, regi
 
 def test_train_backbone_cli_with_the_deepspeed_launcher(tmp_path):
     """`deepspeed --num_gpus 2 earlyexit train backbone --zero 2`: two ranks, one saved model."""
-    import shutil
-
     make_backend(seed=5, num_layers=2, image_size=64, patch_size=16).save_pretrained(str(tmp_path / "start"))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "EARLYEXIT_CACHE": str(tmp_path / "cache")}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    launcher = shutil.which("deepspeed")
-    command = [launcher, "--num_gpus", "2", "--master_port", "29631", shutil.which("earlyexit"), "train", "backbone",
+    command = [console_script("deepspeed"), "--num_gpus", "2", "--master_port", "29631", console_script("earlyexit"),
+               "train", "backbone",
                "--backend", "blip2-opt", "--model", str(tmp_path / "start"), "--data", "scenes", "--split", "dev",
                "--output", str(tmp_path / "out"), "--steps", "3", "--batch-size", "4", "--checkpoint-every", "2",
                "--zero", "2"]
@@ -170,3 +173,29 @@ def test_deepspeed_config_with_an_optimizer_is_refused(tmp_path, capsys):
     code = main(["train", "backbone", "--backend", "blip2-opt", "--model", "tiny-random", "--data", "scenes",
                  "--output", str(tmp_path / "o"), "--deepspeed", str(config)])
     assert code == 2 and "declares an optimizer" in capsys.readouterr().err
+
+
+def test_eval_sharded_over_two_processes_matches_one(tmp_path):
+    import json
+
+    make_backend(seed=6, num_layers=3, image_size=64, patch_size=16).save_pretrained(str(tmp_path / "model"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "EARLYEXIT_CACHE": str(tmp_path / "cache")}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    arguments = ["eval", "--backend", "blip2-opt", "--model", str(tmp_path / "model"), "--data", "scenes",
+                 "--split", "dev", "--limit", "7", "--batch-size", "2", "--max-new-tokens", "4",
+                 "--strategy", "confidence", "--threshold", "0.05", "--exit-layers", "1,2"]
+    single = subprocess.run([console_script("earlyexit"), *arguments, "--json", str(tmp_path / "one.json")],
+                            capture_output=True, text=True, timeout=240, env=env)
+    assert single.returncode == 0, single.stderr[-2000:]
+    double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", "29641", console_script("earlyexit"), *arguments,
+                             "--json", str(tmp_path / "two.json")], capture_output=True, text=True, timeout=240, env=env)
+    assert double.returncode == 0, double.stderr[-2000:]
+    assert double.stdout.count("quality:") == 1  # rank 0 reports for both
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert two["processes"] == 2 and one["processes"] == 1
+    assert one["predictions"] == two["predictions"] and len(two["predictions"]) == 7
+    assert one["quality"]["CIDEr"] == pytest.approx(two["quality"]["CIDEr"])
+    assert one["exit_layer_histogram"] == two["exit_layer_histogram"]
+    assert one["speed"]["layer_speedup"] == pytest.approx(two["speed"]["layer_speedup"])
