@@ -61,9 +61,9 @@ class EvalCommand:
         settings = EvalSettings(batch_size=args.batch_size, num_beams=args.num_beams,
                                 max_new_tokens=args.max_new_tokens, noise=args.noise, limit=args.limit,
                                 measure_wall=not args.no_wall)
-        import os
+        from .deepspeed_config import launched_world_size
 
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun / deepspeed launcher: shard the data
+        if launched_world_size() > 1:  # torchrun / deepspeed launcher: shard the data
             from .distributed import init_distributed
 
             init_distributed()

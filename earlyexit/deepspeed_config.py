@@ -29,7 +29,7 @@ def add_arguments(parser) -> None:
 
 def config_from_arguments(args, batch_size: int, grad_clip: float = 1.0) -> dict | None:
     """The DeepSpeed config the command line asks for, or None for plain PyTorch."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launched_world_size()
     if args.zero is not None:
         return zero_config(args.zero, max(1, batch_size // world), grad_clip)
     if args.deepspeed:
@@ -39,6 +39,11 @@ def config_from_arguments(args, batch_size: int, grad_clip: float = 1.0) -> dict
         config.setdefault("gradient_clipping", grad_clip)
         return config
     return None
+
+
+def launched_world_size() -> int:
+    """Processes started by torchrun / the deepspeed launcher (1 without a launcher)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def is_main_process() -> bool:

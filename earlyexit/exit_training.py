@@ -138,12 +138,6 @@ def training_data(strategy, backend, dataset: Dataset, progress: bool = True) ->
     return one_caption_per_sample(dataset)
 
 
-def _world_size() -> int:
-    import os
-
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def train_exits(strategy, backend, dataset: Dataset, output_dir: str, seed: int = 0, progress: bool = True,
                 engine=None, deepspeed_config: dict | None = None) -> list[dict]:
     """Train the strategy's exit modules on `dataset` with the backbone frozen; with a
@@ -159,11 +153,12 @@ def train_exits(strategy, backend, dataset: Dataset, output_dir: str, seed: int 
                                warmup_steps=min(50, steps // 10), weight_decay=0.0, seed=seed,
                                checkpoint_every=max(1, steps // 4), progress=progress)
     if engine is None and deepspeed_config is not None:
+        from .deepspeed_config import launched_world_size
         from .distributed import DeepSpeedEngine
 
         engine = DeepSpeedEngine(strategy.training_modules(), train_config,
                                  {**deepspeed_config, "train_micro_batch_size_per_gpu": max(
-                                     1, config.batch_size // _world_size())})
+                                     1, config.batch_size // launched_world_size())})
     engine = engine or PlainEngine(strategy.training_groups(), train_config)
     container = torch.nn.ModuleList([m for m in (strategy.exit_modules(), getattr(strategy, "feature_classifiers", None))
                                      if m is not None])
