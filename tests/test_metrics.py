@@ -285,3 +285,22 @@ def test_caption_scores_one_shot_leaves_no_java_process():
     assert set(caption.METRIC_KEYS) <= set(result)
     assert result["skipped"] == {"SPICE": "not requested (spice=False)"}
     assert _meteor_children() == before
+
+
+# -- scene grounding ------------------------------------------------------------------------------
+def test_caption_grounding_against_hand_counts():
+    from earlyexit.metrics.grounding import blind_baseline, caption_grounding
+
+    scenes = {"a": [{"shape": "circle", "color": "red"}, {"shape": "cross", "color": "red"}],
+              "b": [{"shape": "star", "color": "blue"}]}
+    captions = {"a": "two red crosses and a blue circle",  # red, blue: 1 of 2; cross, circle: 2 of 2; two: true
+                "b": "a picture with three shapes"}  # no colour or shape; three: false
+    result = caption_grounding(captions, scenes)
+    assert result["color"] == {"mention_rate": 0.5, "precision": 0.5}
+    assert result["shape"] == {"mention_rate": 0.5, "precision": 1.0}
+    assert result["number"] == {"mention_rate": 1.0, "precision": 0.5}
+    assert caption_grounding({"b": "a shape"}, scenes)["shape"]["precision"] is None
+    blind = blind_baseline(["a red star", "a red circle and a blue star", "two red shapes"], scenes)
+    assert blind["color"] == {"guess": "red", "precision": 0.5}
+    assert blind["shape"] == {"guess": "star", "precision": 0.5}
+    assert blind["number"] == {"guess": "two", "precision": 0.5}  # scene a: two objects, two red ones

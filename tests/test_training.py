@@ -101,7 +101,7 @@ def test_embedded_build_is_cached_under_its_fingerprint(tmp_path, monkeypatch):
     recipe = embedded.with_overrides(
         model={"num_layers": 2, "hidden_size": 32, "ffn_dim": 64, "vision_hidden": 32, "vision_layers": 1,
                "num_query_tokens": 2, "patch_size": 16},
-        train={"steps": 2, "batch_size": 4})
+        encoder_pretrain={"steps": 2, "batch_size": 4}, train={"steps": 2, "batch_size": 4})
     assert not embedded.is_built(recipe)
     path = embedded.ensure_built(recipe, progress=False)
     assert path == embedded.model_path(recipe) and embedded.is_built(recipe)
@@ -115,3 +115,24 @@ def test_embedded_build_is_cached_under_its_fingerprint(tmp_path, monkeypatch):
     mtime = (tmp_path / "models").stat().st_mtime
     assert embedded.ensure_built(recipe, progress=False) == path  # reused, not rebuilt
     assert (tmp_path / "models").stat().st_mtime == mtime
+
+
+def test_encoder_pretraining_trains_the_image_side_only(tmp_path):
+    from earlyexit import embedded
+    from earlyexit.data.scenes import vocabulary
+    from earlyexit.tiny import DEFAULT_WORDS
+
+    config = SceneConfig(image_size=32, train=16, val=0, test=0)
+    backend = make_backend(image_size=32, patch_size=16, vision_hidden=32, num_query_tokens=2,
+                           words=sorted(set(vocabulary(config)) | set(DEFAULT_WORDS)))
+    captions = load_scenes("train", "caption", config, cache_dir=tmp_path / "scenes")
+    probe = torch.nn.Linear(backend.model.config.qformer_config.hidden_size, len(backend.processor.tokenizer))
+    before = {n: p.detach().clone() for n, p in backend.model.named_parameters()}
+    losses = embedded.pretrain_encoder(backend, probe, [captions], dict(steps=60, batch_size=8, learning_rate=1e-2,
+                                       warmup_steps=5, weight_decay=0.0, seed=0), str(tmp_path / "work"), False)
+    after = dict(backend.model.named_parameters())
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed and all(n.startswith(("vision_model.", "qformer.", "query_tokens")) for n in changed)
+    assert any(n.startswith("vision_model.") for n in changed) and "query_tokens" in changed
+    first, last = (sum(e["words"] for e in part) / len(part) for part in (losses[:5], losses[-5:]))
+    assert last < 0.5 * first  # the probe and encoder learn the captions' words

@@ -6,4 +6,6 @@
   answer normalisation and the min(#humans/3, 1) accuracy over leave-one-out subsets.
 - `earlyexit.metrics.dialog`: `rank_of_ground_truth`, `dialog_scores` — VisDial MRR, R@1/5/10
   and mean rank.
+- `earlyexit.metrics.grounding`: `caption_grounding`, `blind_baseline` — on the scene data, how
+  often captions name colours, shapes and numbers, and how often what they name is true.
 """

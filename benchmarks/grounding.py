@@ -1,0 +1,85 @@
+"""Does a captioner look at the image? Grounding of a model on the scene test split.
+
+    python benchmarks/grounding.py                     # the embedded `tiny` model
+    python benchmarks/grounding.py --model FOLDER --limit 200 --json out.json
+
+Prints, for the model's full-depth greedy captions, how often they name colours, shapes and
+numbers and how often what they name is in the picture, next to a blind baseline
+(`earlyexit.metrics.grounding`), then VQA accuracy per question type (colour, shape, count,
+position, relation, existence, size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from earlyexit.backends.blip2_opt import Blip2OptBackend
+from earlyexit.batching import prompt_for
+from earlyexit.data.scenes import load_scenes
+from earlyexit.embedded import ensure_built, scene_config
+from earlyexit.evaluate import decode_new_tokens
+from earlyexit.metrics.grounding import blind_baseline, caption_grounding
+from earlyexit.metrics.vqa import vqa_scores
+
+
+def generate(backend, dataset, batch_size: int, max_new_tokens: int = 20) -> dict[str, str]:
+    out = {}
+    for start in range(0, len(dataset), batch_size):
+        batch = dataset.samples[start:start + batch_size]
+        inputs = backend.prepare_inputs([s.load_image() for s in batch], [prompt_for(s, dataset.task) for s in batch])
+        with torch.no_grad():
+            sequences = backend.plain_generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        for sample, text in zip(batch, decode_new_tokens(backend, sequences, inputs["input_ids"].shape[1])):
+            out[sample.id] = text
+    return out
+
+
+def report(backend, limit: int, batch_size: int = 32, split: str = "test") -> dict:
+    config = scene_config()
+    captions_set = load_scenes(split, "caption", config).subset(limit)
+    questions = load_scenes(split, "vqa", config)
+    questions = questions.subset(limit * 5 if limit else None)
+    captions = generate(backend, captions_set, batch_size)
+    scenes = {s.id: s.extra["objects"] for s in captions_set}
+    answers = generate(backend, questions, batch_size, max_new_tokens=4)
+    by_type = vqa_scores(answers, {s.id: s.answers for s in questions},
+                         {s.id: s.extra["question_type"] for s in questions})
+    return {"images": len(captions_set), "questions": len(questions), "caption_grounding": caption_grounding(captions, scenes),
+            "blind_baseline": blind_baseline((c for s in load_scenes("train", "caption", config) for c in s.captions),
+                                             scenes),
+            "vqa_overall": by_type["overall"], "vqa_per_question_type": by_type["per_answer_type"],
+            "examples": [{"image": i, "caption": captions[i], "objects": [f"{o['color']} {o['shape']}" for o in scenes[i]]}
+                         for i in list(captions)[:8]]}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="model folder (default: the embedded tiny model, built if needed)")
+    parser.add_argument("--limit", type=int, default=200, help="test images (questions: 5 per image)")
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args(argv)
+    backend = Blip2OptBackend.load(args.model or ensure_built())
+    result = report(backend, args.limit)
+    print(f"{result['images']} test images, {result['questions']} questions")
+    print("| word | mention rate | precision | blind baseline |")
+    print("| --- | --- | --- | --- |")
+    for kind, values in result["caption_grounding"].items():
+        blind = result["blind_baseline"][kind]
+        precision = "-" if values["precision"] is None else f"{values['precision']:.2f}"
+        print(f"| {kind} | {values['mention_rate']:.2f} | {precision} | {blind['precision']:.2f} ('{blind['guess']}') |")
+    print(f"VQA {result['vqa_overall']:.1f} %: " + ", ".join(
+        f"{k} {v:.1f}" for k, v in sorted(result["vqa_per_question_type"].items())))
+    for example in result["examples"]:
+        print(f"  {example['caption']!r:60} <- {', '.join(example['objects'])}")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(result, handle, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
