@@ -15,37 +15,29 @@ import argparse
 import json
 import sys
 
-import torch
-
 from earlyexit.backends.blip2_opt import Blip2OptBackend
-from earlyexit.batching import prompt_for
 from earlyexit.data.scenes import load_scenes
 from earlyexit.embedded import ensure_built, scene_config
-from earlyexit.evaluate import decode_new_tokens
+from earlyexit.evaluate import EvalSettings, evaluate
 from earlyexit.metrics.grounding import blind_baseline, caption_grounding
 from earlyexit.metrics.vqa import vqa_scores
 
 
-def generate(backend, dataset, batch_size: int, max_new_tokens: int = 20) -> dict[str, str]:
-    out = {}
-    for start in range(0, len(dataset), batch_size):
-        batch = dataset.samples[start:start + batch_size]
-        inputs = backend.prepare_inputs([s.load_image() for s in batch], [prompt_for(s, dataset.task) for s in batch])
-        with torch.no_grad():
-            sequences = backend.plain_generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        for sample, text in zip(batch, decode_new_tokens(backend, sequences, inputs["input_ids"].shape[1])):
-            out[sample.id] = text
-    return out
+def predictions(backend, dataset, max_new_tokens: int) -> dict[str, str]:
+    """Full-depth greedy outputs, through the evaluation loop with exits off (== plain generate)."""
+    settings = EvalSettings(batch_size=32, max_new_tokens=max_new_tokens, measure_wall=False, progress=False,
+                            quick_metrics=True)
+    return evaluate(backend, None, dataset, settings)["predictions"]
 
 
-def report(backend, limit: int, batch_size: int = 32, split: str = "test") -> dict:
+def report(backend, limit: int, split: str = "test") -> dict:
     config = scene_config()
     captions_set = load_scenes(split, "caption", config).subset(limit)
     questions = load_scenes(split, "vqa", config)
     questions = questions.subset(limit * 5 if limit else None)
-    captions = generate(backend, captions_set, batch_size)
+    captions = predictions(backend, captions_set, max_new_tokens=20)
     scenes = {s.id: s.extra["objects"] for s in captions_set}
-    answers = generate(backend, questions, batch_size, max_new_tokens=4)
+    answers = predictions(backend, questions, max_new_tokens=4)
     by_type = vqa_scores(answers, {s.id: s.answers for s in questions},
                          {s.id: s.extra["question_type"] for s in questions})
     return {"images": len(captions_set), "questions": len(questions), "caption_grounding": caption_grounding(captions, scenes),

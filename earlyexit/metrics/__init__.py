@@ -9,3 +9,18 @@
 - `earlyexit.metrics.grounding`: `caption_grounding`, `blind_baseline` — on the scene data, how
   often captions name colours, shapes and numbers, and how often what they name is true.
 """
+
+
+def check_same_ids(predictions, references, ids: str, predicted: str, expected: str) -> None:
+    """Raise DataError unless `predictions` is non-empty and has exactly the keys of `references`.
+    `ids` names the keys ("id", "question"), `predicted`/`expected` the values, for the messages."""
+    from ..errors import DataError
+
+    if not predictions:
+        raise DataError(f"no {predicted}s given: pass at least one {ids} -> {predicted}")
+    for key in predictions:
+        if key not in references:
+            raise DataError(f"{ids} {key!r} has a prediction but no {expected}: score the same {ids}s on both sides")
+    for key in references:
+        if key not in predictions:
+            raise DataError(f"{ids} {key!r} has {expected} but no prediction: score the same {ids}s on both sides")

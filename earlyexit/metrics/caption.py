@@ -24,6 +24,7 @@ import shutil
 from collections.abc import Mapping
 
 from earlyexit.errors import ConfigError, DataError
+from earlyexit.metrics import check_same_ids
 
 METRIC_KEYS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 # What pycocoevalcap's get_stanford_models() would download into pycocoevalcap/spice/lib.
@@ -55,16 +56,7 @@ def spice_unavailable_reason() -> str | None:
 
 
 def _check_inputs(predictions: Mapping, references: Mapping) -> list:
-    if not predictions:
-        raise DataError("no captions given: pass at least one id -> caption")
-    for item_id in predictions:
-        if item_id not in references:
-            raise DataError(f"id {item_id!r} has a prediction but no references: "
-                            "score the same ids on both sides")
-    for item_id in references:
-        if item_id not in predictions:
-            raise DataError(f"id {item_id!r} has references but no prediction: "
-                            "score the same ids on both sides")
+    check_same_ids(predictions, references, "id", "caption", "references")
     for item_id, caption in predictions.items():
         if not isinstance(caption, str):
             raise DataError(f"id {item_id!r}: the prediction must be a string, "

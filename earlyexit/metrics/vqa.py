@@ -30,6 +30,7 @@ import re
 from collections.abc import Mapping, Sequence
 
 from earlyexit.errors import DataError
+from earlyexit.metrics import check_same_ids
 
 _PUNCTUATION = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-",
                 ">", "<", "@", "`", ",", "?", "!"]  # note: no "." (own rule) and no "'" (contractions)
@@ -141,7 +142,7 @@ def vqa_scores(predictions: Mapping, samples_answers: Mapping,
     "num_questions": n} plus "per_answer_type" {type: percent} when types are given and
     "per_item" {id: accuracy in [0, 1]} when per_item=True.
     """
-    _check_same_ids(predictions, samples_answers)
+    check_same_ids(predictions, samples_answers, "question", "VQA prediction", "answers")
     if answer_types is not None:
         missing = [qid for qid in predictions if qid not in answer_types]
         if missing:
@@ -168,16 +169,3 @@ def vqa_scores(predictions: Mapping, samples_answers: Mapping,
     if per_item:
         result["per_item"] = per_question
     return result
-
-
-def _check_same_ids(predictions: Mapping, samples_answers: Mapping) -> None:
-    if not predictions:
-        raise DataError("no VQA predictions given: pass at least one question id -> answer")
-    for qid in predictions:
-        if qid not in samples_answers:
-            raise DataError(f"question {qid!r} has a prediction but no answers: "
-                            "score the same question ids on both sides")
-    for qid in samples_answers:
-        if qid not in predictions:
-            raise DataError(f"question {qid!r} has answers but no prediction: "
-                            "score the same question ids on both sides")
