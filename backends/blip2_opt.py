@@ -180,8 +180,8 @@ class Blip2OptBackend(Backend):
         cache.update(keys, values, attention.layer_idx)
 
     # -- cost accounting -----------------------------------------------------------------------
-    def kv_projection_param_count(self) -> int:
-        layer = self.decoder.layers[0]
+    def kv_projection_param_count(self, layer=None) -> int:
+        layer = layer if layer is not None else self.decoder.layers[0]
         modules = [layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn_layer_norm]
         return sum(p.numel() for m in modules for p in m.parameters())
 

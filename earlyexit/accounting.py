@@ -1,13 +1,20 @@
 """Speed-up accounting from the per-token trace. Three numbers, never mixed up:
 
 - `param_speedup` (the paper's definition): backbone decoder parameters divided by the mean
-  parameters a generated token used: the layers up to its exit plus the exit modules of every
-  exit it passed. Classifier (LM-head) evaluations and catch-up work are not counted.
-- `layer_speedup`: the full model's cost per token divided by the cost actually spent, both in
-  decoder-layer equivalents, counting everything: backbone layers (catch-up included), exit
-  modules, every LM-head read-out (vocab x width / params-per-layer each) and the K/V
-  projections `propagate` writes.
-- `wall_speedup`: measured with a clock, in `benchmarks/speed.py`.
+  parameters a generated token used: the layers it ran plus every exit module that ran for it
+  (an exit transformer counts as one layer). LM-head / classifier read-outs and catch-up work
+  are not counted. The first token comes from the full-depth prompt pass and counts all layers.
+- `layer_speedup`: the full model's cost divided by the cost actually spent, both in
+  decoder-layer equivalents, counting everything: backbone layers on every position they
+  processed (the prompt's and catch-up included), exit modules on every position they
+  processed, every LM-head or exit read-out (vocab x width / params-per-layer each), gates, and
+  K/V projections (exit slots, `propagate`). End to end over the language model (prompt pass
+  plus decode) and, as `decode_layer_speedup`, the decode phase alone.
+- `wall_speedup`: measured with a clock (`evaluate`, `benchmarks/speed.py`).
+
+Costs come from module shapes (parameter counts), never from what a strategy says about
+itself. A step's cost for a row depends only on how deep the row went, so the engine records
+the step's shape (block widths, exit visits) and costs are computed here, off the hot path.
 """
 
 from __future__ import annotations
@@ -19,14 +26,59 @@ import torch
 
 
 @dataclasses.dataclass
+class ExitVisit:
+    """One exit point the step passed, for the rows present there."""
+
+    index: int  # exit index
+    layer: int  # exit layer k (after k decoder layers)
+    kv_positions: int = 0  # positions whose K/V were projected into the exit module's own slot
+    module_all: bool = False  # the rule ran the exit's module for every row present
+    read_all: bool = False  # the rule ran the exit's read-out for every row present
+    gate: bool = False  # a gate scored every row present
+
+
+@dataclasses.dataclass
+class StepRecord:
+    """What one forward did. `exit_layer` per row: the layer whose read-out it emitted (the
+    model's depth for the final layer), -1 for a finished row (EOS or padding), which costs
+    nothing and counts as no token."""
+
+    exit_layer: torch.Tensor  # (rows,) long
+    new_positions: int  # positions fed (the prompt's length for the prompt pass, else 1)
+    widths: list[int]  # block width (positions) of every backbone layer run, in order
+    exits: list[ExitVisit]
+    kv_policy: str
+    prefill: bool
+    final_readouts: int = 1  # positions the final head read (self-speculative verification: several)
+
+    @property
+    def depth(self) -> int:
+        """Backbone layers the deepest row ran."""
+        return len(self.widths)
+
+    @property
+    def catchup_positions(self) -> int:
+        return sum(w - self.new_positions for w in self.widths)
+
+
+@dataclasses.dataclass
 class CostModel:
     """Sizes needed to turn a trace into costs, all relative to one mean decoder layer."""
 
     layer_params: list[int]
-    head_cost: float  # one LM-head read-out, in layer equivalents
-    kv_fill_cost: float  # one layer's K/V projection (propagate), in layer equivalents
+    head_cost: float  # one LM-head read-out (final norm, projections, head), in layer equivalents
+    kv_fill_cost: float  # one backbone layer's K/V projection, in layer equivalents
     exit_layers: list[int]
-    exit_module_costs: list[float]  # per exit, in layer equivalents (0 when the exit has no module)
+    exit_module_costs: list[float]  # per exit: its own module (0 when none), in layer equivalents
+    exit_kv_costs: list[float] = dataclasses.field(default_factory=list)  # K/V projection of that module
+    exit_readout_costs: list[float] = dataclasses.field(default_factory=list)  # read-out at that exit
+    gate_costs: list[float] = dataclasses.field(default_factory=list)  # the gate at that exit
+
+    def __post_init__(self):
+        n = len(self.exit_layers)
+        self.exit_kv_costs = self.exit_kv_costs or [0.0] * n
+        self.exit_readout_costs = self.exit_readout_costs or [self.head_cost] * n
+        self.gate_costs = self.gate_costs or [0.0] * n
 
     @property
     def num_layers(self) -> int:
@@ -38,36 +90,70 @@ class CostModel:
 
     @classmethod
     def for_model(cls, model) -> CostModel:
-        backend, strategy = model.backend, model.strategy
+        backend, strategy, gate = model.backend, model.strategy, getattr(model, "gate", None)
         layer_params = backend.layer_param_counts()
         mean = sum(layer_params) / len(layer_params)
-        exits = strategy.exit_layers if strategy is not None else []
-        return cls(
-            layer_params=layer_params,
-            head_cost=backend.head_param_count() / mean,
-            kv_fill_cost=backend.kv_projection_param_count() / mean,
-            exit_layers=list(exits),
-            exit_module_costs=[strategy.exit_module_layer_cost(e) for e in range(len(exits))],
-        )
+        exits = list(strategy.exit_layers) if strategy is not None else []
+        modules, kv, readout, gates = [], [], [], []
+        for e in range(len(exits)):
+            attention = strategy.exit_attention_layer(e)
+            transform = strategy.exit_transform(e)
+            own = [m for m in (attention, transform) if m is not None]
+            modules.append(sum(_params(m) for m in own) / mean)
+            kv.append(backend.kv_projection_param_count(attention) / mean if attention is not None else 0.0)
+            head = strategy.exit_readout(e)
+            readout.append((_params(head) if head is not None else backend.head_param_count()) / mean)
+            gates.append(gate.param_count(e) / mean if gate is not None else 0.0)
+        return cls(layer_params=layer_params, head_cost=backend.head_param_count() / mean,
+                   kv_fill_cost=backend.kv_projection_param_count() / mean, exit_layers=exits,
+                   exit_module_costs=modules, exit_kv_costs=kv, exit_readout_costs=readout, gate_costs=gates)
 
-    def step_cost(self, record) -> float:
-        """Layer equivalents one step spent per row (rows of a batch share one depth)."""
-        return (record.layer_evals + record.exit_module_evals + record.head_evals * self.head_cost
-                + record.kv_fill_evals * self.kv_fill_cost)
+    # -- per step -----------------------------------------------------------------------------
+    def breakdown(self, record: StepRecord, depth: int) -> dict[str, float]:
+        """Layer equivalents one row spent in `record` when it went `depth` layers deep."""
+        n = self.num_layers
+        parts = {"layers": float(sum(record.widths[:depth])),
+                 "catchup": float(sum(w - record.new_positions for w in record.widths[:depth])),
+                 "exit_modules": 0.0, "heads": 0.0, "kv": 0.0, "gates": 0.0, "params": 0.0}
+        parts["params"] = float(sum(self.layer_params[:depth])) / self.mean_layer_params
+        for visit in record.exits:
+            if visit.layer > depth:
+                break
+            e = visit.index
+            parts["kv"] += visit.kv_positions * self.exit_kv_costs[e]
+            parts["gates"] += self.gate_costs[e] if visit.gate else 0.0
+            if visit.module_all or visit.read_all or visit.layer == depth:
+                parts["exit_modules"] += self.exit_module_costs[e]
+                parts["params"] += self.exit_module_costs[e]
+            if visit.read_all or visit.layer == depth:
+                parts["heads"] += self.exit_readout_costs[e]
+        if depth == n:
+            parts["heads"] += self.head_cost * record.final_readouts
+        elif record.kv_policy == "propagate":
+            parts["kv"] += record.new_positions * ((n - depth) * self.kv_fill_cost + sum(
+                c for k, c in zip(self.exit_layers, self.exit_kv_costs) if k > depth))
+        parts["total"] = parts["layers"] + parts["exit_modules"] + parts["heads"] + parts["kv"] + parts["gates"]
+        return parts
 
-    def full_token_cost(self) -> float:
-        return self.num_layers + self.head_cost
+    def full_cost(self, record: StepRecord) -> float:
+        """What the full model spends on the same step for one row."""
+        return record.new_positions * self.num_layers + self.head_cost
 
     def token_params(self, exit_layer: int) -> float:
-        """The paper's parameter count for a token leaving after `exit_layer` layers."""
+        """The paper's parameter count (in parameters) of a token leaving after `exit_layer`
+        layers whose exit module ran at every exit it passed."""
         modules = sum(cost for k, cost in zip(self.exit_layers, self.exit_module_costs) if k <= exit_layer)
         return sum(self.layer_params[:exit_layer]) + modules * self.mean_layer_params
+
+
+def _params(module) -> int:
+    return sum(p.numel() for p in module.parameters())
 
 
 @dataclasses.dataclass
 class Trace:
     """Per returned sequence and generated token: the exit layer (-1 where there is no token:
-    after end-of-sequence, or beam padding) and the index of the step that produced it."""
+    after end-of-sequence, or beam padding); token t came from step t."""
 
     exit_layers: torch.Tensor  # (sequences, tokens) long
     steps: list  # StepRecord per forward, in order
@@ -117,29 +203,46 @@ def _as_list(traces) -> list[Trace]:
     return [traces] if isinstance(traces, Trace) else list(traces)
 
 
+def _token_costs(traces, costs: CostModel, decode_only: bool = False):
+    memo = {}  # (record, depth) -> breakdown; the records stay alive while we iterate
+    for trace in _as_list(traces):
+        for _, t, k in trace.tokens():
+            record = trace.steps[t]
+            if decode_only and record.prefill:
+                continue
+            key = (id(record), k)
+            if key not in memo:
+                memo[key] = costs.breakdown(record, k)
+            yield record, k, memo[key]
+
+
 def param_speedup(traces: Trace | list[Trace], costs: CostModel) -> float:
     """Over every token of one trace or of several generations (e.g. the batches of an eval)."""
-    used = [costs.token_params(k) for trace in _as_list(traces) for _, _, k in trace.tokens()]
-    return sum(costs.layer_params) / (sum(used) / len(used))
+    used = [parts["params"] for _, _, parts in _token_costs(traces, costs)]
+    return costs.num_layers / (sum(used) / len(used))
 
 
-def layer_speedup(traces: Trace | list[Trace], costs: CostModel) -> float:
-    spent = [costs.step_cost(trace.steps[t]) for trace in _as_list(traces) for _, t, _ in trace.tokens()]
-    return costs.full_token_cost() * len(spent) / sum(spent)
+def layer_speedup(traces: Trace | list[Trace], costs: CostModel, decode_only: bool = False) -> float:
+    spent = full = 0.0
+    for record, _, parts in _token_costs(traces, costs, decode_only):
+        spent += parts["total"]
+        full += costs.full_cost(record)
+    return full / spent if spent else float("nan")
 
 
 def summarize(traces: Trace | list[Trace], costs: CostModel) -> dict:
     """Everything a report needs from one or more generations, numbers only."""
     traces = _as_list(traces)
     layers = [k for trace in traces for _, _, k in trace.tokens()]
-    steps = [record for trace in traces for record in trace.steps]
+    totals = Counter()
+    for _, _, parts in _token_costs(traces, costs):
+        totals.update(parts)
     return {
         "tokens": len(layers),
         "mean_exit_layer": sum(layers) / len(layers) if layers else float("nan"),
         "exit_layer_histogram": dict(sorted(Counter(layers).items())),
         "param_speedup": param_speedup(traces, costs) if layers else float("nan"),
         "layer_speedup": layer_speedup(traces, costs) if layers else float("nan"),
-        "catchup_evals": sum(r.catchup_evals for r in steps),
-        "head_evals": sum(r.head_evals for r in steps),
-        "kv_fill_evals": sum(r.kv_fill_evals for r in steps),
+        "decode_layer_speedup": layer_speedup(traces, costs, decode_only=True) if layers else float("nan"),
+        "cost_per_token": {k: v / len(layers) for k, v in sorted(totals.items()) if k != "params"} if layers else {},
     }

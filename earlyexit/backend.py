@@ -132,8 +132,8 @@ class Backend:
         CALM-style) without running the rest of the layer."""
         raise NotImplementedError
 
-    def kv_projection_param_count(self) -> int:
-        """Parameters used by `fill_kv` for one layer (norm and K/V projections)."""
+    def kv_projection_param_count(self, layer: torch.nn.Module | None = None) -> int:
+        """Parameters used by `fill_kv` for `layer` (default: a backbone layer): norm and K/V projections."""
         raise NotImplementedError
 
     # -- cost accounting ---------------------------------------------------------------------

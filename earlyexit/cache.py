@@ -1,75 +1,186 @@
 """The early-exit cache: one K/V slot per decoder layer plus one per exit module that attends.
 
-Slots can hold different numbers of positions (deep layers lag behind under `catchup`, skip
-positions under `skip`), so besides the K/V this cache remembers, per slot, which absolute
-positions it holds, and, under `catchup`, the hidden state of every position that some layer
-still lacks. Everything indexed by row (K/V, pending states, strategy state) follows beam
-reordering in `reorder_cache`, which `generate` calls.
+Every slot is a preallocated buffer (rows, heads, capacity + 1, head_dim) indexed by absolute
+position, so rows can hold different positions per slot: under `catchup` a row's deep layers
+lag behind by the positions it left early with, under `skip` they never get them. The last
+column is scratch: the padded entries of a ragged block are written there and never read.
+
+Per row the cache remembers
+- `held[r, j]`: how many positions layer j holds (under `catchup` always a prefix, because a
+  row that goes deep first catches up every position it skipped);
+- `pending[r, p]`: under `catchup`, the hidden state of position p at the depth where it left;
+- `reached[r, p]`: under `skip`, the depth position p went to (deeper slots lack it);
+- `positions[r, p]`: the position id the family's embedding/rotary uses.
+
+The engine sets `plan` (which rows, which columns) before it runs a layer; a slot's `update`
+writes there and returns the K/V the block attends over. Everything indexed by row follows beam
+reordering, and `crop` takes positions back (self-speculative decoding).
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+
+@dataclasses.dataclass
+class WritePlan:
+    """Where a layer call writes: `rows` (None = every row, in order), and either a contiguous
+    `start` column shared by all rows or a (rows, block) tensor `columns` (scratch for padding);
+    the call attends over columns [0, `length`)."""
+
+    rows: torch.Tensor | None
+    start: int | None
+    columns: torch.Tensor | None
+    length: int
+
+
+class SlotLayer(CacheLayerMixin):
+    """One slot's K/V buffer; grows by doubling (never a per-token concatenation)."""
+
+    is_croppable = True
+
+    def __init__(self, cache: EarlyExitCache):
+        super().__init__()
+        self.cache = cache
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        rows, heads, _, dim = key_states.shape
+        rows = max(rows, self.cache.rows)
+        shape = (rows, heads, self.cache.capacity + 1, dim)
+        self.keys = key_states.new_zeros(shape)
+        self.values = value_states.new_zeros(shape[:3] + value_states.shape[3:])
+        self.is_initialized = True
+
+    def grow(self, capacity: int) -> None:
+        if not self.is_initialized:
+            return
+        extra = capacity + 1 - self.keys.shape[2]
+        if extra > 0:
+            self.keys = torch.cat([self.keys, self.keys.new_zeros(self.keys.shape[:2] + (extra,) + self.keys.shape[3:])], 2)
+            self.values = torch.cat([self.values, self.values.new_zeros(
+                self.values.shape[:2] + (extra,) + self.values.shape[3:])], 2)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        plan = self.cache.plan
+        keys, values = self.keys, self.values
+        if plan.columns is None:
+            end = plan.start + key_states.shape[2]
+            if plan.rows is None:
+                keys[:, :, plan.start:end] = key_states
+                values[:, :, plan.start:end] = value_states
+                return keys[:, :, :plan.length], values[:, :, :plan.length]
+            keys[plan.rows, :, plan.start:end] = key_states
+            values[plan.rows, :, plan.start:end] = value_states
+        else:  # ragged: (rows, block) columns, padding sent to the scratch column
+            rows = plan.rows if plan.rows is not None else torch.arange(keys.shape[0], device=keys.device)
+            keys[rows[:, None], :, plan.columns] = key_states.transpose(1, 2)
+            values[rows[:, None], :, plan.columns] = value_states.transpose(1, 2)
+            if plan.rows is None:
+                return keys[:, :, :plan.length], values[:, :, :plan.length]
+        return keys[plan.rows, :, :plan.length], values[plan.rows, :, :plan.length]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.cache.total_length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.cache.total_length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def map_rows(self, fn) -> None:
+        if self.is_initialized:
+            self.keys, self.values = fn(self.keys), fn(self.values)
 
 
 class EarlyExitCache(Cache):
-    def __init__(self, num_slots: int):
-        super().__init__(layers=[DynamicLayer() for _ in range(num_slots)])
-        # held[slot]: absolute positions the slot holds, or None while they are exactly 0..len-1
-        self.held: list[torch.Tensor | None] = [None] * num_slots
-        # pending hidden states (rows, P, width) for positions [total - P, total): under
-        # `catchup`, position p is stored at the depth of the deepest layer that holds it
-        self.pending: torch.Tensor | None = None
-        self.total_length = 0  # positions seen by the first layer (the sequence so far)
-        self.strategy_state: dict[str, torch.Tensor] = {}  # per-row strategy state (PABEE, MuE)
-        self.position_ids: torch.Tensor | None = None  # (rows, total) absolute positions so far
-        self.steps: list[dict] = []  # one record per forward (see engine.StepRecord)
+    def __init__(self, num_slots: int, num_layers: int | None = None):
+        self.rows = 0
+        self.capacity = 0
+        super().__init__(layers=[SlotLayer(self) for _ in range(num_slots)])
+        self.num_layers = num_layers if num_layers is not None else num_slots
+        self.plan: WritePlan | None = None
+        self.total_length = 0  # positions fed so far (every row's layer 0 holds them)
+        self.held: torch.Tensor | None = None  # (rows, layers) long, under catchup
+        self.pending: torch.Tensor | None = None  # (rows, capacity + 1, width), under catchup
+        self.reached: torch.Tensor | None = None  # (rows, capacity + 1) long, under skip
+        self.positions: torch.Tensor | None = None  # (rows, capacity + 1) position ids
+        self.strategy_state: dict[str, torch.Tensor] = {}  # per-row strategy state (follows beams)
+        self.steps: list = []  # one StepRecord per forward (see accounting.StepRecord)
 
-    # -- per-slot bookkeeping ----------------------------------------------------------------
-    def slot_length(self, slot: int) -> int:
-        return self.layers[slot].get_seq_length()
+    # -- sizes -------------------------------------------------------------------------------
+    @property
+    def scratch(self) -> int:
+        return self.capacity
 
-    def held_positions(self, slot: int) -> torch.Tensor | None:
-        """Absolute positions held by `slot`, or None when they are the prefix 0..len-1."""
-        return self.held[slot]
-
-    def note_appended(self, slot: int, start: int, end: int, before: int) -> None:
-        """Record that positions [start, end) were appended to `slot`, which held `before`
-        positions; `held` stays None (no tensor work) while the slot is a contiguous prefix."""
-        current = self.held[slot]
-        if current is None and start == before:
+    def reserve(self, rows: int, length: int, device, width: int, dtype) -> None:
+        """Make room for `length` positions of `rows` rows (doubling, so growth is rare)."""
+        if self.positions is None:
+            self.rows, self.capacity = rows, max(length, 16)
+            self.positions = torch.zeros(rows, self.capacity + 1, dtype=torch.long, device=device)
+            self.held = torch.zeros(rows, self.num_layers, dtype=torch.long, device=device)
+            self.pending = torch.zeros(rows, self.capacity + 1, width, dtype=dtype, device=device)
+            self.reached = torch.zeros(rows, self.capacity + 1, dtype=torch.long, device=device)
             return
-        if current is None:
-            current = torch.arange(before)
-        self.held[slot] = torch.cat([current, torch.arange(start, end)])
+        if length <= self.capacity:
+            return
+        capacity = max(length, 2 * self.capacity)
+        extra = capacity - self.capacity
 
-    def remember_positions(self, new_positions: torch.Tensor) -> torch.Tensor:
-        """Append the newest positions' ids; return the ids of the whole sequence."""
-        old = self.position_ids
-        self.position_ids = new_positions if old is None else torch.cat([old, new_positions], dim=1)
-        return self.position_ids
+        def widen(t):
+            scratch = t[:, -1:]
+            return torch.cat([t[:, :-1], t.new_zeros((t.shape[0], extra) + t.shape[2:]), scratch], 1)
 
-    # -- beam search -------------------------------------------------------------------------
+        for name in ("positions", "pending", "reached"):
+            setattr(self, name, widen(getattr(self, name)))
+        self.capacity = capacity
+        for layer in self.layers:
+            if layer.is_initialized:  # move the scratch column to the new end
+                layer.keys = widen(layer.keys.transpose(1, 2)).transpose(1, 2)
+                layer.values = widen(layer.values.transpose(1, 2)).transpose(1, 2)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.total_length
+
+    def slot_length(self, slot: int) -> int:
+        """Positions fed so far (every slot is indexed by absolute position)."""
+        return self.total_length
+
+    # -- beam search and speculative decoding --------------------------------------------------
     def _map_rows(self, fn) -> None:
-        for name in ("pending", "position_ids"):
+        for name in ("held", "pending", "reached", "positions"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, fn(value))
+        for layer in self.layers:
+            layer.map_rows(fn)
         for key, value in self.strategy_state.items():
             self.strategy_state[key] = fn(value)
+        if self.positions is not None:
+            self.rows = self.positions.shape[0]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        super().reorder_cache(beam_idx)
         self._map_rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        super().batch_repeat_interleave(repeats)
         self._map_rows(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        super().batch_select_indices(indices)
         self._map_rows(lambda t: t[indices])
 
-    def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("the early-exit cache cannot be cropped (assisted decoding is not supported)")
+    @property
+    def is_croppable(self) -> bool:
+        return True
+
+    def crop(self, max_length: int) -> None:
+        """Forget positions from `max_length` on (negative: that many from the end)."""
+        if max_length < 0:
+            max_length = self.total_length + max_length
+        self.total_length = min(self.total_length, max_length)
+        if self.held is not None:
+            self.held.clamp_(max=self.total_length)

@@ -1,65 +1,48 @@
 """The early-exit forward: where a token decides to leave the language model.
 
 `EarlyExitForCausalLM` is a causal LM whose `forward` runs the backbone's decoder layers one by
-one and asks the strategy at every exit layer whether each row may leave. Hugging Face
-`generate` drives it, so greedy, beam search, sampling and stopping criteria work unchanged.
+one; Hugging Face `generate` drives it, so greedy, beam search, sampling and stopping criteria
+work unchanged.
 
-Per forward (one generated token per row):
-1. Layers run in order on the new position. At an exit point the strategy produces exit logits
-   and decides per row; the batch stops going deeper once every row has exited, and each row
-   emits the logits of its own first confident exit.
-2. Deeper layers then lack K/V for this position; `kv_policy` decides what they get:
-   `catchup` (exact: the position waits, with its hidden state, until a later token goes
-   deeper and it is run through the missing layers in the same batched call), `propagate`
-   (CALM: K/V projected from the exit state) or `skip` (never seen).
-3. The prompt (first forward) runs at full depth so every layer holds it; exits still choose
-   the first token's logits.
-Every forward appends a `StepRecord` to the cache: the exit layer per row and the work spent.
+Per forward (one new position per row; the prompt pass feeds the whole prompt):
+1. The prompt pass runs every row at full depth and emits the final layer's logits: exits are
+   not consulted (its token costs the full depth, and the accounting says so).
+2. Decoding: layers run in order on the rows still going. At an exit the gate (if any) or the
+   strategy decides per row, from the hidden state first; the exit's module and read-out run
+   only for rows that leave, unless the rule itself asked for them (`ExitView.logits`). Rows
+   that left stop costing: deeper layers run on the rest. Finished rows (fed padding after
+   their end-of-sequence) cost nothing and count as no token.
+3. Deeper layers lack K/V for a position that left early; `kv_policy` decides what they get:
+   `catchup` (exact: the position waits with its hidden state until the same row next goes
+   deeper, then runs through the layers it missed in the same call as the new position),
+   `propagate` (CALM: K/V projected from the exit state) or `skip` (never seen).
+4. Exit modules that attend (FREE's exit transformer) keep their own cache slot, filled with
+   K/V projections of every position that reaches the exit (exact), so the whole module runs
+   only where its output is needed.
+Every forward appends an `accounting.StepRecord` (exit layer per row, block widths, exit
+visits); `accounting` turns those into costs off the hot path. One host sync per forward start
+and at most one per exit point.
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import torch
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .accounting import ExitVisit, StepRecord
 from .backend import Backend
-from .cache import EarlyExitCache
+from .cache import EarlyExitCache, WritePlan
 from .errors import ConfigError
-from .strategy import Strategy
+from .strategy import ExitView, StepContext, Strategy
 
 KV_POLICIES = ("catchup", "propagate", "skip")
 
 
-@dataclasses.dataclass
-class StepRecord:
-    """What one forward did. Counts are position-evaluations for the newest position plus any
-    catch-up work (the prompt's other positions are not counted: the full model pays them too)."""
-
-    exit_layer: torch.Tensor  # (rows,) layers each row's emitted logits came from
-    depth: int  # backbone layers the batch ran on its newest position
-    prefill: bool
-    layer_evals: int = 0  # backbone layer evaluations, catch-up included
-    catchup_evals: int = 0  # of which catch-up of earlier positions
-    exit_module_evals: float = 0.0  # exit-module evaluations, in decoder-layer equivalents
-    head_evals: int = 0  # LM-head read-outs (exit classifiers and the final head)
-    kv_fill_evals: int = 0  # K/V projections written by `propagate`
-
-
-class StepContext:
-    """What a strategy may look at when deciding: the token's index in the generated text and
-    per-row state that follows beam reordering (create tensors with `rows` leading)."""
-
-    def __init__(self, step: int, rows: int, state: dict[str, torch.Tensor]):
-        self.step = step
-        self.rows = rows
-        self.state = state
-
-
 class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
-    """Wraps a backend's language model; `strategy=None` means exits off (plain full depth)."""
+    """Wraps a backend's language model; `strategy=None` means exits off (plain full depth).
+    `gate` (see `earlyexit.gates`) replaces the strategy's rule by a cheap decision on the
+    hidden state; the strategy still supplies the exit's module and read-out."""
 
     _supports_sdpa = True
     _supports_flash_attn = True
@@ -67,19 +50,23 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
     _supports_attention_backend = True
     main_input_name = "input_ids"
 
-    def __init__(self, backend: Backend, strategy: Strategy | None = None, kv_policy: str = "catchup"):
+    def __init__(self, backend: Backend, strategy: Strategy | None = None, kv_policy: str = "catchup", gate=None):
         if kv_policy not in KV_POLICIES:
             raise ConfigError(f"unknown kv policy {kv_policy!r}; choose one of {', '.join(KV_POLICIES)}")
+        if gate is not None and strategy is None:
+            raise ConfigError("a gate decides at a strategy's exits; pass a strategy too")
         super().__init__(backend.text_config)
         self.backend = backend
         self.strategy = strategy
+        self.gate = gate
         self.kv_policy = kv_policy
         self.language_model = backend.language_model  # registered so .to()/.device/.dtype work
         self.generation_config = backend.language_model.generation_config
         self.num_layers = backend.num_layers
         self.layers = backend.decoder_layers()
         self.exit_at: dict[int, int] = {}  # depth -> exit index
-        self.exit_layer_modules: list[torch.nn.Module | None] = []
+        self.exit_attention: list[torch.nn.Module | None] = []
+        self.exit_transforms: list[torch.nn.Module | None] = []
         if strategy is not None:
             self.exit_at = {k: e for e, k in enumerate(strategy.exit_layers)}
             modules = strategy.exit_modules()
@@ -89,12 +76,19 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
                 module = strategy.exit_attention_layer(e)
                 if module is not None:
                     backend.bind_cache_slot(module, self.num_layers + e)
-                self.exit_layer_modules.append(module)
+                self.exit_attention.append(module)
+                self.exit_transforms.append(strategy.exit_transform(e))
+        if gate is not None:
+            self.gate_modules = gate  # registered for .to()
+        self.eager_masks = getattr(backend.text_config, "_attn_implementation", "sdpa") == "eager"
+        # self-speculative decoding drives these (see earlyexit.speculative)
+        self.force_exit: int | None = None  # every row leaves at this exit index (drafting)
+        self.read_block = False  # the final head reads every position of its block (verification)
         self.last_cache: EarlyExitCache | None = None
 
     # -- generation --------------------------------------------------------------------------
     def new_cache(self) -> EarlyExitCache:
-        return EarlyExitCache(self.num_layers + len(self.exit_layer_modules))
+        return EarlyExitCache(self.num_layers + len(self.exit_attention), num_layers=self.num_layers)
 
     @torch.no_grad()
     def generate(self, pixel_values=None, input_ids=None, attention_mask=None, inputs_embeds=None, **kwargs):
@@ -139,133 +133,293 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
             attention_mask = torch.ones(rows, total, dtype=torch.long, device=first.device)
         if position_ids is None:
             position_ids = backend.position_ids(attention_mask)[:, past:total]
-        # catch-up needs the positions of earlier tokens too: the cache keeps them all
-        all_positions = cache.remember_positions(position_ids)
-        hidden = backend.embed(input_ids if inputs_embeds is None else None, inputs_embeds,
-                               all_positions[:, past:total])
-        run = _ForwardRun(self, cache, attention_mask, all_positions, past, total, rows)
-        logits = run.layers(hidden)
+        width = self.backend.text_config.hidden_size
+        cache.reserve(rows, total, first.device, width, self.language_model.dtype)
+        cache.positions[:, past:total] = position_ids
+        hidden = backend.embed(input_ids if inputs_embeds is None else None, inputs_embeds, position_ids)
+        step = _Step(self, cache, attention_mask, input_ids, past, total)
+        logits = step.run(hidden)
         cache.total_length = total
-        return CausalLMOutputWithPast(logits=logits.unsqueeze(1), cache=cache)
+        return CausalLMOutputWithPast(logits=logits if logits.dim() == 3 else logits.unsqueeze(1), cache=cache)
 
 
-class _ForwardRun:
-    """The state of one forward: the running block of hidden states `hidden`, which covers
-    positions [start, total) at the current depth."""
+class _Step:
+    """The state of one forward: the rows still going (`rows`), and their running `block` of
+    hidden states, which covers columns [total - width, total) at the current depth (under
+    `catchup` some rows' leftmost entries are padding: positions that layer already holds)."""
 
-    def __init__(self, model: EarlyExitForCausalLM, cache: EarlyExitCache, attention_mask, all_positions,
-                 past: int, total: int, rows: int):
+    def __init__(self, model: EarlyExitForCausalLM, cache: EarlyExitCache, attention_mask, input_ids,
+                 past: int, total: int):
         self.model, self.backend, self.cache = model, model.backend, cache
-        self.attention_mask, self.all_positions = attention_mask, all_positions
-        self.past, self.total, self.rows = past, total, rows
+        self.attention_mask = attention_mask
+        self.input_ids = input_ids
+        self.past, self.total = past, total
+        self.new = total - past
         self.prefill = past == 0
-        self.masks: dict[tuple, object] = {}
+        self.rows_all = True
+        self.rows: torch.Tensor | None = None
+        self.masks: dict = {}
+        self.rows_version = 0
 
-    def layers(self, hidden: torch.Tensor) -> torch.Tensor:
-        model, cache, strategy = self.model, self.cache, self.model.strategy
-        n = model.num_layers
-        start = self.past
-        exited = torch.zeros(self.rows, dtype=torch.bool, device=hidden.device)
-        exit_layer = torch.full((self.rows,), n, dtype=torch.long, device=hidden.device)
-        emitted = None
-        record = StepRecord(exit_layer=exit_layer, depth=n, prefill=self.prefill)
-        context = StepContext(len(cache.steps), self.rows, cache.strategy_state)
-        depth = 0
-        while depth < n:
-            if model.kv_policy == "catchup":
-                hidden, start = self.catch_up(depth, hidden, start, record)
-            exit_index = model.exit_at.get(depth)
-            if exit_index is not None:
-                newest = self.exit_state(exit_index, hidden, start, record)
-                logits = strategy.exit_logits(exit_index, newest)
-                record.head_evals += int(strategy.uses_head(exit_index))
-                leave = strategy.should_exit(exit_index, logits, newest, context) & ~exited
-                if emitted is None:
-                    emitted = torch.zeros_like(logits)
-                emitted[leave] = logits[leave]
-                exit_layer[leave] = depth
-                exited |= leave
-                if bool(exited.all()) and not self.prefill:
-                    break
-            hidden = self.run_slot(model.layers[depth], depth, hidden, start)
-            record.layer_evals += 1 if self.prefill else hidden.shape[1]
-            depth += 1
-        record.depth = depth
-        if depth == n:
-            final = self.backend.logits(hidden[:, -1])
-            record.head_evals += 1
-            emitted = final if emitted is None else torch.where(exited[:, None], emitted, final)
-            cache.pending = None  # the last layer now holds every position
-        else:
-            self.leave_early(depth, hidden, start, record)
-        cache.steps.append(record)
-        return emitted
-
-    # -- the pieces --------------------------------------------------------------------------
-    def catch_up(self, depth: int, hidden, start: int, record: StepRecord):
-        """Prepend the positions layer `depth` still lacks (stored at exactly this depth)."""
-        held = self.cache.slot_length(depth)
-        if held >= start:
-            return hidden, start
-        pending_start = self.cache.slot_length(self.model.num_layers - 1)
-        waiting = self.cache.pending[:, held - pending_start:start - pending_start]
-        record.catchup_evals += start - held  # layer_evals counts them when the layer runs
-        return torch.cat([waiting, hidden], dim=1), held
-
-    def exit_state(self, exit_index: int, hidden, start: int, record: StepRecord) -> torch.Tensor:
-        """The newest position's hidden state at this exit, after the exit's own attention layer
-        if the strategy has one (run on the positions its cache slot lacks)."""
-        module = self.model.exit_layer_modules[exit_index]
-        if module is None:
-            return hidden[:, -1]
-        slot = self.model.num_layers + exit_index
-        # under `skip` the slot may lack earlier positions for good; otherwise it lacks a suffix
-        slot_start = self.past if self.model.kv_policy == "skip" else self.cache.slot_length(slot)
-        block = hidden[:, slot_start - start:]
-        out = self.run_slot(module, slot, block, slot_start)
-        cost = self.model.strategy.exit_module_layer_cost(exit_index)
-        record.exit_module_evals += cost * (1 if self.prefill else block.shape[1])
-        return out[:, -1]
-
-    def run_slot(self, layer, slot: int, block, block_start: int) -> torch.Tensor:
-        """Run `layer` on positions [block_start, total) against cache slot `slot`."""
-        cache, backend = self.cache, self.backend
-        before = cache.slot_length(slot)
-        held = cache.held_positions(slot)
-        if held is None and before == block_start:
-            key = (before, block_start)
-            mask_2d = self.attention_mask[:, : self.total]
-        else:  # the slot skipped positions: attend to exactly those it holds
-            prefix = torch.arange(before) if held is None else held
-            index = torch.cat([prefix, torch.arange(block_start, self.total)]).to(block.device)
-            key = (slot,)
-            mask_2d = self.attention_mask[:, index]
-        mask = self.masks.get(key)
-        if mask is None:
-            mask = backend.layer_mask(block, mask_2d, cache, slot)
-            self.masks[key] = mask
-        out = backend.run_layer(layer, block, attention_mask=mask,
-                                position_ids=self.all_positions[:, block_start:self.total], cache=cache)
-        cache.note_appended(slot, block_start, self.total, before)
-        return out
-
-    def leave_early(self, depth: int, hidden, start: int, record: StepRecord) -> None:
-        """Every row exited after `depth` layers: give the deeper layers what the policy says."""
+    # -- the loop ----------------------------------------------------------------------------
+    def run(self, hidden: torch.Tensor) -> torch.Tensor:
         model, cache = self.model, self.cache
+        n, total, device = model.num_layers, self.total, hidden.device
+        count = hidden.shape[0]
+        policy = model.kv_policy
+        exit_layer = torch.full((count,), n, dtype=torch.long, device=device)
+        record = StepRecord(exit_layer=exit_layer, new_positions=self.new, widths=[], exits=[],
+                            kv_policy=policy, prefill=self.prefill)
+        cache.steps.append(record)
+        self.context = StepContext(len(cache.steps) - 1, count, cache.strategy_state)
+        self.rows = torch.arange(count, device=device)
+        self.emitted = None
+        if policy == "skip":
+            cache.reached[:, self.past:total] = n
+
+        # one sync: finished rows, whether any position is padding, catch-up widths per layer
+        finished = None
+        pad = model.generation_config.pad_token_id
+        if not self.prefill and model.strategy is not None and self.input_ids is not None and pad is not None:
+            finished = self.input_ids[:, -1] == pad
+        going = ~finished if finished is not None else None
+        parts = [self.attention_mask[:, :total].all().long().view(1)]
+        if going is not None:
+            parts.append(going.sum().view(1))
+        self.lag = None
+        if policy == "catchup" and not self.prefill:
+            self.lag = total - cache.held
+            parts += self._lag_extremes(going)
+        info = torch.cat(parts).tolist()
+        self.no_padding = bool(info[0])
+        info = info[1:]
+        if going is not None:
+            still, info = info[0], info[1:]
+            if still < count:
+                order = torch.argsort(going.to(torch.int8), descending=True, stable=True)
+                exit_layer.masked_fill_(~going, -1)
+                self._shrink(order[:still])
+                hidden = hidden[order[:still]]
+                if still == 0:
+                    vocab = self.backend.text_config.vocab_size
+                    self.emitted = torch.zeros(count, vocab, dtype=model.language_model.dtype, device=device)
+                    return self.emitted
+        self._set_widths(info)
+
+        block, width, previous = hidden, self.new, None
+        for depth in range(n):
+            if self.widths[depth] > width:  # catch-up: the positions this layer still lacks join
+                extra = self.widths[depth]
+                waiting = cache.pending[self.rows, total - extra:total - width]
+                block, width = torch.cat([waiting, block], 1), extra
+            e = model.exit_at.get(depth)
+            if e is not None:
+                block, width, previous = self._exit_point(e, depth, block, width, previous, record)
+                if block is None:
+                    break
+            layer_plan = self._plan(depth, width)
+            cache.plan = layer_plan
+            out = self.backend.run_layer(model.layers[depth], block, attention_mask=self._mask(width, depth),
+                                         position_ids=self._positions(width), cache=cache)
+            previous, block = block[:, -1], out
+            record.widths.append(width)
+        else:
+            self._final(block, width, record)
+        if policy == "catchup":
+            depth = exit_layer.clamp(min=0)[:, None]
+            cache.held = torch.where(torch.arange(n, device=device)[None] < depth, total, cache.held)
+        return self.emitted
+
+    def _exit_point(self, e, depth, block, width, previous, record):
+        """Fill the exit's own slot, let the gate or the strategy decide, retire the rows that
+        leave. Returns the block of the rows still going (None when none is)."""
+        model, cache = self.model, self.cache
+        visit = ExitVisit(index=e, layer=depth)
+        record.exits.append(visit)
+        attention = model.exit_attention[e]
+        if attention is not None:  # K/V of every position reaching the exit: exact, and cheap
+            cache.plan = self._plan(depth, width)
+            self.backend.fill_kv(attention, block, position_ids=self._positions(width), cache=cache)
+            visit.kv_positions = width
+        if self.prefill:
+            return block, width, previous
+        count = block.shape[0]
+        if model.force_exit is not None:
+            if model.force_exit != e:
+                return block, width, previous
+            leave = None
+            leaving = count
+        else:
+            view = ExitView(self, e, depth, block[:, -1], previous, self.rows)
+            if model.gate is not None:
+                leave = model.gate.decide(e, view)
+                visit.gate = True
+            else:
+                leave = model.strategy.should_exit(e, view, self.context)
+            visit.module_all, visit.read_all = view.state_computed, view.logits_computed
+            parts = [leave.sum().view(1)]
+            if self.lag is not None:
+                parts += self._lag_extremes(~leave, rows_local=True)
+            info = torch.cat(parts).tolist()
+            leaving, info = info[0], info[1:]
+            if leaving == 0:
+                return block, width, previous
+        if leave is None:
+            stay, go = None, slice(None)
+        else:
+            order = torch.argsort(leave.to(torch.int8), stable=True)
+            stay, go = order[:count - leaving], order[count - leaving:]
+        rows_out = self.rows[go]
+        if leave is not None and view.logits_computed:
+            logits = view.logits()[go]
+        else:
+            state = view.state()[go] if leave is not None and view.state_computed else \
+                self.exit_state(e, block[go, -1], rows_out)
+            logits = model.strategy.exit_logits(e, state)
+        self._emit(rows_out, logits)
+        self.record_exit(depth, rows_out)
+        self._leave(depth, rows_out, block[go], width)
+        if leaving == count:
+            return None, width, previous
+        self._shrink(self.rows[stay], local=stay)
+        block, previous = block[stay], (previous[stay] if previous is not None else None)
+        self._set_widths(info)
+        trimmed = self.widths[depth]
+        if trimmed < width:  # the rows left behind need fewer catch-up positions here
+            block, width = block[:, width - trimmed:], trimmed
+        return block, width, previous
+
+    def exit_state(self, e: int, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The newest position's state after exit `e`'s own modules, for `rows` (charged by the
+        caller's accounting: whoever asks for it runs it)."""
+        model, cache = self.model, self.cache
+        attention = model.exit_attention[e]
+        if attention is not None:
+            cache.plan = WritePlan(rows=None if self._is_all(rows) else rows, start=self.total - 1, columns=None,
+                                   length=self.total)
+            hidden = self.backend.run_layer(attention, hidden[:, None], attention_mask=self._mask(1, None, rows, e),
+                                            position_ids=cache.positions[rows, self.total - 1:self.total],
+                                            cache=cache)[:, 0]
+        transform = model.exit_transforms[e]
+        return transform(hidden) if transform is not None else hidden
+
+    def _final(self, block, width, record):
+        model = self.model
+        if model.read_block:  # verification reads every real position of the block
+            logits = self.backend.logits(block)
+            record.final_readouts = width
+        else:
+            logits = self.backend.logits(block[:, -1])
+        if self.emitted is None and self.rows_all:
+            self.emitted = logits
+        else:
+            self._emit(self.rows, logits)
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+    def _emit(self, rows, logits):
+        if self.emitted is None:
+            shape = (self.cache.positions.shape[0],) + tuple(logits.shape[1:])
+            self.emitted = logits.new_zeros(shape)
+        self.emitted.index_copy_(0, rows, logits.to(self.emitted.dtype))
+
+    def record_exit(self, depth, rows):
+        self.cache.steps[-1].exit_layer.index_fill_(0, rows, depth)
+
+    def _leave(self, depth: int, rows: torch.Tensor, block: torch.Tensor, width: int) -> None:
+        """`rows` left after `depth` layers: give the deeper slots what the policy says."""
+        model, cache, total = self.model, self.cache, self.total
         n = model.num_layers
-        if model.kv_policy == "catchup":
-            # keep [start, total) at this depth; positions before `start` keep their deeper states
-            pending_start = cache.slot_length(n - 1)
-            older = cache.pending[:, : start - pending_start] if cache.pending is not None else hidden[:, :0]
-            cache.pending = torch.cat([older, hidden], dim=1)
+        if model.kv_policy == "catchup":  # the block's real positions wait at this depth
+            columns = torch.arange(total - width, total, device=block.device)
+            held = cache.held[rows, depth]
+            columns = torch.where(columns[None] >= held[:, None], columns[None], cache.scratch)
+            cache.pending[rows[:, None], columns] = block
         elif model.kv_policy == "propagate":
-            positions = self.all_positions[:, start:self.total]
-            deeper = [(model.layers[j], j) for j in range(depth, n)]
-            deeper += [(m, n + e) for e, m in enumerate(model.exit_layer_modules)
+            deeper = [model.layers[j] for j in range(depth, n)]
+            deeper += [m for e, m in enumerate(model.exit_attention)
                        if m is not None and model.strategy.exit_layers[e] > depth]
-            for layer, slot in deeper:
-                before = cache.slot_length(slot)
-                self.backend.fill_kv(layer, hidden, position_ids=positions, cache=cache)
-                cache.note_appended(slot, start, self.total, before)
-                record.kv_fill_evals += 1
-        # "skip": deeper slots simply never hold these positions
+            cache.plan = WritePlan(rows=rows, start=self.past, columns=None, length=total)
+            newest = block[:, -self.new:]
+            positions = cache.positions[rows, self.past:total]
+            for layer in deeper:
+                self.backend.fill_kv(layer, newest, position_ids=positions, cache=cache)
+        else:  # skip: deeper slots never hold these positions
+            cache.reached[rows, self.past:total] = depth
+
+    def _shrink(self, rows: torch.Tensor, local=None) -> None:
+        self.rows = rows
+        self.rows_all = False
+        self.rows_version += 1
+        if self.lag is not None and local is not None:
+            self.lag = self.lag[local]
+        elif self.lag is not None:
+            self.lag = self.lag[rows]
+
+    def _is_all(self, rows) -> bool:
+        return self.rows_all and rows is self.rows
+
+    def _lag_extremes(self, keep, rows_local: bool = False):
+        """Per layer, the most and fewest positions a kept row lacks (its catch-up width)."""
+        lag = self.lag
+        if keep is None:
+            return [lag.amax(0), lag.amin(0)]
+        keep = keep[:, None]
+        return [lag.masked_fill(~keep, 0).amax(0), lag.masked_fill(~keep, 1 << 30).amin(0)]
+
+    def _set_widths(self, info: list[int]) -> None:
+        n = self.model.num_layers
+        if self.lag is None:
+            self.widths, self.ragged = [self.new] * n, [False] * n
+        else:
+            most, fewest = info[:n], info[n:2 * n]
+            self.widths = [max(m, self.new) for m in most]
+            self.ragged = [m != f for m, f in zip(most, fewest)]
+
+    def _plan(self, depth: int, width: int) -> WritePlan:
+        rows = None if self.rows_all else self.rows
+        total = self.total
+        if self.lag is None or not self.ragged[depth]:
+            return WritePlan(rows=rows, start=total - width, columns=None, length=total)
+        columns = torch.arange(total - width, total, device=self.rows.device)
+        held = self.cache.held[self.rows, depth]
+        columns = torch.where(columns[None] >= held[:, None], columns[None], self.cache.scratch)
+        return WritePlan(rows=rows, start=None, columns=columns, length=total)
+
+    def _positions(self, width: int) -> torch.Tensor:
+        positions = self.cache.positions
+        if self.rows_all:
+            return positions[:, self.total - width:self.total]
+        return positions[self.rows, self.total - width:self.total]
+
+    def _mask(self, width: int, depth: int | None, rows=None, exit_index: int | None = None):
+        """The attention mask of a block of `width` newest positions against [0, total): causal,
+        padding, and under `skip` the positions this slot holds; every query sees itself (so a
+        padded or padding query stays finite)."""
+        skip = self.model.kv_policy == "skip"
+        rows = self.rows if rows is None else rows
+        all_rows = rows is self.rows and self.rows_all
+        if width == 1 and self.no_padding and not skip:
+            return None
+        key = (width, self.rows_version, (depth, exit_index) if skip else None) if rows is self.rows else None
+        mask = self.masks.get(key) if key is not None else None
+        if mask is not None:
+            return mask
+        total = self.total
+        allowed = self.attention_mask[:, :total].bool()
+        if not all_rows:
+            allowed = allowed[rows]
+        if skip:
+            reached = self.cache.reached[rows, :total]
+            held = reached >= self.model.strategy.exit_layers[exit_index] if exit_index is not None else reached > depth
+            allowed = allowed & held
+        queries = torch.arange(total - width, total, device=allowed.device)
+        keys = torch.arange(total, device=allowed.device)
+        causal = keys[None] <= queries[:, None]
+        mask = (allowed[:, None, :] & causal[None]) | (keys[None] == queries[:, None])[None]
+        mask = mask[:, None]
+        if self.model.eager_masks:
+            dtype = self.model.language_model.dtype
+            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+        if key is not None:
+            self.masks[key] = mask
+        return mask

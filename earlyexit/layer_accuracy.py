@@ -50,7 +50,7 @@ def per_layer_accuracy(backend, dataset: Dataset, limit: int | None = 200, batch
 
 @torch.no_grad()
 def exit_accuracy(backend, strategy, dataset: Dataset, limit: int | None = 200, batch_size: int = 32) -> dict:
-    """{exit layer: teacher-forced next-token accuracy} of a strategy with exit transformers."""
+    """{exit layer: teacher-forced next-token accuracy} of a strategy's own exits."""
     from .exit_training import backbone_features
 
     dataset = dataset.subset(limit)
@@ -63,7 +63,7 @@ def exit_accuracy(backend, strategy, dataset: Dataset, limit: int | None = 200, 
         features = backbone_features(backend, batch)
         where = features.targets != -100
         total += int(where.sum())
-        for e, out in enumerate(strategy.teacher_forced_exits(features)):
-            predicted = backend.logits(out[:, :-1]).argmax(-1)
+        for e, out in enumerate(strategy.teacher_forced_states(features)):
+            predicted = strategy.exit_logits(e, out[:, :-1]).argmax(-1)
             correct[e] += int((predicted == features.targets)[where].sum())
     return {k: c / total for k, c in zip(strategy.exit_layers, correct)}

@@ -148,7 +148,7 @@ def run(settings: RunSettings, registry, log=print) -> dict | None:
     timings["evaluate_s"] = time.perf_counter() - began
 
     mid_crisis = None
-    if hasattr(strategy, "teacher_forced_exits") and dev.task == "caption":
+    if strategy.exit_modules() is not None and dev.task == "caption":
         mid_crisis = mid_crisis_report(backend, strategy, dev, output)
 
     timings["total_s"] = time.perf_counter() - started

@@ -16,7 +16,6 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from .backend import Backend
-    from .engine import StepContext
 
 
 @dataclasses.dataclass
@@ -36,7 +35,8 @@ def config_field(default: Any, help: str, **kwargs) -> Any:
 class Strategy:
     """One exit method.
 
-    Subclasses set `name`, `description`, `Config`, and implement `exit_logits` and `should_exit`.
+    Subclasses set `name`, `description`, `Config`, and implement `should_exit` (and
+    `exit_logits` when the exit has its own read-out).
     A strategy instance is bound to one backend and one list of exit layers.
     """
 
@@ -74,34 +74,102 @@ class Strategy:
         """The trainable modules this strategy adds (saved as an adapter), or None."""
         return None
 
-    def exit_module_layer_cost(self, exit_index: int) -> float:
-        """Cost of evaluating exit `exit_index`'s own module (not its head), in decoder-layer
-        equivalents (FREE's exit transformer costs 1)."""
-        return 0.0
+    def exit_attention_layer(self, exit_index: int) -> torch.nn.Module | None:
+        """A decoder layer of the backbone's kind run on the hidden states at this exit before
+        its read-out (FREE's exit transformer), or None. The engine gives it its own cache slot,
+        filled with K/V projections of every position that reaches the exit (exact: a layer's
+        K/V at a position depend only on its input there), and runs the whole layer only for
+        the rows whose state the rule or the emitted logits need."""
+        return None
 
-    def uses_head(self, exit_index: int) -> bool:
-        """Whether deciding at this exit evaluates the LM head (for cost accounting)."""
-        return True
+    def exit_transform(self, exit_index: int) -> torch.nn.Module | None:
+        """A position-wise module (no attention) applied to the exit's hidden state before its
+        read-out, or None. Charged by its parameter count wherever it runs."""
+        return None
+
+    def exit_readout(self, exit_index: int) -> torch.nn.Module | None:
+        """The exit's own classifier when it has one (charged by its parameter count); None
+        means the backbone's shared final norm + LM head."""
+        return None
+
+    def teacher_forced_states(self, features) -> list:
+        """Every exit's state (after its module) over whole sequences, from
+        `exit_training.backbone_features`: what the exit's read-out sees during training."""
+        states = []
+        for e, k in enumerate(self.exit_layers):
+            hidden = features.hidden[k]
+            attention = self.exit_attention_layer(e)
+            if attention is not None:
+                hidden = self.backend.run_layer(attention, hidden, attention_mask=features.mask,
+                                                position_ids=features.positions, cache=None)
+            transform = self.exit_transform(e)
+            states.append(transform(hidden) if transform is not None else hidden)
+        return states
 
     # -- inference ---------------------------------------------------------------------------
     def reset(self) -> None:
         """Called at the start of every generation. Per-row state belongs in `StepContext.state`
         (it follows beam reordering), not on the strategy object."""
 
-    def exit_attention_layer(self, exit_index: int) -> torch.nn.Module | None:
-        """A decoder layer of the backbone's kind run on the hidden states at this exit before
-        its classifier (FREE's exit transformer), or None. The engine gives it its own cache
-        slot, kept under the same kv policy as the backbone layers."""
-        return None
+    def exit_logits(self, exit_index: int, state: torch.Tensor) -> torch.Tensor:
+        """Logits (rows, vocab) from the newest position's state (rows, width) at this exit,
+        after the exit's attention layer / transform if it has them. Default: the shared head."""
+        return self.backend.logits(state)
 
-    def exit_logits(self, exit_index: int, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits (rows, vocab) for the newest position from its hidden state (rows, width)
-        after decoder layer `self.exit_layers[exit_index]`."""
+    def should_exit(self, exit_index: int, view: ExitView, context: StepContext) -> torch.Tensor:
+        """Boolean (rows,): which of the rows present at this exit leave here. Decide from what is
+        cheap first: `view.hidden` (the state after the exit layer, before any exit module),
+        `view.previous` (one layer earlier), `context.token` (what earlier exits of this token
+        saw) and `context.state` (per-row state across tokens). `view.logits()` runs the exit's
+        module and read-out for every row present and is charged for it; rows that leave without
+        it get their read-out computed (and charged) for them alone."""
         raise NotImplementedError
 
-    def should_exit(self, exit_index: int, logits: torch.Tensor, hidden: torch.Tensor,
-                    context: StepContext) -> torch.Tensor:
-        """Boolean (rows,): which rows are confident enough to leave at this exit. `context.step`
-        is the index of the token being generated (0 for the first); `context.state` holds
-        per-row tensors that follow beam reordering."""
-        raise NotImplementedError
+
+class StepContext:
+    """What a strategy may look at when deciding: the index of the token being generated (0 for
+    the first), per-row `state` that follows beam reordering across tokens, and `token`: a
+    scratch dict for the current token that is emptied at every forward (PABEE's last argmax,
+    MuE's previous hidden state). Tensors in both are indexed by the batch row; `view.rows`
+    says which rows are present at an exit."""
+
+    def __init__(self, step: int, rows: int, state: dict):
+        self.step = step
+        self.rows = rows
+        self.state = state
+        self.token: dict = {}
+
+
+class ExitView:
+    """One exit point for the rows still going. Lazily runs the exit's module and read-out (for
+    every row present) and remembers that it did, for the engine's accounting."""
+
+    def __init__(self, run, exit_index: int, layer: int, hidden, previous, rows):
+        self._run = run
+        self.index = exit_index
+        self.layer = layer
+        self.hidden = hidden  # (rows present, width): the newest position after `layer` layers
+        self.previous = previous  # (rows present, width): the same position one layer earlier
+        self.rows = rows  # (rows present,) long: their indices in the batch
+        self._state = None
+        self._logits = None
+
+    def state(self):
+        """The exit module's output for every row present (the hidden state when it has none)."""
+        if self._state is None:
+            self._state = self._run.exit_state(self.index, self.hidden, self.rows)
+        return self._state
+
+    def logits(self):
+        """The exit's read-out for every row present (charged: module and read-out per row)."""
+        if self._logits is None:
+            self._logits = self._run.model.strategy.exit_logits(self.index, self.state())
+        return self._logits
+
+    @property
+    def state_computed(self) -> bool:
+        return self._state is not None
+
+    @property
+    def logits_computed(self) -> bool:
+        return self._logits is not None

@@ -29,11 +29,8 @@ class ConfidenceStrategy(Strategy):
     description = "untrained exits: the frozen final norm + LM head at each exit, leave when max softmax >= threshold"
     Config = ConfidenceConfig
 
-    def exit_logits(self, exit_index, hidden):
-        return self.backend.logits(hidden)
-
-    def should_exit(self, exit_index, logits, hidden, context):
-        return logits.float().softmax(-1).amax(-1) >= self.config.threshold
+    def should_exit(self, exit_index, view, context):
+        return view.logits().float().softmax(-1).amax(-1) >= self.config.threshold
 
 
 @hookimpl

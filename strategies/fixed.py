@@ -37,14 +37,11 @@ class FixedStrategy(Strategy):
             raise ConfigError(f"the fixed strategy exits at exactly one layer; got {self.exit_layers} "
                               "(pass e.g. --exit-layers 4)")
 
-    def exit_logits(self, exit_index, hidden):
-        return self.backend.logits(hidden)
-
-    def should_exit(self, exit_index, logits, hidden, context):
+    def should_exit(self, exit_index, view, context):
         import torch
 
-        leave = context.step % self.config.every == 0
-        return torch.full((logits.shape[0],), leave, dtype=torch.bool, device=logits.device)
+        leave = context.step % self.config.every == 0  # decided without any read-out
+        return torch.full((view.hidden.shape[0],), leave, dtype=torch.bool, device=view.hidden.device)
 
 
 @hookimpl

@@ -131,14 +131,10 @@ class FreeStrategy(Strategy):
     def exit_attention_layer(self, exit_index):
         return self.exit_transformers[exit_index]
 
-    def exit_module_layer_cost(self, exit_index):
-        return 1.0
-
-    def exit_logits(self, exit_index, hidden):
-        return self.backend.logits(hidden)
-
-    def should_exit(self, exit_index, logits, hidden, context):
-        return logits.float().softmax(-1).amax(-1) >= self.config.threshold
+    def should_exit(self, exit_index, view, context):
+        # the paper's rule needs the exit transformer and the head for every row present; a
+        # gate (earlyexit.gates) decides from the hidden state instead and runs them for leavers
+        return view.logits().float().softmax(-1).amax(-1) >= self.config.threshold
 
     # -- training ----------------------------------------------------------------------------
     def training_modules(self) -> dict:
@@ -153,12 +149,6 @@ class FreeStrategy(Strategy):
     def training_groups(self) -> dict:
         return {group: dict(module.named_parameters()) for group, module in self.training_modules().items()}
 
-    def teacher_forced_exits(self, features) -> list:
-        """E_k(h_k) for every exit over whole sequences (`features` from `backbone_features`)."""
-        return [self.backend.run_layer(module, features.hidden[k], attention_mask=features.mask,
-                                       position_ids=features.positions, cache=None)
-                for module, k in zip(self.exit_transformers, self.exit_layers)]
-
     def training_step(self, batch, engine) -> dict:
         """One alternating step: the feature classifiers first, then the exit transformers."""
         import torch.nn.functional as F
@@ -168,7 +158,7 @@ class FreeStrategy(Strategy):
         features = backbone_features(self.backend, batch)
         where = features.targets != -100  # positions that predict a reference (or sampled) token
         real = features.hidden[-1][:, :-1][where]
-        fakes = [out[:, :-1][where] for out in self.teacher_forced_exits(features)]
+        fakes = [out[:, :-1][where] for out in self.teacher_forced_states(features)]
         losses = {}
         if self.config.adversarial:
             loss_fc = sum(feature_classifier_loss(d(real), d(fake.detach()))

@@ -19,11 +19,8 @@ THIRD_PARTY = """
         name = "first-exit"
         description = "leaves at the first exit, always"
 
-        def exit_logits(self, exit_index, hidden):
-            return self.backend.logits(hidden)
-
-        def should_exit(self, exit_index, logits, hidden, context):
-            return torch.ones(logits.shape[0], dtype=torch.bool)
+        def should_exit(self, exit_index, view, context):
+            return torch.ones(view.hidden.shape[0], dtype=torch.bool)
 
     class MyBlip2(Blip2OptBackend):
         name = "my-blip2"

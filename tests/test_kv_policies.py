@@ -19,16 +19,20 @@ def fixed(registry, backend, layer, every):
 
 
 def assert_cache_matches_full_forward(cache, backend, inputs, sequences, drop_last=True):
-    """Every slot holds exactly the K/V of one full forward, for the positions it holds."""
+    """Every layer holds, per row, a prefix of positions (catch-up) whose K/V equal one full
+    forward's; returns how many positions lag behind in total."""
     reference, mask = full_forward_cache(backend, inputs, sequences, drop_last)
-    for j in range(backend.num_layers):
-        held = cache.slot_length(j)
-        assert cache.held_positions(j) is None  # catch-up keeps every slot a prefix
-        real = mask[:, :held].bool()  # pad positions' own states are never read
-        for name in ("keys", "values"):
-            got = getattr(cache.layers[j], name).transpose(1, 2)[real]
-            want = getattr(reference.layers[j], name)[:, :, :held].transpose(1, 2)[real]
-            torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    lagging = 0
+    for r in range(sequences.shape[0]):
+        for j in range(backend.num_layers):
+            held = int(cache.held[r, j])
+            lagging += cache.total_length - held
+            real = mask[r, :held].bool()  # pad positions' own states are never read
+            for name in ("keys", "values"):
+                got = getattr(cache.layers[j], name)[r, :, :held].transpose(0, 1)[real]
+                want = getattr(reference.layers[j], name)[r, :, :held].transpose(0, 1)[real]
+                torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    return lagging
 
 
 class CacheSnapshots(LogitsProcessor):
@@ -50,12 +54,12 @@ def test_catchup_cache_equals_full_forward_greedy(registry, backend6, batch2, ev
     assert (layers == 2).any()
     if every > 1:
         assert (layers == 6).any()
-        assert sum(r.catchup_evals for r in model.last_trace.steps) > 0
-    assert_cache_matches_full_forward(model.last_cache, backend6, batch2, sequences)
-    # deep layers lag behind by the positions still waiting, and the pending states cover them
-    cache = model.last_cache
-    lag = cache.total_length - cache.slot_length(5)
-    assert (0 if cache.pending is None else cache.pending.shape[1]) == lag
+        assert sum(r.catchup_positions for r in model.last_trace.steps) > 0
+    lagging = assert_cache_matches_full_forward(model.last_cache, backend6, batch2, sequences)
+    # held is non-increasing with depth: deep layers lag by the positions still waiting
+    held = model.last_cache.held
+    assert (held[:, 1:] <= held[:, :-1]).all()
+    assert (lagging > 0) == (model.last_trace.exit_layers[:, -1] == 2).any().item()
 
 
 def test_catchup_with_confidence_mixes_depths(registry, backend6, batch2):
@@ -74,7 +78,7 @@ def test_catchup_cache_equals_full_forward_beam(registry, backend6, batch2):
     model.generate(**batch2, max_new_tokens=7, num_beams=3, do_sample=False, cache=cache,
                    logits_processor=LogitsProcessorList([snapshots]), **no_eos(backend6))
     assert (model.last_trace.exit_layers == 3).any()
-    assert sum(r.catchup_evals for r in model.last_trace.steps) > 0
+    assert sum(r.catchup_positions for r in model.last_trace.steps) > 0
     for running, snapshot in snapshots.snapshots[1:]:
         # after each forward the cache holds every fed token of the running beams
         assert_cache_matches_full_forward(snapshot, backend6, batch2, running, drop_last=False)
@@ -104,8 +108,6 @@ def test_propagate_fills_deep_layers_from_exit_state(registry, backend6, batch2)
             values = attn.v_proj(x).view(2, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
             torch.testing.assert_close(cache.layers[j].keys[:, :, position:position + 1], keys)
             torch.testing.assert_close(cache.layers[j].values[:, :, position:position + 1], values)
-    # every layer holds every position under propagate
-    assert {cache.slot_length(j) for j in range(backend6.num_layers)} == {cache.total_length}
 
 
 def test_skip_leaves_exited_positions_out_of_deep_layers(registry, backend6, batch2):
@@ -115,12 +117,10 @@ def test_skip_leaves_exited_positions_out_of_deep_layers(registry, backend6, bat
     prompt = batch2["input_ids"].shape[1]
     skipped = {prompt + t - 1 for t, r in enumerate(model.last_trace.steps) if r.depth == 2}
     assert skipped
-    everything = set(range(cache.total_length))
-    for j in range(backend6.num_layers):
-        held = cache.held_positions(j)
-        held = set(range(cache.slot_length(j))) if held is None else set(held.tolist())
-        assert held == (everything if j < 2 else everything - skipped)
-        assert cache.slot_length(j) == len(held)
+    # the depth each position reached; layer j attends only to positions that reached beyond it
+    reached = cache.reached[:, :cache.total_length]
+    for p in range(cache.total_length):
+        assert (reached[:, p] == (2 if p in skipped else 6)).all()
 
 
 class AttentionExit(Strategy):
@@ -140,14 +140,8 @@ class AttentionExit(Strategy):
     def exit_attention_layer(self, exit_index):
         return self.modules[exit_index]
 
-    def exit_module_layer_cost(self, exit_index):
-        return 1.0
-
-    def exit_logits(self, exit_index, hidden):
-        return self.backend.logits(hidden)
-
-    def should_exit(self, exit_index, logits, hidden, context):
-        return torch.full((logits.shape[0],), context.step % self.every == 0)
+    def should_exit(self, exit_index, view, context):
+        return torch.full((view.hidden.shape[0],), context.step % self.every == 0)
 
 
 def test_exit_transformer_keeps_its_own_exact_cache_under_catchup(backend6, batch2):
@@ -163,20 +157,20 @@ def test_exit_transformer_keeps_its_own_exact_cache_under_catchup(backend6, batc
     with torch.no_grad():
         hidden = backend6.language_model(inputs_embeds=embeds, attention_mask=mask,
                                          output_hidden_states=True).hidden_states
-        from earlyexit.cache import EarlyExitCache
+        from transformers import DynamicCache
         from transformers.masking_utils import create_causal_mask
 
         for e, depth in enumerate(strategy.exit_layers):
             slot = backend6.num_layers + e
-            reference = EarlyExitCache(slot + 1)
+            reference = DynamicCache()
             full_mask = create_causal_mask(config=backend6.text_config, inputs_embeds=hidden[depth],
-                                           attention_mask=mask, cache=reference, layer_idx=slot)
+                                           attention_mask=mask, cache=None)
             positions = backend6.position_ids(mask)
             strategy.modules[e](hidden[depth], attention_mask=full_mask, position_ids=positions, cache=reference)
-            held = cache.slot_length(slot)
-            assert held >= cache.slot_length(depth)
-            real = mask[:, :held].bool()
-            torch.testing.assert_close(cache.layers[slot].keys.transpose(1, 2)[real],
-                                       reference.layers[slot].keys[:, :, :held].transpose(1, 2)[real],
-                                       atol=ATOL, rtol=0)
+            for r in range(sequences.shape[0]):
+                held = int(cache.held[r, depth])  # the slot holds at least what layer `depth` holds
+                real = mask[r, :held].bool()
+                torch.testing.assert_close(cache.layers[slot].keys[r, :, :held].transpose(0, 1)[real],
+                                           reference.layers[slot].keys[r, :, :held].transpose(0, 1)[real],
+                                           atol=ATOL, rtol=0)
     assert_cache_matches_full_forward(model.last_cache, backend6, batch2, sequences)

@@ -1,0 +1,163 @@
+"""Exit gates: decide on the hidden state, before any exit module or LM head runs.
+
+A gate replaces a strategy's own rule at its exits; the strategy still supplies the exit's
+module and read-out, which then run only for the rows that leave. Two gates:
+
+- `learned` (CALM's learned classifier, Schuster et al. 2022): per exit, a layer norm and a
+  linear scorer (or a small MLP) on the exit's hidden state, trained with the backbone and
+  the exits frozen to predict that the exit's token equals the final layer's. It reads the
+  state *before* the exit module, so for FREE the exit transformer runs only for leavers.
+  Trained in seconds inside `earlyexit run`; saved as safetensors + JSON like an adapter.
+- `cosine` (zero parameters): leave when the cosine similarity of the hidden states after the
+  exit layer and one layer earlier reaches the threshold (the residual stream has settled).
+
+A row leaves when its score reaches `threshold` (a probability for `learned`, a cosine for
+`cosine`); a threshold above the score's range never fires.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import torch
+
+from .errors import CheckpointError, ConfigError
+
+GATES = ("learned", "cosine")
+COSINE_GRID = (0.9, 0.95, 0.98, 0.99, 0.995, 0.999)
+
+
+class LearnedGate(torch.nn.Module):
+    kind = "learned"
+
+    def __init__(self, width: int, num_exits: int, hidden: int = 0, threshold: float = 0.9):
+        super().__init__()
+        self.width, self.hidden_units = width, hidden
+        self.scorers = torch.nn.ModuleList(self._scorer(width, hidden) for _ in range(num_exits))
+        self.threshold = threshold
+
+    @staticmethod
+    def _scorer(width: int, hidden: int) -> torch.nn.Module:
+        if hidden:
+            return torch.nn.Sequential(torch.nn.LayerNorm(width), torch.nn.Linear(width, hidden), torch.nn.GELU(),
+                                       torch.nn.Linear(hidden, 1))
+        return torch.nn.Sequential(torch.nn.LayerNorm(width), torch.nn.Linear(width, 1))
+
+    def score(self, exit_index: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Pre-sigmoid score that the exit's token equals the final layer's."""
+        return self.scorers[exit_index](hidden).squeeze(-1)
+
+    def decide(self, exit_index: int, view) -> torch.Tensor:
+        if self.threshold >= 1.0:
+            return torch.zeros(view.hidden.shape[0], dtype=torch.bool, device=view.hidden.device)
+        if self.threshold <= 0.0:
+            return torch.ones(view.hidden.shape[0], dtype=torch.bool, device=view.hidden.device)
+        # sigmoid(s) >= p  <=>  s >= logit(p): no sigmoid in the hot path
+        return self.score(exit_index, view.hidden) >= math.log(self.threshold / (1 - self.threshold))
+
+    def param_count(self, exit_index: int) -> int:
+        return sum(p.numel() for p in self.scorers[exit_index].parameters())
+
+    # -- saving, adapter style -------------------------------------------------------------
+    def save(self, folder: str, extra: dict | None = None) -> None:
+        from safetensors.torch import save_file
+
+        from .files import atomic_folder
+
+        with atomic_folder(folder) as temporary:
+            save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()},
+                      os.path.join(temporary, "gate.safetensors"))
+            with open(os.path.join(temporary, "gate_config.json"), "w") as handle:
+                json.dump({"kind": self.kind, "width": self.width, "hidden": self.hidden_units,
+                           "exits": len(self.scorers), "threshold": self.threshold, **(extra or {})}, handle, indent=2)
+
+    @classmethod
+    def load(cls, folder: str) -> LearnedGate:
+        from safetensors.torch import load_file
+
+        try:
+            with open(os.path.join(folder, "gate_config.json")) as handle:
+                config = json.load(handle)
+            gate = cls(config["width"], config["exits"], config["hidden"], config["threshold"])
+            gate.load_state_dict(load_file(os.path.join(folder, "gate.safetensors")))
+        except (OSError, KeyError, TypeError, ValueError, RuntimeError) as error:
+            raise CheckpointError(f"{folder} does not hold a readable learned gate ({error}); train it again") from error
+        return gate.eval()
+
+
+class CosineGate:
+    kind = "cosine"
+
+    def __init__(self, threshold: float = 0.99):
+        self.threshold = threshold
+
+    def decide(self, exit_index: int, view) -> torch.Tensor:
+        if view.previous is None:
+            return torch.zeros(view.hidden.shape[0], dtype=torch.bool, device=view.hidden.device)
+        similarity = torch.nn.functional.cosine_similarity(view.hidden.float(), view.previous.float(), dim=-1)
+        return similarity >= self.threshold
+
+    def param_count(self, exit_index: int) -> int:
+        return 0
+
+    def to(self, *args, **kwargs):  # nothing to move
+        return self
+
+
+def make_gate(kind: str, width: int, num_exits: int, threshold: float | None = None, hidden: int = 0):
+    if kind == "learned":
+        return LearnedGate(width, num_exits, hidden, 0.9 if threshold is None else threshold)
+    if kind == "cosine":
+        return CosineGate(0.99 if threshold is None else threshold)
+    raise ConfigError(f"unknown gate {kind!r}; choose one of {', '.join(GATES)} (or none)")
+
+
+# -- training the learned gate ------------------------------------------------------------------
+@torch.no_grad()
+def gate_examples(backend, strategy, dataset, limit: int = 256, batch_size: int = 32):
+    """Per exit: hidden states at the exit (positions that predict a caption/answer token) and
+    whether the strategy's exit there predicts the same token as the final layer."""
+    from .batching import TrainingBatches, prompt_for, target_for
+    from .exit_training import backbone_features
+
+    dataset = dataset.subset(limit)
+    batches = TrainingBatches(backend, [dataset], batch_size=batch_size, seed=0)
+    inputs = [[] for _ in strategy.exit_layers]
+    labels = [[] for _ in strategy.exit_layers]
+    for start in range(0, len(dataset), batch_size):
+        samples = dataset.samples[start:start + batch_size]
+        rows = [batches.encode(prompt_for(s, dataset.task), target_for(s, dataset.task)) for s in samples]
+        batch = batches.collate(rows, batches.pixels[batches.pixel_row[0][start:start + len(samples)]])
+        features = backbone_features(backend, batch)
+        where = features.targets != -100
+        final = features.final_logits[:, :-1].argmax(-1)[where]
+        for e, state in enumerate(strategy.teacher_forced_states(features)):
+            predicted = strategy.exit_logits(e, state[:, :-1][where]).argmax(-1)
+            inputs[e].append(features.hidden[strategy.exit_layers[e]][:, :-1][where])
+            labels[e].append((predicted == final).float())
+    return [torch.cat(x) for x in inputs], [torch.cat(y) for y in labels]
+
+
+def train_gate(gate: LearnedGate, backend, strategy, dataset, steps: int = 300, learning_rate: float = 3e-3,
+               limit: int = 256, seed: int = 0) -> dict:
+    """Fit each exit's scorer with binary cross-entropy on teacher-forced examples; returns the
+    final loss and the share of positive examples per exit."""
+    inputs, labels = gate_examples(backend, strategy, dataset, limit=limit)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(gate.parameters(), lr=learning_rate)
+    gate.train()
+    loss = torch.tensor(0.0)
+    for _ in range(steps):
+        loss = 0.0
+        for e, (x, y) in enumerate(zip(inputs, labels)):
+            pick = torch.randint(len(x), (min(len(x), 512),), generator=generator)
+            loss = loss + torch.nn.functional.binary_cross_entropy_with_logits(gate.score(e, x[pick]), y[pick])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    gate.eval()
+    gate.requires_grad_(False)
+    return {"loss": float(loss), "positives": [float(y.mean()) for y in labels],
+            "examples": [len(y) for y in labels]}

@@ -1,0 +1,180 @@
+"""Self-speculative decoding: the exits draft, the full model verifies; the output is the full
+model's, token for token (greedy).
+
+After the prompt pass (full depth), each round
+1. drafts up to `draft_length` tokens greedily at one exit (`draft_exit`): every draft step
+   runs the layers up to that exit and the exit's own module and read-out; under `catchup`
+   the drafted positions wait there with their hidden states;
+2. verifies them with one forward of the last draft token at full depth: the engine's
+   catch-up runs every waiting position through the deeper layers in the same batched call,
+   reusing the shallow K/V the drafts already wrote (LayerSkip's `forward_remainder`), and the
+   final head reads every position of that block;
+3. keeps the longest prefix of drafts the full model agrees with, plus the full model's own
+   next token (a correction, or a bonus token when every draft was right), and crops the
+   cache back to the kept positions.
+transformers' `assistant_early_exit` cannot serve here (OPT and T5 run every layer regardless,
+BLIP-2 refuses), so this is a small loop of our own over the early-exit engine. Rows are
+decoded one at a time (each row accepts a different number of drafts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .errors import ConfigError
+
+
+@dataclasses.dataclass
+class SpeculativeStats:
+    rounds: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    tokens: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else float("nan")
+
+    @property
+    def mean_draft_length(self) -> float:
+        return self.drafted / self.rounds if self.rounds else float("nan")
+
+    def add(self, other: SpeculativeStats) -> None:
+        for field in dataclasses.fields(self):
+            setattr(self, field.name, getattr(self, field.name) + getattr(other, field.name))
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "acceptance_rate": self.acceptance_rate,
+                "mean_draft_length": self.mean_draft_length}
+
+
+class SelfSpeculativeDecoder:
+    """Greedy self-speculative decoding over an `EarlyExitForCausalLM` (its kv policy must be
+    `catchup`, which is what reuses the drafts' shallow work)."""
+
+    def __init__(self, model, draft_exit: int | None = None, draft_length: int = 4):
+        if model.strategy is None:
+            raise ConfigError("speculative decoding drafts with a strategy's exits; pass --strategy")
+        if model.kv_policy != "catchup":
+            raise ConfigError("speculative decoding needs --kv-policy catchup (the verification reuses the "
+                              "drafts' shallow K/V and exit states)")
+        exits = len(model.strategy.exit_layers)
+        self.draft_exit = exits // 2 if draft_exit is None else draft_exit
+        if not 0 <= self.draft_exit < exits:
+            raise ConfigError(f"draft exit index {self.draft_exit} is out of range: the strategy has {exits} exits "
+                              f"(layers {model.strategy.exit_layers})")
+        if draft_length < 1:
+            raise ConfigError(f"the draft length must be at least 1 (got {draft_length})")
+        self.model, self.draft_length = model, draft_length
+        self.last_stats = SpeculativeStats()
+        self.last_records: list = []
+
+    @property
+    def draft_layer(self) -> int:
+        return self.model.strategy.exit_layers[self.draft_exit]
+
+    @torch.no_grad()
+    def generate(self, pixel_values=None, input_ids=None, attention_mask=None, max_new_tokens: int = 20,
+                 **unused) -> torch.Tensor:
+        """(rows, prompt + generated) like `generate`; rows shorter than the longest are padded."""
+        rows = input_ids.shape[0]
+        stats, records, outputs = SpeculativeStats(), [], []
+        pad = self.model.generation_config.pad_token_id
+        for r in range(rows):
+            keep = attention_mask[r].bool() if attention_mask is not None else torch.ones_like(input_ids[r], dtype=torch.bool)
+            ids = input_ids[r:r + 1, keep]
+            new, row_stats, row_records = self._one(pixel_values[r:r + 1], ids, max_new_tokens)
+            stats.add(row_stats)
+            records.append(row_records)
+            outputs.append(new)
+        width = max(len(o) for o in outputs)
+        new_tokens = torch.full((rows, width), pad if pad is not None else 0, dtype=input_ids.dtype,
+                                device=input_ids.device)
+        for r, tokens in enumerate(outputs):
+            new_tokens[r, :len(tokens)] = torch.tensor(tokens, dtype=input_ids.dtype)
+        self.last_stats, self.last_records = stats, records
+        return torch.cat([input_ids, new_tokens], 1)
+
+    def _one(self, pixel_values, input_ids, max_new_tokens: int):
+        model = self.model
+        eos = model.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos]))
+        model.strategy.reset()
+        cache = model.new_cache()
+        stats = SpeculativeStats()
+        embeds = model.backend.decoder_inputs_embeds(pixel_values, input_ids)
+        try:
+            model.force_exit, model.read_block = -1, False
+            logits = model(inputs_embeds=embeds, attention_mask=torch.ones_like(input_ids), cache=cache).logits
+            tokens = [int(logits[0, -1].argmax())]
+            while len(tokens) < max_new_tokens and tokens[-1] not in eos:
+                budget = max_new_tokens - len(tokens)
+                drafts = self._draft(cache, tokens[-1], min(self.draft_length, budget - 1), eos)
+                verified = self._verify(cache, drafts[-1] if drafts else tokens[-1])
+                # verified[i]: the full model's token after drafts[:i]
+                accepted = 0
+                while accepted < len(drafts) and drafts[accepted] == verified[accepted]:
+                    accepted += 1
+                stats.rounds += bool(drafts)
+                stats.drafted += len(drafts)
+                stats.accepted += accepted
+                new = drafts[:accepted] + [verified[accepted]]
+                kept = cache.total_length - (len(drafts) - accepted)
+                cache.crop(kept)
+                tokens += new[:budget]
+                if any(t in eos for t in new[:budget]):
+                    tokens = tokens[:next(i for i, t in enumerate(tokens) if t in eos) + 1]
+                    break
+        finally:
+            model.force_exit, model.read_block = None, False
+        stats.tokens = len(tokens)
+        return tokens, stats, cache.steps
+
+    def _draft(self, cache, last: int, count: int, eos) -> list[int]:
+        model = self.model
+        model.force_exit, model.read_block = self.draft_exit, False
+        drafts = []
+        token = last
+        for _ in range(count):
+            logits = model(input_ids=torch.tensor([[token]]), attention_mask=self._mask(cache), cache=cache).logits
+            token = int(logits[0, -1].argmax())
+            drafts.append(token)
+            if token in eos:
+                break
+        return drafts
+
+    def _verify(self, cache, token: int) -> list[int]:
+        """Feed `token` at full depth; the full model's greedy token after every waiting position."""
+        model = self.model
+        model.force_exit, model.read_block = -1, True
+        logits = model(input_ids=torch.tensor([[token]]), attention_mask=self._mask(cache), cache=cache).logits
+        record = cache.steps[-1]
+        return logits[0, -record.final_readouts:].argmax(-1).tolist()
+
+    @staticmethod
+    def _mask(cache):
+        return torch.ones(1, cache.total_length + 1, dtype=torch.long)
+
+
+def speculative_summary(records_per_row: list[list], costs, stats: SpeculativeStats) -> dict:
+    """Layer-equivalent cost of everything the rounds ran (rejected drafts included) against the
+    full model's cost for the same tokens: end to end and for the decode phase."""
+    spent = decode_spent = full = decode_full = 0.0
+    per_token = costs.num_layers + costs.head_cost
+    for records in records_per_row:
+        for record in records:
+            depth = int(record.exit_layer[0])
+            cost = costs.breakdown(record, depth)["total"]
+            spent += cost
+            if record.prefill:
+                full += costs.full_cost(record)
+            else:
+                decode_spent += cost
+    decode_tokens = stats.tokens - len(records_per_row)
+    decode_full = decode_tokens * per_token
+    full += decode_full
+    return {"layer_speedup": full / spent if spent else float("nan"),
+            "decode_layer_speedup": decode_full / decode_spent if decode_spent else float("nan"),
+            **stats.to_dict()}
