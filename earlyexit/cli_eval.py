@@ -18,10 +18,15 @@ def format_report(result: dict) -> str:
     for metric, reason in result["quality"].get("skipped", {}).items():
         lines.append(f"  ({metric} skipped: {reason})")
     speed = result["speed"]
-    wall = f"{speed['wall_speedup']:.2f}x" if speed.get("wall_speedup") else "n/a (full model)"
-    lines.append(f"speed-up: param {speed['param_speedup']:.2f}x  layer {speed['layer_speedup']:.2f}x  wall {wall}"
-                 f"   ({speed['tokens']} tokens, mean exit layer {speed['mean_exit_layer']:.2f} of "
-                 f"{result['num_layers']})")
+    wall = (f"{speed['wall_speedup']:.2f}x end to end, {speed['decode_wall_speedup']:.2f}x decoding"
+            if speed.get("wall_speedup") else "n/a (full model)")
+    lines.append(f"speed-up: param {speed['param_speedup']:.2f}x  layer {speed['layer_speedup']:.2f}x "
+                 f"(decoding {speed['decode_layer_speedup']:.2f}x)  wall {wall}"
+                 f"   ({speed['tokens']} tokens, {speed['tokens_per_s']:.1f} tokens/s, mean exit layer "
+                 f"{speed['mean_exit_layer']:.2f} of {result['num_layers']})")
+    if "acceptance_rate" in speed:
+        lines.append(f"speculative: drafts at layer {speed['draft_exit_layer']}, {speed['mean_draft_length']:.2f} "
+                     f"tokens per round, {100 * speed['acceptance_rate']:.1f}% accepted")
     total = sum(result["exit_layer_histogram"].values()) or 1
     lines.append("exit layers: " + "  ".join(f"{k}: {100 * v / total:.1f}%"
                                              for k, v in result["exit_layer_histogram"].items()))
@@ -71,7 +76,11 @@ class EvalCommand:
         report_plugin_failures(registry)
         dataset = load_dataset(args.data, args.split)
         backend, strategy, model = load_model(registry, args)
-        result = evaluate(backend, strategy, dataset, settings, kv_policy=args.kv_policy)
+        from .cli_generate import draft_exit_index
+
+        result = evaluate(backend, strategy, dataset, settings, kv_policy=args.kv_policy, gate=model.gate,
+                          decode=args.decode, draft_exit=draft_exit_index(args, strategy),
+                          draft_length=args.draft_length)
         if result is None:  # not rank 0: it reports for everyone
             return 0
         print(format_report(result))

@@ -41,6 +41,57 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated exit layers, counted in decoder layers from 1 (default: the strategy's)")
     parser.add_argument("--kv-policy", choices=["catchup", "propagate", "skip"], default="catchup",
                         help="what deeper layers get for a token that left early (default: catchup, exact)")
+    add_speed_arguments(parser)
+
+
+def add_speed_arguments(parser: argparse.ArgumentParser, learned_gate_help: str = "learned:FOLDER (a saved gate)") -> None:
+    """Gate and decode mode, shared by generate, eval and run."""
+    parser.add_argument("--gate", default="none",
+                        help=f"decide before the head: none (the strategy's rule), cosine (zero parameters) or "
+                             f"{learned_gate_help}")
+    parser.add_argument("--gate-threshold", type=float, help="the gate's threshold (learned: a probability; cosine: "
+                                                             "a similarity)")
+    parser.add_argument("--decode", choices=["early-exit", "speculative"], default="early-exit",
+                        help="early-exit (tokens leave at their exit) or speculative (exits draft, the full model "
+                             "verifies: its output, token for token; greedy)")
+    parser.add_argument("--draft-exit", type=int, help="exit layer that drafts in speculative mode (default: the "
+                                                       "middle exit)")
+    parser.add_argument("--draft-length", type=positive_int, default=4, help="tokens drafted per round (default 4)")
+
+
+def build_gate(args, strategy, width: int):
+    """The gate named by --gate (None for none)."""
+    from .gates import CosineGate, LearnedGate
+
+    spec = args.gate or "none"
+    if spec == "none":
+        if args.gate_threshold is not None:
+            raise ConfigError("--gate-threshold needs a --gate (cosine or learned:FOLDER)")
+        return None
+    if strategy is None:
+        raise ConfigError("--gate decides at a strategy's exits; pass --strategy too")
+    if spec == "cosine":
+        return CosineGate(0.99 if args.gate_threshold is None else args.gate_threshold)
+    if spec.startswith("learned:"):
+        gate = LearnedGate.load(spec[len("learned:"):])
+        if len(gate.scorers) != len(strategy.exit_layers) or gate.width != width:
+            raise ConfigError(f"the gate in {spec[8:]} has {len(gate.scorers)} exits of width {gate.width}; this "
+                              f"model has {len(strategy.exit_layers)} exits of width {width}")
+        if args.gate_threshold is not None:
+            gate.threshold = args.gate_threshold
+        return gate
+    raise ConfigError(f"unknown --gate {spec!r}; use none, cosine or learned:FOLDER")
+
+
+def draft_exit_index(args, strategy) -> int | None:
+    """--draft-exit (a layer) as an exit index of the strategy."""
+    if args.decode != "speculative":
+        return None
+    if args.draft_exit is None:
+        return None
+    if args.draft_exit not in strategy.exit_layers:
+        raise ConfigError(f"--draft-exit {args.draft_exit} is not one of the exit layers {strategy.exit_layers}")
+    return strategy.exit_layers.index(args.draft_exit)
 
 
 def option_type(config_cls, name: str) -> type:
@@ -104,12 +155,15 @@ def load_model(registry, args):
     if strategy_cls is None and (args.threshold is not None or args.option or args.exit_layers):
         raise ConfigError("--threshold, --option and --exit-layers need a --strategy")
     config = build_strategy_config(strategy_cls, args.threshold, args.option) if strategy_cls else None
+    if args.decode == "speculative" and strategy_cls is None:
+        raise ConfigError("--decode speculative drafts with a strategy's exits; pass --strategy")
     backend = backend_cls.load(args.model)
     strategy = None
     if strategy_cls is not None:
         exit_layers = args.exit_layers or strategy_cls.default_exit_layers(backend.num_layers)
         strategy = strategy_cls(backend, exit_layers, config)
-    return backend, strategy, EarlyExitForCausalLM(backend, strategy, kv_policy=args.kv_policy)
+    gate = build_gate(args, strategy, backend.text_config.hidden_size)
+    return backend, strategy, EarlyExitForCausalLM(backend, strategy, kv_policy=args.kv_policy, gate=gate)
 
 
 def open_image(path: str):
@@ -159,13 +213,25 @@ def print_generation(args, backend, strategy, model, image) -> int:
     from .accounting import CostModel, summarize
 
     inputs = backend.prepare_inputs([image], [args.prompt])
-    sequences = model.generate(**inputs, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
-                               do_sample=False)
-    trace = model.last_trace
-    exit_layers = trace.per_sequence()[0]
+    if args.decode == "speculative":
+        from .evaluate import count_tokens
+        from .speculative import SelfSpeculativeDecoder, speculative_summary
+
+        if args.num_beams > 1:
+            raise ConfigError("speculative decoding is greedy; drop --num-beams")
+        decoder = SelfSpeculativeDecoder(model, draft_exit_index(args, strategy), args.draft_length)
+        sequences = decoder.generate(**inputs, max_new_tokens=args.max_new_tokens)
+        length = count_tokens(sequences, inputs["input_ids"].shape[1], model.generation_config.eos_token_id)
+        exit_layers = [backend.num_layers] * length
+        summary = {"param_speedup": 1.0, **speculative_summary(decoder.last_records, CostModel.for_model(model),
+                                                               decoder.last_stats)}
+    else:
+        sequences = model.generate(**inputs, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
+                                   do_sample=False)
+        exit_layers = model.last_trace.per_sequence()[0]
+        summary = summarize(model.last_trace, CostModel.for_model(model))
     token_ids = sequences[0, inputs["input_ids"].shape[1]:].tolist()[: len(exit_layers)]
     tokenizer = backend.processor.tokenizer
-    summary = summarize(trace, CostModel.for_model(model))
     result = {
         "text": tokenizer.decode(token_ids, skip_special_tokens=True).strip(),
         "token_ids": token_ids,
@@ -177,15 +243,21 @@ def print_generation(args, backend, strategy, model, image) -> int:
         "strategy_config": strategy.config.to_dict() if strategy else None,
         "exit_layer_choices": strategy.exit_layers if strategy else [],
         "kv_policy": model.kv_policy,
+        "gate": model.gate.kind if model.gate is not None else None,
+        "decode": args.decode,
         "param_speedup": summary["param_speedup"],
         "layer_speedup": summary["layer_speedup"],
+        "decode_layer_speedup": summary["decode_layer_speedup"],
     }
+    if args.decode == "speculative":
+        result["speculative"] = {k: summary[k] for k in ("acceptance_rate", "mean_draft_length", "drafted", "accepted")}
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
     print(result["text"])
     marked = " ".join(f"{t['token'].strip() or repr(t['token'])}[{t['exit_layer']}]" for t in result["tokens"])
     print(f"tokens[exit layer of {backend.num_layers}]: {marked}")
-    print(f"speed-up: param {summary['param_speedup']:.2f}x, layer {summary['layer_speedup']:.2f}x "
-          "(layer counts heads and catch-up; wall-clock: see benchmarks/speed.py)", file=sys.stdout)
+    print(f"speed-up: param {summary['param_speedup']:.2f}x, layer {summary['layer_speedup']:.2f}x end to end, "
+          f"{summary['decode_layer_speedup']:.2f}x decoding (layer counts heads, exit modules and catch-up; "
+          "wall-clock: earlyexit eval or benchmarks/speed.py)", file=sys.stdout)
     return 0

@@ -80,6 +80,12 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
                 self.exit_transforms.append(strategy.exit_transform(e))
         if gate is not None:
             self.gate_modules = gate  # registered for .to()
+        # a row fed padding or an end-of-sequence token has finished: it costs nothing more
+        config = self.generation_config
+        ends = [config.pad_token_id] + (config.eos_token_id if isinstance(config.eos_token_id, (list, tuple))
+                                        else [config.eos_token_id])
+        ends = [t for t in ends if t is not None]
+        self.end_ids = torch.tensor(ends, dtype=torch.long) if ends else None
         self.eager_masks = getattr(backend.text_config, "_attn_implementation", "sdpa") == "eager"
         # self-speculative decoding drives these (see earlyexit.speculative)
         self.force_exit: int | None = None  # every row leaves at this exit index (drafting)
@@ -179,9 +185,9 @@ class _Step:
 
         # one sync: finished rows, whether any position is padding, catch-up widths per layer
         finished = None
-        pad = model.generation_config.pad_token_id
-        if not self.prefill and model.strategy is not None and self.input_ids is not None and pad is not None:
-            finished = self.input_ids[:, -1] == pad
+        if (not self.prefill and model.strategy is not None and model.force_exit is None
+                and self.input_ids is not None and model.end_ids is not None):
+            finished = torch.isin(self.input_ids[:, -1], model.end_ids.to(device))
         going = ~finished if finished is not None else None
         parts = [self.attention_mask[:, :total].all().long().view(1)]
         if going is not None:

@@ -20,6 +20,7 @@ decoded one at a time (each row accepts a different number of drafts).
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import torch
 
@@ -69,7 +70,9 @@ class SelfSpeculativeDecoder:
             raise ConfigError(f"the draft length must be at least 1 (got {draft_length})")
         self.model, self.draft_length = model, draft_length
         self.last_stats = SpeculativeStats()
+        self.total_stats = SpeculativeStats()  # over every `generate` call of this decoder
         self.last_records: list = []
+        self.last_prompt_seconds = 0.0  # prompt passes (vision tower included) of the last call
 
     @property
     def draft_layer(self) -> int:
@@ -81,6 +84,7 @@ class SelfSpeculativeDecoder:
         """(rows, prompt + generated) like `generate`; rows shorter than the longest are padded."""
         rows = input_ids.shape[0]
         stats, records, outputs = SpeculativeStats(), [], []
+        self.last_prompt_seconds = 0.0
         pad = self.model.generation_config.pad_token_id
         for r in range(rows):
             keep = attention_mask[r].bool() if attention_mask is not None else torch.ones_like(input_ids[r], dtype=torch.bool)
@@ -95,6 +99,7 @@ class SelfSpeculativeDecoder:
         for r, tokens in enumerate(outputs):
             new_tokens[r, :len(tokens)] = torch.tensor(tokens, dtype=input_ids.dtype)
         self.last_stats, self.last_records = stats, records
+        self.total_stats.add(stats)
         return torch.cat([input_ids, new_tokens], 1)
 
     def _one(self, pixel_values, input_ids, max_new_tokens: int):
@@ -104,11 +109,13 @@ class SelfSpeculativeDecoder:
         model.strategy.reset()
         cache = model.new_cache()
         stats = SpeculativeStats()
+        began = time.perf_counter()
         embeds = model.backend.decoder_inputs_embeds(pixel_values, input_ids)
         try:
             model.force_exit, model.read_block = -1, False
             logits = model(inputs_embeds=embeds, attention_mask=torch.ones_like(input_ids), cache=cache).logits
             tokens = [int(logits[0, -1].argmax())]
+            self.last_prompt_seconds += time.perf_counter() - began
             while len(tokens) < max_new_tokens and tokens[-1] not in eos:
                 budget = max_new_tokens - len(tokens)
                 drafts = self._draft(cache, tokens[-1], min(self.draft_length, budget - 1), eos)

@@ -62,7 +62,7 @@ def test_generate_json_matches_library(capsys, model_dir, registry):
     expected = model.generate(**inputs, max_new_tokens=6, do_sample=False)[0, inputs["input_ids"].shape[1]:]
     length = len(result["token_ids"])
     assert result["token_ids"] == expected.tolist()[:length]
-    assert result["exit_layers"] == [2, 6, 2, 6, 2, 6][:length]
+    assert result["exit_layers"] == [6, 6, 2, 6, 2, 6][:length]  # the first token: prompt pass, full depth
     assert len(result["exit_layers"]) == length and result["num_layers"] == 6
     assert set(result) >= {"text", "token_ids", "exit_layers"}
 
@@ -144,11 +144,12 @@ def test_third_party_plugin_is_listed_and_generates(capsys, model_dir, install_d
                       "--image", str(model_dir / "image.png"), "--strategy", "first-exit",
                       "--exit-layers", "2,4", "--max-new-tokens", "5")
     assert result["backend"] == "my-blip2" and result["strategy"] == "first-exit"
-    assert result["exit_layers"] and set(result["exit_layers"]) == {2}
+    # the first token comes from the prompt pass at full depth; every later one leaves at 2
+    assert result["exit_layers"][0] == 6 and set(result["exit_layers"][1:]) == {2}
 
 
 def test_tiny_random_needs_no_files(capsys, monkeypatch):
     monkeypatch.chdir(__import__("pathlib").Path(__file__).parent.parent)
     result = run_json(capsys, "generate", "--backend", "blip2-opt", "--model", "tiny-random", "--image",
                       "examples/shapes.png", "--strategy", "fixed", "--max-new-tokens", "3")
-    assert result["num_layers"] == 12 and result["exit_layers"][0] == 6
+    assert result["num_layers"] == 12 and result["exit_layers"][:2] == [12, 6]

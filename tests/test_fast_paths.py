@@ -1,0 +1,213 @@
+"""The speed paths change no result: shrinking batches, gates, and self-speculative decoding."""
+
+import pytest
+import torch
+
+from earlyexit.engine import EarlyExitForCausalLM
+from earlyexit.gates import CosineGate, LearnedGate, train_gate
+from earlyexit.speculative import SelfSpeculativeDecoder
+from earlyexit.strategy import Strategy
+from helpers import make_backend, make_images, no_eos
+
+PROMPTS = ["a red circle", "two", "what color is the small square", ""]
+
+
+@pytest.fixture(scope="module")
+def backend():
+    return make_backend(seed=1, num_layers=6)
+
+
+def alone(inputs, r):
+    """Row r of a batch as a batch of one, its left padding removed."""
+    keep = inputs["attention_mask"][r].bool()
+    return {"pixel_values": inputs["pixel_values"][r:r + 1], "input_ids": inputs["input_ids"][r:r + 1, keep],
+            "attention_mask": inputs["attention_mask"][r:r + 1, keep]}
+
+
+def new_tokens(sequences, inputs):
+    return sequences[:, inputs["input_ids"].shape[1]:]
+
+
+@pytest.mark.parametrize("policy", ["catchup", "propagate", "skip"])
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_batch_rows_match_rows_alone(registry, backend, policy, num_beams):
+    cls = registry.strategy("confidence")
+    model = EarlyExitForCausalLM(backend, cls(backend, [2, 4], cls.Config(threshold=0.1)), kv_policy=policy)
+    inputs = backend.prepare_inputs(make_images(4, seed=5), PROMPTS)
+    settings = dict(max_new_tokens=10, num_beams=num_beams, do_sample=False, **no_eos(backend))
+    batch = new_tokens(model.generate(**inputs, **settings), inputs)
+    layers = model.last_trace.exit_layers
+    assert len({tuple(row) for row in layers[:, 1:].tolist()}) > 1, "rows should leave at different depths"
+    for r in range(4):
+        one = alone(inputs, r)
+        assert torch.equal(new_tokens(model.generate(**one, **settings), one)[0], batch[r])
+        assert model.last_trace.exit_layers[0].tolist() == layers[r].tolist()
+
+
+def test_catchup_batch_costs_less_than_its_deepest_row(registry, backend):
+    cls = registry.strategy("confidence")
+    model = EarlyExitForCausalLM(backend, cls(backend, [2, 4], cls.Config(threshold=0.1)))
+    inputs = backend.prepare_inputs(make_images(4, seed=5), PROMPTS)
+    model.generate(**inputs, max_new_tokens=10, do_sample=False, **no_eos(backend))
+    mixed = [r for r in model.last_trace.steps[1:] if len(set(r.exit_layer.tolist())) > 1]
+    assert mixed, "some step should mix depths"
+    # the rows that left stop: a layer runs on fewer rows than the batch (seen as shorter traces)
+    from earlyexit.accounting import CostModel
+
+    costs = CostModel.for_model(model)
+    for record in mixed:
+        depths = record.exit_layer.tolist()
+        assert costs.breakdown(record, min(depths))["layers"] < costs.breakdown(record, max(depths))["layers"]
+
+
+def test_gate_that_never_fires_changes_nothing(registry, backend):
+    free = registry.strategy("free")(backend, [2, 4])
+    inputs = backend.prepare_inputs(make_images(2, seed=6), PROMPTS[:2])
+    settings = dict(max_new_tokens=8, do_sample=False)
+    expected = backend.plain_generate(**inputs, **settings)
+    for gate in (LearnedGate(32, 2, threshold=1.0), CosineGate(threshold=1.5)):
+        model = EarlyExitForCausalLM(backend, free, gate=gate)
+        assert torch.equal(model.generate(**inputs, **settings), expected)
+        assert (model.last_trace.exit_layers[model.last_trace.exit_layers >= 0] == 6).all()
+
+
+class CountingFree:
+    """Wraps a FREE strategy's exit transformers to count the rows each one runs on."""
+
+    def __init__(self, strategy):
+        self.rows = []
+        for module in strategy.exit_transformers:
+            module.register_forward_hook(lambda m, args, out: self.rows.append(args[0].shape[:2]))
+
+
+def test_gate_runs_the_exit_transformer_only_for_leavers(registry, backend):
+    free = registry.strategy("free")(backend, [2, 4])
+    counter = CountingFree(free)
+    gate = CosineGate(threshold=0.0)  # everyone leaves at the first exit
+    model = EarlyExitForCausalLM(backend, free, gate=gate)
+    inputs = backend.prepare_inputs(make_images(2, seed=6), PROMPTS[:2])
+    model.generate(**inputs, max_new_tokens=5, do_sample=False, **no_eos(backend))
+    assert (model.last_trace.exit_layers[:, 1:] == 2).all()
+    # one run per decode step, on the newest position of the leaving rows only
+    assert counter.rows == [torch.Size([2, 1])] * 4
+
+
+def test_exit_slot_filled_by_projection_equals_running_the_layer(registry, backend):
+    """With a gate the exit transformer runs only for leavers; its cache slot still holds what
+    running it on every position would have written."""
+    from helpers import full_forward_cache
+    from transformers import DynamicCache
+    from transformers.masking_utils import create_causal_mask
+
+    free = registry.strategy("free")(backend, [2, 4])
+    model = EarlyExitForCausalLM(backend, free, gate=CosineGate(threshold=0.999))
+    inputs = backend.prepare_inputs(make_images(2, seed=7), PROMPTS[:2])
+    sequences = model.generate(**inputs, max_new_tokens=8, do_sample=False, **no_eos(backend))
+    cache = model.last_cache
+    _, mask = full_forward_cache(backend, inputs, sequences)
+    ids = inputs["input_ids"]
+    embeds = torch.cat([backend.decoder_inputs_embeds(inputs["pixel_values"], ids),
+                        backend.language_model.get_input_embeddings()(sequences[:, ids.shape[1]:-1])], 1)
+    with torch.no_grad():
+        hidden = backend.language_model(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=True).hidden_states
+        for e, depth in enumerate(free.exit_layers):
+            reference = DynamicCache()
+            layer_mask = create_causal_mask(config=backend.text_config, inputs_embeds=hidden[depth],
+                                            attention_mask=mask, cache=None)
+            free.exit_transformers[e](hidden[depth], attention_mask=layer_mask, position_ids=backend.position_ids(mask),
+                                      cache=reference)
+            slot = backend.num_layers + e
+            for r in range(2):
+                held = int(cache.held[r, depth])
+                real = mask[r, :held].bool()
+                for name in ("keys", "values"):
+                    got = getattr(cache.layers[slot], name)[r, :, :held].transpose(0, 1)[real]
+                    want = getattr(reference.layers[slot], name)[r, :, :held].transpose(0, 1)[real]
+                    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_learned_gate_trains_and_saves(registry, backend, tmp_path):
+    from earlyexit.data.scenes import SceneConfig, load_scenes
+
+    scenes = load_scenes("exit_train", config=SceneConfig(train=4, val=8, test=2), cache_dir=tmp_path / "scenes")
+    local = make_backend(seed=21, num_layers=4, image_size=64, patch_size=16, init_std=0.1)
+    confidence = registry.strategy("confidence")(local, [1, 2])
+    gate = LearnedGate(32, 2)
+    before = [p.clone() for p in gate.parameters()]
+    report = train_gate(gate, local, confidence, scenes, steps=20, limit=8)
+    assert all(0.0 <= p <= 1.0 for p in report["positives"]) and report["examples"][0] > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, gate.parameters()))
+    gate.save(str(tmp_path / "gate"))
+    loaded = LearnedGate.load(str(tmp_path / "gate"))
+    x = torch.randn(3, 32)
+    torch.testing.assert_close(loaded.score(1, x), gate.score(1, x))
+
+
+# -- self-speculative decoding ------------------------------------------------------------------
+class Scripted(Strategy):
+    """Exit read-out that always predicts one token (so no draft is ever accepted)."""
+
+    name = "test-one-token"
+
+    def __init__(self, backend, exit_layers, token):
+        super().__init__(backend, exit_layers)
+        self.token = token
+
+    def exit_logits(self, exit_index, state):
+        logits = torch.full((state.shape[0], self.backend.text_config.vocab_size), -10.0)
+        logits[:, self.token] = 10.0
+        return logits
+
+    def should_exit(self, exit_index, view, context):
+        return torch.zeros(view.hidden.shape[0], dtype=torch.bool)
+
+
+def speculative_matches(backend, strategy, inputs, draft_exit, draft_length, max_new_tokens=12):
+    expected = backend.plain_generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    decoder = SelfSpeculativeDecoder(EarlyExitForCausalLM(backend, strategy), draft_exit, draft_length)
+    got = decoder.generate(**inputs, max_new_tokens=max_new_tokens)
+    prompt = inputs["input_ids"].shape[1]
+    for r in range(expected.shape[0]):
+        want = expected[r, prompt:]
+        assert torch.equal(got[r, prompt:prompt + len(want)], want)
+    return decoder.last_stats
+
+
+@pytest.mark.parametrize("draft_exit,draft_length", [(0, 1), (0, 4), (1, 3)])
+def test_speculative_is_the_full_model(registry, backend, draft_exit, draft_length):
+    free = registry.strategy("free")(backend, [2, 4])
+    inputs = backend.prepare_inputs(make_images(4, seed=8), PROMPTS)
+    stats = speculative_matches(backend, free, inputs, draft_exit, draft_length)
+    assert stats.drafted > 0 and 0 < stats.accepted < stats.drafted
+
+
+def test_speculative_when_no_draft_is_accepted(backend):
+    inputs = backend.prepare_inputs(make_images(2, seed=9), PROMPTS[:2])
+    stats = speculative_matches(backend, Scripted(backend, [2], token=3), inputs, 0, 3)
+    assert stats.drafted > 0 and stats.accepted == 0
+
+
+def test_speculative_when_every_draft_is_accepted(registry):
+    backend = make_backend(seed=4, num_layers=6)
+    with torch.no_grad():  # layers past 2 add nothing to the residual stream: the exit is the model
+        for layer in backend.decoder_layers()[2:]:
+            for linear in (layer.self_attn.out_proj, layer.fc2):
+                linear.weight.zero_()
+                linear.bias.zero_()
+    inputs = backend.prepare_inputs(make_images(2, seed=10), PROMPTS[:2])
+    stats = speculative_matches(backend, registry.strategy("confidence")(backend, [2]), inputs, 0, 4)
+    assert stats.drafted > 0 and stats.accepted == stats.drafted
+
+
+def test_speculative_with_trained_exits(registry, tmp_path):
+    from earlyexit.data.scenes import SceneConfig, load_scenes
+    from earlyexit.exit_training import train_exits
+
+    local = make_backend(seed=21, num_layers=4, image_size=64, patch_size=16, init_std=0.1)
+    scenes = load_scenes("exit_train", config=SceneConfig(train=4, val=8, test=2), cache_dir=tmp_path / "scenes")
+    cls = registry.strategy("free")
+    free = cls(local, [1, 2], cls.Config(epochs=1, batch_size=8))
+    train_exits(free, local, scenes, str(tmp_path / "work"), progress=False)
+    inputs = local.prepare_inputs([s.load_image() for s in scenes.samples[:2]], ["", "a"])
+    stats = speculative_matches(local, free, inputs, 1, 3)
+    assert stats.drafted > 0
