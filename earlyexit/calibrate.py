@@ -4,9 +4,11 @@ The sweep evaluates the strategy at every threshold of the grid (the paper's 0.5
 default) and records quality next to the speed-ups: the paper's speed-versus-quality curve
 (Fig. 4b), written as CSV and PNG. Rules:
 - `best`: the threshold with the best quality (ties: the faster one);
-- `budget`: the fastest threshold (layer-based speed-up) whose quality is at least
-  (1 - budget) x the full model's; if none qualifies, the best-quality one, and the result
-  says so.
+- `budget`: the fastest threshold whose quality is at least (1 - budget) x the full model's;
+  fastest by wall clock per generated token on the dev split (`speed="wall"`, timed against
+  the full model's dev run) or by layer-based speed-up (`speed="layer"`); if none qualifies,
+  the best-quality one, and the result says so.
+With a gate the sweep moves the gate's threshold, otherwise the strategy's.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from .errors import ConfigError
 
 PAPER_GRID = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 RULES = ("best", "budget")
+SPEEDS = ("wall", "layer")
 
 
 @dataclasses.dataclass
@@ -28,6 +31,7 @@ class CalibrationPoint:
     param_speedup: float
     layer_speedup: float
     mean_exit_layer: float
+    wall_speedup: float | None = None  # end to end, per generated token, against the full model's dev run
 
 
 def main_metric(task: str) -> str:
@@ -35,7 +39,7 @@ def main_metric(task: str) -> str:
 
 
 def sweep(backend, strategy, dataset, settings, grid=PAPER_GRID, kv_policy: str = "catchup",
-          progress: bool = True) -> tuple[float, list[CalibrationPoint]]:
+          progress: bool = True, gate=None, measure_wall: bool = False) -> tuple[float, list[CalibrationPoint]]:
     """(full model's quality, one point per threshold) on `dataset`."""
     from tqdm.auto import tqdm
 
@@ -43,23 +47,26 @@ def sweep(backend, strategy, dataset, settings, grid=PAPER_GRID, kv_policy: str 
 
     settings = dataclasses.replace(settings, measure_wall=False, progress=False, quick_metrics=True)
     metric = main_metric(dataset.task)
-    full = evaluate(backend, None, dataset, settings)["quality"][metric]
+    full_result = evaluate(backend, None, dataset, settings)
+    full, full_time = full_result["quality"][metric], full_result["speed"]["wall"]["early_exit"]["per_token_s"]
     points = []
-    original = strategy.config.threshold
+    knob = gate if gate is not None else strategy.config
+    original = knob.threshold
     try:
         for threshold in tqdm(grid, desc="calibrating", disable=not progress):
-            strategy.config.threshold = threshold
-            result = evaluate(backend, strategy, dataset, settings, kv_policy=kv_policy)
+            knob.threshold = threshold
+            result = evaluate(backend, strategy, dataset, settings, kv_policy=kv_policy, gate=gate)
             speed = result["speed"]
+            wall = full_time / speed["wall"]["early_exit"]["per_token_s"] if measure_wall else None
             points.append(CalibrationPoint(threshold, result["quality"][metric], speed["param_speedup"],
-                                           speed["layer_speedup"], speed["mean_exit_layer"]))
+                                           speed["layer_speedup"], speed["mean_exit_layer"], wall))
     finally:
-        strategy.config.threshold = original
+        knob.threshold = original
     return full, points
 
 
 def choose(points: list[CalibrationPoint], full_quality: float, rule: str = "best",
-           budget: float = 0.02) -> tuple[CalibrationPoint, str]:
+           budget: float = 0.02, speed: str = "layer") -> tuple[CalibrationPoint, str]:
     """The chosen point and a sentence saying why."""
     if rule not in RULES:
         raise ConfigError(f"calibration rule must be one of {', '.join(RULES)} (got {rule!r})")
@@ -73,8 +80,14 @@ def choose(points: list[CalibrationPoint], full_quality: float, rule: str = "bes
     if not allowed:
         return best, (f"no threshold keeps quality within {budget:.1%} of the full model's; "
                       f"took the best quality (threshold {best.threshold})")
-    fastest = max(allowed, key=lambda p: (p.layer_speedup, p.quality))
-    return fastest, (f"fastest threshold within {budget:.1%} of the full model's quality "
+    if speed not in SPEEDS:
+        raise ConfigError(f"calibration speed must be one of {', '.join(SPEEDS)} (got {speed!r})")
+    if speed == "wall" and any(p.wall_speedup is None for p in allowed):
+        raise ConfigError("the wall-clock rule needs a sweep that measured wall time (measure_wall=True)")
+    key = (lambda p: (p.wall_speedup, p.quality)) if speed == "wall" else (lambda p: (p.layer_speedup, p.quality))
+    fastest = max(allowed, key=key)
+    measure = "by wall clock on the dev split" if speed == "wall" else "by layer-based speed-up"
+    return fastest, (f"fastest threshold {measure} within {budget:.1%} of the full model's quality "
                      f"(threshold {fastest.threshold})")
 
 
@@ -90,13 +103,16 @@ def write_curve(points: list[CalibrationPoint], full_quality: float, metric: str
     csv_path, png_path = os.path.join(folder, f"{name}.csv"), os.path.join(folder, f"{name}.png")
     with open(csv_path, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["threshold", metric, "param_speedup", "layer_speedup", "mean_exit_layer"])
-        writer.writerow(["full", full_quality, 1.0, 1.0, ""])
+        writer.writerow(["threshold", metric, "param_speedup", "layer_speedup", "wall_speedup", "mean_exit_layer"])
+        writer.writerow(["full", full_quality, 1.0, 1.0, 1.0, ""])
         for p in points:
-            writer.writerow([p.threshold, p.quality, p.param_speedup, p.layer_speedup, p.mean_exit_layer])
+            writer.writerow([p.threshold, p.quality, p.param_speedup, p.layer_speedup, p.wall_speedup,
+                             p.mean_exit_layer])
     figure, axis = plt.subplots(figsize=(5, 3.5))
     axis.plot([p.layer_speedup for p in points], [p.quality for p in points], "o-", label="layer speed-up")
     axis.plot([p.param_speedup for p in points], [p.quality for p in points], "s--", label="param speed-up")
+    if all(p.wall_speedup is not None for p in points):
+        axis.plot([p.wall_speedup for p in points], [p.quality for p in points], "^:", label="wall speed-up (dev)")
     for p in points:
         axis.annotate(f"{p.threshold:g}", (p.layer_speedup, p.quality), textcoords="offset points", xytext=(4, 4),
                       fontsize=7)

@@ -37,24 +37,36 @@ def format_run(report: dict, color: bool) -> str:
     results = report["results"]
     first = next(iter(results.values()))
     metrics = [k for k, v in first["quality"].items() if isinstance(v, (int, float)) and k != "num_questions"]
+    metrics = [m for m in metrics if m in ("Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "overall")] or metrics
     settings = report["settings"]
-    lines = [f"earlyexit run: {settings['backend']} / {settings['strategy']} on {settings['data']} "
+    lines = [f"earlyexit run: {settings['backend']} / {report['strategy_label']} on {settings['data']} "
              f"(test: {first['config']['samples']} samples), threshold {report['threshold']}, "
-             f"exits at {report['exit_layers']} of {report['num_layers']} layers, kv policy {settings['kv_policy']}"]
+             f"exits at {report['exit_layers']} of {report['num_layers']} layers, kv policy {settings['kv_policy']}, "
+             f"batch {settings['batch_size']}"]
     if report["calibration"]:
         lines.append(f"calibrated on the dev split: {report['calibration']['why']}")
-    header = f"{'model':<22}" + "".join(f"{m:>9}" for m in metrics) + f"{'param':>8}{'layer':>8}{'wall':>8}{'exit':>7}"
+    header = (f"{'model':<30}" + "".join(f"{m:>8}" for m in metrics)
+              + f"{'param':>7}{'layer':>7}{'l-dec':>7}{'wall':>7}{'w-dec':>7}{'tok/s':>7}{'exit':>6}")
     lines += ["", header, "-" * len(header)]
     for name, result in results.items():
         speed = result["speed"]
-        label = name if name == "full" else f"{name} @{report['threshold']}"
+        label = name if name in ("full",) or name.endswith("speculative") else f"{name} @{report['threshold']}"
         wall = speed.get("wall_speedup") or 1.0
-        lines.append(f"{label:<22}" + "".join(f"{result['quality'][m]:>9.4f}" for m in metrics)
-                     + f"{speed['param_speedup']:>7.2f}x{speed['layer_speedup']:>7.2f}x{wall:>7.2f}x"
-                     f"{speed['mean_exit_layer']:>7.2f}")
-    lines.append("param: the paper's parameter ratio; layer: layer-equivalents incl. exit modules, LM heads and "
-                 "catch-up; wall: clock time of the full model / this one on the same batches; exit: mean exit layer")
-    strategy = settings["strategy"]
+        decode_wall = speed.get("decode_wall_speedup") or 1.0
+        lines.append(f"{label:<30}" + "".join(f"{result['quality'][m]:>8.4f}" for m in metrics)
+                     + f"{speed['param_speedup']:>6.2f}x{speed['layer_speedup']:>6.2f}x"
+                     f"{speed['decode_layer_speedup']:>6.2f}x{wall:>6.2f}x{decode_wall:>6.2f}x"
+                     f"{speed['tokens_per_s']:>7.0f}{speed['mean_exit_layer']:>6.2f}")
+    lines.append("param: the paper's parameter ratio; layer / l-dec: layer-equivalents (exit modules, heads, K/V and "
+                 "catch-up included) end to end / decoding only; wall / w-dec: clock time per generated token of the "
+                 "full model / this one on the same batches, end to end / decoding only; exit: mean exit layer")
+    speculative = [r for n, r in results.items() if n.endswith("speculative")]
+    for result in speculative:
+        speed = result["speed"]
+        lines.append(f"speculative: drafts at layer {speed['draft_exit_layer']}, {speed['mean_draft_length']:.2f} "
+                     f"drafts per round, {100 * speed['acceptance_rate']:.1f}% accepted (the output is the full "
+                     "model's, token for token)")
+    strategy = report["strategy_label"]
     histogram = results[strategy]["exit_layer_histogram"]
     total = sum(histogram.values()) or 1
     lines.append(f"exit layers ({strategy}): " + "  ".join(f"{k}: {100 * v / total:.1f}%" for k, v in histogram.items()))
@@ -102,6 +114,16 @@ class RunCommand:
         parser.add_argument("--budget", type=float, default=0.02, help="allowed relative quality loss for --rule budget")
         parser.add_argument("--grid", type=parse_float_list, default=(0.5, 0.6, 0.7, 0.8, 0.9, 1.0))
         parser.add_argument("--kv-policy", choices=["catchup", "propagate", "skip"], default="catchup")
+        parser.add_argument("--gate", choices=["none", "learned", "cosine"], default="learned",
+                            help="decide before the head: learned (CALM's classifier, trained here in seconds; "
+                                 "default), cosine (zero parameters) or none (the strategy's own rule)")
+        parser.add_argument("--speed-target", choices=["wall", "layer"], default="wall",
+                            help="what --rule budget maximises: wall clock on dev (default) or layer speed-up")
+        parser.add_argument("--no-speculative", action="store_true",
+                            help="skip the self-speculative decoding row")
+        parser.add_argument("--draft-exit", type=int, help="exit layer that drafts in speculative mode (default: "
+                                                           "the fastest on dev)")
+        parser.add_argument("--draft-length", type=positive_int, default=4, help="tokens drafted per round")
         parser.add_argument("--test-limit", type=positive_int, help="evaluate on the first N test samples")
         parser.add_argument("--dev-limit", type=positive_int, help="calibrate on the first N dev samples")
         parser.add_argument("--train-limit", type=positive_int, help="train exits on the first N samples")
@@ -132,7 +154,9 @@ class RunCommand:
         settings = RunSettings(backend=args.backend, strategy=args.strategy, model=args.model, data=args.data,
                                exit_layers=args.exit_layers, options={k: options[k] for k in _given(args.option)},
                                threshold=args.threshold, rule=args.rule, budget=args.budget, grid=args.grid,
-                               kv_policy=args.kv_policy, test_limit=args.test_limit, dev_limit=args.dev_limit,
+                               kv_policy=args.kv_policy, gate=args.gate, speed_target=args.speed_target,
+                               speculative=not args.no_speculative, draft_exit=args.draft_exit,
+                               draft_length=args.draft_length, test_limit=args.test_limit, dev_limit=args.dev_limit,
                                train_limit=args.train_limit, batch_size=args.batch_size, num_beams=args.num_beams,
                                max_new_tokens=args.max_new_tokens,
                                retrain=args.retrain, output=args.output, deepspeed=_deepspeed(args, strategy_cls, options))

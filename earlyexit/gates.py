@@ -159,5 +159,5 @@ def train_gate(gate: LearnedGate, backend, strategy, dataset, steps: int = 300, 
         optimizer.step()
     gate.eval()
     gate.requires_grad_(False)
-    return {"loss": float(loss), "positives": [float(y.mean()) for y in labels],
+    return {"loss": float(loss.detach()), "positives": [float(y.mean()) for y in labels],
             "examples": [len(y) for y in labels]}

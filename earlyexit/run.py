@@ -35,6 +35,11 @@ class RunSettings:
     budget: float = 0.02
     grid: tuple = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
     kv_policy: str = "catchup"
+    gate: str = "learned"  # decide before the head: none, learned (trained here, seconds) or cosine
+    speed_target: str = "wall"  # what the budget rule maximises: wall (measured on dev) or layer
+    speculative: bool = True  # also report self-speculative decoding over the strategy's exits
+    draft_exit: int | None = None  # exit layer that drafts (default: chosen on dev)
+    draft_length: int = 4
     test_limit: int | None = None
     dev_limit: int | None = None
     train_limit: int | None = None
@@ -80,7 +85,8 @@ def exits_cache_folder(settings: RunSettings, strategy, backbone_fingerprint: st
 
 def run(settings: RunSettings, registry, log=print) -> dict | None:
     from .adapters import backbone_fingerprint, load_exits, save_exits
-    from .calibrate import choose, main_metric, sweep, write_curve
+    from .calibrate import PAPER_GRID, choose, main_metric, sweep, write_curve
+    from .gates import COSINE_GRID
     from .deepspeed_config import is_main_process
     from .evaluate import EvalSettings, evaluate, provenance
     from .exit_training import train_exits
@@ -120,31 +126,56 @@ def run(settings: RunSettings, registry, log=print) -> dict | None:
     output = os.path.join(settings.output, f"{settings.backend}-{settings.strategy}")
     dev = load_split(settings.data, dev_split, settings.dev_limit)
     metric = main_metric(dev.task)
+    gate = gates_for = None
+    if settings.gate != "none" and hasattr(strategy.config, "threshold"):
+        began = time.perf_counter()
+        gates_for = {}
+        for name, candidate in (("strategy", strategy), ("confidence", _confidence_like(registry, strategy))):
+            gates_for[name] = make_run_gate(settings, candidate, backend, train_split, log)
+        gate = gates_for["strategy"]
+        timings["train_gate_s"] = time.perf_counter() - began
+    knob = gate if gate is not None else strategy.config
     calibration = None
     if settings.threshold is not None:
-        strategy.config.threshold = settings.threshold
+        knob.threshold = settings.threshold
     elif hasattr(strategy.config, "threshold"):
         began = time.perf_counter()
-        full_dev, points = sweep(backend, strategy, dev, evaluation, grid=settings.grid, kv_policy=settings.kv_policy,
-                                 progress=settings.progress)
-        chosen, why = choose(points, full_dev, settings.rule, settings.budget)
-        strategy.config.threshold = chosen.threshold
+        grid = settings.grid if gate is None or gate.kind != "cosine" or settings.grid != PAPER_GRID else COSINE_GRID
+        full_dev, points = sweep(backend, strategy, dev, evaluation, grid=grid, kv_policy=settings.kv_policy,
+                                 progress=settings.progress, gate=gate, measure_wall=settings.speed_target == "wall")
+        chosen, why = choose(points, full_dev, settings.rule, settings.budget, speed=settings.speed_target)
+        knob.threshold = chosen.threshold
         csv_path, png_path = write_curve(points, full_dev, metric, output)
-        calibration = {"rule": settings.rule, "budget": settings.budget, "why": why, "threshold": chosen.threshold,
+        calibration = {"rule": settings.rule, "budget": settings.budget, "speed_target": settings.speed_target,
+                       "why": why, "threshold": chosen.threshold, "gate": settings.gate,
                        "full_quality": full_dev, "points": [dataclasses.asdict(p) for p in points],
                        "csv": csv_path, "png": png_path}
         timings["calibrate_s"] = time.perf_counter() - began
         log(f"calibration: {why}; curve in {csv_path} and {png_path}")
+    draft_exit = None
+    if settings.speculative:
+        draft_exit = choose_draft_exit(backend, strategy, dev, evaluation, settings, log)
 
     began = time.perf_counter()
     test = load_split(settings.data, test_split, settings.test_limit)
-    results = {"full": evaluate(backend, None, test, evaluation, kv_policy=settings.kv_policy),
-               settings.strategy: evaluate(backend, strategy, test, evaluation, kv_policy=settings.kv_policy)}
-    if settings.strategy != "confidence" and hasattr(strategy.config, "threshold"):
-        confidence_cls = registry.strategy("confidence")
-        confidence = confidence_cls(backend, strategy.exit_layers,
-                                    confidence_cls.Config(threshold=strategy.config.threshold))
-        results["confidence"] = evaluate(backend, confidence, test, evaluation, kv_policy=settings.kv_policy)
+    threshold = knob.threshold if hasattr(knob, "threshold") else None
+    label = settings.strategy + (f" + {settings.gate} gate" if gate is not None else "")
+    results = {"full": evaluate(backend, None, test, evaluation, kv_policy=settings.kv_policy)}
+    results[label] = evaluate(backend, strategy, test, evaluation, kv_policy=settings.kv_policy, gate=gate)
+    if threshold is not None:
+        confidence = _confidence_like(registry, strategy, threshold)
+        if settings.strategy != "confidence":
+            results["confidence"] = evaluate(backend, confidence, test, evaluation, kv_policy=settings.kv_policy)
+        if gates_for is not None:
+            gates_for["confidence"].threshold = threshold
+            name = f"confidence + {settings.gate} gate"
+            if name != label:
+                results[name] = evaluate(backend, confidence, test, evaluation, kv_policy=settings.kv_policy,
+                                         gate=gates_for["confidence"])
+    if draft_exit is not None:
+        results[f"{settings.strategy} speculative"] = evaluate(
+            backend, strategy, test, dataclasses.replace(evaluation, num_beams=1), kv_policy="catchup",
+            decode="speculative", draft_exit=draft_exit, draft_length=settings.draft_length)
     timings["evaluate_s"] = time.perf_counter() - began
 
     mid_crisis = None
@@ -152,11 +183,63 @@ def run(settings: RunSettings, registry, log=print) -> dict | None:
         mid_crisis = mid_crisis_report(backend, strategy, dev, output)
 
     timings["total_s"] = time.perf_counter() - started
-    return {"settings": dataclasses.asdict(settings), "threshold": getattr(strategy.config, "threshold", None),
+    return {"settings": dataclasses.asdict(settings), "threshold": getattr(knob, "threshold", None),
+            "strategy_label": label, "draft_exit_layer": strategy.exit_layers[draft_exit] if draft_exit is not None
+            else None,
             "exit_layers": strategy.exit_layers, "strategy_config": strategy.config.to_dict(),
             "calibration": calibration, "results": results, "mid_crisis": mid_crisis, "timings": timings,
             "num_layers": backend.num_layers, "output": output, "provenance": provenance(),
             "tokenizer": backend.processor.tokenizer}
+
+
+def _confidence_like(registry, strategy, threshold: float = 0.9):
+    """The untrained `confidence` exits at the strategy's exit layers."""
+    cls = registry.strategy("confidence")
+    return cls(strategy.backend, strategy.exit_layers, cls.Config(threshold=threshold))
+
+
+def make_run_gate(settings: RunSettings, strategy, backend, train_split: str, log):
+    """The gate `run` uses: cosine (nothing to train), or a learned gate trained on the exit
+    training split for this strategy's exits and cached beside its adapter."""
+    from .adapters import backbone_fingerprint
+    from .gates import LearnedGate, make_gate, train_gate
+
+    if settings.gate == "cosine":
+        return make_gate("cosine", backend.text_config.hidden_size, len(strategy.exit_layers))
+    recipe = {"exits": exits_cache_folder(settings, strategy, backbone_fingerprint(backend)), "gate": settings.gate}
+    key = hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    folder = os.path.join(embedded.cache_root(), "gates", f"{strategy.name}-{key}")
+    if os.path.isdir(folder) and not settings.retrain:
+        return LearnedGate.load(folder)
+    log(f"gate: training a learned gate for {strategy.name} at layers {strategy.exit_layers}")
+    gate = make_gate("learned", backend.text_config.hidden_size, len(strategy.exit_layers))
+    report = train_gate(gate, backend, strategy, load_split(settings.data, train_split, settings.train_limit),
+                        seed=settings.seed)
+    log(f"gate: loss {report['loss']:.3f}; share of exits that agree with the final layer "
+        + ", ".join(f"{k}: {p:.2f}" for k, p in zip(strategy.exit_layers, report["positives"])))
+    gate.save(folder, extra={"strategy": strategy.name, "exit_layers": strategy.exit_layers})
+    return gate
+
+
+def choose_draft_exit(backend, strategy, dev, evaluation, settings: RunSettings, log) -> int:
+    """The exit that drafts in speculative mode: given, or the fastest on (part of) the dev split."""
+    from .evaluate import evaluate
+
+    if settings.draft_exit is not None:
+        if settings.draft_exit not in strategy.exit_layers:
+            raise ConfigError(f"--draft-exit {settings.draft_exit} is not one of the exit layers {strategy.exit_layers}")
+        return strategy.exit_layers.index(settings.draft_exit)
+    probe = dataclasses.replace(evaluation, num_beams=1, progress=False, quick_metrics=True, measure_wall=False)
+    sample = dev.subset(min(len(dev), 40))
+    best, speeds = 0, []
+    for e in range(len(strategy.exit_layers)):
+        result = evaluate(backend, strategy, sample, probe, kv_policy="catchup", decode="speculative", draft_exit=e,
+                          draft_length=settings.draft_length)
+        speeds.append(result["speed"]["wall"]["early_exit"]["tokens_per_s"])
+        best = e if speeds[e] > speeds[best] else best
+    log("speculative: tokens/s on dev by draft exit " + ", ".join(
+        f"{k}: {v:.1f}" for k, v in zip(strategy.exit_layers, speeds)) + f"; drafting at {strategy.exit_layers[best]}")
+    return best
 
 
 def mid_crisis_report(backend, strategy, dataset, folder: str, limit: int = 100) -> dict:

@@ -16,19 +16,25 @@ def test_run_free_end_to_end(tmp_path, capsys):
             "--option", "epochs=1", "--option", "batch_size=4", "--json", str(tmp_path / "run.json")]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "free @" in out and "confidence @" in out and "full" in out and "CIDEr" in out
+    assert "free + learned gate @" in out and "confidence @" in out and "full" in out and "CIDEr" in out
+    assert "free speculative" in out and "% accepted" in out
     report = json.loads((tmp_path / "run.json").read_text())
-    assert set(report["results"]) == {"full", "free", "confidence"}
+    assert set(report["results"]) == {"full", "free + learned gate", "confidence", "confidence + learned gate",
+                                      "free speculative"}
+    # speculative decoding is the full model, token for token
+    assert report["results"]["free speculative"]["predictions"] == report["results"]["full"]["predictions"]
     assert report["threshold"] in (0.2, 0.9) and report["calibration"]["rule"] == "best"
     assert [p["threshold"] for p in report["calibration"]["points"]] == [0.2, 0.9]
     for name in ("calibration.csv", "calibration.png", "mid_crisis.csv", "mid_crisis.png"):
         assert os.path.getsize(tmp_path / "runs" / "blip2-opt-free" / name) > 0
-    free = report["results"]["free"]
-    assert free["speed"]["wall_speedup"] > 0 and free["speed"]["layer_speedup"] > 0
+    free = report["results"]["free + learned gate"]
+    assert free["speed"]["wall_speedup"] > 0 and free["speed"]["decode_wall_speedup"] > 0
+    assert free["speed"]["layer_speedup"] > 0 and free["speed"]["tokens_per_s"] > 0
+    assert free["config"]["gate"] == "learned" and report["timings"]["train_gate_s"] > 0
     assert set(report["mid_crisis"]["trained"]) == {"1", "2"}
     assert "train_exits_s" in report["timings"]
 
     # a second run reuses the trained exits
     assert main(argv[:-2]) == 0
     captured = capsys.readouterr()
-    assert "exits: reusing" in captured.err and "train exits" not in captured.out
+    assert "exits: reusing" in captured.err and "training a learned gate" not in captured.err
