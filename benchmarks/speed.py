@@ -1,15 +1,21 @@
-"""Wall-clock speed of the early-exit model next to the plain backbone, in one process.
+"""Wall-clock speed of the early-exit engine next to the plain backbone, in one process.
 
-    python benchmarks/speed.py                # OPT-125m-shaped decoder in a tiny BLIP-2, fp32
-    python benchmarks/speed.py --repeats 9 --json results/speed.json
+    python benchmarks/speed.py                              # OPT-125m-shaped decoder, batch 1 and 8
+    python benchmarks/speed.py --shape opt-1.3b --batch-sizes 1,8 --json benchmarks/results/speed-opt-1.3b.json
 
-Every configuration is timed alternately with the plain backbone's own `generate` on the same
-inputs and settings (batch 1, greedy, a fixed number of new tokens), and medians are compared:
+Random weights in a tiny BLIP-2 (the vision side is small; the language model has the named
+shape, fp32). Every configuration is timed alternately with the plain backbone's own
+`generate` on the same inputs and settings (greedy, a fixed number of new tokens), medians
+compared, and split into the prompt pass (vision tower, Q-Former, prompt; ends at the first
+logits-processor call) and the decode phase (per generated token after the first):
 
-- tokens/s of the plain backbone and of the early-exit model with exits off (overhead check);
-- `fixed` exits on every token and on every other token, under each kv policy, where
-  `wall_speedup` (clock) is printed next to `layer_speedup` (layer-equivalents counted from the
-  trace, heads and catch-up included) and `param_speedup` (the paper's parameter count).
+- (a) the engine with exits off against the plain `generate` (overhead; goal >= 0.97);
+- (b) `fixed` exits (every token, or every other token) under each kv policy: the decode-phase
+  wall speed-up next to the decode-phase layer speed-up (layer-equivalents counted from the
+  trace: heads, K/V and catch-up included); `wall/layer` near 1 means the clock gets what the
+  layer count promises;
+- (c) what one exit decision costs, in layer-equivalents, for `confidence` and FREE-style exits,
+  with and without a gate (from the cost model: module shapes).
 """
 
 from __future__ import annotations
@@ -19,39 +25,67 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import torch
 
 from earlyexit.accounting import CostModel, summarize
 from earlyexit.backends.blip2_opt import Blip2OptBackend
 from earlyexit.engine import EarlyExitForCausalLM
+from earlyexit.evaluate import _timed, provenance
+from earlyexit.gates import LearnedGate
+from earlyexit.strategies.confidence import ConfidenceStrategy
 from earlyexit.strategies.fixed import FixedStrategy
+from earlyexit.strategies.free import FreeStrategy
 
-OPT_125M_SHAPE = dict(num_layers=12, hidden_size=768, num_heads=12, ffn_dim=3072, vocab_size=50272,
-                      init_std=0.02, image_size=32, num_query_tokens=32, vision_hidden=64)
-
-
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+SHAPES = {
+    "opt-125m": dict(num_layers=12, hidden_size=768, num_heads=12, ffn_dim=3072, vocab_size=50272),
+    "opt-1.3b": dict(num_layers=24, hidden_size=2048, num_heads=32, ffn_dim=8192, vocab_size=50272),
+}
+COMMON = dict(init_std=0.02, image_size=32, num_query_tokens=32, vision_hidden=64)
 
 
-def measure_alternately(reference, candidate, repeats: int) -> tuple[list[float], list[float]]:
+def measure(reference, candidate, repeats: int, new_tokens: int, rows: int) -> dict:
+    """Alternating runs; medians of end-to-end and decode-phase seconds per generated token."""
     reference(), candidate()  # warm-up
-    ref_times, cand_times = [], []
+    sides = {"reference": [], "candidate": []}
     for _ in range(repeats):
-        ref_times.append(timed(reference))
-        cand_times.append(timed(candidate))
-    return ref_times, cand_times
+        for name, fn in (("reference", reference), ("candidate", candidate)):
+            _, seconds, prompt = fn()
+            sides[name].append((seconds / (new_tokens * rows), (seconds - prompt) / ((new_tokens - 1) * rows), prompt))
+    out = {}
+    for name, values in sides.items():
+        out[name] = {"per_token_s": statistics.median(v[0] for v in values),
+                     "decode_per_token_s": statistics.median(v[1] for v in values),
+                     "prompt_s": statistics.median(v[2] for v in values)}
+    out["wall_speedup"] = out["reference"]["per_token_s"] / out["candidate"]["per_token_s"]
+    out["decode_wall_speedup"] = out["reference"]["decode_per_token_s"] / out["candidate"]["decode_per_token_s"]
+    return out
+
+
+def decision_costs(backend) -> list[dict]:
+    """Layer-equivalents one exit decision costs for a row that does not leave there."""
+    rows = []
+    width = backend.text_config.hidden_size
+    for name, strategy in (("confidence", ConfidenceStrategy(backend, [2])), ("free", FreeStrategy(backend, [2]))):
+        for gate in (None, LearnedGate(width, 1)):
+            costs = CostModel.for_model(EarlyExitForCausalLM(backend, strategy, gate=gate))
+            if gate is None:  # the rule reads the exit (module + read-out) for every row present
+                cost = costs.exit_module_costs[0] + costs.exit_readout_costs[0] + costs.exit_kv_costs[0]
+            else:  # the gate decides on the hidden state; the exit slot still gets its K/V
+                cost = costs.gate_costs[0] + costs.exit_kv_costs[0]
+            rows.append({"strategy": name, "gate": "learned" if gate is not None else "none",
+                         "decision_cost_layers": cost})
+    return rows
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="opt-125m")
+    parser.add_argument("--batch-sizes", default="1,8", help="comma-separated batch sizes")
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--exit-layer", type=int, default=4)
+    parser.add_argument("--exit-layer", type=int, help="the fixed exit (default: a third of the depth)")
+    parser.add_argument("--policies", default="catchup,propagate,skip")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
@@ -59,52 +93,61 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
-    backend = Blip2OptBackend.from_tiny_config(seed=0, **OPT_125M_SHAPE)
-    image = torch.rand(3, 32, 32).mul(255).byte().permute(1, 2, 0).numpy()
+    backend = Blip2OptBackend.from_tiny_config(seed=0, **SHAPES[args.shape], **COMMON)
+    exit_layer = args.exit_layer or backend.num_layers // 3
     from PIL import Image
 
-    inputs = backend.prepare_inputs([Image.fromarray(image)], ["a photo of"])
     settings = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
-
-    def plain():
-        with torch.no_grad():
-            return backend.plain_generate(**inputs, **settings)
-
+    print(f"decoder {args.shape}: {backend.num_layers} layers, width {backend.text_config.hidden_size}, "
+          f"vocab {backend.text_config.vocab_size}; {args.new_tokens} new tokens, fp32, {torch.get_num_threads()} "
+          f"threads, median of {args.repeats} alternating runs")
     rows = []
-    print(f"decoder: {backend.num_layers} layers, width {backend.text_config.hidden_size}, "
-          f"vocab {backend.text_config.vocab_size}; batch 1, {args.new_tokens} new tokens, fp32, "
-          f"{torch.get_num_threads()} threads, median of {args.repeats} alternating runs")
+    for batch in [int(b) for b in args.batch_sizes.split(",")]:
+        images = [Image.fromarray(torch.rand(32, 32, 3).mul(255).byte().numpy()) for _ in range(batch)]
+        inputs = backend.prepare_inputs(images, ["a photo of"] * batch)
 
-    exits_off = EarlyExitForCausalLM(backend)
-    ref, cand = measure_alternately(plain, lambda: exits_off.generate(**inputs, **settings), args.repeats)
-    plain_tps, off_tps = args.new_tokens / statistics.median(ref), args.new_tokens / statistics.median(cand)
-    print(f"\n(a) tokens/s  plain generate {plain_tps:.1f}   early-exit model, exits off {off_tps:.1f}   "
-          f"ratio {off_tps / plain_tps:.3f} (goal >= 0.97)")
-    rows.append({"config": "exits off", "plain_tokens_per_s": plain_tps, "tokens_per_s": off_tps,
-                 "ratio": off_tps / plain_tps})
+        def plain():
+            with torch.no_grad():
+                return _timed(backend.plain_generate, inputs, settings)
 
-    print(f"\n(b) fixed exit at layer {args.exit_layer}")
-    header = f"{'every':>5} {'kv policy':>10} {'param':>7} {'layer':>7} {'wall':>7} {'wall/layer':>10}"
-    print(header + "\n" + "-" * len(header))
-    for every in (1, 2):
-        for policy in ("catchup", "propagate", "skip"):
-            strategy = FixedStrategy(backend, [args.exit_layer], FixedStrategy.Config(every=every))
-            model = EarlyExitForCausalLM(backend, strategy, kv_policy=policy)
-            ref, cand = measure_alternately(plain, lambda: model.generate(**inputs, **settings), args.repeats)
-            summary = summarize(model.last_trace, CostModel.for_model(model))
-            wall = statistics.median(ref) / statistics.median(cand)
-            print(f"{every:>5} {policy:>10} {summary['param_speedup']:>6.2f}x {summary['layer_speedup']:>6.2f}x "
-                  f"{wall:>6.2f}x {wall / summary['layer_speedup']:>10.2f}")
-            rows.append({"config": f"fixed@{args.exit_layer} every {every}", "kv_policy": policy,
-                         "param_speedup": summary["param_speedup"], "layer_speedup": summary["layer_speedup"],
-                         "wall_speedup": wall, "wall_over_layer": wall / summary["layer_speedup"],
-                         "plain_median_s": statistics.median(ref), "early_exit_median_s": statistics.median(cand)})
-    print("\nparam: the paper's parameter ratio; layer: layer-equivalents incl. LM heads and catch-up; "
-          "wall: median clock time of plain generate / early-exit generate")
+        exits_off = EarlyExitForCausalLM(backend)
+        result = measure(plain, lambda: _timed(exits_off.generate, inputs, settings), args.repeats, args.new_tokens,
+                         batch)
+        print(f"\nbatch {batch}\n(a) exits off / plain generate: {result['wall_speedup']:.3f} end to end, "
+              f"{result['decode_wall_speedup']:.3f} decoding (goal >= 0.97); plain decodes "
+              f"{1 / result['reference']['decode_per_token_s']:.1f} tokens/s")
+        rows.append({"shape": args.shape, "batch": batch, "config": "exits off", **result})
+        print(f"(b) fixed exit at layer {exit_layer}")
+        header = f"{'every':>5} {'kv policy':>10} {'param':>7} {'layer':>7} {'wall':>7} {'l-dec':>7} {'w-dec':>7} {'w/l dec':>8}"
+        print(header + "\n" + "-" * len(header))
+        for every in (1, 2):
+            for policy in args.policies.split(","):
+                strategy = FixedStrategy(backend, [exit_layer], FixedStrategy.Config(every=every))
+                model = EarlyExitForCausalLM(backend, strategy, kv_policy=policy)
+                result = measure(plain, lambda: _timed(model.generate, inputs, settings), args.repeats,
+                                 args.new_tokens, batch)
+                summary = summarize(model.last_trace, CostModel.for_model(model))
+                ratio = result["decode_wall_speedup"] / summary["decode_layer_speedup"]
+                print(f"{every:>5} {policy:>10} {summary['param_speedup']:>6.2f}x {summary['layer_speedup']:>6.2f}x "
+                      f"{result['wall_speedup']:>6.2f}x {summary['decode_layer_speedup']:>6.2f}x "
+                      f"{result['decode_wall_speedup']:>6.2f}x {ratio:>8.2f}")
+                rows.append({"shape": args.shape, "batch": batch, "config": f"fixed@{exit_layer} every {every}",
+                             "kv_policy": policy, "param_speedup": summary["param_speedup"],
+                             "layer_speedup": summary["layer_speedup"],
+                             "decode_layer_speedup": summary["decode_layer_speedup"],
+                             "decode_wall_over_layer": ratio, **result})
+    decisions = decision_costs(backend)
+    print("\n(c) one exit decision, in layer-equivalents (rows that do not leave): " + ", ".join(
+        f"{d['strategy']} gate={d['gate']}: {d['decision_cost_layers']:.3f}" for d in decisions))
+    print("\nparam: the paper's parameter ratio; layer / l-dec: layer-equivalents incl. LM heads, K/V and catch-up, "
+          "end to end / decoding; wall / w-dec: median clock time per token of plain generate / early-exit "
+          "generate, end to end / decoding")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as handle:
-            json.dump({"settings": vars(args), "rows": rows}, handle, indent=2)
+            json.dump({"command": "python benchmarks/speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                       "settings": vars(args), "rows": rows, "decision_costs": decisions,
+                       "provenance": provenance()}, handle, indent=2)
     return 0
 
 

@@ -32,8 +32,10 @@ class ExitVisit:
     index: int  # exit index
     layer: int  # exit layer k (after k decoder layers)
     kv_positions: int = 0  # positions whose K/V were projected into the exit module's own slot
-    module_all: bool = False  # the rule ran the exit's module for every row present
-    read_all: bool = False  # the rule ran the exit's read-out for every row present
+    # rows that leave here always pay the exit's module and read-out; of the rows that go on,
+    # this share paid them too because the rule (or a gate's candidates) needed them
+    module_rest: float = 0.0
+    read_rest: float = 0.0
     gate: bool = False  # a gate scored every row present
 
 
@@ -122,11 +124,11 @@ class CostModel:
             e = visit.index
             parts["kv"] += visit.kv_positions * self.exit_kv_costs[e]
             parts["gates"] += self.gate_costs[e] if visit.gate else 0.0
-            if visit.module_all or visit.read_all or visit.layer == depth:
-                parts["exit_modules"] += self.exit_module_costs[e]
-                parts["params"] += self.exit_module_costs[e]
-            if visit.read_all or visit.layer == depth:
-                parts["heads"] += self.exit_readout_costs[e]
+            left = visit.layer == depth
+            module = 1.0 if left else max(visit.module_rest, visit.read_rest)
+            parts["exit_modules"] += module * self.exit_module_costs[e]
+            parts["params"] += module * self.exit_module_costs[e]
+            parts["heads"] += (1.0 if left else visit.read_rest) * self.exit_readout_costs[e]
         if depth == n:
             parts["heads"] += self.head_cost * record.final_readouts
         elif record.kv_policy == "propagate":

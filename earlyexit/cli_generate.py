@@ -51,6 +51,9 @@ def add_speed_arguments(parser: argparse.ArgumentParser, learned_gate_help: str 
                              f"{learned_gate_help}")
     parser.add_argument("--gate-threshold", type=float, help="the gate's threshold (learned: a probability; cosine: "
                                                              "a similarity)")
+    parser.add_argument("--gate-mode", choices=["filter", "replace"], default="filter",
+                        help="filter (default: rows the gate passes are checked by the strategy's own rule, the "
+                             "rest go on without the exit's module and head) or replace (the gate alone decides)")
     parser.add_argument("--decode", choices=["early-exit", "speculative"], default="early-exit",
                         help="early-exit (tokens leave at their exit) or speculative (exits draft, the full model "
                              "verifies: its output, token for token; greedy)")
@@ -71,9 +74,10 @@ def build_gate(args, strategy, width: int):
     if strategy is None:
         raise ConfigError("--gate decides at a strategy's exits; pass --strategy too")
     if spec == "cosine":
-        return CosineGate(0.99 if args.gate_threshold is None else args.gate_threshold)
+        return CosineGate(0.99 if args.gate_threshold is None else args.gate_threshold, args.gate_mode)
     if spec.startswith("learned:"):
         gate = LearnedGate.load(spec[len("learned:"):])
+        gate.mode = args.gate_mode
         if len(gate.scorers) != len(strategy.exit_layers) or gate.width != width:
             raise ConfigError(f"the gate in {spec[8:]} has {len(gate.scorers)} exits of width {gate.width}; this "
                               f"model has {len(strategy.exit_layers)} exits of width {width}")

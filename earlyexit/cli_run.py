@@ -109,14 +109,21 @@ class RunCommand:
         parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                             help="strategy option, e.g. --option mode=distill (repeatable)")
         parser.add_argument("--threshold", type=float, help="use this threshold instead of calibrating")
-        parser.add_argument("--rule", choices=["best", "budget"], default="best",
-                            help="calibration rule: best quality, or fastest within --budget of the full model")
-        parser.add_argument("--budget", type=float, default=0.02, help="allowed relative quality loss for --rule budget")
+        parser.add_argument("--rule", choices=["best", "budget"], default="budget",
+                            help="calibration rule: fastest within --budget of the full model's quality (default), "
+                                 "or best quality")
+        parser.add_argument("--budget", type=float, default=0.01,
+                            help="allowed relative quality loss for --rule budget (default 0.01: 1%%)")
         parser.add_argument("--grid", type=parse_float_list, default=(0.5, 0.6, 0.7, 0.8, 0.9, 1.0))
         parser.add_argument("--kv-policy", choices=["catchup", "propagate", "skip"], default="catchup")
         parser.add_argument("--gate", choices=["none", "learned", "cosine"], default="learned",
                             help="decide before the head: learned (CALM's classifier, trained here in seconds; "
                                  "default), cosine (zero parameters) or none (the strategy's own rule)")
+        parser.add_argument("--gate-mode", choices=["filter", "replace"], default="filter",
+                            help="filter (default): the gate pre-selects rows and the strategy's rule decides for "
+                                 "them; replace: the gate decides alone (its threshold is then calibrated)")
+        parser.add_argument("--gate-threshold", type=float, default=0.5,
+                            help="the gate's threshold in filter mode (default 0.5)")
         parser.add_argument("--speed-target", choices=["wall", "layer"], default="wall",
                             help="what --rule budget maximises: wall clock on dev (default) or layer speed-up")
         parser.add_argument("--no-speculative", action="store_true",
@@ -154,7 +161,8 @@ class RunCommand:
         settings = RunSettings(backend=args.backend, strategy=args.strategy, model=args.model, data=args.data,
                                exit_layers=args.exit_layers, options={k: options[k] for k in _given(args.option)},
                                threshold=args.threshold, rule=args.rule, budget=args.budget, grid=args.grid,
-                               kv_policy=args.kv_policy, gate=args.gate, speed_target=args.speed_target,
+                               kv_policy=args.kv_policy, gate=args.gate, gate_mode=args.gate_mode,
+                               gate_threshold=args.gate_threshold, speed_target=args.speed_target,
                                speculative=not args.no_speculative, draft_exit=args.draft_exit,
                                draft_length=args.draft_length, test_limit=args.test_limit, dev_limit=args.dev_limit,
                                train_limit=args.train_limit, batch_size=args.batch_size, num_beams=args.num_beams,

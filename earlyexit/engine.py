@@ -149,6 +149,13 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(logits=logits if logits.dim() == 3 else logits.unsqueeze(1), cache=cache)
 
 
+def _positions_in(picked: torch.Tensor, wanted: torch.Tensor, count: int) -> torch.Tensor:
+    """Where each of `wanted` (row indices out of `count`) sits within `picked`."""
+    where = torch.full((count,), -1, dtype=torch.long, device=picked.device)
+    where[picked] = torch.arange(len(picked), device=picked.device)
+    return where[wanted]
+
+
 class _Step:
     """The state of one forward: the rows still going (`rows`), and their running `block` of
     hidden states, which covers columns [total - width, total) at the current depth (under
@@ -257,17 +264,30 @@ class _Step:
             leaving = count
         else:
             view = ExitView(self, e, depth, block[:, -1], previous, self.rows)
+            checked, ask = None, view  # `ask`: the view whose rows the strategy's rule saw
             if model.gate is not None:
-                leave = model.gate.decide(e, view)
                 visit.gate = True
+                leave = model.gate.decide(e, view)
+                if model.gate.mode == "filter":  # the gate pre-selects, the strategy's rule confirms
+                    checked = int(leave.sum())
+                    if checked:
+                        picked = torch.argsort(leave.to(torch.int8), descending=True, stable=True)[:checked]
+                        ask = ExitView(self, e, depth, view.hidden[picked], None if previous is None else
+                                       previous[picked], self.rows[picked])
+                        leave = torch.zeros_like(leave).index_copy_(
+                            0, picked, model.strategy.should_exit(e, ask, self.context))
             else:
                 leave = model.strategy.should_exit(e, view, self.context)
-            visit.module_all, visit.read_all = view.state_computed, view.logits_computed
             parts = [leave.sum().view(1)]
             if self.lag is not None:
                 parts += self._lag_extremes(~leave, rows_local=True)
             info = torch.cat(parts).tolist()
             leaving, info = info[0], info[1:]
+            rest = count - leaving
+            if model.gate is None or checked:
+                share = ((checked if checked is not None else count) - leaving) / rest if rest else 0.0
+                visit.module_rest = share if ask.state_computed else 0.0
+                visit.read_rest = share if ask.logits_computed else 0.0
             if leaving == 0:
                 return block, width, previous
         if leave is None:
@@ -276,12 +296,14 @@ class _Step:
             order = torch.argsort(leave.to(torch.int8), stable=True)
             stay, go = order[:count - leaving], order[count - leaving:]
         rows_out = self.rows[go]
-        if leave is not None and view.logits_computed:
-            logits = view.logits()[go]
+        if leave is not None and (ask.logits_computed or ask.state_computed):
+            where = go if ask is view else _positions_in(picked, go, count)
+            if ask.logits_computed:
+                logits = ask.logits()[where]
+            else:
+                logits = model.strategy.exit_logits(e, ask.state()[where])
         else:
-            state = view.state()[go] if leave is not None and view.state_computed else \
-                self.exit_state(e, block[go, -1], rows_out)
-            logits = model.strategy.exit_logits(e, state)
+            logits = model.strategy.exit_logits(e, self.exit_state(e, block[go, -1], rows_out))
         self._emit(rows_out, logits)
         self.record_exit(depth, rows_out)
         self._leave(depth, rows_out, block[go], width)

@@ -104,6 +104,14 @@ def _timed(generate_fn, inputs, settings_kwargs, prompt_stamp=True):
     return sequences, ended - began, prompt
 
 
+def unpadded_rows(inputs: dict):
+    """Each row of a left-padded batch as a batch of one without its padding."""
+    for r in range(inputs["input_ids"].shape[0]):
+        keep = inputs["attention_mask"][r].bool()
+        yield {"pixel_values": inputs["pixel_values"][r:r + 1], "input_ids": inputs["input_ids"][r:r + 1, keep],
+               "attention_mask": inputs["attention_mask"][r:r + 1, keep]}
+
+
 def count_tokens(sequences: torch.Tensor, prompt_length: int, eos_token_id) -> int:
     """Generated tokens up to and including each row's first end-of-sequence."""
     from .accounting import _after_end
@@ -177,9 +185,13 @@ def evaluate(backend, strategy, dataset: Dataset, settings: EvalSettings, kv_pol
             else:
                 sequences, seconds, prompt = _timed(model.generate, inputs, generate)
             _add(sides["early"], seconds, prompt, count_tokens(sequences, prompt_length, eos), len(batch))
-            if timing_full:
+            if timing_full and decoder is None:
                 plain, seconds, prompt = _timed(backend.plain_generate, inputs, generate)
                 _add(sides["full"], seconds, prompt, count_tokens(plain, prompt_length, eos), len(batch))
+            elif timing_full:  # speculative decoding runs rows one at a time: so does its reference
+                for row in unpadded_rows(inputs):
+                    plain, seconds, prompt = _timed(backend.plain_generate, row, generate)
+                    _add(sides["full"], seconds, prompt, count_tokens(plain, row["input_ids"].shape[1], eos), 1)
         texts = decode_new_tokens(backend, sequences, prompt_length)
         if decoder is not None:
             records.extend(decoder.last_records)

@@ -11,8 +11,11 @@ module and read-out, which then run only for the rows that leave. Two gates:
 - `cosine` (zero parameters): leave when the cosine similarity of the hidden states after the
   exit layer and one layer earlier reaches the threshold (the residual stream has settled).
 
-A row leaves when its score reaches `threshold` (a probability for `learned`, a cosine for
-`cosine`); a threshold above the score's range never fires.
+A row passes when its score reaches `threshold` (a probability for `learned`, a cosine for
+`cosine`); a threshold above the score's range never fires. `mode` says what passing means:
+`replace` (the row leaves) or `filter` (the row is a candidate: the strategy's own rule then
+runs for the candidates alone and decides; quality is never below the rule's at the same
+threshold, and rows the gate turns away skip the exit module and read-out).
 """
 
 from __future__ import annotations
@@ -26,14 +29,16 @@ import torch
 from .errors import CheckpointError, ConfigError
 
 GATES = ("learned", "cosine")
+MODES = ("replace", "filter")
 COSINE_GRID = (0.9, 0.95, 0.98, 0.99, 0.995, 0.999)
 
 
 class LearnedGate(torch.nn.Module):
     kind = "learned"
 
-    def __init__(self, width: int, num_exits: int, hidden: int = 0, threshold: float = 0.9):
+    def __init__(self, width: int, num_exits: int, hidden: int = 0, threshold: float = 0.9, mode: str = "replace"):
         super().__init__()
+        self.mode = check_mode(mode)
         self.width, self.hidden_units = width, hidden
         self.scorers = torch.nn.ModuleList(self._scorer(width, hidden) for _ in range(num_exits))
         self.threshold = threshold
@@ -70,7 +75,7 @@ class LearnedGate(torch.nn.Module):
             save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()},
                       os.path.join(temporary, "gate.safetensors"))
             with open(os.path.join(temporary, "gate_config.json"), "w") as handle:
-                json.dump({"kind": self.kind, "width": self.width, "hidden": self.hidden_units,
+                json.dump({"kind": self.kind, "width": self.width, "hidden": self.hidden_units, "mode": self.mode,
                            "exits": len(self.scorers), "threshold": self.threshold, **(extra or {})}, handle, indent=2)
 
     @classmethod
@@ -80,7 +85,8 @@ class LearnedGate(torch.nn.Module):
         try:
             with open(os.path.join(folder, "gate_config.json")) as handle:
                 config = json.load(handle)
-            gate = cls(config["width"], config["exits"], config["hidden"], config["threshold"])
+            gate = cls(config["width"], config["exits"], config["hidden"], config["threshold"],
+                       config.get("mode", "replace"))
             gate.load_state_dict(load_file(os.path.join(folder, "gate.safetensors")))
         except (OSError, KeyError, TypeError, ValueError, RuntimeError) as error:
             raise CheckpointError(f"{folder} does not hold a readable learned gate ({error}); train it again") from error
@@ -90,8 +96,9 @@ class LearnedGate(torch.nn.Module):
 class CosineGate:
     kind = "cosine"
 
-    def __init__(self, threshold: float = 0.99):
+    def __init__(self, threshold: float = 0.99, mode: str = "replace"):
         self.threshold = threshold
+        self.mode = check_mode(mode)
 
     def decide(self, exit_index: int, view) -> torch.Tensor:
         if view.previous is None:
@@ -106,11 +113,18 @@ class CosineGate:
         return self
 
 
-def make_gate(kind: str, width: int, num_exits: int, threshold: float | None = None, hidden: int = 0):
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ConfigError(f"gate mode must be one of {', '.join(MODES)} (got {mode!r})")
+    return mode
+
+
+def make_gate(kind: str, width: int, num_exits: int, threshold: float | None = None, hidden: int = 0,
+              mode: str = "replace"):
     if kind == "learned":
-        return LearnedGate(width, num_exits, hidden, 0.9 if threshold is None else threshold)
+        return LearnedGate(width, num_exits, hidden, 0.9 if threshold is None else threshold, mode)
     if kind == "cosine":
-        return CosineGate(0.99 if threshold is None else threshold)
+        return CosineGate(0.99 if threshold is None else threshold, mode)
     raise ConfigError(f"unknown gate {kind!r}; choose one of {', '.join(GATES)} (or none)")
 
 
@@ -140,8 +154,8 @@ def gate_examples(backend, strategy, dataset, limit: int = 256, batch_size: int 
     return [torch.cat(x) for x in inputs], [torch.cat(y) for y in labels]
 
 
-def train_gate(gate: LearnedGate, backend, strategy, dataset, steps: int = 300, learning_rate: float = 3e-3,
-               limit: int = 256, seed: int = 0) -> dict:
+def train_gate(gate: LearnedGate, backend, strategy, dataset, steps: int = 400, learning_rate: float = 3e-3,
+               limit: int = 2000, seed: int = 0) -> dict:
     """Fit each exit's scorer with binary cross-entropy on teacher-forced examples; returns the
     final loss and the share of positive examples per exit."""
     inputs, labels = gate_examples(backend, strategy, dataset, limit=limit)

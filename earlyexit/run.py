@@ -31,11 +31,13 @@ class RunSettings:
     exit_layers: list[int] | None = None
     options: dict = dataclasses.field(default_factory=dict)  # strategy config overrides
     threshold: float | None = None  # skip calibration
-    rule: str = "best"
-    budget: float = 0.02
+    rule: str = "budget"
+    budget: float = 0.01
     grid: tuple = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
     kv_policy: str = "catchup"
     gate: str = "learned"  # decide before the head: none, learned (trained here, seconds) or cosine
+    gate_mode: str = "filter"  # filter: the gate pre-selects, the strategy's rule decides; replace: the gate decides
+    gate_threshold: float = 0.5
     speed_target: str = "wall"  # what the budget rule maximises: wall (measured on dev) or layer
     speculative: bool = True  # also report self-speculative decoding over the strategy's exits
     draft_exit: int | None = None  # exit layer that drafts (default: chosen on dev)
@@ -134,13 +136,15 @@ def run(settings: RunSettings, registry, log=print) -> dict | None:
             gates_for[name] = make_run_gate(settings, candidate, backend, train_split, log)
         gate = gates_for["strategy"]
         timings["train_gate_s"] = time.perf_counter() - began
-    knob = gate if gate is not None else strategy.config
+    knob = gate if gate is not None and gate.mode == "replace" else strategy.config
     calibration = None
     if settings.threshold is not None:
         knob.threshold = settings.threshold
     elif hasattr(strategy.config, "threshold"):
         began = time.perf_counter()
-        grid = settings.grid if gate is None or gate.kind != "cosine" or settings.grid != PAPER_GRID else COSINE_GRID
+        grid = settings.grid
+        if knob is gate and gate.kind == "cosine" and settings.grid == PAPER_GRID:
+            grid = COSINE_GRID
         full_dev, points = sweep(backend, strategy, dev, evaluation, grid=grid, kv_policy=settings.kv_policy,
                                  progress=settings.progress, gate=gate, measure_wall=settings.speed_target == "wall")
         chosen, why = choose(points, full_dev, settings.rule, settings.budget, speed=settings.speed_target)
@@ -167,7 +171,8 @@ def run(settings: RunSettings, registry, log=print) -> dict | None:
         if settings.strategy != "confidence":
             results["confidence"] = evaluate(backend, confidence, test, evaluation, kv_policy=settings.kv_policy)
         if gates_for is not None:
-            gates_for["confidence"].threshold = threshold
+            if gate.mode == "replace":
+                gates_for["confidence"].threshold = threshold
             name = f"confidence + {settings.gate} gate"
             if name != label:
                 results[name] = evaluate(backend, confidence, test, evaluation, kv_policy=settings.kv_policy,
@@ -205,19 +210,26 @@ def make_run_gate(settings: RunSettings, strategy, backend, train_split: str, lo
     from .gates import LearnedGate, make_gate, train_gate
 
     if settings.gate == "cosine":
-        return make_gate("cosine", backend.text_config.hidden_size, len(strategy.exit_layers))
-    recipe = {"exits": exits_cache_folder(settings, strategy, backbone_fingerprint(backend)), "gate": settings.gate}
+        return make_gate("cosine", backend.text_config.hidden_size, len(strategy.exit_layers),
+                         threshold=settings.gate_threshold if settings.gate_mode == "filter" else None,
+                         mode=settings.gate_mode)
+    recipe = {"exits": exits_cache_folder(settings, strategy, backbone_fingerprint(backend)), "gate": settings.gate,
+              "version": 2}
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:12]
     folder = os.path.join(embedded.cache_root(), "gates", f"{strategy.name}-{key}")
     if os.path.isdir(folder) and not settings.retrain:
-        return LearnedGate.load(folder)
-    log(f"gate: training a learned gate for {strategy.name} at layers {strategy.exit_layers}")
-    gate = make_gate("learned", backend.text_config.hidden_size, len(strategy.exit_layers))
-    report = train_gate(gate, backend, strategy, load_split(settings.data, train_split, settings.train_limit),
-                        seed=settings.seed)
-    log(f"gate: loss {report['loss']:.3f}; share of exits that agree with the final layer "
-        + ", ".join(f"{k}: {p:.2f}" for k, p in zip(strategy.exit_layers, report["positives"])))
-    gate.save(folder, extra={"strategy": strategy.name, "exit_layers": strategy.exit_layers})
+        gate = LearnedGate.load(folder)
+    else:
+        log(f"gate: training a learned gate for {strategy.name} at layers {strategy.exit_layers}")
+        gate = make_gate("learned", backend.text_config.hidden_size, len(strategy.exit_layers))
+        report = train_gate(gate, backend, strategy, load_split(settings.data, train_split, settings.train_limit),
+                            seed=settings.seed)
+        log(f"gate: loss {report['loss']:.3f}; share of exits that agree with the final layer "
+            + ", ".join(f"{k}: {p:.2f}" for k, p in zip(strategy.exit_layers, report["positives"])))
+        gate.save(folder, extra={"strategy": strategy.name, "exit_layers": strategy.exit_layers})
+    gate.mode = settings.gate_mode
+    if settings.gate_mode == "filter":
+        gate.threshold = settings.gate_threshold
     return gate
 
 

@@ -86,10 +86,12 @@ class SelfSpeculativeDecoder:
         stats, records, outputs = SpeculativeStats(), [], []
         self.last_prompt_seconds = 0.0
         pad = self.model.generation_config.pad_token_id
-        for r in range(rows):
-            keep = attention_mask[r].bool() if attention_mask is not None else torch.ones_like(input_ids[r], dtype=torch.bool)
-            ids = input_ids[r:r + 1, keep]
-            new, row_stats, row_records = self._one(pixel_values[r:r + 1], ids, max_new_tokens)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        from .evaluate import unpadded_rows
+
+        for row in unpadded_rows({"pixel_values": pixel_values, "input_ids": input_ids, "attention_mask": attention_mask}):
+            new, row_stats, row_records = self._one(row["pixel_values"], row["input_ids"], max_new_tokens)
             stats.add(row_stats)
             records.append(row_records)
             outputs.append(new)

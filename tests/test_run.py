@@ -23,7 +23,8 @@ def test_run_free_end_to_end(tmp_path, capsys):
                                       "free speculative"}
     # speculative decoding is the full model, token for token
     assert report["results"]["free speculative"]["predictions"] == report["results"]["full"]["predictions"]
-    assert report["threshold"] in (0.2, 0.9) and report["calibration"]["rule"] == "best"
+    assert report["threshold"] in (0.2, 0.9) and report["calibration"]["rule"] == "budget"
+    assert report["calibration"]["speed_target"] == "wall" and report["results"]["free + learned gate"]["config"]["gate"] == "learned"
     assert [p["threshold"] for p in report["calibration"]["points"]] == [0.2, 0.9]
     for name in ("calibration.csv", "calibration.png", "mid_crisis.csv", "mid_crisis.png"):
         assert os.path.getsize(tmp_path / "runs" / "blip2-opt-free" / name) > 0
