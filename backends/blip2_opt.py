@@ -179,6 +179,30 @@ class Blip2OptBackend(Backend):
         values = attention.v_proj(x).view(rows, -1, attention.num_heads, attention.head_dim).transpose(1, 2)
         cache.update(keys, values, attention.layer_idx)
 
+    def stacked_kv_projection(self, layers):
+        import torch
+
+        weights, biases, eps = [], [], None
+        for layer in layers:
+            attention = layer.self_attn
+            if layer.do_layer_norm_before:  # fold the norm's affine into the projections
+                norm = layer.self_attn_layer_norm
+                eps = norm.eps
+                gamma, beta = norm.weight, norm.bias
+            else:
+                gamma = beta = None
+            for projection in (attention.k_proj, attention.v_proj):
+                weight = projection.weight.t()
+                bias = projection.bias if projection.bias is not None else weight.new_zeros(weight.shape[1])
+                if gamma is not None:
+                    bias = bias + beta @ weight
+                    weight = gamma[:, None] * weight
+                weights.append(weight)
+                biases.append(bias)
+        if len({layer.do_layer_norm_before for layer in layers}) > 1:
+            return None
+        return eps, torch.cat(weights, 1).contiguous(), torch.cat(biases)
+
     # -- cost accounting -----------------------------------------------------------------------
     def kv_projection_param_count(self, layer=None) -> int:
         layer = layer if layer is not None else self.decoder.layers[0]

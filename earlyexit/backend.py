@@ -132,6 +132,14 @@ class Backend:
         CALM-style) without running the rest of the layer."""
         raise NotImplementedError
 
+    def stacked_kv_projection(self, layers: list) -> tuple | None:
+        """K/V projections of several layers as one matmul, for state propagation:
+        `(eps, weight, bias)` such that, with `x` layer-normalised without affine when `eps` is
+        not None, `x @ weight + bias` is every layer's (keys, values) side by side, each
+        (heads * head_dim) wide. None when the family has no such form (propagation then runs
+        `fill_kv` layer by layer)."""
+        return None
+
     def kv_projection_param_count(self, layer: torch.nn.Module | None = None) -> int:
         """Parameters used by `fill_kv` for `layer` (default: a backbone layer): norm and K/V projections."""
         raise NotImplementedError

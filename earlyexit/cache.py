@@ -38,30 +38,29 @@ class WritePlan:
 
 
 class SlotLayer(CacheLayerMixin):
-    """One slot's K/V buffer; grows by doubling (never a per-token concatenation)."""
+    """One slot's K/V: a view into the cache's single (slots, rows, heads, capacity + 1, dim)
+    buffer, so work on many slots at once (state propagation, beam reordering) is one op."""
 
     is_croppable = True
 
-    def __init__(self, cache: EarlyExitCache):
-        super().__init__()
-        self.cache = cache
+    def __init__(self, cache: EarlyExitCache, index: int):
+        # no super().__init__(): keys, values and is_initialized derive from the shared buffer
+        self.cache, self.index = cache, index
+
+    @property
+    def is_initialized(self) -> bool:
+        return self.cache.keys is not None
+
+    @property
+    def keys(self):
+        return self.cache.keys[self.index] if self.cache.keys is not None else None
+
+    @property
+    def values(self):
+        return self.cache.values[self.index] if self.cache.values is not None else None
 
     def lazy_initialization(self, key_states, value_states) -> None:
-        rows, heads, _, dim = key_states.shape
-        rows = max(rows, self.cache.rows)
-        shape = (rows, heads, self.cache.capacity + 1, dim)
-        self.keys = key_states.new_zeros(shape)
-        self.values = value_states.new_zeros(shape[:3] + value_states.shape[3:])
-        self.is_initialized = True
-
-    def grow(self, capacity: int) -> None:
-        if not self.is_initialized:
-            return
-        extra = capacity + 1 - self.keys.shape[2]
-        if extra > 0:
-            self.keys = torch.cat([self.keys, self.keys.new_zeros(self.keys.shape[:2] + (extra,) + self.keys.shape[3:])], 2)
-            self.values = torch.cat([self.values, self.values.new_zeros(
-                self.values.shape[:2] + (extra,) + self.values.shape[3:])], 2)
+        self.cache.allocate(key_states, value_states)
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
@@ -93,16 +92,14 @@ class SlotLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return -1
 
-    def map_rows(self, fn) -> None:
-        if self.is_initialized:
-            self.keys, self.values = fn(self.keys), fn(self.values)
-
 
 class EarlyExitCache(Cache):
     def __init__(self, num_slots: int, num_layers: int | None = None):
         self.rows = 0
         self.capacity = 0
-        super().__init__(layers=[SlotLayer(self) for _ in range(num_slots)])
+        self.keys: torch.Tensor | None = None  # (slots, rows, heads, capacity + 1, head_dim)
+        self.values: torch.Tensor | None = None
+        super().__init__(layers=[SlotLayer(self, slot) for slot in range(num_slots)])
         self.num_layers = num_layers if num_layers is not None else num_slots
         self.plan: WritePlan | None = None
         self.total_length = 0  # positions fed so far (every row's layer 0 holds them)
@@ -114,6 +111,12 @@ class EarlyExitCache(Cache):
         self.steps: list = []  # one StepRecord per forward (see accounting.StepRecord)
 
     # -- sizes -------------------------------------------------------------------------------
+    def allocate(self, key_states, value_states) -> None:
+        _, heads, _, dim = key_states.shape
+        shape = (len(self.layers), self.rows, heads, self.capacity + 1, dim)
+        self.keys = key_states.new_zeros(shape)
+        self.values = value_states.new_zeros(shape[:4] + value_states.shape[3:])
+
     @property
     def scratch(self) -> int:
         return self.capacity
@@ -139,10 +142,9 @@ class EarlyExitCache(Cache):
         for name in ("positions", "pending", "reached"):
             setattr(self, name, widen(getattr(self, name)))
         self.capacity = capacity
-        for layer in self.layers:
-            if layer.is_initialized:  # move the scratch column to the new end
-                layer.keys = widen(layer.keys.transpose(1, 2)).transpose(1, 2)
-                layer.values = widen(layer.values.transpose(1, 2)).transpose(1, 2)
+        if self.keys is not None:  # (slots, rows, heads, columns, dim): widen the columns, scratch last
+            self.keys = widen(self.keys.movedim(3, 1)).movedim(1, 3).contiguous()
+            self.values = widen(self.values.movedim(3, 1)).movedim(1, 3).contiguous()
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.total_length
@@ -157,8 +159,9 @@ class EarlyExitCache(Cache):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, fn(value))
-        for layer in self.layers:
-            layer.map_rows(fn)
+        if self.keys is not None:  # rows are the buffer's second dimension
+            self.keys = fn(self.keys.transpose(0, 1)).transpose(0, 1).contiguous()
+            self.values = fn(self.values.transpose(0, 1)).transpose(0, 1).contiguous()
         for key, value in self.strategy_state.items():
             self.strategy_state[key] = fn(value)
         if self.positions is not None:

@@ -91,6 +91,20 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
         self.force_exit: int | None = None  # every row leaves at this exit index (drafting)
         self.read_block = False  # the final head reads every position of its block (verification)
         self.last_cache: EarlyExitCache | None = None
+        self._propagation: dict = {}
+
+    def propagation(self, depth: int):
+        """(slots, stacked K/V projection or None) of every slot deeper than `depth`: the backbone
+        layers from `depth` on and the attending exit modules past it. Built once per generation."""
+        if depth not in self._propagation:
+            n = self.num_layers
+            slots = list(range(depth, n)) + [n + e for e, m in enumerate(self.exit_attention)
+                                             if m is not None and self.strategy.exit_layers[e] > depth]
+            layers = [self.layers[s] if s < n else self.exit_attention[s - n] for s in slots]
+            with torch.no_grad():
+                stack = self.backend.stacked_kv_projection(layers)
+            self._propagation[depth] = (torch.tensor(slots, device=self.device), stack)
+        return self._propagation[depth]
 
     # -- generation --------------------------------------------------------------------------
     def new_cache(self) -> EarlyExitCache:
@@ -106,6 +120,7 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
             inputs_embeds = self.backend.decoder_inputs_embeds(pixel_values, input_ids)
         if self.strategy is not None:
             self.strategy.reset()
+        self._propagation = {}  # weights may have changed since the last generation
         cache = kwargs.pop("cache", None) or self.new_cache()
         wants_dict = kwargs.get("return_dict_in_generate", False)
         kwargs["return_dict_in_generate"] = True
@@ -363,14 +378,22 @@ class _Step:
             columns = torch.where(columns[None] >= held[:, None], columns[None], cache.scratch)
             cache.pending[rows[:, None], columns] = block
         elif model.kv_policy == "propagate":
-            deeper = [model.layers[j] for j in range(depth, n)]
-            deeper += [m for e, m in enumerate(model.exit_attention)
-                       if m is not None and model.strategy.exit_layers[e] > depth]
-            cache.plan = WritePlan(rows=rows, start=self.past, columns=None, length=total)
+            slots, stack = model.propagation(depth)
             newest = block[:, -self.new:]
-            positions = cache.positions[rows, self.past:total]
-            for layer in deeper:
-                self.backend.fill_kv(layer, newest, position_ids=positions, cache=cache)
+            if stack is not None:  # every deeper slot's K/V in one matmul and one write
+                eps, weight, bias = stack
+                x = torch.nn.functional.layer_norm(newest, newest.shape[-1:], eps=eps) if eps is not None else newest
+                heads, dim = cache.keys.shape[2], cache.keys.shape[4]
+                kv = (x @ weight + bias).view(*x.shape[:2], len(slots), 2, heads, dim).permute(3, 2, 0, 1, 4, 5)
+                index = (slots[:, None, None], rows[None, :, None], slice(None),
+                         torch.arange(self.past, total, device=rows.device)[None, None, :])
+                cache.keys[index], cache.values[index] = kv[0], kv[1]
+            else:
+                cache.plan = WritePlan(rows=rows, start=self.past, columns=None, length=total)
+                positions = cache.positions[rows, self.past:total]
+                for slot in slots.tolist():
+                    layer = model.layers[slot] if slot < n else model.exit_attention[slot - n]
+                    self.backend.fill_kv(layer, newest, position_ids=positions, cache=cache)
         else:  # skip: deeper slots never hold these positions
             cache.reached[rows, self.past:total] = depth
 
