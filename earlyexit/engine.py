@@ -93,13 +93,17 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
         self.last_cache: EarlyExitCache | None = None
         self._propagation: dict = {}
 
+    def exit_slots_after(self, depth: int) -> list[int]:
+        """Cache slots of the attending exit modules past `depth` layers."""
+        return [self.num_layers + e for e, m in enumerate(self.exit_attention)
+                if m is not None and self.strategy.exit_layers[e] > depth]
+
     def propagation(self, depth: int):
         """(slots, stacked K/V projection or None) of every slot deeper than `depth`: the backbone
         layers from `depth` on and the attending exit modules past it. Built once per generation."""
         if depth not in self._propagation:
             n = self.num_layers
-            slots = list(range(depth, n)) + [n + e for e, m in enumerate(self.exit_attention)
-                                             if m is not None and self.strategy.exit_layers[e] > depth]
+            slots = list(range(depth, n)) + self.exit_slots_after(depth)
             layers = [self.layers[s] if s < n else self.exit_attention[s - n] for s in slots]
             with torch.no_grad():
                 stack = self.backend.stacked_kv_projection(layers)
@@ -380,14 +384,19 @@ class _Step:
         elif model.kv_policy == "propagate":
             slots, stack = model.propagation(depth)
             newest = block[:, -self.new:]
-            if stack is not None:  # every deeper slot's K/V in one matmul and one write
+            if stack is not None:  # every deeper slot's K/V in one matmul
                 eps, weight, bias = stack
                 x = torch.nn.functional.layer_norm(newest, newest.shape[-1:], eps=eps) if eps is not None else newest
                 heads, dim = cache.keys.shape[2], cache.keys.shape[4]
-                kv = (x @ weight + bias).view(*x.shape[:2], len(slots), 2, heads, dim).permute(3, 2, 0, 1, 4, 5)
-                index = (slots[:, None, None], rows[None, :, None], slice(None),
-                         torch.arange(self.past, total, device=rows.device)[None, None, :])
-                cache.keys[index], cache.values[index] = kv[0], kv[1]
+                # (2, slots, rows, heads, new, dim), the buffer's own layout
+                kv = (x @ weight + bias).view(*x.shape[:2], len(slots), 2, heads, dim).permute(3, 2, 0, 4, 1, 5)
+                chosen = slice(None) if self._is_all(rows) else rows
+                deep = n - depth  # backbone slots depth..n-1 are contiguous: plain slicing
+                cache.keys[depth:n, chosen, :, self.past:total] = kv[0, :deep]
+                cache.values[depth:n, chosen, :, self.past:total] = kv[1, :deep]
+                for i, slot in enumerate(model.exit_slots_after(depth)):
+                    cache.keys[slot, chosen, :, self.past:total] = kv[0, deep + i]
+                    cache.values[slot, chosen, :, self.past:total] = kv[1, deep + i]
             else:
                 cache.plan = WritePlan(rows=rows, start=self.past, columns=None, length=total)
                 positions = cache.positions[rows, self.past:total]
