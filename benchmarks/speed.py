@@ -138,7 +138,7 @@ def main(argv=None) -> int:
                              "decode_wall_over_layer": ratio, **result})
     decisions = decision_costs(backend)
     print("\n(c) one exit decision, in layer-equivalents (rows that do not leave): " + ", ".join(
-        f"{d['strategy']} gate={d['gate']}: {d["decision_cost_layers"]:.4f}" for d in decisions))
+        f"{d['strategy']} gate={d['gate']}: {d['decision_cost_layers']:.4f}" for d in decisions))
     print("\nparam: the paper's parameter ratio; layer / l-dec: layer-equivalents incl. LM heads, K/V and catch-up, "
           "end to end / decoding; wall / w-dec: median clock time per token of plain generate / early-exit "
           "generate, end to end / decoding")
