@@ -37,6 +37,7 @@ from .errors import ConfigError
 from .strategy import ExitView, StepContext, Strategy
 
 KV_POLICIES = ("catchup", "propagate", "skip")
+STACKED_KV_BYTES = 8 << 20  # propagate through one stacked K/V projection up to this size
 
 
 class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
@@ -105,8 +106,13 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
             n = self.num_layers
             slots = list(range(depth, n)) + self.exit_slots_after(depth)
             layers = [self.layers[s] if s < n else self.exit_attention[s - n] for s in slots]
-            with torch.no_grad():
-                stack = self.backend.stacked_kv_projection(layers)
+            stack = None
+            # small models: one matmul instead of a dozen small calls (Python overhead dominates
+            # there); large ones: per-layer projections, memory-bound anyway and no weight copy
+            kv_params = self.backend.kv_projection_param_count() * len(layers)
+            if kv_params * self.dtype.itemsize <= STACKED_KV_BYTES:
+                with torch.no_grad():
+                    stack = self.backend.stacked_kv_projection(layers)
             self._propagation[depth] = (torch.tensor(slots, device=self.device), stack)
         return self._propagation[depth]
 
@@ -249,8 +255,7 @@ class _Step:
                 block, width, previous = self._exit_point(e, depth, block, width, previous, record)
                 if block is None:
                     break
-            layer_plan = self._plan(depth, width)
-            cache.plan = layer_plan
+            cache.plan = self._plan(depth, width)
             out = self.backend.run_layer(model.layers[depth], block, attention_mask=self._mask(width, depth),
                                          position_ids=self._positions(width), cache=cache)
             previous, block = block[:, -1], out
@@ -299,7 +304,7 @@ class _Step:
                 leave = model.strategy.should_exit(e, view, self.context)
             parts = [leave.sum().view(1)]
             if self.lag is not None:
-                parts += self._lag_extremes(~leave, rows_local=True)
+                parts += self._lag_extremes(~leave)
             info = torch.cat(parts).tolist()
             leaving, info = info[0], info[1:]
             rest = count - leaving
@@ -324,7 +329,7 @@ class _Step:
         else:
             logits = model.strategy.exit_logits(e, self.exit_state(e, block[go, -1], rows_out))
         self._emit(rows_out, logits)
-        self.record_exit(depth, rows_out)
+        self.cache.steps[-1].exit_layer.index_fill_(0, rows_out, depth)
         self._leave(depth, rows_out, block[go], width)
         if leaving == count:
             return None, width, previous
@@ -368,9 +373,6 @@ class _Step:
             shape = (self.cache.positions.shape[0],) + tuple(logits.shape[1:])
             self.emitted = logits.new_zeros(shape)
         self.emitted.index_copy_(0, rows, logits.to(self.emitted.dtype))
-
-    def record_exit(self, depth, rows):
-        self.cache.steps[-1].exit_layer.index_fill_(0, rows, depth)
 
     def _leave(self, depth: int, rows: torch.Tensor, block: torch.Tensor, width: int) -> None:
         """`rows` left after `depth` layers: give the deeper slots what the policy says."""
@@ -418,7 +420,7 @@ class _Step:
     def _is_all(self, rows) -> bool:
         return self.rows_all and rows is self.rows
 
-    def _lag_extremes(self, keep, rows_local: bool = False):
+    def _lag_extremes(self, keep):
         """Per layer, the most and fewest positions a kept row lacks (its catch-up width)."""
         lag = self.lag
         if keep is None:
