@@ -5,8 +5,8 @@ default) and records quality next to the speed-ups: the paper's speed-versus-qua
 (Fig. 4b), written as CSV and PNG. Rules:
 - `best`: the threshold with the best quality (ties: the faster one);
 - `budget`: the fastest threshold whose quality is at least (1 - budget) x the full model's;
-  fastest by wall clock per generated token on the dev split (`speed="wall"`, timed against
-  the full model's dev run) or by layer-based speed-up (`speed="layer"`); if none qualifies,
+  fastest by wall clock per generated token on the dev split (`speed="wall"`, the full model
+  timed next to it on the same batches) or by layer-based speed-up (`speed="layer"`); if none qualifies,
   the best-quality one, and the result says so.
 With a gate the sweep moves the gate's threshold, otherwise the strategy's.
 """
@@ -45,10 +45,9 @@ def sweep(backend, strategy, dataset, settings, grid=PAPER_GRID, kv_policy: str 
 
     from .evaluate import evaluate
 
-    settings = dataclasses.replace(settings, measure_wall=False, progress=False, quick_metrics=True)
+    settings = dataclasses.replace(settings, measure_wall=measure_wall, progress=False, quick_metrics=True)
     metric = main_metric(dataset.task)
-    full_result = evaluate(backend, None, dataset, settings)
-    full, full_time = full_result["quality"][metric], full_result["speed"]["wall"]["early_exit"]["per_token_s"]
+    full = evaluate(backend, None, dataset, settings)["quality"][metric]
     points = []
     knob = gate if gate is not None else strategy.config
     original = knob.threshold
@@ -57,7 +56,7 @@ def sweep(backend, strategy, dataset, settings, grid=PAPER_GRID, kv_policy: str 
             knob.threshold = threshold
             result = evaluate(backend, strategy, dataset, settings, kv_policy=kv_policy, gate=gate)
             speed = result["speed"]
-            wall = full_time / speed["wall"]["early_exit"]["per_token_s"] if measure_wall else None
+            wall = speed["wall_speedup"] if measure_wall else None  # timed side by side, batch by batch
             points.append(CalibrationPoint(threshold, result["quality"][metric], speed["param_speedup"],
                                            speed["layer_speedup"], speed["mean_exit_layer"], wall))
     finally:

@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     their `exit_code`; anything else is a bug and returns 1. `--debug` adds the traceback.
     """
     args = build_parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # recorded in result files
     try:
         return args.run(args)
     except EarlyExitError as error:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 from .cli_generate import parse_int_list, positive_int
@@ -122,8 +123,9 @@ class RunCommand:
         parser.add_argument("--gate-mode", choices=["filter", "replace"], default="filter",
                             help="filter (default): the gate pre-selects rows and the strategy's rule decides for "
                                  "them; replace: the gate decides alone (its threshold is then calibrated)")
-        parser.add_argument("--gate-threshold", type=float, default=0.5,
-                            help="the gate's threshold in filter mode (default 0.5)")
+        parser.add_argument("--gate-threshold", type=float, default=0.3,
+                            help="the gate's threshold in filter mode (default 0.3: it passes most rows the rule "
+                                 "would take)")
         parser.add_argument("--speed-target", choices=["wall", "layer"], default="wall",
                             help="what --rule budget maximises: wall clock on dev (default) or layer speed-up")
         parser.add_argument("--no-speculative", action="store_true",
@@ -175,7 +177,8 @@ class RunCommand:
             return 0
         print(format_run(report, color=sys.stdout.isatty()))
         if args.json:
-            payload = {k: v for k, v in report.items() if k != "tokenizer"}
+            payload = {"command": "earlyexit " + " ".join(shlex.quote(a) for a in args.argv),
+                       **{k: v for k, v in report.items() if k != "tokenizer"}}
             write_json_atomically(args.json, payload)
             print(f"wrote {args.json}")
         return 0
