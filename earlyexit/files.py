@@ -26,6 +26,12 @@ def atomic_folder(final: str):
         raise
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_json_atomically(path: str, payload: dict) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -33,6 +39,7 @@ def write_json_atomically(path: str, payload: dict) -> None:
     try:
         with os.fdopen(handle, "w") as out:
             json.dump(payload, out, indent=2)
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes it private; results are for sharing
         os.replace(temporary, path)
     except BaseException:
         os.unlink(temporary)

@@ -38,7 +38,7 @@ class RunSettings:
     gate: str = "learned"  # decide before the head: none, learned (trained here, seconds) or cosine
     gate_mode: str = "filter"  # filter: the gate pre-selects, the strategy's rule decides; replace: the gate decides
     gate_threshold: float = 0.3  # filter mode: low, so the gate passes most rows the rule would take
-    speed_target: str = "wall"  # what the budget rule maximises: wall (measured on dev) or layer
+    speed_target: str = "layer"  # what the budget rule maximises: layer (deterministic) or wall (timed on dev)
     speculative: bool = True  # also report self-speculative decoding over the strategy's exits
     draft_exit: int | None = None  # exit layer that drafts (default: chosen on dev)
     draft_length: int = 4

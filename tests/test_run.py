@@ -13,7 +13,8 @@ def test_run_free_end_to_end(tmp_path, capsys):
     argv = ["run", "--backend", "blip2-opt", "--strategy", "free", "--model", str(model), "--data", "scenes",
             "--exit-layers", "1,2", "--train-limit", "6", "--dev-limit", "6", "--test-limit", "4",
             "--grid", "0.2,0.9", "--batch-size", "4", "--max-new-tokens", "4", "--output", str(tmp_path / "runs"),
-            "--option", "epochs=1", "--option", "batch_size=4", "--json", str(tmp_path / "run.json")]
+            "--option", "epochs=1", "--option", "batch_size=4", "--speed-target", "wall",
+            "--json", str(tmp_path / "run.json")]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "free + learned gate @" in out and "confidence @" in out and "full" in out and "CIDEr" in out
