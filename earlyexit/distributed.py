@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import socket
 
 import torch
 
 from .deepspeed_config import SHM_OP
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
 from .training import TrainConfig, warmup_cosine
 
 def init_distributed() -> tuple[int, int]:
@@ -40,6 +41,55 @@ def init_distributed() -> tuple[int, int]:
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="gloo")
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+@contextlib.contextmanager
+def tensors_only(engine):
+    """DeepSpeed reads its checkpoint files with `torch.load(weights_only=False)`, which runs
+    whatever code a pickle planted in a checkpoint folder carries. Inside this block the engine's
+    checkpoint reader uses `weights_only=True`: tensors, plain containers and the few plain
+    DeepSpeed types its checkpoints hold; anything else is refused with a one-line error."""
+    reader = engine.checkpoint_engine
+    original = reader.load
+
+    def load(path, map_location=None):
+        try:
+            with torch.serialization.safe_globals(_deepspeed_checkpoint_types()):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise CheckpointError(f"{path} holds more than tensors and plain data, so it was not loaded "
+                                  f"({reason[:160]}); delete that checkpoint folder (or use a fresh --output) "
+                                  "to start afresh") from None
+
+    reader.load = load
+    try:
+        yield
+    finally:
+        reader.load = original
+
+
+def _deepspeed_checkpoint_types() -> list:
+    """The non-builtin types DeepSpeed writes into its own ZeRO checkpoints (plain data)."""
+    import argparse
+    import collections
+
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    types = [argparse.Namespace, collections.OrderedDict, ZeroStageEnum]
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import LossScaler, DynamicLossScaler
+
+        types += [LossScaler, DynamicLossScaler]
+    except ImportError:  # pragma: no cover - older layouts
+        pass
+    try:
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        types.append(fragment_address)
+    except ImportError:  # pragma: no cover
+        pass
+    return types
 
 
 def _free_port() -> int:
@@ -90,7 +140,8 @@ class DeepSpeedEngine:
 
     def load(self, folder: str) -> None:
         for name, engine in self.engines.items():
-            path, _ = engine.load_checkpoint(folder, tag=name)
+            with tensors_only(engine):
+                path, _ = engine.load_checkpoint(folder, tag=name)
             if path is None:
                 from .errors import CheckpointError
 

@@ -200,3 +200,31 @@ def test_eval_sharded_over_two_processes_matches_one(tmp_path):
     assert one["quality"]["CIDEr"] == pytest.approx(two["quality"]["CIDEr"])
     assert one["exit_layer_histogram"] == two["exit_layer_histogram"]
     assert one["speed"]["layer_speedup"] == pytest.approx(two["speed"]["layer_speedup"])
+
+
+class Planted:
+    """Unpickling this runs code: it creates the marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import pathlib
+
+        return pathlib.Path.touch, (pathlib.Path(self.marker),)
+
+
+def test_a_planted_pickle_in_a_deepspeed_checkpoint_is_refused(scenes, tmp_path):
+    from earlyexit.errors import CheckpointError
+
+    backend, strategy = fresh_free()
+    output = tmp_path / "run"
+    train_exits(strategy, backend, scenes, str(output), progress=False, deepspeed_config=zero_config(2, 4, 1.0))
+    states = sorted(output.glob("checkpoint-*/**/*model_states.pt"))
+    assert states, "DeepSpeed wrote no model states"
+    marker = tmp_path / "code-ran"
+    torch.save({"module": Planted(str(marker))}, states[-1])
+    backend, strategy = fresh_free()
+    with pytest.raises(CheckpointError, match="more than tensors"):
+        train_exits(strategy, backend, scenes, str(output), progress=False, deepspeed_config=zero_config(2, 4, 1.0))
+    assert not marker.exists()
