@@ -8,6 +8,15 @@ import os
 from .cli_generate import positive_int
 
 
+def save_model_atomically(backend, final: str) -> None:
+    """A kill during the save leaves the previous model (or none), never a half-written folder
+    that later commands would take for a model."""
+    from .files import atomic_folder
+
+    with atomic_folder(final) as temporary:
+        backend.save_pretrained(temporary)
+
+
 class TrainCommand:
     """`earlyexit train backbone`: fine-tune (or train) a backbone with cross-entropy (paper §3.2)."""
 
@@ -67,10 +76,10 @@ class TrainCommand:
         if engine is not None:
             with engine.full_parameters("model"):  # ZeRO-3: gather the shards before saving
                 if is_main_process():
-                    backend.save_pretrained(final)
+                    save_model_atomically(backend, final)
             engine.barrier()
         else:
-            backend.save_pretrained(final)
+            save_model_atomically(backend, final)
         if not is_main_process():
             return 0
         recent = [entry["loss"] for entry in losses[-min(50, len(losses)):]]

@@ -15,7 +15,11 @@ def atomic_folder(final: str):
     on any error it is removed and `final` is left as it was."""
     parent = os.path.dirname(os.path.abspath(final))
     os.makedirs(parent, exist_ok=True)
-    temporary = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}-", dir=parent)
+    prefix = f".{os.path.basename(os.path.abspath(final))}-"
+    for name in os.listdir(parent):  # what a killed earlier attempt left behind
+        if name.startswith(prefix) and os.path.isdir(os.path.join(parent, name)):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+    temporary = tempfile.mkdtemp(prefix=prefix, dir=parent)
     try:
         yield temporary
         if os.path.exists(final):

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import shutil
+import sys
 from typing import Callable
 
 import torch
@@ -134,13 +135,40 @@ class PlainEngine:
             self.schedulers[name].load_state_dict(state[name]["scheduler"])
 
 
-def latest_checkpoint(output_dir: str) -> str | None:
+def checkpoint_steps(output_dir: str) -> tuple[list[int], list[str]]:
+    """(steps of the complete checkpoints, ascending; names of `checkpoint-N` folders that are not
+    complete: no readable state file, or one for another step). Incomplete ones are never loaded
+    and never pruned: they are reported, and a valid checkpoint is never deleted because of them."""
     if not os.path.isdir(output_dir):
-        return None
-    steps = [int(name.split("-")[1]) for name in os.listdir(output_dir)
-             if name.startswith("checkpoint-") and name.split("-")[1].isdigit()
-             and os.path.isfile(os.path.join(output_dir, name, STATE_FILE))]
-    return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
+        return [], []
+    complete, stale = [], []
+    for name in os.listdir(output_dir):
+        step = name.split("-", 1)[1] if name.startswith("checkpoint-") else ""
+        if not step.isdigit():
+            continue
+        try:
+            with open(os.path.join(output_dir, name, STATE_FILE)) as handle:
+                state = json.load(handle)
+            ok = isinstance(state, dict) and state.get("step") == int(step) and isinstance(state.get("losses"), list)
+        except (OSError, ValueError):
+            ok = False
+        (complete.append(int(step)) if ok else stale.append(name))
+    return sorted(complete), sorted(stale)
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    steps, _ = checkpoint_steps(output_dir)
+    return os.path.join(output_dir, f"checkpoint-{steps[-1]}") if steps else None
+
+
+def clean_leftovers(output_dir: str) -> list[str]:
+    """Remove the temporary folders an interrupted checkpoint save left behind; returns their names."""
+    if not os.path.isdir(output_dir):
+        return []
+    leftovers = [n for n in os.listdir(output_dir) if n.startswith(".checkpoint-")]
+    for name in leftovers:
+        shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+    return leftovers
 
 
 def save_checkpoint(engine, config: TrainConfig, step: int, losses: list) -> str:
@@ -166,16 +194,23 @@ def save_checkpoint(engine, config: TrainConfig, step: int, losses: list) -> str
             shutil.rmtree(final, ignore_errors=True)
             os.replace(temporary, final)
         engine.barrier()
-    if rank == 0:
-        kept = sorted((int(n.split("-")[1]) for n in os.listdir(config.output_dir)
-                       if n.startswith("checkpoint-") and n.split("-")[1].isdigit()), reverse=True)
-        for old in kept[config.keep_checkpoints:]:
+    if rank == 0:  # prune older complete checkpoints only; incomplete folders are the user's to judge
+        complete, _ = checkpoint_steps(config.output_dir)
+        for old in [s for s in complete if s < step][:max(0, len(complete) - config.keep_checkpoints)]:
             shutil.rmtree(os.path.join(config.output_dir, f"checkpoint-{old}"), ignore_errors=True)
     return final
 
 
 def resume(engine, config: TrainConfig) -> tuple[int, list[float]]:
-    """Load the newest checkpoint in the output folder, if any: (next step, losses so far)."""
+    """Load the newest complete checkpoint in the output folder, if any: (next step, losses so far).
+    Leftover temporary folders are removed; incomplete `checkpoint-N` folders are named and skipped."""
+    if getattr(engine, "rank", 0) == 0:
+        clean_leftovers(config.output_dir)
+        for name in checkpoint_steps(config.output_dir)[1]:
+            print(f"note: skipping {os.path.join(config.output_dir, name)}: not a complete checkpoint "
+                  f"(no readable {STATE_FILE})", file=sys.stderr)
+    if hasattr(engine, "barrier") and getattr(engine, "world_size", 1) > 1:
+        engine.barrier()
     folder = latest_checkpoint(config.output_dir)
     if folder is None:
         return 0, []

@@ -136,3 +136,44 @@ def test_encoder_pretraining_trains_the_image_side_only(tmp_path):
     assert any(n.startswith("vision_model.") for n in changed) and "query_tokens" in changed
     first, last = (sum(e["words"] for e in part) / len(part) for part in (losses[:5], losses[-5:]))
     assert last < 0.5 * first  # the probe and encoder learn the captions' words
+
+
+def test_stale_checkpoint_is_skipped_and_never_costs_a_valid_one(scenes, tmp_path, capsys):
+    output = tmp_path / "run"
+    stale = output / "checkpoint-999"
+    stale.mkdir(parents=True)
+    (stale / "config.json").write_text("{}")  # a folder from something else: no trainer state
+    (output / ".checkpoint-5-partial").mkdir()  # what a killed save left behind
+    backend, batches = fresh(scenes)
+    config = TrainConfig(output_dir=str(output), steps=4, checkpoint_every=2, progress=False)
+    losses = train(backend.model, language_model_step(backend.model), batches, config)
+    assert len(losses) == 4  # trained from the start: the stale folder was not trusted
+    assert "checkpoint-999" in capsys.readouterr().err
+    assert latest_checkpoint(str(output)).endswith("checkpoint-4")  # the valid one survived pruning
+    assert stale.is_dir() and not (output / ".checkpoint-5-partial").exists()
+    assert not (output / "checkpoint-2").exists()  # older valid ones are still pruned
+
+
+def test_a_failed_final_save_leaves_the_previous_model(tmp_path, monkeypatch):
+    from earlyexit.cli_train import save_model_atomically
+
+    backend = make_backend(seed=3, num_layers=2)
+    final = tmp_path / "model"
+    save_model_atomically(backend, str(final))
+    before = sorted(p.name for p in final.iterdir())
+
+    def dies_half_way(path):
+        (tmp_path / "model-config-written").touch()
+        with open(os.path.join(path, "config.json"), "w") as handle:
+            handle.write("{}")
+        raise KeyboardInterrupt  # a kill in the middle of writing the weights
+
+    monkeypatch.setattr(backend, "save_pretrained", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        save_model_atomically(backend, str(final))
+    assert sorted(p.name for p in final.iterdir()) == before  # the previous model, whole
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".model-")]
+    (tmp_path / ".model-left-by-kill").mkdir()  # kill -9 leaves its temporary folder behind
+    monkeypatch.undo()
+    save_model_atomically(backend, str(final))
+    assert not (tmp_path / ".model-left-by-kill").exists()
