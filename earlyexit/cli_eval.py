@@ -63,6 +63,10 @@ class EvalCommand:
         from .evaluate import EvalSettings, evaluate
         from .plugins import get_registry
 
+        if args.json:
+            from .files import check_writable
+
+            check_writable(args.json, option="--json")
         settings = EvalSettings(batch_size=args.batch_size, num_beams=args.num_beams,
                                 max_new_tokens=args.max_new_tokens, noise=args.noise, limit=args.limit,
                                 measure_wall=not args.no_wall)

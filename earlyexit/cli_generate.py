@@ -13,9 +13,12 @@ from .errors import ConfigError, DataError
 
 def parse_int_list(text: str) -> list[int]:
     try:
-        return [int(part) for part in text.split(",") if part.strip()]
+        values = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated layer numbers such as 3,6,9, got {text!r}")
+    if not values:  # an empty list must not silently mean "the default"
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer numbers such as 3,6,9, got {text!r}")
+    return values
 
 
 def positive_int(text: str) -> int:

@@ -172,6 +172,11 @@ class RunCommand:
                                max_new_tokens=args.max_new_tokens,
                                retrain=args.retrain, output=args.output, deepspeed=_deepspeed(args, strategy_cls, options))
         check_settings(settings)
+        from .files import check_writable
+
+        check_writable(args.output, folder=True)  # before hours of work, not after
+        if args.json:
+            check_writable(args.json, option="--json")
         quiet_transformers()
         report = run(settings, registry, log=lambda message: print(message, file=sys.stderr))
         if report is None:  # a non-zero rank of a multi-process run: rank 0 reports

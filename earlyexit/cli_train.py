@@ -52,6 +52,9 @@ class TrainCommand:
         from .plugins import get_registry
         from .training import TrainConfig, latest_checkpoint, train
 
+        from .files import check_writable
+
+        check_writable(args.output, folder=True)
         config = TrainConfig(output_dir=os.path.join(args.output, "checkpoints"), steps=args.steps,
                              learning_rate=args.learning_rate, warmup_steps=args.warmup_steps,
                              checkpoint_every=args.checkpoint_every, seed=args.seed)

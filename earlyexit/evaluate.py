@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import math
 import os
 import platform
 import subprocess
@@ -43,7 +44,7 @@ class EvalSettings:
     def __post_init__(self):
         if self.batch_size < 1 or self.num_beams < 1 or self.max_new_tokens < 1:
             raise ConfigError("batch size, beams and max new tokens must be positive integers")
-        if self.noise < 0:
+        if not math.isfinite(self.noise) or self.noise < 0:
             raise ConfigError(f"--noise is a standard deviation and must be >= 0 (got {self.noise})")
 
 

@@ -48,3 +48,24 @@ def write_json_atomically(path: str, payload: dict) -> None:
     except BaseException:
         os.unlink(temporary)
         raise
+
+
+def check_writable(path: str, folder: bool = False, option: str = "--output") -> None:
+    """Fail before any work when `path` cannot be written (a read-only place, a file where a
+    folder must go or the other way round), with a one-line fix."""
+    from .errors import ConfigError
+
+    target = os.path.abspath(path)
+    if folder and os.path.exists(target) and not os.path.isdir(target):
+        raise ConfigError(f"{option} {path} is a file, not a folder; pass a folder path")
+    if not folder and os.path.isdir(target):
+        raise ConfigError(f"{option} {path} is a folder; pass a file path such as {os.path.join(path, 'result.json')}")
+    probe = target if folder and os.path.isdir(target) else os.path.dirname(target)
+    while not os.path.exists(probe):  # the nearest existing ancestor must let us create the rest
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise ConfigError(f"{option} {path} lies under {probe}, which is a file; pass another path")
+    try:  # really try (permission bits say little for root, or on read-only mounts)
+        os.rmdir(tempfile.mkdtemp(prefix=".earlyexit-write-check-", dir=probe))
+    except OSError as error:
+        raise ConfigError(f"{option} {path} is not writable ({probe}: {error.strerror}); pass a writable path")

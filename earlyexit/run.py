@@ -290,6 +290,8 @@ def mid_crisis_report(backend, strategy, dataset, folder: str, limit: int = 100)
 
 
 def check_settings(settings: RunSettings) -> None:
+    if settings.threshold is not None and not 0 <= settings.threshold:  # NaN fails too
+        raise ConfigError(f"--threshold {settings.threshold}: the threshold must be >= 0, e.g. --threshold 0.8")
     if not 0 <= settings.budget < 1:
         raise ConfigError(f"--budget is a fraction of the full model's quality, e.g. 0.02 (got {settings.budget})")
     if any(not 0 <= t <= 1.5 for t in settings.grid):

@@ -45,7 +45,7 @@ class TrainConfig:
     def __post_init__(self):
         if self.steps < 1:
             raise ConfigError(f"steps must be at least 1 (got {self.steps})")
-        if self.learning_rate <= 0:
+        if not math.isfinite(self.learning_rate) or self.learning_rate <= 0:
             raise ConfigError(f"learning rate must be positive (got {self.learning_rate})")
         if self.checkpoint_every < 1:
             raise ConfigError(f"checkpoint_every must be at least 1 (got {self.checkpoint_every})")

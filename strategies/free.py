@@ -50,6 +50,8 @@ class FreeConfig(StrategyConfig):
                                                    "ViT-L/14) or backbone (offline: the backbone's own likelihood)")
 
     def __post_init__(self):
+        if not 0.0 <= self.threshold:  # NaN fails too
+            raise ConfigError(f"threshold must be >= 0 (got {self.threshold}); e.g. --threshold 0.8")
         if self.mode not in MODES:
             raise ConfigError(f"FREE mode must be one of {', '.join(MODES)} (got {self.mode!r})")
         if self.kd_direction not in KD_DIRECTIONS:

@@ -153,3 +153,28 @@ def test_tiny_random_needs_no_files(capsys, monkeypatch):
     result = run_json(capsys, "generate", "--backend", "blip2-opt", "--model", "tiny-random", "--image",
                       "examples/shapes.png", "--strategy", "fixed", "--max-new-tokens", "3")
     assert result["num_layers"] == 12 and result["exit_layers"][:2] == [12, 6]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["run", "--backend", "blip2-opt", "--strategy", "free", "--json", "/proc/nope/run.json"], "not writable"),
+    (["run", "--backend", "blip2-opt", "--strategy", "free", "--output", "README.md"], "is a file"),
+    (["run", "--backend", "blip2-opt", "--strategy", "free", "--json", "benchmarks"], "is a folder"),
+    (["run", "--backend", "blip2-opt", "--strategy", "free", "--threshold", "-1"], "the threshold must be >= 0"),
+    (["eval", "--backend", "blip2-opt", "--model", "tiny-random", "--data", "scenes", "--noise", "nan"], "--noise"),
+    (["train", "backbone", "--backend", "blip2-opt", "--model", "tiny-random", "--data", "scenes",
+      "--output", "README.md"], "is a file"),
+    (["train", "backbone", "--backend", "blip2-opt", "--model", "tiny-random", "--data", "scenes",
+      "--output", "/tmp/ee-lr", "--learning-rate", "nan"], "learning rate"),
+])
+def test_bad_outputs_and_values_fail_before_any_work(capsys, monkeypatch, argv, message):
+    monkeypatch.chdir(__import__("pathlib").Path(__file__).parent.parent)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_empty_exit_layers_are_refused(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--backend", "blip2-opt", "--model", "tiny-random", "--image", "x.png",
+              "--exit-layers", ""])
+    assert exit_info.value.code == 2 and "3,6,9" in capsys.readouterr().err
