@@ -133,18 +133,11 @@ def make_gate(kind: str, width: int, num_exits: int, threshold: float | None = N
 def gate_examples(backend, strategy, dataset, limit: int = 256, batch_size: int = 32):
     """Per exit: hidden states at the exit (positions that predict a caption/answer token) and
     whether the strategy's exit there predicts the same token as the final layer."""
-    from .batching import TrainingBatches, prompt_for, target_for
-    from .exit_training import backbone_features
+    from .layer_accuracy import teacher_forced_features
 
-    dataset = dataset.subset(limit)
-    batches = TrainingBatches(backend, [dataset], batch_size=batch_size, seed=0)
     inputs = [[] for _ in strategy.exit_layers]
     labels = [[] for _ in strategy.exit_layers]
-    for start in range(0, len(dataset), batch_size):
-        samples = dataset.samples[start:start + batch_size]
-        rows = [batches.encode(prompt_for(s, dataset.task), target_for(s, dataset.task)) for s in samples]
-        batch = batches.collate(rows, batches.pixels[batches.pixel_row[0][start:start + len(samples)]])
-        features = backbone_features(backend, batch)
+    for features in teacher_forced_features(backend, dataset, limit, batch_size):
         where = features.targets != -100
         final = features.final_logits[:, :-1].argmax(-1)[where]
         for e, state in enumerate(strategy.teacher_forced_states(features)):

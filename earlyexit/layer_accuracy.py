@@ -49,18 +49,24 @@ def per_layer_accuracy(backend, dataset: Dataset, limit: int | None = 200, batch
 
 
 @torch.no_grad()
-def exit_accuracy(backend, strategy, dataset: Dataset, limit: int | None = 200, batch_size: int = 32) -> dict:
-    """{exit layer: teacher-forced next-token accuracy} of a strategy's own exits."""
+def teacher_forced_features(backend, dataset: Dataset, limit: int | None = 200, batch_size: int = 32):
+    """`exit_training.BackboneFeatures` of every batch of references (captions or answers)."""
     from .exit_training import backbone_features
 
     dataset = dataset.subset(limit)
     batches = TrainingBatches(backend, [dataset], batch_size=batch_size, seed=0)
-    correct, total = [0] * len(strategy.exit_layers), 0
     for start in range(0, len(dataset), batch_size):
         samples = dataset.samples[start:start + batch_size]
         rows = [batches.encode(prompt_for(s, dataset.task), target_for(s, dataset.task)) for s in samples]
         batch = batches.collate(rows, batches.pixels[batches.pixel_row[0][start:start + len(samples)]])
-        features = backbone_features(backend, batch)
+        yield backbone_features(backend, batch)
+
+
+@torch.no_grad()
+def exit_accuracy(backend, strategy, dataset: Dataset, limit: int | None = 200, batch_size: int = 32) -> dict:
+    """{exit layer: teacher-forced next-token accuracy} of a strategy's own exits."""
+    correct, total = [0] * len(strategy.exit_layers), 0
+    for features in teacher_forced_features(backend, dataset, limit, batch_size):
         where = features.targets != -100
         total += int(where.sum())
         for e, out in enumerate(strategy.teacher_forced_states(features)):
