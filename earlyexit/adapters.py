@@ -26,16 +26,17 @@ _VOLATILE_KEYS = ("_name_or_path", "transformers_version", "torch_dtype", "dtype
 
 
 def backbone_fingerprint(backend) -> str:
-    """The language model's architecture plus a digest of some of its weights, so the same
-    architecture trained differently gets another fingerprint."""
+    """The language model's architecture plus a digest of every weight of the model (vision
+    tower, Q-Former and language model), so a backbone changed anywhere, even in one middle
+    layer, gets another fingerprint and stale exits are never reused."""
     import torch
 
     config = {k: v for k, v in backend.text_config.to_dict().items() if k not in _VOLATILE_KEYS}
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
-    layers = backend.decoder_layers()
-    for module in (layers[0], layers[-1]):
-        for parameter in list(module.parameters())[:2]:
-            digest.update(parameter.detach().flatten()[:256].to(torch.float32).numpy().tobytes())
+    digest = hashlib.blake2b(json.dumps(config, sort_keys=True, default=str).encode(), digest_size=16)
+    for name, tensor in sorted(backend.model.state_dict().items()):
+        digest.update(name.encode())
+        data = tensor.detach().to("cpu").contiguous()
+        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
     return digest.hexdigest()[:16]
 
 

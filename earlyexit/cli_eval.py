@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from .cli_generate import add_model_arguments, load_model, positive_int
 from .files import write_json_atomically
@@ -82,9 +83,17 @@ class EvalCommand:
         backend, strategy, model = load_model(registry, args)
         from .cli_generate import draft_exit_index
 
+        from .plugins import notify
+
+        config = {"command": "eval", "backend": args.backend, "model": args.model, "strategy": args.strategy,
+                  "data": args.data, "split": args.split, "settings": dataclasses.asdict(settings)}
+        notify(registry, "run_start", config=config)
         result = evaluate(backend, strategy, dataset, settings, kv_policy=args.kv_policy, gate=model.gate,
                           decode=args.decode, draft_exit=draft_exit_index(args, strategy),
-                          draft_length=args.draft_length)
+                          draft_length=args.draft_length,
+                          on_batch=lambda stats: notify(registry, "batch_stats", stats=stats))
+        if result is not None:
+            notify(registry, "run_end", config=config, results={"quality": result["quality"]})
         if result is None:  # not rank 0: it reports for everyone
             return 0
         print(format_report(result))

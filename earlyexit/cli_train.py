@@ -74,7 +74,14 @@ class TrainCommand:
         engine = DeepSpeedEngine({"model": backend.model}, config, ds_config) if ds_config else None
         if latest_checkpoint(config.output_dir) and is_main_process():
             print(f"resuming from {latest_checkpoint(config.output_dir)}")
-        losses = train(backend.model, language_model_step(backend.model), batches, config, engine)
+        from .plugins import notify
+
+        run_config = {"command": "train backbone", "backend": args.backend, "model": args.model, "data": args.data,
+                      "output": args.output, "steps": args.steps}
+        notify(registry, "run_start", config=run_config)
+        losses = train(backend.model, language_model_step(backend.model), batches, config, engine,
+                       on_log=lambda step, recent: notify(registry, "batch_stats",
+                                                          stats={"phase": "train_backbone", "step": step, **recent}))
         final = os.path.join(args.output, "model")
         if engine is not None:
             with engine.full_parameters("model"):  # ZeRO-3: gather the shards before saving
@@ -86,6 +93,7 @@ class TrainCommand:
         if not is_main_process():
             return 0
         recent = [entry["loss"] for entry in losses[-min(50, len(losses)):]]
+        notify(registry, "run_end", config=run_config, results={"steps": len(losses), "final_loss": recent[-1]})
         print(f"trained {len(losses)} steps, mean loss of the last {len(recent)}: {sum(recent) / len(recent):.4f}; "
               f"model saved to {final}")
         return 0

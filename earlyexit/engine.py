@@ -40,6 +40,15 @@ KV_POLICIES = ("catchup", "propagate", "skip")
 STACKED_KV_BYTES = 8 << 20  # propagate through one stacked K/V projection up to this size
 
 
+def check_context(backend: Backend, prompt_length: int, max_new_tokens: int) -> None:
+    """Refuse, before any work, a generation longer than the model's context."""
+    limit = getattr(backend.text_config, "max_position_embeddings", None)
+    if limit and prompt_length + max_new_tokens > limit:
+        raise ConfigError(f"the prompt ({prompt_length} tokens, image tokens included) plus --max-new-tokens "
+                          f"{max_new_tokens} exceeds the model's context of {limit} positions; shorten the prompt "
+                          "or lower --max-new-tokens")
+
+
 class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
     """Wraps a backend's language model; `strategy=None` means exits off (plain full depth).
     `gate` (see `earlyexit.gates`) replaces the strategy's rule by a cheap decision on the
@@ -126,6 +135,8 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
         placeholders of `input_ids`. The per-token trace is left in `self.last_trace`."""
         from .accounting import Trace
 
+        prompt = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        check_context(self.backend, prompt, kwargs.get("max_new_tokens") or self.generation_config.max_new_tokens or 0)
         if pixel_values is not None and inputs_embeds is None:
             inputs_embeds = self.backend.decoder_inputs_embeds(pixel_values, input_ids)
         if self.strategy is not None:

@@ -141,7 +141,8 @@ def wall_clock(early: dict, full: dict | None) -> dict:
 
 
 def evaluate(backend, strategy, dataset: Dataset, settings: EvalSettings, kv_policy: str = "catchup",
-             gate=None, decode: str = "early-exit", draft_exit: int | None = None, draft_length: int = 4) -> dict:
+             gate=None, decode: str = "early-exit", draft_exit: int | None = None, draft_length: int = 4,
+             on_batch=None) -> dict:
     """Quality, the three speed-ups (wall-clock end to end and per decode step, side by side
     with the full model on the same batches) and the exit layers. `decode="speculative"`
     decodes with self-speculative decoding over the strategy's exits (greedy)."""
@@ -206,6 +207,10 @@ def evaluate(backend, strategy, dataset: Dataset, settings: EvalSettings, kv_pol
             layers_by_id[sample.id] = per_row[i]
             token_ids[sample.id] = sequences[i, prompt_length:prompt_length + len(per_row[i])].tolist()
         bar.update(len(batch))
+        if on_batch is not None:
+            on_batch({"phase": "eval", "data": dataset.name, "split": dataset.split, "batch": start // settings.batch_size,
+                      "samples": len(batch), "tokens": sum(len(per_row[i]) for i in range(len(batch))),
+                      "seconds": seconds, "exit_layers": [per_row[i] for i in range(len(batch))]})
     bar.close()
     stats = decoder.total_stats if decoder is not None else None
     if world > 1:

@@ -139,7 +139,7 @@ def training_data(strategy, backend, dataset: Dataset, progress: bool = True) ->
 
 
 def train_exits(strategy, backend, dataset: Dataset, output_dir: str, seed: int = 0, progress: bool = True,
-                engine=None, deepspeed_config: dict | None = None) -> list[dict]:
+                engine=None, deepspeed_config: dict | None = None, on_log=None) -> list[dict]:
     """Train the strategy's exit modules on `dataset` with the backbone frozen; with a
     `deepspeed_config`, DeepSpeed ZeRO runs the optimisation (one engine per player)."""
     if not getattr(strategy, "needs_training", False):
@@ -162,7 +162,7 @@ def train_exits(strategy, backend, dataset: Dataset, output_dir: str, seed: int 
     engine = engine or PlainEngine(strategy.training_groups(), train_config)
     container = torch.nn.ModuleList([m for m in (strategy.exit_modules(), getattr(strategy, "feature_classifiers", None))
                                      if m is not None])
-    losses = train(container, strategy.training_step, batches, train_config, engine)
+    losses = train(container, strategy.training_step, batches, train_config, engine, on_log=on_log)
     if getattr(engine, "stage", 0) == 3:
         adopt_consolidated(strategy, {group: engine.consolidated_state(group) for group in engine.modules})
     for module in (strategy.exit_modules(), getattr(strategy, "feature_classifiers", None)):

@@ -77,7 +77,9 @@ class EarlyExitPluginManager(pluggy.PluginManager):
                 if self.is_registered(plugin):  # two entry points to one module
                     continue
                 self.register_from(plugin, name, distribution)
-            except Exception as error:  # noqa: BLE001 - any import-time error must not stop the rest
+            except BaseException as error:  # noqa: BLE001 - sys.exit() on import too; only ^C stops us
+                if isinstance(error, KeyboardInterrupt):
+                    raise
                 self.failures.append(PluginFailure(entry_point.name, distribution, one_line(error)))
 
 
@@ -112,6 +114,7 @@ class Registry:
         self._sources: dict[str, str] = getattr(pm, "sources", {})
         self._classes: dict[str, dict[str, type]] = {kind: {} for kind in self.KINDS}
         self._providers: dict[str, dict[str, str]] = {kind: {} for kind in self.KINDS}
+        self.hook = pm.hook
         self._collect(pm.hook.earlyexit_register_backends, "backend", Backend)
         self._collect(pm.hook.earlyexit_register_strategies, "strategy", Strategy)
 
@@ -123,8 +126,8 @@ class Registry:
             source = self._sources.get(impl.plugin_name, impl.plugin_name)
             try:
                 classes = self._validated(impl.function(), kind, base)
-            except Exception as error:  # noqa: BLE001 - a broken third-party hook must not stop the rest
-                if source == BUILTIN_SOURCE:
+            except BaseException as error:  # noqa: BLE001 - a broken third-party hook must not stop the rest
+                if source == BUILTIN_SOURCE or isinstance(error, KeyboardInterrupt):
                     raise
                 entry_point = impl.plugin_name.rpartition(":")[2]  # registered as "distribution:entry point"
                 self.failures.append(PluginFailure(entry_point, source, one_line(error)))
@@ -198,3 +201,25 @@ class Registry:
 def get_registry(load_entrypoints: bool | None = None) -> Registry:
     """A fresh registry from a fresh plugin manager."""
     return Registry(make_plugin_manager(load_entrypoints))
+
+
+def notify(registry, event: str, **kwargs) -> None:
+    """Call a lifecycle hook (`run_start`, `run_end`, `batch_stats`) on every plugin that
+    implements it. A logger that fails is reported once on stderr and never stops the work."""
+    import sys
+
+    hook = getattr(getattr(registry, "hook", None), f"earlyexit_{event}", None)
+    if hook is None:
+        return
+    for impl in hook.get_hookimpls():
+        try:
+            impl.function(**{k: v for k, v in kwargs.items() if k in impl.argnames})
+        except Exception as error:  # noqa: BLE001 - a broken logger must not stop a run
+            key = (impl.plugin_name, event)
+            if key not in _REPORTED:
+                _REPORTED.add(key)
+                print(f"warning: plugin {impl.plugin_name} failed in earlyexit_{event}: {one_line(error)}",
+                      file=sys.stderr)
+
+
+_REPORTED: set = set()

@@ -94,7 +94,14 @@ def run(settings: RunSettings, registry, log=print) -> dict | None:
     from .exit_training import train_exits
     from .layer_accuracy import per_layer_accuracy
 
+    from .plugins import notify
+
     started = time.perf_counter()
+    notify(registry, "run_start", config=dataclasses.asdict(settings))
+
+    def on_batch(stats):
+        notify(registry, "batch_stats", stats=stats)
+
     backend = registry.backend(settings.backend).load(settings.model)
     strategy_cls = registry.strategy(settings.strategy)
     config = strategy_cls.Config(**settings.options)
@@ -114,7 +121,8 @@ def run(settings: RunSettings, registry, log=print) -> dict | None:
             train_data = load_split(settings.data, train_split, settings.train_limit)
             work = folder + ".work"  # checkpoints: an interrupted training resumes from here
             train_exits(strategy, backend, train_data, work, seed=settings.seed, progress=settings.progress,
-                        deepspeed_config=settings.deepspeed)
+                        deepspeed_config=settings.deepspeed,
+                        on_log=lambda step, losses: on_batch({"phase": "train_exits", "step": step, **losses}))
             if not is_main_process():  # other ranks helped train; rank 0 saves, calibrates and reports
                 return None
             save_exits(strategy, folder, backbone_name=settings.model)
@@ -164,8 +172,9 @@ def run(settings: RunSettings, registry, log=print) -> dict | None:
     test = load_split(settings.data, test_split, settings.test_limit)
     threshold = knob.threshold if hasattr(knob, "threshold") else None
     label = settings.strategy + (f" + {settings.gate} gate" if gate is not None else "")
-    results = {"full": evaluate(backend, None, test, evaluation, kv_policy=settings.kv_policy)}
-    results[label] = evaluate(backend, strategy, test, evaluation, kv_policy=settings.kv_policy, gate=gate)
+    results = {"full": evaluate(backend, None, test, evaluation, kv_policy=settings.kv_policy, on_batch=on_batch)}
+    results[label] = evaluate(backend, strategy, test, evaluation, kv_policy=settings.kv_policy, gate=gate,
+                              on_batch=on_batch)
     if threshold is not None:
         confidence = _confidence_like(registry, strategy, threshold)
         if settings.strategy != "confidence":
@@ -188,6 +197,9 @@ def run(settings: RunSettings, registry, log=print) -> dict | None:
         mid_crisis = mid_crisis_report(backend, strategy, dev, output)
 
     timings["total_s"] = time.perf_counter() - started
+    notify(registry, "run_end", config=dataclasses.asdict(settings),
+           results={name: {"quality": r["quality"], "speed": {k: v for k, v in r["speed"].items() if k != "wall"}}
+                    for name, r in results.items()})
     return {"settings": dataclasses.asdict(settings), "threshold": getattr(knob, "threshold", None),
             "strategy_label": label, "draft_exit_layer": strategy.exit_layers[draft_exit] if draft_exit is not None
             else None,

@@ -82,6 +82,9 @@ class SelfSpeculativeDecoder:
     def generate(self, pixel_values=None, input_ids=None, attention_mask=None, max_new_tokens: int = 20,
                  **unused) -> torch.Tensor:
         """(rows, prompt + generated) like `generate`; rows shorter than the longest are padded."""
+        from .engine import check_context
+
+        check_context(self.model.backend, input_ids.shape[1], max_new_tokens)
         rows = input_ids.shape[0]
         stats, records, outputs = SpeculativeStats(), [], []
         self.last_prompt_seconds = 0.0

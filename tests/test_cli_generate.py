@@ -178,3 +178,13 @@ def test_empty_exit_layers_are_refused(capsys):
         main(["generate", "--backend", "blip2-opt", "--model", "tiny-random", "--image", "x.png",
               "--exit-layers", ""])
     assert exit_info.value.code == 2 and "3,6,9" in capsys.readouterr().err
+
+
+def test_generation_beyond_the_context_is_refused_before_generating(capsys):
+    import pathlib
+
+    root = pathlib.Path(__file__).parent.parent
+    code = main(["generate", "--backend", "blip2-opt", "--model", "tiny-random", "--image",
+                 str(root / "examples" / "shapes.png"), "--max-new-tokens", "5000"])
+    err = capsys.readouterr().err
+    assert code == 2 and "exceeds the model's context" in err and len(err.strip().splitlines()) == 1

@@ -166,3 +166,14 @@ def test_capfilt_with_a_local_clip_keeps_its_top_two(scenes, tmp_path):
     best_two = [texts[i] for i in sorted(range(4), key=lambda i: -scores[i])[:2]]
     kept = capfilt(scenes.subset(1), {sample.id: texts}, scorer, keep=2)
     assert kept[0].captions == best_two
+
+
+def test_a_changed_middle_layer_changes_the_fingerprint():
+    from earlyexit.adapters import backbone_fingerprint
+
+    backend = make_backend(seed=5, num_layers=6)
+    before = backbone_fingerprint(backend)
+    assert backbone_fingerprint(make_backend(seed=5, num_layers=6)) == before  # deterministic
+    with torch.no_grad():
+        backend.decoder_layers()[3].fc1.weight[7, 11] += 1e-3
+    assert backbone_fingerprint(backend) != before

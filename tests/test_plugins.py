@@ -214,3 +214,52 @@ def test_unknown_name_without_a_close_match_lists_what_is_available(two_strategy
     assert str(excinfo.value) == "unknown strategy 'zzz'. Available: confidence, fixed"
     with pytest.raises(PluginError, match=r"^unknown backend 'blip2'\. Available: none$"):
         two_strategy_registry.backend("blip2")
+
+
+def test_a_plugin_that_exits_on_import_is_isolated(install_distribution):
+    from earlyexit.plugins import get_registry
+
+    install_distribution("earlyexit-quitter", {"ee_quitter": "import sys\nsys.exit(3)\n"}, {"quitter": "ee_quitter"})
+    registry = get_registry()
+    assert "blip2-opt" in registry.names("backend")
+    assert [(f.plugin, f.distribution) for f in registry.failures] == [("quitter", "earlyexit-quitter")]
+
+
+LOGGER = """
+    import json, os
+    from earlyexit import hookimpl
+
+    def _log(event, **data):
+        with open(os.environ["EE_TEST_EVENTS"], "a") as handle:
+            handle.write(json.dumps({"event": event, **data}, default=str) + "\\n")
+
+    @hookimpl
+    def earlyexit_run_start(config):
+        _log("run_start", command=config.get("command"))
+
+    @hookimpl
+    def earlyexit_batch_stats(stats):
+        _log("batch_stats", samples=stats.get("samples"), phase=stats.get("phase"))
+
+    @hookimpl
+    def earlyexit_run_end(config, results):
+        _log("run_end", metrics=sorted(results.get("quality", {})))
+"""
+
+
+def test_lifecycle_hooks_reach_a_plugin(install_distribution, tmp_path, monkeypatch, capsys):
+    import json
+
+    from earlyexit.cli import main
+    from helpers import make_backend
+
+    events = tmp_path / "events.jsonl"
+    monkeypatch.setenv("EE_TEST_EVENTS", str(events))
+    install_distribution("earlyexit-logger", {"ee_logger": LOGGER}, {"logger": "ee_logger"})
+    make_backend(seed=4, num_layers=4, image_size=64, patch_size=16).save_pretrained(str(tmp_path / "model"))
+    assert main(["eval", "--backend", "blip2-opt", "--model", str(tmp_path / "model"), "--data", "scenes",
+                 "--split", "dev", "--limit", "5", "--batch-size", "2", "--max-new-tokens", "3"]) == 0
+    received = [json.loads(line) for line in events.read_text().splitlines()]
+    assert [e["event"] for e in received] == ["run_start"] + ["batch_stats"] * 3 + ["run_end"]
+    assert received[0]["command"] == "eval" and [e["samples"] for e in received[1:4]] == [2, 2, 1]
+    assert "CIDEr" in received[-1]["metrics"]
