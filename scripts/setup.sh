@@ -13,4 +13,12 @@ fi
 # (no isolated build env, which would fetch a CUDA torch) and without compiling ops up front.
 DS_BUILD_OPS=0 .venv/bin/python -m pip install --quiet --no-build-isolation "deepspeed==0.19.8"
 .venv/bin/python -m pip install --quiet -e ".[test]"
+# pycocoevalcap's METEOR and PTB tokenizer need Java: install it where we can (root with apt)
+if ! command -v java >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && apt-get install -y -qq --no-install-recommends default-jre-headless >/dev/null
+  else
+    echo "note: Java is missing; caption metrics (METEOR, PTB tokenizer) need it: install a JRE (17 or newer)"
+  fi
+fi
 echo "ready: .venv/bin/earlyexit --help"
