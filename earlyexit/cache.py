@@ -149,10 +149,6 @@ class EarlyExitCache(Cache):
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.total_length
 
-    def slot_length(self, slot: int) -> int:
-        """Positions fed so far (every slot is indexed by absolute position)."""
-        return self.total_length
-
     # -- beam search and speculative decoding --------------------------------------------------
     def _map_rows(self, fn) -> None:
         for name in ("held", "pending", "reached", "positions"):
