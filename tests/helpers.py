@@ -69,3 +69,32 @@ def make_tiny_clip(folder):
     CLIPModel(config).save_pretrained(str(folder))
     images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(str(folder))
+
+
+def assert_exit_slots_match_running_the_modules(model, inputs, sequences, modules, atol):
+    """Each attending exit module's cache slot holds, per row and for every position the layer
+    at its depth holds, exactly what running the module over the full forward's hidden states
+    at that depth writes (keys and values)."""
+    from transformers import DynamicCache
+    from transformers.masking_utils import create_causal_mask
+
+    backend, cache = model.backend, model.last_cache
+    _, mask = full_forward_cache(backend, inputs, sequences)
+    ids = inputs["input_ids"]
+    embeds = torch.cat([backend.decoder_inputs_embeds(inputs["pixel_values"], ids),
+                        backend.language_model.get_input_embeddings()(sequences[:, ids.shape[1]:-1])], 1)
+    with torch.no_grad():
+        hidden = backend.language_model(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=True).hidden_states
+        for e, (module, depth) in enumerate(zip(modules, model.strategy.exit_layers)):
+            reference = DynamicCache()
+            layer_mask = create_causal_mask(config=backend.text_config, inputs_embeds=hidden[depth],
+                                            attention_mask=mask, cache=None)
+            module(hidden[depth], attention_mask=layer_mask, position_ids=backend.position_ids(mask), cache=reference)
+            slot = backend.num_layers + e
+            for r in range(sequences.shape[0]):
+                held = int(cache.held[r, depth])  # the slot holds at least what layer `depth` holds
+                real = mask[r, :held].bool()
+                for name in ("keys", "values"):
+                    got = getattr(cache.layers[slot], name)[r, :, :held].transpose(0, 1)[real]
+                    want = getattr(reference.layers[slot], name)[r, :, :held].transpose(0, 1)[real]
+                    torch.testing.assert_close(got, want, atol=atol, rtol=0)

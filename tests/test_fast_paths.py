@@ -95,35 +95,13 @@ def test_gate_runs_the_exit_transformer_only_for_leavers(registry, backend):
 def test_exit_slot_filled_by_projection_equals_running_the_layer(registry, backend):
     """With a gate the exit transformer runs only for leavers; its cache slot still holds what
     running it on every position would have written."""
-    from helpers import full_forward_cache
-    from transformers import DynamicCache
-    from transformers.masking_utils import create_causal_mask
+    from helpers import assert_exit_slots_match_running_the_modules
 
     free = registry.strategy("free")(backend, [2, 4])
     model = EarlyExitForCausalLM(backend, free, gate=CosineGate(threshold=0.999))
     inputs = backend.prepare_inputs(make_images(2, seed=7), PROMPTS[:2])
     sequences = model.generate(**inputs, max_new_tokens=8, do_sample=False, **no_eos(backend))
-    cache = model.last_cache
-    _, mask = full_forward_cache(backend, inputs, sequences)
-    ids = inputs["input_ids"]
-    embeds = torch.cat([backend.decoder_inputs_embeds(inputs["pixel_values"], ids),
-                        backend.language_model.get_input_embeddings()(sequences[:, ids.shape[1]:-1])], 1)
-    with torch.no_grad():
-        hidden = backend.language_model(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=True).hidden_states
-        for e, depth in enumerate(free.exit_layers):
-            reference = DynamicCache()
-            layer_mask = create_causal_mask(config=backend.text_config, inputs_embeds=hidden[depth],
-                                            attention_mask=mask, cache=None)
-            free.exit_transformers[e](hidden[depth], attention_mask=layer_mask, position_ids=backend.position_ids(mask),
-                                      cache=reference)
-            slot = backend.num_layers + e
-            for r in range(2):
-                held = int(cache.held[r, depth])
-                real = mask[r, :held].bool()
-                for name in ("keys", "values"):
-                    got = getattr(cache.layers[slot], name)[r, :, :held].transpose(0, 1)[real]
-                    want = getattr(reference.layers[slot], name)[r, :, :held].transpose(0, 1)[real]
-                    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert_exit_slots_match_running_the_modules(model, inputs, sequences, free.exit_transformers, atol=1e-5)
 
 
 def test_learned_gate_trains_and_saves(registry, backend, tmp_path):

@@ -8,7 +8,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from earlyexit.engine import EarlyExitForCausalLM
 from earlyexit.strategy import Strategy
-from helpers import full_forward_cache, no_eos
+from helpers import assert_exit_slots_match_running_the_modules, full_forward_cache, no_eos
 
 ATOL = 1e-4
 
@@ -148,29 +148,6 @@ def test_exit_transformer_keeps_its_own_exact_cache_under_catchup(backend6, batc
     strategy = AttentionExit(backend6, [2, 4], every=3)
     model = EarlyExitForCausalLM(backend6, strategy, kv_policy="catchup")
     sequences = model.generate(**batch2, max_new_tokens=9, do_sample=False, **no_eos(backend6))
-    cache = model.last_cache
     # reference: each exit transformer run once over the full forward's hidden states at its depth
-    _, mask = full_forward_cache(backend6, batch2, sequences)
-    prompt_ids = batch2["input_ids"]
-    embeds = torch.cat([backend6.decoder_inputs_embeds(batch2["pixel_values"], prompt_ids),
-                        backend6.language_model.get_input_embeddings()(sequences[:, prompt_ids.shape[1]:-1])], 1)
-    with torch.no_grad():
-        hidden = backend6.language_model(inputs_embeds=embeds, attention_mask=mask,
-                                         output_hidden_states=True).hidden_states
-        from transformers import DynamicCache
-        from transformers.masking_utils import create_causal_mask
-
-        for e, depth in enumerate(strategy.exit_layers):
-            slot = backend6.num_layers + e
-            reference = DynamicCache()
-            full_mask = create_causal_mask(config=backend6.text_config, inputs_embeds=hidden[depth],
-                                           attention_mask=mask, cache=None)
-            positions = backend6.position_ids(mask)
-            strategy.modules[e](hidden[depth], attention_mask=full_mask, position_ids=positions, cache=reference)
-            for r in range(sequences.shape[0]):
-                held = int(cache.held[r, depth])  # the slot holds at least what layer `depth` holds
-                real = mask[r, :held].bool()
-                torch.testing.assert_close(cache.layers[slot].keys[r, :, :held].transpose(0, 1)[real],
-                                           reference.layers[slot].keys[r, :, :held].transpose(0, 1)[real],
-                                           atol=ATOL, rtol=0)
+    assert_exit_slots_match_running_the_modules(model, batch2, sequences, strategy.modules, atol=ATOL)
     assert_cache_matches_full_forward(model.last_cache, backend6, batch2, sequences)
