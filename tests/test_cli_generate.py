@@ -59,9 +59,11 @@ def test_generate_json_matches_library(capsys, model_dir, registry):
     strategy = registry.strategy("fixed")(backend, [2], registry.strategy("fixed").Config(every=2))
     model = EarlyExitForCausalLM(backend, strategy)
     inputs = backend.prepare_inputs(make_images(1, seed=6), ["a red"])
-    expected = model.generate(**inputs, max_new_tokens=6, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+    expected = model.generate(**inputs, max_new_tokens=6, do_sample=False)[0, inputs["input_ids"].shape[1]:].tolist()
+    eos = backend.language_model.generation_config.eos_token_id
+    expected = expected[:expected.index(eos) + 1] if eos in expected else expected  # nothing after the end
     length = len(result["token_ids"])
-    assert result["token_ids"] == expected.tolist()[:length]
+    assert length >= 1 and result["token_ids"] == expected
     assert result["exit_layers"] == [6, 6, 2, 6, 2, 6][:length]  # the first token: prompt pass, full depth
     assert len(result["exit_layers"]) == length and result["num_layers"] == 6
     assert set(result) >= {"text", "token_ids", "exit_layers"}
