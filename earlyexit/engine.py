@@ -26,6 +26,8 @@ and at most one per exit point.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -40,13 +42,33 @@ KV_POLICIES = ("catchup", "propagate", "skip")
 STACKED_KV_BYTES = 8 << 20  # propagate through one stacked K/V projection up to this size
 
 
-def check_context(backend: Backend, prompt_length: int, max_new_tokens: int) -> None:
-    """Refuse, before any work, a generation longer than the model's context."""
+def check_context(backend: Backend, prompt_length: int, max_new_tokens: int, rows: int = 1,
+                  slots: int | None = None) -> None:
+    """Refuse, before any work, a generation longer than the model's context or whose caches
+    (rows = batch x beams) would not fit in this machine's memory."""
     limit = getattr(backend.text_config, "max_position_embeddings", None)
     if limit and prompt_length + max_new_tokens > limit:
         raise ConfigError(f"the prompt ({prompt_length} tokens, image tokens included) plus --max-new-tokens "
                           f"{max_new_tokens} exceeds the model's context of {limit} positions; shorten the prompt "
                           "or lower --max-new-tokens")
+    config = backend.text_config
+    width = getattr(config, "hidden_size", 0)
+    itemsize = next(backend.language_model.parameters()).element_size()
+    # keys + values of every slot, plus the waiting hidden states and the logits per row
+    per_row = (prompt_length + max_new_tokens) * width * itemsize * (2 * (slots or backend.num_layers) + 1) \
+        + getattr(config, "vocab_size", 0) * 4
+    needed, available = rows * per_row, _memory_bytes()
+    if available and needed > available // 2:
+        raise ConfigError(f"{rows} rows (batch x beams) of {prompt_length + max_new_tokens} positions need about "
+                          f"{needed / 2**30:.1f} GiB of cache, more than half of this machine's "
+                          f"{available / 2**30:.1f} GiB; lower --num-beams, --batch-size or --max-new-tokens")
+
+
+def _memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not on this platform
+        return None
 
 
 class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
@@ -135,8 +157,10 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
         placeholders of `input_ids`. The per-token trace is left in `self.last_trace`."""
         from .accounting import Trace
 
-        prompt = (input_ids if input_ids is not None else inputs_embeds).shape[1]
-        check_context(self.backend, prompt, kwargs.get("max_new_tokens") or self.generation_config.max_new_tokens or 0)
+        first = input_ids if input_ids is not None else inputs_embeds
+        beams = kwargs.get("num_beams") or self.generation_config.num_beams or 1
+        check_context(self.backend, first.shape[1], kwargs.get("max_new_tokens") or self.generation_config.max_new_tokens
+                      or 0, rows=first.shape[0] * beams, slots=self.num_layers + len(self.exit_attention))
         if pixel_values is not None and inputs_embeds is None:
             inputs_embeds = self.backend.decoder_inputs_embeds(pixel_values, input_ids)
         if self.strategy is not None:

@@ -190,3 +190,13 @@ def test_generation_beyond_the_context_is_refused_before_generating(capsys):
                  str(root / "examples" / "shapes.png"), "--max-new-tokens", "5000"])
     err = capsys.readouterr().err
     assert code == 2 and "exceeds the model's context" in err and len(err.strip().splitlines()) == 1
+
+
+def test_beams_that_cannot_fit_in_memory_are_refused_before_generating(capsys):
+    import pathlib
+
+    root = pathlib.Path(__file__).parent.parent
+    code = main(["generate", "--backend", "blip2-opt", "--model", "tiny-random", "--image",
+                 str(root / "examples" / "shapes.png"), "--num-beams", "100000000", "--max-new-tokens", "5"])
+    err = capsys.readouterr().err
+    assert code == 2 and "lower --num-beams" in err and len(err.strip().splitlines()) == 1
