@@ -92,17 +92,14 @@ class _FirstCall(LogitsProcessor):
         return scores
 
 
-def _timed(generate_fn, inputs, settings_kwargs, prompt_stamp=True):
-    """(sequences, total seconds, prompt-pass seconds) of one generation."""
+def _timed(generate_fn, inputs, settings_kwargs):
+    """(sequences, total seconds, prompt-pass seconds or None when the generator calls no
+    logits processor) of one generation."""
     stamp = _FirstCall()
     began = time.perf_counter()
-    kwargs = dict(settings_kwargs)
-    if prompt_stamp:
-        kwargs["logits_processor"] = LogitsProcessorList([stamp])
-    sequences = generate_fn(**inputs, **kwargs)
+    sequences = generate_fn(**inputs, **settings_kwargs, logits_processor=LogitsProcessorList([stamp]))
     ended = time.perf_counter()
-    prompt = (stamp.at - began) if stamp.at is not None else getattr(generate_fn, "prompt_seconds", 0.0)
-    return sequences, ended - began, prompt
+    return sequences, ended - began, (stamp.at - began) if stamp.at is not None else None
 
 
 def unpadded_rows(inputs: dict):
@@ -181,9 +178,8 @@ def evaluate(backend, strategy, dataset: Dataset, settings: EvalSettings, kv_pol
         prompt_length = inputs["input_ids"].shape[1]
         with torch.no_grad():
             if decoder is not None:
-                sequences, seconds, prompt = _timed(decoder.generate, inputs, {"max_new_tokens": settings.max_new_tokens},
-                                                    prompt_stamp=False)
-                prompt = decoder.last_prompt_seconds
+                sequences, seconds, _ = _timed(decoder.generate, inputs, {"max_new_tokens": settings.max_new_tokens})
+                prompt = decoder.last_prompt_seconds  # it times its own prompt passes
             else:
                 sequences, seconds, prompt = _timed(model.generate, inputs, generate)
             _add(sides["early"], seconds, prompt, count_tokens(sequences, prompt_length, eos), len(batch))
