@@ -171,6 +171,15 @@ class Blip2OptBackend(Backend):
             hidden = decoder.project_out(hidden)
         return self.language_model.lm_head(hidden)
 
+    def readout_copy(self):
+        import copy
+
+        import torch
+
+        decoder = self.decoder
+        parts = (decoder.final_layer_norm, decoder.project_out, self.language_model.lm_head)
+        return torch.nn.Sequential(*(copy.deepcopy(m) for m in parts if m is not None))
+
     def fill_kv(self, layer, hidden, *, position_ids, cache):
         attention = layer.self_attn
         x = layer.self_attn_layer_norm(hidden) if layer.do_layer_norm_before else hidden

@@ -1,6 +1,7 @@
 """Exit weights are adapters: only the exit modules and a small JSON config are saved.
 
     exits.safetensors   the strategy's exit modules (e.g. FREE's exit transformers)
+    backbone.safetensors  only for strategies that fine-tune decoder layers (MuE): their copies
     exit_config.json    strategy, backend, backbone name, exit layers, strategy config
                         (threshold included) and a fingerprint of the backbone
 
@@ -20,6 +21,10 @@ from .errors import CheckpointError
 from .files import atomic_folder
 
 WEIGHTS, CONFIG = "exits.safetensors", "exit_config.json"
+
+
+def weights_file(stem: str) -> str:
+    return f"{stem}.safetensors"
 FORMAT_VERSION = 1
 _VOLATILE_KEYS = ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures",
                   "_attn_implementation", "_attn_implementation_autoset")
@@ -43,8 +48,8 @@ def backbone_fingerprint(backend) -> str:
 def save_exits(strategy, folder: str, backbone_name: str | None = None) -> None:
     from safetensors.torch import save_file
 
-    modules = strategy.exit_modules()
-    weights = {n: p.detach().contiguous() for n, p in modules.state_dict().items()} if modules is not None else {}
+    files = {weights_file(stem): {n: p.detach().contiguous() for n, p in module.state_dict().items()}
+             for stem, module in strategy.adapter_modules().items()}
     config = {
         "format_version": FORMAT_VERSION,
         "strategy": strategy.name,
@@ -55,8 +60,9 @@ def save_exits(strategy, folder: str, backbone_name: str | None = None) -> None:
         "strategy_config": strategy.config.to_dict(),
     }
     with atomic_folder(folder) as temporary:
-        if weights:
-            save_file(weights, os.path.join(temporary, WEIGHTS))
+        for name, weights in files.items():
+            if weights:
+                save_file(weights, os.path.join(temporary, name))
         with open(os.path.join(temporary, CONFIG), "w") as handle:
             json.dump(config, handle, indent=2)
 
@@ -88,14 +94,12 @@ def load_exits(folder: str, backend, registry, **config_overrides):
     fields = {f.name for f in dataclasses.fields(cls.Config)}
     values = {k: v for k, v in {**saved["strategy_config"], **config_overrides}.items() if k in fields}
     strategy = cls(backend, saved["exit_layers"], cls.Config(**values))
-    modules = strategy.exit_modules()
-    weights_path = os.path.join(folder, WEIGHTS)
-    if modules is not None:
-        if not os.path.isfile(weights_path):
-            raise CheckpointError(f"{folder} has no {WEIGHTS}; the adapter is incomplete, save it again")
-        state = load_file(weights_path)
-        missing, unexpected = modules.load_state_dict(state, strict=False)
+    for stem, module in strategy.adapter_modules().items():
+        path = os.path.join(folder, weights_file(stem))
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{folder} has no {weights_file(stem)}; the adapter is incomplete, save it again")
+        missing, unexpected = module.load_state_dict(load_file(path), strict=False)
         if missing or unexpected:
-            raise CheckpointError(f"{weights_path} does not fit {saved['strategy']} at exits {saved['exit_layers']} "
+            raise CheckpointError(f"{path} does not fit {saved['strategy']} at exits {saved['exit_layers']} "
                                   f"(missing {len(missing)}, unexpected {len(unexpected)} tensors)")
     return strategy

@@ -126,6 +126,11 @@ class Backend:
         """Read out vocabulary logits from any hidden state (final norm, projections, LM head)."""
         raise NotImplementedError
 
+    def readout_copy(self) -> torch.nn.Module:
+        """A trainable copy of the read-out (`logits`: final norm, projections, LM head) as one
+        module mapping hidden states to logits: the starting point of classifier exits."""
+        raise NotImplementedError
+
     def fill_kv(self, layer: torch.nn.Module, hidden: torch.Tensor, *, position_ids: torch.Tensor,
                 cache: Any) -> None:
         """Append to `layer`'s cache slot the K/V it projects from `hidden` (state propagation,

@@ -38,9 +38,40 @@ def main_metric(task: str) -> str:
     return "CIDEr" if task == "caption" else "overall"
 
 
-def sweep(backend, strategy, dataset, settings, grid=PAPER_GRID, kv_policy: str = "catchup",
+class Knob:
+    """What calibration moves: the gate's threshold when the gate decides alone (`replace`), else
+    the strategy's own knob (its `knob` field: a threshold, an entropy, a patience, a γ)."""
+
+    def __init__(self, strategy, gate=None):
+        self.strategy, self.gate = strategy, gate
+        self.on_gate = gate is not None and gate.mode == "replace"
+        if not self.on_gate and not strategy.knob:
+            raise ConfigError(f"strategy {strategy.name!r} has no knob to calibrate")
+        self.name = "gate threshold" if self.on_gate else strategy.knob
+
+    @property
+    def value(self):
+        return self.gate.threshold if self.on_gate else self.strategy.knob_value
+
+    @value.setter
+    def value(self, value) -> None:
+        if self.on_gate:
+            self.gate.threshold = value
+        else:
+            self.strategy.set_knob(value)
+
+    def default_grid(self) -> tuple:
+        from .gates import COSINE_GRID
+
+        if self.on_gate:
+            return COSINE_GRID if self.gate.kind == "cosine" else PAPER_GRID
+        return self.strategy.calibration_grid()
+
+
+def sweep(backend, strategy, dataset, settings, grid=None, kv_policy: str = "catchup",
           progress: bool = True, gate=None, measure_wall: bool = False) -> tuple[float, list[CalibrationPoint]]:
-    """(full model's quality, one point per threshold) on `dataset`."""
+    """(full model's quality, one point per knob value) on `dataset`; the knob is `Knob(strategy,
+    gate)`'s, over its default grid unless `grid` is given."""
     from tqdm.auto import tqdm
 
     from .evaluate import evaluate
@@ -49,18 +80,18 @@ def sweep(backend, strategy, dataset, settings, grid=PAPER_GRID, kv_policy: str 
     metric = main_metric(dataset.task)
     full = evaluate(backend, None, dataset, settings)["quality"][metric]
     points = []
-    knob = gate if gate is not None else strategy.config
-    original = knob.threshold
+    knob = Knob(strategy, gate)
+    original = knob.value
     try:
-        for threshold in tqdm(grid, desc="calibrating", disable=not progress):
-            knob.threshold = threshold
+        for threshold in tqdm(grid or knob.default_grid(), desc="calibrating", disable=not progress):
+            knob.value = threshold
             result = evaluate(backend, strategy, dataset, settings, kv_policy=kv_policy, gate=gate)
             speed = result["speed"]
             wall = speed["wall_speedup"] if measure_wall else None  # timed side by side, batch by batch
             points.append(CalibrationPoint(threshold, result["quality"][metric], speed["param_speedup"],
                                            speed["layer_speedup"], speed["mean_exit_layer"], wall))
     finally:
-        knob.threshold = original
+        knob.value = original
     return full, points
 
 

@@ -37,7 +37,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="local folder written by save_pretrained, a hub id, or `tiny-random` "
                         "(an untrained 12-layer model built in memory)")
     parser.add_argument("--strategy", help="exit strategy (see `earlyexit list`); omit to run the full model")
-    parser.add_argument("--threshold", type=float, help="confidence threshold of the strategy (its `threshold` option)")
+    parser.add_argument("--threshold", type=float, help="the strategy's exit knob (`earlyexit list` names it): a "
+                        "confidence threshold, an entropy (deebert), a patience (pabee, leebert) or a cosine γ (mue)")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="any other strategy option, e.g. --option every=2 (repeatable)")
     parser.add_argument("--exit-layers", type=parse_int_list,
@@ -125,11 +126,9 @@ def build_strategy_config(strategy_cls, threshold: float | None, options: list[s
     """The strategy's config dataclass from --threshold and --option KEY=VALUE."""
     fields = {f.name: f for f in dataclasses.fields(strategy_cls.Config)}
     values = {}
-    if threshold is not None:
-        if "threshold" not in fields:
-            raise ConfigError(f"strategy {strategy_cls.name!r} has no threshold; its options are: "
-                              f"{', '.join(fields) or 'none'}")
-        values["threshold"] = threshold
+    if threshold is not None and not strategy_cls.knob:
+        raise ConfigError(f"strategy {strategy_cls.name!r} has no threshold (nor other knob); its options are: "
+                          f"{', '.join(fields) or 'none'}")
     for option in options:
         key, sep, raw = option.partition("=")
         key = key.strip().replace("-", "_")
@@ -141,7 +140,9 @@ def build_strategy_config(strategy_cls, threshold: float | None, options: list[s
             values[key] = parse_bool(raw) if kind is bool else kind(raw)
         except ValueError:
             raise ConfigError(f"bad --option {option!r}: {key} expects a {kind.__name__}")
-    return strategy_cls.Config(**values)
+    config = strategy_cls.Config(**values)
+    # --threshold sets the strategy's knob: a threshold, an entropy, a patience or a γ
+    return strategy_cls.config_with_knob(config, threshold) if threshold is not None else config
 
 
 def quiet_transformers() -> None:

@@ -109,13 +109,15 @@ class RunCommand:
         parser.add_argument("--exit-layers", type=parse_int_list)
         parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                             help="strategy option, e.g. --option mode=distill (repeatable)")
-        parser.add_argument("--threshold", type=float, help="use this threshold instead of calibrating")
+        parser.add_argument("--threshold", type=float, help="use this value of the strategy's knob (threshold, "
+                                                             "entropy, patience, γ) instead of calibrating")
         parser.add_argument("--rule", choices=["best", "budget"], default="budget",
                             help="calibration rule: fastest within --budget of the full model's quality (default), "
                                  "or best quality")
         parser.add_argument("--budget", type=float, default=0.01,
                             help="allowed relative quality loss for --rule budget (default 0.01: 1%%)")
-        parser.add_argument("--grid", type=parse_float_list, default=(0.5, 0.6, 0.7, 0.8, 0.9, 1.0))
+        parser.add_argument("--grid", type=parse_float_list, default=None,
+                            help="knob values to calibrate over (default: the strategy's grid, see `earlyexit list`)")
         parser.add_argument("--kv-policy", choices=["catchup", "propagate", "skip"], default="catchup")
         parser.add_argument("--gate", choices=["none", "learned", "cosine"], default="learned",
                             help="decide before the head: learned (CALM's classifier, trained here in seconds; "

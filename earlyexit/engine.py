@@ -95,7 +95,10 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
         self.language_model = backend.language_model  # registered so .to()/.device/.dtype work
         self.generation_config = backend.language_model.generation_config
         self.num_layers = backend.num_layers
-        self.layers = backend.decoder_layers()
+        own = strategy.backbone_layers() if strategy is not None else None
+        if own is not None:  # the strategy's fine-tuned copies stand in for the backbone's layers
+            self.own_layers = own  # registered for .to()
+        self.layers = list(own) if own is not None else backend.decoder_layers()
         self.exit_at: dict[int, int] = {}  # depth -> exit index
         self.exit_attention: list[torch.nn.Module | None] = []
         self.exit_transforms: list[torch.nn.Module | None] = []

@@ -21,21 +21,34 @@ from .training import PlainEngine, TrainConfig, train
 
 @dataclasses.dataclass
 class BackboneFeatures:
-    hidden: tuple  # hidden[k]: states after k decoder layers (hidden[0]: embeddings)
-    final_logits: torch.Tensor
+    hidden: list  # hidden[k]: the residual stream after k decoder layers (hidden[0]: embeddings)
+    final_logits: torch.Tensor  # backend.logits(hidden[-1]): the full model's read-out
     mask: object  # the 4D causal + padding mask for whole-sequence layer calls
     positions: torch.Tensor
     targets: torch.Tensor  # labels shifted: targets[:, t] is the token position t predicts
 
 
-@torch.no_grad()
-def backbone_features(backend, batch: dict) -> BackboneFeatures:
-    embeds = backend.decoder_inputs_embeds(batch["pixel_values"], batch["input_ids"])
-    out = backend.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
-                                 output_hidden_states=True)
-    mask = backend.layer_mask(embeds, batch["attention_mask"], None, 0)
-    return BackboneFeatures(hidden=out.hidden_states, final_logits=out.logits, mask=mask,
-                            positions=backend.position_ids(batch["attention_mask"]),
+def backbone_features(backend, batch: dict, layers=None) -> BackboneFeatures:
+    """Every depth's hidden states over whole sequences, run layer by layer so that all of them,
+    the last included, come from the same point of the network: the residual stream *before*
+    the final norm (transformers' `hidden_states[-1]` is taken after it). An exit's state and
+    the last layer's are then like with like. `layers`: the decoder layers to run (a strategy's
+    trainable copies; gradients flow through them when they require grad); default the
+    backbone's own, frozen."""
+    layers = list(layers if layers is not None else backend.decoder_layers())
+    trainable = torch.is_grad_enabled() and any(p.requires_grad for layer in layers for p in layer.parameters())
+    with torch.no_grad():
+        embeds = backend.decoder_inputs_embeds(batch["pixel_values"], batch["input_ids"])
+        positions = backend.position_ids(batch["attention_mask"])
+        mask = backend.layer_mask(embeds, batch["attention_mask"], None, 0)
+        hidden = backend.embed(None, embeds, positions)
+    with torch.set_grad_enabled(trainable):
+        states = [hidden]
+        for layer in layers:
+            hidden = backend.run_layer(layer, hidden, attention_mask=mask, position_ids=positions, cache=None)
+            states.append(hidden)
+        final_logits = backend.logits(hidden)
+    return BackboneFeatures(hidden=states, final_logits=final_logits, mask=mask, positions=positions,
                             targets=batch["labels"][:, 1:])
 
 
@@ -122,32 +135,44 @@ def caption_log_likelihood(backend, sample: Sample, texts: list[str]) -> list[fl
     return ((log_probs * where).sum(-1) / where.sum(-1)).tolist()
 
 
-def training_data(strategy, backend, dataset: Dataset, progress: bool = True) -> Dataset:
-    """The captions exits train on, by the strategy's mode: references (supervised), the
-    backbone's own greedy captions (distill: no labels), or CapFilt's filtered samples."""
-    mode = getattr(strategy.config, "mode", "supervised")
-    if dataset.task != "caption":
-        return dataset
-    if mode == "distill":
-        captions = backbone_captions(backend, dataset, progress=progress)
-        dataset = dataclasses.replace(dataset, samples=[dataclasses.replace(s, captions=captions[s.id]) for s in dataset])
-    elif mode == "capfilt":
-        config = strategy.config
-        candidates = backbone_captions(backend, dataset, samples_per_image=config.capfilt_samples, progress=progress)
-        dataset = capfilt(dataset, candidates, make_scorer(config.capfilt_scorer, backend), config.capfilt_keep)
-    return one_caption_per_sample(dataset)
+HELD_OUT = "held_out."
+
+
+def split_held_out(dataset: Dataset, fraction: float, seed: int = 0) -> tuple[Dataset, Dataset | None]:
+    """(training part, held-out part): a fixed random `fraction` of the images kept aside."""
+    if fraction <= 0:
+        return dataset, None
+    import numpy as np
+
+    order = np.random.default_rng(seed).permutation(len(dataset))
+    cut = max(1, round(fraction * len(dataset)))
+    if cut >= len(dataset):
+        raise ConfigError(f"the exit-training split has {len(dataset)} samples: too few to hold {fraction:.0%} out")
+    held = set(order[:cut].tolist())
+    keep = [s for i, s in enumerate(dataset.samples) if i not in held]
+    aside = [s for i, s in enumerate(dataset.samples) if i in held]
+    return dataclasses.replace(dataset, samples=keep), dataclasses.replace(dataset, samples=aside)
 
 
 def train_exits(strategy, backend, dataset: Dataset, output_dir: str, seed: int = 0, progress: bool = True,
                 engine=None, deepspeed_config: dict | None = None, on_log=None) -> list[dict]:
-    """Train the strategy's exit modules on `dataset` with the backbone frozen; with a
-    `deepspeed_config`, DeepSpeed ZeRO runs the optimisation (one engine per player)."""
-    if not getattr(strategy, "needs_training", False):
+    """Train what the strategy declares (`training_modules`) on `dataset`, everything else of
+    the backbone frozen; with a `deepspeed_config`, DeepSpeed ZeRO runs the optimisation (one
+    engine per group). Held-out data (`strategy.held_out_fraction`) is split off by image first."""
+    modules = strategy.training_modules()
+    if not modules:
         raise ConfigError(f"strategy {strategy.name!r} has nothing to train")
     backend.model.requires_grad_(False)
-    data = training_data(strategy, backend, dataset, progress=progress)
+    for module in modules.values():
+        module.requires_grad_(True)
+    train_part, held_part = split_held_out(dataset, strategy.held_out_fraction, seed)
+    data = strategy.training_data(train_part, progress=progress)
     config = strategy.config
     batches = TrainingBatches(backend, [data], batch_size=config.batch_size, seed=seed)
+    held_batches = None
+    if held_part is not None:
+        held_batches = TrainingBatches(backend, [strategy.training_data(held_part, progress=progress)],
+                                       batch_size=config.batch_size, seed=seed + 1)
     steps = max(1, math.ceil(config.epochs * len(batches.items) / config.batch_size))
     train_config = TrainConfig(output_dir=output_dir, steps=steps, learning_rate=config.learning_rate,
                                warmup_steps=min(50, steps // 10), weight_decay=0.0, seed=seed,
@@ -156,18 +181,26 @@ def train_exits(strategy, backend, dataset: Dataset, output_dir: str, seed: int 
         from .deepspeed_config import launched_world_size
         from .distributed import DeepSpeedEngine
 
-        engine = DeepSpeedEngine(strategy.training_modules(), train_config,
-                                 {**deepspeed_config, "train_micro_batch_size_per_gpu": max(
-                                     1, config.batch_size // launched_world_size())})
+        engine = DeepSpeedEngine(modules, train_config, {**deepspeed_config, "train_micro_batch_size_per_gpu": max(
+            1, config.batch_size // launched_world_size())})
     engine = engine or PlainEngine(strategy.training_groups(), train_config)
-    container = torch.nn.ModuleList([m for m in (strategy.exit_modules(), getattr(strategy, "feature_classifiers", None))
-                                     if m is not None])
-    losses = train(container, strategy.training_step, batches, train_config, engine, on_log=on_log)
+    container = torch.nn.ModuleList(modules.values())
+    batch_for_step = batches
+    if held_batches is not None:  # one flat dict, so data-parallel sharding splits both alike
+        def batch_for_step(step):
+            return {**batches(step), **{HELD_OUT + k: v for k, v in held_batches(step).items()}}
+
+    def step(batch, engine):
+        held = {k[len(HELD_OUT):]: batch.pop(k) for k in [k for k in batch if k.startswith(HELD_OUT)]}
+        if not held:
+            return strategy.training_step(batch, engine)
+        return strategy.training_step(batch, engine, held_out=held)
+
+    losses = train(container, step, batch_for_step, train_config, engine, on_log=on_log)
     if getattr(engine, "stage", 0) == 3:
         adopt_consolidated(strategy, {group: engine.consolidated_state(group) for group in engine.modules})
-    for module in (strategy.exit_modules(), getattr(strategy, "feature_classifiers", None)):
-        if module is not None:
-            module.requires_grad_(False)
+    for module in strategy.training_modules().values():
+        module.requires_grad_(False)
     return losses
 
 

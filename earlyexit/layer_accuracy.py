@@ -49,7 +49,7 @@ def per_layer_accuracy(backend, dataset: Dataset, limit: int | None = 200, batch
 
 
 @torch.no_grad()
-def teacher_forced_features(backend, dataset: Dataset, limit: int | None = 200, batch_size: int = 32):
+def teacher_forced_features(backend, dataset: Dataset, limit: int | None = 200, batch_size: int = 32, layers=None):
     """`exit_training.BackboneFeatures` of every batch of references (captions or answers)."""
     from .exit_training import backbone_features
 
@@ -59,14 +59,14 @@ def teacher_forced_features(backend, dataset: Dataset, limit: int | None = 200, 
         samples = dataset.samples[start:start + batch_size]
         rows = [batches.encode(prompt_for(s, dataset.task), target_for(s, dataset.task)) for s in samples]
         batch = batches.collate(rows, batches.pixels[batches.pixel_row[0][start:start + len(samples)]])
-        yield backbone_features(backend, batch)
+        yield backbone_features(backend, batch, layers)
 
 
 @torch.no_grad()
 def exit_accuracy(backend, strategy, dataset: Dataset, limit: int | None = 200, batch_size: int = 32) -> dict:
     """{exit layer: teacher-forced next-token accuracy} of a strategy's own exits."""
     correct, total = [0] * len(strategy.exit_layers), 0
-    for features in teacher_forced_features(backend, dataset, limit, batch_size):
+    for features in teacher_forced_features(backend, dataset, limit, batch_size, strategy.backbone_layers()):
         where = features.targets != -100
         total += int(where.sum())
         for e, out in enumerate(strategy.teacher_forced_states(features)):

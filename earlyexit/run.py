@@ -30,10 +30,10 @@ class RunSettings:
     data: str = "scenes"
     exit_layers: list[int] | None = None
     options: dict = dataclasses.field(default_factory=dict)  # strategy config overrides
-    threshold: float | None = None  # skip calibration
+    threshold: float | None = None  # the strategy's knob value (threshold, entropy, patience, γ): skip calibration
     rule: str = "budget"
     budget: float = 0.01
-    grid: tuple = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+    grid: tuple | None = None  # knob values to calibrate over (default: the strategy's grid)
     kv_policy: str = "catchup"
     gate: str = "learned"  # decide before the head: none, learned (trained here, seconds) or cosine
     gate_mode: str = "filter"  # filter: the gate pre-selects, the strategy's rule decides; replace: the gate decides
@@ -80,15 +80,14 @@ def load_split(data: str, split: str, limit: int | None):
 def exits_cache_folder(settings: RunSettings, strategy, backbone_fingerprint: str) -> str:
     recipe = {"strategy": strategy.name, "exit_layers": strategy.exit_layers, "data": settings.data,
               "train_limit": settings.train_limit, "seed": settings.seed,
-              "config": {k: v for k, v in strategy.config.to_dict().items() if k != "threshold"}}
+              "config": {k: v for k, v in strategy.config.to_dict().items() if k != strategy.knob}}
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
     return os.path.join(embedded.cache_root(), "exits", f"{settings.backend}-{backbone_fingerprint}-{strategy.name}-{key}")
 
 
 def run(settings: RunSettings, registry, log=print) -> dict | None:
     from .adapters import backbone_fingerprint, load_exits, save_exits
-    from .calibrate import PAPER_GRID, choose, main_metric, sweep, write_curve
-    from .gates import COSINE_GRID
+    from .calibrate import Knob, choose, main_metric, sweep, write_curve
     from .deepspeed_config import is_main_process
     from .evaluate import EvalSettings, evaluate, provenance
     from .exit_training import train_exits
@@ -107,10 +106,13 @@ def run(settings: RunSettings, registry, log=print) -> dict | None:
     config = strategy_cls.Config(**settings.options)
     exit_layers = settings.exit_layers or strategy_cls.default_exit_layers(backend.num_layers)
     strategy = strategy_cls(backend, exit_layers, config)
+    if strategy.knob and not (settings.gate != "none" and settings.gate_mode == "replace" and strategy.accepts_gate):
+        for value in [v for v in (settings.threshold, *(settings.grid or ())) if v is not None]:
+            strategy.config_with_knob(strategy.config, value)  # refuses bad values before any training
     train_split, dev_split, test_split = splits_for(settings.data)
     timings = {}
 
-    if getattr(strategy, "needs_training", False):
+    if strategy.needs_training:
         folder = exits_cache_folder(settings, strategy, backbone_fingerprint(backend))
         if os.path.isdir(folder) and not settings.retrain:
             log(f"exits: reusing {folder}")
@@ -137,29 +139,28 @@ def run(settings: RunSettings, registry, log=print) -> dict | None:
     dev = load_split(settings.data, dev_split, settings.dev_limit)
     metric = main_metric(dev.task)
     gate = gates_for = None
-    if settings.gate != "none" and hasattr(strategy.config, "threshold"):
+    if settings.gate != "none" and not strategy.accepts_gate:
+        log(f"gate: none ({strategy.name}'s rule must see every exit of every row)")
+    if settings.gate != "none" and strategy.knob and strategy.accepts_gate:
         began = time.perf_counter()
         gates_for = {}
         for name, candidate in (("strategy", strategy), ("confidence", _confidence_like(registry, strategy))):
             gates_for[name] = make_run_gate(settings, candidate, backend, train_split, log)
         gate = gates_for["strategy"]
         timings["train_gate_s"] = time.perf_counter() - began
-    knob = gate if gate is not None and gate.mode == "replace" else strategy.config
+    knob = Knob(strategy, gate) if strategy.knob or gate is not None else None
     calibration = None
-    if settings.threshold is not None:
-        knob.threshold = settings.threshold
-    elif hasattr(strategy.config, "threshold"):
+    if settings.threshold is not None and knob is not None:
+        knob.value = settings.threshold
+    elif knob is not None:
         began = time.perf_counter()
-        grid = settings.grid
-        if knob is gate and gate.kind == "cosine" and settings.grid == PAPER_GRID:
-            grid = COSINE_GRID
-        full_dev, points = sweep(backend, strategy, dev, evaluation, grid=grid, kv_policy=settings.kv_policy,
+        full_dev, points = sweep(backend, strategy, dev, evaluation, grid=settings.grid, kv_policy=settings.kv_policy,
                                  progress=settings.progress, gate=gate, measure_wall=settings.speed_target == "wall")
         chosen, why = choose(points, full_dev, settings.rule, settings.budget, speed=settings.speed_target)
-        knob.threshold = chosen.threshold
+        knob.value = chosen.threshold
         csv_path, png_path = write_curve(points, full_dev, metric, output)
         calibration = {"rule": settings.rule, "budget": settings.budget, "speed_target": settings.speed_target,
-                       "why": why, "threshold": chosen.threshold, "gate": settings.gate,
+                       "why": why, "knob": knob.name, "threshold": chosen.threshold, "gate": settings.gate,
                        "full_quality": full_dev, "points": [dataclasses.asdict(p) for p in points],
                        "csv": csv_path, "png": png_path}
         timings["calibrate_s"] = time.perf_counter() - began
@@ -170,13 +171,13 @@ def run(settings: RunSettings, registry, log=print) -> dict | None:
 
     began = time.perf_counter()
     test = load_split(settings.data, test_split, settings.test_limit)
-    threshold = knob.threshold if hasattr(knob, "threshold") else None
+    threshold = knob.value if knob is not None else None
     label = settings.strategy + (f" + {settings.gate} gate" if gate is not None else "")
     results = {"full": evaluate(backend, None, test, evaluation, kv_policy=settings.kv_policy, on_batch=on_batch)}
     results[label] = evaluate(backend, strategy, test, evaluation, kv_policy=settings.kv_policy, gate=gate,
                               on_batch=on_batch)
-    if threshold is not None:
-        confidence = _confidence_like(registry, strategy, threshold)
+    if threshold is not None and (strategy.knob_is_confidence or knob.on_gate):  # same threshold, untrained exits
+        confidence = _confidence_like(registry, strategy, threshold if strategy.knob_is_confidence else 0.9)
         if settings.strategy != "confidence":
             results["confidence"] = evaluate(backend, confidence, test, evaluation, kv_policy=settings.kv_policy)
         if gates_for is not None:
@@ -193,14 +194,15 @@ def run(settings: RunSettings, registry, log=print) -> dict | None:
     timings["evaluate_s"] = time.perf_counter() - began
 
     mid_crisis = None
-    if strategy.exit_modules() is not None and dev.task == "caption":
+    if strategy.needs_training and dev.task == "caption":
         mid_crisis = mid_crisis_report(backend, strategy, dev, output)
 
     timings["total_s"] = time.perf_counter() - started
     notify(registry, "run_end", config=dataclasses.asdict(settings),
            results={name: {"quality": r["quality"], "speed": {k: v for k, v in r["speed"].items() if k != "wall"}}
                     for name, r in results.items()})
-    return {"settings": dataclasses.asdict(settings), "threshold": getattr(knob, "threshold", None),
+    return {"settings": dataclasses.asdict(settings), "threshold": threshold,
+            "knob": knob.name if knob is not None else None, "parameters": strategy.parameter_counts(),
             "strategy_label": label, "draft_exit_layer": strategy.exit_layers[draft_exit] if draft_exit is not None
             else None,
             "exit_layers": strategy.exit_layers, "strategy_config": strategy.config.to_dict(),
@@ -306,5 +308,5 @@ def check_settings(settings: RunSettings) -> None:
         raise ConfigError(f"--threshold {settings.threshold}: the threshold must be >= 0, e.g. --threshold 0.8")
     if not 0 <= settings.budget < 1:
         raise ConfigError(f"--budget is a fraction of the full model's quality, e.g. 0.02 (got {settings.budget})")
-    if any(not 0 <= t <= 1.5 for t in settings.grid):
-        raise ConfigError("calibration thresholds must lie in 0..1 (e.g. --grid 0.5,0.6,0.7,0.8,0.9,1.0)")
+    if settings.grid is not None and not settings.grid:
+        raise ConfigError("the calibration grid is empty; pass values such as --grid 0.5,0.7,0.9")

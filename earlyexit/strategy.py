@@ -32,23 +32,72 @@ def config_field(default: Any, help: str, **kwargs) -> Any:
     return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
 
 
+@dataclasses.dataclass
+class TrainableConfig(StrategyConfig):
+    """Config of a strategy that trains: the schedule every trainable strategy shares."""
+
+    epochs: float | None = config_field(3.0, "passes over the training captions")
+    batch_size: int = config_field(16, "training batch size (the paper's: 16)")
+    learning_rate: float = config_field(1e-4, "Adam learning rate")
+
+    def __post_init__(self):
+        if self.epochs is not None and not self.epochs > 0:
+            raise ConfigError(f"epochs must be positive (got {self.epochs})")
+        if self.batch_size < 1 or not self.learning_rate > 0:  # NaN fails too
+            raise ConfigError("batch size and learning rate must be positive")
+
+
 class Strategy:
     """One exit method.
 
     Subclasses set `name`, `description`, `Config`, and implement `should_exit` (and
     `exit_logits` when the exit has its own read-out).
     A strategy instance is bound to one backend and one list of exit layers.
+
+    The exit knob: `knob` names the config field calibration sweeps (and `--threshold` sets),
+    over `knob_grid` unless the user gives a grid. Strategies that train also implement the
+    training half of the contract below (`training_modules`, `training_step`, ...); the
+    trainer (`earlyexit.exit_training`) and `run` call only these, never a strategy by name.
     """
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     Config: ClassVar[type[StrategyConfig]] = StrategyConfig
-    needs_training: ClassVar[bool] = False
+    knob: ClassVar[str | None] = "threshold"
+    knob_grid: ClassVar[tuple] = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # the paper's threshold grid
+    knob_is_confidence: ClassVar[bool] = False  # the knob is a max-softmax threshold (comparable to `confidence`)
+    accepts_gate: ClassVar[bool] = True  # False when the rule must see every exit of every row (PABEE's counter)
 
     def __init__(self, backend: Backend, exit_layers: list[int], config: StrategyConfig | None = None):
         self.backend = backend
         self.config = config if config is not None else self.Config()
         self.exit_layers = self.validate_exit_layers(exit_layers, backend.num_layers)
+
+    # -- the knob ------------------------------------------------------------------------------
+    def calibration_grid(self) -> tuple:
+        """The knob values calibration tries when the user gives none."""
+        return tuple(self.knob_grid)
+
+    @property
+    def knob_value(self):
+        return getattr(self.config, self.knob) if self.knob else None
+
+    def set_knob(self, value) -> None:
+        """Set the knob (validated by the config; whole numbers for integer knobs)."""
+        if not self.knob:
+            raise ConfigError(f"strategy {self.name!r} has no knob to set")
+        self.config = self.config_with_knob(self.config, value)
+
+    @classmethod
+    def config_with_knob(cls, config: StrategyConfig, value) -> StrategyConfig:
+        field = next((f for f in dataclasses.fields(config) if f.name == cls.knob), None)
+        if field is None:
+            raise ConfigError(f"strategy {cls.name!r} has no threshold or other knob to set")
+        if field.type in ("int", int):
+            if not float(value).is_integer():
+                raise ConfigError(f"{cls.name}'s {cls.knob} is a whole number (got {value})")
+            value = int(value)
+        return dataclasses.replace(config, **{cls.knob: value})
 
     @classmethod
     def default_exit_layers(cls, num_layers: int) -> list[int]:
@@ -71,7 +120,7 @@ class Strategy:
 
     # -- modules -----------------------------------------------------------------------------
     def exit_modules(self) -> torch.nn.Module | None:
-        """The trainable modules this strategy adds (saved as an adapter), or None."""
+        """The modules this strategy adds at its exits for inference (saved in the adapter), or None."""
         return None
 
     def exit_attention_layer(self, exit_index: int) -> torch.nn.Module | None:
@@ -106,6 +155,65 @@ class Strategy:
             states.append(transform(hidden) if transform is not None else hidden)
         return states
 
+    def backbone_layers(self) -> torch.nn.ModuleList | None:
+        """The decoder layers generation runs: None for the backbone's own (frozen) layers; a
+        strategy that fine-tunes the backbone with its exits (MuE's layer-wise loss, LeeBERT's
+        joint training) returns its own trained copies, so the backbone itself stays intact
+        (the `full` reference keeps its quality) and the adapter saves the copies."""
+        return None
+
+    # -- training ----------------------------------------------------------------------------
+    @property
+    def needs_training(self) -> bool:
+        """Whether `run` trains this strategy before calibrating (it has trainable groups)."""
+        return bool(self.training_modules())
+
+    @property
+    def trains_backbone(self) -> bool:
+        """Whether training changes decoder layers (then `backbone_layers` holds them)."""
+        return self.backbone_layers() is not None
+
+    @property
+    def held_out_fraction(self) -> float:
+        """Share of the training data the trainer keeps aside and hands to `training_step` as
+        `held_out` (for meta-parameters learned on held-out data, e.g. LeeBERT's loss weights)."""
+        return 0.0
+
+    def training_modules(self) -> dict[str, torch.nn.Module]:
+        """Named groups of trainable modules, one optimiser each (e.g. FREE's generator and
+        discriminator). Empty: nothing to train. The trainer makes them require grad."""
+        return {}
+
+    def training_groups(self) -> dict[str, dict[str, torch.nn.Parameter]]:
+        return {group: dict(module.named_parameters()) for group, module in self.training_modules().items()}
+
+    def training_data(self, dataset, progress: bool = True):
+        """The data set this strategy trains on, built from the exit-training split (default:
+        every reference caption is one item). FREE's distillation and CapFilt modes override it."""
+        from .exit_training import one_caption_per_sample
+
+        return one_caption_per_sample(dataset) if dataset.task == "caption" else dataset
+
+    def training_step(self, batch: dict, engine, held_out: dict | None = None) -> dict[str, float]:
+        """One optimisation step on `batch`: compute losses and call `engine.optimize(group,
+        loss)` for each group. Returns the step's losses by name."""
+        raise NotImplementedError(f"strategy {self.name!r} has nothing to train")
+
+    def adapter_modules(self) -> dict[str, torch.nn.Module]:
+        """What the adapter saves, by file stem: the exit modules (what inference needs) and,
+        for strategies that fine-tune the backbone, their decoder layers. Training-only modules
+        (FREE's feature classifiers, LeeBERT's loss weights) live in checkpoints only."""
+        modules = {"exits": self.exit_modules(), "backbone": self.backbone_layers()}
+        return {stem: module for stem, module in modules.items() if module is not None}
+
+    def parameter_counts(self) -> dict[str, int]:
+        """`trainable`: parameters training updates (every group); `inference`: parameters
+        generation adds to the backbone's (exit modules, own read-outs; copies of backbone
+        layers replace the backbone's and add none)."""
+        trainable = sum(p.numel() for g in self.training_modules().values() for p in g.parameters())
+        exits = self.exit_modules()
+        return {"trainable": trainable, "inference": sum(p.numel() for p in exits.parameters()) if exits else 0}
+
     # -- inference ---------------------------------------------------------------------------
     def reset(self) -> None:
         """Called at the start of every generation. Per-row state belongs in `StepContext.state`
@@ -113,8 +221,10 @@ class Strategy:
 
     def exit_logits(self, exit_index: int, state: torch.Tensor) -> torch.Tensor:
         """Logits (rows, vocab) from the newest position's state (rows, width) at this exit,
-        after the exit's attention layer / transform if it has them. Default: the shared head."""
-        return self.backend.logits(state)
+        after the exit's attention layer / transform if it has them. Default: the exit's own
+        read-out (`exit_readout`) if it has one, else the backbone's shared head."""
+        readout = self.exit_readout(exit_index)
+        return readout(state) if readout is not None else self.backend.logits(state)
 
     def should_exit(self, exit_index: int, view: ExitView, context: StepContext) -> torch.Tensor:
         """Boolean (rows,): which of the rows present at this exit leave here. Decide from what is

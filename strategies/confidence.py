@@ -28,6 +28,7 @@ class ConfidenceStrategy(Strategy):
     name = "confidence"
     description = "untrained exits: the frozen final norm + LM head at each exit, leave when max softmax >= threshold"
     Config = ConfidenceConfig
+    knob_is_confidence = True
 
     def should_exit(self, exit_index, view, context):
         return view.logits().float().softmax(-1).amax(-1) >= self.config.threshold

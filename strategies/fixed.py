@@ -26,6 +26,7 @@ class FixedStrategy(Strategy):
     name = "fixed"
     description = "always exit at the first exit layer (optionally on every n-th token); for cost measurements"
     Config = FixedConfig
+    knob = None  # scripted: nothing to calibrate
 
     @classmethod
     def default_exit_layers(cls, num_layers):

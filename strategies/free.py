@@ -21,14 +21,14 @@ import dataclasses
 
 from earlyexit import hookimpl
 from earlyexit.errors import ConfigError
-from earlyexit.strategy import Strategy, StrategyConfig, config_field
+from earlyexit.strategy import Strategy, TrainableConfig, config_field
 
 MODES = ("supervised", "distill", "capfilt")
 KD_DIRECTIONS = ("exit_final", "final_exit")
 
 
 @dataclasses.dataclass
-class FreeConfig(StrategyConfig):
+class FreeConfig(TrainableConfig):
     threshold: float = config_field(0.8, "exit when the exit's max softmax is at least this (calibration picks it)")
     mode: str = config_field("supervised", "supervised (reference captions), distill (match the final layer, "
                                            "no labels) or capfilt (labels sampled and filtered from the backbone)")
@@ -38,7 +38,6 @@ class FreeConfig(StrategyConfig):
     kd_direction: str = config_field("exit_final", "exit_final = KL(p_exit, p_final) as the paper writes it; "
                                                    "final_exit = KL(p_final, p_exit)")
     epochs: float | None = config_field(None, "passes over the training captions (default: 3, or 5 in distill mode)")
-    batch_size: int = config_field(16, "training batch size (the paper's: 16)")
     learning_rate: float = config_field(1e-4, "Adam learning rate of both players")
     classifier_width: float = config_field(1.2, "feature-classifier hidden units per model width "
                                                 "(the paper: 3072 for 2560)")
@@ -66,8 +65,7 @@ class FreeConfig(StrategyConfig):
             raise ConfigError("nothing to train: enable at least one of adversarial, ce, kd")
         if self.epochs is None:
             self.epochs = 5.0 if self.mode == "distill" else 3.0
-        if self.epochs <= 0 or self.batch_size < 1 or self.learning_rate <= 0:
-            raise ConfigError("epochs, batch size and learning rate must be positive")
+        super().__post_init__()
         if self.capfilt_keep < 1 or self.capfilt_samples < self.capfilt_keep:
             raise ConfigError("CapFilt needs capfilt_samples >= capfilt_keep >= 1")
         if not self.capfilt_scorer.startswith(("clip:", "backbone")):
@@ -104,7 +102,7 @@ class FreeStrategy(Strategy):
     name = "free"
     description = "FREE: exit transformers trained adversarially against feature classifiers (paper's method)"
     Config = FreeConfig
-    needs_training = True
+    knob_is_confidence = True
 
     def __init__(self, backend, exit_layers, config=None):
         import copy
@@ -144,15 +142,29 @@ class FreeStrategy(Strategy):
         modules = {"generator": self.exit_transformers}
         if self.config.adversarial:
             modules["discriminator"] = self.feature_classifiers
-        for module in modules.values():
-            module.requires_grad_(True)
         return modules
 
-    def training_groups(self) -> dict:
-        return {group: dict(module.named_parameters()) for group, module in self.training_modules().items()}
+    def training_data(self, dataset, progress=True):
+        """References (supervised), the backbone's own greedy captions (distill: no labels), or
+        CapFilt's sampled captions filtered by an image-text scorer."""
+        from earlyexit import exit_training as data
 
-    def training_step(self, batch, engine) -> dict:
-        """One alternating step: the feature classifiers first, then the exit transformers."""
+        if dataset.task == "caption" and self.config.mode == "distill":
+            captions = data.backbone_captions(self.backend, dataset, progress=progress)
+            dataset = dataclasses.replace(dataset, samples=[dataclasses.replace(s, captions=captions[s.id])
+                                                            for s in dataset])
+        elif dataset.task == "caption" and self.config.mode == "capfilt":
+            config = self.config
+            candidates = data.backbone_captions(self.backend, dataset, samples_per_image=config.capfilt_samples,
+                                                progress=progress)
+            dataset = data.capfilt(dataset, candidates, data.make_scorer(config.capfilt_scorer, self.backend),
+                                   config.capfilt_keep)
+        return super().training_data(dataset, progress)
+
+    def training_step(self, batch, engine, held_out=None) -> dict:
+        """One alternating step: the feature classifiers first, then the exit transformers. Both
+        players see states from the same point of the network: the residual stream before the
+        final norm, after the last layer (real) and after each exit transformer (fake)."""
         import torch.nn.functional as F
 
         from earlyexit.exit_training import backbone_features

@@ -132,9 +132,7 @@ def test_unlabelled_modes_train_on_the_backbones_own_captions(scenes, tmp_path, 
     strategy = FreeStrategy(backend, [1], FreeConfig(mode=mode, epochs=1, batch_size=4, capfilt_samples=3))
     losses = train_exits(strategy, backend, scenes, str(tmp_path / mode), progress=False)
     assert losses and ("kd" in losses[0]) == (mode == "distill") and ("ce" in losses[0]) == (mode == "capfilt")
-    from earlyexit.exit_training import training_data
-
-    data = training_data(strategy, backend, scenes, progress=False)
+    data = strategy.training_data(scenes, progress=False)
     references = {c for s in scenes for c in s.captions}
     assert data.samples and not ({s.captions[0] for s in data} & references)  # no reference captions used
     if mode == "capfilt":  # at most `capfilt_keep` captions per image survive the filter
