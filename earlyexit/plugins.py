@@ -24,8 +24,12 @@ from .strategy import Strategy
 BUILTIN_PLUGINS = (
     "earlyexit.backends.blip2_opt",
     "earlyexit.strategies.confidence",
+    "earlyexit.strategies.deebert",
     "earlyexit.strategies.fixed",
     "earlyexit.strategies.free",
+    "earlyexit.strategies.leebert",
+    "earlyexit.strategies.mue",
+    "earlyexit.strategies.pabee",
 )
 ENTRY_POINT_GROUP = "earlyexit"
 DISABLE_AUTOLOAD_ENV = "EARLYEXIT_DISABLE_PLUGIN_AUTOLOAD"
