@@ -115,9 +115,46 @@ class Blip2OptBackend(Backend):
         prompts = prompts if prompts is not None else [""] * len(images)
         return dict(self.processor(images=images, text=prompts, padding=True, return_tensors="pt"))
 
-    def decoder_inputs_embeds(self, pixel_values, input_ids):
+    @property
+    def vision_layers(self) -> int:
+        return len(self.model.vision_model.encoder.layers)
+
+    def image_features(self, pixel_values, saturation=None):
+        import torch
+        import torch.nn.functional as F
+
         model = self.model
-        features = model.get_image_features(pixel_values, return_dict=True).pooler_output
+        if saturation is None:
+            return model.get_image_features(pixel_values, return_dict=True).pooler_output, None
+        vision = model.vision_model
+        hidden = vision.embeddings(pixel_values.to(vision.embeddings.patch_embedding.weight.dtype))
+        result = hidden.clone()
+        depth = torch.full((hidden.shape[0],), self.vision_layers, dtype=torch.long, device=hidden.device)
+        going = torch.arange(hidden.shape[0], device=hidden.device)
+        for i, layer in enumerate(vision.encoder.layers):
+            new = layer(hidden)
+            if i + 1 == self.vision_layers:
+                result[going] = new
+                break
+            similarity = F.cosine_similarity(new.float(), hidden.float(), dim=-1).mean(-1)
+            done = similarity >= saturation  # this image's features have settled: stop its tower here
+            if bool(done.any()):
+                result[going[done]] = new[done]
+                depth[going[done]] = i + 1
+                going, new = going[~done], new[~done]
+                if not len(going):
+                    break
+            hidden = new
+        image_embeds = vision.post_layernorm(result)
+        mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+        queries = model.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        query_output = model.qformer(query_embeds=queries, encoder_hidden_states=image_embeds,
+                                     encoder_attention_mask=mask, return_dict=True)[0]
+        return model.language_projection(query_output.to(image_embeds.dtype)), depth
+
+    def decoder_inputs_embeds(self, pixel_values, input_ids, image_features=None):
+        model = self.model
+        features = image_features if image_features is not None else self.image_features(pixel_values)[0]
         embeds = model.get_input_embeddings()(input_ids)
         image_slots = (input_ids == model.config.image_token_id).unsqueeze(-1)
         if int(image_slots.sum()) != features.shape[0] * features.shape[1]:

@@ -160,6 +160,7 @@ class Trace:
     exit_layers: torch.Tensor  # (sequences, tokens) long
     steps: list  # StepRecord per forward, in order
     num_layers: int
+    vision_layers: torch.Tensor | None = None  # per image, when the vision tower stopped early (MuE)
 
     @classmethod
     def from_generation(cls, steps, new_tokens: torch.Tensor, beam_indices: torch.Tensor | None,

@@ -69,8 +69,19 @@ class Backend:
         """Processor output for a batch: `pixel_values`, `input_ids`, `attention_mask` (left padded)."""
         raise NotImplementedError
 
-    def decoder_inputs_embeds(self, pixel_values: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        """Language-model input embeddings with the image features scattered into the image placeholders."""
+    def decoder_inputs_embeds(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
+                              image_features: torch.Tensor | None = None) -> torch.Tensor:
+        """Language-model input embeddings with the image features (computed from `pixel_values`
+        unless given) scattered into the image placeholders."""
+        raise NotImplementedError
+
+    vision_layers: int = 0
+    """Layers of the vision tower (0 when the backend cannot stop it early)."""
+
+    def image_features(self, pixel_values: torch.Tensor, saturation: float | None = None) -> tuple:
+        """(image features as the language model takes them, vision layers run per image or None).
+        With `saturation`, each image's vision tower stops after the first layer whose output has
+        a mean cosine similarity of at least `saturation` with its input (MuE's encoder exit)."""
         raise NotImplementedError
 
     def plain_generate(self, **inputs_and_generate_kwargs) -> torch.Tensor:

@@ -164,8 +164,16 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
         beams = kwargs.get("num_beams") or self.generation_config.num_beams or 1
         check_context(self.backend, first.shape[1], kwargs.get("max_new_tokens") or self.generation_config.max_new_tokens
                       or 0, rows=first.shape[0] * beams, slots=self.num_layers + len(self.exit_attention))
+        self.last_vision_layers = None  # vision layers run per image, when the strategy stops the tower early
         if pixel_values is not None and inputs_embeds is None:
-            inputs_embeds = self.backend.decoder_inputs_embeds(pixel_values, input_ids)
+            saturation = self.strategy.vision_saturation() if self.strategy is not None else None
+            features = None
+            if saturation is not None:
+                if not self.backend.vision_layers:
+                    raise ConfigError(f"backend {self.backend.name!r} cannot stop its vision tower early; "
+                                      "drop the strategy's vision option")
+                features, self.last_vision_layers = self.backend.image_features(pixel_values, saturation)
+            inputs_embeds = self.backend.decoder_inputs_embeds(pixel_values, input_ids, features)
         if self.strategy is not None:
             self.strategy.reset()
         self._propagation = {}  # weights may have changed since the last generation
@@ -186,6 +194,7 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
             eos_token_id=self.generation_config.eos_token_id,
             num_layers=self.num_layers,
         )
+        self.last_trace.vision_layers = self.last_vision_layers
         return out if wants_dict else out.sequences
 
     # -- the forward -------------------------------------------------------------------------

@@ -238,6 +238,10 @@ def evaluate(backend, strategy, dataset: Dataset, settings: EvalSettings, kv_pol
                  "draft_exit_layer": decoder.draft_layer, "draft_length": decoder.draft_length}
     else:
         speed = summarize(traces, costs)
+        vision = [k for t in traces if getattr(t, "vision_layers", None) is not None for k in t.vision_layers.tolist()]
+        if vision:  # the encoder side stopped early (MuE): its own layer-based speed-up
+            speed["mean_vision_layers"] = sum(vision) / len(vision)
+            speed["vision_layer_speedup"] = backend.vision_layers / speed["mean_vision_layers"]
     wall = wall_clock(sides["early"], sides["full"] if timing_full else None)
     speed["wall_speedup"] = wall.get("wall_speedup")
     speed["decode_wall_speedup"] = wall.get("decode_wall_speedup")

@@ -162,6 +162,11 @@ class Strategy:
         (the `full` reference keeps its quality) and the adapter saves the copies."""
         return None
 
+    def vision_saturation(self) -> float | None:
+        """A cosine threshold at which the backend stops each image's vision tower early (MuE's
+        encoder side), or None to run it in full."""
+        return None
+
     # -- training ----------------------------------------------------------------------------
     @property
     def needs_training(self) -> bool:

@@ -90,8 +90,7 @@ class MueStrategy(Strategy):
     def should_exit(self, exit_index, view, context):
         return consecutive_cosine(view.hidden, view.previous) >= self.config.gamma
 
-    def vision_exit(self):
-        """(γ_v) for the backend's vision tower, or None to run it in full."""
+    def vision_saturation(self):
         return self.config.vision_gamma
 
     def training_step(self, batch, engine, held_out=None) -> dict:

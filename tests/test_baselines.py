@@ -310,3 +310,27 @@ def test_no_strategy_imports_a_backend_or_branches_on_the_family():
                 assert not any(f in lit for lit in literals for f in families), (path, ast.unparse(node))
             if isinstance(node, ast.Attribute):
                 assert node.attr not in ("model_type", "decoder", "text_config_model_type"), (path, node.attr)
+
+
+# -- MuE's encoder side ------------------------------------------------------------------------------
+def test_vision_tower_stops_where_the_image_features_saturate(registry):
+    import copy
+
+    backend = make_backend(seed=4, num_layers=4, vision_layers=3)
+    pixels = backend.prepare_inputs(make_images(2), ["", ""])["pixel_values"]
+    with torch.no_grad():
+        full = backend.model.get_image_features(pixels, return_dict=True).pooler_output
+        never, depth = backend.image_features(pixels, saturation=2.0)  # a cosine never reaches 2
+        assert torch.allclose(never, full, atol=1e-5) and depth.tolist() == [3, 3]
+        first, depth = backend.image_features(pixels, saturation=-1.0)  # every image stops after one layer
+        assert depth.tolist() == [1, 1]
+        truncated = copy.deepcopy(backend.model)
+        truncated.vision_model.encoder.layers = truncated.vision_model.encoder.layers[:1]
+        assert torch.allclose(first, truncated.get_image_features(pixels, return_dict=True).pooler_output, atol=1e-5)
+        assert not torch.equal(first, full)
+
+    strategy = small(registry, "mue", backend, layerwise=False, vision_gamma=-1.0)
+    model = EarlyExitForCausalLM(backend, strategy)
+    inputs = backend.prepare_inputs(make_images(2), ["", "a red"])
+    model.generate(**inputs, max_new_tokens=3, do_sample=False, **no_eos(backend))
+    assert model.last_trace.vision_layers.tolist() == [1, 1]
