@@ -78,7 +78,8 @@ def load_split(data: str, split: str, limit: int | None):
 
 
 def exits_cache_folder(settings: RunSettings, strategy, backbone_fingerprint: str) -> str:
-    recipe = {"strategy": strategy.name, "exit_layers": strategy.exit_layers, "data": settings.data,
+    # version 2: exit states and the last layer's compared before the final norm (FREE's like-with-like fix)
+    recipe = {"version": 2, "strategy": strategy.name, "exit_layers": strategy.exit_layers, "data": settings.data,
               "train_limit": settings.train_limit, "seed": settings.seed,
               "config": {k: v for k, v in strategy.config.to_dict().items() if k != strategy.knob}}
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
