@@ -155,7 +155,7 @@ def test_stale_checkpoint_is_skipped_and_never_costs_a_valid_one(scenes, tmp_pat
 
 
 def test_a_failed_final_save_leaves_the_previous_model(tmp_path, monkeypatch):
-    from earlyexit.cli_train import save_model_atomically
+    from earlyexit.cli.train import save_model_atomically
 
     backend = make_backend(seed=3, num_layers=2)
     final = tmp_path / "model"

@@ -1,75 +1,36 @@
 """The `earlyexit` command line.
 
-Each subcommand is an object (a module or a class) with two functions:
+One module per subcommand (`listing`, `run`, `generate`, `evaluation`, `train`, `build_tiny`),
+each with a command object of two functions:
 
     add_parser(subparsers) -> argparse.ArgumentParser   # builds and returns its sub-parser
     run(args) -> int                                    # does the work, returns the exit code
 
-and is listed in SUBCOMMANDS at the bottom of this file. Subcommands import torch/transformers
-inside `run` only, so `earlyexit --help` and `earlyexit list` stay instant.
+Options and helpers they share live in `common`. Command modules import from `common` only,
+never from this package module, so there is no import circle. They import torch/transformers
+inside `run`, so `earlyexit --help` and `earlyexit list` stay instant.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import traceback
 
-from . import __version__
-from .errors import EarlyExitError
-from .plugins import Registry, get_registry, one_line
+from .. import __version__
+from ..errors import EarlyExitError
+from ..plugins import one_line
+from .build_tiny import BuildTinyCommand
+from .common import report_plugin_failures
+from .evaluation import EvalCommand
+from .generate import GenerateCommand
+from .listing import ListCommand, format_table
+from .run import RunCommand
+from .train import TrainCommand
 
+__all__ = ["main", "build_parser", "SUBCOMMANDS", "report_plugin_failures", "format_table"]
 
-def report_plugin_failures(registry: Registry) -> None:
-    """One warning line on stderr per plugin that could not be loaded."""
-    for failure in registry.failures:
-        print(f"warning: {failure}", file=sys.stderr)
-
-
-def format_table(rows: list[dict[str, str]], columns: list[str]) -> str:
-    widths = {col: max([len(col)] + [len(str(row[col])) for row in rows]) for col in columns}
-
-    def line(values: dict[str, str]) -> str:
-        return "  ".join(str(values[col]).ljust(widths[col]) for col in columns).rstrip()
-
-    header = line({col: col.upper() for col in columns})
-    return "\n".join([header] + [line(row) for row in rows])
-
-
-class ListCommand:
-    """`earlyexit list`: every backend and strategy, and the plugin that provides it."""
-
-    @staticmethod
-    def add_parser(subparsers) -> argparse.ArgumentParser:
-        parser = subparsers.add_parser(
-            "list", help="list backends and strategies", description=ListCommand.__doc__
-        )
-        parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
-        return parser
-
-    @staticmethod
-    def run(args: argparse.Namespace) -> int:
-        registry = get_registry()
-        report_plugin_failures(registry)
-        entries = registry.entries()
-        if args.json:
-            print(json.dumps(entries, indent=2))
-        elif entries:
-            print(format_table(entries, ["name", "kind", "plugin", "description"]))
-        else:
-            print("no backends or strategies are registered")
-        return 0
-
-
-# Add new subcommands here (e.g. `from . import cli_generate` and append it). They may import
-# helpers from this module, as this list is built after everything above is defined.
-from .cli_eval import EvalCommand  # noqa: E402 - these import helpers defined above
-from .cli_generate import GenerateCommand  # noqa: E402
-from .cli_run import RunCommand  # noqa: E402
-from .cli_train import BuildTinyCommand, TrainCommand  # noqa: E402
-
-SUBCOMMANDS: list = [ListCommand, RunCommand, GenerateCommand, EvalCommand, TrainCommand, BuildTinyCommand]
+SUBCOMMANDS: tuple = (ListCommand, RunCommand, GenerateCommand, EvalCommand, TrainCommand, BuildTinyCommand)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def single_line(text: str) -> str:
+    """A message on one line, whatever an underlying library put in it (JSON errors, paths)."""
+    return " ".join(text.split())
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `earlyexit` console script; returns the exit code.
 
@@ -104,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     except EarlyExitError as error:
         if args.debug:
             traceback.print_exc()
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {single_line(str(error))}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -115,7 +81,3 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"internal error: {one_line(error)} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
