@@ -12,7 +12,6 @@ position, relation, existence, size).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from earlyexit.backends.blip2_opt import Blip2OptBackend
@@ -68,8 +67,9 @@ def main(argv=None) -> int:
     for example in result["examples"]:
         print(f"  {example['caption']!r:60} <- {', '.join(example['objects'])}")
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(result, handle, indent=2)
+        from earlyexit.files import write_json_atomically
+
+        write_json_atomically(args.json, result)
     return 0
 
 
