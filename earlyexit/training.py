@@ -2,7 +2,7 @@
 
 The loop owns the step schedule, seeding, progress, logging and checkpoints; an *engine* owns
 the optimisation (backward, optimiser step, saving its state). `PlainEngine` is plain PyTorch
-(AdamW, linear warm-up then cosine decay); a DeepSpeed engine can stand in without touching
+(AdamW, linear warm-up then cosine decay: transformers' schedule); a DeepSpeed engine can stand in without touching
 the loop. Batches come from a function of the step number, so a resumed run sees exactly the
 batches, and the dropout noise (re-seeded per step), the uninterrupted run would have seen.
 
@@ -47,6 +47,8 @@ class TrainConfig:
             raise ConfigError(f"steps must be at least 1 (got {self.steps})")
         if not math.isfinite(self.learning_rate) or self.learning_rate <= 0:
             raise ConfigError(f"learning rate must be positive (got {self.learning_rate})")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"warmup steps must be >= 0 (got {self.warmup_steps})")
         if self.checkpoint_every < 1:
             raise ConfigError(f"checkpoint_every must be at least 1 (got {self.checkpoint_every})")
 
@@ -55,11 +57,13 @@ class TrainConfig:
         return {k: getattr(self, k) for k in ("steps", "learning_rate", "weight_decay", "warmup_steps", "seed")}
 
 
-def warmup_cosine(step: int, warmup: int, total: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+def warmup_cosine_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig):
+    """Linear warm-up over `warmup_steps`, then cosine decay to zero at `steps`
+    (`transformers.get_cosine_schedule_with_warmup`); its state resumes exactly from a checkpoint."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    return get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=config.warmup_steps,
+                                           num_training_steps=config.steps)
 
 
 class PlainEngine:
@@ -88,8 +92,7 @@ class PlainEngine:
                 [{"params": ps, "weight_decay": decay, "lr": config.learning_rate * scale}
                  for (scale, decay), ps in buckets.items()], lr=config.learning_rate)
             self.optimizers[name] = optimizer
-            self.schedulers[name] = torch.optim.lr_scheduler.LambdaLR(
-                optimizer, lambda s: warmup_cosine(s, config.warmup_steps, config.steps))
+            self.schedulers[name] = warmup_cosine_schedule(optimizer, config)
 
     def optimize(self, group: str, loss: torch.Tensor) -> float:
         """Backward `loss` into `group`'s parameters only, and step its optimiser."""
