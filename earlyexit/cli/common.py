@@ -130,6 +130,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     add_threshold_argument(parser, "confidence threshold of the strategy (its `threshold` option)")
     add_option_argument(parser)
     add_exit_layers_argument(parser)
+    parser.add_argument("--exits", metavar="FOLDER",
+                        help="trained exits saved by `earlyexit run` (under ~/.cache/earlyexit/exits/) or save_exits: "
+                             "their strategy, exit layers and config come from the folder")
     add_kv_policy_argument(parser)
     add_speed_arguments(parser)
 
@@ -186,8 +189,9 @@ def option_type(config_cls, name: str) -> type:
     return hint if isinstance(hint, type) else str
 
 
-def build_strategy_config(strategy_cls, threshold: float | None, options: list[str]):
-    """The strategy's config dataclass from --threshold and --option KEY=VALUE."""
+def strategy_overrides(strategy_cls, threshold: float | None, options: list[str]) -> dict:
+    """The config values --threshold and --option KEY=VALUE set, checked against the strategy's
+    config fields and parsed to their types."""
     fields = {f.name: f for f in dataclasses.fields(strategy_cls.Config)}
     values = {}
     if threshold is not None:
@@ -206,7 +210,12 @@ def build_strategy_config(strategy_cls, threshold: float | None, options: list[s
             values[key] = parse_bool(raw) if kind is bool else kind(raw)
         except ValueError:
             raise ConfigError(f"bad --option {option!r}: {key} expects a {kind.__name__}")
-    return strategy_cls.Config(**values)
+    return values
+
+
+def build_strategy_config(strategy_cls, threshold: float | None, options: list[str]):
+    """The strategy's config dataclass from --threshold and --option KEY=VALUE."""
+    return strategy_cls.Config(**strategy_overrides(strategy_cls, threshold, options))
 
 
 def build_gate(args, strategy, width: int):
@@ -249,15 +258,31 @@ def load_model(registry, args):
 
     quiet_transformers()
     backend_cls = registry.backend(args.backend)
-    strategy_cls = registry.strategy(args.strategy) if args.strategy else None
+    exits = getattr(args, "exits", None)
+    if exits:
+        from ..adapters import check_adapter_files
+
+        saved = check_adapter_files(exits)  # a damaged adapter fails before the model loads
+        strategy_cls = registry.strategy(saved["strategy"])
+        if args.strategy and registry.strategy(args.strategy) is not strategy_cls:
+            raise ConfigError(f"--exits {exits} holds {saved['strategy']} exits, not {args.strategy}; drop --strategy")
+        if args.exit_layers and list(args.exit_layers) != saved["exit_layers"]:
+            raise ConfigError(f"--exits {exits} has exits at {saved['exit_layers']}; drop --exit-layers")
+    else:
+        strategy_cls = registry.strategy(args.strategy) if args.strategy else None
     if strategy_cls is None and (args.threshold is not None or args.option or args.exit_layers):
-        raise ConfigError("--threshold, --option and --exit-layers need a --strategy")
-    config = build_strategy_config(strategy_cls, args.threshold, args.option) if strategy_cls else None
+        raise ConfigError("--threshold, --option and --exit-layers need a --strategy (or trained --exits)")
+    overrides = strategy_overrides(strategy_cls, args.threshold, args.option) if strategy_cls else {}
+    config = strategy_cls.Config(**overrides) if strategy_cls and not exits else None
     if args.decode == "speculative" and strategy_cls is None:
         raise ConfigError("--decode speculative drafts with a strategy's exits; pass --strategy")
     backend = backend_cls.load(args.model)
     strategy = None
-    if strategy_cls is not None:
+    if exits:
+        from ..adapters import load_exits
+
+        strategy = load_exits(exits, backend, registry, **overrides)
+    elif strategy_cls is not None:
         exit_layers = args.exit_layers or strategy_cls.default_exit_layers(backend.num_layers)
         strategy = strategy_cls(backend, exit_layers, config)
     gate = build_gate(args, strategy, backend.text_config.hidden_size)
@@ -268,6 +293,8 @@ def open_image(path: str):
     """The image at `path` as RGB (every mode and bit depth converted faithfully), or a DataError."""
     from ..images import read_image
 
+    if os.path.isdir(path):
+        raise DataError(f"--image {path} is a folder; pass one image file (PNG, JPEG, ...)")
     if not os.path.isfile(path):
         raise DataError(f"image {path!r} does not exist; pass an existing image file with --image")
     return read_image(path, fix="pass a PNG or JPEG file with --image")
