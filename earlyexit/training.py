@@ -236,29 +236,29 @@ def train(model: torch.nn.Module, step_fn: Callable, batch_for_step: Callable[[i
     `engine.optimize(group, loss)` for each parameter group. Without an engine, one plain group
     "model" holds every parameter of `model` that requires grad.
     """
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
     if engine is None:
         engine = PlainEngine({"model": {n: p for n, p in model.named_parameters() if p.requires_grad}}, config)
     start, losses = resume(engine, config)
     model.train()
     main_process = getattr(engine, "rank", 0) == 0  # progress and logs on rank 0 only
-    bar = tqdm(total=config.steps, initial=start, desc="training", disable=not (config.progress and main_process),
-               unit="step")
-    for step in range(start, config.steps):
-        torch.manual_seed(config.seed * 1_000_003 + step)  # dropout noise depends on the step only
-        batch = batch_for_step(step)
-        if hasattr(engine, "shard"):  # data parallel: each rank takes its rows of the global batch
-            batch = engine.shard(batch)
-        losses.append(step_fn(batch, engine))
-        bar.update(1)
-        if (step + 1) % config.log_every == 0:
-            recent = {k: sum(entry[k] for entry in losses[-config.log_every:]) / config.log_every for k in losses[-1]}
-            bar.set_postfix({k: f"{v:.3f}" for k, v in recent.items()})
-            if on_log and main_process:
-                on_log(step + 1, recent)
-        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
-            save_checkpoint(engine, config, step + 1, losses)
-    bar.close()
+    with progress_bar(total=config.steps, initial=start, desc="training", unit="step",
+                      disable=not (config.progress and main_process)) as bar:
+        for step in range(start, config.steps):
+            torch.manual_seed(config.seed * 1_000_003 + step)  # dropout noise depends on the step only
+            batch = batch_for_step(step)
+            if hasattr(engine, "shard"):  # data parallel: each rank takes its rows of the global batch
+                batch = engine.shard(batch)
+            losses.append(step_fn(batch, engine))
+            bar.update(1)
+            if (step + 1) % config.log_every == 0:
+                recent = {k: sum(entry[k] for entry in losses[-config.log_every:]) / config.log_every
+                          for k in losses[-1]}
+                bar.set_postfix({k: f"{v:.3f}" for k, v in recent.items()})
+                if on_log and main_process:
+                    on_log(step + 1, recent)
+            if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
+                save_checkpoint(engine, config, step + 1, losses)
     model.eval()
     return losses

@@ -33,8 +33,16 @@ __all__ = ["main", "build_parser", "SUBCOMMANDS", "report_plugin_failures", "for
 SUBCOMMANDS: tuple = (ListCommand, RunCommand, GenerateCommand, EvalCommand, TrainCommand, BuildTinyCommand)
 
 
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """Usage mistakes in one line too: the problem and where the usage is, not a usage block
+    (subcommand parsers are built with the same class)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="earlyexit",
         description="Early-exit generation for vision-language models, with pluggable exit strategies.",
     )
