@@ -145,6 +145,11 @@ def evaluate(backend, strategy, dataset: Dataset, settings: EvalSettings, kv_pol
     decodes with self-speculative decoding over the strategy's exits (greedy)."""
     from .progress import progress_bar
 
+    if dataset.task == "dialog":  # ranked, not generated
+        from .dialog import evaluate_dialog
+
+        return evaluate_dialog(backend, strategy, dataset, settings, kv_policy=kv_policy, gate=gate, decode=decode,
+                               on_batch=on_batch)
     if dataset.task != "caption" and any(not s.answers for s in dataset):
         raise ConfigError(f"{dataset.name}/{dataset.split} has no answers to score against; pick a split "
                           "with annotations")

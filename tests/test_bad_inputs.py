@@ -26,6 +26,7 @@ from earlyexit.cli import main
 from helpers import make_backend
 
 UNWRITABLE = "/proc/earlyexit-test/out"  # /proc refuses new entries even for root
+VISDIAL = "visdial:" + os.path.join(os.path.dirname(__file__), "fixtures", "visdial")
 
 
 def png_claiming_size(width: int, height: int) -> bytes:
@@ -268,7 +269,12 @@ CASES = [
     ("run/deepspeed config a list", lambda w: run(w, "--deepspeed", w["ds_list"]), "holds a JSON list"),
     ("run/deepspeed and zero together", lambda w: run(w, "--deepspeed", w["ds_list"], "--zero", "2"),
      "not allowed with argument"),
-    ("run/visdial is refused before any work", lambda w: run(w, "--data", "visdial:" + str(w["root"])), "visdial"),
+    ("run/visdial is refused before any work", lambda w: run(w, "--data", "visdial:" + str(w["root"])),
+     "score VisDial with earlyexit eval --data visdial:ROOT --split val"),
+    ("eval/visdial test split has no ground truth", lambda w: evaluate(w, data=VISDIAL, split="test"),
+     "use --split val"),
+    ("eval/visdial speculative", lambda w: evaluate(w, "--strategy", "confidence", "--decode", "speculative",
+                                                    data=VISDIAL, split="val"), "drop --decode speculative"),
     # -- train backbone ---------------------------------------------------------------------------------
     ("train/NaN learning rate", lambda w: train(w, "--learning-rate", "nan"), "learning rate"),
     ("train/negative learning rate", lambda w: train(w, "--learning-rate", "-1"), "learning rate"),

@@ -44,7 +44,7 @@ class EvalCommand:
         add_model_arguments(parser)
         parser.add_argument("--data", required=True,
                             help="scenes, scenes-vqa, easy-vqa, or NAME:ROOT for coco, nocaps, vqav2, okvqa, "
-                                 "vizwiz, gqa, ... (see README)")
+                                 "vizwiz, gqa, visdial (answer ranking: MRR, R@k), ... (see README)")
         parser.add_argument("--split", default="test", help="data split (default: test)")
         parser.add_argument("--limit", type=positive_int, help="evaluate the first N samples only")
         add_batch_size_argument(parser, 16)
@@ -76,6 +76,10 @@ class EvalCommand:
         registry = get_registry()
         report_plugin_failures(registry)
         dataset = load_dataset(args.data, args.split)
+        if dataset.task == "dialog":  # what answer ranking cannot do, refused before the model loads
+            from ..dialog import check_dialog_data
+
+            check_dialog_data(dataset, settings, args.decode)
         backend, strategy, model = load_model(registry, args)
         config = {"command": "eval", "backend": args.backend, "model": args.model, "strategy": args.strategy,
                   "data": args.data, "split": args.split, "settings": dataclasses.asdict(settings)}

@@ -6,6 +6,7 @@ import argparse
 import shlex
 import sys
 
+from ..errors import ConfigError
 from .common import (add_backend_argument, add_batch_size_argument, add_draft_arguments, add_exit_layers_argument,
                      add_gate_mode_argument, add_generation_arguments, add_json_file_argument, add_kv_policy_argument,
                      add_model_argument, add_option_argument, add_output_argument, add_strategy_argument,
@@ -145,6 +146,9 @@ class RunCommand:
         from ..plugins import get_registry
         from ..run import RunSettings, check_settings, run
 
+        if args.data.partition(":")[0] == "visdial":
+            raise ConfigError("earlyexit run calibrates and reports on captioning or VQA data; score VisDial with "
+                              "earlyexit eval --data visdial:ROOT --split val (answer ranking: MRR, R@k)")
         registry = get_registry()
         report_plugin_failures(registry)
         strategy_cls = registry.strategy(args.strategy)
