@@ -32,8 +32,10 @@ def _wide_to_uint8(values: np.ndarray, integer: bool) -> np.ndarray:
         scaled = values
     elif low >= 0 and high <= 65535:
         scaled = values / 257.0  # 65535 -> 255 exactly
-    else:
+    elif high > low:
         scaled = (values - low) / (high - low) * 255.0
+    else:  # one value outside every known range: below zero reads as black, above as white
+        scaled = np.full_like(values, 0.0 if low < 0 else 255.0)
     return np.clip(np.round(scaled), 0, 255).astype(np.uint8)
 
 

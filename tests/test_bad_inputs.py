@@ -192,6 +192,8 @@ CASES = [
     ("generate/beyond the context", lambda w: generate(w, max_new_tokens="5000"), "exceeds the model's context"),
     ("generate/prompt beyond the context", lambda w: generate(w, "--prompt", "red " * 400),
      "exceeds the model's context"),
+    ("generate/prompt with the image placeholder", lambda w: generate(w, "--prompt", "what is <image>?"),
+     "rephrase the prompt"),
     ("generate/unknown kv policy", lambda w: generate(w, "--kv-policy", "magic"), "invalid choice"),
     ("generate/unknown gate", lambda w: generate(w, "--strategy", "confidence", "--gate", "psychic"),
      "unknown --gate"),

@@ -37,7 +37,18 @@ class GenerateCommand:
         report_plugin_failures(registry)
         image = open_image(args.image)  # before loading weights: fail fast on a typo
         backend, strategy, model = load_model(registry, args)
+        check_prompt(backend, args.prompt)
         return print_generation(args, backend, strategy, model, image)
+
+
+def check_prompt(backend, prompt: str) -> None:
+    """The processor turns the image placeholder's text into placeholder tokens wherever it occurs,
+    so a prompt that contains it would claim image features the image does not have."""
+    placeholder = getattr(backend.processor, "image_token", None)
+    placeholder = getattr(placeholder, "content", placeholder)
+    if isinstance(placeholder, str) and placeholder and placeholder in prompt:
+        raise ConfigError(f"--prompt contains {placeholder!r}, the model's image placeholder; rephrase the prompt "
+                          "without it (the image is added for you)")
 
 
 def print_generation(args, backend, strategy, model, image) -> int:
