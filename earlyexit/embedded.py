@@ -4,6 +4,9 @@ It is built on first use (a few minutes on 2 CPU cores), saved with `save_pretra
 user cache under a fingerprint of its recipe, and reused afterwards; changing the recipe
 changes the fingerprint, so a stale model is never picked up. `earlyexit build-tiny --force`
 rebuilds it.
+
+Judge recipe changes on the val split (`benchmarks/grounding.py`, `earlyexit eval --split val`),
+never on test: version 6 was chosen by test-split numbers, and the README says so.
 """
 
 from __future__ import annotations
