@@ -13,7 +13,8 @@ import os
 
 from earlyexit import hookimpl
 from earlyexit.backend import Backend, hub_offline
-from earlyexit.errors import ConfigError, ModelNotAvailableError
+from earlyexit.errors import CheckpointError, ConfigError, ModelNotAvailableError
+from earlyexit.model_folder import is_local_model
 
 
 class Blip2OptBackend(Backend):
@@ -35,17 +36,19 @@ class Blip2OptBackend(Backend):
         import torch
         from transformers import AutoConfig, AutoProcessor, Blip2ForConditionalGeneration
 
-        local = os.path.isdir(name_or_path)
-        looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
-        if not local and looks_like_path:
-            raise ConfigError(f"model folder {name_or_path!r} does not exist; pass a folder written by "
-                              "save_pretrained or a hub id such as Salesforce/blip2-opt-2.7b")
+        local = is_local_model(name_or_path)  # a folder checked for completeness, or a hub id
+        if local:
+            name_or_path = os.path.expanduser(name_or_path)
         offline = hub_offline()
         try:
             config = AutoConfig.from_pretrained(name_or_path, local_files_only=offline)
-        except OSError as error:
-            if local:
-                raise ModelNotAvailableError(f"{name_or_path}: no BLIP-2 config.json there ({error})") from error
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            if local:  # present (checked above) but not a config transformers can read
+                reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+                raise CheckpointError(f"{name_or_path}/config.json is not a model config transformers can read "
+                                      f"({reason}); save the model again or pass another folder") from error
+            if not isinstance(error, OSError):
+                raise
             raise ModelNotAvailableError(
                 f"model {name_or_path!r} is not available offline and the hub cannot be reached; "
                 "download it on a connected machine and pass its local folder instead (set "
@@ -55,8 +58,13 @@ class Blip2OptBackend(Backend):
         if config.model_type != "blip-2" or text_type != "opt":
             raise ConfigError(f"{name_or_path} is a {config.model_type}/{text_type} model, not BLIP-2 with OPT; "
                               "pick the matching --backend (see `earlyexit list`)")
-        model = Blip2ForConditionalGeneration.from_pretrained(name_or_path, dtype=getattr(torch, dtype),
-                                                              local_files_only=offline)
+        try:
+            model = Blip2ForConditionalGeneration.from_pretrained(name_or_path, dtype=getattr(torch, dtype),
+                                                                  local_files_only=offline)
+        except (OSError, ValueError, RuntimeError) as error:  # weights that do not fit the config, unreadable
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+            raise CheckpointError(f"{name_or_path}: the weights could not be loaded ({reason}); save the model "
+                                  "again or pass another folder") from error
         try:
             processor = AutoProcessor.from_pretrained(name_or_path, local_files_only=offline)
         except OSError as error:
@@ -112,7 +120,13 @@ class Blip2OptBackend(Backend):
     def prepare_inputs(self, images, prompts=None):
         if self.processor is None:
             raise ConfigError("this model has no processor; load it from a folder that holds one")
+        from PIL import Image
+
+        from earlyexit.images import to_rgb
+
         prompts = prompts if prompts is not None else [""] * len(images)
+        # 16-bit, float and "La" images scaled to 8-bit RGB, not clipped (arrays pass as they are)
+        images = [to_rgb(image) if isinstance(image, Image.Image) else image for image in images]
         return dict(self.processor(images=images, text=prompts, padding=True, return_tensors="pt"))
 
     @property
@@ -159,7 +173,8 @@ class Blip2OptBackend(Backend):
         image_slots = (input_ids == model.config.image_token_id).unsqueeze(-1)
         if int(image_slots.sum()) != features.shape[0] * features.shape[1]:
             raise ConfigError(f"the prompt must start with {model.config.num_query_tokens} image tokens per image; "
-                              "build inputs with backend.prepare_inputs (the processor adds them)")
+                              "build inputs with backend.prepare_inputs (the processor adds them; the prompt must "
+                              "not contain the placeholder text '<image>')")
         return embeds.masked_scatter(image_slots, features.to(embeds.dtype))
 
     # -- the language model --------------------------------------------------------------------

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 STRATEGIES = ("free", "deebert", "pabee", "leebert", "mue")
 TASKS = {"caption": "scenes", "vqa": "scenes-vqa"}
-CAPTION_METRICS = ("Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
+CAPTION_METRICS = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 
 
 def run_one(strategy: str, data: str, work: str, args) -> dict:
@@ -62,7 +62,7 @@ def row(report: dict, task: str) -> dict:
             "decode_layer_speedup": speed["decode_layer_speedup"], "wall_speedup": speed["wall_speedup"],
             "decode_wall_speedup": speed["decode_wall_speedup"], "tokens_per_s": speed["tokens_per_s"],
             "full_tokens_per_s": speed["wall"]["full"]["tokens_per_s"] if speed["wall"].get("full") else None,
-            "mean_exit_layer": speed["mean_exit_layer"], "exit_layer_histogram": speed["exit_layer_histogram"],
+            "mean_exit_layer": speed["mean_exit_layer"], "exit_layer_histogram": mine["exit_layer_histogram"],
             "vision_layer_speedup": speed.get("vision_layer_speedup"),
             "trainable_parameters": report["parameters"]["trainable"],
             "inference_parameters": report["parameters"]["inference"],

@@ -1,7 +1,10 @@
-"""Does a captioner look at the image? Grounding of a model on the scene test split.
+"""Does a captioner look at the image? Grounding of a model on a scene split.
 
-    python benchmarks/grounding.py                     # the embedded `tiny` model
-    python benchmarks/grounding.py --model FOLDER --limit 200 --json out.json
+    python benchmarks/grounding.py                     # the embedded `tiny` model, val split
+    python benchmarks/grounding.py --model FOLDER --limit 200 --split test --json out.json
+
+Compare candidate recipes on `val` (the default: held out from backbone training); keep `test`
+for the final report, so the numbers reported on it are not the ones a recipe was chosen by.
 
 Prints, for the model's full-depth greedy captions, how often they name colours, shapes and
 numbers and how often what they name is in the picture, next to a blind baseline
@@ -12,7 +15,6 @@ position, relation, existence, size).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from earlyexit.backends.blip2_opt import Blip2OptBackend
@@ -30,7 +32,7 @@ def predictions(backend, dataset, max_new_tokens: int) -> dict[str, str]:
     return evaluate(backend, None, dataset, settings)["predictions"]
 
 
-def report(backend, limit: int, split: str = "test") -> dict:
+def report(backend, limit: int, split: str = "val") -> dict:
     config = scene_config()
     captions_set = load_scenes(split, "caption", config).subset(limit)
     questions = load_scenes(split, "vqa", config)
@@ -51,12 +53,14 @@ def report(backend, limit: int, split: str = "test") -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="model folder (default: the embedded tiny model, built if needed)")
-    parser.add_argument("--limit", type=int, default=200, help="test images (questions: 5 per image)")
+    parser.add_argument("--limit", type=int, default=200, help="images (questions: 5 per image)")
+    parser.add_argument("--split", default="val", choices=["val", "dev", "test"],
+                        help="scene split (default val: compare recipes here; test for the final report only)")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
     backend = Blip2OptBackend.load(args.model or ensure_built())
-    result = report(backend, args.limit)
-    print(f"{result['images']} test images, {result['questions']} questions")
+    result = report(backend, args.limit, args.split)
+    print(f"{result['images']} {args.split} images, {result['questions']} questions")
     print("| word | mention rate | precision | blind baseline |")
     print("| --- | --- | --- | --- |")
     for kind, values in result["caption_grounding"].items():
@@ -68,8 +72,9 @@ def main(argv=None) -> int:
     for example in result["examples"]:
         print(f"  {example['caption']!r:60} <- {', '.join(example['objects'])}")
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(result, handle, indent=2)
+        from earlyexit.files import write_json_atomically
+
+        write_json_atomically(args.json, result)
     return 0
 
 

@@ -21,8 +21,6 @@ logits-processor call) and the decode phase (per generated token after the first
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
 
@@ -143,11 +141,11 @@ def main(argv=None) -> int:
           "end to end / decoding; wall / w-dec: median clock time per token of plain generate / early-exit "
           "generate, end to end / decoding")
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as handle:
-            json.dump({"command": "python benchmarks/speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                       "settings": vars(args), "rows": rows, "decision_costs": decisions,
-                       "provenance": provenance()}, handle, indent=2)
+        from earlyexit.files import write_json_atomically
+
+        write_json_atomically(args.json, {
+            "command": "python benchmarks/speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "settings": vars(args), "rows": rows, "decision_costs": decisions, "provenance": provenance()})
     return 0
 
 

@@ -17,7 +17,7 @@ import hashlib
 import json
 import os
 
-from .errors import CheckpointError
+from .errors import CheckpointError, CorruptAdapterError
 from .files import atomic_folder
 
 WEIGHTS, CONFIG = "exits.safetensors", "exit_config.json"
@@ -82,6 +82,7 @@ def load_exits(folder: str, backend, registry, **config_overrides):
     """The strategy saved in `folder`, attached to `backend` (refused if the fingerprints differ)."""
     from safetensors.torch import load_file
 
+    check_adapter_files(folder)
     saved = read_exit_config(folder)
     if saved.get("backend") != backend.name:
         raise CheckpointError(f"{folder} holds exits for backend {saved.get('backend')!r}, not {backend.name!r}")
@@ -103,3 +104,45 @@ def load_exits(folder: str, backend, registry, **config_overrides):
             raise CheckpointError(f"{path} does not fit {saved['strategy']} at exits {saved['exit_layers']} "
                                   f"(missing {len(missing)}, unexpected {len(unexpected)} tensors)")
     return strategy
+
+
+# -- damaged adapters -------------------------------------------------------------------------------
+_CONFIG_FIELDS = {"strategy": str, "backend": str, "backbone_fingerprint": str, "exit_layers": list,
+                  "strategy_config": dict}
+
+
+def check_adapter_files(folder: str) -> dict:
+    """The adapter's config, once its files are known to be whole; a CorruptAdapterError (one
+    line) for a missing, unreadable or malformed exit_config.json or a truncated exits.safetensors,
+    so that a cache can rebuild the entry and a user learns what to redo."""
+    from .model_folder import safetensors_problem
+
+    redo = "train or save the exits again (earlyexit run --retrain rebuilds its cache)"
+    path = os.path.join(folder, CONFIG)
+    if not os.path.isdir(folder):
+        raise CorruptAdapterError(f"exit adapter folder {folder} does not exist; pass a folder written by save_exits "
+                                  "or earlyexit run")
+    try:
+        with open(path) as handle:
+            saved = json.load(handle)
+    except FileNotFoundError:
+        raise CorruptAdapterError(f"{folder} holds no {CONFIG}; pass a folder written by save_exits or "
+                                  "earlyexit run") from None
+    except (OSError, ValueError, UnicodeDecodeError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:120]
+        raise CorruptAdapterError(f"{path} is not readable JSON ({reason}); {redo}") from None
+    if not isinstance(saved, dict):
+        raise CorruptAdapterError(f"{path} holds a JSON {type(saved).__name__}, not an object; {redo}")
+    for key, kind in _CONFIG_FIELDS.items():
+        if not isinstance(saved.get(key), kind):
+            problem = "lacks" if key not in saved else f"has a {type(saved[key]).__name__} for"
+            raise CorruptAdapterError(f"{path} {problem} {key!r}; {redo}")
+    if not saved["exit_layers"] or not all(isinstance(k, int) and not isinstance(k, bool)
+                                           for k in saved["exit_layers"]):
+        raise CorruptAdapterError(f"{path}: 'exit_layers' must be a list of layer numbers; {redo}")
+    weights = os.path.join(folder, WEIGHTS)
+    if os.path.exists(weights):
+        problem = safetensors_problem(weights)
+        if problem is not None:
+            raise CorruptAdapterError(f"{weights} is {problem}; {redo}")
+    return saved

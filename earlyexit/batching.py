@@ -32,11 +32,37 @@ def pixel_values(backend, images) -> torch.Tensor:
     return backend.processor.image_processor(images, return_tensors="pt")["pixel_values"]
 
 
+class LazyPixels:
+    """The pixel tensors of a list of distinct images, loaded and preprocessed when indexed, so a
+    large data set never sits in memory as one tensor. `pixels[row]` is one image (C, H, W);
+    `pixels[[r1, r2, ...]]` is a batch (N, C, H, W). The same rows always give the same values."""
+
+    def __init__(self, backend, samples: list[Sample]):
+        self.backend, self.samples = backend, samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, rows) -> torch.Tensor:
+        if isinstance(rows, torch.Tensor):
+            rows = rows.tolist()
+        if isinstance(rows, (int, np.integer)):
+            return self[[int(rows)]][0]
+        rows = list(rows)
+        if not rows:
+            raise IndexError("no image rows given")
+        distinct = list(dict.fromkeys(rows))  # each image loaded once, however often the batch repeats it
+        tensor = pixel_values(self.backend, [self.samples[r].load_image() for r in distinct])
+        position = {row: k for k, row in enumerate(distinct)}
+        return tensor[[position[r] for r in rows]]
+
+
 class TrainingBatches:
     """`batches(step)` -> the inputs and labels of training step `step`, deterministically.
 
     Each epoch visits every (data set, sample) item once in an order fixed by (seed, epoch);
-    image tensors are preprocessed once and kept in memory (the embedded data is small).
+    images are loaded and preprocessed per batch (`pixels` is lazy), so memory does not grow
+    with the data set.
     """
 
     def __init__(self, backend, datasets: list[Dataset], batch_size: int, seed: int = 0, caption_words: bool = False):
@@ -52,15 +78,15 @@ class TrainingBatches:
             raise DataError("the training data is empty; check --data and --split")
         self.datasets = datasets
         self._orders: dict[int, np.ndarray] = {}
-        self.pixels, self.pixel_row = self._preprocess(datasets)
+        self.pixels, self.pixel_row = self._index_images(datasets)
         tokenizer = backend.processor.tokenizer
         self.tokenizer = tokenizer
         self.image_token = backend.model.config.image_token_id
         self.num_query_tokens = backend.model.config.num_query_tokens
 
-    def _preprocess(self, datasets: list[Dataset]) -> tuple[torch.Tensor, list[list[int]]]:
-        """Pixel tensors of every distinct image (VQA has several questions per image), and
-        for each data set and sample the row of its image."""
+    def _index_images(self, datasets: list[Dataset]) -> tuple[LazyPixels, list[list[int]]]:
+        """The distinct images (VQA has several questions per image) as lazy pixel rows, and for
+        each data set and sample the row of its image."""
         def key(dataset, sample):
             return dataset.name, dataset.split, sample.extra.get("image_id", sample.id)
 
@@ -70,10 +96,8 @@ class TrainingBatches:
                 if key(dataset, sample) not in rows:
                     rows[key(dataset, sample)] = len(rows)
                     first_sample.append(sample)
-        chunks = [pixel_values(self.backend, [s.load_image() for s in first_sample[i:i + 256]])
-                  for i in range(0, len(first_sample), 256)]
         row_of = [[rows[key(d, s)] for s in d.samples] for d in datasets]
-        return torch.cat(chunks), row_of
+        return LazyPixels(self.backend, first_sample), row_of
 
     def order(self, epoch: int) -> np.ndarray:
         if epoch not in self._orders:
@@ -87,13 +111,12 @@ class TrainingBatches:
             epoch, offset = divmod(k, len(self.items))
             picks.append(self.items[self.order(epoch)[offset]])
         rng = np.random.default_rng([self.seed, step, 7])
-        rows, pixels = [], []
+        rows = []
         for d, i in picks:
             dataset = self.datasets[d]
             sample = dataset.samples[i]
             rows.append(self.encode(prompt_for(sample, dataset.task), target_for(sample, dataset.task, rng)))
-            pixels.append(self.pixels[self.pixel_row[d][i]])
-        batch = self.collate(rows, torch.stack(pixels))
+        batch = self.collate(rows, self.pixels[[self.pixel_row[d][i] for d, i in picks]])
         if self.caption_words:
             words = torch.zeros(len(picks), len(self.tokenizer))
             for r, (d, i) in enumerate(picks):

@@ -18,6 +18,7 @@ import dataclasses
 import os
 
 from .errors import ConfigError
+from .files import atomic_write, save_figure
 
 PAPER_GRID = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 RULES = ("best", "budget")
@@ -131,7 +132,7 @@ def write_curve(points: list[CalibrationPoint], full_quality: float, metric: str
 
     os.makedirs(folder, exist_ok=True)
     csv_path, png_path = os.path.join(folder, f"{name}.csv"), os.path.join(folder, f"{name}.png")
-    with open(csv_path, "w", newline="") as handle:
+    with atomic_write(csv_path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["threshold", metric, "param_speedup", "layer_speedup", "wall_speedup", "mean_exit_layer"])
         writer.writerow(["full", full_quality, 1.0, 1.0, 1.0, ""])
@@ -152,6 +153,6 @@ def write_curve(points: list[CalibrationPoint], full_quality: float, metric: str
     axis.set_title("quality versus speed-up by threshold")
     axis.legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(png_path, dpi=120)
+    save_figure(figure, png_path)
     plt.close(figure)
     return csv_path, png_path

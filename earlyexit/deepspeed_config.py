@@ -37,6 +37,7 @@ def config_from_arguments(args, batch_size: int, grad_clip: float = 1.0) -> dict
         config.setdefault("train_micro_batch_size_per_gpu", max(1, batch_size // world))
         config.setdefault("gradient_accumulation_steps", 1)
         config.setdefault("gradient_clipping", grad_clip)
+        check_ranges(config, args.deepspeed)
         return config
     return None
 
@@ -51,14 +52,58 @@ def is_main_process() -> bool:
 
 
 def read_config(path: str) -> dict:
+    """The JSON object in `path`, checked for what would otherwise fail deep inside DeepSpeed:
+    a file that is a list or a folder, an optimizer section, out-of-range sizes or stages."""
     try:
         with open(path) as handle:
             config = json.load(handle)
     except FileNotFoundError:
-        raise ConfigError(f"DeepSpeed config {path} does not exist; pass a JSON file or use --zero N")
-    except json.JSONDecodeError as error:
-        raise ConfigError(f"DeepSpeed config {path} is not valid JSON ({error})")
+        raise ConfigError(f"DeepSpeed config {path} does not exist; pass a JSON file or use --zero N") from None
+    except IsADirectoryError:
+        raise ConfigError(f"DeepSpeed config {path} is a folder; pass the JSON file (e.g. {path}/ds_config.json) "
+                          "or use --zero N") from None
+    except OSError as error:
+        raise ConfigError(f"DeepSpeed config {path} cannot be read ({error.strerror or error}); make it readable "
+                          "or use --zero N") from None
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ConfigError(f"DeepSpeed config {path} is not valid JSON ({str(error)[:120]})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"DeepSpeed config {path} holds a JSON {type(config).__name__}; it must be one object "
+                          '{"zero_optimization": {"stage": 2}, ...}')
     if "optimizer" in config:
         raise ConfigError(f"{path} declares an optimizer; earlyexit passes its own AdamW (remove the "
                           "'optimizer' section; set the learning rate with the command's options)")
     return config
+
+
+def check_ranges(config: dict, path: str) -> None:
+    """Sizes, the ZeRO stage and clipping within what DeepSpeed accepts, named when not."""
+    def fail(what: str) -> None:
+        raise ConfigError(f"DeepSpeed config {path}: {what}")
+
+    def positive_int(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
+        if key in config and not positive_int(config[key]):
+            fail(f"{key} must be a positive integer (got {config[key]!r})")
+    zero = config.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        fail(f"zero_optimization must be an object such as {{\"stage\": 2}} (got {zero!r})")
+    stage = zero.get("stage", 0)
+    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
+        fail(f"zero_optimization.stage must be 0, 1, 2 or 3 (got {stage!r})")
+    clipping = config.get("gradient_clipping", 0.0)
+    if isinstance(clipping, bool) or not isinstance(clipping, (int, float)) or not 0 <= clipping < float("inf"):
+        fail(f"gradient_clipping must be a number >= 0 (got {clipping!r})")
+    for section in ("bf16", "fp16"):
+        if section in config and not (isinstance(config[section], dict)
+                                      and isinstance(config[section].get("enabled", False), bool)):
+            fail(f'{section} must be an object such as {{"enabled": true}} (got {config[section]!r})')
+    if "train_batch_size" in config:  # DeepSpeed asserts this product deep inside initialize
+        micro = config.get("train_micro_batch_size_per_gpu")
+        steps = config.get("gradient_accumulation_steps", 1)
+        world = launched_world_size()
+        if micro is not None and config["train_batch_size"] != micro * steps * world:
+            fail(f"train_batch_size {config['train_batch_size']} is not train_micro_batch_size_per_gpu {micro} x "
+                 f"gradient_accumulation_steps {steps} x {world} processes; drop train_batch_size or fix the product")

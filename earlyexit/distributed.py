@@ -24,7 +24,7 @@ import torch
 
 from .deepspeed_config import SHM_OP
 from .errors import CheckpointError, ConfigError
-from .training import TrainConfig, warmup_cosine
+from .training import TrainConfig, warmup_cosine_schedule
 
 def init_distributed() -> tuple[int, int]:
     """Join (or create, as a world of one) the process group with gloo; returns (rank, world)."""
@@ -108,8 +108,7 @@ class DeepSpeedEngine:
         for name, module in modules.items():
             parameters = [p for p in module.parameters() if p.requires_grad]
             optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
-            scheduler = torch.optim.lr_scheduler.LambdaLR(
-                optimizer, lambda s: warmup_cosine(s, config.warmup_steps, config.steps))
+            scheduler = warmup_cosine_schedule(optimizer, config)
             engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
                                               config=dict(ds_config))
             self.engines[name] = engine

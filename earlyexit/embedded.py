@@ -4,6 +4,9 @@ It is built on first use (a few minutes on 2 CPU cores), saved with `save_pretra
 user cache under a fingerprint of its recipe, and reused afterwards; changing the recipe
 changes the fingerprint, so a stale model is never picked up. `earlyexit build-tiny --force`
 rebuilds it.
+
+Judge recipe changes on the val split (`benchmarks/grounding.py`, `earlyexit eval --split val`),
+never on test: version 6 was chosen by test-split numbers, and the README says so.
 """
 
 from __future__ import annotations
@@ -57,7 +60,21 @@ def model_path(recipe: dict = RECIPE) -> str:
 
 
 def is_built(recipe: dict = RECIPE) -> bool:
-    return os.path.isfile(os.path.join(model_path(recipe), "config.json"))
+    """Whether a whole build of `recipe` is cached (a damaged one is not)."""
+    return os.path.isdir(model_path(recipe)) and damage(recipe) is None
+
+
+def damage(recipe: dict = RECIPE) -> str | None:
+    """Why the cached build of `recipe` cannot be used (truncated weights, unreadable config),
+    or None when it is whole; only file headers are read."""
+    from .errors import CheckpointError
+    from .model_folder import check_model_folder
+
+    try:
+        check_model_folder(model_path(recipe))
+    except CheckpointError as error:
+        return str(error).split("; ")[0]
+    return None
 
 
 def scene_config(recipe: dict = RECIPE):
@@ -69,8 +86,12 @@ def scene_config(recipe: dict = RECIPE):
 def ensure_built(recipe: dict = RECIPE, force: bool = False, progress: bool = True) -> str:
     """The folder of the built model, training it first if needed."""
     path = model_path(recipe)
-    if is_built(recipe) and not force:
-        return path
+    if os.path.isdir(path) and not force:
+        problem = damage(recipe)
+        if problem is None:
+            return path
+        # a cache entry is ours to rebuild, not the user's to repair
+        print(f"note: the cached '{NAME}' model is damaged ({problem}); building it again", file=sys.stderr)
     build(recipe, path, progress=progress)
     return path
 
@@ -94,6 +115,8 @@ def build(recipe: dict, path: str, progress: bool = True) -> dict:
     settings = dict(recipe["train"])
     batches = TrainingBatches(backend, datasets, batch_size=settings.pop("batch_size"), seed=settings["seed"],
                               caption_words=recipe["caption_words_weight"] > 0)
+    from .files import atomic_folder
+
     os.makedirs(os.path.dirname(path), exist_ok=True)
     work = tempfile.mkdtemp(prefix=f".{NAME}-build-", dir=os.path.dirname(path))
     try:
@@ -112,15 +135,12 @@ def build(recipe: dict, path: str, progress: bool = True) -> dict:
         losses = train(backend.model, step, batches, config, engine)
         seconds = time.perf_counter() - started
         backend.model.generation_config.max_new_tokens = 20
-        model_dir = os.path.join(work, "model")
-        backend.save_pretrained(model_dir)
         info = {"recipe": recipe, "fingerprint": fingerprint(recipe), "train_seconds": seconds,
                 "final_loss": sum(e["loss"] for e in losses[-50:]) / min(50, len(losses))}
-        with open(os.path.join(model_dir, "earlyexit_build.json"), "w") as handle:
-            json.dump(info, handle, indent=2)
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        os.replace(model_dir, path)
+        with atomic_folder(path) as model_dir:
+            backend.save_pretrained(model_dir)
+            with open(os.path.join(model_dir, "earlyexit_build.json"), "w") as handle:
+                json.dump(info, handle, indent=2)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return info

@@ -35,3 +35,8 @@ class CheckpointError(EarlyExitError):
     """A checkpoint or adapter does not match what it is loaded onto, or is corrupt."""
 
     exit_code = 2
+
+
+class CorruptAdapterError(CheckpointError):
+    """An adapter folder whose files are damaged: a missing, unreadable or malformed config, or
+    truncated weights. A cache entry in this state is rebuilt; a folder the user named is reported."""

@@ -143,8 +143,13 @@ def evaluate(backend, strategy, dataset: Dataset, settings: EvalSettings, kv_pol
     """Quality, the three speed-ups (wall-clock end to end and per decode step, side by side
     with the full model on the same batches) and the exit layers. `decode="speculative"`
     decodes with self-speculative decoding over the strategy's exits (greedy)."""
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
+    if dataset.task == "dialog":  # ranked, not generated
+        from .dialog import evaluate_dialog
+
+        return evaluate_dialog(backend, strategy, dataset, settings, kv_policy=kv_policy, gate=gate, decode=decode,
+                               on_batch=on_batch)
     if dataset.task != "caption" and any(not s.answers for s in dataset):
         raise ConfigError(f"{dataset.name}/{dataset.split} has no answers to score against; pick a split "
                           "with annotations")
@@ -168,46 +173,46 @@ def evaluate(backend, strategy, dataset: Dataset, settings: EvalSettings, kv_pol
     predictions, traces, token_ids, layers_by_id, records = {}, [], {}, {}, []
     sides = {name: {"seconds": 0.0, "prompt_seconds": 0.0, "tokens": 0, "rows": 0} for name in ("early", "full")}
     timing_full = strategy is not None and settings.measure_wall
-    bar = tqdm(total=len(dataset), desc=f"eval {dataset.name}/{dataset.split}", disable=not settings.progress or rank,
-               unit="sample")
-    for start in range(0, len(dataset), settings.batch_size):
-        batch = dataset.samples[start:start + settings.batch_size]
-        images = [add_noise(s.load_image(), settings.noise, settings.seed * 1_000_003 + start + i)
-                  for i, s in enumerate(batch)]
-        inputs = backend.prepare_inputs(images, [prompt_for(s, dataset.task) for s in batch])
-        prompt_length = inputs["input_ids"].shape[1]
-        with torch.no_grad():
+    with progress_bar(total=len(dataset), desc=f"eval {dataset.name}/{dataset.split}",
+                      disable=not settings.progress or rank, unit="sample") as bar:
+        for start in range(0, len(dataset), settings.batch_size):
+            batch = dataset.samples[start:start + settings.batch_size]
+            images = [add_noise(s.load_image(), settings.noise, settings.seed * 1_000_003 + start + i)
+                      for i, s in enumerate(batch)]
+            inputs = backend.prepare_inputs(images, [prompt_for(s, dataset.task) for s in batch])
+            prompt_length = inputs["input_ids"].shape[1]
+            with torch.no_grad():
+                if decoder is not None:
+                    sequences, seconds, _ = _timed(decoder.generate, inputs,
+                                                   {"max_new_tokens": settings.max_new_tokens})
+                    prompt = decoder.last_prompt_seconds  # it times its own prompt passes
+                else:
+                    sequences, seconds, prompt = _timed(model.generate, inputs, generate)
+                _add(sides["early"], seconds, prompt, count_tokens(sequences, prompt_length, eos), len(batch))
+                if timing_full and decoder is None:
+                    plain, seconds, prompt = _timed(backend.plain_generate, inputs, generate)
+                    _add(sides["full"], seconds, prompt, count_tokens(plain, prompt_length, eos), len(batch))
+                elif timing_full:  # speculative decoding runs rows one at a time: so does its reference
+                    for row in unpadded_rows(inputs):
+                        plain, seconds, prompt = _timed(backend.plain_generate, row, generate)
+                        _add(sides["full"], seconds, prompt, count_tokens(plain, row["input_ids"].shape[1], eos), 1)
+            texts = decode_new_tokens(backend, sequences, prompt_length)
             if decoder is not None:
-                sequences, seconds, _ = _timed(decoder.generate, inputs, {"max_new_tokens": settings.max_new_tokens})
-                prompt = decoder.last_prompt_seconds  # it times its own prompt passes
+                records.extend(decoder.last_records)
+                per_row = [[backend.num_layers] * count_tokens(sequences[i:i + 1], prompt_length, eos)
+                           for i in range(len(batch))]
             else:
-                sequences, seconds, prompt = _timed(model.generate, inputs, generate)
-            _add(sides["early"], seconds, prompt, count_tokens(sequences, prompt_length, eos), len(batch))
-            if timing_full and decoder is None:
-                plain, seconds, prompt = _timed(backend.plain_generate, inputs, generate)
-                _add(sides["full"], seconds, prompt, count_tokens(plain, prompt_length, eos), len(batch))
-            elif timing_full:  # speculative decoding runs rows one at a time: so does its reference
-                for row in unpadded_rows(inputs):
-                    plain, seconds, prompt = _timed(backend.plain_generate, row, generate)
-                    _add(sides["full"], seconds, prompt, count_tokens(plain, row["input_ids"].shape[1], eos), 1)
-        texts = decode_new_tokens(backend, sequences, prompt_length)
-        if decoder is not None:
-            records.extend(decoder.last_records)
-            per_row = [[backend.num_layers] * count_tokens(sequences[i:i + 1], prompt_length, eos)
-                       for i in range(len(batch))]
-        else:
-            traces.append(model.last_trace)
-            per_row = model.last_trace.per_sequence()
-        for i, (sample, text) in enumerate(zip(batch, texts)):
-            predictions[sample.id] = text
-            layers_by_id[sample.id] = per_row[i]
-            token_ids[sample.id] = sequences[i, prompt_length:prompt_length + len(per_row[i])].tolist()
-        bar.update(len(batch))
-        if on_batch is not None:
-            on_batch({"phase": "eval", "data": dataset.name, "split": dataset.split, "batch": start // settings.batch_size,
-                      "samples": len(batch), "tokens": sum(len(per_row[i]) for i in range(len(batch))),
-                      "seconds": seconds, "exit_layers": [per_row[i] for i in range(len(batch))]})
-    bar.close()
+                traces.append(model.last_trace)
+                per_row = model.last_trace.per_sequence()
+            for i, (sample, text) in enumerate(zip(batch, texts)):
+                predictions[sample.id] = text
+                layers_by_id[sample.id] = per_row[i]
+                token_ids[sample.id] = sequences[i, prompt_length:prompt_length + len(per_row[i])].tolist()
+            bar.update(len(batch))
+            if on_batch is not None:
+                on_batch({"phase": "eval", "data": dataset.name, "split": dataset.split,
+                          "batch": start // settings.batch_size, "samples": len(batch),
+                          "tokens": sum(len(per_row[i]) for i in range(len(batch))), "seconds": seconds, "exit_layers": [per_row[i] for i in range(len(batch))]})
     stats = decoder.total_stats if decoder is not None else None
     if world > 1:
         shares = [None] * world

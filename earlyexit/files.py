@@ -1,4 +1,8 @@
-"""Atomic writes: readers see the old result or the complete new one, never a partial one."""
+"""Atomic writes: readers see the old result or the complete new one, never a partial one.
+
+`atomic_write` for files, `atomic_folder` for folders (models, adapters, checkpoints); both
+write beside the target and rename into place. `check_writable` probes an output location
+before any work starts."""
 
 from __future__ import annotations
 
@@ -36,18 +40,33 @@ def _umask() -> int:
     return mask
 
 
-def write_json_atomically(path: str, payload: dict) -> None:
+@contextlib.contextmanager
+def atomic_write(path: str, mode: str = "w", **open_kwargs):
+    """Yields a file opened (`mode`: "w" or "wb") on a temporary file beside `path`; on success it
+    replaces `path` in one rename, on any error it is removed and `path` is left as it was. The
+    file gets the permissions an ordinary `open` would give it (0644 under the usual umask), not
+    the private 0600 of a temporary file: results are for sharing."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_write writes whole files: mode 'w' or 'wb', not {mode!r}")
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
+    handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     try:
-        with os.fdopen(handle, "w") as out:
-            json.dump(payload, out, indent=2)
-        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes it private; results are for sharing
+        with os.fdopen(handle, mode, **open_kwargs) as stream:
+            yield stream
+            stream.flush()
+            os.fsync(stream.fileno())  # the rename must not land before the data
+        os.chmod(temporary, 0o666 & ~_umask())
         os.replace(temporary, path)
     except BaseException:
-        os.unlink(temporary)
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
         raise
+
+
+def write_json_atomically(path: str, payload) -> None:
+    with atomic_write(path) as out:
+        json.dump(payload, out, indent=2)
 
 
 def check_writable(path: str, folder: bool = False, option: str = "--output") -> None:
@@ -69,3 +88,13 @@ def check_writable(path: str, folder: bool = False, option: str = "--output") ->
         os.rmdir(tempfile.mkdtemp(prefix=".earlyexit-write-check-", dir=probe))
     except OSError as error:
         raise ConfigError(f"{option} {path} is not writable ({probe}: {error.strerror}); pass a writable path")
+
+
+def save_figure(figure, path: str, dpi: int = 120) -> None:
+    """A matplotlib figure as a PNG at `path`, written atomically."""
+    import io
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    with atomic_write(path, "wb") as handle:
+        handle.write(buffer.getvalue())

@@ -19,7 +19,7 @@ import shutil
 import time
 
 from . import embedded
-from .errors import ConfigError
+from .errors import ConfigError, CorruptAdapterError
 
 
 @dataclasses.dataclass
@@ -115,9 +115,15 @@ def run(settings: RunSettings, registry, log=print) -> dict | None:
 
     if strategy.needs_training:
         folder = exits_cache_folder(settings, strategy, backbone_fingerprint(backend))
+        cached = None
         if os.path.isdir(folder) and not settings.retrain:
-            log(f"exits: reusing {folder}")
-            strategy = load_exits(folder, backend, registry)
+            try:
+                cached = load_exits(folder, backend, registry)
+                log(f"exits: reusing {folder}")
+            except CorruptAdapterError as error:  # a cache entry is ours to rebuild
+                log(f"note: {error}; training them again")
+        if cached is not None:
+            strategy = cached
         else:
             log(f"exits: training {strategy.name} at layers {strategy.exit_layers} on {settings.data}/{train_split}")
             began = time.perf_counter()
@@ -278,13 +284,14 @@ def mid_crisis_report(backend, strategy, dataset, folder: str, limit: int = 100)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .files import atomic_write, save_figure
     from .layer_accuracy import exit_accuracy, per_layer_accuracy
 
     untrained = per_layer_accuracy(backend, dataset, limit=limit)
     trained = exit_accuracy(backend, strategy, dataset, limit=limit)
     os.makedirs(folder, exist_ok=True)
     csv_path, png_path = os.path.join(folder, "mid_crisis.csv"), os.path.join(folder, "mid_crisis.png")
-    with open(csv_path, "w", newline="") as handle:
+    with atomic_write(csv_path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["layer", "untrained_accuracy", f"{strategy.name}_accuracy"])
         for row in untrained:
@@ -298,7 +305,7 @@ def mid_crisis_report(backend, strategy, dataset, folder: str, limit: int = 100)
     axis.set_title("per-exit accuracy on the dev split")
     axis.legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(png_path, dpi=120)
+    save_figure(figure, png_path)
     plt.close(figure)
     return {"untrained": {r["layer"]: r["accuracy"] for r in untrained}, "trained": trained,
             "csv": csv_path, "png": png_path}

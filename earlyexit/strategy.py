@@ -89,15 +89,20 @@ class Strategy:
         self.config = self.config_with_knob(self.config, value)
 
     @classmethod
-    def config_with_knob(cls, config: StrategyConfig, value) -> StrategyConfig:
-        field = next((f for f in dataclasses.fields(config) if f.name == cls.knob), None)
+    def parse_knob(cls, value):
+        """`value` as the knob's type (whole numbers for integer knobs such as a patience)."""
+        field = next((f for f in dataclasses.fields(cls.Config) if f.name == cls.knob), None)
         if field is None:
             raise ConfigError(f"strategy {cls.name!r} has no threshold or other knob to set")
         if field.type in ("int", int):
             if not float(value).is_integer():
                 raise ConfigError(f"{cls.name}'s {cls.knob} is a whole number (got {value})")
-            value = int(value)
-        return dataclasses.replace(config, **{cls.knob: value})
+            return int(value)
+        return value
+
+    @classmethod
+    def config_with_knob(cls, config: StrategyConfig, value) -> StrategyConfig:
+        return dataclasses.replace(config, **{cls.knob: cls.parse_knob(value)})
 
     @classmethod
     def default_exit_layers(cls, num_layers: int) -> list[int]:

@@ -2,7 +2,7 @@
 
 The loop owns the step schedule, seeding, progress, logging and checkpoints; an *engine* owns
 the optimisation (backward, optimiser step, saving its state). `PlainEngine` is plain PyTorch
-(AdamW, linear warm-up then cosine decay); a DeepSpeed engine can stand in without touching
+(AdamW, linear warm-up then cosine decay: transformers' schedule); a DeepSpeed engine can stand in without touching
 the loop. Batches come from a function of the step number, so a resumed run sees exactly the
 batches, and the dropout noise (re-seeded per step), the uninterrupted run would have seen.
 
@@ -47,6 +47,8 @@ class TrainConfig:
             raise ConfigError(f"steps must be at least 1 (got {self.steps})")
         if not math.isfinite(self.learning_rate) or self.learning_rate <= 0:
             raise ConfigError(f"learning rate must be positive (got {self.learning_rate})")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"warmup steps must be >= 0 (got {self.warmup_steps})")
         if self.checkpoint_every < 1:
             raise ConfigError(f"checkpoint_every must be at least 1 (got {self.checkpoint_every})")
 
@@ -55,11 +57,13 @@ class TrainConfig:
         return {k: getattr(self, k) for k in ("steps", "learning_rate", "weight_decay", "warmup_steps", "seed")}
 
 
-def warmup_cosine(step: int, warmup: int, total: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+def warmup_cosine_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig):
+    """Linear warm-up over `warmup_steps`, then cosine decay to zero at `steps`
+    (`transformers.get_cosine_schedule_with_warmup`); its state resumes exactly from a checkpoint."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    return get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=config.warmup_steps,
+                                           num_training_steps=config.steps)
 
 
 class PlainEngine:
@@ -88,8 +92,7 @@ class PlainEngine:
                 [{"params": ps, "weight_decay": decay, "lr": config.learning_rate * scale}
                  for (scale, decay), ps in buckets.items()], lr=config.learning_rate)
             self.optimizers[name] = optimizer
-            self.schedulers[name] = torch.optim.lr_scheduler.LambdaLR(
-                optimizer, lambda s: warmup_cosine(s, config.warmup_steps, config.steps))
+            self.schedulers[name] = warmup_cosine_schedule(optimizer, config)
 
     def optimize(self, group: str, loss: torch.Tensor) -> float:
         """Backward `loss` into `group`'s parameters only, and step its optimiser."""
@@ -233,29 +236,29 @@ def train(model: torch.nn.Module, step_fn: Callable, batch_for_step: Callable[[i
     `engine.optimize(group, loss)` for each parameter group. Without an engine, one plain group
     "model" holds every parameter of `model` that requires grad.
     """
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
     if engine is None:
         engine = PlainEngine({"model": {n: p for n, p in model.named_parameters() if p.requires_grad}}, config)
     start, losses = resume(engine, config)
     model.train()
     main_process = getattr(engine, "rank", 0) == 0  # progress and logs on rank 0 only
-    bar = tqdm(total=config.steps, initial=start, desc="training", disable=not (config.progress and main_process),
-               unit="step")
-    for step in range(start, config.steps):
-        torch.manual_seed(config.seed * 1_000_003 + step)  # dropout noise depends on the step only
-        batch = batch_for_step(step)
-        if hasattr(engine, "shard"):  # data parallel: each rank takes its rows of the global batch
-            batch = engine.shard(batch)
-        losses.append(step_fn(batch, engine))
-        bar.update(1)
-        if (step + 1) % config.log_every == 0:
-            recent = {k: sum(entry[k] for entry in losses[-config.log_every:]) / config.log_every for k in losses[-1]}
-            bar.set_postfix({k: f"{v:.3f}" for k, v in recent.items()})
-            if on_log and main_process:
-                on_log(step + 1, recent)
-        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
-            save_checkpoint(engine, config, step + 1, losses)
-    bar.close()
+    with progress_bar(total=config.steps, initial=start, desc="training", unit="step",
+                      disable=not (config.progress and main_process)) as bar:
+        for step in range(start, config.steps):
+            torch.manual_seed(config.seed * 1_000_003 + step)  # dropout noise depends on the step only
+            batch = batch_for_step(step)
+            if hasattr(engine, "shard"):  # data parallel: each rank takes its rows of the global batch
+                batch = engine.shard(batch)
+            losses.append(step_fn(batch, engine))
+            bar.update(1)
+            if (step + 1) % config.log_every == 0:
+                recent = {k: sum(entry[k] for entry in losses[-config.log_every:]) / config.log_every
+                          for k in losses[-1]}
+                bar.set_postfix({k: f"{v:.3f}" for k, v in recent.items()})
+                if on_log and main_process:
+                    on_log(step + 1, recent)
+            if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
+                save_checkpoint(engine, config, step + 1, losses)
     model.eval()
     return losses

@@ -200,3 +200,18 @@ def test_beams_that_cannot_fit_in_memory_are_refused_before_generating(capsys):
                  str(root / "examples" / "shapes.png"), "--num-beams", "100000000", "--max-new-tokens", "5"])
     err = capsys.readouterr().err
     assert code == 2 and "lower --num-beams" in err and len(err.strip().splitlines()) == 1
+
+
+def test_generate_with_trained_exits_from_a_folder(capsys, model_dir, registry):
+    """--exits: strategy, exit layers and config come from the adapter; --threshold overrides."""
+    from earlyexit.adapters import save_exits
+
+    backend = registry.backend("blip2-opt").from_pretrained(str(model_dir / "model"))
+    free = registry.strategy("free")
+    save_exits(free(backend, [2, 4], free.Config(threshold=0.7)), str(model_dir / "exits"))
+    result = run_json(capsys, "generate", "--backend", "blip2-opt", "--model", str(model_dir / "model"),
+                      "--image", str(model_dir / "image.png"), "--exits", str(model_dir / "exits"),
+                      "--threshold", "0.01", "--max-new-tokens", "4")
+    assert result["strategy"] == "free" and result["exit_layer_choices"] == [2, 4]
+    assert result["strategy_config"]["threshold"] == 0.01
+    assert set(result["exit_layers"][1:]) <= {2, 4, 6}

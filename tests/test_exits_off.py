@@ -35,3 +35,52 @@ def test_same_tokens_as_backbone(registry, shape, prompts, num_beams):
     assert torch.equal(model.generate(**inputs, **settings), expected)
     layers = model.last_trace.exit_layers
     assert ((layers == backend.num_layers) | (layers == -1)).all()
+
+
+class StopAfterToken:
+    """A user's stopping criterion: a row is done once it emitted `token` (HF's interface)."""
+
+    def __init__(self, token: int, prompt_length: int):
+        self.token, self.prompt_length = token, prompt_length
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return (input_ids[:, self.prompt_length:] == self.token).any(-1)
+
+
+@pytest.mark.parametrize("with_exits", [False, True], ids=["no strategy", "exits never taken"])
+def test_sampling_and_stopping_criteria_work_unchanged(registry, with_exits):
+    """Seeded sampling (temperature, top-k, top-p), a user's stopping criterion and the length
+    limits give the backbone's own tokens, token for token."""
+    from transformers import StoppingCriteriaList
+
+    backend = make_backend(seed=7, num_layers=4)
+    inputs = backend.prepare_inputs(make_images(3, seed=2), ["a red circle", "two", ""])
+    strategy = None
+    if with_exits:
+        confidence = registry.strategy("confidence")
+        strategy = confidence(backend, [1, 2], confidence.Config(threshold=1.5))
+    model = EarlyExitForCausalLM(backend, strategy)
+    prompt_length = inputs["input_ids"].shape[1]
+
+    def both(**settings):
+        torch.manual_seed(11)
+        expected = backend.plain_generate(**inputs, **settings)
+        torch.manual_seed(11)
+        return model.generate(**inputs, **settings), expected
+
+    sampled, expected = both(do_sample=True, temperature=1.3, top_k=20, top_p=0.9, max_new_tokens=12,
+                             min_new_tokens=3)
+    assert torch.equal(sampled, expected)
+    torch.manual_seed(12)  # another seed gives other tokens: the comparison above could fail
+    assert not torch.equal(model.generate(**inputs, do_sample=True, temperature=1.3, top_k=20, top_p=0.9,
+                                          max_new_tokens=12, min_new_tokens=3), sampled)
+
+    stop_token = int(sampled[0, prompt_length + 1])  # a token row 0 emits: stops it early
+    criteria = StoppingCriteriaList([StopAfterToken(stop_token, prompt_length)])
+    stopped, expected = both(do_sample=True, temperature=1.3, top_k=20, top_p=0.9, max_new_tokens=12,
+                             stopping_criteria=criteria)
+    assert torch.equal(stopped, expected)
+    assert stopped.shape[1] <= sampled.shape[1]
+
+    short, expected = both(do_sample=True, max_length=prompt_length + 4)
+    assert torch.equal(short, expected) and short.shape[1] <= prompt_length + 4

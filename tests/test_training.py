@@ -42,6 +42,27 @@ def test_batches_are_deterministic_and_labelled(scenes):
     assert (labels[ids == image_token] == -100).all()
 
 
+def test_images_load_lazily_per_batch_with_the_pixels_an_eager_load_gives(scenes):
+    import dataclasses
+
+    from earlyexit.batching import pixel_values
+
+    backend, _ = fresh(scenes)
+    loads = []
+    counted = [dataclasses.replace(data, samples=[
+        dataclasses.replace(s, image=lambda s=s: loads.append(s.id) or s.load_image()) for s in data.samples])
+        for data in scenes]
+    batches = TrainingBatches(backend, counted, batch_size=4, seed=0)
+    assert loads == []  # nothing is loaded up front
+    batch = batches(2)
+    assert 0 < len(loads) <= 4  # only this batch's images (VQA rows may share one)
+    picks = [batches.items[k] for k in batches.order(0)[8:12]]
+    eager = pixel_values(backend, [scenes[d].samples[i].load_image() for d, i in picks])
+    assert torch.equal(batch["pixel_values"], eager)
+    assert all(torch.equal(batch[k], batches(2)[k]) for k in batch)  # the same step, the same batch
+    assert torch.equal(batches.pixels[[0, 0]][1], batches.pixels[0])
+
+
 def test_resume_continues_the_same_loss_trajectory(scenes, tmp_path):
     backend, batches = fresh(scenes)
     config = TrainConfig(output_dir=str(tmp_path / "straight"), steps=6, checkpoint_every=3, warmup_steps=2,
@@ -69,6 +90,22 @@ def test_resume_continues_the_same_loss_trajectory(scenes, tmp_path):
     assert resumed[:3] == straight[:3]
     torch.testing.assert_close(torch.tensor(resumed[3:]), torch.tensor(straight[3:]), rtol=1e-5, atol=1e-6)
     assert straight[-1] < straight[0]
+
+
+def test_learning_rate_warms_up_linearly_then_decays_by_a_cosine(tmp_path):
+    import math
+
+    from earlyexit.training import PlainEngine
+
+    weight = torch.nn.Parameter(torch.zeros(2))
+    config = TrainConfig(output_dir=str(tmp_path), steps=10, warmup_steps=4, learning_rate=0.5, progress=False)
+    engine = PlainEngine({"model": {"w": weight}}, config)
+    rates = []
+    for _ in range(config.steps):
+        rates.append(engine.optimizers["model"].param_groups[0]["lr"])
+        engine.optimize("model", (weight - 1).pow(2).sum())
+    expected = [0.5 * s / 4 for s in range(4)] + [0.25 * (1 + math.cos(math.pi * (s - 4) / 6)) for s in range(4, 10)]
+    assert rates == pytest.approx(expected)
 
 
 def test_resume_refuses_other_settings(scenes, tmp_path):
@@ -155,7 +192,7 @@ def test_stale_checkpoint_is_skipped_and_never_costs_a_valid_one(scenes, tmp_pat
 
 
 def test_a_failed_final_save_leaves_the_previous_model(tmp_path, monkeypatch):
-    from earlyexit.cli_train import save_model_atomically
+    from earlyexit.cli.train import save_model_atomically
 
     backend = make_backend(seed=3, num_layers=2)
     final = tmp_path / "model"

@@ -57,17 +57,12 @@ class Dataset:
 
 
 def image_from_file(path: str) -> Callable[[], Any]:
-    """A lazy loader for an image file; a missing file raises DataError when loaded."""
+    """A lazy loader for an image file: an 8-bit RGB PIL image of whatever mode and bit depth the
+    file holds; a missing, unreadable, corrupt or decompression-bomb file raises DataError."""
 
     def load():
-        from PIL import Image
+        from ..images import read_image
 
-        from ..errors import DataError
-
-        try:
-            with Image.open(path) as image:
-                return image.convert("RGB")
-        except FileNotFoundError:
-            raise DataError(f"image file {path} is missing; check the data set's image folder")
+        return read_image(path, fix="check the data set's image folder or remove the file from its annotations")
 
     return load

@@ -11,14 +11,12 @@ Texts are lower case, without final period; `split_words` is how they split into
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import random
 import re
-import tempfile
 import warnings
 import zipfile
 import zlib
@@ -30,6 +28,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ..errors import ConfigError, DataError
+from ..files import atomic_write
 from . import Dataset, Sample
 
 GENERATOR_VERSION = 2  # bump whenever a change alters pixels or texts: old caches are then ignored
@@ -451,19 +450,6 @@ def fingerprint(config: SceneConfig) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _write_atomically(path: Path, write) -> None:
-    """Readers see the old file or the complete new one, never a partial one."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            write(stream)
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-
-
 def _read_cache(images_path: Path, notes_path: Path, count: int, size: int):
     """(images, records) from the cache, or None when missing or unusable (then it is rebuilt)."""
     try:
@@ -499,9 +485,11 @@ def _load_split(config: SceneConfig, split: str, cache_dir: str | os.PathLike | 
     notes = {"version": GENERATOR_VERSION, "config": dataclasses.asdict(config), "records": records}
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        _write_atomically(images_path, lambda stream: np.savez_compressed(stream, images=images))
+        with atomic_write(str(images_path), "wb") as stream:
+            np.savez_compressed(stream, images=images)
         text = json.dumps(notes, separators=(",", ":"))
-        _write_atomically(notes_path, lambda stream: stream.write(text.encode()))
+        with atomic_write(str(notes_path), "wb") as stream:
+            stream.write(text.encode())
     except OSError as error:
         raise DataError(f"cannot write the scene cache in {folder} ({error}); pass cache_dir= "
                         "or set EARLYEXIT_CACHE to a writable folder") from error

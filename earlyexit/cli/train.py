@@ -1,17 +1,18 @@
-"""`earlyexit train backbone` and `earlyexit build-tiny`."""
+"""`earlyexit train backbone`: fine-tune (or train) a backbone with cross-entropy."""
 
 from __future__ import annotations
 
 import argparse
 import os
 
-from .cli_generate import positive_int
+from .common import (add_backend_argument, add_batch_size_argument, add_model_argument, add_output_argument,
+                     non_negative_int, positive_int, quiet_transformers, report_plugin_failures)
 
 
 def save_model_atomically(backend, final: str) -> None:
     """A kill during the save leaves the previous model (or none), never a half-written folder
     that later commands would take for a model."""
-    from .files import atomic_folder
+    from ..files import atomic_folder
 
     with atomic_folder(final) as temporary:
         backend.save_pretrained(temporary)
@@ -24,42 +25,39 @@ class TrainCommand:
     def add_parser(subparsers) -> argparse.ArgumentParser:
         parser = subparsers.add_parser("train", help="train a backbone", description=TrainCommand.__doc__)
         parser.add_argument("what", choices=["backbone"], help="what to train")
-        parser.add_argument("--backend", required=True)
-        parser.add_argument("--model", required=True, help="starting weights: folder, hub id, tiny or tiny-random")
+        add_backend_argument(parser)
+        add_model_argument(parser)
         parser.add_argument("--data", required=True, action="append",
                             help="training data (repeatable to mix), e.g. scenes and scenes-vqa")
         parser.add_argument("--split", default="train")
-        parser.add_argument("--output", required=True, help="folder for checkpoints and the trained model")
+        add_output_argument(parser, "folder for checkpoints and the trained model")
         parser.add_argument("--steps", type=positive_int, default=1000)
-        parser.add_argument("--batch-size", type=positive_int, default=32)
+        add_batch_size_argument(parser, 32)
         parser.add_argument("--learning-rate", type=float, default=1e-4)
-        parser.add_argument("--warmup-steps", type=int, default=100)
+        parser.add_argument("--warmup-steps", type=non_negative_int, default=100)
         parser.add_argument("--checkpoint-every", type=positive_int, default=200)
         parser.add_argument("--seed", type=int, default=0)
         parser.add_argument("--freeze-vision", action="store_true",
                             help="train only the Q-Former, projection and language model")
-        from .deepspeed_config import add_arguments
+        from ..deepspeed_config import add_arguments
 
         add_arguments(parser)
         return parser
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
-        from .batching import TrainingBatches, language_model_step
-        from .cli import report_plugin_failures
-        from .cli_generate import quiet_transformers
-        from .data.registry import load_dataset
-        from .plugins import get_registry
-        from .training import TrainConfig, latest_checkpoint, train
-
-        from .files import check_writable
+        from ..batching import TrainingBatches, language_model_step
+        from ..data.registry import load_dataset
+        from ..deepspeed_config import config_from_arguments, is_main_process
+        from ..distributed import DeepSpeedEngine
+        from ..files import check_writable
+        from ..plugins import get_registry, notify
+        from ..training import TrainConfig, latest_checkpoint, train
 
         check_writable(args.output, folder=True)
         config = TrainConfig(output_dir=os.path.join(args.output, "checkpoints"), steps=args.steps,
                              learning_rate=args.learning_rate, warmup_steps=args.warmup_steps,
                              checkpoint_every=args.checkpoint_every, seed=args.seed)
-        from .deepspeed_config import config_from_arguments, is_main_process
-        from .distributed import DeepSpeedEngine
 
         ds_config = config_from_arguments(args, args.batch_size)  # before any slow loading: fail fast
         registry = get_registry()
@@ -74,8 +72,6 @@ class TrainCommand:
         engine = DeepSpeedEngine({"model": backend.model}, config, ds_config) if ds_config else None
         if latest_checkpoint(config.output_dir) and is_main_process():
             print(f"resuming from {latest_checkpoint(config.output_dir)}")
-        from .plugins import notify
-
         run_config = {"command": "train backbone", "backend": args.backend, "model": args.model, "data": args.data,
                       "output": args.output, "steps": args.steps}
         notify(registry, "run_start", config=run_config)
@@ -96,28 +92,4 @@ class TrainCommand:
         notify(registry, "run_end", config=run_config, results={"steps": len(losses), "final_loss": recent[-1]})
         print(f"trained {len(losses)} steps, mean loss of the last {len(recent)}: {sum(recent) / len(recent):.4f}; "
               f"model saved to {final}")
-        return 0
-
-
-class BuildTinyCommand:
-    """`earlyexit build-tiny`: train the embedded `tiny` model (done automatically on first use)."""
-
-    @staticmethod
-    def add_parser(subparsers) -> argparse.ArgumentParser:
-        parser = subparsers.add_parser("build-tiny", help="(re)build the embedded tiny model",
-                                       description=BuildTinyCommand.__doc__)
-        parser.add_argument("--force", action="store_true", help="rebuild even if a built model is cached")
-        return parser
-
-    @staticmethod
-    def run(args: argparse.Namespace) -> int:
-        from . import embedded
-        from .cli_generate import quiet_transformers
-
-        quiet_transformers()
-        path = embedded.ensure_built(force=args.force)
-        info = embedded.build_info() or {}
-        print(f"tiny model: {path}")
-        if info:
-            print(f"trained in {info['train_seconds']:.0f} s, final loss {info['final_loss']:.3f}")
         return 0

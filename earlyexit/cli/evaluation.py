@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from .cli_generate import add_model_arguments, load_model, positive_int
-from .files import write_json_atomically
+from .common import (add_batch_size_argument, add_generation_arguments, add_json_file_argument, add_model_arguments,
+                     draft_exit_index, load_model, positive_int, report_plugin_failures)
 
 
 def format_report(result: dict) -> str:
@@ -44,47 +44,43 @@ class EvalCommand:
         add_model_arguments(parser)
         parser.add_argument("--data", required=True,
                             help="scenes, scenes-vqa, easy-vqa, or NAME:ROOT for coco, nocaps, vqav2, okvqa, "
-                                 "vizwiz, gqa, ... (see README)")
+                                 "vizwiz, gqa, visdial (answer ranking: MRR, R@k), ... (see README)")
         parser.add_argument("--split", default="test", help="data split (default: test)")
         parser.add_argument("--limit", type=positive_int, help="evaluate the first N samples only")
-        parser.add_argument("--batch-size", type=positive_int, default=16)
-        parser.add_argument("--num-beams", type=positive_int, default=1)
-        parser.add_argument("--max-new-tokens", type=positive_int, default=20)
+        add_batch_size_argument(parser, 16)
+        add_generation_arguments(parser)
         parser.add_argument("--noise", type=float, default=0.0,
                             help="add Gaussian noise of this standard deviation to the images (pixels in 0..1)")
         parser.add_argument("--no-wall", action="store_true",
                             help="do not time the full model next to the early-exit one (halves the work)")
-        parser.add_argument("--json", metavar="FILE", help="also write everything, with provenance, to FILE")
+        add_json_file_argument(parser)
         return parser
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
-        from .cli import report_plugin_failures
-        from .data.registry import load_dataset
-        from .evaluate import EvalSettings, evaluate
-        from .plugins import get_registry
+        from ..data.registry import load_dataset
+        from ..deepspeed_config import launched_world_size
+        from ..evaluate import EvalSettings, evaluate
+        from ..files import check_writable, write_json_atomically
+        from ..plugins import get_registry, notify
 
         if args.json:
-            from .files import check_writable
-
             check_writable(args.json, option="--json")
         settings = EvalSettings(batch_size=args.batch_size, num_beams=args.num_beams,
                                 max_new_tokens=args.max_new_tokens, noise=args.noise, limit=args.limit,
                                 measure_wall=not args.no_wall)
-        from .deepspeed_config import launched_world_size
-
         if launched_world_size() > 1:  # torchrun / deepspeed launcher: shard the data
-            from .distributed import init_distributed
+            from ..distributed import init_distributed
 
             init_distributed()
         registry = get_registry()
         report_plugin_failures(registry)
         dataset = load_dataset(args.data, args.split)
+        if dataset.task == "dialog":  # what answer ranking cannot do, refused before the model loads
+            from ..dialog import check_dialog_data
+
+            check_dialog_data(dataset, settings, args.decode)
         backend, strategy, model = load_model(registry, args)
-        from .cli_generate import draft_exit_index
-
-        from .plugins import notify
-
         config = {"command": "eval", "backend": args.backend, "model": args.model, "strategy": args.strategy,
                   "data": args.data, "split": args.split, "settings": dataclasses.asdict(settings)}
         notify(registry, "run_start", config=config)

@@ -6,17 +6,15 @@ import argparse
 import shlex
 import sys
 
-from .cli_generate import parse_int_list, positive_int
+from ..errors import ConfigError
+from .common import (add_backend_argument, add_batch_size_argument, add_draft_arguments, add_exit_layers_argument,
+                     add_gate_mode_argument, add_generation_arguments, add_json_file_argument, add_kv_policy_argument,
+                     add_model_argument, add_option_argument, add_output_argument, add_strategy_argument,
+                     add_threshold_argument, build_strategy_config, parse_float_list, positive_int,
+                     quiet_transformers, report_plugin_failures)
 
 COLORS = ("\033[32m", "\033[36m", "\033[33m", "\033[35m", "\033[31m")  # early ... late
 RESET = "\033[0m"
-
-
-def parse_float_list(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated thresholds such as 0.5,0.7,0.9, got {text!r}")
 
 
 def mark_tokens(tokenizer, token_ids: list[int], layers: list[int], num_layers: int, color: bool) -> str:
@@ -41,11 +39,14 @@ def format_run(report: dict, color: bool) -> str:
     metrics = [m for m in metrics if m in ("Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "overall")] or metrics
     settings = report["settings"]
     lines = [f"earlyexit run: {settings['backend']} / {report['strategy_label']} on {settings['data']} "
-             f"(test: {first['config']['samples']} samples), threshold {report['threshold']}, "
+             f"(test: {first['config']['samples']} samples), {report.get('knob') or 'threshold'} {report['threshold']}, "
              f"exits at {report['exit_layers']} of {report['num_layers']} layers, kv policy {settings['kv_policy']}, "
              f"batch {settings['batch_size']}"]
     if report["calibration"]:
         lines.append(f"calibrated on the dev split: {report['calibration']['why']}")
+    if report.get("parameters"):
+        lines.append(f"parameters: {report['parameters']['trainable']:,} trained, {report['parameters']['inference']:,} "
+                     "added at inference")
     header = (f"{'model':<30}" + "".join(f"{m:>8}" for m in metrics)
               + f"{'param':>7}{'layer':>7}{'l-dec':>7}{'wall':>7}{'w-dec':>7}{'tok/s':>7}{'exit':>6}")
     lines += ["", header, "-" * len(header)]
@@ -102,15 +103,14 @@ class RunCommand:
     def add_parser(subparsers) -> argparse.ArgumentParser:
         parser = subparsers.add_parser("run", help="train, calibrate, evaluate and report a strategy",
                                        description=RunCommand.__doc__)
-        parser.add_argument("--backend", required=True)
-        parser.add_argument("--strategy", required=True)
-        parser.add_argument("--model", default="tiny", help="backbone: tiny (embedded, default), a folder or hub id")
+        add_backend_argument(parser)
+        add_strategy_argument(parser, required=True)
+        add_model_argument(parser, default="tiny")
         parser.add_argument("--data", default="scenes", help="scenes (default), scenes-vqa, or NAME:ROOT (see README)")
-        parser.add_argument("--exit-layers", type=parse_int_list)
-        parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                            help="strategy option, e.g. --option mode=distill (repeatable)")
-        parser.add_argument("--threshold", type=float, help="use this value of the strategy's knob (threshold, "
-                                                             "entropy, patience, γ) instead of calibrating")
+        add_exit_layers_argument(parser)
+        add_option_argument(parser)
+        add_threshold_argument(parser, "use this value of the strategy's knob (threshold, entropy, patience, γ) "
+                                       "instead of calibrating")
         parser.add_argument("--rule", choices=["best", "budget"], default="budget",
                             help="calibration rule: fastest within --budget of the full model's quality (default), "
                                  "or best quality")
@@ -118,13 +118,11 @@ class RunCommand:
                             help="allowed relative quality loss for --rule budget (default 0.01: 1%%)")
         parser.add_argument("--grid", type=parse_float_list, default=None,
                             help="knob values to calibrate over (default: the strategy's grid, see `earlyexit list`)")
-        parser.add_argument("--kv-policy", choices=["catchup", "propagate", "skip"], default="catchup")
+        add_kv_policy_argument(parser)
         parser.add_argument("--gate", choices=["none", "learned", "cosine"], default="learned",
                             help="decide before the head: learned (CALM's classifier, trained here in seconds; "
                                  "default), cosine (zero parameters) or none (the strategy's own rule)")
-        parser.add_argument("--gate-mode", choices=["filter", "replace"], default="filter",
-                            help="filter (default): the gate pre-selects rows and the strategy's rule decides for "
-                                 "them; replace: the gate decides alone (its threshold is then calibrated)")
+        add_gate_mode_argument(parser)
         parser.add_argument("--gate-threshold", type=float, default=0.3,
                             help="the gate's threshold in filter mode (default 0.3: it passes most rows the rule "
                                  "would take)")
@@ -133,31 +131,29 @@ class RunCommand:
                                  "clock timed on dev (noisy on a busy or small machine)")
         parser.add_argument("--no-speculative", action="store_true",
                             help="skip the self-speculative decoding row")
-        parser.add_argument("--draft-exit", type=int, help="exit layer that drafts in speculative mode (default: "
-                                                           "the fastest on dev)")
-        parser.add_argument("--draft-length", type=positive_int, default=4, help="tokens drafted per round")
+        add_draft_arguments(parser, "the fastest on dev")
         parser.add_argument("--test-limit", type=positive_int, help="evaluate on the first N test samples")
         parser.add_argument("--dev-limit", type=positive_int, help="calibrate on the first N dev samples")
         parser.add_argument("--train-limit", type=positive_int, help="train exits on the first N samples")
-        parser.add_argument("--batch-size", type=positive_int, default=32)
-        parser.add_argument("--num-beams", type=positive_int, default=1)
-        parser.add_argument("--max-new-tokens", type=positive_int, default=20)
+        add_batch_size_argument(parser, 32)
+        add_generation_arguments(parser)
         parser.add_argument("--retrain", action="store_true", help="train exits even if cached ones exist")
-        parser.add_argument("--output", default="runs", help="folder for the curves and plots (default: runs/)")
-        parser.add_argument("--json", metavar="FILE", help="also write everything, with provenance, to FILE")
-        from .deepspeed_config import add_arguments
+        add_output_argument(parser, "folder for the curves and plots (default: runs/)", default="runs")
+        add_json_file_argument(parser)
+        from ..deepspeed_config import add_arguments
 
         add_arguments(parser)
         return parser
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
-        from .cli import report_plugin_failures
-        from .files import write_json_atomically
-        from .cli_generate import build_strategy_config, quiet_transformers
-        from .plugins import get_registry
-        from .run import RunSettings, check_settings, run
+        from ..files import check_writable, write_json_atomically
+        from ..plugins import get_registry
+        from ..run import RunSettings, check_settings, run
 
+        if args.data.partition(":")[0] == "visdial":
+            raise ConfigError("earlyexit run calibrates and reports on captioning or VQA data; score VisDial with "
+                              "earlyexit eval --data visdial:ROOT --split val (answer ranking: MRR, R@k)")
         registry = get_registry()
         report_plugin_failures(registry)
         strategy_cls = registry.strategy(args.strategy)
@@ -174,8 +170,6 @@ class RunCommand:
                                max_new_tokens=args.max_new_tokens,
                                retrain=args.retrain, output=args.output, deepspeed=_deepspeed(args, strategy_cls, options))
         check_settings(settings)
-        from .files import check_writable
-
         check_writable(args.output, folder=True)  # before hours of work, not after
         if args.json:
             check_writable(args.json, option="--json")
@@ -193,7 +187,7 @@ class RunCommand:
 
 
 def _deepspeed(args, strategy_cls, options: dict) -> dict | None:
-    from .deepspeed_config import config_from_arguments
+    from ..deepspeed_config import config_from_arguments
 
     batch_size = options.get("batch_size") or getattr(strategy_cls.Config(), "batch_size", 16)
     return config_from_arguments(args, batch_size)

@@ -1,0 +1,301 @@
+"""What the subcommands share: argument types, the common options, and loading a model.
+
+Command modules import from here and never from `earlyexit.cli` itself, so the package has no
+import circle. Nothing heavy is imported at module level (`earlyexit --help` stays instant).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+
+from ..errors import ConfigError, DataError
+
+KV_POLICIES = ("catchup", "propagate", "skip")
+
+
+# -- argument types -----------------------------------------------------------------------------
+def parse_int_list(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer numbers such as 3,6,9, got {text!r}")
+    if not values:  # an empty list must not silently mean "the default"
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer numbers such as 3,6,9, got {text!r}")
+    return values
+
+
+def parse_float_list(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        values = ()
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated thresholds such as 0.5,0.7,0.9, got {text!r}")
+    return values
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(text)
+
+
+# -- shared options -------------------------------------------------------------------------------
+def add_backend_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", required=True, help="model family (see `earlyexit list`)")
+
+
+def add_model_argument(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    if default is None:
+        parser.add_argument("--model", required=True,
+                            help="local folder written by save_pretrained, a hub id, `tiny` (the embedded model) or "
+                                 "`tiny-random` (an untrained 12-layer model built in memory)")
+    else:
+        parser.add_argument("--model", default=default,
+                            help=f"backbone: {default} (default), a folder written by save_pretrained or a hub id")
+
+
+def add_strategy_argument(parser: argparse.ArgumentParser, required: bool = False) -> None:
+    parser.add_argument("--strategy", required=required,
+                        help="exit strategy (see `earlyexit list`)" + ("" if required else "; omit for the full model"))
+
+
+def add_threshold_argument(parser: argparse.ArgumentParser, help: str) -> None:
+    parser.add_argument("--threshold", type=float, help=help)
+
+
+def add_option_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a strategy option, e.g. --option every=2 or --option mode=distill (repeatable)")
+
+
+def add_exit_layers_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--exit-layers", type=parse_int_list,
+                        help="comma-separated exit layers, counted in decoder layers from 1 (default: the strategy's)")
+
+
+def add_kv_policy_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kv-policy", choices=KV_POLICIES, default="catchup",
+                        help="what deeper layers get for a token that left early (default: catchup, exact)")
+
+
+def add_batch_size_argument(parser: argparse.ArgumentParser, default: int) -> None:
+    parser.add_argument("--batch-size", type=positive_int, default=default, help=f"rows per batch (default {default})")
+
+
+def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--num-beams", type=positive_int, default=1)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=20)
+
+
+def add_json_file_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", metavar="FILE", help="also write everything, with provenance, to FILE")
+
+
+def add_output_argument(parser: argparse.ArgumentParser, help: str, default: str | None = None) -> None:
+    parser.add_argument("--output", required=default is None, default=default, help=help)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of every command that runs one model with an optional strategy (generate, eval)."""
+    add_backend_argument(parser)
+    add_model_argument(parser)
+    add_strategy_argument(parser)
+    add_threshold_argument(parser, "the strategy's exit knob (`earlyexit list` names it): a confidence threshold, "
+                                   "an entropy (deebert), a patience (pabee, leebert) or a cosine γ (mue)")
+    add_option_argument(parser)
+    add_exit_layers_argument(parser)
+    parser.add_argument("--exits", metavar="FOLDER",
+                        help="trained exits saved by `earlyexit run` (under ~/.cache/earlyexit/exits/) or save_exits: "
+                             "their strategy, exit layers and config come from the folder")
+    add_kv_policy_argument(parser)
+    add_speed_arguments(parser)
+
+
+def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
+    """Gate and decode mode, shared by generate and eval."""
+    parser.add_argument("--gate", default="none",
+                        help="decide before the head: none (the strategy's rule), cosine (zero parameters) or "
+                             "learned:FOLDER (a saved gate)")
+    parser.add_argument("--gate-threshold", type=float, help="the gate's threshold (learned: a probability; cosine: "
+                                                             "a similarity)")
+    add_gate_mode_argument(parser)
+    parser.add_argument("--decode", choices=["early-exit", "speculative"], default="early-exit",
+                        help="early-exit (tokens leave at their exit) or speculative (exits draft, the full model "
+                             "verifies: its output, token for token; greedy)")
+    add_draft_arguments(parser, "the middle exit")
+
+
+def add_gate_mode_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--gate-mode", choices=["filter", "replace"], default="filter",
+                        help="filter (default: rows the gate passes are checked by the strategy's own rule, the "
+                             "rest go on without the exit's module and head) or replace (the gate alone decides)")
+
+
+def add_draft_arguments(parser: argparse.ArgumentParser, default_exit: str) -> None:
+    parser.add_argument("--draft-exit", type=int, help=f"exit layer that drafts in speculative mode (default: "
+                                                       f"{default_exit})")
+    parser.add_argument("--draft-length", type=positive_int, default=4, help="tokens drafted per round (default 4)")
+
+
+# -- shared work ----------------------------------------------------------------------------------
+def report_plugin_failures(registry) -> None:
+    """One warning line on stderr per plugin that could not be loaded."""
+    for failure in registry.failures:
+        print(f"warning: {failure}", file=sys.stderr)
+
+
+def quiet_transformers() -> None:
+    """Weight-loading bars and advisory warnings would bury our one-line messages."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def option_type(config_cls, name: str) -> type:
+    """The plain type of a config field (`float | None` -> float), for parsing --option values."""
+    import types
+    import typing
+
+    hint = typing.get_type_hints(config_cls)[name]
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    return hint if isinstance(hint, type) else str
+
+
+def strategy_overrides(strategy_cls, threshold: float | None, options: list[str]) -> dict:
+    """The config values --threshold and --option KEY=VALUE set, checked against the strategy's
+    config fields and parsed to their types."""
+    fields = {f.name: f for f in dataclasses.fields(strategy_cls.Config)}
+    values = {}
+    if threshold is not None:  # --threshold sets the strategy's knob: a threshold, an entropy, a patience, a γ
+        if not strategy_cls.knob or strategy_cls.knob not in fields:
+            raise ConfigError(f"strategy {strategy_cls.name!r} has no threshold (nor other knob); its options are: "
+                              f"{', '.join(fields) or 'none'}")
+        values[strategy_cls.knob] = strategy_cls.parse_knob(threshold)
+    for option in options:
+        key, sep, raw = option.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in fields:
+            raise ConfigError(f"bad --option {option!r}: use KEY=VALUE with KEY one of "
+                              f"{', '.join(fields) or '(this strategy has no options)'}")
+        kind = option_type(strategy_cls.Config, key)
+        try:
+            values[key] = parse_bool(raw) if kind is bool else kind(raw)
+        except ValueError:
+            raise ConfigError(f"bad --option {option!r}: {key} expects a {kind.__name__}")
+    return values
+
+
+def build_strategy_config(strategy_cls, threshold: float | None, options: list[str]):
+    """The strategy's config dataclass from --threshold and --option KEY=VALUE."""
+    return strategy_cls.Config(**strategy_overrides(strategy_cls, threshold, options))
+
+
+def build_gate(args, strategy, width: int):
+    """The gate named by --gate (None for none)."""
+    from ..gates import CosineGate, LearnedGate
+
+    spec = args.gate or "none"
+    if spec == "none":
+        if args.gate_threshold is not None:
+            raise ConfigError("--gate-threshold needs a --gate (cosine or learned:FOLDER)")
+        return None
+    if strategy is None:
+        raise ConfigError("--gate decides at a strategy's exits; pass --strategy too")
+    if spec == "cosine":
+        return CosineGate(0.99 if args.gate_threshold is None else args.gate_threshold, args.gate_mode)
+    if spec.startswith("learned:"):
+        gate = LearnedGate.load(spec[len("learned:"):])
+        gate.mode = args.gate_mode
+        if len(gate.scorers) != len(strategy.exit_layers) or gate.width != width:
+            raise ConfigError(f"the gate in {spec[8:]} has {len(gate.scorers)} exits of width {gate.width}; this "
+                              f"model has {len(strategy.exit_layers)} exits of width {width}")
+        if args.gate_threshold is not None:
+            gate.threshold = args.gate_threshold
+        return gate
+    raise ConfigError(f"unknown --gate {spec!r}; use none, cosine or learned:FOLDER")
+
+
+def draft_exit_index(args, strategy) -> int | None:
+    """--draft-exit (a layer) as an exit index of the strategy."""
+    if args.decode != "speculative" or args.draft_exit is None:
+        return None
+    if args.draft_exit not in strategy.exit_layers:
+        raise ConfigError(f"--draft-exit {args.draft_exit} is not one of the exit layers {strategy.exit_layers}")
+    return strategy.exit_layers.index(args.draft_exit)
+
+
+def load_model(registry, args):
+    """Backend, strategy and the early-exit model from the shared model arguments."""
+    from ..engine import EarlyExitForCausalLM
+
+    quiet_transformers()
+    backend_cls = registry.backend(args.backend)
+    exits = getattr(args, "exits", None)
+    if exits:
+        from ..adapters import check_adapter_files
+
+        saved = check_adapter_files(exits)  # a damaged adapter fails before the model loads
+        strategy_cls = registry.strategy(saved["strategy"])
+        if args.strategy and registry.strategy(args.strategy) is not strategy_cls:
+            raise ConfigError(f"--exits {exits} holds {saved['strategy']} exits, not {args.strategy}; drop --strategy")
+        if args.exit_layers and list(args.exit_layers) != saved["exit_layers"]:
+            raise ConfigError(f"--exits {exits} has exits at {saved['exit_layers']}; drop --exit-layers")
+    else:
+        strategy_cls = registry.strategy(args.strategy) if args.strategy else None
+    if strategy_cls is None and (args.threshold is not None or args.option or args.exit_layers):
+        raise ConfigError("--threshold, --option and --exit-layers need a --strategy (or trained --exits)")
+    overrides = strategy_overrides(strategy_cls, args.threshold, args.option) if strategy_cls else {}
+    config = strategy_cls.Config(**overrides) if strategy_cls and not exits else None
+    if args.decode == "speculative" and strategy_cls is None:
+        raise ConfigError("--decode speculative drafts with a strategy's exits; pass --strategy")
+    backend = backend_cls.load(args.model)
+    strategy = None
+    if exits:
+        from ..adapters import load_exits
+
+        strategy = load_exits(exits, backend, registry, **overrides)
+    elif strategy_cls is not None:
+        exit_layers = args.exit_layers or strategy_cls.default_exit_layers(backend.num_layers)
+        strategy = strategy_cls(backend, exit_layers, config)
+    gate = build_gate(args, strategy, backend.text_config.hidden_size)
+    return backend, strategy, EarlyExitForCausalLM(backend, strategy, kv_policy=args.kv_policy, gate=gate)
+
+
+def open_image(path: str):
+    """The image at `path` as RGB (every mode and bit depth converted faithfully), or a DataError."""
+    from ..images import read_image
+
+    if os.path.isdir(path):
+        raise DataError(f"--image {path} is a folder; pass one image file (PNG, JPEG, ...)")
+    if not os.path.isfile(path):
+        raise DataError(f"image {path!r} does not exist; pass an existing image file with --image")
+    return read_image(path, fix="pass a PNG or JPEG file with --image")

@@ -1,0 +1,122 @@
+"""Checking what `--model` names before loading it: a usable local folder, a hub id, or a mistake.
+
+A folder that `save_pretrained` did not finish (only `config.json`, a truncated
+`model.safetensors`) would otherwise fail deep inside transformers, or worse, load with
+missing weights silently initialised at random. These checks read only file headers, so
+they cost microseconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+from .errors import CheckpointError, ConfigError
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+WEIGHT_FILES = ("model.safetensors", SAFETENSORS_INDEX, "pytorch_model.bin", "pytorch_model.bin.index.json")
+MODEL_HELP = "pass a folder written by save_pretrained, a hub id such as Salesforce/blip2-opt-2.7b, tiny or tiny-random"
+
+
+def safetensors_problem(path: str) -> str | None:
+    """What is wrong with the safetensors file at `path` (missing, truncated, not safetensors),
+    or None when its header is sound and the file is exactly as long as the header says."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as handle:
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                return f"{size} bytes, too short for a safetensors header"
+            (header_length,) = struct.unpack("<Q", prefix)
+            if header_length > size - 8:
+                return "truncated (its header runs past the end of the file)"
+            header = json.loads(handle.read(header_length))
+    except FileNotFoundError:
+        return "missing"
+    except OSError as error:
+        return f"unreadable ({error.strerror or error})"
+    except (ValueError, UnicodeDecodeError):
+        return "not a safetensors file (its header is not JSON)"
+    if not isinstance(header, dict):
+        return "not a safetensors file (its header is not a JSON object)"
+    end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            return f"not a safetensors file (tensor {name!r} has no data offsets)"
+        end = max(end, offsets[1])
+    expected = 8 + header_length + end
+    if size < expected:
+        return f"truncated ({size} of {expected} bytes)"
+    if size > expected:
+        return f"longer than its header says ({size} bytes, expected {expected}): not written by safetensors"
+    return None
+
+
+def _read_json_object(path: str, what: str) -> dict:
+    try:
+        with open(path) as handle:
+            value = json.load(handle)
+    except OSError as error:
+        raise CheckpointError(f"{path} cannot be read ({error.strerror or error}); save the model again") from None
+    except (ValueError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path} is not valid JSON ({str(error)[:120]}); save the model again") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(value).__name__}, not the {what} object; save the "
+                              "model again")
+    return value
+
+
+def check_model_folder(folder: str) -> None:
+    """Raise a one-line CheckpointError unless `folder` looks like a complete `save_pretrained`
+    folder: a config.json object and weights whose files are all present and whole."""
+    config_path = os.path.join(folder, "config.json")
+    if not os.listdir(folder):
+        raise CheckpointError(f"model folder {folder} is empty; {MODEL_HELP}")
+    if not os.path.isfile(config_path):
+        raise CheckpointError(f"{folder} holds no config.json, so it is not a model folder; {MODEL_HELP}")
+    _read_json_object(config_path, "model config")
+    present = [name for name in WEIGHT_FILES if os.path.isfile(os.path.join(folder, name))]
+    if not present:
+        raise CheckpointError(f"{folder} has a config.json but no weights (model.safetensors): an unfinished "
+                              "save? Save the model again or pass another folder")
+    shards = ["model.safetensors"] if "model.safetensors" in present else []
+    if not shards and SAFETENSORS_INDEX in present:
+        index = _read_json_object(os.path.join(folder, SAFETENSORS_INDEX), "weight index")
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{os.path.join(folder, SAFETENSORS_INDEX)} has no weight_map; save the model again")
+        shards = sorted(set(map(str, weight_map.values())))
+    for shard in shards:
+        problem = safetensors_problem(os.path.join(folder, shard))
+        if problem is not None:
+            raise CheckpointError(f"{os.path.join(folder, shard)} is {problem}; save the model again or pass "
+                                  "another folder")
+
+
+def is_local_model(name_or_path: str) -> bool:
+    """True when `--model` names a local folder (then checked with `check_model_folder`), False
+    when it is a hub id; a ConfigError for anything else (empty, a file, a missing path)."""
+    if not name_or_path.strip():
+        raise ConfigError(f"--model is empty; {MODEL_HELP}")
+    path = os.path.expanduser(name_or_path)
+    if os.path.isdir(path):
+        check_model_folder(path)
+        return True
+    if os.path.exists(path):
+        raise ConfigError(f"--model {name_or_path} is a file, not a model folder; {MODEL_HELP} "
+                          "(an image goes to --image)")
+    looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or "\\" in name_or_path
+    if looks_like_path:
+        raise ConfigError(f"model folder {name_or_path!r} does not exist; {MODEL_HELP}")
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name_or_path)
+    except HFValidationError:
+        raise ConfigError(f"--model {name_or_path!r} is neither an existing folder nor a hub id (owner/name); "
+                          f"{MODEL_HELP}") from None
+    return False
