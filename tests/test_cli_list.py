@@ -104,3 +104,18 @@ def test_help_and_list_do_not_import_torch(argv, autoload_disabled):
     )
     assert result.returncode == 0, result.stderr
     assert ("usage: earlyexit" in result.stdout) if argv == ["--help"] else ("fixed" in result.stdout)
+
+
+def test_list_params_states_each_strategys_parameters_for_the_backbone(capsys):
+    import json
+
+    from earlyexit.cli import main
+
+    assert main(["list", "--json", "--params", "blip2-opt:tiny-random"]) == 0
+    rows = {e["name"]: e for e in json.loads(capsys.readouterr().out) if e["kind"] == "strategy"}
+    assert rows["confidence"]["trainable"] == rows["confidence"]["inference"] == 0
+    assert rows["free"]["knob"] == "threshold" and rows["pabee"]["knob"] == "patience"
+    assert rows["free"]["trainable"] > rows["free"]["inference"] > 0  # feature classifiers train, then go
+    assert rows["deebert"]["trainable"] == rows["deebert"]["inference"] > 0
+    assert rows["mue"]["inference"] == 0 < rows["mue"]["trainable"]
+    assert main(["list", "--params", "blip2-opt"]) == 2

@@ -27,6 +27,9 @@ class ListCommand:
             "list", help="list backends and strategies", description=ListCommand.__doc__
         )
         parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+        parser.add_argument("--params", metavar="BACKEND:MODEL",
+                            help="also load this backbone (e.g. blip2-opt:tiny) and state each strategy's knob, "
+                                 "default exits, trainable and inference-time parameters for it")
         return parser
 
     @staticmethod
@@ -36,10 +39,34 @@ class ListCommand:
         registry = get_registry()
         report_plugin_failures(registry)
         entries = registry.entries()
+        if args.params:
+            entries = with_parameter_counts(registry, entries, args.params)
         if args.json:
             print(json.dumps(entries, indent=2))
+        elif entries and args.params:
+            rows = [{**e, "knob": e.get("knob") or "", "exits": e.get("exit_layers", ""),
+                     "trainable": f"{e['trainable']:,}" if "trainable" in e else e.get("error", ""),
+                     "inference": f"{e['inference']:,}" if "inference" in e else ""}
+                    for e in entries if e["kind"] == "strategy"]
+            print(format_table(rows, ["name", "knob", "exits", "trainable", "inference"]))
         elif entries:
             print(format_table(entries, ["name", "kind", "plugin", "description"]))
         else:
             print("no backends or strategies are registered")
         return 0
+
+
+def with_parameter_counts(registry, entries: list[dict], spec: str) -> list[dict]:
+    """`entries` with each strategy's knob, default exits and parameter counts on BACKEND:MODEL."""
+    from ..errors import ConfigError
+    from ..param_counts import strategy_parameter_counts
+    from .common import quiet_transformers
+
+    backend_name, sep, model = spec.partition(":")
+    if not sep or not model:
+        raise ConfigError(f"--params {spec!r}: give BACKEND:MODEL, e.g. --params blip2-opt:tiny")
+    quiet_transformers()
+    backend = registry.backend(backend_name).load(model)
+    counts = {row["strategy"]: row for row in strategy_parameter_counts(registry, backend)}
+    return [{**entry, **{k: v for k, v in counts.get(entry["name"], {}).items() if k != "strategy"}}
+            if entry["kind"] == "strategy" else entry for entry in entries]
