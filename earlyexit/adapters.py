@@ -113,7 +113,7 @@ _CONFIG_FIELDS = {"strategy": str, "backend": str, "backbone_fingerprint": str, 
 
 def check_adapter_files(folder: str) -> dict:
     """The adapter's config, once its files are known to be whole; a CorruptAdapterError (one
-    line) for a missing, unreadable or malformed exit_config.json or a truncated exits.safetensors,
+    line) for a missing, unreadable or malformed exit_config.json or a truncated weights file,
     so that a cache can rebuild the entry and a user learns what to redo."""
     from .model_folder import safetensors_problem
 
@@ -140,9 +140,9 @@ def check_adapter_files(folder: str) -> dict:
     if not saved["exit_layers"] or not all(isinstance(k, int) and not isinstance(k, bool)
                                            for k in saved["exit_layers"]):
         raise CorruptAdapterError(f"{path}: 'exit_layers' must be a list of layer numbers; {redo}")
-    weights = os.path.join(folder, WEIGHTS)
-    if os.path.exists(weights):
-        problem = safetensors_problem(weights)
-        if problem is not None:
-            raise CorruptAdapterError(f"{weights} is {problem}; {redo}")
+    for name in sorted(os.listdir(folder)):  # the exits and, for MuE-like strategies, the layer copies
+        if name.endswith(".safetensors"):
+            problem = safetensors_problem(os.path.join(folder, name))
+            if problem is not None:
+                raise CorruptAdapterError(f"{os.path.join(folder, name)} is {problem}; {redo}")
     return saved
