@@ -147,7 +147,7 @@ def run(settings: RunSettings, registry, log=print) -> dict | None:
     metric = main_metric(dev.task)
     gate = gates_for = None
     if settings.gate != "none" and not strategy.accepts_gate:
-        log(f"gate: none ({strategy.name}'s rule must see every exit of every row)")
+        log(f"gate: none ({strategy.name}'s rule takes none: it decides without a read-out or needs every exit)")
     if settings.gate != "none" and strategy.knob and strategy.accepts_gate:
         began = time.perf_counter()
         gates_for = {}
