@@ -297,6 +297,8 @@ class _Step:
                 extra = self.widths[depth]
                 waiting = cache.pending[self.rows, total - extra:total - width]
                 block, width = torch.cat([waiting, block], 1), extra
+            if self.waits_here[depth]:
+                block = self._enter_waiting(depth, block, width)
             e = model.exit_at.get(depth)
             if e is not None:
                 block, width, previous = self._exit_point(e, depth, block, width, previous, record)
@@ -468,21 +470,37 @@ class _Step:
         return self.rows_all and rows is self.rows
 
     def _lag_extremes(self, keep):
-        """Per layer, the most and fewest positions a kept row lacks (its catch-up width)."""
+        """Per layer, the most and fewest positions a kept row lacks (its catch-up width), and
+        whether some kept row has positions waiting at exactly that depth (it lacks more there
+        than one layer earlier: they left at this depth)."""
         lag = self.lag
-        if keep is None:
-            return [lag.amax(0), lag.amin(0)]
-        keep = keep[:, None]
-        return [lag.masked_fill(~keep, 0).amax(0), lag.masked_fill(~keep, 1 << 30).amin(0)]
+        if keep is not None:
+            keep = keep[:, None]
+            most, fewest = lag.masked_fill(~keep, 0).amax(0), lag.masked_fill(~keep, 1 << 30).amin(0)
+            lag = lag.masked_fill(~keep, 0)
+        else:
+            most, fewest = lag.amax(0), lag.amin(0)
+        return [most, fewest, (lag[:, 1:] > lag[:, :-1]).any(0).long()]
 
     def _set_widths(self, info: list[int]) -> None:
         n = self.model.num_layers
         if self.lag is None:
-            self.widths, self.ragged = [self.new] * n, [False] * n
+            self.widths, self.ragged, self.waits_here = [self.new] * n, [False] * n, [False] * n
         else:
-            most, fewest = info[:n], info[n:2 * n]
+            most, fewest, starts = info[:n], info[n:2 * n], info[2 * n:3 * n - 1]
             self.widths = [max(m, self.new) for m in most]
             self.ragged = [m != f for m, f in zip(most, fewest)]
+            self.waits_here = [False] + [bool(x) for x in starts]
+
+    def _enter_waiting(self, depth: int, block: torch.Tensor, width: int) -> torch.Tensor:
+        """Put into the block the states of the positions that wait at exactly this depth (held
+        by the layer before, not by this one). Where the block already covered them they were
+        padding for their row until here: another row's catch-up had widened it earlier."""
+        held = self.cache.held[self.rows]
+        columns = torch.arange(self.total - width, self.total, device=block.device)[None]
+        waiting = (columns >= held[:, depth, None]) & (columns < held[:, depth - 1, None])
+        pending = self.cache.pending[self.rows, self.total - width:self.total]
+        return torch.where(waiting[..., None], pending.to(block.dtype), block)
 
     def _plan(self, depth: int, width: int) -> WritePlan:
         rows = None if self.rows_all else self.rows
