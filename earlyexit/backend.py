@@ -69,6 +69,13 @@ class Backend:
         """Processor output for a batch: `pixel_values`, `input_ids`, `attention_mask` (left padded)."""
         raise NotImplementedError
 
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """One row's prompt as token ids, image placeholders included, unpadded: what
+        `prepare_inputs` gives that row (training appends the target after it). This default is
+        BLIP-2's layout: `num_query_tokens` image tokens, then the tokenized prompt (BOS first)."""
+        config = self.model.config
+        return [config.image_token_id] * config.num_query_tokens + self.processor.tokenizer(prompt)["input_ids"]
+
     def decoder_inputs_embeds(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
                               image_features: torch.Tensor | None = None) -> torch.Tensor:
         """Language-model input embeddings with the image features (computed from `pixel_values`
