@@ -159,7 +159,13 @@ class Scripted(Strategy):
         return torch.tensor([plan.get(int(r)) == exit_index for r in view.rows])
 
 
-@pytest.mark.parametrize("make", [lambda: make_backend(seed=1, num_layers=6)], ids=["opt"])
+def llama_backend():
+    from earlyexit.backends.minigpt4_llama import Minigpt4LlamaBackend
+
+    return Minigpt4LlamaBackend.from_tiny_config(seed=1, num_layers=6, hidden_size=32, num_heads=4, num_kv_heads=2)
+
+
+@pytest.mark.parametrize("make", [lambda: make_backend(seed=1, num_layers=6), llama_backend], ids=["opt", "llama"])
 def test_catchup_when_rows_lag_from_different_depths(make):
     """A row that left at a deeper exit than another row of the same step catches up in the same
     call as that row: at the deeper layer its own waiting state must enter the block (its entries
