@@ -74,11 +74,17 @@ class LlamaDecoderMethods:
 
         return torch.nn.Sequential(copy.deepcopy(self.decoder.norm), copy.deepcopy(self.language_model.lm_head))
 
+    def rotated(self, keys, like, position_ids):
+        """`keys` (..., rows, heads, positions, head_dim) turned by RoPE at `position_ids`."""
+        from transformers.models.llama.modeling_llama import rotate_half
+
+        cos, sin = self.rotary(like, position_ids)
+        cos, sin = cos.unsqueeze(-3), sin.unsqueeze(-3)  # shared by every head
+        return keys * cos + rotate_half(keys) * sin
+
     def projected_kv(self, layer, hidden, position_ids):
         """(keys, values) that `layer` computes from `hidden`, as its attention hands them to the
         cache: (rows, key/value heads, positions, head_dim), keys rotated by their positions."""
-        from transformers.models.llama.modeling_llama import rotate_half
-
         attention = layer.self_attn
         x = layer.input_layernorm(hidden)
         rows, length = x.shape[:2]
@@ -86,17 +92,39 @@ class LlamaDecoderMethods:
         def heads(projection):  # (rows, positions, kv heads * dim) -> (rows, kv heads, positions, dim)
             return projection(x).view(rows, length, -1, attention.head_dim).transpose(1, 2)
 
-        keys, values = heads(attention.k_proj), heads(attention.v_proj)
-        cos, sin = self.rotary(x, position_ids)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # shared by every head
-        return keys * cos + rotate_half(keys) * sin, values
+        return self.rotated(heads(attention.k_proj), x, position_ids), heads(attention.v_proj)
 
     def fill_kv(self, layer, hidden, *, position_ids, cache):
         keys, values = self.projected_kv(layer, hidden, position_ids)
         cache.update(keys, values, layer.self_attn.layer_idx)
 
-    # stacked_kv_projection stays the base's None: RMSNorm and RoPE do not fit its
-    # "layer norm, then one affine map" form, so propagation runs fill_kv layer by layer.
+    def stacked_kv_projection(self, layers):
+        """(eps, weight, bias): each layer's RMSNorm scale folded into its K and V projections,
+        all side by side; `project_stacked_kv` normalises once, multiplies once, rotates keys."""
+        import torch
+
+        norms = [layer.input_layernorm for layer in layers]
+        if len({norm.variance_epsilon for norm in norms}) > 1:
+            return None
+        weights, biases = [], []
+        for layer, norm in zip(layers, norms):
+            for projection in (layer.self_attn.k_proj, layer.self_attn.v_proj):
+                weights.append(norm.weight[:, None] * projection.weight.t())
+                biases.append(projection.bias if projection.bias is not None
+                              else projection.weight.new_zeros(projection.out_features))
+        return norms[0].variance_epsilon, torch.cat(weights, 1).contiguous(), torch.cat(biases)
+
+    def project_stacked_kv(self, stack, hidden, position_ids):
+        import torch
+
+        eps, weight, bias = stack
+        x = hidden.float()  # RMSNorm without its scale (folded into the weight), in fp32 as Llama's
+        x = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(hidden.dtype)
+        config = self.text_config
+        dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        # (2, layers, rows, kv heads, positions, dim)
+        kv = (x @ weight + bias).view(*x.shape[:2], -1, 2, config.num_key_value_heads, dim).permute(3, 2, 0, 4, 1, 5)
+        return self.rotated(kv[0], hidden, position_ids), kv[1]
 
     def kv_projection_param_count(self, layer=None) -> int:
         layer = layer if layer is not None else self.decoder.layers[0]

@@ -436,18 +436,15 @@ class _Step:
             slots, stack = model.propagation(depth)
             newest = block[:, -self.new:]
             if stack is not None:  # every deeper slot's K/V in one matmul
-                eps, weight, bias = stack
-                x = torch.nn.functional.layer_norm(newest, newest.shape[-1:], eps=eps) if eps is not None else newest
-                heads, dim = cache.keys.shape[2], cache.keys.shape[4]
-                # (2, slots, rows, heads, new, dim), the buffer's own layout
-                kv = (x @ weight + bias).view(*x.shape[:2], len(slots), 2, heads, dim).permute(3, 2, 0, 4, 1, 5)
+                # (slots, rows, heads, new, dim) each, the buffer's own layout
+                keys, values = self.backend.project_stacked_kv(stack, newest, cache.positions[rows, self.past:total])
                 chosen = slice(None) if self._is_all(rows) else rows
                 deep = n - depth  # backbone slots depth..n-1 are contiguous: plain slicing
-                cache.keys[depth:n, chosen, :, self.past:total] = kv[0, :deep]
-                cache.values[depth:n, chosen, :, self.past:total] = kv[1, :deep]
+                cache.keys[depth:n, chosen, :, self.past:total] = keys[:deep]
+                cache.values[depth:n, chosen, :, self.past:total] = values[:deep]
                 for i, slot in enumerate(model.exit_slots_after(depth)):
-                    cache.keys[slot, chosen, :, self.past:total] = kv[0, deep + i]
-                    cache.values[slot, chosen, :, self.past:total] = kv[1, deep + i]
+                    cache.keys[slot, chosen, :, self.past:total] = keys[deep + i]
+                    cache.values[slot, chosen, :, self.past:total] = values[deep + i]
             else:
                 cache.plan = WritePlan(rows=rows, start=self.past, columns=None, length=total)
                 positions = cache.positions[rows, self.past:total]

@@ -130,7 +130,10 @@ def rope_by_hand(x, positions, theta):
     return x * cos[:, None, None] + turned * sin[:, None, None]
 
 
-def test_propagate_projects_rotated_grouped_kv_from_the_exit_state(registry, gqa6, batch3):
+@pytest.mark.parametrize("stacked", [True, False], ids=["one-matmul", "layer-by-layer"])
+def test_propagate_projects_rotated_grouped_kv_from_the_exit_state(registry, gqa6, batch3, stacked, monkeypatch):
+    if not stacked:  # as for large models: fill_kv layer by layer
+        monkeypatch.setattr("earlyexit.engine.STACKED_KV_BYTES", 0)
     exit_depth = 2
     model = EarlyExitForCausalLM(gqa6, fixed(registry, gqa6, exit_depth, 2), kv_policy="propagate")
     states = []  # output of the last layer run before the exit, per forward
