@@ -7,7 +7,7 @@ stand where MiniGPT-4's prompt template says `<ImageHere>`. The decoder's layer-
 
 Loading: a folder written by `save_pretrained`, or a recipe (a `.json` file) naming MiniGPT-4's
 released parts:
-    {"language_model": "lmsys/vicuna-7b-v1.1",        Llama/Vicuna: hub id or folder
+    {"language_model": "vicuna-7b-v0",                Llama/Vicuna: folder or hub id
      "vision": "Salesforce/blip2-flan-t5-xxl",        BLIP-2: its vision tower, queries, Q-Former
      "projection_checkpoint": "prerained_minigpt4_7b.pth"}   MiniGPT-4's llama_proj
 Relative paths in a recipe are read from the recipe's folder.
@@ -15,6 +15,7 @@ Relative paths in a recipe are read from the recipe's folder.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -68,11 +69,11 @@ class Minigpt4LlamaBackend(LlamaDecoderMethods, Backend):
                               "released .pth (e.g. prerained_minigpt4_7b.pth)")
         text_config = load_config(language_model, "llama", "the Llama/Vicuna language model", offline)
         blip2_config = load_config(vision, "blip-2", "the BLIP-2 vision tower and Q-Former", offline)
-        with unavailable_as_error(language_model, offline):
+        with unavailable_as_error(language_model):
             tokenizer = AutoTokenizer.from_pretrained(language_model, local_files_only=offline)
             llama = LlamaForCausalLM.from_pretrained(language_model, config=text_config, dtype=getattr(torch, dtype),
                                                      local_files_only=offline)
-        with unavailable_as_error(vision, offline):
+        with unavailable_as_error(vision):
             image_processor = AutoImageProcessor.from_pretrained(vision, local_files_only=offline)
             image_side = read_blip2_image_side(vision, offline)
         # Llama's byte-fallback tokenizer never emits <unk>, so its (existing) embedding row can
@@ -193,22 +194,17 @@ def read_recipe(path: str) -> dict:
     return recipe
 
 
-class unavailable_as_error:
-    """Turns "not downloadable / not cached" errors of hub loading into ModelNotAvailableError."""
-
-    def __init__(self, name: str, offline: bool):
-        self.name, self.offline = name, offline
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, error, traceback):
-        if error is None or not isinstance(error, OSError):
-            return False
-        if os.path.isdir(self.name):
-            raise ModelNotAvailableError(f"{self.name}: could not be loaded ({first_line(error)})") from error
+@contextlib.contextmanager
+def unavailable_as_error(name: str):
+    """Loading errors of a hub id or folder (not cached, unreachable, incomplete: transformers
+    and huggingface_hub raise OSError for each) as one-line ModelNotAvailableError."""
+    try:
+        yield
+    except OSError as error:
+        if os.path.isdir(name):
+            raise ModelNotAvailableError(f"{name}: could not be loaded ({first_line(error)})") from error
         raise ModelNotAvailableError(
-            f"model {self.name!r} is not available offline and the hub cannot be reached; download it on a "
+            f"model {name!r} is not available offline and the hub cannot be reached; download it on a "
             "connected machine and name its local folder instead (set HF_HUB_OFFLINE=1 to fail at once)") from error
 
 
@@ -223,7 +219,7 @@ def load_config(name: str, model_type: str, role: str, offline: bool):
     looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1
     if not os.path.isdir(name) and looks_like_path:
         raise ConfigError(f"folder {name!r} ({role}) does not exist; name a folder or a hub id")
-    with unavailable_as_error(name, offline):
+    with unavailable_as_error(name):
         config = AutoConfig.from_pretrained(name, local_files_only=offline)
     if config.model_type != model_type:
         raise ConfigError(f"{name} is a {config.model_type} model, but {role} must be {model_type}")

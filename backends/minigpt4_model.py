@@ -123,6 +123,11 @@ class MiniGPT4ForConditionalGeneration(torch.nn.Module):
         if missing or unexpected:
             raise CheckpointError(f"{source} does not fit this MiniGPT-4's image side (missing {len(missing)} "
                                   f"tensors, e.g. {missing[:2]}; unexpected {len(unexpected)}, e.g. {unexpected[:2]})")
+        own = self.state_dict()
+        reshaped = [n for n in sorted(expected) if tuple(state[n].shape) != tuple(own[n].shape)]
+        if reshaped:
+            raise CheckpointError(f"{source} does not fit this MiniGPT-4's image side ({reshaped[0]} is "
+                                  f"{tuple(state[reshaped[0]].shape)}, not {tuple(own[reshaped[0]].shape)})")
         self.load_state_dict(state, strict=False)
 
     def load_projection_checkpoint(self, path: str) -> None:

@@ -354,6 +354,25 @@ def test_recipe_refuses_a_planted_projection_and_unreachable_weights(registry, g
         cls.compose(str(tmp_path / "vicuna"), str(tmp_path / "blip2"), str(tmp_path / "missing.pth"))
 
 
+def test_cli_generate_on_a_saved_folder_and_tiny_random(registry, gqa6, tmp_path, capsys):
+    from earlyexit.cli import main
+
+    gqa6.save_pretrained(str(tmp_path / "model"))
+    make_images(1, seed=6)[0].save(tmp_path / "image.png")
+    argv = ["generate", "--backend", "minigpt4-llama", "--image", str(tmp_path / "image.png"), "--prompt", "a red",
+            "--max-new-tokens", "5", "--json"]
+    assert main(argv + ["--model", str(tmp_path / "model"), "--strategy", "fixed", "--exit-layers", "2",
+                        "--option", "every=2"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    inputs = gqa6.prepare_inputs(make_images(1, seed=6), ["a red"])
+    strategy = registry.strategy("fixed")(gqa6, [2], registry.strategy("fixed").Config(every=2))
+    expected = EarlyExitForCausalLM(gqa6, strategy).generate(**inputs, max_new_tokens=5, do_sample=False)
+    assert result["token_ids"] == expected[0, inputs["input_ids"].shape[1]:].tolist()
+    assert result["exit_layers"] == [6, 6, 2, 6, 2]  # the first token comes from the full-depth prompt pass
+    assert main(argv + ["--model", "tiny-random"]) == 0
+    assert json.loads(capsys.readouterr().out)["num_layers"] == 12
+
+
 def test_list_names_the_family(capsys, monkeypatch):
     from earlyexit.cli import main
 
