@@ -134,37 +134,11 @@ class Blip2OptBackend(Backend):
         return len(self.model.vision_model.encoder.layers)
 
     def image_features(self, pixel_values, saturation=None):
-        import torch
-        import torch.nn.functional as F
-
-        model = self.model
         if saturation is None:
-            return model.get_image_features(pixel_values, return_dict=True).pooler_output, None
-        vision = model.vision_model
-        hidden = vision.embeddings(pixel_values.to(vision.embeddings.patch_embedding.weight.dtype))
-        result = hidden.clone()
-        depth = torch.full((hidden.shape[0],), self.vision_layers, dtype=torch.long, device=hidden.device)
-        going = torch.arange(hidden.shape[0], device=hidden.device)
-        for i, layer in enumerate(vision.encoder.layers):
-            new = layer(hidden)
-            if i + 1 == self.vision_layers:
-                result[going] = new
-                break
-            similarity = F.cosine_similarity(new.float(), hidden.float(), dim=-1).mean(-1)
-            done = similarity >= saturation  # this image's features have settled: stop its tower here
-            if bool(done.any()):
-                result[going[done]] = new[done]
-                depth[going[done]] = i + 1
-                going, new = going[~done], new[~done]
-                if not len(going):
-                    break
-            hidden = new
-        image_embeds = vision.post_layernorm(result)
-        mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
-        queries = model.query_tokens.expand(image_embeds.shape[0], -1, -1)
-        query_output = model.qformer(query_embeds=queries, encoder_hidden_states=image_embeds,
-                                     encoder_attention_mask=mask, return_dict=True)[0]
-        return model.language_projection(query_output.to(image_embeds.dtype)), depth
+            return self.model.get_image_features(pixel_values, return_dict=True).pooler_output, None
+        from .blip2_vision import saturating_query_features
+
+        return saturating_query_features(self.model, pixel_values, saturation)
 
     def decoder_inputs_embeds(self, pixel_values, input_ids, image_features=None):
         model = self.model

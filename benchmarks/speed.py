@@ -2,9 +2,11 @@
 
     python benchmarks/speed.py                              # OPT-125m-shaped decoder, batch 1 and 8
     python benchmarks/speed.py --shape opt-1.3b --batch-sizes 1,8 --json benchmarks/results/speed-opt-1.3b.json
+    python benchmarks/speed.py --backend minigpt4-llama     # SmolLM2-135M-shaped Llama (grouped-query)
+    python benchmarks/speed.py --backend minigpt4-llama --shape llama-tiny
 
-Random weights in a tiny BLIP-2 (the vision side is small; the language model has the named
-shape, fp32). Every configuration is timed alternately with the plain backbone's own
+Random weights in a tiny BLIP-2 or MiniGPT-4 (the vision side is small; the language model has
+the named shape, fp32). Every configuration is timed alternately with the plain backbone's own
 `generate` on the same inputs and settings (greedy, a fixed number of new tokens), medians
 compared, and split into the prompt pass (vision tower, Q-Former, prompt; ends at the first
 logits-processor call) and the decode phase (per generated token after the first):
@@ -27,7 +29,6 @@ import sys
 import torch
 
 from earlyexit.accounting import CostModel, summarize
-from earlyexit.backends.blip2_opt import Blip2OptBackend
 from earlyexit.engine import EarlyExitForCausalLM
 from earlyexit.evaluate import _timed, provenance
 from earlyexit.gates import LearnedGate
@@ -35,9 +36,17 @@ from earlyexit.strategies.confidence import ConfidenceStrategy
 from earlyexit.strategies.fixed import FixedStrategy
 from earlyexit.strategies.free import FreeStrategy
 
-SHAPES = {
-    "opt-125m": dict(num_layers=12, hidden_size=768, num_heads=12, ffn_dim=3072, vocab_size=50272),
-    "opt-1.3b": dict(num_layers=24, hidden_size=2048, num_heads=32, ffn_dim=8192, vocab_size=50272),
+SHAPES = {  # backend -> language-model shapes (the first is the default)
+    "blip2-opt": {
+        "opt-125m": dict(num_layers=12, hidden_size=768, num_heads=12, ffn_dim=3072, vocab_size=50272),
+        "opt-1.3b": dict(num_layers=24, hidden_size=2048, num_heads=32, ffn_dim=8192, vocab_size=50272),
+        "opt-tiny": dict(num_layers=12, hidden_size=64, num_heads=4),  # like llama-tiny: overheads show
+    },
+    "minigpt4-llama": {
+        "smollm2-135m": dict(num_layers=30, hidden_size=576, num_heads=9, num_kv_heads=3, intermediate_size=1536,
+                             vocab_size=49152),
+        "llama-tiny": dict(num_layers=12, hidden_size=64, num_heads=4, num_kv_heads=2),
+    },
 }
 COMMON = dict(init_std=0.02, image_size=32, num_query_tokens=32, vision_hidden=64)
 
@@ -78,7 +87,9 @@ def decision_costs(backend) -> list[dict]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="opt-125m")
+    parser.add_argument("--backend", choices=sorted(SHAPES), default="blip2-opt")
+    parser.add_argument("--shape", choices=sorted(name for shapes in SHAPES.values() for name in shapes),
+                        help="the language model's shape (default: the backend's first)")
     parser.add_argument("--batch-sizes", default="1,8", help="comma-separated batch sizes")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=32)
@@ -90,13 +101,21 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    shapes = SHAPES[args.backend]
+    args.shape = args.shape or next(iter(shapes))
+    if args.shape not in shapes:
+        parser.error(f"shape {args.shape} is not a {args.backend} shape; choose one of {', '.join(shapes)}")
+    from earlyexit.plugins import get_registry
+
     torch.manual_seed(0)
-    backend = Blip2OptBackend.from_tiny_config(seed=0, **SHAPES[args.shape], **COMMON)
+    backend = get_registry(load_entrypoints=False).backend(args.backend).from_tiny_config(
+        seed=0, **shapes[args.shape], **COMMON)
     exit_layer = args.exit_layer or backend.num_layers // 3
     from PIL import Image
 
     settings = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
-    print(f"decoder {args.shape}: {backend.num_layers} layers, width {backend.text_config.hidden_size}, "
+    print(f"{args.backend}, decoder {args.shape}: {backend.num_layers} layers, "
+          f"width {backend.text_config.hidden_size}, "
           f"vocab {backend.text_config.vocab_size}; {args.new_tokens} new tokens, fp32, {torch.get_num_threads()} "
           f"threads, median of {args.repeats} alternating runs")
     rows = []
@@ -114,7 +133,7 @@ def main(argv=None) -> int:
         print(f"\nbatch {batch}\n(a) exits off / plain generate: {result['wall_speedup']:.3f} end to end, "
               f"{result['decode_wall_speedup']:.3f} decoding (goal >= 0.97); plain decodes "
               f"{1 / result['reference']['decode_per_token_s']:.1f} tokens/s")
-        rows.append({"shape": args.shape, "batch": batch, "config": "exits off", **result})
+        rows.append({"backend": args.backend, "shape": args.shape, "batch": batch, "config": "exits off", **result})
         print(f"(b) fixed exit at layer {exit_layer}")
         header = f"{'every':>5} {'kv policy':>10} {'param':>7} {'layer':>7} {'wall':>7} {'l-dec':>7} {'w-dec':>7} {'w/l dec':>8}"
         print(header + "\n" + "-" * len(header))
@@ -129,7 +148,8 @@ def main(argv=None) -> int:
                 print(f"{every:>5} {policy:>10} {summary['param_speedup']:>6.2f}x {summary['layer_speedup']:>6.2f}x "
                       f"{result['wall_speedup']:>6.2f}x {summary['decode_layer_speedup']:>6.2f}x "
                       f"{result['decode_wall_speedup']:>6.2f}x {ratio:>8.2f}")
-                rows.append({"shape": args.shape, "batch": batch, "config": f"fixed@{exit_layer} every {every}",
+                rows.append({"backend": args.backend, "shape": args.shape, "batch": batch,
+                             "config": f"fixed@{exit_layer} every {every}",
                              "kv_policy": policy, "param_speedup": summary["param_speedup"],
                              "layer_speedup": summary["layer_speedup"],
                              "decode_layer_speedup": summary["decode_layer_speedup"],

@@ -69,6 +69,13 @@ class Backend:
         """Processor output for a batch: `pixel_values`, `input_ids`, `attention_mask` (left padded)."""
         raise NotImplementedError
 
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """One row's prompt as token ids, image placeholders included, unpadded: what
+        `prepare_inputs` gives that row (training appends the target after it). This default is
+        BLIP-2's layout: `num_query_tokens` image tokens, then the tokenized prompt (BOS first)."""
+        config = self.model.config
+        return [config.image_token_id] * config.num_query_tokens + self.processor.tokenizer(prompt)["input_ids"]
+
     def decoder_inputs_embeds(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
                               image_features: torch.Tensor | None = None) -> torch.Tensor:
         """Language-model input embeddings with the image features (computed from `pixel_values`
@@ -149,12 +156,26 @@ class Backend:
         raise NotImplementedError
 
     def stacked_kv_projection(self, layers: list) -> tuple | None:
-        """K/V projections of several layers as one matmul, for state propagation:
-        `(eps, weight, bias)` such that, with `x` layer-normalised without affine when `eps` is
-        not None, `x @ weight + bias` is every layer's (keys, values) side by side, each
-        (heads * head_dim) wide. None when the family has no such form (propagation then runs
-        `fill_kv` layer by layer)."""
+        """K/V projections of several layers as one matmul, for state propagation: what
+        `project_stacked_kv` applies. The default form is `(eps, weight, bias)` such that, with
+        `x` layer-normalised without affine when `eps` is not None, `x @ weight + bias` is every
+        layer's (keys, values) side by side, each (key/value heads * head_dim) wide. None when
+        the family has no such form (propagation then runs `fill_kv` layer by layer)."""
         return None
+
+    def project_stacked_kv(self, stack, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple:
+        """(keys, values) of every layer of a `stacked_kv_projection` for `hidden` (rows,
+        positions, width) at `position_ids`, each (layers, rows, heads, positions, head_dim) as
+        the layers' attention caches them. This default applies the default form."""
+        import torch
+
+        eps, weight, bias = stack
+        x = torch.nn.functional.layer_norm(hidden, hidden.shape[-1:], eps=eps) if eps is not None else hidden
+        config = self.text_config
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        kv = (x @ weight + bias).view(*x.shape[:2], -1, 2, heads, dim).permute(3, 2, 0, 4, 1, 5)
+        return kv[0], kv[1]
 
     def kv_projection_param_count(self, layer: torch.nn.Module | None = None) -> int:
         """Parameters used by `fill_kv` for `layer` (default: a backbone layer): norm and K/V projections."""

@@ -82,7 +82,6 @@ class TrainingBatches:
         tokenizer = backend.processor.tokenizer
         self.tokenizer = tokenizer
         self.image_token = backend.model.config.image_token_id
-        self.num_query_tokens = backend.model.config.num_query_tokens
 
     def _index_images(self, datasets: list[Dataset]) -> tuple[LazyPixels, list[list[int]]]:
         """The distinct images (VQA has several questions per image) as lazy pixel rows, and for
@@ -126,14 +125,12 @@ class TrainingBatches:
         return batch
 
     def encode(self, prompt: str, target: str) -> tuple[list[int], list[int]]:
-        """Image placeholders + BOS + prompt + target + EOS; labels only on target and EOS."""
-        prompt_ids = self.tokenizer(prompt)["input_ids"]  # starts with BOS
+        """The family's prompt with its image placeholders (`backend.prompt_ids`) + target + EOS;
+        labels only on target and EOS."""
+        prompt_ids = self.backend.prompt_ids(prompt)
         target_ids = self.tokenizer(" " + target, add_special_tokens=False)["input_ids"]
         target_ids = target_ids + [self.tokenizer.eos_token_id]
-        image = [self.image_token] * self.num_query_tokens
-        ids = image + prompt_ids + target_ids
-        labels = [-100] * (len(image) + len(prompt_ids)) + target_ids
-        return ids, labels
+        return prompt_ids + target_ids, [-100] * len(prompt_ids) + target_ids
 
     def collate(self, rows, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         length = max(len(ids) for ids, _ in rows)

@@ -297,6 +297,8 @@ class _Step:
                 extra = self.widths[depth]
                 waiting = cache.pending[self.rows, total - extra:total - width]
                 block, width = torch.cat([waiting, block], 1), extra
+            if self.waits_here[depth]:
+                block = self._enter_waiting(depth, block, width)
             e = model.exit_at.get(depth)
             if e is not None:
                 block, width, previous = self._exit_point(e, depth, block, width, previous, record)
@@ -434,18 +436,15 @@ class _Step:
             slots, stack = model.propagation(depth)
             newest = block[:, -self.new:]
             if stack is not None:  # every deeper slot's K/V in one matmul
-                eps, weight, bias = stack
-                x = torch.nn.functional.layer_norm(newest, newest.shape[-1:], eps=eps) if eps is not None else newest
-                heads, dim = cache.keys.shape[2], cache.keys.shape[4]
-                # (2, slots, rows, heads, new, dim), the buffer's own layout
-                kv = (x @ weight + bias).view(*x.shape[:2], len(slots), 2, heads, dim).permute(3, 2, 0, 4, 1, 5)
+                # (slots, rows, heads, new, dim) each, the buffer's own layout
+                keys, values = self.backend.project_stacked_kv(stack, newest, cache.positions[rows, self.past:total])
                 chosen = slice(None) if self._is_all(rows) else rows
                 deep = n - depth  # backbone slots depth..n-1 are contiguous: plain slicing
-                cache.keys[depth:n, chosen, :, self.past:total] = kv[0, :deep]
-                cache.values[depth:n, chosen, :, self.past:total] = kv[1, :deep]
+                cache.keys[depth:n, chosen, :, self.past:total] = keys[:deep]
+                cache.values[depth:n, chosen, :, self.past:total] = values[:deep]
                 for i, slot in enumerate(model.exit_slots_after(depth)):
-                    cache.keys[slot, chosen, :, self.past:total] = kv[0, deep + i]
-                    cache.values[slot, chosen, :, self.past:total] = kv[1, deep + i]
+                    cache.keys[slot, chosen, :, self.past:total] = keys[deep + i]
+                    cache.values[slot, chosen, :, self.past:total] = values[deep + i]
             else:
                 cache.plan = WritePlan(rows=rows, start=self.past, columns=None, length=total)
                 positions = cache.positions[rows, self.past:total]
@@ -468,21 +467,37 @@ class _Step:
         return self.rows_all and rows is self.rows
 
     def _lag_extremes(self, keep):
-        """Per layer, the most and fewest positions a kept row lacks (its catch-up width)."""
+        """Per layer, the most and fewest positions a kept row lacks (its catch-up width), and
+        whether some kept row has positions waiting at exactly that depth (it lacks more there
+        than one layer earlier: they left at this depth)."""
         lag = self.lag
-        if keep is None:
-            return [lag.amax(0), lag.amin(0)]
-        keep = keep[:, None]
-        return [lag.masked_fill(~keep, 0).amax(0), lag.masked_fill(~keep, 1 << 30).amin(0)]
+        if keep is not None:
+            keep = keep[:, None]
+            most, fewest = lag.masked_fill(~keep, 0).amax(0), lag.masked_fill(~keep, 1 << 30).amin(0)
+            lag = lag.masked_fill(~keep, 0)
+        else:
+            most, fewest = lag.amax(0), lag.amin(0)
+        return [most, fewest, (lag[:, 1:] > lag[:, :-1]).any(0).long()]
 
     def _set_widths(self, info: list[int]) -> None:
         n = self.model.num_layers
         if self.lag is None:
-            self.widths, self.ragged = [self.new] * n, [False] * n
+            self.widths, self.ragged, self.waits_here = [self.new] * n, [False] * n, [False] * n
         else:
-            most, fewest = info[:n], info[n:2 * n]
+            most, fewest, starts = info[:n], info[n:2 * n], info[2 * n:3 * n - 1]
             self.widths = [max(m, self.new) for m in most]
             self.ragged = [m != f for m, f in zip(most, fewest)]
+            self.waits_here = [False] + [bool(x) for x in starts]
+
+    def _enter_waiting(self, depth: int, block: torch.Tensor, width: int) -> torch.Tensor:
+        """Put into the block the states of the positions that wait at exactly this depth (held
+        by the layer before, not by this one). Where the block already covered them they were
+        padding for their row until here: another row's catch-up had widened it earlier."""
+        held = self.cache.held[self.rows]
+        columns = torch.arange(self.total - width, self.total, device=block.device)[None]
+        waiting = (columns >= held[:, depth, None]) & (columns < held[:, depth - 1, None])
+        pending = self.cache.pending[self.rows, self.total - width:self.total]
+        return torch.where(waiting[..., None], pending.to(block.dtype), block)
 
     def _plan(self, depth: int, width: int) -> WritePlan:
         rows = None if self.rows_all else self.rows

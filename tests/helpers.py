@@ -38,8 +38,27 @@ def full_forward_cache(backend, inputs, sequences, drop_last=True):
                       torch.ones_like(new_ids)], dim=1)
     cache = DynamicCache()
     with torch.no_grad():
-        backend.language_model(inputs_embeds=embeds, attention_mask=mask, cache=cache, use_cache=True)
+        # positions from the mask, as generation has them (Llama's forward alone would count pads)
+        backend.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=backend.position_ids(mask),
+                               cache=cache, use_cache=True)
     return cache, mask
+
+
+def assert_cache_matches_full_forward(cache, backend, inputs, sequences, drop_last=True, atol=1e-4):
+    """Every layer holds, per row, a prefix of positions (catch-up) whose K/V equal one full
+    forward's; returns how many positions lag behind in total."""
+    reference, mask = full_forward_cache(backend, inputs, sequences, drop_last)
+    lagging = 0
+    for r in range(sequences.shape[0]):
+        for j in range(backend.num_layers):
+            held = int(cache.held[r, j])
+            lagging += cache.total_length - held
+            real = mask[r, :held].bool()  # pad positions' own states are never read
+            for name in ("keys", "values"):
+                got = getattr(cache.layers[j], name)[r, :, :held].transpose(0, 1)[real]
+                want = getattr(reference.layers[j], name)[r, :, :held].transpose(0, 1)[real]
+                torch.testing.assert_close(got, want, atol=atol, rtol=0)
+    return lagging
 
 
 def make_tiny_clip(folder):
@@ -84,12 +103,14 @@ def assert_exit_slots_match_running_the_modules(model, inputs, sequences, module
     embeds = torch.cat([backend.decoder_inputs_embeds(inputs["pixel_values"], ids),
                         backend.language_model.get_input_embeddings()(sequences[:, ids.shape[1]:-1])], 1)
     with torch.no_grad():
-        hidden = backend.language_model(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=True).hidden_states
+        positions = backend.position_ids(mask)
+        hidden = backend.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                                        output_hidden_states=True).hidden_states
         for e, (module, depth) in enumerate(zip(modules, model.strategy.exit_layers)):
             reference = DynamicCache()
             layer_mask = create_causal_mask(config=backend.text_config, inputs_embeds=hidden[depth],
                                             attention_mask=mask, cache=None)
-            module(hidden[depth], attention_mask=layer_mask, position_ids=backend.position_ids(mask), cache=reference)
+            backend.run_layer(module, hidden[depth], attention_mask=layer_mask, position_ids=positions, cache=reference)
             slot = backend.num_layers + e
             for r in range(sequences.shape[0]):
                 held = int(cache.held[r, depth])  # the slot holds at least what layer `depth` holds

@@ -8,7 +8,8 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from earlyexit.engine import EarlyExitForCausalLM
 from earlyexit.strategy import Strategy
-from helpers import assert_exit_slots_match_running_the_modules, full_forward_cache, no_eos
+from helpers import (assert_cache_matches_full_forward, assert_exit_slots_match_running_the_modules, make_backend,
+                     make_images, no_eos)
 
 ATOL = 1e-4
 
@@ -16,23 +17,6 @@ ATOL = 1e-4
 def fixed(registry, backend, layer, every):
     cls = registry.strategy("fixed")
     return cls(backend, [layer], cls.Config(every=every))
-
-
-def assert_cache_matches_full_forward(cache, backend, inputs, sequences, drop_last=True):
-    """Every layer holds, per row, a prefix of positions (catch-up) whose K/V equal one full
-    forward's; returns how many positions lag behind in total."""
-    reference, mask = full_forward_cache(backend, inputs, sequences, drop_last)
-    lagging = 0
-    for r in range(sequences.shape[0]):
-        for j in range(backend.num_layers):
-            held = int(cache.held[r, j])
-            lagging += cache.total_length - held
-            real = mask[r, :held].bool()  # pad positions' own states are never read
-            for name in ("keys", "values"):
-                got = getattr(cache.layers[j], name)[r, :, :held].transpose(0, 1)[real]
-                want = getattr(reference.layers[j], name)[r, :, :held].transpose(0, 1)[real]
-                torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
-    return lagging
 
 
 class CacheSnapshots(LogitsProcessor):
@@ -151,3 +135,48 @@ def test_exit_transformer_keeps_its_own_exact_cache_under_catchup(backend6, batc
     # reference: each exit transformer run once over the full forward's hidden states at its depth
     assert_exit_slots_match_running_the_modules(model, batch2, sequences, strategy.modules, atol=ATOL)
     assert_cache_matches_full_forward(model.last_cache, backend6, batch2, sequences)
+
+
+class Scripted(Strategy):
+    """Rows leave where a script says ({step: {row: exit index}}; unnamed rows go to full depth),
+    each exit with an exit transformer (a copy of a backbone layer) of its own."""
+
+    name = "test-scripted"
+
+    def __init__(self, backend, exit_layers, script):
+        super().__init__(backend, exit_layers)
+        self.script = script
+        self.modules = torch.nn.ModuleList(copy.deepcopy(backend.decoder_layers()[k]) for k in self.exit_layers)
+
+    def exit_modules(self):
+        return self.modules
+
+    def exit_attention_layer(self, exit_index):
+        return self.modules[exit_index]
+
+    def should_exit(self, exit_index, view, context):
+        plan = self.script.get(context.step, {})
+        return torch.tensor([plan.get(int(r)) == exit_index for r in view.rows])
+
+
+def llama_backend():
+    from earlyexit.backends.minigpt4_llama import Minigpt4LlamaBackend
+
+    return Minigpt4LlamaBackend.from_tiny_config(seed=1, num_layers=6, hidden_size=32, num_heads=4, num_kv_heads=2)
+
+
+@pytest.mark.parametrize("make", [lambda: make_backend(seed=1, num_layers=6), llama_backend], ids=["opt", "llama"])
+def test_catchup_when_rows_lag_from_different_depths(make):
+    """A row that left at a deeper exit than another row of the same step catches up in the same
+    call as that row: at the deeper layer its own waiting state must enter the block (its entries
+    there were only padding until then)."""
+    backend = make()
+    inputs = backend.prepare_inputs(make_images(3, seed=2), ["a red circle", "what color is the small square", ""])
+    script = {2: {0: 1, 2: 0}, 4: {1: 0, 0: 1}, 5: {2: 1, 1: 1}, 6: {0: 0}}
+    strategy = Scripted(backend, [2, 4], script)
+    model = EarlyExitForCausalLM(backend, strategy, kv_policy="catchup")
+    sequences = model.generate(**inputs, max_new_tokens=9, do_sample=False, **no_eos(backend))
+    layers = model.last_trace.exit_layers
+    assert layers[:, 2].tolist() == [4, 6, 2] and layers[:, 5].tolist() == [6, 4, 4]
+    assert_exit_slots_match_running_the_modules(model, inputs, sequences, strategy.modules, atol=ATOL)
+    assert_cache_matches_full_forward(model.last_cache, backend, inputs, sequences)

@@ -1,0 +1,50 @@
+"""BLIP-2's image side, shared by the families built on it (BLIP-2 OPT, MiniGPT-4): the vision
+tower, the Q-Former's learned queries reading the image, and the linear projection into the
+language model's width. Any model with `vision_model`, `query_tokens`, `qformer` and
+`language_projection` (named as in transformers' BLIP-2) works here.
+"""
+
+from __future__ import annotations
+
+
+def saturating_query_features(model, pixel_values, saturation: float) -> tuple:
+    """(projected query outputs, vision layers run per image): each image's vision tower stops
+    after the first layer whose output has a mean cosine similarity of at least `saturation`
+    with its input (MuE's encoder exit); the last layer's output is taken otherwise."""
+    import torch
+    import torch.nn.functional as F
+
+    vision = model.vision_model
+    layers = vision.encoder.layers
+    hidden = vision.embeddings(pixel_values.to(vision.embeddings.patch_embedding.weight.dtype))
+    result = hidden.clone()
+    depth = torch.full((hidden.shape[0],), len(layers), dtype=torch.long, device=hidden.device)
+    going = torch.arange(hidden.shape[0], device=hidden.device)
+    for i, layer in enumerate(layers):
+        new = layer(hidden)
+        if i + 1 == len(layers):
+            result[going] = new
+            break
+        similarity = F.cosine_similarity(new.float(), hidden.float(), dim=-1).mean(-1)
+        done = similarity >= saturation  # this image's features have settled: stop its tower here
+        if bool(done.any()):
+            result[going[done]] = new[done]
+            depth[going[done]] = i + 1
+            going, new = going[~done], new[~done]
+            if not len(going):
+                break
+        hidden = new
+    image_embeds = vision.post_layernorm(result)
+    return project_queries(model, image_embeds), depth
+
+
+def project_queries(model, image_embeds):
+    """The Q-Former's queries read the (post-layernormed) image embeddings; their outputs are
+    projected to the language model's width."""
+    import torch
+
+    mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+    queries = model.query_tokens.expand(image_embeds.shape[0], -1, -1)
+    query_output = model.qformer(query_embeds=queries, encoder_hidden_states=image_embeds,
+                                 encoder_attention_mask=mask, return_dict=True)[0]
+    return model.language_projection(query_output.to(image_embeds.dtype))

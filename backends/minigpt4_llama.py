@@ -1,0 +1,266 @@
+"""MiniGPT-4 with a Llama/Vicuna decoder (`minigpt4-llama`): how the family is wired.
+
+The model (`minigpt4_model`) composes BLIP-2's vision tower and Q-Former, MiniGPT-4's linear
+projection and a `LlamaForCausalLM`; the image's projected queries fill the placeholder ids that
+stand where MiniGPT-4's prompt template says `<ImageHere>`. The decoder's layer-by-layer methods
+(RoPE, grouped-query K/V, RMSNorm read-out) are Llama's (`llama_decoder`).
+
+Loading: a folder written by `save_pretrained`, or a recipe (a `.json` file) naming MiniGPT-4's
+released parts:
+    {"language_model": "vicuna-7b-v0",                Llama/Vicuna: folder or hub id
+     "vision": "Salesforce/blip2-flan-t5-xxl",        BLIP-2: its vision tower, queries, Q-Former
+     "projection_checkpoint": "prerained_minigpt4_7b.pth"}   MiniGPT-4's llama_proj
+Relative paths in a recipe are read from the recipe's folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+
+from earlyexit import hookimpl
+from earlyexit.backend import Backend, hub_offline
+from earlyexit.errors import ConfigError, ModelNotAvailableError
+
+from .llama_decoder import LlamaDecoderMethods
+
+RECIPE_KEYS = ("language_model", "vision", "projection_checkpoint")
+TEMPLATE_WORDS = ("#", "human", "assistant", "<", ">", "/", "img")  # the tiny tokenizer spells the template
+BLIP2_IMAGE_SIDE = ("vision_model.", "qformer.", "query_tokens")
+
+
+class Minigpt4LlamaBackend(LlamaDecoderMethods, Backend):
+    name = "minigpt4-llama"
+    description = ("MiniGPT-4: BLIP-2 vision tower and Q-Former, a projection, a Llama/Vicuna decoder "
+                   "(LlamaForCausalLM); a saved folder or a recipe .json of the released parts")
+
+    # -- loading -------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, dtype: str = "float32", device: str = "cpu") -> Minigpt4LlamaBackend:
+        import torch
+
+        from .minigpt4_model import CONFIG_FILE, MiniGPT4ForConditionalGeneration, MiniGPT4Processor
+
+        if os.path.isfile(os.path.join(name_or_path, CONFIG_FILE)):
+            model = MiniGPT4ForConditionalGeneration.from_pretrained(name_or_path, getattr(torch, dtype))
+            processor = MiniGPT4Processor.from_pretrained(name_or_path)
+            model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+            return cls(model.to(device), processor)
+        if name_or_path.endswith(".json") and os.path.isfile(name_or_path):
+            return cls.compose(**read_recipe(name_or_path), dtype=dtype, device=device)
+        raise ConfigError(f"{name_or_path!r} is neither a MiniGPT-4 folder (written by save_pretrained) nor a recipe "
+                          f".json naming {', '.join(RECIPE_KEYS)}; see `earlyexit list` and the backend's docs")
+
+    @classmethod
+    def compose(cls, language_model: str, vision: str, projection_checkpoint: str, prompt_template: str | None = None,
+                dtype: str = "float32", device: str = "cpu") -> Minigpt4LlamaBackend:
+        """MiniGPT-4 from its released parts: Llama/Vicuna weights (hub id or folder), a BLIP-2
+        checkpoint's vision tower, queries and Q-Former, and MiniGPT-4's projection `.pth`."""
+        import torch
+        from transformers import AutoImageProcessor, AutoTokenizer, LlamaForCausalLM
+
+        from .minigpt4_model import (IMAGE_PLACEHOLDER, PROMPT_TEMPLATE, MiniGPT4Config,
+                                     MiniGPT4ForConditionalGeneration, MiniGPT4Processor)
+
+        offline = hub_offline()
+        if not os.path.isfile(projection_checkpoint):  # the cheapest mistake first, before any download
+            raise ConfigError(f"projection checkpoint {projection_checkpoint!r} does not exist; pass MiniGPT-4's "
+                              "released .pth (e.g. prerained_minigpt4_7b.pth)")
+        text_config = load_config(language_model, "llama", "the Llama/Vicuna language model", offline)
+        blip2_config = load_config(vision, "blip-2", "the BLIP-2 vision tower and Q-Former", offline)
+        with unavailable_as_error(language_model):
+            tokenizer = AutoTokenizer.from_pretrained(language_model, local_files_only=offline)
+            llama = LlamaForCausalLM.from_pretrained(language_model, config=text_config, dtype=getattr(torch, dtype),
+                                                     local_files_only=offline)
+        with unavailable_as_error(vision):
+            image_processor = AutoImageProcessor.from_pretrained(vision, local_files_only=offline)
+            image_side = read_blip2_image_side(vision, offline)
+        # Llama's byte-fallback tokenizer never emits <unk>, so its (existing) embedding row can
+        # stand for the image positions; the text around <ImageHere> is tokenized on its own.
+        vocab = tokenizer.get_vocab()
+        image_token_id = vocab[IMAGE_PLACEHOLDER] if IMAGE_PLACEHOLDER in vocab else tokenizer.unk_token_id
+        if image_token_id is None:
+            raise ConfigError(f"{language_model}: the tokenizer has neither {IMAGE_PLACEHOLDER} nor an unknown "
+                              "token to stand for the image positions")
+        if tokenizer.pad_token_id is None or tokenizer.pad_token_id == image_token_id:
+            tokenizer.pad_token = tokenizer.eos_token  # Llama ships without one; padding is masked anyway
+        tokenizer.padding_side = "left"
+        config = MiniGPT4Config(vision_config=blip2_config.vision_config.to_dict(),
+                                qformer_config=blip2_config.qformer_config.to_dict(),
+                                num_query_tokens=blip2_config.num_query_tokens, image_token_id=image_token_id)
+        model = MiniGPT4ForConditionalGeneration(config, llama)
+        model.load_image_side(image_side, vision, with_projection=False)
+        model.load_projection_checkpoint(projection_checkpoint)
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        processor = MiniGPT4Processor(image_processor, tokenizer, config.num_query_tokens, image_token_id,
+                                      prompt_template or PROMPT_TEMPLATE)
+        return cls(model.to(getattr(torch, dtype)).to(device).eval(), processor)
+
+    @classmethod
+    def from_tiny_config(cls, seed: int = 0, num_layers: int = 4, hidden_size: int = 32, num_heads: int = 4,
+                         num_kv_heads: int | None = None, intermediate_size: int | None = None,
+                         num_query_tokens: int = 4, image_size: int = 16, patch_size: int | None = None,
+                         vision_hidden: int = 32, vision_layers: int = 1, qformer_layers: int = 1,
+                         init_std: float = 0.2, vocab_size: int | None = None, words=None,
+                         encoder_init_std: float = 0.02) -> Minigpt4LlamaBackend:
+        """A small randomly initialised MiniGPT-4 with a word-level tokenizer. `num_kv_heads` below
+        `num_heads` gives grouped-query attention; a `vocab_size` above the tokenizer's gives a
+        real-sized LM head (benchmarks)."""
+        import torch
+        from tokenizers import AddedToken
+        from transformers import Blip2QFormerConfig, Blip2VisionConfig, LlamaConfig, LlamaForCausalLM
+        from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+        from earlyexit.tiny import DEFAULT_WORDS, build_tokenizer
+
+        from .minigpt4_model import IMAGE_PLACEHOLDER, MiniGPT4Config, MiniGPT4ForConditionalGeneration, \
+            MiniGPT4Processor
+
+        tokenizer = build_tokenizer(tuple(words or DEFAULT_WORDS) + TEMPLATE_WORDS)
+        tokenizer.add_tokens([AddedToken(IMAGE_PLACEHOLDER, special=True)], special_tokens=True)
+        image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+        text = LlamaConfig(
+            vocab_size=max(vocab_size or 0, len(tokenizer)), hidden_size=hidden_size, num_hidden_layers=num_layers,
+            intermediate_size=intermediate_size or 4 * hidden_size, num_attention_heads=num_heads,
+            num_key_value_heads=num_kv_heads or num_heads, max_position_embeddings=256, initializer_range=init_std,
+            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
+        )
+        vision = Blip2VisionConfig(hidden_size=vision_hidden, intermediate_size=4 * vision_hidden,
+                                   num_hidden_layers=vision_layers, num_attention_heads=4, image_size=image_size,
+                                   patch_size=patch_size or image_size // 2,
+                                   initializer_range=encoder_init_std)  # BLIP-2's 1e-10 assumes pretrained weights
+        qformer = Blip2QFormerConfig(hidden_size=vision_hidden, num_hidden_layers=qformer_layers,
+                                     num_attention_heads=4, intermediate_size=4 * vision_hidden,
+                                     encoder_hidden_size=vision_hidden, initializer_range=encoder_init_std)
+        config = MiniGPT4Config(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(),
+                                num_query_tokens=num_query_tokens, image_token_id=image_token_id)
+        torch.manual_seed(seed)
+        model = MiniGPT4ForConditionalGeneration(config, LlamaForCausalLM(text)).eval()
+        with torch.no_grad():  # identical queries would read the image identically
+            model.query_tokens.normal_(0.0, encoder_init_std)
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        images = BlipImageProcessorPil(size={"height": image_size, "width": image_size})
+        return cls(model, MiniGPT4Processor(images, tokenizer, num_query_tokens, image_token_id))
+
+    # -- inputs --------------------------------------------------------------------------------
+    def prepare_inputs(self, images, prompts=None):
+        if self.processor is None:
+            raise ConfigError("this model has no processor; load it from a folder that holds one")
+        prompts = prompts if prompts is not None else [""] * len(images)
+        return self.processor(images=images, text=prompts)
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        return self.processor.prompt_ids(prompt)
+
+    @property
+    def vision_layers(self) -> int:
+        return len(self.model.vision_model.encoder.layers)
+
+    def image_features(self, pixel_values, saturation=None):
+        if saturation is None:
+            return self.model.get_image_features(pixel_values), None
+        from .blip2_vision import saturating_query_features
+
+        return saturating_query_features(self.model, pixel_values, saturation)
+
+    def decoder_inputs_embeds(self, pixel_values, input_ids, image_features=None):
+        return self.model.embed_inputs(pixel_values, input_ids, image_features)
+
+    # -- the language model --------------------------------------------------------------------
+    @property
+    def language_model(self):
+        return self.model.language_model
+
+
+def read_recipe(path: str) -> dict:
+    try:
+        with open(path) as handle:
+            recipe = json.load(handle)
+    except (OSError, json.JSONDecodeError) as error:
+        raise ConfigError(f"recipe {path} is unreadable ({error})") from None
+    if not isinstance(recipe, dict) or any(not isinstance(recipe.get(k), str) for k in RECIPE_KEYS):
+        raise ConfigError(f"recipe {path} must be a JSON object naming {', '.join(RECIPE_KEYS)} (strings)")
+    unknown = set(recipe) - set(RECIPE_KEYS) - {"prompt_template"}
+    if unknown:
+        raise ConfigError(f"recipe {path} has unknown keys {sorted(unknown)}; it takes {', '.join(RECIPE_KEYS)} "
+                          "and prompt_template")
+    folder = os.path.dirname(os.path.abspath(path))
+    for key in RECIPE_KEYS:  # relative paths that exist next to the recipe; anything else is a hub id
+        beside = os.path.join(folder, recipe[key])
+        if not os.path.isabs(recipe[key]) and os.path.exists(beside):
+            recipe[key] = beside
+    return recipe
+
+
+@contextlib.contextmanager
+def unavailable_as_error(name: str):
+    """Loading errors of a hub id or folder (not cached, unreachable, incomplete: transformers
+    and huggingface_hub raise OSError for each) as one-line ModelNotAvailableError."""
+    try:
+        yield
+    except OSError as error:
+        if os.path.isdir(name):
+            raise ModelNotAvailableError(f"{name}: could not be loaded ({first_line(error)})") from error
+        raise ModelNotAvailableError(
+            f"model {name!r} is not available offline and the hub cannot be reached; download it on a "
+            "connected machine and name its local folder instead (set HF_HUB_OFFLINE=1 to fail at once)") from error
+
+
+def first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0][:200] if lines else type(error).__name__
+
+
+def load_config(name: str, model_type: str, role: str, offline: bool):
+    from transformers import AutoConfig
+
+    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1
+    if not os.path.isdir(name) and looks_like_path:
+        raise ConfigError(f"folder {name!r} ({role}) does not exist; name a folder or a hub id")
+    with unavailable_as_error(name):
+        config = AutoConfig.from_pretrained(name, local_files_only=offline)
+    if config.model_type != model_type:
+        raise ConfigError(f"{name} is a {config.model_type} model, but {role} must be {model_type}")
+    return config
+
+
+def read_blip2_image_side(source: str, offline: bool) -> dict:
+    """The vision tower, queries and Q-Former tensors of a BLIP-2 checkpoint (hub id or folder),
+    read from its safetensors files without loading its language model."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import RemoteEntryNotFoundError
+    from safetensors import safe_open
+
+    def fetch(filename):
+        if os.path.isdir(source):
+            path = os.path.join(source, filename)
+            return path if os.path.isfile(path) else None
+        try:
+            return hf_hub_download(source, filename, local_files_only=offline)
+        except RemoteEntryNotFoundError:
+            return None
+
+    index = fetch("model.safetensors.index.json")
+    if index is not None:
+        with open(index) as handle:
+            weight_map = json.load(handle)["weight_map"]
+        files = sorted({f for key, f in weight_map.items() if key.startswith(BLIP2_IMAGE_SIDE)})
+    else:
+        files = ["model.safetensors"]
+    state = {}
+    for filename in files:
+        path = fetch(filename)
+        if path is None:
+            raise ModelNotAvailableError(f"{source} holds no {filename}; MiniGPT-4 reads BLIP-2's safetensors weights")
+        with safe_open(path, "pt") as weights:
+            state.update({key: weights.get_tensor(key) for key in weights.keys() if key.startswith(BLIP2_IMAGE_SIDE)})
+    if not state:
+        raise ModelNotAvailableError(f"{source} holds no BLIP-2 vision tower or Q-Former weights")
+    return state
+
+
+@hookimpl
+def earlyexit_register_backends():
+    return [Minigpt4LlamaBackend]

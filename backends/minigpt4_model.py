@@ -1,0 +1,283 @@
+"""MiniGPT-4 as one module, and its processor (transformers has no class for it).
+
+Image -> BLIP-2's ViT -> Q-Former (`num_query_tokens` learned queries) -> one linear projection
+(MiniGPT-4's `llama_proj`, the only part MiniGPT-4 trains) -> the embeddings of the image
+placeholder ids that stand where the prompt template says `<ImageHere>` -> a Llama (Vicuna)
+decoder. The template is MiniGPT-4's: `###Human: <Img><ImageHere></Img> {prompt} ###Assistant:`.
+
+A saved model is a folder:
+    minigpt4_config.json               image side shapes, number of queries, image placeholder id
+    image_side.safetensors             vision tower, queries, Q-Former and projection
+    language_model/                    the LlamaForCausalLM, through its own save_pretrained
+    minigpt4_processor.json + tokenizer and image processor files (the processor)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+
+import torch
+
+from earlyexit.errors import CheckpointError, ConfigError
+
+from .blip2_vision import project_queries
+
+CONFIG_FILE = "minigpt4_config.json"
+IMAGE_SIDE_FILE = "image_side.safetensors"
+LANGUAGE_MODEL_FOLDER = "language_model"
+PROCESSOR_FILE = "minigpt4_processor.json"
+IMAGE_PLACEHOLDER = "<ImageHere>"
+PROMPT_TEMPLATE = "###Human: <Img><ImageHere></Img> {prompt} ###Assistant:"
+PROJECTION_KEYS = ("llama_proj.weight", "llama_proj.bias")  # in MiniGPT-4's released checkpoints
+
+
+@dataclasses.dataclass
+class MiniGPT4Config:
+    vision_config: dict  # a Blip2VisionConfig as a dict
+    qformer_config: dict  # a Blip2QFormerConfig as a dict
+    num_query_tokens: int = 32
+    image_token_id: int = 0  # the id that stands for each image position in input_ids
+
+    def __post_init__(self):  # as JSON holds them (string keys), so a saved config equals the original
+        self.vision_config = json.loads(json.dumps(self.vision_config))
+        self.qformer_config = json.loads(json.dumps(self.qformer_config))
+
+    @classmethod
+    def from_dict(cls, values: dict) -> MiniGPT4Config:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        missing = fields - set(values)
+        if missing:
+            raise CheckpointError(f"{CONFIG_FILE} lacks {', '.join(sorted(missing))}; save the model again")
+        return cls(**{k: v for k, v in values.items() if k in fields})
+
+
+class MiniGPT4ForConditionalGeneration(torch.nn.Module):
+    """BLIP-2's image side (names as in transformers' BLIP-2) in front of a `LlamaForCausalLM`."""
+
+    def __init__(self, config: MiniGPT4Config, language_model):
+        from transformers import Blip2QFormerConfig, Blip2QFormerModel, Blip2VisionConfig, Blip2VisionModel
+
+        super().__init__()
+        self.config = config
+        self.vision_model = Blip2VisionModel(Blip2VisionConfig(**config.vision_config))
+        qformer_config = Blip2QFormerConfig(**config.qformer_config)
+        self.query_tokens = torch.nn.Parameter(torch.zeros(1, config.num_query_tokens, qformer_config.hidden_size))
+        self.qformer = Blip2QFormerModel(qformer_config)
+        self.language_projection = torch.nn.Linear(qformer_config.hidden_size, language_model.config.hidden_size)
+        self.language_model = language_model
+
+    @property
+    def generation_config(self):
+        return self.language_model.generation_config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.language_model.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.language_model.device
+
+    # -- the forward ---------------------------------------------------------------------------
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(images, queries, language-model width): the projected query outputs."""
+        vision = self.vision_model
+        image_embeds = vision(pixel_values=pixel_values.to(vision.embeddings.patch_embedding.weight.dtype),
+                              return_dict=True).last_hidden_state
+        return project_queries(self, image_embeds)
+
+    def embed_inputs(self, pixel_values, input_ids, image_features=None) -> torch.Tensor:
+        """Input embeddings with each image's query features in its placeholder positions."""
+        features = image_features if image_features is not None else self.get_image_features(pixel_values)
+        embeds = self.language_model.get_input_embeddings()(input_ids)
+        image_slots = (input_ids == self.config.image_token_id).unsqueeze(-1)
+        if int(image_slots.sum()) != features.shape[0] * features.shape[1]:
+            raise ConfigError(f"each prompt must hold {self.config.num_query_tokens} image placeholder ids (one "
+                              "image each); build inputs with backend.prepare_inputs, which expands <ImageHere>")
+        return embeds.masked_scatter(image_slots, features.to(embeds.dtype))
+
+    def forward(self, pixel_values, input_ids, attention_mask=None, labels=None, **kwargs):
+        """The language model's output (loss with `labels`, which it shifts itself)."""
+        embeds = self.embed_inputs(pixel_values, input_ids)
+        return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+
+    @torch.no_grad()
+    def generate(self, pixel_values, input_ids, attention_mask=None, **kwargs):
+        """The whole model's generation: the language model's `generate` over the prompt with the
+        image in place; returns the prompt ids followed by the new tokens, as BLIP-2 does."""
+        embeds = self.embed_inputs(pixel_values, input_ids)
+        return self.language_model.generate(input_ids=input_ids, inputs_embeds=embeds,
+                                            attention_mask=attention_mask, **kwargs)
+
+    # -- weights -------------------------------------------------------------------------------
+    def image_side_state(self) -> dict:
+        return {n: t for n, t in self.state_dict().items() if not n.startswith("language_model.")}
+
+    def load_image_side(self, state: dict, source: str, with_projection: bool = True) -> None:
+        """Load the image side's tensors (without the projection: a BLIP-2 checkpoint's parts)."""
+        expected = {n for n in self.image_side_state() if with_projection or not n.startswith("language_projection.")}
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        if missing or unexpected:
+            raise CheckpointError(f"{source} does not fit this MiniGPT-4's image side (missing {len(missing)} "
+                                  f"tensors, e.g. {missing[:2]}; unexpected {len(unexpected)}, e.g. {unexpected[:2]})")
+        own = self.state_dict()
+        reshaped = [n for n in sorted(expected) if tuple(state[n].shape) != tuple(own[n].shape)]
+        if reshaped:
+            raise CheckpointError(f"{source} does not fit this MiniGPT-4's image side ({reshaped[0]} is "
+                                  f"{tuple(state[reshaped[0]].shape)}, not {tuple(own[reshaped[0]].shape)})")
+        self.load_state_dict(state, strict=False)
+
+    def load_projection_checkpoint(self, path: str) -> None:
+        """Load MiniGPT-4's released projection (`llama_proj`) from its `.pth` checkpoint."""
+        weight, bias = read_projection_checkpoint(path)
+        projection = self.language_projection
+        if weight.shape != projection.weight.shape or bias.shape != projection.bias.shape:
+            raise CheckpointError(f"{path}: llama_proj is {tuple(weight.shape)}, but this model projects "
+                                  f"{projection.in_features} -> {projection.out_features}; pick the checkpoint "
+                                  "made for this Llama size")
+        with torch.no_grad():
+            projection.weight.copy_(weight)
+            projection.bias.copy_(bias)
+
+    def save_pretrained(self, path: str) -> None:
+        from safetensors.torch import save_file
+
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, CONFIG_FILE), "w") as handle:
+            json.dump(dataclasses.asdict(self.config), handle, indent=2)
+        save_file({n: t.detach().contiguous() for n, t in self.image_side_state().items()},
+                  os.path.join(path, IMAGE_SIDE_FILE))
+        self.language_model.save_pretrained(os.path.join(path, LANGUAGE_MODEL_FOLDER))
+
+    @classmethod
+    def from_pretrained(cls, path: str, dtype: torch.dtype = torch.float32) -> MiniGPT4ForConditionalGeneration:
+        """A folder written by `save_pretrained`."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        from transformers import LlamaForCausalLM
+
+        try:
+            with open(os.path.join(path, CONFIG_FILE)) as handle:
+                config = MiniGPT4Config.from_dict(json.load(handle))
+        except (OSError, json.JSONDecodeError) as error:
+            raise CheckpointError(f"{path}: {CONFIG_FILE} is unreadable ({error}); save the model again") from None
+        try:
+            language_model = LlamaForCausalLM.from_pretrained(os.path.join(path, LANGUAGE_MODEL_FOLDER), dtype=dtype,
+                                                              local_files_only=True)
+        except OSError as error:
+            raise CheckpointError(f"{path}: the language model in {LANGUAGE_MODEL_FOLDER}/ could not be loaded "
+                                  f"({one_line(error)}); save the model again") from None
+        model = cls(config, language_model)
+        try:
+            state = load_file(os.path.join(path, IMAGE_SIDE_FILE))
+        except (OSError, SafetensorError) as error:
+            raise CheckpointError(f"{path}: {IMAGE_SIDE_FILE} is unreadable ({one_line(error)}); save the model "
+                                  "again") from None
+        model.load_image_side(state, os.path.join(path, IMAGE_SIDE_FILE))
+        return model.to(dtype).eval()
+
+
+def one_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0][:200] if lines else type(error).__name__
+
+
+def read_projection_checkpoint(path: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) of `llama_proj` from a MiniGPT-4 `.pth` (its `model` dict, or the dict
+    itself). Read with `weights_only=True`: tensors and plain containers only, so a planted
+    object that would run code when unpickled is refused before anything of it runs."""
+    import pickle
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"projection checkpoint {path!r} does not exist; pass MiniGPT-4's released .pth "
+                          "(e.g. prerained_minigpt4_7b.pth)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many kinds for a damaged or foreign file
+        refused = re.search(r"Unsupported global: GLOBAL [\w.]+", str(error))
+        if isinstance(error, pickle.UnpicklingError) and refused:
+            raise CheckpointError(f"{path} holds more than tensors and plain data, so it was not loaded "
+                                  f"({refused.group(0)}); use the checkpoint as released, or re-save its weights "
+                                  "with torch.save") from None
+        reason = one_line(error).removeprefix("Weights only load failed. ")
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(error).__name__}: "
+                              f"{reason[:120]})") from None
+    weights = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(weights, dict) or not all(isinstance(weights.get(k), torch.Tensor) for k in PROJECTION_KEYS):
+        raise CheckpointError(f"{path} holds no {' and '.join(PROJECTION_KEYS)}; pass MiniGPT-4's released "
+                              "checkpoint (its 'model' dict holds the projection)")
+    return weights[PROJECTION_KEYS[0]], weights[PROJECTION_KEYS[1]]
+
+
+class MiniGPT4Processor:
+    """Images -> `pixel_values`; prompts -> MiniGPT-4's template with `<ImageHere>` expanded to
+    `num_query_tokens` placeholder ids, left padded."""
+
+    def __init__(self, image_processor, tokenizer, num_query_tokens: int, image_token_id: int,
+                 prompt_template: str = PROMPT_TEMPLATE):
+        if prompt_template.count(IMAGE_PLACEHOLDER) != 1 or "{prompt}" not in prompt_template:
+            raise ConfigError(f"a MiniGPT-4 prompt template needs one {IMAGE_PLACEHOLDER} and one {{prompt}}, "
+                              f"got {prompt_template!r}")
+        if tokenizer.pad_token_id is None or tokenizer.pad_token_id == image_token_id:
+            raise ConfigError("the tokenizer needs a padding token other than the image placeholder")
+        self.image_processor, self.tokenizer = image_processor, tokenizer
+        self.num_query_tokens, self.image_token_id = num_query_tokens, image_token_id
+        self.prompt_template = prompt_template
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """One prompt's ids: BOS, the template around the prompt, the image's placeholder ids.
+        The text on each side of `<ImageHere>` is tokenized on its own, as MiniGPT-4 does."""
+        if IMAGE_PLACEHOLDER in prompt:
+            raise ConfigError(f"a prompt may not contain {IMAGE_PLACEHOLDER}: the template places the image")
+        text = re.sub(r" {2,}", " ", self.prompt_template.replace("{prompt}", prompt.strip()))
+        before, _, after = text.partition(IMAGE_PLACEHOLDER)
+        return (self.tokenizer(before)["input_ids"] + [self.image_token_id] * self.num_query_tokens
+                + self.tokenizer(after, add_special_tokens=False)["input_ids"])
+
+    def __call__(self, images=None, text=None, padding=True, return_tensors="pt") -> dict:
+        result = {}
+        if images is not None:
+            result["pixel_values"] = self.image_processor(images, return_tensors="pt")["pixel_values"]
+        if text is not None:
+            rows = [self.prompt_ids(t) for t in ([text] if isinstance(text, str) else text)]
+            length = max(len(r) for r in rows)
+            ids = torch.full((len(rows), length), self.tokenizer.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(rows), length), dtype=torch.long)
+            for i, row in enumerate(rows):  # left padding: generation continues every row at the end
+                ids[i, length - len(row):] = torch.tensor(row, dtype=torch.long)
+                mask[i, length - len(row):] = 1
+            result.update(input_ids=ids, attention_mask=mask)
+        return result
+
+    def batch_decode(self, *args, **kwargs):
+        return self.tokenizer.batch_decode(*args, **kwargs)
+
+    def decode(self, *args, **kwargs):
+        return self.tokenizer.decode(*args, **kwargs)
+
+    def save_pretrained(self, path: str) -> None:
+        os.makedirs(path, exist_ok=True)
+        self.image_processor.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        settings = {"num_query_tokens": self.num_query_tokens, "image_token_id": self.image_token_id,
+                    "prompt_template": self.prompt_template}
+        with open(os.path.join(path, PROCESSOR_FILE), "w") as handle:
+            json.dump(settings, handle, indent=2)
+
+    @classmethod
+    def from_pretrained(cls, path: str) -> MiniGPT4Processor:
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        try:
+            with open(os.path.join(path, PROCESSOR_FILE)) as handle:
+                settings = json.load(handle)
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            image_processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError) as error:
+            raise CheckpointError(f"{path}: the processor (tokenizer, image processor, {PROCESSOR_FILE}) could not "
+                                  f"be loaded ({one_line(error)}); save the model again") from None
+        tokenizer.padding_side = "left"
+        return cls(image_processor, tokenizer, **settings)
