@@ -127,7 +127,7 @@ def evaluate_dialog(backend, strategy, dataset, settings, kv_policy: str = "catc
 
     from .accounting import CostModel, summarize
     from .engine import EarlyExitForCausalLM
-    from .evaluate import add_noise, process_group, provenance, wall_clock
+    from .evaluate import add_noise, process_group, provenance, run_config, wall_clock
     from .metrics.dialog import dialog_scores, rank_of_ground_truth
     from .progress import progress_bar
 
@@ -188,13 +188,7 @@ def evaluate_dialog(backend, strategy, dataset, settings, kv_policy: str = "catc
         "predictions": predictions,
         "ranks": ranks,
         "processes": world,
-        "config": {"backend": backend.name, "strategy": strategy.name if strategy else None,
-                   "strategy_config": strategy.config.to_dict() if strategy else None,
-                   "exit_layers": strategy.exit_layers if strategy else [], "kv_policy": kv_policy,
-                   "gate": gate.kind if gate is not None else None,
-                   "gate_threshold": gate.threshold if gate is not None else None, "decode": decode,
-                   "data": dataset.name, "split": dataset.split, "samples": len(dataset),
-                   "settings": dataclasses.asdict(settings)},
+        "config": run_config(backend, strategy, dataset, settings, kv_policy, gate, decode),
         "provenance": provenance(),
     }
 

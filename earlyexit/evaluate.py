@@ -262,15 +262,20 @@ def evaluate(backend, strategy, dataset: Dataset, settings: EvalSettings, kv_pol
         "examples": examples,
         "predictions": predictions,
         "processes": world,
-        "config": {"backend": backend.name, "strategy": strategy.name if strategy else None,
-                   "strategy_config": strategy.config.to_dict() if strategy else None,
-                   "exit_layers": strategy.exit_layers if strategy else [], "kv_policy": kv_policy,
-                   "gate": gate.kind if gate is not None else None,
-                   "gate_threshold": gate.threshold if gate is not None else None, "decode": decode,
-                   "data": dataset.name, "split": dataset.split, "samples": len(dataset),
-                   "settings": dataclasses.asdict(settings)},
+        "config": run_config(backend, strategy, dataset, settings, kv_policy, gate, decode),
         "provenance": provenance(),
     }
+
+
+def run_config(backend, strategy, dataset, settings, kv_policy: str, gate, decode: str) -> dict:
+    """What an evaluation ran with, as its report records it."""
+    return {"backend": backend.name, "strategy": strategy.name if strategy else None,
+            "strategy_config": strategy.config.to_dict() if strategy else None,
+            "exit_layers": strategy.exit_layers if strategy else [], "kv_policy": kv_policy,
+            "gate": gate.kind if gate is not None else None,
+            "gate_threshold": gate.threshold if gate is not None else None, "decode": decode,
+            "data": dataset.name, "split": dataset.split, "samples": len(dataset),
+            "settings": dataclasses.asdict(settings)}
 
 
 def _add(side: dict, seconds: float, prompt: float, tokens: int, rows: int) -> None:

@@ -119,3 +119,38 @@ def assert_exit_slots_match_running_the_modules(model, inputs, sequences, module
                     got = getattr(cache.layers[slot], name)[r, :, :held].transpose(0, 1)[real]
                     want = getattr(reference.layers[slot], name)[r, :, :held].transpose(0, 1)[real]
                     torch.testing.assert_close(got, want, atol=atol, rtol=0)
+
+
+def spy_engine_class():
+    from earlyexit.training import PlainEngine
+
+    class SpyEngine(PlainEngine):
+        """Records, for each optimiser step, which groups' parameters changed."""
+
+        def __init__(self, groups, config):
+            super().__init__(groups, config)
+            self.calls = []
+
+        def optimize(self, group, loss):
+            before = {g: {n: p.detach().clone() for n, p in params.items()} for g, params in self.groups.items()}
+            value = super().optimize(group, loss)
+            changed = {g for g, params in self.groups.items()
+                       if any(not torch.equal(before[g][n], p) for n, p in params.items())}
+            self.calls.append((group, changed))
+            return value
+
+    return SpyEngine
+
+
+SpyEngine = spy_engine_class()
+
+
+def launcher_env(**extra) -> dict:
+    """The environment for a child torch.distributed launch: one thread per process and none of
+    this process's rank variables."""
+    import os
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **extra}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env

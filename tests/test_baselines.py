@@ -19,8 +19,8 @@ from earlyexit.engine import EarlyExitForCausalLM
 from earlyexit.errors import ConfigError
 from earlyexit.exit_training import backbone_features, split_held_out, train_exits
 from earlyexit.strategy import ExitView, StepContext
-from earlyexit.training import PlainEngine, TrainConfig
-from helpers import make_backend, make_images, no_eos
+from earlyexit.training import TrainConfig
+from helpers import SpyEngine, make_backend, make_images, no_eos
 
 MICRO = SceneConfig(train=12, val=10, test=5)
 TRAINED = ("deebert", "pabee", "leebert", "mue")
@@ -111,20 +111,6 @@ def test_knobs_and_configs(registry):
 
 
 # -- training: who changes what ---------------------------------------------------------------------
-class SpyEngine(PlainEngine):
-    def __init__(self, groups, config):
-        super().__init__(groups, config)
-        self.calls = []
-
-    def optimize(self, group, loss):
-        before = {g: {n: p.detach().clone() for n, p in params.items()} for g, params in self.groups.items()}
-        value = super().optimize(group, loss)
-        changed = {g for g, params in self.groups.items()
-                   if any(not torch.equal(before[g][n], p) for n, p in params.items())}
-        self.calls.append((group, changed))
-        return value
-
-
 @pytest.mark.parametrize("name", TRAINED)
 def test_each_step_changes_only_its_own_groups_and_the_backbone_stays_bit_identical(registry, scenes, tmp_path, name):
     backend = backend64()

@@ -16,7 +16,7 @@ from earlyexit.deepspeed_config import zero_config  # noqa: E402
 from earlyexit.engine import EarlyExitForCausalLM  # noqa: E402
 from earlyexit.exit_training import train_exits  # noqa: E402
 from earlyexit.strategies.free import FreeConfig, FreeStrategy  # noqa: E402
-from helpers import make_backend, make_images, no_eos  # noqa: E402
+from helpers import launcher_env, make_backend, make_images, no_eos  # noqa: E402
 
 MICRO = SceneConfig(train=10, val=10, test=5)
 
@@ -123,9 +123,7 @@ def test_two_processes_train_exits_that_load_and_generate(scenes, tmp_path, regi
     backend.save_pretrained(str(tmp_path / "model"))
     script = tmp_path / "train.py"
     script.write_text(textwrap.dedent(SCRIPT))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
+    env = launcher_env()
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29611 + stage),
          str(script), str(tmp_path / "model"), str(tmp_path), str(tmp_path / "scenes"), str(stage)],
@@ -146,9 +144,7 @@ def test_two_processes_train_exits_that_load_and_generate(scenes, tmp_path, regi
 def test_train_backbone_cli_with_the_deepspeed_launcher(tmp_path):
     """`deepspeed --num_gpus 2 earlyexit train backbone --zero 2`: two ranks, one saved model."""
     make_backend(seed=5, num_layers=2, image_size=64, patch_size=16).save_pretrained(str(tmp_path / "start"))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "EARLYEXIT_CACHE": str(tmp_path / "cache")}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
+    env = launcher_env(EARLYEXIT_CACHE=str(tmp_path / "cache"))
     command = [console_script("deepspeed"), "--num_gpus", "2", "--master_port", "29631", console_script("earlyexit"),
                "train", "backbone",
                "--backend", "blip2-opt", "--model", str(tmp_path / "start"), "--data", "scenes", "--split", "dev",
@@ -180,9 +176,7 @@ def test_eval_sharded_over_two_processes_matches_one(tmp_path):
     import json
 
     make_backend(seed=6, num_layers=3, image_size=64, patch_size=16).save_pretrained(str(tmp_path / "model"))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "EARLYEXIT_CACHE": str(tmp_path / "cache")}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
+    env = launcher_env(EARLYEXIT_CACHE=str(tmp_path / "cache"))
     arguments = ["eval", "--backend", "blip2-opt", "--model", str(tmp_path / "model"), "--data", "scenes",
                  "--split", "dev", "--limit", "7", "--batch-size", "2", "--max-new-tokens", "4",
                  "--strategy", "confidence", "--threshold", "0.05", "--exit-layers", "1,2"]

@@ -2,7 +2,6 @@
 losses, and two ZeRO-2 processes train exits that load and generate, with losses that follow
 the one-process run."""
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -17,7 +16,7 @@ from earlyexit.data.scenes import SceneConfig, load_scenes  # noqa: E402
 from earlyexit.deepspeed_config import zero_config  # noqa: E402
 from earlyexit.engine import EarlyExitForCausalLM  # noqa: E402
 from earlyexit.exit_training import train_exits  # noqa: E402
-from helpers import make_backend, make_images, no_eos  # noqa: E402
+from helpers import launcher_env, make_backend, make_images, no_eos  # noqa: E402
 
 MICRO = SceneConfig(train=10, val=10, test=5)
 STRATEGIES = ("deebert", "pabee", "leebert", "mue")
@@ -81,9 +80,7 @@ def test_two_zero2_processes_follow_one_and_their_adapter_generates(registry, sc
     backend.save_pretrained(str(tmp_path / "model"))
     script = tmp_path / "train.py"
     script.write_text(textwrap.dedent(SCRIPT))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
+    env = launcher_env()
     port = 29700 + STRATEGIES.index(name)
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),

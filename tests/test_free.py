@@ -12,8 +12,8 @@ from earlyexit.errors import CheckpointError, ConfigError
 from earlyexit.exit_training import capfilt, one_caption_per_sample, train_exits
 from earlyexit.strategies.free import (FreeConfig, FreeStrategy, distillation_loss, feature_classifier_loss,
                                        generator_adversarial_loss)
-from earlyexit.training import PlainEngine, TrainConfig
-from helpers import make_backend, make_images, no_eos
+from earlyexit.training import TrainConfig
+from helpers import SpyEngine, make_backend, make_images, no_eos
 
 MICRO = SceneConfig(train=10, val=10, test=5)
 
@@ -56,22 +56,6 @@ def test_config_rules():
         FreeConfig(mode="bogus")
     with pytest.raises(ConfigError):
         FreeConfig(adversarial=False, ce=False, kd=False)
-
-
-class SpyEngine(PlainEngine):
-    """Checks that each optimiser step changes its own group only."""
-
-    def __init__(self, groups, config):
-        super().__init__(groups, config)
-        self.calls = []
-
-    def optimize(self, group, loss):
-        before = {g: {n: p.detach().clone() for n, p in params.items()} for g, params in self.groups.items()}
-        value = super().optimize(group, loss)
-        changed = {g for g, params in self.groups.items()
-                   if any(not torch.equal(before[g][n], p) for n, p in params.items())}
-        self.calls.append((group, changed))
-        return value
 
 
 def test_each_step_updates_only_its_player_and_backbone_stays_frozen(scenes, tmp_path):
