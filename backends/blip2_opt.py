@@ -84,8 +84,9 @@ class Blip2OptBackend(Backend):
         """A small randomly initialised BLIP-2 OPT with a word-level tokenizer and a real
         processor. A `vocab_size` above the tokenizer's gives a real-sized LM head (benchmarks)."""
         import torch
-        from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2QFormerConfig,
-                                  Blip2VisionConfig, OPTConfig)
+        from transformers import Blip2Config, Blip2ForConditionalGeneration, OPTConfig
+
+        from .blip2_vision import tiny_image_side_configs
 
         from earlyexit.tiny import DEFAULT_WORDS, build_processor
 
@@ -99,13 +100,8 @@ class Blip2OptBackend(Backend):
             pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id, init_std=init_std, dropout=0.0, attention_dropout=0.0,
         )
-        vision = Blip2VisionConfig(hidden_size=vision_hidden, intermediate_size=4 * vision_hidden,
-                                   num_hidden_layers=vision_layers, num_attention_heads=4, image_size=image_size,
-                                   patch_size=patch_size or image_size // 2,
-                                   initializer_range=encoder_init_std)  # BLIP-2's 1e-10 assumes pretrained weights
-        qformer = Blip2QFormerConfig(hidden_size=vision_hidden, num_hidden_layers=qformer_layers,
-                                     num_attention_heads=4, intermediate_size=4 * vision_hidden,
-                                     encoder_hidden_size=vision_hidden, initializer_range=encoder_init_std)
+        vision, qformer = tiny_image_side_configs(vision_hidden, vision_layers, qformer_layers, image_size, patch_size,
+                                                  encoder_init_std)
         config = Blip2Config(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(),
                              text_config=text.to_dict(), num_query_tokens=num_query_tokens,
                              image_token_index=tokenizer.convert_tokens_to_ids(processor.image_token.content))

@@ -48,3 +48,18 @@ def project_queries(model, image_embeds):
     query_output = model.qformer(query_embeds=queries, encoder_hidden_states=image_embeds,
                                  encoder_attention_mask=mask, return_dict=True)[0]
     return model.language_projection(query_output.to(image_embeds.dtype))
+
+
+def tiny_image_side_configs(vision_hidden: int, vision_layers: int, qformer_layers: int, image_size: int,
+                            patch_size: int | None, init_std: float) -> tuple:
+    """(vision, Q-Former) configs of a small randomly initialised BLIP-2 image side for tests."""
+    from transformers import Blip2QFormerConfig, Blip2VisionConfig
+
+    vision = Blip2VisionConfig(hidden_size=vision_hidden, intermediate_size=4 * vision_hidden,
+                               num_hidden_layers=vision_layers, num_attention_heads=4, image_size=image_size,
+                               patch_size=patch_size or image_size // 2,
+                               initializer_range=init_std)  # BLIP-2's 1e-10 assumes pretrained weights
+    qformer = Blip2QFormerConfig(hidden_size=vision_hidden, num_hidden_layers=qformer_layers,
+                                 num_attention_heads=4, intermediate_size=4 * vision_hidden,
+                                 encoder_hidden_size=vision_hidden, initializer_range=init_std)
+    return vision, qformer

@@ -109,7 +109,9 @@ class Minigpt4LlamaBackend(LlamaDecoderMethods, Backend):
         real-sized LM head (benchmarks)."""
         import torch
         from tokenizers import AddedToken
-        from transformers import Blip2QFormerConfig, Blip2VisionConfig, LlamaConfig, LlamaForCausalLM
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        from .blip2_vision import tiny_image_side_configs
         from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
         from earlyexit.tiny import DEFAULT_WORDS, build_tokenizer
@@ -127,13 +129,8 @@ class Minigpt4LlamaBackend(LlamaDecoderMethods, Backend):
             pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
         )
-        vision = Blip2VisionConfig(hidden_size=vision_hidden, intermediate_size=4 * vision_hidden,
-                                   num_hidden_layers=vision_layers, num_attention_heads=4, image_size=image_size,
-                                   patch_size=patch_size or image_size // 2,
-                                   initializer_range=encoder_init_std)  # BLIP-2's 1e-10 assumes pretrained weights
-        qformer = Blip2QFormerConfig(hidden_size=vision_hidden, num_hidden_layers=qformer_layers,
-                                     num_attention_heads=4, intermediate_size=4 * vision_hidden,
-                                     encoder_hidden_size=vision_hidden, initializer_range=encoder_init_std)
+        vision, qformer = tiny_image_side_configs(vision_hidden, vision_layers, qformer_layers, image_size, patch_size,
+                                                  encoder_init_std)
         config = MiniGPT4Config(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(),
                                 num_query_tokens=num_query_tokens, image_token_id=image_token_id)
         torch.manual_seed(seed)
