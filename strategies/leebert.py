@@ -17,8 +17,10 @@ cross-level part, as we read it, also lets the training split vote: β's gradien
 ∇β L_val on the training batch under the same unrolled step. Inference: PABEE's patience rule.
 
 Where the paper is silent or does not fit a frozen VLM we chose: the backbone stays frozen, as
-the FREE paper trains its baselines on the frozen fine-tuned backbone (LeeBERT fine-tunes BERT
-jointly; `joint` training of the backbone is not offered yet); ξ is the exits' learning rate;
+the FREE paper trains its baselines on the frozen fine-tuned backbone; `joint=true` fine-tunes
+copies of the decoder layers with the exits in one group, as LeeBERT trains all of BERT (the
+unrolled step then holds the layers fixed and unrolls the classifiers only); ξ is the exits'
+learning rate;
 the weights start equal (β = 0); the held-out share is 20 % of the images.
 """
 
@@ -42,6 +44,8 @@ class LeeBertConfig(ClassifierExitConfig):
     weights_learning_rate: float = config_field(1e-2, "Adam learning rate of the loss weights β")
     clo_mix: float = config_field(0.5, "weight of the training split's unrolled gradient in β's update "
                                        "(0: plain bi-level on the held-out split)")
+    joint: bool = config_field(False, "also fine-tune copies of the decoder layers with the exits, as LeeBERT "
+                                      "trains the whole model (off: the frozen backbone of the FREE paper's baselines)")
 
     def __post_init__(self):
         super().__post_init__()
@@ -77,16 +81,29 @@ class LeeBertStrategy(PatienceRule, ClassifierExitStrategy):
     Config = LeeBertConfig
 
     def __init__(self, backend, exit_layers, config=None):
+        import copy
+
+        import torch
+
         super().__init__(backend, exit_layers, config)
         self.loss_weights = _loss_weights_module(len(self.exit_layers))
         self.loss_weights.requires_grad_(False)
+        self.layers, self.trained = None, self.classifiers
+        if self.config.joint:  # one group: the exits and the layers they read learn from one loss
+            self.layers = torch.nn.ModuleList(copy.deepcopy(layer) for layer in backend.decoder_layers())
+            self.layers.requires_grad_(False)
+            self.layers.eval()
+            self.trained = torch.nn.ModuleList([self.classifiers, self.layers])
 
     @property
     def held_out_fraction(self) -> float:
         return self.config.held_out
 
+    def backbone_layers(self):
+        return self.layers
+
     def training_modules(self) -> dict:
-        return {"classifiers": self.classifiers, "loss_weights": self.loss_weights}
+        return {"classifiers": self.trained, "loss_weights": self.loss_weights}
 
     def objective(self, exit_logits, targets, final_logits, weights):
         """(training loss, per-exit CEs, per-exit KDs) for the given loss weights."""
@@ -124,23 +141,25 @@ class LeeBertStrategy(PatienceRule, ClassifierExitStrategy):
 
         from earlyexit.exit_training import backbone_features
 
-        features = backbone_features(self.backend, batch)
+        features = backbone_features(self.backend, batch, self.layers)
         where = features.targets != -100
         states = [s[:, :-1][where] for s in self.teacher_forced_states(features)]
-        targets, final = features.targets[where], features.final_logits[:, :-1][where]
+        targets, final = features.targets[where], features.final_logits[:, :-1][where].detach()
         losses = {}
-        if held_out is not None:  # the upper level first: β from the unrolled step
-            held = backbone_features(self.backend, held_out)
+        if held_out is not None:  # the upper level first: β from the unrolled step (the layers held fixed)
+            with torch.no_grad():
+                held = backbone_features(self.backend, held_out, self.layers)
             held_where = held.targets != -100
             held_states = [s[:, :-1][held_where] for s in self.teacher_forced_states(held)]
+            fixed = [s.detach() for s in states]
             sets = [(1.0 - self.config.clo_mix, (held_states, held.targets[held_where]))]
             if self.config.clo_mix:
-                sets.append((self.config.clo_mix, (states, targets)))
+                sets.append((self.config.clo_mix, (fixed, targets)))
             parameters = dict(self.classifiers.named_parameters())
-            self.classifiers.requires_grad_(False)  # no engine may see classifier gradients here
-            meta = self._unrolled_validation(parameters, (states, targets, final), sets)
+            self.trained.requires_grad_(False)  # no engine may see classifier (or layer) gradients here
+            meta = self._unrolled_validation(parameters, (fixed, targets, final), sets)
             losses["meta"] = engine.optimize("loss_weights", meta)
-            self.classifiers.requires_grad_(True)
+            self.trained.requires_grad_(True)
         self.loss_weights.requires_grad_(False)
         with torch.no_grad():
             weights = self.loss_weights().tolist()

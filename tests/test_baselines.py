@@ -320,3 +320,24 @@ def test_vision_tower_stops_where_the_image_features_saturate(registry):
     inputs = backend.prepare_inputs(make_images(2), ["", "a red"])
     model.generate(**inputs, max_new_tokens=3, do_sample=False, **no_eos(backend))
     assert model.last_trace.vision_layers.tolist() == [1, 1]
+
+
+def test_leebert_joint_training_moves_its_layer_copies_and_round_trips(registry, scenes, tmp_path):
+    backend = backend64()
+    before = {n: p.detach().clone() for n, p in backend.model.state_dict().items()}
+    strategy = small(registry, "leebert", backend, joint=True, patience=1)
+    assert strategy.trains_backbone and set(strategy.adapter_modules()) == {"exits", "backbone"}
+    start = [p.detach().clone() for p in strategy.backbone_layers().parameters()]
+    config = TrainConfig(output_dir=str(tmp_path / "spy"), steps=100, warmup_steps=0, progress=False)
+    engine = SpyEngine(strategy.training_groups(), config)
+    train_exits(strategy, backend, scenes, str(tmp_path / "run"), progress=False, engine=engine)
+    assert all(changed == {group} for group, changed in engine.calls)
+    assert any(not torch.equal(a, b) for a, b in zip(strategy.backbone_layers().parameters(), start))
+    after = backend.model.state_dict()
+    assert all(torch.equal(before[n], after[n]) for n in before)  # the backbone itself stays frozen
+    inputs = backend.prepare_inputs(make_images(2, size=64), ["", "a red"])
+    settings = dict(max_new_tokens=6, do_sample=False, **no_eos(backend))
+    expected = EarlyExitForCausalLM(backend, strategy).generate(**inputs, **settings)
+    save_exits(strategy, str(tmp_path / "exits"), backbone_name="micro")
+    reloaded = load_exits(str(tmp_path / "exits"), backend64(), registry)
+    assert torch.equal(EarlyExitForCausalLM(reloaded.backend, reloaded).generate(**inputs, **settings), expected)
