@@ -127,7 +127,7 @@ def evaluate_dialog(backend, strategy, dataset, settings, kv_policy: str = "catc
 
     from .accounting import CostModel, summarize
     from .engine import EarlyExitForCausalLM
-    from .evaluate import add_noise, process_group, provenance, run_config, wall_clock
+    from .evaluate import add_noise, process_group, provenance, run_config, shared_from_main, wall_clock
     from .metrics.dialog import dialog_scores, rank_of_ground_truth
     from .progress import progress_bar
 
@@ -162,7 +162,7 @@ def evaluate_dialog(backend, strategy, dataset, settings, kv_policy: str = "catc
         shares = [None] * world
         torch.distributed.all_gather_object(shares, (ranks, predictions, traces, sides))
         if rank != 0:
-            return None
+            return shared_from_main(None, world)
         ranks, predictions, traces = {}, {}, []
         sides = {name: {key: 0 for key in sides[name]} for name in sides}
         for share_ranks, share_predictions, share_traces, share_sides in shares:
@@ -179,7 +179,7 @@ def evaluate_dialog(backend, strategy, dataset, settings, kv_policy: str = "catc
                "scoring": "rank of the ground truth among the options by mean token log-probability (ties last)"}
     examples = [{"id": s.id, "prediction": predictions[s.id], "ground_truth": s.extra["options"][s.extra["gt_index"]],
                  "rank": ranks[s.id]} for s in dataset.samples[:5]]
-    return {
+    return shared_from_main({
         "quality": quality,
         "speed": speed,
         "exit_layer_histogram": speed.pop("exit_layer_histogram"),
@@ -190,7 +190,7 @@ def evaluate_dialog(backend, strategy, dataset, settings, kv_policy: str = "catc
         "processes": world,
         "config": run_config(backend, strategy, dataset, settings, kv_policy, gate, decode),
         "provenance": provenance(),
-    }
+    }, world)
 
 
 def _add_work(side: dict, work: dict) -> None:

@@ -219,7 +219,7 @@ def evaluate(backend, strategy, dataset: Dataset, settings: EvalSettings, kv_pol
         torch.distributed.all_gather_object(shares, (predictions, traces, sides, token_ids, layers_by_id,
                                                      records, stats))
         if rank != 0:
-            return None
+            return shared_from_main(None, world)
         predictions, traces, token_ids, layers_by_id, records = {}, [], {}, {}, []
         sides = {name: {"seconds": 0.0, "prompt_seconds": 0.0, "tokens": 0, "rows": 0} for name in ("early", "full")}
         for share in shares:
@@ -254,7 +254,7 @@ def evaluate(backend, strategy, dataset: Dataset, settings: EvalSettings, kv_pol
     speed["wall"] = wall
     examples = [{"id": s.id, "prediction": predictions[s.id], "exit_layers": layers_by_id[s.id],
                  "token_ids": token_ids[s.id]} for s in dataset.samples[:5]]
-    return {
+    return shared_from_main({
         "quality": score(dataset, predictions, quick=settings.quick_metrics),
         "speed": speed,
         "exit_layer_histogram": speed.pop("exit_layer_histogram"),
@@ -264,7 +264,17 @@ def evaluate(backend, strategy, dataset: Dataset, settings: EvalSettings, kv_pol
         "processes": world,
         "config": run_config(backend, strategy, dataset, settings, kv_policy, gate, decode),
         "provenance": provenance(),
-    }
+    }, world)
+
+
+def shared_from_main(result, world: int):
+    """Rank 0's result on every rank (rank 0 gathers and scores; the others pass None), so that
+    a multi-process `run` goes on in step: every rank then calibrates and evaluates alike."""
+    if world > 1:
+        box = [result]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+    return result
 
 
 def run_config(backend, strategy, dataset, settings, kv_policy: str, gate, decode: str) -> dict:

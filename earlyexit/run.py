@@ -89,7 +89,7 @@ def exits_cache_folder(settings: RunSettings, strategy, backbone_fingerprint: st
 def run(settings: RunSettings, registry, log=print) -> dict | None:
     from .adapters import backbone_fingerprint, load_exits, save_exits
     from .calibrate import Knob, choose, main_metric, sweep, write_curve
-    from .deepspeed_config import is_main_process
+    from .deepspeed_config import is_main_process, launched_world_size
     from .evaluate import EvalSettings, evaluate, provenance
     from .exit_training import train_exits
     from .layer_accuracy import per_layer_accuracy
@@ -97,10 +97,19 @@ def run(settings: RunSettings, registry, log=print) -> dict | None:
     from .plugins import notify
 
     started = time.perf_counter()
-    notify(registry, "run_start", config=dataclasses.asdict(settings))
+    if launched_world_size() > 1:  # torchrun / deepspeed launcher: every rank trains, calibrates and
+        from .distributed import init_distributed  # evaluates its share in step; rank 0 reports
+
+        init_distributed()
+    main = is_main_process()
+    if not main:
+        log = lambda *args, **kwargs: None  # noqa: E731 - one voice for the whole run
+    if main:
+        notify(registry, "run_start", config=dataclasses.asdict(settings))
 
     def on_batch(stats):
-        notify(registry, "batch_stats", stats=stats)
+        if main:
+            notify(registry, "batch_stats", stats=stats)
 
     backend = registry.backend(settings.backend).load(settings.model)
     strategy_cls = registry.strategy(settings.strategy)
@@ -132,13 +141,10 @@ def run(settings: RunSettings, registry, log=print) -> dict | None:
             train_exits(strategy, backend, train_data, work, seed=settings.seed, progress=settings.progress,
                         deepspeed_config=settings.deepspeed,
                         on_log=lambda step, losses: on_batch({"phase": "train_exits", "step": step, **losses}))
-            if not is_main_process():  # other ranks helped train; rank 0 saves, calibrates and reports
-                return None
-            save_exits(strategy, folder, backbone_name=settings.model)
-            shutil.rmtree(work, ignore_errors=True)
+            if main:  # every rank holds the trained exits; rank 0 saves them
+                save_exits(strategy, folder, backbone_name=settings.model)
+                shutil.rmtree(work, ignore_errors=True)
             timings["train_exits_s"] = time.perf_counter() - began
-    if not is_main_process():
-        return None
 
     evaluation = EvalSettings(batch_size=settings.batch_size, num_beams=settings.num_beams,
                               max_new_tokens=settings.max_new_tokens, seed=settings.seed, progress=settings.progress)
@@ -165,7 +171,7 @@ def run(settings: RunSettings, registry, log=print) -> dict | None:
                                  progress=settings.progress, gate=gate, measure_wall=settings.speed_target == "wall")
         chosen, why = choose(points, full_dev, settings.rule, settings.budget, speed=settings.speed_target)
         knob.value = chosen.threshold
-        csv_path, png_path = write_curve(points, full_dev, metric, output)
+        csv_path, png_path = write_curve(points, full_dev, metric, output) if main else (None, None)
         calibration = {"rule": settings.rule, "budget": settings.budget, "speed_target": settings.speed_target,
                        "why": why, "knob": knob.name, "threshold": chosen.threshold, "gate": settings.gate,
                        "full_quality": full_dev, "points": [dataclasses.asdict(p) for p in points],
@@ -202,9 +208,11 @@ def run(settings: RunSettings, registry, log=print) -> dict | None:
 
     mid_crisis = None
     if strategy.needs_training and dev.task == "caption":
-        mid_crisis = mid_crisis_report(backend, strategy, dev, output)
+        mid_crisis = mid_crisis_report(backend, strategy, dev, output) if main else None
 
     timings["total_s"] = time.perf_counter() - started
+    if not main:
+        return None
     notify(registry, "run_end", config=dataclasses.asdict(settings),
            results={name: {"quality": r["quality"], "speed": {k: v for k, v in r["speed"].items() if k != "wall"}}
                     for name, r in results.items()})
@@ -228,6 +236,7 @@ def make_run_gate(settings: RunSettings, strategy, backend, train_split: str, lo
     """The gate `run` uses: cosine (nothing to train), or a learned gate trained on the exit
     training split for this strategy's exits and cached beside its adapter."""
     from .adapters import backbone_fingerprint
+    from .deepspeed_config import is_main_process
     from .gates import LearnedGate, make_gate, train_gate
 
     if settings.gate == "cosine":
@@ -247,7 +256,8 @@ def make_run_gate(settings: RunSettings, strategy, backend, train_split: str, lo
                             seed=settings.seed)
         log(f"gate: loss {report['loss']:.3f}; share of exits that agree with the final layer "
             + ", ".join(f"{k}: {p:.2f}" for k, p in zip(strategy.exit_layers, report["positives"])))
-        gate.save(folder, extra={"strategy": strategy.name, "exit_layers": strategy.exit_layers})
+        if is_main_process():  # every rank trained the same gate (same data and seed); one saves it
+            gate.save(folder, extra={"strategy": strategy.name, "exit_layers": strategy.exit_layers})
     gate.mode = settings.gate_mode
     if settings.gate_mode == "filter":
         gate.threshold = settings.gate_threshold

@@ -222,3 +222,30 @@ def test_a_planted_pickle_in_a_deepspeed_checkpoint_is_refused(scenes, tmp_path)
     with pytest.raises(CheckpointError, match="more than tensors"):
         train_exits(strategy, backend, scenes, str(output), progress=False, deepspeed_config=zero_config(2, 4, 1.0))
     assert not marker.exists()
+
+
+def test_run_in_two_processes_matches_one(tmp_path):
+    """`torchrun --nproc_per_node 2 earlyexit run`: every rank trains its gate, calibrates and
+    evaluates its share in step; one report, the same as one process's."""
+    import json
+
+    make_backend(seed=6, num_layers=4, image_size=64, patch_size=16).save_pretrained(str(tmp_path / "model"))
+    env = launcher_env(EARLYEXIT_CACHE=str(tmp_path / "cache"))
+    arguments = ["run", "--backend", "blip2-opt", "--strategy", "confidence", "--model", str(tmp_path / "model"),
+                 "--exit-layers", "1,2", "--test-limit", "6", "--dev-limit", "6", "--train-limit", "6",
+                 "--batch-size", "2", "--max-new-tokens", "4", "--grid", "0.05,0.5", "--no-speculative",
+                 "--output", str(tmp_path / "runs")]
+    single = subprocess.run([console_script("earlyexit"), *arguments, "--json", str(tmp_path / "one.json")],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert single.returncode == 0, single.stderr[-2000:]
+    double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", "29651", console_script("earlyexit"), *arguments,
+                             "--json", str(tmp_path / "two.json")], capture_output=True, text=True, timeout=300,
+                            env=env)
+    assert double.returncode == 0, double.stderr[-3000:]
+    assert double.stdout.count("earlyexit run:") == 1  # rank 0 reports for both
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert one["threshold"] == two["threshold"]
+    for name, result in one["results"].items():
+        assert two["results"][name]["predictions"] == result["predictions"]
+        assert two["results"][name]["processes"] == 2 and result["processes"] == 1

@@ -60,7 +60,7 @@ class EvalCommand:
     def run(args: argparse.Namespace) -> int:
         from ..data.registry import load_dataset
         from ..deepspeed_config import launched_world_size
-        from ..evaluate import EvalSettings, evaluate
+        from ..evaluate import EvalSettings, evaluate, process_group
         from ..files import check_writable, write_json_atomically
         from ..plugins import get_registry, notify
 
@@ -88,10 +88,9 @@ class EvalCommand:
                           decode=args.decode, draft_exit=draft_exit_index(args, strategy),
                           draft_length=args.draft_length,
                           on_batch=lambda stats: notify(registry, "batch_stats", stats=stats))
-        if result is not None:
-            notify(registry, "run_end", config=config, results={"quality": result["quality"]})
-        if result is None:  # not rank 0: it reports for everyone
+        if process_group()[0] != 0:  # every rank has the result; rank 0 reports for everyone
             return 0
+        notify(registry, "run_end", config=config, results={"quality": result["quality"]})
         print(format_report(result))
         if args.json:
             write_json_atomically(args.json, result)
