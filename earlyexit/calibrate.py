@@ -4,6 +4,10 @@ The sweep evaluates the strategy at every threshold of the grid (the paper's 0.5
 default) and records quality next to the speed-ups: the paper's speed-versus-quality curve
 (Fig. 4b), written as CSV and PNG. Rules:
 - `best`: the threshold with the best quality (ties: the faster one);
+- `risk`: Learn-then-Test, as CALM calibrates: the fastest threshold whose risk (the share of
+  samples whose output differs from the full model's) is at most `budget` (δ) with probability at
+  least 1 - ε. Knob values are tested from the safest down (fixed-sequence testing, each with an
+  exact binomial p-value) and the walk stops at the first that fails;
 - `budget`: the fastest threshold whose quality is at least (1 - budget) x the full model's;
   fastest by wall clock per generated token on the dev split (`speed="wall"`, the full model
   timed next to it on the same batches) or by layer-based speed-up (`speed="layer"`); if none qualifies,
@@ -15,13 +19,14 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import math
 import os
 
 from .errors import ConfigError
 from .files import atomic_write, save_figure
 
 PAPER_GRID = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-RULES = ("best", "budget")
+RULES = ("best", "budget", "risk")
 SPEEDS = ("wall", "layer")
 
 
@@ -33,6 +38,8 @@ class CalibrationPoint:
     layer_speedup: float
     mean_exit_layer: float
     wall_speedup: float | None = None  # end to end, per generated token, against the full model's dev run
+    disagreements: int = 0  # samples whose output differs from the full model's (the risk rule's loss)
+    samples: int = 0
 
 
 def main_metric(task: str) -> str:
@@ -49,6 +56,11 @@ class Knob:
         if not self.on_gate and not strategy.knob:
             raise ConfigError(f"strategy {strategy.name!r} has no knob to calibrate")
         self.name = "gate threshold" if self.on_gate else strategy.knob
+        self.safer = "higher" if self.on_gate else strategy.knob_safer
+
+    def safest_first(self, values) -> list:
+        """Knob values ordered from the one that exits least to the one that exits most."""
+        return sorted(values, reverse=self.safer == "higher")
 
     @property
     def value(self):
@@ -79,7 +91,8 @@ def sweep(backend, strategy, dataset, settings, grid=None, kv_policy: str = "cat
 
     settings = dataclasses.replace(settings, measure_wall=measure_wall, progress=False, quick_metrics=True)
     metric = main_metric(dataset.task)
-    full = evaluate(backend, None, dataset, settings)["quality"][metric]
+    reference = evaluate(backend, None, dataset, settings)
+    full = reference["quality"][metric]
     points = []
     knob = Knob(strategy, gate)
     original = knob.value
@@ -89,20 +102,64 @@ def sweep(backend, strategy, dataset, settings, grid=None, kv_policy: str = "cat
             result = evaluate(backend, strategy, dataset, settings, kv_policy=kv_policy, gate=gate)
             speed = result["speed"]
             wall = speed["wall_speedup"] if measure_wall else None  # timed side by side, batch by batch
+            differ = sum(result["predictions"][k] != v for k, v in reference["predictions"].items())
             points.append(CalibrationPoint(threshold, result["quality"][metric], speed["param_speedup"],
-                                           speed["layer_speedup"], speed["mean_exit_layer"], wall))
+                                           speed["layer_speedup"], speed["mean_exit_layer"], wall,
+                                           differ, len(reference["predictions"])))
     finally:
         knob.value = original
     return full, points
 
 
+def binomial_p_value(losses: int, n: int, delta: float) -> float:
+    """P(Binomial(n, δ) ≤ losses): the exact p-value of the null "the risk exceeds δ" after
+    seeing `losses` of `n` samples lost (small: the risk is very likely at most δ)."""
+    if delta <= 0:
+        return 1.0 if losses > 0 or n == 0 else 0.0
+    if delta >= 1:
+        return 1.0
+    log_terms = [math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+                 + k * math.log(delta) + (n - k) * math.log1p(-delta) for k in range(losses + 1)]
+    top = max(log_terms)
+    return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in log_terms))
+
+
+def risk_controlled(points: list[CalibrationPoint], safest_first, delta: float,
+                    epsilon: float) -> tuple[CalibrationPoint | None, list[tuple]]:
+    """Learn-then-Test with fixed-sequence testing: walk the knob values from the safest, accept
+    each whose p-value is at most ε, stop at the first that is not; the fastest accepted one (or
+    None) and the (value, p-value) of each test made."""
+    by_value = {p.threshold: p for p in points}
+    accepted, tests = [], []
+    for value in safest_first([p.threshold for p in points]):
+        point = by_value[value]
+        p_value = binomial_p_value(point.disagreements, point.samples, delta)
+        tests.append((value, p_value))
+        if p_value > epsilon:
+            break
+        accepted.append(point)
+    return (max(accepted, key=lambda p: p.layer_speedup) if accepted else None), tests
+
+
 def choose(points: list[CalibrationPoint], full_quality: float, rule: str = "best",
-           budget: float = 0.02, speed: str = "layer") -> tuple[CalibrationPoint, str]:
-    """The chosen point and a sentence saying why."""
+           budget: float = 0.02, speed: str = "layer", epsilon: float = 0.1,
+           safest_first=None) -> tuple[CalibrationPoint, str]:
+    """The chosen point and a sentence saying why. `risk` needs `safest_first` (`Knob.safest_first`)."""
     if rule not in RULES:
         raise ConfigError(f"calibration rule must be one of {', '.join(RULES)} (got {rule!r})")
     if not points:
         raise ConfigError("the calibration grid is empty; pass thresholds such as 0.5,0.7,0.9")
+    if rule == "risk":
+        chosen, tests = risk_controlled(points, safest_first or sorted, budget, epsilon)
+        shown = ", ".join(f"{v}: p={p:.3g}" for v, p in tests)
+        if chosen is None:
+            safest = next(p for p in points if p.threshold == tests[0][0])
+            return safest, (f"no threshold keeps the share of outputs that differ from the full model's within "
+                            f"{budget:.1%} with probability {1 - epsilon:.0%} (tests: {shown}); took the safest "
+                            f"(threshold {safest.threshold})")
+        return chosen, (f"fastest threshold whose share of outputs differing from the full model's is at most "
+                        f"{budget:.1%} with probability {1 - epsilon:.0%}, by Learn-then-Test on the dev split "
+                        f"(threshold {chosen.threshold}; tests: {shown})")
     best = max(points, key=lambda p: (p.quality, p.layer_speedup))
     if rule == "best":
         return best, f"best quality on the dev split (threshold {best.threshold})"

@@ -32,7 +32,8 @@ class RunSettings:
     options: dict = dataclasses.field(default_factory=dict)  # strategy config overrides
     threshold: float | None = None  # the strategy's knob value (threshold, entropy, patience, γ): skip calibration
     rule: str = "budget"
-    budget: float = 0.01
+    budget: float = 0.01  # budget rule: allowed relative quality loss; risk rule: allowed risk δ
+    epsilon: float = 0.1  # risk rule: the guarantee holds with probability 1 - epsilon
     grid: tuple | None = None  # knob values to calibrate over (default: the strategy's grid)
     kv_policy: str = "catchup"
     gate: str = "learned"  # decide before the head: none, learned (trained here, seconds) or cosine
@@ -169,10 +170,12 @@ def run(settings: RunSettings, registry, log=print) -> dict | None:
         began = time.perf_counter()
         full_dev, points = sweep(backend, strategy, dev, evaluation, grid=settings.grid, kv_policy=settings.kv_policy,
                                  progress=settings.progress, gate=gate, measure_wall=settings.speed_target == "wall")
-        chosen, why = choose(points, full_dev, settings.rule, settings.budget, speed=settings.speed_target)
+        chosen, why = choose(points, full_dev, settings.rule, settings.budget, speed=settings.speed_target,
+                             epsilon=settings.epsilon, safest_first=knob.safest_first)
         knob.value = chosen.threshold
         csv_path, png_path = write_curve(points, full_dev, metric, output) if main else (None, None)
-        calibration = {"rule": settings.rule, "budget": settings.budget, "speed_target": settings.speed_target,
+        calibration = {"rule": settings.rule, "budget": settings.budget, "epsilon": settings.epsilon,
+                       "speed_target": settings.speed_target,
                        "why": why, "knob": knob.name, "threshold": chosen.threshold, "gate": settings.gate,
                        "full_quality": full_dev, "points": [dataclasses.asdict(p) for p in points],
                        "csv": csv_path, "png": png_path}
@@ -324,6 +327,8 @@ def mid_crisis_report(backend, strategy, dataset, folder: str, limit: int = 100)
 def check_settings(settings: RunSettings) -> None:
     if settings.threshold is not None and not 0 <= settings.threshold:  # NaN fails too
         raise ConfigError(f"--threshold {settings.threshold}: the threshold must be >= 0, e.g. --threshold 0.8")
+    if not 0 < settings.epsilon < 1:
+        raise ConfigError(f"--epsilon is a probability in (0, 1), e.g. 0.1 (got {settings.epsilon})")
     if not 0 <= settings.budget < 1:
         raise ConfigError(f"--budget is a fraction of the full model's quality, e.g. 0.02 (got {settings.budget})")
     if settings.grid is not None and not settings.grid:

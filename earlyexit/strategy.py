@@ -66,6 +66,7 @@ class Strategy:
     knob: ClassVar[str | None] = "threshold"
     knob_grid: ClassVar[tuple] = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # the paper's threshold grid
     knob_is_confidence: ClassVar[bool] = False  # the knob is a max-softmax threshold (comparable to `confidence`)
+    knob_safer: ClassVar[str] = "higher"  # which way the knob exits less: "higher" or "lower" values
     accepts_gate: ClassVar[bool] = True  # False when the rule must see every exit of every row (PABEE's counter)
 
     def __init__(self, backend: Backend, exit_layers: list[int], config: StrategyConfig | None = None):

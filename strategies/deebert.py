@@ -39,6 +39,7 @@ class DeeBertStrategy(ClassifierExitStrategy):
     description = "DeeBERT/DeeBLIP: a vocabulary classifier per exit (sum of CEs); leave when its entropy <= S"
     Config = DeeBertConfig
     knob = "entropy"
+    knob_safer = "lower"  # a lower entropy bound lets fewer tokens leave
     knob_grid = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0)
 
     def should_exit(self, exit_index, view, context):

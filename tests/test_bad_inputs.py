@@ -262,6 +262,7 @@ CASES = [
     ("run/budget beyond 1", lambda w: run(w, "--budget", "2"), "--budget"),
     ("run/empty grid", lambda w: run(w, "--grid", ","), "comma-separated thresholds"),
     ("run/grid value the strategy refuses", lambda w: run(w, "--grid", "0.5,-1"), "threshold must be >= 0"),
+    ("run/epsilon out of range", lambda w: run(w, "--rule", "risk", "--epsilon", "2"), "--epsilon is a probability"),
     ("run/unknown rule", lambda w: run(w, "--rule", "fastest"), "invalid choice"),
     ("run/unknown option", lambda w: run(w, "--option", "bogus=1"), "bad --option"),
     ("run/exit layer out of range", lambda w: run(w, "--exit-layers", "0,2"), "out of range"),

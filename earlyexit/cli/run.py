@@ -111,11 +111,15 @@ class RunCommand:
         add_option_argument(parser)
         add_threshold_argument(parser, "use this value of the strategy's knob (threshold, entropy, patience, γ) "
                                        "instead of calibrating")
-        parser.add_argument("--rule", choices=["best", "budget"], default="budget",
+        parser.add_argument("--rule", choices=["best", "budget", "risk"], default="budget",
                             help="calibration rule: fastest within --budget of the full model's quality (default), "
-                                 "or best quality")
+                                 "best quality, or risk: fastest whose share of outputs differing from the full "
+                                 "model's is at most --budget with probability 1 - --epsilon (Learn-then-Test)")
         parser.add_argument("--budget", type=float, default=0.01,
-                            help="allowed relative quality loss for --rule budget (default 0.01: 1%%)")
+                            help="allowed relative quality loss for --rule budget, allowed risk for --rule risk "
+                                 "(default 0.01: 1%%)")
+        parser.add_argument("--epsilon", type=float, default=0.1,
+                            help="--rule risk: the guarantee holds with probability 1 - epsilon (default 0.1)")
         parser.add_argument("--grid", type=parse_float_list, default=None,
                             help="knob values to calibrate over (default: the strategy's grid, see `earlyexit list`)")
         add_kv_policy_argument(parser)
@@ -161,7 +165,8 @@ class RunCommand:
         options = build_strategy_config(strategy_cls, None, args.option).to_dict() if args.option else {}
         settings = RunSettings(backend=args.backend, strategy=args.strategy, model=args.model, data=args.data,
                                exit_layers=args.exit_layers, options={k: options[k] for k in _given(args.option)},
-                               threshold=args.threshold, rule=args.rule, budget=args.budget, grid=args.grid,
+                               threshold=args.threshold, rule=args.rule, budget=args.budget, epsilon=args.epsilon,
+                               grid=args.grid,
                                kv_policy=args.kv_policy, gate=args.gate, gate_mode=args.gate_mode,
                                gate_threshold=args.gate_threshold, speed_target=args.speed_target,
                                speculative=not args.no_speculative, draft_exit=args.draft_exit,
