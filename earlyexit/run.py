@@ -27,6 +27,8 @@ class RunSettings:
     backend: str
     strategy: str
     model: str = embedded.NAME
+    device: str | None = None  # cpu, cuda, cuda:N, mps (None: the CPU)
+    dtype: str | None = None  # float32, bfloat16, float16 (None: float32)
     data: str = "scenes"
     exit_layers: list[int] | None = None
     options: dict = dataclasses.field(default_factory=dict)  # strategy config overrides
@@ -102,7 +104,7 @@ def run(settings: RunSettings, registry, log=print) -> dict | None:
     def on_batch(stats):
         notify(registry, "batch_stats", stats=stats)
 
-    backend = registry.backend(settings.backend).load(settings.model)
+    backend = registry.backend(settings.backend).load(settings.model, device=settings.device, dtype=settings.dtype)
     strategy_cls = registry.strategy(settings.strategy)
     config = strategy_cls.Config(**settings.options)
     exit_layers = settings.exit_layers or strategy_cls.default_exit_layers(backend.num_layers)
