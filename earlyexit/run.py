@@ -84,6 +84,8 @@ def exits_cache_folder(settings: RunSettings, strategy, backbone_fingerprint: st
     recipe = {"version": 2, "strategy": strategy.name, "exit_layers": strategy.exit_layers, "data": settings.data,
               "train_limit": settings.train_limit, "seed": settings.seed,
               "config": {k: v for k, v in strategy.config.to_dict().items() if k != strategy.knob}}
+    if settings.dtype not in (None, "float32"):  # exits trained in another precision are other exits
+        recipe["dtype"] = settings.dtype
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
     return os.path.join(embedded.cache_root(), "exits", f"{settings.backend}-{backbone_fingerprint}-{strategy.name}-{key}")
 
