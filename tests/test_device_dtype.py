@@ -239,6 +239,21 @@ def test_mixed_precision_through_deepspeeds_own_config():
         with_precision({"fp16": {"enabled": True}}, "bfloat16")
 
 
+def test_bf16_exits_train_under_deepspeed_on_the_cpu(scenes, tmp_path):
+    pytest.importorskip("deepspeed")
+    from earlyexit.exit_training import train_exits
+    from earlyexit.strategies.free import FreeConfig, FreeStrategy
+
+    backend = micro("bfloat16")
+    strategy = FreeStrategy(backend, [1, 2], FreeConfig(epochs=0.8, batch_size=4))
+    losses = train_exits(strategy, backend, scenes, str(tmp_path / "run"), progress=False,
+                         deepspeed_config={"zero_optimization": {"stage": 1}, "gradient_accumulation_steps": 1,
+                                           "train_micro_batch_size_per_gpu": 4})
+    assert torch.distributed.get_backend() == "gloo"
+    assert len(losses) >= 2 and all(math.isfinite(entry["ce"]) for entry in losses)
+    assert all(p.dtype == torch.bfloat16 for p in all_parameters(strategy))
+
+
 # -- GPU paths (run unchanged on a CUDA machine) ------------------------------------------------
 @needs_cuda
 def test_cuda_defaults_and_placement():
