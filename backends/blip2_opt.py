@@ -23,13 +23,13 @@ class Blip2OptBackend(Backend):
 
     # -- loading -----------------------------------------------------------------------------
     @classmethod
-    def load(cls, name_or_path: str) -> Blip2OptBackend:
+    def load(cls, name_or_path: str, device: str | None = None, dtype: str | None = None) -> Blip2OptBackend:
         """Also knows `tiny`: the embedded model trained on the scene data (built on first use)."""
         from earlyexit import embedded
 
         if name_or_path == embedded.NAME:
-            return cls.from_pretrained(embedded.ensure_built())
-        return super().load(name_or_path)
+            name_or_path = embedded.ensure_built()
+        return super().load(name_or_path, device=device, dtype=dtype)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, dtype: str = "float32", device: str = "cpu") -> Blip2OptBackend:
@@ -123,7 +123,7 @@ class Blip2OptBackend(Backend):
         prompts = prompts if prompts is not None else [""] * len(images)
         # 16-bit, float and "La" images scaled to 8-bit RGB, not clipped (arrays pass as they are)
         images = [to_rgb(image) if isinstance(image, Image.Image) else image for image in images]
-        return dict(self.processor(images=images, text=prompts, padding=True, return_tensors="pt"))
+        return self.on_model(dict(self.processor(images=images, text=prompts, padding=True, return_tensors="pt")))
 
     @property
     def vision_layers(self) -> int:

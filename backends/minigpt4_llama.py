@@ -146,7 +146,7 @@ class Minigpt4LlamaBackend(LlamaDecoderMethods, Backend):
         if self.processor is None:
             raise ConfigError("this model has no processor; load it from a folder that holds one")
         prompts = prompts if prompts is not None else [""] * len(images)
-        return self.processor(images=images, text=prompts)
+        return self.on_model(self.processor(images=images, text=prompts))
 
     def prompt_ids(self, prompt: str) -> list[int]:
         return self.processor.prompt_ids(prompt)

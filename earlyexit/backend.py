@@ -42,16 +42,51 @@ class Backend:
     TINY_RANDOM = "tiny-random"
 
     @classmethod
-    def load(cls, name_or_path: str) -> Backend:
+    def load(cls, name_or_path: str, device: str | None = None, dtype: str | None = None) -> Backend:
         """`from_pretrained`, or, for the name `tiny-random`, an untrained 12-layer model built in
-        memory (no download, no weights: for trying commands and measuring cost, not quality)."""
+        memory (no download, no weights: for trying commands and measuring cost, not quality).
+        `device` (cpu, cuda, cuda:N, mps) and `dtype` (float32, bfloat16, float16) default to the
+        CPU in float32 here (the CLI's defaults pick a GPU when there is one); a value this machine
+        cannot run is a ConfigError before anything loads."""
+        from .devices import resolve_device, resolve_dtype
+
+        device = resolve_device(device or "cpu")
+        dtype = resolve_dtype(dtype or "float32", device)
         if name_or_path == cls.TINY_RANDOM:
-            return cls.from_tiny_config(seed=0, num_layers=12, hidden_size=64)
-        return cls.from_pretrained(name_or_path)
+            return cls.from_tiny_config(seed=0, num_layers=12, hidden_size=64).to(device, dtype)
+        return cls.from_pretrained(name_or_path, device=device, dtype=dtype)
+
+    def to(self, device: str | None = None, dtype: str | None = None) -> Backend:
+        """Move the whole model (vision side included) to `device` and/or `dtype` (names as
+        `load` takes them); returns the backend."""
+        import torch
+
+        self.model.to(device=device, dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        """Where the language model's weights are (inputs and exits follow them)."""
+        return next(self.language_model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The language model's floating-point dtype (exits and caches follow it)."""
+        return next(p for p in self.language_model.parameters() if p.is_floating_point()).dtype
+
+    def on_model(self, inputs: dict) -> dict:
+        """`inputs` (tensors by name) on the model's device, `pixel_values` in its dtype: what
+        `prepare_inputs` and the training batches hand on."""
+        import torch
+
+        device, dtype = self.device, self.dtype
+        return {k: (v.to(device=device, dtype=dtype if k == "pixel_values" and v.is_floating_point() else None)
+                    if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, **kwargs) -> Backend:
-        """Load weights and processor from a hub id or a local `save_pretrained` folder."""
+    def from_pretrained(cls, name_or_path: str, device: str = "cpu", dtype: str = "float32") -> Backend:
+        """Load weights (in `dtype`, onto `device`) and processor from a hub id or a local
+        `save_pretrained` folder."""
         raise NotImplementedError
 
     @classmethod
@@ -66,7 +101,8 @@ class Backend:
 
     # -- inputs ------------------------------------------------------------------------------
     def prepare_inputs(self, images: list, prompts: list[str] | None = None) -> dict[str, torch.Tensor]:
-        """Processor output for a batch: `pixel_values`, `input_ids`, `attention_mask` (left padded)."""
+        """Processor output for a batch: `pixel_values`, `input_ids`, `attention_mask` (left padded),
+        on the model's device, pixel values in its dtype (`on_model`)."""
         raise NotImplementedError
 
     def prompt_ids(self, prompt: str) -> list[int]:

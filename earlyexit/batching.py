@@ -121,7 +121,7 @@ class TrainingBatches:
             for r, (d, i) in enumerate(picks):
                 for caption in self.datasets[d].samples[i].captions:
                     words[r, self.tokenizer(caption, add_special_tokens=False)["input_ids"]] = 1.0
-            batch["caption_words"] = words
+            batch["caption_words"] = words.to(self.backend.device)  # a float32 target, beside a model of any dtype
         return batch
 
     def encode(self, prompt: str, target: str) -> tuple[list[int], list[int]]:
@@ -142,7 +142,8 @@ class TrainingBatches:
             input_ids[r, : len(ids)] = torch.tensor(ids)
             labels[r, : len(ids)] = torch.tensor(targets)
             mask[r, : len(ids)] = 1
-        return {"pixel_values": pixels, "input_ids": input_ids, "attention_mask": mask, "labels": labels}
+        return self.backend.on_model({"pixel_values": pixels, "input_ids": input_ids, "attention_mask": mask,
+                                      "labels": labels})
 
 
 def language_model_step(model):

@@ -27,19 +27,41 @@ def add_arguments(parser) -> None:
     group.add_argument("--zero", type=int, choices=[0, 1, 2, 3], help="train with DeepSpeed ZeRO at this stage")
 
 
-def config_from_arguments(args, batch_size: int, grad_clip: float = 1.0) -> dict | None:
-    """The DeepSpeed config the command line asks for, or None for plain PyTorch."""
+def config_from_arguments(args, batch_size: int, grad_clip: float = 1.0, dtype: str | None = None) -> dict | None:
+    """The DeepSpeed config the command line asks for, or None for plain PyTorch. With the
+    model's `dtype`, mixed precision is set through DeepSpeed's own `bf16` / `fp16` sections."""
     world = launched_world_size()
     if args.zero is not None:
-        return zero_config(args.zero, max(1, batch_size // world), grad_clip)
-    if args.deepspeed:
+        config = zero_config(args.zero, max(1, batch_size // world), grad_clip)
+    elif args.deepspeed:
         config = read_config(args.deepspeed)
         config.setdefault("train_micro_batch_size_per_gpu", max(1, batch_size // world))
         config.setdefault("gradient_accumulation_steps", 1)
         config.setdefault("gradient_clipping", grad_clip)
         check_ranges(config, args.deepspeed)
-        return config
-    return None
+    else:
+        return None
+    return with_precision(config, dtype) if dtype else config
+
+
+PRECISION_SECTIONS = {"bfloat16": "bf16", "float16": "fp16"}
+
+
+def with_precision(config: dict, dtype: str) -> dict:
+    """`config` with DeepSpeed's mixed precision matching a model in `dtype` (float32, bfloat16,
+    float16): `bf16: {enabled: true}` or `fp16: {enabled: true}` (fp32 master weights in the
+    optimiser), neither for float32. A config that enables another precision than the model's is
+    refused: DeepSpeed would cast the trained modules and leave the frozen backbone as it is."""
+    wanted = PRECISION_SECTIONS.get(dtype)
+    config = dict(config)
+    for section in PRECISION_SECTIONS.values():
+        enabled = isinstance(config.get(section), dict) and config[section].get("enabled", False)
+        if enabled and section != wanted:
+            raise ConfigError(f"the DeepSpeed config enables {section} but the model is {dtype}; pass "
+                              f"--dtype {'bfloat16' if section == 'bf16' else 'float16'} or drop the {section} section")
+    if wanted:
+        config[wanted] = {**(config.get(wanted) or {}), "enabled": True}
+    return config
 
 
 def launched_world_size() -> int:

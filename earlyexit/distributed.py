@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO as the training engine (multi-GPU, multi-node; gloo on CPU).
+"""DeepSpeed ZeRO as the training engine (multi-GPU with nccl, multi-node; gloo on CPU).
 
 `DeepSpeedEngine` has the interface of `training.PlainEngine` (`optimize(group, loss)`,
 `save`, `load`), with one DeepSpeed engine per parameter group (FREE: one for the exit
@@ -26,8 +26,11 @@ from .deepspeed_config import SHM_OP
 from .errors import CheckpointError, ConfigError
 from .training import TrainConfig, warmup_cosine_schedule
 
-def init_distributed() -> tuple[int, int]:
-    """Join (or create, as a world of one) the process group with gloo; returns (rank, world)."""
+def init_distributed(device: str | torch.device = "cpu") -> tuple[int, int]:
+    """Join (or create, as a world of one) the process group: nccl for a model on CUDA GPUs
+    (each process on its own GPU), gloo on the CPU; returns (rank, world)."""
+    from .devices import distributed_backend
+
     try:
         import deepspeed
         import deepspeed.ops
@@ -38,8 +41,11 @@ def init_distributed() -> tuple[int, int]:
     if "RANK" not in os.environ:  # no launcher: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
+    backend = distributed_backend(device)
+    if backend == "nccl":
+        torch.cuda.set_device(torch.device(device).index or 0)
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="gloo")
+        deepspeed.init_distributed(dist_backend=backend)
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
@@ -102,7 +108,13 @@ class DeepSpeedEngine:
     def __init__(self, modules: dict[str, torch.nn.Module], config: TrainConfig, ds_config: dict):
         import deepspeed
 
-        self.rank, self.world_size = init_distributed()
+        from .deepspeed_config import with_precision
+
+        parameters = [p for module in modules.values() for p in module.parameters()]
+        self.device = parameters[0].device if parameters else torch.device("cpu")
+        dtype = next((p.dtype for p in parameters if p.is_floating_point()), torch.float32)
+        ds_config = with_precision(ds_config, str(dtype).removeprefix("torch."))
+        self.rank, self.world_size = init_distributed(self.device)
         self.config, self.modules, self.engines = config, modules, {}
         self.stage = ds_config.get("zero_optimization", {}).get("stage", 0)
         for name, module in modules.items():
@@ -126,7 +138,7 @@ class DeepSpeedEngine:
         return {k: v[self.rank::self.world_size] for k, v in batch.items()}
 
     def mean_over_ranks(self, value: float) -> float:
-        tensor = torch.tensor([value], dtype=torch.float64)
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)  # nccl reduces GPU tensors only
         torch.distributed.all_reduce(tensor)
         return tensor.item() / self.world_size
 

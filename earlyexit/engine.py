@@ -115,6 +115,7 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
                 self.exit_transforms.append(strategy.exit_transform(e))
         if gate is not None:
             self.gate_modules = gate  # registered for .to()
+        self._follow_backbone()
         # a row fed padding or an end-of-sequence token has finished: it costs nothing more
         config = self.generation_config
         ends = [config.pad_token_id] + (config.eos_token_id if isinstance(config.eos_token_id, (list, tuple))
@@ -127,6 +128,15 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
         self.read_block = False  # the final head reads every position of its block (verification)
         self.last_cache: EarlyExitCache | None = None
         self._propagation: dict = {}
+
+    def _follow_backbone(self) -> None:
+        """Exit modules, the strategy's layer copies and a learned gate on the language model's
+        device and in its dtype (a no-op when they are there already)."""
+        weight = next(self.language_model.parameters())
+        for name in ("own_layers", "exit_modules", "gate_modules"):
+            module = getattr(self, name, None)
+            if isinstance(module, torch.nn.Module):
+                module.to(device=weight.device, dtype=weight.dtype)
 
     def exit_slots_after(self, depth: int) -> list[int]:
         """Cache slots of the attending exit modules past `depth` layers."""

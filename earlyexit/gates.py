@@ -51,8 +51,10 @@ class LearnedGate(torch.nn.Module):
         return torch.nn.Sequential(torch.nn.LayerNorm(width), torch.nn.Linear(width, 1))
 
     def score(self, exit_index: int, hidden: torch.Tensor) -> torch.Tensor:
-        """Pre-sigmoid score that the exit's token equals the final layer's."""
-        return self.scorers[exit_index](hidden).squeeze(-1)
+        """Pre-sigmoid score that the exit's token equals the final layer's (in the gate's own
+        dtype: trained in float32, moved to the model's by the early-exit model)."""
+        scorer = self.scorers[exit_index]
+        return scorer(hidden.to(scorer[-1].weight.dtype)).squeeze(-1)
 
     def decide(self, exit_index: int, view) -> torch.Tensor:
         if self.threshold >= 1.0:
@@ -152,6 +154,8 @@ def train_gate(gate: LearnedGate, backend, strategy, dataset, steps: int = 400, 
     """Fit each exit's scorer with binary cross-entropy on teacher-forced examples; returns the
     final loss and the share of positive examples per exit."""
     inputs, labels = gate_examples(backend, strategy, dataset, limit=limit)
+    gate.to(device=backend.device, dtype=torch.float32)  # trained in float32 beside a model of any dtype
+    inputs = [x.float() for x in inputs]
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(gate.parameters(), lr=learning_rate)
     gate.train()
@@ -159,7 +163,7 @@ def train_gate(gate: LearnedGate, backend, strategy, dataset, steps: int = 400, 
     for _ in range(steps):
         loss = 0.0
         for e, (x, y) in enumerate(zip(inputs, labels)):
-            pick = torch.randint(len(x), (min(len(x), 512),), generator=generator)
+            pick = torch.randint(len(x), (min(len(x), 512),), generator=generator).to(x.device)
             loss = loss + torch.nn.functional.binary_cross_entropy_with_logits(gate.score(e, x[pick]), y[pick])
         optimizer.zero_grad()
         loss.backward()

@@ -27,6 +27,8 @@ class RunSettings:
     backend: str
     strategy: str
     model: str = embedded.NAME
+    device: str | None = None  # cpu, cuda, cuda:N, mps (None: the CPU)
+    dtype: str | None = None  # float32, bfloat16, float16 (None: float32)
     data: str = "scenes"
     exit_layers: list[int] | None = None
     options: dict = dataclasses.field(default_factory=dict)  # strategy config overrides
@@ -83,6 +85,8 @@ def exits_cache_folder(settings: RunSettings, strategy, backbone_fingerprint: st
     recipe = {"version": 2, "strategy": strategy.name, "exit_layers": strategy.exit_layers, "data": settings.data,
               "train_limit": settings.train_limit, "seed": settings.seed,
               "config": {k: v for k, v in strategy.config.to_dict().items() if k != strategy.knob}}
+    if settings.dtype not in (None, "float32"):  # exits trained in another precision are other exits
+        recipe["dtype"] = settings.dtype
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
     return os.path.join(embedded.cache_root(), "exits", f"{settings.backend}-{backbone_fingerprint}-{strategy.name}-{key}")
 
@@ -112,7 +116,7 @@ def run(settings: RunSettings, registry, log=print) -> dict | None:
         if main:
             notify(registry, "batch_stats", stats=stats)
 
-    backend = registry.backend(settings.backend).load(settings.model)
+    backend = registry.backend(settings.backend).load(settings.model, device=settings.device, dtype=settings.dtype)
     strategy_cls = registry.strategy(settings.strategy)
     config = strategy_cls.Config(**settings.options)
     exit_layers = settings.exit_layers or strategy_cls.default_exit_layers(backend.num_layers)

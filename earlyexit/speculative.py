@@ -150,7 +150,8 @@ class SelfSpeculativeDecoder:
         drafts = []
         token = last
         for _ in range(count):
-            logits = model(input_ids=torch.tensor([[token]]), attention_mask=self._mask(cache), cache=cache).logits
+            logits = model(input_ids=torch.tensor([[token]], device=model.device),
+                           attention_mask=self._mask(cache, model.device), cache=cache).logits
             token = int(logits[0, -1].argmax())
             drafts.append(token)
             if token in eos:
@@ -161,13 +162,14 @@ class SelfSpeculativeDecoder:
         """Feed `token` at full depth; the full model's greedy token after every waiting position."""
         model = self.model
         model.force_exit, model.read_block = -1, True
-        logits = model(input_ids=torch.tensor([[token]]), attention_mask=self._mask(cache), cache=cache).logits
+        logits = model(input_ids=torch.tensor([[token]], device=model.device),
+                       attention_mask=self._mask(cache, model.device), cache=cache).logits
         record = cache.steps[-1]
         return logits[0, -record.final_readouts:].argmax(-1).tolist()
 
     @staticmethod
-    def _mask(cache):
-        return torch.ones(1, cache.total_length + 1, dtype=torch.long)
+    def _mask(cache, device):
+        return torch.ones(1, cache.total_length + 1, dtype=torch.long, device=device)
 
 
 def speculative_summary(records_per_row: list[list], costs, stats: SpeculativeStats) -> dict:

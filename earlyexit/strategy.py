@@ -8,6 +8,7 @@ directly at every exit point; nothing goes through pluggy in that hot path.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from .errors import ConfigError
@@ -73,6 +74,32 @@ class Strategy:
         self.backend = backend
         self.config = config if config is not None else self.Config()
         self.exit_layers = self.validate_exit_layers(exit_layers, backend.num_layers)
+
+    def __init_subclass__(cls, **kwargs):
+        """Whatever a subclass's constructor builds (fresh classifiers, loss weights, copies of
+        layers) lands on the backbone's device and in its dtype once the outermost constructor
+        has finished: no strategy has to place its modules itself."""
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            return
+
+        @functools.wraps(init)
+        def __init__(self, *args, **kw):
+            init(self, *args, **kw)
+            if type(self).__init__ is __init__:  # the outermost constructor, not a super() call
+                self.follow_backbone()
+
+        cls.__init__ = __init__
+
+    def follow_backbone(self) -> None:
+        """Move every module the strategy declares (exit modules, its own decoder layers, its
+        training groups) to the backbone's device and dtype."""
+        modules = [self.exit_modules(), self.backbone_layers(), *self.training_modules().values()]
+        device, dtype = self.backend.device, self.backend.dtype
+        for module in modules:
+            if module is not None:
+                module.to(device=device, dtype=dtype)
 
     # -- the knob ------------------------------------------------------------------------------
     def calibration_grid(self) -> tuple:

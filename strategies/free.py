@@ -77,6 +77,7 @@ def feature_classifier_loss(real_scores, fake_scores):
     """L_fc = -log D(h_N) - log(1 - D(E(h))), averaged over tokens; scores are pre-sigmoid."""
     import torch.nn.functional as F
 
+    real_scores, fake_scores = real_scores.float(), fake_scores.float()  # bf16 rounds this loss coarsely
     return (F.binary_cross_entropy_with_logits(real_scores, real_scores.new_ones(real_scores.shape))
             + F.binary_cross_entropy_with_logits(fake_scores, fake_scores.new_zeros(fake_scores.shape)))
 
@@ -85,6 +86,7 @@ def generator_adversarial_loss(fake_scores):
     """L_gen = -log D(E(h)), averaged over tokens (the non-saturating GAN loss)."""
     import torch.nn.functional as F
 
+    fake_scores = fake_scores.float()
     return F.binary_cross_entropy_with_logits(fake_scores, fake_scores.new_ones(fake_scores.shape))
 
 

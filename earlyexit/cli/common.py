@@ -122,10 +122,28 @@ def add_output_argument(parser: argparse.ArgumentParser, help: str, default: str
     parser.add_argument("--output", required=default is None, default=default, help=help)
 
 
+def add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    """--device and --dtype: every command that loads a model has them (checked by `device_options`)."""
+    parser.add_argument("--device", help="where the model runs: cpu, cuda, cuda:N or mps (default: cuda when a GPU "
+                                         "is visible, else cpu)")
+    parser.add_argument("--dtype", help="the model's precision: float32, bfloat16 or float16 (default: bfloat16 on "
+                                        "cuda, float32 elsewhere)")
+
+
+def device_options(args) -> dict:
+    """{"device": ..., "dtype": ...} from --device / --dtype, defaults filled in, checked: a value
+    this machine cannot run is a one-line ConfigError before any work."""
+    from ..devices import resolve
+
+    device, dtype = resolve(getattr(args, "device", None), getattr(args, "dtype", None))
+    return {"device": device, "dtype": dtype}
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of every command that runs one model with an optional strategy (generate, eval)."""
     add_backend_argument(parser)
     add_model_argument(parser)
+    add_device_arguments(parser)
     add_strategy_argument(parser)
     add_threshold_argument(parser, "the strategy's exit knob (`earlyexit list` names it): a confidence threshold, "
                                    "an entropy (deebert), a patience (pabee, leebert) or a cosine γ (mue)")
@@ -257,6 +275,7 @@ def load_model(registry, args):
     """Backend, strategy and the early-exit model from the shared model arguments."""
     from ..engine import EarlyExitForCausalLM
 
+    placement = device_options(args)
     quiet_transformers()
     backend_cls = registry.backend(args.backend)
     exits = getattr(args, "exits", None)
@@ -277,7 +296,7 @@ def load_model(registry, args):
     config = strategy_cls.Config(**overrides) if strategy_cls and not exits else None
     if args.decode == "speculative" and strategy_cls is None:
         raise ConfigError("--decode speculative drafts with a strategy's exits; pass --strategy")
-    backend = backend_cls.load(args.model)
+    backend = backend_cls.load(args.model, **placement)
     strategy = None
     if exits:
         from ..adapters import load_exits

@@ -64,6 +64,9 @@ class EvalCommand:
         from ..files import check_writable, write_json_atomically
         from ..plugins import get_registry, notify
 
+        from .common import device_options
+
+        placement = device_options(args)  # a device or dtype this machine cannot run fails first
         if args.json:
             check_writable(args.json, option="--json")
         settings = EvalSettings(batch_size=args.batch_size, num_beams=args.num_beams,
@@ -72,7 +75,7 @@ class EvalCommand:
         if launched_world_size() > 1:  # torchrun / deepspeed launcher: shard the data
             from ..distributed import init_distributed
 
-            init_distributed()
+            init_distributed(placement["device"])
         registry = get_registry()
         report_plugin_failures(registry)
         dataset = load_dataset(args.data, args.split)

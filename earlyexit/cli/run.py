@@ -7,7 +7,8 @@ import shlex
 import sys
 
 from ..errors import ConfigError
-from .common import (add_backend_argument, add_batch_size_argument, add_draft_arguments, add_exit_layers_argument,
+from .common import (add_backend_argument, add_batch_size_argument, add_device_arguments, add_draft_arguments,
+                     add_exit_layers_argument, device_options,
                      add_gate_mode_argument, add_generation_arguments, add_json_file_argument, add_kv_policy_argument,
                      add_model_argument, add_option_argument, add_output_argument, add_strategy_argument,
                      add_threshold_argument, build_strategy_config, parse_float_list, positive_int,
@@ -106,6 +107,7 @@ class RunCommand:
         add_backend_argument(parser)
         add_strategy_argument(parser, required=True)
         add_model_argument(parser, default="tiny")
+        add_device_arguments(parser)
         parser.add_argument("--data", default="scenes", help="scenes (default), scenes-vqa, or NAME:ROOT (see README)")
         add_exit_layers_argument(parser)
         add_option_argument(parser)
@@ -158,6 +160,7 @@ class RunCommand:
         if args.data.partition(":")[0] == "visdial":
             raise ConfigError("earlyexit run calibrates and reports on captioning or VQA data; score VisDial with "
                               "earlyexit eval --data visdial:ROOT --split val (answer ranking: MRR, R@k)")
+        placement = device_options(args)  # a device or dtype this machine cannot run fails first
         registry = get_registry()
         report_plugin_failures(registry)
         strategy_cls = registry.strategy(args.strategy)
@@ -173,7 +176,8 @@ class RunCommand:
                                draft_length=args.draft_length, test_limit=args.test_limit, dev_limit=args.dev_limit,
                                train_limit=args.train_limit, batch_size=args.batch_size, num_beams=args.num_beams,
                                max_new_tokens=args.max_new_tokens,
-                               retrain=args.retrain, output=args.output, deepspeed=_deepspeed(args, strategy_cls, options))
+                               retrain=args.retrain, output=args.output, **placement,
+                               deepspeed=_deepspeed(args, strategy_cls, options, placement["dtype"]))
         check_settings(settings)
         check_writable(args.output, folder=True)  # before hours of work, not after
         if args.json:
@@ -191,11 +195,11 @@ class RunCommand:
         return 0
 
 
-def _deepspeed(args, strategy_cls, options: dict) -> dict | None:
+def _deepspeed(args, strategy_cls, options: dict, dtype: str) -> dict | None:
     from ..deepspeed_config import config_from_arguments
 
     batch_size = options.get("batch_size") or getattr(strategy_cls.Config(), "batch_size", 16)
-    return config_from_arguments(args, batch_size)
+    return config_from_arguments(args, batch_size, dtype=dtype)
 
 
 def _given(options: list[str]) -> list[str]:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 
-from .common import (add_backend_argument, add_batch_size_argument, add_model_argument, add_output_argument,
-                     non_negative_int, positive_int, quiet_transformers, report_plugin_failures)
+from .common import (add_backend_argument, add_batch_size_argument, add_device_arguments, add_model_argument,
+                     add_output_argument, device_options, non_negative_int, positive_int, quiet_transformers,
+                     report_plugin_failures)
 
 
 def save_model_atomically(backend, final: str) -> None:
@@ -27,6 +28,7 @@ class TrainCommand:
         parser.add_argument("what", choices=["backbone"], help="what to train")
         add_backend_argument(parser)
         add_model_argument(parser)
+        add_device_arguments(parser)
         parser.add_argument("--data", required=True, action="append",
                             help="training data (repeatable to mix), e.g. scenes and scenes-vqa")
         parser.add_argument("--split", default="train")
@@ -54,17 +56,18 @@ class TrainCommand:
         from ..plugins import get_registry, notify
         from ..training import TrainConfig, latest_checkpoint, train
 
+        placement = device_options(args)  # a device or dtype this machine cannot run fails first
         check_writable(args.output, folder=True)
         config = TrainConfig(output_dir=os.path.join(args.output, "checkpoints"), steps=args.steps,
                              learning_rate=args.learning_rate, warmup_steps=args.warmup_steps,
                              checkpoint_every=args.checkpoint_every, seed=args.seed)
 
-        ds_config = config_from_arguments(args, args.batch_size)  # before any slow loading: fail fast
+        ds_config = config_from_arguments(args, args.batch_size, dtype=placement["dtype"])  # fail fast
         registry = get_registry()
         report_plugin_failures(registry)
         datasets = [load_dataset(spec, args.split) for spec in args.data]
         quiet_transformers()
-        backend = registry.backend(args.backend).load(args.model)
+        backend = registry.backend(args.backend).load(args.model, **placement)
         if args.freeze_vision:
             for parameter in backend.model.vision_model.parameters():
                 parameter.requires_grad_(False)
