@@ -51,17 +51,24 @@ def check_context(backend: Backend, prompt_length: int, max_new_tokens: int, row
         raise ConfigError(f"the prompt ({prompt_length} tokens, image tokens included) plus --max-new-tokens "
                           f"{max_new_tokens} exceeds the model's context of {limit} positions; shorten the prompt "
                           "or lower --max-new-tokens")
-    config = backend.text_config
-    width = getattr(config, "hidden_size", 0)
-    itemsize = next(backend.language_model.parameters()).element_size()
-    # keys + values of every slot, plus the waiting hidden states and the logits per row
-    per_row = (prompt_length + max_new_tokens) * width * itemsize * (2 * (slots or backend.num_layers) + 1) \
-        + getattr(config, "vocab_size", 0) * 4
+    per_row = cache_bytes_per_row(backend, prompt_length + max_new_tokens, slots or backend.num_layers)
     needed, available = rows * per_row, _memory_bytes()
     if available and needed > available // 2:
         raise ConfigError(f"{rows} rows (batch x beams) of {prompt_length + max_new_tokens} positions need about "
                           f"{needed / 2**30:.1f} GiB of cache, more than half of this machine's "
                           f"{available / 2**30:.1f} GiB; lower --num-beams, --batch-size or --max-new-tokens")
+
+
+def cache_bytes_per_row(backend: Backend, positions: int, slots: int) -> int:
+    """Keys and values of every cache slot (as many heads as the family stores: grouped-query
+    models keep fewer), the waiting hidden states and the logits, for one row."""
+    config = backend.text_config
+    width = getattr(config, "hidden_size", 0)
+    heads = getattr(config, "num_attention_heads", 0) or 1
+    kv_width = (getattr(config, "num_key_value_heads", None) or heads) * (getattr(config, "head_dim", None)
+                                                                          or width // heads)
+    itemsize = next(backend.language_model.parameters()).element_size()
+    return positions * itemsize * (2 * slots * kv_width + width) + getattr(config, "vocab_size", 0) * 4
 
 
 def _memory_bytes() -> int | None:

@@ -380,3 +380,14 @@ def test_list_names_the_family(capsys, monkeypatch):
     assert main(["list", "--json"]) == 0
     entry = next(e for e in json.loads(capsys.readouterr().out) if e["name"] == "minigpt4-llama")
     assert entry["kind"] == "backend" and "MiniGPT-4" in entry["description"] and "Llama" in entry["description"]
+
+
+def test_the_memory_bound_counts_only_the_kv_heads_a_grouped_query_model_stores():
+    from earlyexit.engine import cache_bytes_per_row
+
+    full = Minigpt4LlamaBackend.from_tiny_config(seed=0, num_layers=2, hidden_size=32, num_heads=4)
+    grouped = Minigpt4LlamaBackend.from_tiny_config(seed=0, num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=1)
+    vocab = full.text_config.vocab_size * 4
+    # 10 positions x 4 bytes x (2 slots x K and V x kv width + the hidden state) + the logits
+    assert cache_bytes_per_row(full, 10, 2) == 10 * 4 * (2 * 2 * 32 + 32) + vocab
+    assert cache_bytes_per_row(grouped, 10, 2) == 10 * 4 * (2 * 2 * 8 + 32) + vocab
