@@ -1,4 +1,5 @@
-"""BLIP-2's image side, shared by the families built on it (BLIP-2 OPT, MiniGPT-4): the vision
+"""BLIP-2's image side, shared by the families built on it (BLIP-2 OPT, MiniGPT-4; InstructBLIP
+reuses the early-stopping vision tower, see `instructblip_vision`): the vision
 tower, the Q-Former's learned queries reading the image, and the linear projection into the
 language model's width. Any model with `vision_model`, `query_tokens`, `qformer` and
 `language_projection` (named as in transformers' BLIP-2) works here.
@@ -11,6 +12,13 @@ def saturating_query_features(model, pixel_values, saturation: float) -> tuple:
     """(projected query outputs, vision layers run per image): each image's vision tower stops
     after the first layer whose output has a mean cosine similarity of at least `saturation`
     with its input (MuE's encoder exit); the last layer's output is taken otherwise."""
+    image_embeds, depth = saturating_image_embeds(model, pixel_values, saturation)
+    return project_queries(model, image_embeds), depth
+
+
+def saturating_image_embeds(model, pixel_values, saturation: float) -> tuple:
+    """(post-layernormed image embeddings, vision layers run per image) of a vision tower that
+    stops early per image (see `saturating_query_features`); any Q-Former may read them."""
     import torch
     import torch.nn.functional as F
 
@@ -34,8 +42,7 @@ def saturating_query_features(model, pixel_values, saturation: float) -> tuple:
             if not len(going):
                 break
         hidden = new
-    image_embeds = vision.post_layernorm(result)
-    return project_queries(model, image_embeds), depth
+    return vision.post_layernorm(result), depth
 
 
 def project_queries(model, image_embeds):

@@ -102,7 +102,7 @@ class Backend:
     # -- inputs ------------------------------------------------------------------------------
     def prepare_inputs(self, images: list, prompts: list[str] | None = None) -> dict[str, torch.Tensor]:
         """Processor output for a batch: `pixel_values`, `input_ids`, `attention_mask` (left padded),
-        on the model's device, pixel values in its dtype (`on_model`)."""
+        the `vision_input_names` inputs, on the model's device, pixel values in its dtype (`on_model`)."""
         raise NotImplementedError
 
     def prompt_ids(self, prompt: str) -> list[int]:
@@ -112,19 +112,37 @@ class Backend:
         config = self.model.config
         return [config.image_token_id] * config.num_query_tokens + self.processor.tokenizer(prompt)["input_ids"]
 
+    vision_input_names: ClassVar[tuple[str, ...]] = ()
+    """Model inputs besides `pixel_values` that the image side reads, one row per image (InstructBLIP's
+    Q-Former reads the instruction: `qformer_input_ids`, `qformer_attention_mask`). `prepare_inputs`
+    and the training batches give them; wherever image features are computed they travel with
+    `pixel_values` (`vision_inputs`) and reach `image_features` and `decoder_inputs_embeds` as keyword
+    arguments. Empty for families whose image side reads the image alone (nothing is passed)."""
+
+    def vision_inputs(self, inputs: dict) -> dict:
+        """The `vision_input_names` entries of a batch of inputs (keyword arguments for
+        `image_features` and `decoder_inputs_embeds`)."""
+        return {k: inputs[k] for k in self.vision_input_names if inputs.get(k) is not None}
+
+    def prompt_vision_inputs(self, prompts: list[str]) -> dict:
+        """The `vision_input_names` inputs of a batch of prompts (tensors on the model's device) as
+        `prepare_inputs` builds them: training batches, built from `prompt_ids`, add these."""
+        return {}
+
     def decoder_inputs_embeds(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
-                              image_features: torch.Tensor | None = None) -> torch.Tensor:
+                              image_features: torch.Tensor | None = None, **vision_inputs) -> torch.Tensor:
         """Language-model input embeddings with the image features (computed from `pixel_values`
-        unless given) scattered into the image placeholders."""
+        and `vision_inputs` unless given) scattered into the image placeholders."""
         raise NotImplementedError
 
     vision_layers: int = 0
     """Layers of the vision tower (0 when the backend cannot stop it early)."""
 
-    def image_features(self, pixel_values: torch.Tensor, saturation: float | None = None) -> tuple:
+    def image_features(self, pixel_values: torch.Tensor, saturation: float | None = None, **vision_inputs) -> tuple:
         """(image features as the language model takes them, vision layers run per image or None).
         With `saturation`, each image's vision tower stops after the first layer whose output has
-        a mean cosine similarity of at least `saturation` with its input (MuE's encoder exit)."""
+        a mean cosine similarity of at least `saturation` with its input (MuE's encoder exit).
+        `vision_inputs`: the `vision_input_names` inputs of the same rows."""
         raise NotImplementedError
 
     def plain_generate(self, **inputs_and_generate_kwargs) -> torch.Tensor:

@@ -110,12 +110,13 @@ class TrainingBatches:
             epoch, offset = divmod(k, len(self.items))
             picks.append(self.items[self.order(epoch)[offset]])
         rng = np.random.default_rng([self.seed, step, 7])
-        rows = []
+        rows, prompts = [], []
         for d, i in picks:
             dataset = self.datasets[d]
             sample = dataset.samples[i]
-            rows.append(self.encode(prompt_for(sample, dataset.task), target_for(sample, dataset.task, rng)))
-        batch = self.collate(rows, self.pixels[[self.pixel_row[d][i] for d, i in picks]])
+            prompts.append(prompt_for(sample, dataset.task))
+            rows.append(self.encode(prompts[-1], target_for(sample, dataset.task, rng)))
+        batch = self.collate(rows, self.pixels[[self.pixel_row[d][i] for d, i in picks]], prompts)
         if self.caption_words:
             words = torch.zeros(len(picks), len(self.tokenizer))
             for r, (d, i) in enumerate(picks):
@@ -132,7 +133,9 @@ class TrainingBatches:
         target_ids = target_ids + [self.tokenizer.eos_token_id]
         return prompt_ids + target_ids, [-100] * len(prompt_ids) + target_ids
 
-    def collate(self, rows, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+    def collate(self, rows, pixels: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """One batch of `encode`d rows, their images and the prompts they were encoded from (the
+        image side of some families reads the prompt too: `Backend.prompt_vision_inputs`)."""
         length = max(len(ids) for ids, _ in rows)
         pad = self.tokenizer.pad_token_id
         input_ids = torch.full((len(rows), length), pad, dtype=torch.long)
@@ -143,7 +146,7 @@ class TrainingBatches:
             labels[r, : len(ids)] = torch.tensor(targets)
             mask[r, : len(ids)] = 1
         return self.backend.on_model({"pixel_values": pixels, "input_ids": input_ids, "attention_mask": mask,
-                                      "labels": labels})
+                                      "labels": labels, **self.backend.prompt_vision_inputs(prompts)})
 
 
 def language_model_step(model):

@@ -173,10 +173,12 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
 
     @torch.no_grad()
     def generate(self, pixel_values=None, input_ids=None, attention_mask=None, inputs_embeds=None, **kwargs):
-        """Like the backbone's `generate`: with `pixel_values`, image features fill the image
-        placeholders of `input_ids`. The per-token trace is left in `self.last_trace`."""
+        """Like the backbone's `generate`: with `pixel_values` (and the backend's other vision
+        inputs, `Backend.vision_input_names`), image features fill the image placeholders of
+        `input_ids`. The per-token trace is left in `self.last_trace`."""
         from .accounting import Trace
 
+        vision = {k: kwargs.pop(k) for k in self.backend.vision_input_names if k in kwargs}
         first = input_ids if input_ids is not None else inputs_embeds
         beams = kwargs.get("num_beams") or self.generation_config.num_beams or 1
         check_context(self.backend, first.shape[1], kwargs.get("max_new_tokens") or self.generation_config.max_new_tokens
@@ -189,8 +191,8 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
                 if not self.backend.vision_layers:
                     raise ConfigError(f"backend {self.backend.name!r} cannot stop its vision tower early; "
                                       "drop the strategy's vision option")
-                features, self.last_vision_layers = self.backend.image_features(pixel_values, saturation)
-            inputs_embeds = self.backend.decoder_inputs_embeds(pixel_values, input_ids, features)
+                features, self.last_vision_layers = self.backend.image_features(pixel_values, saturation, **vision)
+            inputs_embeds = self.backend.decoder_inputs_embeds(pixel_values, input_ids, features, **vision)
         if self.strategy is not None:
             self.strategy.reset()
         self._propagation = {}  # weights may have changed since the last generation

@@ -103,11 +103,12 @@ def _timed(generate_fn, inputs, settings_kwargs):
 
 
 def unpadded_rows(inputs: dict):
-    """Each row of a left-padded batch as a batch of one without its padding."""
+    """Each row of a left-padded batch as a batch of one without its padding; the other inputs
+    (`pixel_values`, a family's other vision inputs) travel as that row of theirs."""
     for r in range(inputs["input_ids"].shape[0]):
         keep = inputs["attention_mask"][r].bool()
-        yield {"pixel_values": inputs["pixel_values"][r:r + 1], "input_ids": inputs["input_ids"][r:r + 1, keep],
-               "attention_mask": inputs["attention_mask"][r:r + 1, keep]}
+        row = {k: v[r:r + 1] for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+        yield {**row, "input_ids": inputs["input_ids"][r:r + 1, keep], "attention_mask": inputs["attention_mask"][r:r + 1, keep]}
 
 
 def count_tokens(sequences: torch.Tensor, prompt_length: int, eos_token_id) -> int:

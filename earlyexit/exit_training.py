@@ -38,7 +38,8 @@ def backbone_features(backend, batch: dict, layers=None) -> BackboneFeatures:
     layers = list(layers if layers is not None else backend.decoder_layers())
     trainable = torch.is_grad_enabled() and any(p.requires_grad for layer in layers for p in layer.parameters())
     with torch.no_grad():
-        embeds = backend.decoder_inputs_embeds(batch["pixel_values"], batch["input_ids"])
+        embeds = backend.decoder_inputs_embeds(batch["pixel_values"], batch["input_ids"],
+                                               **backend.vision_inputs(batch))
         positions = backend.position_ids(batch["attention_mask"])
         mask = backend.layer_mask(embeds, batch["attention_mask"], None, 0)
         hidden = backend.embed(None, embeds, positions)
@@ -126,7 +127,7 @@ def make_scorer(spec: str, backend) -> Callable:
 def caption_log_likelihood(backend, sample: Sample, texts: list[str]) -> list[float]:
     batches = TrainingBatches(backend, [Dataset("one", "caption", "x", [sample])], batch_size=1)
     rows = [batches.encode("", text) for text in texts]
-    batch = batches.collate(rows, batches.pixels[[0] * len(texts)])
+    batch = batches.collate(rows, batches.pixels[[0] * len(texts)], [""] * len(texts))
     labels = batch.pop("labels")
     logits = backend.model(**batch).logits[:, :-1]
     targets = labels[:, 1:]

@@ -28,11 +28,13 @@ def per_layer_accuracy(backend, dataset: Dataset, limit: int | None = 200, batch
     n = backend.num_layers
     correct, agree, total = [0] * (n + 1), [0] * (n + 1), 0
     for start in range(0, len(dataset), batch_size):
-        rows = [batches.encode(prompt_for(s, dataset.task), target_for(s, dataset.task)) for s in dataset.samples[start:start + batch_size]]
-        picks = [batches.pixel_row[0][i] for i in range(start, min(start + batch_size, len(dataset)))]
-        batch = batches.collate(rows, batches.pixels[picks])
+        samples = dataset.samples[start:start + batch_size]
+        prompts = [prompt_for(s, dataset.task) for s in samples]
+        rows = [batches.encode(prompt, target_for(s, dataset.task)) for prompt, s in zip(prompts, samples)]
+        picks = [batches.pixel_row[0][i] for i in range(start, start + len(samples))]
+        batch = batches.collate(rows, batches.pixels[picks], prompts)
         labels = batch.pop("labels")
-        embeds = backend.decoder_inputs_embeds(batch["pixel_values"], batch["input_ids"])
+        embeds = backend.decoder_inputs_embeds(batch["pixel_values"], batch["input_ids"], **backend.vision_inputs(batch))
         out = backend.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
                                      output_hidden_states=True)
         targets = labels[:, 1:]
@@ -57,8 +59,9 @@ def teacher_forced_features(backend, dataset: Dataset, limit: int | None = 200, 
     batches = TrainingBatches(backend, [dataset], batch_size=batch_size, seed=0)
     for start in range(0, len(dataset), batch_size):
         samples = dataset.samples[start:start + batch_size]
-        rows = [batches.encode(prompt_for(s, dataset.task), target_for(s, dataset.task)) for s in samples]
-        batch = batches.collate(rows, batches.pixels[batches.pixel_row[0][start:start + len(samples)]])
+        prompts = [prompt_for(s, dataset.task) for s in samples]
+        rows = [batches.encode(prompt, target_for(s, dataset.task)) for prompt, s in zip(prompts, samples)]
+        batch = batches.collate(rows, batches.pixels[batches.pixel_row[0][start:start + len(samples)]], prompts)
         yield backbone_features(backend, batch, layers)
 
 

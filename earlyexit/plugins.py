@@ -23,6 +23,7 @@ from .strategy import Strategy
 
 BUILTIN_PLUGINS = (
     "earlyexit.backends.blip2_opt",
+    "earlyexit.backends.instructblip_vicuna",
     "earlyexit.backends.minigpt4_llama",
     "earlyexit.strategies.confidence",
     "earlyexit.strategies.deebert",

@@ -81,9 +81,11 @@ class SelfSpeculativeDecoder:
     @torch.no_grad()
     def generate(self, pixel_values=None, input_ids=None, attention_mask=None, max_new_tokens: int = 20,
                  **unused) -> torch.Tensor:
-        """(rows, prompt + generated) like `generate`; rows shorter than the longest are padded."""
+        """(rows, prompt + generated) like `generate`; rows shorter than the longest are padded.
+        The backend's other vision inputs (`Backend.vision_input_names`) come as keywords too."""
         from .engine import check_context
 
+        vision = self.model.backend.vision_inputs(unused)
         check_context(self.model.backend, input_ids.shape[1], max_new_tokens)
         rows = input_ids.shape[0]
         stats, records, outputs = SpeculativeStats(), [], []
@@ -93,8 +95,9 @@ class SelfSpeculativeDecoder:
             attention_mask = torch.ones_like(input_ids)
         from .evaluate import unpadded_rows
 
-        for row in unpadded_rows({"pixel_values": pixel_values, "input_ids": input_ids, "attention_mask": attention_mask}):
-            new, row_stats, row_records = self._one(row["pixel_values"], row["input_ids"], max_new_tokens)
+        batch = {"pixel_values": pixel_values, "input_ids": input_ids, "attention_mask": attention_mask, **vision}
+        for row in unpadded_rows(batch):
+            new, row_stats, row_records = self._one(row, max_new_tokens)
             stats.add(row_stats)
             records.append(row_records)
             outputs.append(new)
@@ -107,15 +110,16 @@ class SelfSpeculativeDecoder:
         self.total_stats.add(stats)
         return torch.cat([input_ids, new_tokens], 1)
 
-    def _one(self, pixel_values, input_ids, max_new_tokens: int):
+    def _one(self, row: dict, max_new_tokens: int):
         model = self.model
+        input_ids = row["input_ids"]
         eos = model.generation_config.eos_token_id
         eos = set(eos if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos]))
         model.strategy.reset()
         cache = model.new_cache()
         stats = SpeculativeStats()
         began = time.perf_counter()
-        embeds = model.backend.decoder_inputs_embeds(pixel_values, input_ids)
+        embeds = model.backend.decoder_inputs_embeds(row["pixel_values"], input_ids, **model.backend.vision_inputs(row))
         try:
             model.force_exit, model.read_block = -1, False
             logits = model(inputs_embeds=embeds, attention_mask=torch.ones_like(input_ids), cache=cache).logits

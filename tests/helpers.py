@@ -31,7 +31,8 @@ def full_forward_cache(backend, inputs, sequences, drop_last=True):
     repeat = rows // inputs["input_ids"].shape[0]
     pixel_values = inputs["pixel_values"].repeat_interleave(repeat, 0)
     prompt_ids = inputs["input_ids"].repeat_interleave(repeat, 0)
-    embeds = backend.decoder_inputs_embeds(pixel_values, prompt_ids)
+    vision = {k: v.repeat_interleave(repeat, 0) for k, v in backend.vision_inputs(inputs).items()}
+    embeds = backend.decoder_inputs_embeds(pixel_values, prompt_ids, **vision)
     new_ids = sequences[:, prompt_length:sequences.shape[1] - int(drop_last)]
     embeds = torch.cat([embeds, backend.language_model.get_input_embeddings()(new_ids)], dim=1)
     mask = torch.cat([inputs["attention_mask"].repeat_interleave(repeat, 0),
@@ -100,7 +101,7 @@ def assert_exit_slots_match_running_the_modules(model, inputs, sequences, module
     backend, cache = model.backend, model.last_cache
     _, mask = full_forward_cache(backend, inputs, sequences)
     ids = inputs["input_ids"]
-    embeds = torch.cat([backend.decoder_inputs_embeds(inputs["pixel_values"], ids),
+    embeds = torch.cat([backend.decoder_inputs_embeds(inputs["pixel_values"], ids, **backend.vision_inputs(inputs)),
                         backend.language_model.get_input_embeddings()(sequences[:, ids.shape[1]:-1])], 1)
     with torch.no_grad():
         positions = backend.position_ids(mask)

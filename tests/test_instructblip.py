@@ -1,0 +1,339 @@
+"""The `instructblip-vicuna` backend: InstructBLIP (a Q-Former that reads the instruction) with a
+Llama decoder, through the engine. Exits off give transformers' own tokens; the instruction reaches
+the Q-Former on every path that computes image features (generation, training batches, the vision
+stop, speculative decoding); caches hold what one full forward holds (RoPE, grouped-query heads);
+trained exits run and stay with their family; saved models reload to the same generations."""
+
+import json
+
+import pytest
+import torch
+from transformers import LogitsProcessorList
+
+from earlyexit.adapters import load_exits, save_exits
+from earlyexit.backends.instructblip_vicuna import InstructBlipVicunaBackend
+from earlyexit.backends.minigpt4_llama import Minigpt4LlamaBackend
+from earlyexit.batching import TrainingBatches, language_model_step
+from earlyexit.data.scenes import SceneConfig, load_scenes
+from earlyexit.engine import EarlyExitForCausalLM
+from earlyexit.errors import CheckpointError, ConfigError, ModelNotAvailableError
+from earlyexit.exit_training import train_exits
+from helpers import assert_cache_matches_full_forward, make_backend, make_images, no_eos
+
+PROMPTS = ["a red circle", "what color is the small square on the left", ""]  # three lengths: padding
+SHAPES = {
+    "mha": dict(num_layers=3, hidden_size=32, num_heads=4),
+    "gqa": dict(num_layers=4, hidden_size=48, num_heads=6, num_kv_heads=2, num_query_tokens=6, qformer_layers=2),
+}
+
+
+def tiny(**shape):
+    return InstructBlipVicunaBackend.from_tiny_config(**shape)
+
+
+@pytest.fixture(scope="module")
+def gqa6():
+    """Six layers with grouped-query attention (4 query heads share 2 key/value heads); a Q-Former
+    initialised wide enough that the instruction visibly changes what it reads."""
+    return tiny(seed=1, num_layers=6, hidden_size=32, num_heads=4, num_kv_heads=2, encoder_init_std=0.1)
+
+
+@pytest.fixture
+def batch3(gqa6):
+    return gqa6.prepare_inputs(make_images(3, seed=2), PROMPTS)
+
+
+def fixed(registry, backend, layer, every):
+    cls = registry.strategy("fixed")
+    return cls(backend, [layer], cls.Config(every=every))
+
+
+# -- exits off ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+@pytest.mark.parametrize("num_beams", [1, 5])
+def test_exits_off_gives_transformers_own_tokens(registry, shape, num_beams):
+    backend = tiny(seed=3, **shape)
+    inputs = backend.prepare_inputs(make_images(3, seed=4), PROMPTS)
+    assert (inputs["attention_mask"] == 0).any() and (inputs["qformer_attention_mask"] == 0).any(), \
+        "the batch should need padding, in the prompt and in the instruction the Q-Former reads"
+    settings = dict(max_new_tokens=10, num_beams=num_beams, do_sample=False)
+    expected = backend.plain_generate(**inputs, **settings)
+    assert len({tuple(row) for row in expected[:, inputs["input_ids"].shape[1]:].tolist()}) > 1
+
+    assert torch.equal(EarlyExitForCausalLM(backend).generate(**inputs, **settings), expected)
+    # a threshold no exit can reach: exits are consulted but never taken
+    cls = registry.strategy("confidence")
+    model = EarlyExitForCausalLM(backend, cls(backend, [1], cls.Config(threshold=1.5)))
+    assert torch.equal(model.generate(**inputs, **settings), expected)
+    layers = model.last_trace.exit_layers
+    assert ((layers == backend.num_layers) | (layers == -1)).all()
+
+
+# -- the instruction reaches the Q-Former -----------------------------------------------------------
+def test_the_instruction_changes_the_image_features_and_the_generation(gqa6, batch3):
+    same_image = batch3["pixel_values"][[0, 0]]
+    asked = gqa6.prepare_inputs(make_images(3, seed=2)[:1] * 2, ["a red circle", "how many shapes"])
+    torch.testing.assert_close(asked["pixel_values"], same_image)
+    two, _ = gqa6.image_features(asked["pixel_values"], **gqa6.vision_inputs(asked))
+    assert (two[0] - two[1]).abs().max() > 1e-2, "another instruction should give other features for the same image"
+
+    # the language model's prompt kept, only the Q-Former's instructions swapped between rows
+    swapped = {**batch3, "qformer_input_ids": batch3["qformer_input_ids"].flip(0),
+               "qformer_attention_mask": batch3["qformer_attention_mask"].flip(0)}
+    settings = dict(max_new_tokens=8, do_sample=False, **no_eos(gqa6))
+    original = EarlyExitForCausalLM(gqa6).generate(**batch3, **settings)
+    changed = EarlyExitForCausalLM(gqa6).generate(**swapped, **settings)
+    assert not torch.equal(changed, original)
+    assert torch.equal(changed, gqa6.plain_generate(**swapped, **settings))
+
+    without = {k: v for k, v in batch3.items() if not k.startswith("qformer_")}
+    with pytest.raises(ConfigError, match="reads the instruction"):
+        EarlyExitForCausalLM(gqa6).generate(**without, max_new_tokens=2)
+
+
+def test_training_batches_carry_the_instruction_as_prepare_inputs_does(gqa6, batch3, scenes):
+    batches = TrainingBatches(gqa6, [scenes], batch_size=3)
+    rows = [batches.encode(prompt, "circle") for prompt in PROMPTS]
+    batch = batches.collate(rows, batch3["pixel_values"], PROMPTS)
+    for name in ("qformer_input_ids", "qformer_attention_mask"):
+        assert torch.equal(batch[name], batch3[name])
+    for r, prompt in enumerate(PROMPTS):  # the language model's prompt as generation reads it
+        assert gqa6.prompt_ids(prompt) == batch3["input_ids"][r][batch3["attention_mask"][r].bool()].tolist()
+    # the features training sees are generation's
+    embeds = gqa6.decoder_inputs_embeds(batch["pixel_values"], batch["input_ids"], **gqa6.vision_inputs(batch))
+    features, _ = gqa6.image_features(batch3["pixel_values"], **gqa6.vision_inputs(batch3))
+    queries = gqa6.model.config.num_query_tokens
+    torch.testing.assert_close(embeds[:, :queries], features)
+    # backbone fine-tuning (`train backbone`): the model's own loss on such a batch
+    step = batches(0)
+    assert {"qformer_input_ids", "qformer_attention_mask"} <= set(step)
+
+    class Engine:
+        def optimize(self, group, loss):
+            assert loss.requires_grad
+            return float(loss.detach())
+
+    assert torch.isfinite(torch.tensor(language_model_step(gqa6.model)(step, Engine())["loss"]))
+
+
+def test_vision_tower_stops_early_with_the_instruction_read():
+    import copy
+
+    backend = tiny(seed=5, num_layers=2, vision_layers=2)
+    inputs = backend.prepare_inputs(make_images(2, seed=3), ["a red circle", "two"])
+    vision = backend.vision_inputs(inputs)
+    full, _ = backend.image_features(inputs["pixel_values"], **vision)
+    never, depth = backend.image_features(inputs["pixel_values"], saturation=1.5, **vision)  # a cosine never reaches it
+    torch.testing.assert_close(never, full, atol=1e-5, rtol=0)
+    assert depth.tolist() == [2, 2]
+    first, depth = backend.image_features(inputs["pixel_values"], saturation=-1.0, **vision)  # every image stops at 1
+    assert depth.tolist() == [1, 1]
+    truncated = copy.deepcopy(backend.model)
+    truncated.vision_model.encoder.layers = truncated.vision_model.encoder.layers[:1]
+    expected = truncated.get_image_features(inputs["pixel_values"], return_dict=True, **vision).pooler_output
+    torch.testing.assert_close(first, expected, atol=1e-5, rtol=0)
+    # MuE's vision stop through the engine reads the instruction too
+    from earlyexit.strategies.mue import MueStrategy as mue
+
+    # no decoder exit (a cosine never reaches 1.5), the vision tower stops after one layer
+    model = EarlyExitForCausalLM(backend, mue(backend, [1], mue.Config(gamma=1.5, vision_gamma=-1.0, layerwise=False)))
+    got = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    embeds = backend.decoder_inputs_embeds(inputs["pixel_values"], inputs["input_ids"], expected)
+    reference = backend.language_model.generate(inputs_embeds=embeds, input_ids=inputs["input_ids"],
+                                                attention_mask=inputs["attention_mask"], max_new_tokens=4,
+                                                do_sample=False)
+    assert torch.equal(got, reference) and model.last_trace.vision_layers.tolist() == [1, 1]
+
+
+def test_speculative_decoding_reads_the_instruction(registry, gqa6, batch3):
+    from earlyexit.speculative import SelfSpeculativeDecoder
+
+    model = EarlyExitForCausalLM(gqa6, fixed(registry, gqa6, 2, 1))
+    got = SelfSpeculativeDecoder(model, draft_exit=0, draft_length=3).generate(**batch3, max_new_tokens=6)
+    prompt = batch3["input_ids"].shape[1]
+    expected = gqa6.plain_generate(**batch3, max_new_tokens=6, do_sample=False, **no_eos(gqa6))
+    eos = gqa6.language_model.generation_config.eos_token_id
+    for r in range(3):  # lossless: the full model's greedy tokens, up to its end of sequence
+        tokens = expected[r, prompt:].tolist()
+        tokens = tokens[:tokens.index(eos) + 1] if eos in tokens else tokens
+        assert got[r, prompt:prompt + len(tokens)].tolist() == tokens
+
+
+# -- caches ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("every", [2, 3])
+def test_catchup_cache_equals_one_full_forward(registry, gqa6, batch3, every):
+    model = EarlyExitForCausalLM(gqa6, fixed(registry, gqa6, 2, every), kv_policy="catchup")
+    sequences = model.generate(**batch3, max_new_tokens=9, do_sample=False, **no_eos(gqa6))
+    layers = model.last_trace.exit_layers
+    assert (layers == 2).any() and (layers == 6).any()
+    assert sum(r.catchup_positions for r in model.last_trace.steps) > 0
+    assert model.last_cache.layers[0].keys.shape[1] == 2  # the cache holds the key/value heads only
+    assert_cache_matches_full_forward(model.last_cache, gqa6, batch3, sequences)
+
+
+def test_catchup_cache_equals_one_full_forward_under_beam_search(registry, gqa6, batch3):
+    from test_kv_policies import CacheSnapshots
+
+    model = EarlyExitForCausalLM(gqa6, fixed(registry, gqa6, 3, 2), kv_policy="catchup")
+    cache = model.new_cache()
+    snapshots = CacheSnapshots(cache)
+    model.generate(**batch3, max_new_tokens=6, num_beams=3, do_sample=False, cache=cache,
+                   logits_processor=LogitsProcessorList([snapshots]), **no_eos(gqa6))
+    assert (model.last_trace.exit_layers == 3).any()
+    for running, snapshot in snapshots.snapshots[1:]:
+        assert_cache_matches_full_forward(snapshot, gqa6, batch3, running, drop_last=False)
+
+
+def rms_norm_by_hand(norm, x):
+    return norm.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+
+
+def rope_by_hand(x, positions, theta):
+    """Rotate (rows, heads, 1, dim) by each row's position: pairs (i, i + dim/2) turn by
+    position / theta^(2i/dim)."""
+    dim = x.shape[-1]
+    angle = positions[:, None].double() / theta ** (torch.arange(0, dim, 2).double() / dim)
+    cos, sin = angle.cos().repeat(1, 2).float(), angle.sin().repeat(1, 2).float()
+    turned = torch.cat([-x[..., dim // 2:], x[..., :dim // 2]], -1)
+    return x * cos[:, None, None] + turned * sin[:, None, None]
+
+
+@pytest.mark.parametrize("stacked", [True, False], ids=["one-matmul", "layer-by-layer"])
+def test_propagate_projects_rotated_grouped_kv_from_the_exit_state(registry, gqa6, batch3, stacked, monkeypatch):
+    if not stacked:  # as for large models: fill_kv layer by layer
+        monkeypatch.setattr("earlyexit.engine.STACKED_KV_BYTES", 0)
+    exit_depth = 2
+    model = EarlyExitForCausalLM(gqa6, fixed(registry, gqa6, exit_depth, 2), kv_policy="propagate")
+    states = []  # output of the last layer run before the exit, per forward
+    hook = model.layers[exit_depth - 1].register_forward_hook(lambda m, a, out: states.append(out))
+    try:
+        model.generate(**batch3, max_new_tokens=7, do_sample=False, **no_eos(gqa6))
+    finally:
+        hook.remove()
+    cache, config = model.last_cache, gqa6.text_config
+    prompt = batch3["input_ids"].shape[1]
+    exited = [t for t, r in enumerate(model.last_trace.steps) if r.depth == exit_depth]
+    assert exited
+    heads, dim = config.num_key_value_heads, config.hidden_size // config.num_attention_heads
+    assert heads < config.num_attention_heads
+    for t in exited:
+        column = prompt + t - 1  # step t feeds the token generated at step t-1
+        positions = cache.positions[:, column]
+        assert (positions > 0).all() and len(set(positions.tolist())) > 1  # per-row positions (left padding)
+        exit_state = states[t][:, -1:]
+        for j in range(exit_depth, gqa6.num_layers):
+            layer = model.layers[j]
+            x = rms_norm_by_hand(layer.input_layernorm, exit_state)
+            keys = (x @ layer.self_attn.k_proj.weight.t()).view(3, 1, heads, dim).transpose(1, 2)
+            values = (x @ layer.self_attn.v_proj.weight.t()).view(3, 1, heads, dim).transpose(1, 2)
+            keys = rope_by_hand(keys, positions, config.rope_parameters["rope_theta"])
+            torch.testing.assert_close(cache.layers[j].keys[:, :, column:column + 1], keys, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(cache.layers[j].values[:, :, column:column + 1], values, atol=1e-5, rtol=1e-5)
+
+
+# -- trained exits and adapters -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    return load_scenes("exit_train", config=SceneConfig(train=12, val=10, test=5),
+                       cache_dir=tmp_path_factory.mktemp("scenes"))
+
+
+def vicuna64(seed=21):
+    return tiny(seed=seed, num_layers=4, hidden_size=32, num_heads=4, num_kv_heads=2, image_size=64, patch_size=16,
+                init_std=0.1)
+
+
+def test_free_trains_generates_and_its_adapter_stays_with_its_family(registry, scenes, tmp_path):
+    backend = vicuna64()
+    backbone = {n: p.detach().clone() for n, p in backend.model.state_dict().items()}
+    cls = registry.strategy("free")
+    strategy = cls(backend, [1, 2], cls.Config(epochs=1, batch_size=4, learning_rate=1e-3, threshold=0.03))
+    before = {n: p.detach().clone() for n, p in strategy.exit_modules().state_dict().items()}
+    losses = train_exits(strategy, backend, scenes, str(tmp_path / "run"), progress=False)
+    assert losses and all(torch.isfinite(torch.tensor(list(step.values()))).all() for step in losses)
+    after = strategy.exit_modules().state_dict()
+    assert any(not torch.equal(before[n], after[n]) for n in before), "training should move the exits"
+    assert all(torch.equal(backbone[n], t) for n, t in backend.model.state_dict().items())  # frozen backbone
+
+    inputs = backend.prepare_inputs(make_images(2, size=64), ["", "a red"])
+    settings = dict(max_new_tokens=6, do_sample=False, **no_eos(backend))
+    model = EarlyExitForCausalLM(backend, strategy)
+    expected = model.generate(**inputs, **settings)
+    expected_layers = model.last_trace.exit_layers
+    assert (expected_layers[:, 1:] < backend.num_layers).any(), "some token should leave early"
+
+    save_exits(strategy, str(tmp_path / "exits"), backbone_name="micro")
+    reloaded = load_exits(str(tmp_path / "exits"), vicuna64(), registry)
+    model = EarlyExitForCausalLM(reloaded.backend, reloaded)
+    assert torch.equal(model.generate(**inputs, **settings), expected)
+    assert torch.equal(model.last_trace.exit_layers, expected_layers)
+
+    # the same Llama decoder shape under another family's image side is another backbone
+    minigpt4 = Minigpt4LlamaBackend.from_tiny_config(seed=21, num_layers=4, hidden_size=32, num_heads=4,
+                                                     num_kv_heads=2, image_size=64, patch_size=16, init_std=0.1)
+    with pytest.raises(CheckpointError, match="backend 'instructblip-vicuna', not 'minigpt4-llama'"):
+        load_exits(str(tmp_path / "exits"), minigpt4, registry)
+    opt = make_backend(seed=21, num_layers=4, image_size=64, patch_size=16, init_std=0.1)
+    save_exits(cls(opt, [1, 2], strategy.config), str(tmp_path / "opt-exits"))
+    with pytest.raises(CheckpointError, match="backend 'blip2-opt', not 'instructblip-vicuna'"):
+        load_exits(str(tmp_path / "opt-exits"), backend, registry)
+    with pytest.raises(CheckpointError, match="another backbone"):
+        load_exits(str(tmp_path / "exits"), vicuna64(seed=99), registry)
+
+
+# -- loading --------------------------------------------------------------------------------------
+def test_save_pretrained_round_trip_gives_identical_generations(registry, gqa6, batch3, tmp_path):
+    folder = tmp_path / "instructblip"
+    gqa6.save_pretrained(str(folder))
+    loaded = registry.backend("instructblip-vicuna").load(str(folder))
+    saved = gqa6.model.state_dict()
+    assert all(torch.equal(saved[n], t) for n, t in loaded.model.state_dict().items()) and len(saved) > 100
+    assert loaded.model.config.image_token_id == gqa6.model.config.image_token_id
+    reloaded_inputs = loaded.prepare_inputs(make_images(3, seed=2), PROMPTS)
+    assert set(reloaded_inputs) == set(batch3) and all(torch.equal(reloaded_inputs[k], batch3[k]) for k in batch3)
+    for num_beams in (1, 3):
+        settings = dict(max_new_tokens=8, num_beams=num_beams, do_sample=False)
+        assert torch.equal(loaded.plain_generate(**batch3, **settings), gqa6.plain_generate(**batch3, **settings))
+    expected = EarlyExitForCausalLM(gqa6, fixed(registry, gqa6, 2, 2)).generate(**batch3, max_new_tokens=8)
+    assert torch.equal(EarlyExitForCausalLM(loaded, fixed(registry, loaded, 2, 2)).generate(**batch3, max_new_tokens=8),
+                       expected)
+
+
+def test_loading_refuses_another_family_and_an_unreachable_hub_in_one_line(registry, tmp_path, monkeypatch):
+    cls = registry.backend("instructblip-vicuna")
+    make_backend(seed=5).save_pretrained(str(tmp_path / "blip2"))
+    with pytest.raises(ConfigError, match="blip-2/opt model, not InstructBLIP"):
+        cls.load(str(tmp_path / "blip2"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(ModelNotAvailableError, match="not available offline") as unavailable:
+        cls.load("Salesforce/instructblip-vicuna-7b")
+    assert "\n" not in str(unavailable.value)
+
+
+def test_cli_generate_on_a_saved_folder_and_tiny_random(registry, gqa6, tmp_path, capsys):
+    from earlyexit.cli import main
+
+    gqa6.save_pretrained(str(tmp_path / "model"))
+    make_images(1, seed=6)[0].save(tmp_path / "image.png")
+    argv = ["generate", "--backend", "instructblip-vicuna", "--image", str(tmp_path / "image.png"), "--prompt",
+            "a red", "--max-new-tokens", "5", "--json"]
+    assert main(argv + ["--model", str(tmp_path / "model"), "--strategy", "fixed", "--exit-layers", "2",
+                        "--option", "every=2"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    inputs = gqa6.prepare_inputs(make_images(1, seed=6), ["a red"])
+    expected = EarlyExitForCausalLM(gqa6, fixed(registry, gqa6, 2, 2)).generate(**inputs, max_new_tokens=5,
+                                                                               do_sample=False)
+    assert result["token_ids"] == expected[0, inputs["input_ids"].shape[1]:].tolist()
+    assert result["exit_layers"] == [6, 6, 2, 6, 2]  # the first token comes from the full-depth prompt pass
+    assert main(argv + ["--model", "tiny-random"]) == 0
+    assert json.loads(capsys.readouterr().out)["num_layers"] == 12
+
+
+def test_list_names_the_family(capsys, monkeypatch):
+    from earlyexit.cli import main
+
+    monkeypatch.setenv("EARLYEXIT_DISABLE_PLUGIN_AUTOLOAD", "1")
+    assert main(["list", "--json"]) == 0
+    entry = next(e for e in json.loads(capsys.readouterr().out) if e["name"] == "instructblip-vicuna")
+    assert entry["kind"] == "backend" and "InstructBLIP" in entry["description"] and "Llama" in entry["description"]
