@@ -8,6 +8,7 @@
 
     python benchmarks/backend_ratios.py --backend minigpt4-llama --shape llama-tiny
     python benchmarks/backend_ratios.py --backend minigpt4-llama --shape smollm2-135m --batch-sizes 1,8
+    python benchmarks/backend_ratios.py --backend instructblip-vicuna --shape llama-tiny
 
 Random weights, fp32, the shapes of `benchmarks/speed.py`. Runs alternate (plain, candidate) and
 each ratio is the median over pairs of the pair's own ratio, so the slow drifts of a shared
@@ -35,6 +36,8 @@ from earlyexit.strategies.fixed import FixedStrategy
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from speed import COMMON, SHAPES  # noqa: E402  (the shapes speed.py measures)
+
+SHAPES = {**SHAPES, "instructblip-vicuna": SHAPES["minigpt4-llama"]}  # the same Llama decoders
 
 
 class PromptDone(LogitsProcessor):

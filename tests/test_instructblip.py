@@ -281,6 +281,74 @@ def test_free_trains_generates_and_its_adapter_stays_with_its_family(registry, s
         load_exits(str(tmp_path / "exits"), vicuna64(seed=99), registry)
 
 
+BUILT_IN = ("confidence", "deebert", "fixed", "free", "leebert", "mue", "pabee")
+EAGER = {"confidence": 0.02, "free": 0.02, "deebert": 10.0, "mue": -1.0}
+
+
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_every_strategy_trains_and_generates_on_this_family(registry, scenes, tmp_path, name):
+    backend = vicuna64()
+    backbone = {n: p.detach().clone() for n, p in backend.model.state_dict().items()}
+    cls = registry.strategy(name)
+    options = {"epochs": 1, "batch_size": 4, "learning_rate": 1e-3} if "epochs" in cls.Config.__dataclass_fields__ else {}
+    strategy = cls(backend, [2] if name == "fixed" else [1, 2], cls.Config(**options))
+    if strategy.needs_training:
+        before = [p.detach().clone() for p in strategy.training_modules()[next(iter(strategy.training_modules()))].parameters()]
+        losses = train_exits(strategy, backend, scenes, str(tmp_path / "run"), progress=False)
+        assert losses and all(torch.isfinite(torch.tensor([v for v in step.values() if isinstance(v, float)])).all()
+                              for step in losses)
+        after = strategy.training_modules()[next(iter(strategy.training_modules()))].parameters()
+        assert any(not torch.equal(a, b) for a, b in zip(before, after)), "training should move the exits"
+    assert all(torch.equal(backbone[n], t) for n, t in backend.model.state_dict().items())
+    if strategy.knob:  # an eager setting of its rule (the tiny model is near uniform), so tokens leave early
+        grid = strategy.calibration_grid()
+        strategy.set_knob(EAGER.get(name, min(grid) if strategy.knob_safer == "higher" else max(grid)))
+    inputs = backend.prepare_inputs(make_images(3, seed=8, size=64), PROMPTS)
+    model = EarlyExitForCausalLM(backend, strategy, kv_policy="catchup")
+    sequences = model.generate(**inputs, max_new_tokens=5, do_sample=False, **no_eos(backend))
+    layers = model.last_trace.exit_layers
+    assert set(layers.flatten().tolist()) <= {1, 2, backend.num_layers} and (layers[:, 0] == backend.num_layers).all()
+    assert (layers[:, 1:] < backend.num_layers).any(), "some token should leave early"
+    if strategy.backbone_layers() is None:  # the engine ran the backbone's own layers: caches are exact
+        assert_cache_matches_full_forward(model.last_cache, backend, inputs, sequences)
+
+
+@pytest.fixture(scope="module")
+def vqa(tmp_path_factory):
+    return load_scenes("test", task="vqa", config=SceneConfig(train=4, val=4, test=4),
+                       cache_dir=tmp_path_factory.mktemp("vqa"))
+
+
+def test_eval_with_speculative_decoding_gives_the_full_models_answers(registry, vqa):
+    """`eval`: questions (the instruction differs per row) through the early-exit engine and
+    self-speculative decoding, which splits the batch into rows: each keeps its own instruction."""
+    from earlyexit.evaluate import EvalSettings, evaluate
+
+    backend = vicuna64(seed=8)
+    settings = EvalSettings(batch_size=4, max_new_tokens=4, measure_wall=False, progress=False, quick_metrics=True)
+    full = evaluate(backend, None, vqa, settings)
+    assert len({s.question for s in vqa}) > 1
+    strategy = fixed(registry, backend, 2, 1)
+    speculative = evaluate(backend, strategy, vqa, settings, decode="speculative", draft_exit=0)
+    assert speculative["predictions"] == full["predictions"]
+    early = evaluate(backend, strategy, vqa, settings)
+    assert early["speed"]["layer_speedup"] > 1 and early["predictions"] != full["predictions"]
+
+
+def test_train_backbone_cli_moves_the_q_former(tmp_path, capsys):
+    from earlyexit.cli import main
+
+    vicuna64(seed=8).save_pretrained(str(tmp_path / "micro"))
+    assert main(["train", "backbone", "--backend", "instructblip-vicuna", "--model", str(tmp_path / "micro"),
+                 "--data", "scenes", "--steps", "2", "--batch-size", "2", "--warmup-steps", "0", "--learning-rate",
+                 "1e-2", "--output", str(tmp_path / "tuned")]) == 0, capsys.readouterr().err
+    tuned = InstructBlipVicunaBackend.load(str(tmp_path / "tuned" / "model"))
+    original = InstructBlipVicunaBackend.load(str(tmp_path / "micro"))
+    moved = [not torch.equal(a, b) for a, b in zip(tuned.model.qformer.embeddings.parameters(),
+                                                   original.model.qformer.embeddings.parameters())]
+    assert any(moved), "fine-tuning should move the Q-Former's word embeddings: it reads the instruction"
+
+
 # -- loading --------------------------------------------------------------------------------------
 def test_save_pretrained_round_trip_gives_identical_generations(registry, gqa6, batch3, tmp_path):
     folder = tmp_path / "instructblip"
