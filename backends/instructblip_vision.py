@@ -96,10 +96,11 @@ def instructed_queries(model, image_embeds, qformer_input_ids, qformer_attention
 
 
 # -- loading ---------------------------------------------------------------------------------------
-def load_instructblip(name_or_path: str, text_type: str, family: str, dtype: str, device: str) -> tuple:
+def load_instructblip(name_or_path: str, text_type: str, family: str, dtype: str, device: str,
+                      padding_side: str = "left") -> tuple:
     """(model, processor) of an InstructBLIP checkpoint (hub id or local folder) whose language
-    model is of `text_type` (`llama`, `t5`); `family` names it in errors. Offline and unreadable
-    checkpoints are one-line errors."""
+    model is of `text_type` (`llama`, `t5`); `family` names it in errors; the language model's
+    tokenizer pads on `padding_side`. Offline and unreadable checkpoints are one-line errors."""
     import torch
     from transformers import AutoConfig, InstructBlipForConditionalGeneration, InstructBlipProcessor
 
@@ -134,7 +135,13 @@ def load_instructblip(name_or_path: str, text_type: str, family: str, dtype: str
     except (OSError, ValueError, TypeError) as error:
         raise ModelNotAvailableError(f"{name_or_path}: the processor (tokenizers and image processor) could not be "
                                      f"loaded ({first_line(error)})") from error
-    processor.tokenizer.padding_side = "left"
+    # transformers falls back to the language model's tokenizer when the Q-Former's is missing:
+    # ids the Q-Former's embeddings were not trained for (or cannot even index)
+    if len(processor.qformer_tokenizer) > model.config.qformer_config.vocab_size:
+        raise CheckpointError(f"{name_or_path}: the Q-Former's tokenizer ({len(processor.qformer_tokenizer)} tokens) "
+                              f"does not fit its {model.config.qformer_config.vocab_size} embeddings (a missing "
+                              "qformer_tokenizer folder?); save the processor again or pass another folder")
+    processor.tokenizer.padding_side = padding_side
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     return model.to(device).eval(), processor

@@ -367,8 +367,17 @@ def test_save_pretrained_round_trip_gives_identical_generations(registry, gqa6, 
                        expected)
 
 
-def test_loading_refuses_another_family_and_an_unreachable_hub_in_one_line(registry, tmp_path, monkeypatch):
+def test_loading_refuses_another_family_and_an_unreachable_hub_in_one_line(registry, gqa6, tmp_path, monkeypatch):
+    import shutil
+
     cls = registry.backend("instructblip-vicuna")
+    gqa6.save_pretrained(str(tmp_path / "no-qformer-tokenizer"))
+    shutil.rmtree(tmp_path / "no-qformer-tokenizer" / "qformer_tokenizer")  # transformers would use the Llama one
+    fitting = gqa6.model.config.qformer_config.vocab_size
+    with pytest.raises(CheckpointError, match=f"\\({len(gqa6.processor.tokenizer)} tokens\\) does not fit its {fitting} "
+                                              "embeddings") as refused:
+        cls.load(str(tmp_path / "no-qformer-tokenizer"))
+    assert "\n" not in str(refused.value)
     make_backend(seed=5).save_pretrained(str(tmp_path / "blip2"))
     with pytest.raises(ConfigError, match="blip-2/opt model, not InstructBLIP"):
         cls.load(str(tmp_path / "blip2"))
