@@ -22,7 +22,8 @@ class InstructBlipVicunaBackend(InstructBlipImageSide, LlamaDecoderMethods, Back
                    "LlamaForCausalLM; the Q-Former reads the instruction), e.g. Salesforce/instructblip-vicuna-7b")
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, dtype: str = "float32", device: str = "cpu") -> InstructBlipVicunaBackend:
+    def from_pretrained(cls, name_or_path: str, dtype: str = "float32",
+                        device: str = "cpu") -> InstructBlipVicunaBackend:
         from .instructblip_vision import load_instructblip
 
         return cls(*load_instructblip(name_or_path, "llama", "InstructBLIP with a Llama/Vicuna decoder", dtype, device))

@@ -89,9 +89,9 @@ def instructed_queries(model, image_embeds, qformer_input_ids, qformer_attention
         qformer_attention_mask = torch.ones_like(qformer_input_ids)
     query_mask = torch.ones(queries.shape[:-1], dtype=qformer_attention_mask.dtype, device=queries.device)
     image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
-    output = model.qformer(input_ids=qformer_input_ids, attention_mask=torch.cat([query_mask, qformer_attention_mask], 1),
-                           query_embeds=queries, encoder_hidden_states=image_embeds, encoder_attention_mask=image_mask,
-                           return_dict=True)[0]
+    mask = torch.cat([query_mask, qformer_attention_mask], 1)  # queries and instruction attend to each other
+    output = model.qformer(input_ids=qformer_input_ids, attention_mask=mask, query_embeds=queries,
+                           encoder_hidden_states=image_embeds, encoder_attention_mask=image_mask, return_dict=True)[0]
     return model.language_projection(output[:, :queries.shape[1]])
 
 

@@ -108,7 +108,8 @@ def unpadded_rows(inputs: dict):
     for r in range(inputs["input_ids"].shape[0]):
         keep = inputs["attention_mask"][r].bool()
         row = {k: v[r:r + 1] for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
-        yield {**row, "input_ids": inputs["input_ids"][r:r + 1, keep], "attention_mask": inputs["attention_mask"][r:r + 1, keep]}
+        yield {**row, "input_ids": inputs["input_ids"][r:r + 1, keep],
+               "attention_mask": inputs["attention_mask"][r:r + 1, keep]}
 
 
 def count_tokens(sequences: torch.Tensor, prompt_length: int, eos_token_id) -> int:

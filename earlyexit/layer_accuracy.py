@@ -34,7 +34,8 @@ def per_layer_accuracy(backend, dataset: Dataset, limit: int | None = 200, batch
         picks = [batches.pixel_row[0][i] for i in range(start, start + len(samples))]
         batch = batches.collate(rows, batches.pixels[picks], prompts)
         labels = batch.pop("labels")
-        embeds = backend.decoder_inputs_embeds(batch["pixel_values"], batch["input_ids"], **backend.vision_inputs(batch))
+        vision = backend.vision_inputs(batch)
+        embeds = backend.decoder_inputs_embeds(batch["pixel_values"], batch["input_ids"], **vision)
         out = backend.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
                                      output_hidden_states=True)
         targets = labels[:, 1:]
