@@ -117,6 +117,23 @@ def test_training_batches_carry_the_instruction_as_prepare_inputs_does(gqa6, bat
     assert torch.isfinite(torch.tensor(language_model_step(gqa6.model)(step, Engine())["loss"]))
 
 
+def test_data_parallel_shards_keep_each_rows_instruction(gqa6, vqa):
+    """DeepSpeed's ranks take rows [rank::world] of every input: a row's features are the same on
+    its rank as in the global batch."""
+    import types
+
+    from earlyexit.distributed import DeepSpeedEngine
+
+    batch = TrainingBatches(gqa6, [vqa], batch_size=4)(0)
+    assert len({tuple(row) for row in batch["qformer_input_ids"].tolist()}) > 1  # a question per row
+    features, _ = gqa6.image_features(batch["pixel_values"], **gqa6.vision_inputs(batch))
+    for rank in (0, 1):
+        shard = DeepSpeedEngine.shard(types.SimpleNamespace(rank=rank, world_size=2), batch)
+        assert set(shard) == set(batch)
+        mine, _ = gqa6.image_features(shard["pixel_values"], **gqa6.vision_inputs(shard))
+        torch.testing.assert_close(mine, features[rank::2], atol=1e-5, rtol=0)
+
+
 def test_vision_tower_stops_early_with_the_instruction_read():
     import copy
 
