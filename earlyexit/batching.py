@@ -142,8 +142,8 @@ class TrainingBatches:
             input_ids[r, : len(ids)] = torch.tensor(ids)
             labels[r, : len(ids)] = torch.tensor(targets)
             mask[r, : len(ids)] = 1
-        return self.backend.on_model({"pixel_values": pixels, "input_ids": input_ids, "attention_mask": mask,
-                                      "labels": labels})
+        return self.backend.on_model(self.backend.training_layout(
+            {"pixel_values": pixels, "input_ids": input_ids, "attention_mask": mask, "labels": labels}))
 
 
 def language_model_step(model):

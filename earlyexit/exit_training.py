@@ -23,7 +23,7 @@ from .training import PlainEngine, TrainConfig, train
 class BackboneFeatures:
     hidden: list  # hidden[k]: the residual stream after k decoder layers (hidden[0]: embeddings)
     final_logits: torch.Tensor  # backend.logits(hidden[-1]): the full model's read-out
-    mask: object  # the 4D causal + padding mask for whole-sequence layer calls
+    mask: object  # what whole-sequence `run_layer` calls take as attention_mask (causal + padding)
     positions: torch.Tensor
     targets: torch.Tensor  # labels shifted: targets[:, t] is the token position t predicts
 
@@ -38,10 +38,7 @@ def backbone_features(backend, batch: dict, layers=None) -> BackboneFeatures:
     layers = list(layers if layers is not None else backend.decoder_layers())
     trainable = torch.is_grad_enabled() and any(p.requires_grad for layer in layers for p in layer.parameters())
     with torch.no_grad():
-        embeds = backend.decoder_inputs_embeds(batch["pixel_values"], batch["input_ids"])
-        positions = backend.position_ids(batch["attention_mask"])
-        mask = backend.layer_mask(embeds, batch["attention_mask"], None, 0)
-        hidden = backend.embed(None, embeds, positions)
+        hidden, mask, positions, targets = backend.teacher_forcing_inputs(batch, layers)
     with torch.set_grad_enabled(trainable):
         states = [hidden]
         for layer in layers:
@@ -49,7 +46,7 @@ def backbone_features(backend, batch: dict, layers=None) -> BackboneFeatures:
             states.append(hidden)
         final_logits = backend.logits(hidden)
     return BackboneFeatures(hidden=states, final_logits=final_logits, mask=mask, positions=positions,
-                            targets=batch["labels"][:, 1:])
+                            targets=targets)
 
 
 def one_caption_per_sample(dataset: Dataset) -> Dataset:

@@ -56,6 +56,9 @@ class SelfSpeculativeDecoder:
     `catchup`, which is what reuses the drafts' shallow work)."""
 
     def __init__(self, model, draft_exit: int | None = None, draft_length: int = 4):
+        if model.encoder_decoder:  # it feeds the prompt to the decoder itself; an encoder would be skipped
+            raise ConfigError(f"speculative decoding runs on decoder-only backends; {model.backend.name!r} is an "
+                              "encoder-decoder model: use --decode early-exit")
         if model.strategy is None:
             raise ConfigError("speculative decoding drafts with a strategy's exits; pass --strategy")
         if model.kv_policy != "catchup":
