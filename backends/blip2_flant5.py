@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from earlyexit import hookimpl
 from earlyexit.backend import Backend
+from earlyexit.errors import ConfigError
 
 from .blip2_opt import Blip2OptBackend
 from .t5_decoder import T5DecoderMethods
@@ -31,6 +32,16 @@ class Blip2FlanT5Backend(T5DecoderMethods, Backend):
     text_model_type = "t5"
 
     # -- loading: BLIP-2's (hub id or folder, offline as a one-line error) ---------------------------
+    @classmethod
+    def load(cls, name_or_path: str, device: str | None = None, dtype: str | None = None) -> Blip2FlanT5Backend:
+        from earlyexit import embedded
+
+        if name_or_path == embedded.NAME:
+            raise ConfigError(f"the embedded model {embedded.NAME!r} is BLIP-2 with OPT (--backend blip2-opt); for "
+                              f"{cls.name} pass --model tiny-random, a folder written by save_pretrained or a hub id "
+                              "such as Salesforce/blip2-flan-t5-xl")
+        return super().load(name_or_path, device=device, dtype=dtype)
+
     @classmethod
     def from_pretrained(cls, name_or_path: str, dtype: str = "float32", device: str = "cpu") -> Blip2FlanT5Backend:
         backend = Blip2OptBackend.from_pretrained.__func__(cls, name_or_path, dtype=dtype, device=device)

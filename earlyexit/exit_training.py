@@ -124,9 +124,8 @@ def caption_log_likelihood(backend, sample: Sample, texts: list[str]) -> list[fl
     batches = TrainingBatches(backend, [Dataset("one", "caption", "x", [sample])], batch_size=1)
     rows = [batches.encode("", text) for text in texts]
     batch = batches.collate(rows, batches.pixels[[0] * len(texts)])
-    labels = batch.pop("labels")
-    logits = backend.model(**batch).logits[:, :-1]
-    targets = labels[:, 1:]
+    features = backbone_features(backend, batch)  # the family's own alignment of logits and targets
+    logits, targets = features.final_logits[:, :-1], features.targets
     log_probs = torch.log_softmax(logits.float(), -1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     where = targets != -100
     return ((log_probs * where).sum(-1) / where.sum(-1)).tolist()

@@ -311,6 +311,8 @@ def test_save_pretrained_round_trip_and_loader_checks(registry, t5_6, batch3, tm
         cls.load(str(opt_folder))
     with pytest.raises(ConfigError, match="not BLIP-2 with opt"):
         registry.backend("blip2-opt").load(str(folder))
+    with pytest.raises(ConfigError, match="tiny-random"):  # the embedded `tiny` is BLIP-2 with OPT
+        cls.load("tiny")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     with pytest.raises(ModelNotAvailableError, match="not available offline") as unavailable:
@@ -344,3 +346,51 @@ def test_list_names_the_family(capsys, monkeypatch):
     assert main(["list", "--json"]) == 0
     entry = next(e for e in json.loads(capsys.readouterr().out) if e["name"] == "blip2-flant5")
     assert entry["kind"] == "backend" and "BLIP-2" in entry["description"] and "FlanT5" in entry["description"]
+
+
+BUILT_IN = ["confidence", "deebert", "fixed", "free", "leebert", "mue", "pabee"]
+
+
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_every_strategy_trains_and_generates_under_every_policy(registry, scenes, tmp_path, name):
+    backend = t5_64(seed=5)
+    backbone = {n: p.detach().clone() for n, p in backend.model.state_dict().items()}
+    cls = registry.strategy(name)
+    options = {"epochs": 1, "batch_size": 4, "learning_rate": 1e-3} if hasattr(cls.Config, "epochs") else {}
+    exits = [2] if name == "fixed" else [1, 2]
+    strategy = cls(backend, exits, cls.Config(**options))
+    if strategy.training_modules():
+        trained = {n: p.detach().clone() for n, p in strategy.training_modules().items() for n, p in
+                   p.state_dict().items()}
+        train_exits(strategy, backend, scenes, str(tmp_path / "run"), progress=False)
+        moved = {n: p for m in strategy.training_modules().values() for n, p in m.state_dict().items()}
+        assert any(not torch.equal(trained[n], moved[n]) for n in trained), "training should move something"
+    assert all(torch.equal(backbone[n], t) for n, t in backend.model.state_dict().items())
+    inputs = backend.prepare_inputs(make_images(2, size=64), ["", "a red"])
+    for policy, beams in (("catchup", 1), ("propagate", 2), ("skip", 1)):
+        model = EarlyExitForCausalLM(backend, strategy, kv_policy=policy)
+        # an untrained T5 may emit padding, which ends a row like </s>: forbid both
+        sequences = model.generate(**inputs, max_new_tokens=5, num_beams=beams, do_sample=False,
+                                   bad_words_ids=[[backend.text_config.eos_token_id], [backend.text_config.pad_token_id]])
+        layers = model.last_trace.exit_layers
+        assert new_tokens(sequences, inputs).shape == (2, 5) and layers.shape == (2, 5)
+        assert set(layers.flatten().tolist()) <= set(exits) | {backend.num_layers}
+
+
+def test_per_layer_accuracy_reads_the_decoder_layer_by_layer(t5_6, scenes):
+    from earlyexit.layer_accuracy import per_layer_accuracy
+
+    rows = per_layer_accuracy(t5_6, scenes, limit=6, batch_size=3)
+    assert [r["layer"] for r in rows] == list(range(1, 7)) and rows[-1]["agreement"] == 1.0
+    batches = TrainingBatches(t5_6, [scenes.subset(6)], batch_size=3)
+    correct = total = 0
+    with torch.no_grad():
+        for start in (0, 3):
+            samples = scenes.samples[start:start + 3]
+            batch = batches.collate([batches.encode("", s.captions[0]) for s in samples],
+                                    batches.pixels[list(range(start, start + 3))])
+            where = batch["labels"] != -100
+            predicted = t5_6.model(**batch).logits.argmax(-1)  # transformers' own forward
+            correct += int((predicted == batch["labels"])[where].sum())
+            total += int(where.sum())
+    assert rows[-1]["accuracy"] == pytest.approx(correct / total)
