@@ -394,3 +394,25 @@ def test_per_layer_accuracy_reads_the_decoder_layer_by_layer(t5_6, scenes):
             correct += int((predicted == batch["labels"])[where].sum())
             total += int(where.sum())
     assert rows[-1]["accuracy"] == pytest.approx(correct / total)
+
+
+def test_cli_train_backbone_then_eval_the_trained_folder(tmp_path, capsys):
+    """`train backbone` fine-tunes on the decoder labels (the model's own loss) and saves a folder
+    that `eval` loads and scores with exits."""
+    from earlyexit.cli import main
+
+    folder = tmp_path / "start"
+    tiny(seed=2, num_layers=4).save_pretrained(str(folder))
+    before = Blip2FlanT5Backend.load(str(folder)).model.state_dict()
+    assert main(["train", "backbone", "--backend", "blip2-flant5", "--model", str(folder), "--data", "scenes",
+                 "--split", "dev", "--output", str(tmp_path / "trained"), "--steps", "2", "--batch-size", "4"]) == 0
+    trained = Blip2FlanT5Backend.load(str(tmp_path / "trained" / "model"))
+    after = trained.model.state_dict()
+    assert any(not torch.equal(before[n], after[n]) for n in before if n.startswith("language_model.decoder"))
+    assert trained.processor.tokenizer.padding_side == "right"
+    report = tmp_path / "eval.json"
+    assert main(["eval", "--backend", "blip2-flant5", "--model", str(tmp_path / "trained" / "model"), "--strategy",
+                 "fixed", "--exit-layers", "2", "--option", "every=2", "--data", "scenes-vqa", "--split", "dev", "--limit", "3",
+                 "--max-new-tokens", "4", "--num-beams", "2", "--no-wall", "--json", str(report)]) == 0
+    result = json.loads(report.read_text())
+    assert result["speed"]["param_speedup"] > 1.0 and result["quality"]["num_questions"] == 3
