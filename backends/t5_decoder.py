@@ -53,7 +53,6 @@ class T5DecoderMethods:
     """Mixin placed before `Backend`; the class using it provides `language_model`."""
 
     is_encoder_decoder = True
-    _bias_memo: tuple | None = None
 
     # -- structure -------------------------------------------------------------------------------
     @property
@@ -92,7 +91,7 @@ class T5DecoderMethods:
         cache.encoder.clear()
         cache.encoder["states"] = encoder_states
         cache.encoder["bias"] = encoder_bias(encoder_mask, encoder_states.dtype)
-        cache.encoder_meta = {"bias_layer": layers[0]}
+        cache.encoder_meta = {"bias_layer": layers[0], "bias_length": -1, "bias": {}, "layers": {}}
 
     def cross_kv(self, layer, encoder_states):
         """(keys, values) of `layer`'s cross-attention over `encoder_states`, (rows, heads, length, d_kv)."""
@@ -104,65 +103,47 @@ class T5DecoderMethods:
 
         return heads(attention.k), heads(attention.v)
 
-    def _cached_cross_kv(self, layer, cache):
-        slot = layer.layer[1].EncDecAttention.layer_idx
-        key = f"cross.{slot}"
-        if key + ".k" not in cache.encoder:  # once per generation and slot: static afterwards
-            keys, values = self.cross_kv(layer, cache.encoder["states"])
-            cache.encoder[key + ".k"], cache.encoder[key + ".v"] = keys, values
-        return cache.encoder[key + ".k"], cache.encoder[key + ".v"]
-
     def relative_bias(self, bias_layer, length: int, width: int):
         """T5's relative position bias of the queries at columns [length - width, length) against
-        keys [0, length): (1, heads, width, length). Every layer of a step shares it, so the last
-        few are kept (keyed on the columns and the table's identity and version)."""
+        keys [0, length): (1, heads, width, length), from `bias_layer`'s table."""
         attention = bias_layer.layer[0].SelfAttention
-        table = attention.relative_attention_bias.weight
-        key = (length, id(table), table._version)
-        memo = self._bias_memo
-        if memo is None or memo[0] != key:
-            memo = self._bias_memo = (key, {})
-        bias = memo[1].get(width)
-        if bias is None:
-            bias = memo[1][width] = attention.compute_bias(width, length, device=table.device,
-                                                           past_seen_tokens=length - width)
-        return bias
+        return attention.compute_bias(width, length, device=attention.relative_attention_bias.weight.device,
+                                      past_seen_tokens=length - width)
+
+    def _layer_parts(self, layer, cache):
+        """What the per-step path needs of `layer`, looked up once per generation: the names of
+        its slot's cross-attention K/V in the cache (projected now) and its sub-layers."""
+        parts = cache.encoder_meta["layers"].get(id(layer))
+        if parts is None:
+            slot = layer.layer[1].EncDecAttention.layer_idx
+            names = (f"cross.{slot}.k", f"cross.{slot}.v")  # static for the whole generation
+            cache.encoder[names[0]], cache.encoder[names[1]] = self.cross_kv(layer, cache.encoder["states"])
+            parts = cache.encoder_meta["layers"][id(layer)] = (names, layer.layer[0], cross_parts(layer.layer[1]),
+                                                               layer.layer[-1])
+        return parts
 
     # -- running a layer --------------------------------------------------------------------------
     def run_layer(self, layer, hidden, *, attention_mask, position_ids, cache):
         if cache is None:  # a whole sequence at once: `attention_mask` carries the T5LayerInputs
             inputs = attention_mask
-            mask, bias = inputs.mask, inputs.bias
             keys, values = self.cross_kv(layer, inputs.encoder_states)
-            cross_bias = inputs.encoder_bias
-        else:
-            plan, context = cache.plan, cache.encoder
-            mask = attention_mask
-            bias = self.relative_bias(cache.encoder_meta["bias_layer"], plan.length, hidden.shape[1])
-            keys, values = self._cached_cross_kv(layer, cache)
-            cross_bias = context["bias"]
-            if plan.rows is not None:
-                keys, values, cross_bias = keys[plan.rows], values[plan.rows], cross_bias[plan.rows]
-        hidden = layer.layer[0](hidden, attention_mask=mask, position_bias=bias, cache=cache)[0]
-        hidden = _clamp_fp16(hidden)
-        hidden = _clamp_fp16(self.cross_attend(layer.layer[1], hidden, keys, values, cross_bias))
-        return _clamp_fp16(layer.layer[-1](hidden))
-
-    @staticmethod
-    def cross_attend(cross, hidden, keys, values, bias):
-        """T5's cross-attention sub-layer with its keys and values given (residual included)."""
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-        from transformers.models.t5.modeling_t5 import eager_attention_forward
-
-        attention = cross.EncDecAttention
-        x = cross.layer_norm(hidden)
-        rows, width = x.shape[:2]
-        queries = attention.q(x).view(rows, width, -1, attention.key_value_proj_dim).transpose(1, 2)
-        interface = ALL_ATTENTION_FUNCTIONS.get_interface(attention.config._attn_implementation,
-                                                          eager_attention_forward)
-        out, _ = interface(attention, queries, keys, values, None, dropout=attention.dropout if attention.training
-                           else 0.0, scaling=attention.scaling, position_bias=bias)
-        return hidden + cross.dropout(attention.o(out.reshape(rows, width, -1)))
+            hidden = _clamp_fp16(layer.layer[0](hidden, attention_mask=inputs.mask, position_bias=inputs.bias)[0])
+            hidden = _clamp_fp16(cross_attend(cross_parts(layer.layer[1]), hidden, keys, values, inputs.encoder_bias))
+            return _clamp_fp16(layer.layer[-1](hidden))
+        plan, encoder, meta = cache.plan, cache.encoder, cache.encoder_meta
+        width = hidden.shape[1]
+        if meta["bias_length"] != plan.length:  # one bias per step (and catch-up width), shared by every layer
+            meta["bias_length"], meta["bias"] = plan.length, {}
+        bias = meta["bias"].get(width)
+        if bias is None:
+            bias = meta["bias"][width] = self.relative_bias(meta["bias_layer"], plan.length, width)
+        names, self_attention, cross, feed_forward = self._layer_parts(layer, cache)
+        keys, values, cross_bias = encoder[names[0]], encoder[names[1]], encoder["bias"]
+        if plan.rows is not None:
+            keys, values, cross_bias = keys[plan.rows], values[plan.rows], cross_bias[plan.rows]
+        hidden = _clamp_fp16(self_attention(hidden, attention_mask=attention_mask, position_bias=bias, cache=cache)[0])
+        hidden = _clamp_fp16(cross_attend(cross, hidden, keys, values, cross_bias))
+        return _clamp_fp16(feed_forward(hidden))
 
     # -- teacher forcing (training) ---------------------------------------------------------------
     def training_layout(self, batch: dict) -> dict:
@@ -278,6 +259,30 @@ class T5DecoderMethods:
     def head_param_count(self) -> int:
         modules = [self.decoder.final_layer_norm, self.language_model.lm_head]
         return sum(p.numel() for m in modules for p in m.parameters())
+
+
+def cross_parts(cross) -> tuple:
+    """(attention module, norm, query and output projections, d_kv, attention function, dropout) of
+    a T5 cross-attention sub-layer: resolved once, so the per-step path does no lookups."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.t5.modeling_t5 import eager_attention_forward
+
+    attention = cross.EncDecAttention
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(attention.config._attn_implementation, eager_attention_forward)
+    return attention, cross.layer_norm, attention.q, attention.o, attention.key_value_proj_dim, interface, cross.dropout
+
+
+def cross_attend(parts, hidden, keys, values, bias):
+    """T5's cross-attention sub-layer with its keys and values given (residual included)."""
+    attention, norm, query, output, d_kv, interface, dropout = parts
+    x = norm(hidden)
+    rows, width = x.shape[:2]
+    queries = query(x).view(rows, width, -1, d_kv).transpose(1, 2)
+    training = attention.training
+    out, _ = interface(attention, queries, keys, values, None, dropout=attention.dropout if training else 0.0,
+                       scaling=attention.scaling, position_bias=bias)
+    out = output(out.reshape(rows, width, -1))
+    return hidden + (dropout(out) if training else out)
 
 
 def _clamp_fp16(hidden):
