@@ -416,3 +416,21 @@ def test_cli_train_backbone_then_eval_the_trained_folder(tmp_path, capsys):
                  "--max-new-tokens", "4", "--num-beams", "2", "--no-wall", "--json", str(report)]) == 0
     result = json.loads(report.read_text())
     assert result["speed"]["param_speedup"] > 1.0 and result["quality"]["num_questions"] == 3
+
+
+def test_dialog_option_scores_are_the_models_own_log_probabilities(t5_6):
+    """VisDial ranking forces each option through the decoder; exits off, its mean log-probability
+    is what one teacher-forced transformers forward gives."""
+    from earlyexit.dialog import option_scores
+
+    image, prompt, options = make_images(1, seed=7)[0], "Question: what color? Answer:", ["red", "two blue"]
+    scores, work = option_scores(EarlyExitForCausalLM(t5_6).generate, t5_6, image, prompt, options)
+    tokenizer, eos = t5_6.processor.tokenizer, t5_6.text_config.eos_token_id
+    for option, score in zip(options, scores):
+        target = torch.tensor([tokenizer(" " + option, add_special_tokens=False)["input_ids"] + [eos]])
+        inputs = t5_6.prepare_inputs([image], [prompt])
+        with torch.no_grad():
+            logits = t5_6.model(**inputs, labels=target).logits
+        expected = logits.log_softmax(-1).gather(-1, target[..., None]).mean()
+        assert score == pytest.approx(float(expected), rel=1e-6)  # the forcing reads scores in float32
+    assert work["tokens"] == 2 + 3
