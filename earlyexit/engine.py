@@ -19,6 +19,11 @@ Per forward (one new position per row; the prompt pass feeds the whole prompt):
 4. Exit modules that attend (FREE's exit transformer) keep their own cache slot, filled with
    K/V projections of every position that reaches the exit (exact), so the whole module runs
    only where its output is needed.
+Encoder-decoder backbones (T5: `backend.is_encoder_decoder`) use the same class and the same
+step: `generate` lets transformers run the encoder once over the prompt, the first forward hands
+its output to the backend (`attach_encoder`: kept in the cache, rows first), and from then on the
+decoder is what runs layer by layer here; the backend's `run_layer` reads the encoder side from
+the cache. Nothing of this runs per layer for a decoder-only backbone.
 Every forward appends an `accounting.StepRecord` (exit layer per row, block widths, exit
 visits); `accounting` turns those into costs off the hot path. One host sync per forward start
 and at most one per exit point.
