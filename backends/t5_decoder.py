@@ -88,6 +88,10 @@ class T5DecoderMethods:
         as an additive bias, and the layer whose table gives the relative position bias (the first
         of `layers`, the decoder layers generation runs). Cross-attention K/V are filled per slot
         on first use (`cross_kv`)."""
+        import torch
+
+        if encoder_mask is None:  # no padding
+            encoder_mask = torch.ones(encoder_states.shape[:2], dtype=torch.long, device=encoder_states.device)
         cache.encoder.clear()
         cache.encoder["states"] = encoder_states
         cache.encoder["bias"] = encoder_bias(encoder_mask, encoder_states.dtype)

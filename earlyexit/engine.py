@@ -211,7 +211,7 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
         if self.encoder_decoder:  # transformers runs the encoder once over the prompt (as the backbone's generate)
             out = super().generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache, **kwargs)
             new_tokens = out.sequences[:, 1:]  # after the decoder's start token
-            out.sequences = _behind_prompt(input_ids, new_tokens)
+            out.sequences = _behind_prompt(input_ids, new_tokens) if input_ids is not None else new_tokens
         else:
             out = super().generate(
                 input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache, **kwargs

@@ -434,3 +434,12 @@ def test_dialog_option_scores_are_the_models_own_log_probabilities(t5_6):
         expected = logits.log_softmax(-1).gather(-1, target[..., None]).mean()
         assert score == pytest.approx(float(expected), rel=1e-6)  # the forcing reads scores in float32
     assert work["tokens"] == 2 + 3
+
+
+def test_inputs_embeds_without_a_mask_generate_like_ids_with_one(t5_6, batch3):
+    """`generate` from ready embeddings (no ids, no mask: one unpadded row) returns only the new tokens."""
+    model = EarlyExitForCausalLM(t5_6)
+    one = {k: v[1:2] for k, v in batch3.items()}  # the longest prompt: no padding
+    expected = new_tokens(model.generate(**one, max_new_tokens=5, do_sample=False), one)
+    embeds = t5_6.decoder_inputs_embeds(one["pixel_values"], one["input_ids"])
+    assert torch.equal(model.generate(inputs_embeds=embeds, max_new_tokens=5, do_sample=False), expected)
