@@ -443,3 +443,19 @@ def test_inputs_embeds_without_a_mask_generate_like_ids_with_one(t5_6, batch3):
     expected = new_tokens(model.generate(**one, max_new_tokens=5, do_sample=False), one)
     embeds = t5_6.decoder_inputs_embeds(one["pixel_values"], one["input_ids"])
     assert torch.equal(model.generate(inputs_embeds=embeds, max_new_tokens=5, do_sample=False), expected)
+
+
+def test_bfloat16_tiny_random_and_folder_generate_with_exits(registry, t5_6, tmp_path):
+    backend = registry.backend("blip2-flant5").load("tiny-random", device="cpu", dtype="bfloat16")
+    assert backend.dtype == torch.bfloat16 and backend.num_layers == 12
+    tiny(seed=2, num_layers=4).save_pretrained(str(tmp_path / "m"))
+    folder = registry.backend("blip2-flant5").load(str(tmp_path / "m"), dtype="bfloat16")
+    assert folder.dtype == torch.bfloat16
+    for b in (backend, folder):
+        cls = registry.strategy("free")
+        model = EarlyExitForCausalLM(b, cls(b, [2], cls.Config(threshold=0.0)))  # every token leaves at 2
+        inputs = b.prepare_inputs(make_images(2), ["a red", ""])
+        assert inputs["pixel_values"].dtype == torch.bfloat16
+        model.generate(**inputs, max_new_tokens=4, num_beams=2, do_sample=False, **no_eos(b))
+        assert model.last_cache.encoder["states"].dtype == torch.bfloat16
+        assert (model.last_trace.exit_layers[:, 1:] == 2).all()
