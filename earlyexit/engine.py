@@ -229,6 +229,18 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
         return out if wants_dict else out.sequences
 
     # -- the forward -------------------------------------------------------------------------
+    def prompt_pass(self, inputs_embeds, attention_mask, cache: EarlyExitCache) -> torch.Tensor:
+        """The full-depth prompt pass of a generation driven step by step (self-speculative decoding):
+        the logits of the first new token. Afterwards `forward(input_ids=..., cache=cache)` feeds
+        each new token, whatever the family (an encoder-decoder's encoder side is in the cache)."""
+        if not self.encoder_decoder:
+            return self(inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache).logits
+        encoder_outputs = self.get_encoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask)
+        start = torch.full((inputs_embeds.shape[0], 1), self.generation_config.decoder_start_token_id,
+                           dtype=torch.long, device=inputs_embeds.device)
+        return self(decoder_input_ids=start, encoder_outputs=encoder_outputs, attention_mask=attention_mask,
+                    cache=cache).logits
+
     def get_encoder(self, modality=None):
         return self.backend.encoder if self.encoder_decoder and modality is None else super().get_encoder(modality)
 

@@ -186,10 +186,7 @@ def run(settings: RunSettings, registry, log=print) -> dict | None:
         timings["calibrate_s"] = time.perf_counter() - began
         log(f"calibration: {why}; curve in {csv_path} and {png_path}")
     draft_exit = None
-    if settings.speculative and backend.is_encoder_decoder:
-        log(f"speculative: skipped ({settings.backend} is an encoder-decoder model; speculative decoding "
-            "drives decoder-only models)")
-    elif settings.speculative:
+    if settings.speculative:
         draft_exit = choose_draft_exit(backend, strategy, dev, evaluation, settings, log)
 
     began = time.perf_counter()

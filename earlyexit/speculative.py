@@ -56,9 +56,6 @@ class SelfSpeculativeDecoder:
     `catchup`, which is what reuses the drafts' shallow work)."""
 
     def __init__(self, model, draft_exit: int | None = None, draft_length: int = 4):
-        if model.encoder_decoder:  # it feeds the prompt to the decoder itself; an encoder would be skipped
-            raise ConfigError(f"speculative decoding runs on decoder-only backends; {model.backend.name!r} is an "
-                              "encoder-decoder model: use --decode early-exit")
         if model.strategy is None:
             raise ConfigError("speculative decoding drafts with a strategy's exits; pass --strategy")
         if model.kv_policy != "catchup":
@@ -121,7 +118,7 @@ class SelfSpeculativeDecoder:
         embeds = model.backend.decoder_inputs_embeds(pixel_values, input_ids)
         try:
             model.force_exit, model.read_block = -1, False
-            logits = model(inputs_embeds=embeds, attention_mask=torch.ones_like(input_ids), cache=cache).logits
+            logits = model.prompt_pass(embeds, torch.ones_like(input_ids), cache)
             tokens = [int(logits[0, -1].argmax())]
             self.last_prompt_seconds += time.perf_counter() - began
             while len(tokens) < max_new_tokens and tokens[-1] not in eos:

@@ -218,13 +218,18 @@ def test_batch_rows_match_rows_alone(registry, t5_6, policy):
         assert model.last_trace.exit_layers[0].tolist() == layers[r].tolist()
 
 
-def test_speculative_decoding_is_refused_in_one_line(registry, t5_6):
+def test_self_speculative_decoding_gives_the_full_models_greedy_tokens(registry, t5_6, batch3):
+    """The exits draft, the full decoder verifies (catch-up over the drafts, relative bias and
+    cross-attention included): the output is transformers' own greedy output, row by row."""
     from earlyexit.speculative import SelfSpeculativeDecoder
 
-    model = EarlyExitForCausalLM(t5_6, fixed(registry, t5_6, 2, 2))
-    with pytest.raises(ConfigError, match="encoder-decoder") as refused:
-        SelfSpeculativeDecoder(model)
-    assert "\n" not in str(refused.value)
+    cls = registry.strategy("confidence")
+    decoder = SelfSpeculativeDecoder(EarlyExitForCausalLM(t5_6, cls(t5_6, [2, 4])), draft_exit=0, draft_length=3)
+    expected = t5_6.plain_generate(**batch3, max_new_tokens=8, do_sample=False)
+    got = decoder.generate(**batch3, max_new_tokens=8)
+    assert torch.equal(got, expected)
+    stats = decoder.last_stats
+    assert stats.drafted > 0 and 0 < stats.accepted < stats.drafted  # some drafts kept, some corrected
 
 
 # -- training -------------------------------------------------------------------------------------
