@@ -80,10 +80,12 @@ class Blip2FlanT5Backend(T5DecoderMethods, Backend):
             single="$A </s>", special_tokens=[("</s>", tokenizer.eos_token_id)])
         text = T5Config(
             vocab_size=max(vocab_size or 0, len(tokenizer)), d_model=hidden_size, d_kv=d_kv or hidden_size // num_heads,
-            d_ff=d_ff or 2 * hidden_size, num_layers=encoder_layers or num_layers, num_decoder_layers=num_layers, num_heads=num_heads,
+            d_ff=d_ff or 2 * hidden_size, num_layers=encoder_layers or num_layers, num_decoder_layers=num_layers,
+            num_heads=num_heads,
             relative_attention_num_buckets=relative_attention_num_buckets,
             relative_attention_max_distance=relative_attention_max_distance, dropout_rate=0.0,
-            feed_forward_proj=feed_forward_proj, tie_word_embeddings=tie_word_embeddings, initializer_factor=init_factor,
+            feed_forward_proj=feed_forward_proj, tie_word_embeddings=tie_word_embeddings,
+            initializer_factor=init_factor,
             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
             decoder_start_token_id=tokenizer.pad_token_id,
         )

@@ -376,7 +376,8 @@ def test_every_strategy_trains_and_generates_under_every_policy(registry, scenes
         model = EarlyExitForCausalLM(backend, strategy, kv_policy=policy)
         # an untrained T5 may emit padding, which ends a row like </s>: forbid both
         sequences = model.generate(**inputs, max_new_tokens=5, num_beams=beams, do_sample=False,
-                                   bad_words_ids=[[backend.text_config.eos_token_id], [backend.text_config.pad_token_id]])
+                                   bad_words_ids=[[backend.text_config.eos_token_id],
+                                                  [backend.text_config.pad_token_id]])
         layers = model.last_trace.exit_layers
         assert new_tokens(sequences, inputs).shape == (2, 5) and layers.shape == (2, 5)
         assert set(layers.flatten().tolist()) <= set(exits) | {backend.num_layers}
@@ -417,7 +418,8 @@ def test_cli_train_backbone_then_eval_the_trained_folder(tmp_path, capsys):
     assert trained.processor.tokenizer.padding_side == "right"
     report = tmp_path / "eval.json"
     assert main(["eval", "--backend", "blip2-flant5", "--model", str(tmp_path / "trained" / "model"), "--strategy",
-                 "fixed", "--exit-layers", "2", "--option", "every=2", "--data", "scenes-vqa", "--split", "dev", "--limit", "3",
+                 "fixed", "--exit-layers", "2", "--option", "every=2", "--data", "scenes-vqa", "--split", "dev",
+                 "--limit", "3",
                  "--max-new-tokens", "4", "--num-beams", "2", "--no-wall", "--json", str(report)]) == 0
     result = json.loads(report.read_text())
     assert result["speed"]["param_speedup"] > 1.0 and result["quality"]["num_questions"] == 3
