@@ -20,6 +20,7 @@ from earlyexit.model_folder import is_local_model
 class Blip2OptBackend(Backend):
     name = "blip2-opt"
     description = "BLIP-2 with an OPT decoder (Blip2ForConditionalGeneration), e.g. Salesforce/blip2-opt-2.7b"
+    text_model_type = "opt"  # the language model `from_pretrained` accepts (BLIP-2 with FlanT5 shares the loader)
 
     # -- loading -----------------------------------------------------------------------------
     @classmethod
@@ -55,9 +56,9 @@ class Blip2OptBackend(Backend):
                 "HF_HUB_OFFLINE=1 to fail at once instead of retrying the network)"
             ) from error
         text_type = getattr(getattr(config, "text_config", None), "model_type", None)
-        if config.model_type != "blip-2" or text_type != "opt":
-            raise ConfigError(f"{name_or_path} is a {config.model_type}/{text_type} model, not BLIP-2 with OPT; "
-                              "pick the matching --backend (see `earlyexit list`)")
+        if config.model_type != "blip-2" or text_type != cls.text_model_type:
+            raise ConfigError(f"{name_or_path} is a {config.model_type}/{text_type} model, not BLIP-2 with "
+                              f"{cls.text_model_type}; pick the matching --backend (see `earlyexit list`)")
         try:
             model = Blip2ForConditionalGeneration.from_pretrained(name_or_path, dtype=getattr(torch, dtype),
                                                                   local_files_only=offline)

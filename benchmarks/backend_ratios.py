@@ -9,6 +9,10 @@
     python benchmarks/backend_ratios.py --backend minigpt4-llama --shape llama-tiny
     python benchmarks/backend_ratios.py --backend minigpt4-llama --shape smollm2-135m --batch-sizes 1,8
     python benchmarks/backend_ratios.py --backend instructblip-vicuna --shape llama-tiny
+    python benchmarks/backend_ratios.py --backend blip2-flant5 --shape t5-tiny
+
+Encoder-decoder backends (blip2-flant5): the plain `generate` runs the encoder once and then
+the decoder; exits and layer counts are the decoder's.
 
 Random weights, fp32, the shapes of `benchmarks/speed.py`. Runs alternate (plain, candidate) and
 each ratio is the median over pairs of the pair's own ratio, so the slow drifts of a shared
@@ -37,7 +41,12 @@ from earlyexit.strategies.fixed import FixedStrategy
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from speed import COMMON, SHAPES  # noqa: E402  (the shapes speed.py measures)
 
-SHAPES = {**SHAPES, "instructblip-vicuna": SHAPES["minigpt4-llama"]}  # the same Llama decoders
+# encoder-decoder shapes (speed.py measures decoder-only families): encoder as deep as the decoder
+SHAPES = {**SHAPES, "instructblip-vicuna": SHAPES["minigpt4-llama"], "blip2-flant5": {
+    "t5-tiny": dict(num_layers=12, hidden_size=64, num_heads=4),  # like opt-tiny and llama-tiny
+    "flan-t5-small": dict(num_layers=8, hidden_size=512, num_heads=6, d_kv=64, d_ff=1024, vocab_size=32128),
+}}
+BACKEND_COMMON = {"blip2-flant5": {k: v for k, v in COMMON.items() if k != "init_std"}}  # T5 has its own init
 
 
 class PromptDone(LogitsProcessor):
@@ -92,7 +101,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     backend = get_registry(load_entrypoints=False).backend(args.backend).from_tiny_config(
-        seed=0, **shapes[args.shape], **COMMON)
+        seed=0, **shapes[args.shape], **BACKEND_COMMON.get(args.backend, COMMON))
     exit_layer = backend.num_layers // 3
     settings = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
     print(f"{args.backend}, decoder {args.shape}: {backend.num_layers} layers, width "

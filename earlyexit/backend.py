@@ -235,6 +235,37 @@ class Backend:
         """Parameters used by `fill_kv` for `layer` (default: a backbone layer): norm and K/V projections."""
         raise NotImplementedError
 
+    # -- encoder–decoder families (T5) and teacher forcing ---------------------------------------
+    is_encoder_decoder: ClassVar[bool] = False
+    """True when the language model is an encoder–decoder: the prompt goes through its encoder once,
+    at full depth, and the decoder layers above are the ones that run layer by layer (and exit)."""
+
+    @property
+    def encoder(self) -> torch.nn.Module:
+        """The language model's encoder (encoder–decoder families only)."""
+        raise NotImplementedError
+
+    def attach_encoder(self, cache: Any, encoder_states: torch.Tensor, encoder_mask: torch.Tensor | None,
+                       layers: list) -> None:
+        """Keep in `cache` (its `encoder` part, rows first) what every decoder step needs of the
+        encoder's output; `layers` are the decoder layers generation runs (encoder–decoder only)."""
+        raise NotImplementedError
+
+    def training_layout(self, batch: dict) -> dict:
+        """A training batch of rows `prompt + target` (labels on the target, right padded) in the
+        layout the family's model trains on (`model(**batch).loss`). Decoder-only: as it is."""
+        return batch
+
+    def teacher_forcing_inputs(self, batch: dict, layers: list) -> tuple:
+        """(hidden states entering the first decoder layer, the `attention_mask` that whole-sequence
+        `run_layer` calls take, position ids, targets) for a training batch, such that the hidden
+        state at position t predicts `targets[:, t]` (positions past the last target are ignored).
+        Decoder-only: the prompt and target run through the decoder, targets are the labels shifted."""
+        embeds = self.decoder_inputs_embeds(batch["pixel_values"], batch["input_ids"], **self.vision_inputs(batch))
+        positions = self.position_ids(batch["attention_mask"])
+        mask = self.layer_mask(embeds, batch["attention_mask"], None, 0)
+        return self.embed(None, embeds, positions), mask, positions, batch["labels"][:, 1:]
+
     # -- cost accounting ---------------------------------------------------------------------
     def layer_param_counts(self) -> list[int]:
         """Parameters of each decoder layer."""

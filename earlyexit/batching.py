@@ -145,8 +145,9 @@ class TrainingBatches:
             input_ids[r, : len(ids)] = torch.tensor(ids)
             labels[r, : len(ids)] = torch.tensor(targets)
             mask[r, : len(ids)] = 1
-        return self.backend.on_model({"pixel_values": pixels, "input_ids": input_ids, "attention_mask": mask,
-                                      "labels": labels, **self.backend.prompt_vision_inputs(prompts)})
+        return self.backend.on_model(self.backend.training_layout(
+            {"pixel_values": pixels, "input_ids": input_ids, "attention_mask": mask, "labels": labels,
+             **self.backend.prompt_vision_inputs(prompts)}))
 
 
 def language_model_step(model):

@@ -10,7 +10,10 @@ Per row the cache remembers
   row that goes deep first catches up every position it skipped);
 - `pending[r, p]`: under `catchup`, the hidden state of position p at the depth where it left;
 - `reached[r, p]`: under `skip`, the depth position p went to (deeper slots lack it);
-- `positions[r, p]`: the position id the family's embedding/rotary uses.
+- `positions[r, p]`: the position id the family's embedding/rotary uses;
+- `encoder`: for encoder–decoder families, what the backend keeps of the encoder per row (its
+  output, its padding, each slot's cross-attention K/V: static for the whole generation), every
+  tensor rows first; `encoder_meta` holds what is not per row.
 
 The engine sets `plan` (which rows, which columns) before it runs a layer; a slot's `update`
 writes there and returns the K/V the block attends over. Everything indexed by row follows beam
@@ -108,6 +111,8 @@ class EarlyExitCache(Cache):
         self.reached: torch.Tensor | None = None  # (rows, capacity + 1) long, under skip
         self.positions: torch.Tensor | None = None  # (rows, capacity + 1) position ids
         self.strategy_state: dict[str, torch.Tensor] = {}  # per-row strategy state (follows beams)
+        self.encoder: dict[str, torch.Tensor] = {}  # encoder–decoder: per-row encoder side (follows beams)
+        self.encoder_meta: dict = {}
         self.steps: list = []  # one StepRecord per forward (see accounting.StepRecord)
 
     # -- sizes -------------------------------------------------------------------------------
@@ -160,6 +165,8 @@ class EarlyExitCache(Cache):
             self.values = fn(self.values.transpose(0, 1)).transpose(0, 1).contiguous()
         for key, value in self.strategy_state.items():
             self.strategy_state[key] = fn(value)
+        for key, value in self.encoder.items():
+            self.encoder[key] = fn(value)
         if self.positions is not None:
             self.rows = self.positions.shape[0]
 

@@ -52,8 +52,8 @@ class ForcedOptions(LogitsProcessor):
     """Forces each row to emit its own token sequence and adds up the log-probability the model
     gave each forced token (rows past their sequence are ignored)."""
 
-    def __init__(self, sequences: list[list[int]], prompt_length: int, filler: int):
-        self.prompt_length = prompt_length
+    def __init__(self, sequences: list[list[int]], filler: int):
+        self.step = 0  # calls so far: one per generated token, whatever the family's input layout
         self.lengths = torch.tensor([len(s) for s in sequences])
         width = int(self.lengths.max())
         self.targets = torch.full((len(sequences), width), filler, dtype=torch.long)
@@ -65,7 +65,7 @@ class ForcedOptions(LogitsProcessor):
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if self.first_call_at is None:
             self.first_call_at = time.perf_counter()
-        step = input_ids.shape[1] - self.prompt_length
+        step, self.step = self.step, self.step + 1
         targets = self.targets[:, min(step, self.targets.shape[1] - 1)].to(scores.device)
         chosen = scores.float().log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
         active = (step < self.lengths).to(scores.device)
@@ -90,7 +90,7 @@ def option_scores(generate, backend, image, prompt: str, options: list[str], on_
     for start in range(0, len(options), OPTION_ROWS):
         chunk = sequences[start:start + OPTION_ROWS]
         inputs = backend.prepare_inputs([image] * len(chunk), [prompt] * len(chunk))
-        forcing = ForcedOptions(chunk, inputs["input_ids"].shape[1], filler=eos)
+        forcing = ForcedOptions(chunk, filler=eos)
         began = time.perf_counter()
         with torch.no_grad():
             generate(**inputs, max_new_tokens=int(forcing.lengths.max()), do_sample=False, num_beams=1,

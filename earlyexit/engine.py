@@ -19,6 +19,11 @@ Per forward (one new position per row; the prompt pass feeds the whole prompt):
 4. Exit modules that attend (FREE's exit transformer) keep their own cache slot, filled with
    K/V projections of every position that reaches the exit (exact), so the whole module runs
    only where its output is needed.
+Encoder-decoder backbones (T5: `backend.is_encoder_decoder`) use the same class and the same
+step: `generate` lets transformers run the encoder once over the prompt, the first forward hands
+its output to the backend (`attach_encoder`: kept in the cache, rows first), and from then on the
+decoder is what runs layer by layer here; the backend's `run_layer` reads the encoder side from
+the cache. Nothing of this runs per layer for a decoder-only backbone.
 Every forward appends an `accounting.StepRecord` (exit layer per row, block widths, exit
 visits); `accounting` turns those into costs off the hot path. One host sync per forward start
 and at most one per exit point.
@@ -102,6 +107,7 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
         self.language_model = backend.language_model  # registered so .to()/.device/.dtype work
         self.generation_config = backend.language_model.generation_config
         self.num_layers = backend.num_layers
+        self.encoder_decoder = backend.is_encoder_decoder  # exits in the decoder; the encoder runs once, in full
         own = strategy.backbone_layers() if strategy is not None else None
         if own is not None:  # the strategy's fine-tuned copies stand in for the backbone's layers
             self.own_layers = own  # registered for .to()
@@ -175,7 +181,10 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
     def generate(self, pixel_values=None, input_ids=None, attention_mask=None, inputs_embeds=None, **kwargs):
         """Like the backbone's `generate`: with `pixel_values` (and the backend's other vision
         inputs, `Backend.vision_input_names`), image features fill the image placeholders of
-        `input_ids`. The per-token trace is left in `self.last_trace`."""
+        `input_ids`. The per-token trace is left in `self.last_trace`.
+        Sequences read the same for every family: the prompt's ids, then the generated tokens (an
+        encoder–decoder backbone's decoder start token is left out; its prompt went through the
+        encoder)."""
         from .accounting import Trace
 
         vision = {k: kwargs.pop(k) for k in self.backend.vision_input_names if k in kwargs}
@@ -201,14 +210,19 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
         kwargs["return_dict_in_generate"] = True
         if (kwargs.get("num_beams") or self.generation_config.num_beams or 1) > 1:
             kwargs["output_scores"] = True  # gives beam_indices: which beam each returned token came from
-        out = super().generate(
-            input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache, **kwargs
-        )
-        prompt_length = input_ids.shape[1] if input_ids is not None else 0
+        if self.encoder_decoder:  # transformers runs the encoder once over the prompt (as the backbone's generate)
+            out = super().generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache, **kwargs)
+            new_tokens = out.sequences[:, 1:]  # after the decoder's start token
+            out.sequences = _behind_prompt(input_ids, new_tokens) if input_ids is not None else new_tokens
+        else:
+            out = super().generate(
+                input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache, **kwargs
+            )
+            new_tokens = out.sequences[:, input_ids.shape[1] if input_ids is not None else 0:]
         self.last_cache = cache
         self.last_trace = Trace.from_generation(
             cache.steps,
-            out.sequences[:, prompt_length:],
+            new_tokens,
             getattr(out, "beam_indices", None),
             eos_token_id=self.generation_config.eos_token_id,
             num_layers=self.num_layers,
@@ -217,9 +231,31 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
         return out if wants_dict else out.sequences
 
     # -- the forward -------------------------------------------------------------------------
+    def prompt_pass(self, inputs_embeds, attention_mask, cache: EarlyExitCache) -> torch.Tensor:
+        """The full-depth prompt pass of a generation driven step by step (self-speculative decoding):
+        the logits of the first new token. Afterwards `forward(input_ids=..., cache=cache)` feeds
+        each new token, whatever the family (an encoder-decoder's encoder side is in the cache)."""
+        if not self.encoder_decoder:
+            return self(inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache).logits
+        encoder_outputs = self.get_encoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask)
+        start = torch.full((inputs_embeds.shape[0], 1), self.generation_config.decoder_start_token_id,
+                           dtype=torch.long, device=inputs_embeds.device)
+        return self(decoder_input_ids=start, encoder_outputs=encoder_outputs, attention_mask=attention_mask,
+                    cache=cache).logits
+
+    def get_encoder(self, modality=None):
+        return self.backend.encoder if self.encoder_decoder and modality is None else super().get_encoder(modality)
+
     def forward(self, input_ids=None, attention_mask=None, cache=None, inputs_embeds=None,
-                use_cache=None, position_ids=None, logits_to_keep=0, **kwargs):
+                use_cache=None, position_ids=None, logits_to_keep=0, decoder_input_ids=None,
+                decoder_attention_mask=None, encoder_outputs=None, **kwargs):
         backend = self.backend
+        if encoder_outputs is not None:  # encoder–decoder: the decoder runs layer by layer over the encoder's output
+            if cache is None:
+                cache = self.new_cache()
+            if cache.total_length == 0:
+                backend.attach_encoder(cache, encoder_outputs[0], attention_mask, self.layers)
+            input_ids, attention_mask, inputs_embeds = decoder_input_ids, decoder_attention_mask, None
         first = inputs_embeds if inputs_embeds is not None else input_ids
         rows, new = first.shape[:2]
         if cache is None:
@@ -238,6 +274,12 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
         logits = step.run(hidden)
         cache.total_length = total
         return CausalLMOutputWithPast(logits=logits if logits.dim() == 3 else logits.unsqueeze(1), cache=cache)
+
+
+def _behind_prompt(input_ids: torch.Tensor, new_tokens: torch.Tensor) -> torch.Tensor:
+    """The prompt's ids (repeated when several sequences return per prompt), then `new_tokens`."""
+    repeats = new_tokens.shape[0] // input_ids.shape[0]
+    return torch.cat([input_ids.repeat_interleave(repeats, 0), new_tokens], 1)
 
 
 def _positions_in(picked: torch.Tensor, wanted: torch.Tensor, count: int) -> torch.Tensor:

@@ -23,7 +23,7 @@ from .training import PlainEngine, TrainConfig, train
 class BackboneFeatures:
     hidden: list  # hidden[k]: the residual stream after k decoder layers (hidden[0]: embeddings)
     final_logits: torch.Tensor  # backend.logits(hidden[-1]): the full model's read-out
-    mask: object  # the 4D causal + padding mask for whole-sequence layer calls
+    mask: object  # what whole-sequence `run_layer` calls take as attention_mask (causal + padding)
     positions: torch.Tensor
     targets: torch.Tensor  # labels shifted: targets[:, t] is the token position t predicts
 
@@ -38,11 +38,7 @@ def backbone_features(backend, batch: dict, layers=None) -> BackboneFeatures:
     layers = list(layers if layers is not None else backend.decoder_layers())
     trainable = torch.is_grad_enabled() and any(p.requires_grad for layer in layers for p in layer.parameters())
     with torch.no_grad():
-        embeds = backend.decoder_inputs_embeds(batch["pixel_values"], batch["input_ids"],
-                                               **backend.vision_inputs(batch))
-        positions = backend.position_ids(batch["attention_mask"])
-        mask = backend.layer_mask(embeds, batch["attention_mask"], None, 0)
-        hidden = backend.embed(None, embeds, positions)
+        hidden, mask, positions, targets = backend.teacher_forcing_inputs(batch, layers)
     with torch.set_grad_enabled(trainable):
         states = [hidden]
         for layer in layers:
@@ -50,7 +46,7 @@ def backbone_features(backend, batch: dict, layers=None) -> BackboneFeatures:
             states.append(hidden)
         final_logits = backend.logits(hidden)
     return BackboneFeatures(hidden=states, final_logits=final_logits, mask=mask, positions=positions,
-                            targets=batch["labels"][:, 1:])
+                            targets=targets)
 
 
 def one_caption_per_sample(dataset: Dataset) -> Dataset:
@@ -128,9 +124,8 @@ def caption_log_likelihood(backend, sample: Sample, texts: list[str]) -> list[fl
     batches = TrainingBatches(backend, [Dataset("one", "caption", "x", [sample])], batch_size=1)
     rows = [batches.encode("", text) for text in texts]
     batch = batches.collate(rows, batches.pixels[[0] * len(texts)], [""] * len(texts))
-    labels = batch.pop("labels")
-    logits = backend.model(**batch).logits[:, :-1]
-    targets = labels[:, 1:]
+    features = backbone_features(backend, batch)  # the family's own alignment of logits and targets
+    logits, targets = features.final_logits[:, :-1], features.targets
     log_probs = torch.log_softmax(logits.float(), -1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     where = targets != -100
     return ((log_probs * where).sum(-1) / where.sum(-1)).tolist()

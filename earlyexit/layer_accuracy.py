@@ -22,28 +22,17 @@ def per_layer_accuracy(backend, dataset: Dataset, limit: int | None = 200, batch
                        exit_logits: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> list[dict]:
     """One row per depth 1..N: `accuracy` (vs the reference token) and `agreement` (vs the final
     layer's prediction), over the target tokens (captions: every word and the end token)."""
-    dataset = dataset.subset(limit)
-    batches = TrainingBatches(backend, [dataset], batch_size=batch_size, seed=0)
     read_out = exit_logits or (lambda depth, hidden: backend.logits(hidden))
     n = backend.num_layers
     correct, agree, total = [0] * (n + 1), [0] * (n + 1), 0
-    for start in range(0, len(dataset), batch_size):
-        samples = dataset.samples[start:start + batch_size]
-        prompts = [prompt_for(s, dataset.task) for s in samples]
-        rows = [batches.encode(prompt, target_for(s, dataset.task)) for prompt, s in zip(prompts, samples)]
-        picks = [batches.pixel_row[0][i] for i in range(start, start + len(samples))]
-        batch = batches.collate(rows, batches.pixels[picks], prompts)
-        labels = batch.pop("labels")
-        vision = backend.vision_inputs(batch)
-        embeds = backend.decoder_inputs_embeds(batch["pixel_values"], batch["input_ids"], **vision)
-        out = backend.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
-                                     output_hidden_states=True)
-        targets = labels[:, 1:]
+    # layer by layer through the backend, so every family (encoder-decoder too) is read alike
+    for features in teacher_forced_features(backend, dataset, limit, batch_size):
+        targets = features.targets
         where = targets != -100
         total += int(where.sum())
-        final = out.logits[:, :-1].argmax(-1)
+        final = features.final_logits[:, :-1].argmax(-1)
         for depth in range(1, n + 1):
-            hidden = out.hidden_states[depth][:, :-1]
+            hidden = features.hidden[depth][:, :-1]
             predicted = final if depth == n else read_out(depth, hidden).argmax(-1)
             correct[depth] += int((predicted == targets)[where].sum())
             agree[depth] += int((predicted == final)[where].sum())

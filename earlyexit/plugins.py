@@ -22,6 +22,7 @@ from .errors import PluginError
 from .strategy import Strategy
 
 BUILTIN_PLUGINS = (
+    "earlyexit.backends.blip2_flant5",
     "earlyexit.backends.blip2_opt",
     "earlyexit.backends.instructblip_vicuna",
     "earlyexit.backends.minigpt4_llama",

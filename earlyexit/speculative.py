@@ -122,7 +122,7 @@ class SelfSpeculativeDecoder:
         embeds = model.backend.decoder_inputs_embeds(row["pixel_values"], input_ids, **model.backend.vision_inputs(row))
         try:
             model.force_exit, model.read_block = -1, False
-            logits = model(inputs_embeds=embeds, attention_mask=torch.ones_like(input_ids), cache=cache).logits
+            logits = model.prompt_pass(embeds, torch.ones_like(input_ids), cache)
             tokens = [int(logits[0, -1].argmax())]
             self.last_prompt_seconds += time.perf_counter() - began
             while len(tokens) < max_new_tokens and tokens[-1] not in eos:

@@ -29,7 +29,7 @@ def backend():
 
 
 def test_forced_options_force_each_row_and_add_up_the_log_probabilities():
-    forcing = ForcedOptions([[1, 2], [0]], prompt_length=3, filler=2)
+    forcing = ForcedOptions([[1, 2], [0]], filler=2)
     scores = torch.tensor([[0.0, 1.0, 2.0], [3.0, 0.0, 0.0]])
     step0 = forcing(torch.zeros(2, 3, dtype=torch.long), scores)
     assert step0.argmax(-1).tolist() == [1, 0] and torch.isinf(step0).sum() == 4
