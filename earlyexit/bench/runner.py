@@ -158,19 +158,23 @@ def describe(spec: Spec, output: str, registry) -> list[str]:
     """--dry-run: one line per cell (key, status, table, label, data, what varies), then the needs."""
     work = plan(spec, registry)
     store = CellStore(os.path.join(output, "cells"))
-    lines, seen = [], set()
+    lines, seen, reasons = [], set(), {}
+    for key, cell in work.cells.items():
+        if not store.done(key):
+            reasons[key] = unavailable_reason(cell)
     for table, keys in work.tables.items():
         for key in keys:
             cell = work.cells[key]
-            status = "cached" if store.done(key) else ("shared" if key in seen else
-                                                       ("n/a: " + r if (r := unavailable_reason(cell)) else "to run"))
+            status = ("cached" if key not in reasons else "shared" if key in seen else
+                      f"n/a: {reasons[key]}" if reasons[key] else "to run")
             seen.add(key)
             s = cell.settings
             lines.append(f"{key}  {table:<8} {cell.label:<24} {cell.data:<28} model={s['model']} "
                          f"noise={s['noise']} seed={s['seed']} kv={s['kv_policy']} decode={s['decode']} "
                          f"batch={s['batch_size']} beams={s['num_beams']} test={s['test_limit'] or 'all'}  [{status}]")
-    todo = sum(1 for k in work.cells if not store.done(k))
-    lines.append(f"{len(work.cells)} distinct cells ({sum(map(len, work.tables.values()))} table entries), "
-                 f"{len(work.cells) - todo} cached, {todo} to compute")
+    missing = sum(1 for r in reasons.values() if r)
+    lines.append(f"{len(work.cells)} distinct cells ({sum(map(len, work.tables.values()))} table entries): "
+                 f"{len(work.cells) - len(reasons)} cached, {len(reasons) - missing} to compute, "
+                 f"{missing} unavailable here")
     lines += [f"needs: {need}" for need in spec.needs]
     return lines
