@@ -225,3 +225,27 @@ def test_builtin_specs_list_their_cells(capsys, tmp_path):
     assert "coco not found" in out and "needs: COCO Karpathy" in out and "31 distinct cells" in out and "0 cached, 0 to compute, 31 unavailable here" in out
     assert main(["bench", "embedded", "--dry-run", "--output", str(tmp_path)]) == 0
     assert "distinct cells" in capsys.readouterr().out
+
+
+# -- exit placement under a budget of exits ----------------------------------------------------------
+def test_placement_replays_the_confidence_rule_by_hand():
+    import numpy as np
+
+    from earlyexit.placement import LayerStatistics, greedy_placement, score
+
+    # 4 tokens, 4 layers; head cost 0.5 layer
+    confidence = np.array([[0.9, 0.9, 0.9, 1.0], [0.1, 0.95, 0.9, 1.0], [0.1, 0.2, 0.3, 1.0], [0.1, 0.2, 0.99, 1.0]])
+    agrees = np.array([[1, 1, 1, 1], [0, 0, 1, 1], [0, 0, 0, 1], [0, 0, 1, 1]], dtype=bool)
+    stats = LayerStatistics(confidence, agrees, head_cost=0.5, seconds=0.0)
+    # exits {1, 3} at 0.8: token 0 leaves at 1 (agrees), token 1 at 3 (agrees), token 2 goes to 4,
+    # token 3 at 3 (agrees); cost = depths 1+3+4+3 = 11 plus heads: 1 + 2 + 3 (2 checks + final) + 2 = 8 x 0.5
+    agreement, speedup = score(stats, [1, 3], 0.8)
+    assert agreement == 1.0 and speedup == pytest.approx(4.5 / ((11 + 4) / 4))
+    # exit {2} at 0.8: token 1 leaves at 2 and disagrees
+    assert score(stats, [2], 0.8)[0] == 0.75
+    # with no loss allowed, greedy never takes layer 2 first; a loose budget makes 2 worth it
+    strict = greedy_placement(stats, 1, budget=0.0, grid=(0.8,))
+    assert strict["exits"] in ([1], [3]) and strict["sets_evaluated"] == 3
+    picked = {layer: score(stats, [layer], 0.8)[1] for layer in (1, 3)}
+    assert strict["exits"] == [max(picked, key=picked.get)]
+    assert greedy_placement(stats, 2, budget=0.0, grid=(0.8,))["sets_evaluated"] == 3 + 2

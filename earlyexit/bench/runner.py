@@ -78,7 +78,7 @@ def compute_cell(cell, key: str, output: str, registry, log) -> dict:
     run_settings = RunSettings(strategy=cell.strategy, data=cell.data, options=cell.options,
                                speculative=decode == "speculative", draft_length=cell.settings["draft_length"],
                                output=os.path.join(output, "runs", key), progress=False, compare_untrained=False,
-                               grid=tuple(settings.pop("grid")) if settings.get("grid") else None, **settings)
+                               grid=tuple(grid) if (grid := settings.pop("grid")) else None, **settings)
     began = time.perf_counter()
     try:
         report = run(run_settings, registry, log=log)

@@ -28,7 +28,7 @@ import os
 
 from ..files import write_json_atomically
 
-IGNORED_SOURCES = ("cli", "bench", "specs")  # rendering and commands: no effect on a cell's numbers
+IGNORED_SOURCES = ("cli", "bench", "specs", "placement.py")  # commands, rendering, search: no effect on a cell
 
 
 def _digest(payload) -> str:
@@ -91,7 +91,8 @@ def code_fingerprint(*extra_files: str) -> str:
         for folder, subfolders, names in os.walk(root):
             subfolders[:] = sorted(s for s in subfolders
                                    if not (folder == roots[0] and s in IGNORED_SOURCES) and s != "__pycache__")
-            files.update(os.path.join(folder, n) for n in names if n.endswith(".py"))
+            files.update(os.path.join(folder, n) for n in names
+                         if n.endswith(".py") and not (folder == roots[0] and n in IGNORED_SOURCES))
     for path in sorted(files):
         digest.update(os.path.basename(path).encode())
         with open(path, "rb") as handle:

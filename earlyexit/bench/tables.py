@@ -199,10 +199,11 @@ def _histogram(pairs: list, notes: Notes) -> tuple[list, list]:
     rows_entries = {}
     for cell, key, record in pairs:
         rows_entries.setdefault(_row_label(cell, varying), []).append((key, record))
-    layers = set()
+    layers = set()  # the layers some token left at (the others would be columns of zeros)
     for _, _, record in pairs:
         if record and "report" in record:
-            layers.update(range(1, record["report"]["num_layers"] + 1))
+            histogram = record["report"]["results"][record["report"]["row"]]["exit_layer_histogram"]
+            layers.update(int(k) for k, v in histogram.items() if v)
     layers = sorted(layers)
     columns = [f"layer {k}" for k in layers] + ["mean exit layer"]
     rows = []
