@@ -110,6 +110,9 @@ def test_bench_writes_every_table_and_figure(first_run):
     root, _, code = first_run
     out = root / "out"
     assert code == 0
+    summary = json.loads((out / "bench.json").read_text())
+    assert summary["cells"]["computed"] == 5 and summary["cells"]["unavailable"] == 2
+    assert str(out / "figures" / "fig4b.png") in summary["artifacts"]
     for name in TABLES:
         for extension in ("md", "tex", "csv", "json"):
             assert (out / "tables" / f"{name}.{extension}").stat().st_size > 0

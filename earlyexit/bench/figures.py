@@ -70,7 +70,7 @@ def _token_exits(fig, records) -> str | None:
         x = 0.0
         for token, layer in zip(example["tokens"], example["exit_layers"]):
             text = token.strip()
-            if not text:
+            if not text or (text.startswith("<") and text.endswith(">")):  # </s>, <pad>: not words
                 continue
             width = char_width * (len(text) + 1)
             if x + width > 1.0:

@@ -102,8 +102,14 @@ def build(table, keys: list, cells: dict, store, provenance: dict) -> Rendered:
                                                                                for c, _, _ in pairs})))
     if table.note:
         remarks.append(table.note)
+    computed = [r for _, _, r in pairs if r and "report" in r]
+    made = {"git_revisions": sorted({str(r["provenance"].get("git_revision")) for r in computed}),
+            "code_fingerprints": sorted({r["fingerprints"]["code"] for r in computed}),
+            "first": min((r["provenance"]["date"] for r in computed), default=None),
+            "last": max((r["provenance"]["date"] for r in computed), default=None),
+            "hardware": list({json.dumps(r["hardware"], sort_keys=True): r["hardware"] for r in computed}.values())}
     return Rendered(table.name, table.title, columns, rows, notes.items, remarks,
-                    {**provenance, "table": table.name, "cells": list(dict.fromkeys(keys))})
+                    {**provenance, "table": table.name, "cells": list(dict.fromkeys(keys)), "cells_made": made})
 
 
 def _mean(values: list):

@@ -35,7 +35,7 @@ class BenchCommand:
 
         from ..bench import describe, execute, load_spec, render
         from ..errors import ConfigError
-        from ..files import check_writable
+        from ..files import check_writable, write_json_atomically
         from ..plugins import get_registry
         from .common import device_options
 
@@ -56,14 +56,23 @@ class BenchCommand:
             return 0
         check_writable(output, folder=True)
         quiet_transformers()
-        failed = 0
+        counts, load = None, os.getloadavg()
         if not args.render_only:
             counts = execute(spec, output, registry, force=args.force, progress=True,
                              log=lambda text: print(text, file=sys.stderr))
-            failed = counts["failed"]
             print(f"cells: {counts['cells']} ({counts['cached']} cached, {counts['computed']} computed, "
                   f"{counts['unavailable']} unavailable, {counts['failed']} failed) in {counts['seconds']:.0f} s")
         command = "earlyexit " + " ".join(shlex.quote(a) for a in args.argv)
-        for path in render(spec, output, registry, command=command):
+        paths = render(spec, output, registry, command=command)
+        if counts is not None:  # what this run cost, on what machine, how busy it was (wall clocks suffer)
+            from ..bench import hardware
+            from ..evaluate import provenance
+
+            summary = os.path.join(output, "bench.json")
+            write_json_atomically(summary, {"command": command, "spec": spec.name, "cells": counts,
+                                            "load_average_before": load, "load_average_after": os.getloadavg(),
+                                            "provenance": provenance(), "hardware": hardware(), "artifacts": paths})
+            paths.append(summary)
+        for path in paths:
             print(f"wrote {path}")
-        return 1 if failed else 0
+        return 1 if counts and counts["failed"] else 0
