@@ -129,9 +129,12 @@ def _ablation(fig, records) -> str | None:
     if full is not None:
         axis.axhline(full, color="gray", linestyle=":", label="full model")
         axis.legend(fontsize=7)
+    shown = values + ([full] if full is not None else [])
+    spread = max(shown) - min(shown) or max(abs(max(shown)), 1.0) * 0.05
+    axis.set_ylim(min(shown) - 2 * spread, max(shown) + spread)  # differences of a point must be visible
     axis.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=7)
     axis.set_ylabel(f"{metric} (test)" + (" x100" if metric in SCALED else ""))
-    axis.set_title("loss ablation (bar labels: Spd, param-based)", fontsize=9)
+    axis.set_title("loss ablation (bar labels: Spd, param-based; the axis does not start at 0)", fontsize=9)
     fig.tight_layout()
     return None
 
