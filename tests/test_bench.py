@@ -252,3 +252,30 @@ def test_placement_replays_the_confidence_rule_by_hand():
     picked = {layer: score(stats, [layer], 0.8)[1] for layer in (1, 3)}
     assert strict["exits"] == [max(picked, key=picked.get)]
     assert greedy_placement(stats, 2, budget=0.0, grid=(0.8,))["sets_evaluated"] == 3 + 2
+
+
+def test_nocaps_domain_layout_from_stored_cells(tmp_path):
+    """Table 1's layout (CIDEr / SPICE per NoCaps domain, then the speed-ups) from hand-made cells."""
+    from earlyexit.bench import tables
+    from earlyexit.bench.spec import parse_spec
+    from earlyexit.bench.store import CellStore
+
+    raw = {"strategies": {"free": {"strategy": "free"}},
+           "tables": {"t1": {"data": ["nocaps:/x"], "group_by": "domain", "metrics": ["CIDEr", "SPICE"]}}}
+    table = parse_spec(raw).tables["t1"]
+    store = CellStore(str(tmp_path))
+    by_domain = {d: {"CIDEr": c, "SPICE": 0.1} for d, c in zip(tables.DOMAINS, (0.9, 0.8, 0.5))}
+    quality = {"CIDEr": 0.75, "skipped": {"SPICE": "jars missing"}}
+    speed = {"param_speedup": 1.5, "layer_speedup": 1.2, "wall_speedup": 1.1}
+    result = {"quality": quality, "quality_by_domain": by_domain, "speed": speed}
+    store.put("k1", {"report": {"row": "free", "task": "caption", "results": {"free": result, "full": result}},
+                     "provenance": {"git_revision": "abc", "date": "2026-01-01"}, "fingerprints": {"code": "c"},
+                     "hardware": {}})
+    rendered = tables.build(table, ["k1"], {"k1": table.cells[0]}, store, {"git_revision": "abc"})
+    assert rendered.columns[:2] == ["in-domain CIDEr", "in-domain SPICE"]
+    assert rendered.columns[6:] == ["full CIDEr", "full SPICE", "Spd (param)", "layer×", "wall×"]
+    free = rendered.rows[1]
+    assert free["display"] == ["90.0", "10.0", "80.0", "10.0", "50.0", "10.0", "75.0", "n/a[1]", "1.50", "1.20",
+                               "1.10"]
+    assert rendered.notes == ["SPICE: jars missing"] and rendered.rows[0]["display"][-3:] == ["1.00"] * 3
+    assert tables.latex(rendered).count(r"\\") == 3  # header and two rows
