@@ -5,7 +5,8 @@ calibrated on dev, scored on test), captioning and VQA, one JSON with both table
     python benchmarks/baselines.py --json benchmarks/results/baselines-embedded.json
 
 It is `earlyexit bench embedded --only table2,table4` with a choice of strategies, tasks and test
-size: cells are cached under --work (an interrupted benchmark resumes; a re-run computes nothing).
+size (default: the whole test split, where the spec takes 500 questions): cells are cached under
+--work (an interrupted benchmark resumes; a re-run computes nothing).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ TABLES = {"caption": "table4", "vqa": "table2"}
 def main(argv=None) -> int:
     from earlyexit.bench import execute, parse_spec, render
     from earlyexit.bench.spec import builtin_text
+    from earlyexit.cli.common import quiet_transformers
     from earlyexit.evaluate import provenance
     from earlyexit.files import write_json_atomically
     from earlyexit.plugins import get_registry
@@ -34,7 +36,7 @@ def main(argv=None) -> int:
     parser.add_argument("--work", default="runs/baselines", help="the bench's output folder (cells, tables)")
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
     parser.add_argument("--tasks", default=",".join(TABLES))
-    parser.add_argument("--test-limit", type=int, help="test samples (default: the embedded spec's 500)")
+    parser.add_argument("--test-limit", type=int, help="test samples (default: all: 500 images, 2,500 questions)")
     parser.add_argument("--again", action="store_true", help="recompute cached cells")
     args = parser.parse_args(argv)
     text = builtin_text("embedded")
@@ -43,9 +45,10 @@ def main(argv=None) -> int:
     raw["tables"] = {name: {**table, "strategies": args.strategies.split(",")}
                      for name, table in raw["tables"].items() if name in wanted}
     raw["figures"] = {}
-    if args.test_limit:
-        raw["defaults"]["test_limit"] = args.test_limit
-    spec = parse_spec(raw, text, name="baselines")
+    raw["defaults"]["test_limit"] = args.test_limit  # None: every test sample, as this script always did
+    raw["name"] = "baselines"
+    spec = parse_spec(raw, text)
+    quiet_transformers()
     registry = get_registry(load_entrypoints=False)
     counts = execute(spec, args.work, registry, force=args.again)
     paths = render(spec, args.work, registry, command="python benchmarks/baselines.py " + " ".join(argv or sys.argv[1:]))
