@@ -12,6 +12,7 @@ from PIL import Image
 
 from earlyexit.bench import figures
 from earlyexit.cli import main
+from earlyexit.evaluate import score as original_score
 from helpers import make_backend
 
 SPEC = """
@@ -62,13 +63,7 @@ FIGURES = {"fig1": "token-exits", "fig3": "per-exit-accuracy", "fig4a": "ablatio
 
 def quick_caption_score(dataset, predictions, quick=False):
     """CIDEr alone for captions: METEOR's Java start-up would cost seconds per evaluation."""
-    from earlyexit import evaluate
-
-    return original_score(dataset, predictions, quick=True) if dataset.task == "caption" else \
-        original_score(dataset, predictions, quick)
-
-
-original_score = None
+    return original_score(dataset, predictions, quick=quick or dataset.task == "caption")
 
 
 def bench(argv, capsys) -> tuple[int, str]:
@@ -83,7 +78,6 @@ def counts(out: str) -> dict:
 
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory):
-    global original_score
     from earlyexit import evaluate
 
     root = tmp_path_factory.mktemp("bench")
@@ -92,7 +86,6 @@ def first_run(tmp_path_factory):
     spec = root / "spec.toml"
     spec.write_text(SPEC.format(model=model, lr=0.001))
     argv = ["bench", str(spec), "--output", str(root / "out"), "--data-root", str(root / "no-data")]
-    original_score = evaluate.score
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(evaluate, "score", quick_caption_score)
         code = main(argv)
