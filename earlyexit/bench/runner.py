@@ -9,6 +9,7 @@ examples with their tokens and exit layers, per-domain quality where the data ha
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -43,25 +44,33 @@ def plan(spec: Spec, registry) -> Plan:
     return Plan(cells, parts, tables)
 
 
+@functools.lru_cache(maxsize=64)
+def data_unavailable(data: str) -> str | None:
+    """Why a data set cannot be read here (each split `run` needs is tried once per process)."""
+    from ..data.registry import LAYOUTS
+    from ..run import load_split, splits_for
+
+    name, _, root = data.partition(":")
+    if task_of(data) == "dialog":
+        return ("VisDial is scored by answer ranking (MRR), which `earlyexit run` does not calibrate; "
+                f"use earlyexit eval --data {data} --split val")
+    if name not in LAYOUTS:
+        return None
+    if not root or not os.path.isdir(root):
+        return f"{name} not found at {root or '(no folder)'}: put {LAYOUTS[name]} (ROOT = {root}) or pass --data-root"
+    for split in splits_for(data):
+        try:
+            load_split(data, split, 1)
+        except (DataError, ConfigError, OSError) as error:
+            return f"{name} at {root}: {' '.join(str(error).split())}"
+    return None
+
+
 def unavailable_reason(cell) -> str | None:
     """Why this cell cannot run on this machine (its data set or model is missing), with the fix."""
-    from ..data.registry import LAYOUTS
-    from ..run import splits_for
-
-    name, _, root = cell.data.partition(":")
-    if task_of(cell.data) == "dialog":
-        return ("VisDial is scored by answer ranking (MRR), which `earlyexit run` does not calibrate; "
-                f"use earlyexit eval --data {cell.data} --split val")
-    if name in LAYOUTS:
-        if not root or not os.path.isdir(root):
-            return f"{name} not found at {root or '(no folder)'}: put {LAYOUTS[name]} (ROOT = {root}) or pass --data-root"
-        from ..run import load_split
-
-        for split in splits_for(cell.data):
-            try:
-                load_split(cell.data, split, 1)
-            except (DataError, ConfigError, OSError) as error:
-                return f"{name} at {root}: {' '.join(str(error).split())}"
+    reason = data_unavailable(cell.data)
+    if reason:
+        return reason
     model = cell.settings["model"]
     if (os.sep in model or model.startswith(".")) and not os.path.isdir(model):
         return f"model folder {model} not found: download the model there (save_pretrained layout)"
