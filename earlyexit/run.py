@@ -58,6 +58,8 @@ class RunSettings:
     progress: bool = True
     noise: float = 0.0  # Gaussian pixel noise on the test images only (calibration stays on clean dev)
     compare_untrained: bool = True  # also score the untrained `confidence` exits at the same threshold
+    test_data: str | None = None  # score on another data set (the paper: NoCaps val with exits from COCO)
+    test_split: str | None = None  # and/or another split (default: the data set's test split)
 
 
 def splits_for(data: str) -> tuple[str, str, str]:
@@ -192,7 +194,7 @@ def run(settings: RunSettings, registry, log=print) -> dict | None:
         draft_exit = choose_draft_exit(backend, strategy, dev, evaluation, settings, log)
 
     began = time.perf_counter()
-    test = load_split(settings.data, test_split, settings.test_limit)
+    test = load_split(settings.test_data or settings.data, settings.test_split or test_split, settings.test_limit)
     threshold = knob.value if knob is not None else None
     label = settings.strategy + (f" + {settings.gate} gate" if gate is not None else "")
     if settings.noise:

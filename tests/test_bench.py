@@ -43,6 +43,10 @@ noise = [0.0, 0.2]
 [tables.t11]
 layout = "histogram"
 data = ["scenes"]
+[tables.elsewhere]
+data = ["scenes-vqa"]
+strategies = ["conf"]
+test_split = "dev"
 [figures.fig1]
 kind = "token-exits"
 table = "t4"
@@ -57,7 +61,7 @@ table = "t2"
 kind = "quality-vs-speed"
 table = "t4"
 """
-TABLES = ("t2", "t4", "t6", "t11")
+TABLES = ("t2", "t4", "t6", "t11", "elsewhere")
 FIGURES = {"fig1": "token-exits", "fig3": "per-exit-accuracy", "fig4a": "ablation-bars", "fig4b": "quality-vs-speed"}
 
 
@@ -104,7 +108,7 @@ def test_bench_writes_every_table_and_figure(first_run):
     out = root / "out"
     assert code == 0
     summary = json.loads((out / "bench.json").read_text())
-    assert summary["cells"]["computed"] == 5 and summary["cells"]["unavailable"] == 2
+    assert summary["cells"]["computed"] == 6 and summary["cells"]["unavailable"] == 2
     assert str(out / "figures" / "fig4b.png") in summary["artifacts"]
     for name in TABLES:
         for extension in ("md", "tex", "csv", "json"):
@@ -166,6 +170,9 @@ def test_missing_data_shows_na_with_a_footnote_and_the_rest_runs(first_run):
     assert table["columns"][scenes[3]].endswith("wall×")
     noise = json.loads((first_run[0] / "out" / "tables" / "t6.json").read_text())
     assert noise["columns"][0] == "noise 0 accuracy" and "noise 0.2 accuracy" in noise["columns"]
+    elsewhere = json.loads((first_run[0] / "out" / "tables" / "elsewhere.json").read_text())
+    record = json.loads((first_run[0] / "out" / "cells" / f"{elsewhere['rows'][1]['cells'][0]}.json").read_text())
+    assert record["report"]["results"]["full"]["config"]["split"] == "dev"  # test_split: scored on dev
     histogram = json.loads((first_run[0] / "out" / "tables" / "t11.json").read_text())
     for row in histogram["rows"]:  # shares of tokens per exit layer add up to 100 %
         assert sum(row["values"][:-1]) == pytest.approx(100.0)
@@ -180,7 +187,7 @@ def test_rerun_computes_nothing_and_a_changed_option_only_its_cells(first_run, t
     done = {p.name: p.stat().st_mtime_ns for p in cells.iterdir() if "report" in json.loads(p.read_text())}
     code, printed = bench(argv, capsys)
     assert code == 0
-    assert counts(printed) == {"cells": 7, "cached": 5, "computed": 0, "unavailable": 2, "failed": 0}
+    assert counts(printed) == {"cells": 8, "cached": 6, "computed": 0, "unavailable": 2, "failed": 0}
     assert {name: (cells / name).stat().st_mtime_ns for name in done} == done  # not even rewritten
     assert "wrote " + str(out / "tables" / "t4.md") in printed
 
@@ -196,10 +203,10 @@ def test_rerun_computes_nothing_and_a_changed_option_only_its_cells(first_run, t
     conf_cells = {p.name: p.stat().st_mtime_ns for p in cells.iterdir()
                   if json.loads(p.read_text())["label"] == "conf" and "report" in json.loads(p.read_text())}
     code, printed = bench(["bench", str(changed), *argv[2:]], capsys)
-    assert code == 0 and counts(printed)["computed"] == 3 and counts(printed)["cached"] == 2
+    assert code == 0 and counts(printed)["computed"] == 3 and counts(printed)["cached"] == 3
     assert {name: (cells / name).stat().st_mtime_ns for name in conf_cells} == conf_cells
     dry = bench(["bench", str(changed), "--dry-run", *argv[2:]], capsys)[1]
-    assert "7 distinct cells (10 table entries): 5 cached, 0 to compute, 2 unavailable here" in dry
+    assert "8 distinct cells (11 table entries): 6 cached, 0 to compute, 2 unavailable here" in dry
 
 
 def test_bad_specs_are_one_line_errors(tmp_path, capsys):

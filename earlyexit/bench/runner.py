@@ -44,11 +44,19 @@ def plan(spec: Spec, registry) -> Plan:
     return Plan(cells, parts, tables)
 
 
+def test_source(cell) -> tuple[str, str]:
+    """(data set, split) the cell is scored on."""
+    from ..run import splits_for
+
+    return (cell.settings.get("test_data") or cell.data,
+            cell.settings.get("test_split") or splits_for(cell.data)[2])
+
+
 @functools.lru_cache(maxsize=64)
-def data_unavailable(data: str) -> str | None:
-    """Why a data set cannot be read here (each split `run` needs is tried once per process)."""
+def data_unavailable(data: str, splits: tuple) -> str | None:
+    """Why a data set cannot be read here (each split is tried once per process)."""
     from ..data.registry import LAYOUTS
-    from ..run import load_split, splits_for
+    from ..run import load_split
 
     name, _, root = data.partition(":")
     if task_of(data) == "dialog":
@@ -58,7 +66,7 @@ def data_unavailable(data: str) -> str | None:
         return None
     if not root or not os.path.isdir(root):
         return f"{name} not found at {root or '(no folder)'}: put {LAYOUTS[name]} (ROOT = {root}) or pass --data-root"
-    for split in splits_for(data):
+    for split in splits:
         try:
             load_split(data, split, 1)
         except (DataError, ConfigError, OSError) as error:
@@ -68,9 +76,13 @@ def data_unavailable(data: str) -> str | None:
 
 def unavailable_reason(cell) -> str | None:
     """Why this cell cannot run on this machine (its data set or model is missing), with the fix."""
-    reason = data_unavailable(cell.data)
-    if reason:
-        return reason
+    from ..run import splits_for
+
+    test_data, test_split = test_source(cell)
+    for data, splits in ((cell.data, splits_for(cell.data)[:2]), (test_data, (test_split,))):
+        reason = data_unavailable(data, splits)
+        if reason:
+            return reason
     model = cell.settings["model"]
     if (os.sep in model or model.startswith(".")) and not os.path.isdir(model):
         return f"model folder {model} not found: download the model there (save_pretrained layout)"
@@ -79,7 +91,7 @@ def unavailable_reason(cell) -> str | None:
 
 def compute_cell(cell, key: str, output: str, registry, log) -> dict:
     """The record of one cell: its trimmed run report, or why it could not be computed."""
-    from ..run import RunSettings, load_split, run, splits_for
+    from ..run import RunSettings, load_split, run
 
     settings = dict(cell.settings)
     decode = settings.pop("decode")
@@ -102,7 +114,7 @@ def compute_cell(cell, key: str, output: str, registry, log) -> dict:
         kept["examples"] = [{**e, "tokens": [tokenizer.decode([t]) for t in e["token_ids"]]}
                             for e in result["examples"]]
         results[name] = kept
-    test = load_split(cell.data, splits_for(cell.data)[2], run_settings.test_limit)
+    test = load_split(*test_source(cell), run_settings.test_limit)
     domains = sorted({s.extra.get("domain") for s in test if s.extra and s.extra.get("domain")})
     if domains:  # NoCaps: quality per domain (in, near, out) as the paper's Table 1 shows it
         from ..evaluate import score
@@ -178,7 +190,8 @@ def describe(spec: Spec, output: str, registry) -> list[str]:
                       f"n/a: {reasons[key]}" if reasons[key] else "to run")
             seen.add(key)
             s = cell.settings
-            lines.append(f"{key}  {table:<8} {cell.label:<24} {cell.data:<28} model={s['model']} "
+            scored = "" if not (s["test_data"] or s["test_split"]) else "scored on {}/{} ".format(*test_source(cell))
+            lines.append(f"{key}  {table:<8} {cell.label:<24} {cell.data:<28} {scored}model={s['model']} "
                          f"noise={s['noise']} seed={s['seed']} kv={s['kv_policy']} decode={s['decode']} "
                          f"batch={s['batch_size']} beams={s['num_beams']} test={s['test_limit'] or 'all'}  [{status}]")
     missing = sum(1 for r in reasons.values() if r)

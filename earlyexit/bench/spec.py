@@ -42,6 +42,7 @@ SETTINGS = {
     "gate": "learned", "gate_mode": "filter", "gate_threshold": 0.3, "speed_target": "layer",
     "decode": "early-exit", "draft_length": 4, "test_limit": None, "dev_limit": None, "train_limit": None,
     "batch_size": 32, "num_beams": 1, "max_new_tokens": 20, "seed": 0, "noise": 0.0,
+    "test_data": None, "test_split": None,  # score elsewhere: NoCaps val with exits trained on COCO
 }
 AXES = {"noise": "noise", "seeds": "seed", "kv_policies": "kv_policy", "decodes": "decode",
         "batch_sizes": "batch_size", "models": "model"}  # list key in a table -> the setting it varies

@@ -118,6 +118,8 @@ def cell_key(cell, registry) -> tuple[str, dict]:
     """(key, the fingerprints it is made of)."""
     parts = {"config": cell.config(), "model": model_fingerprint(cell.settings["model"]),
              "data": data_fingerprint(cell.data), "code": code_fingerprint(*plugin_sources(registry, cell))}
+    if cell.settings.get("test_data"):
+        parts["test_data"] = data_fingerprint(cell.settings["test_data"])
     return _digest(parts), parts
 
 
