@@ -56,6 +56,10 @@ class RunSettings:
     deepspeed: dict | None = None  # exit training under DeepSpeed (e.g. launched with torchrun)
     seed: int = 0
     progress: bool = True
+    noise: float = 0.0  # Gaussian pixel noise on the test images only (calibration stays on clean dev)
+    compare_untrained: bool = True  # also score the untrained `confidence` exits at the same threshold
+    test_data: str | None = None  # score on another data set (the paper: NoCaps val with exits from COCO)
+    test_split: str | None = None  # and/or another split (default: the data set's test split)
 
 
 def splits_for(data: str) -> tuple[str, str, str]:
@@ -190,13 +194,16 @@ def run(settings: RunSettings, registry, log=print) -> dict | None:
         draft_exit = choose_draft_exit(backend, strategy, dev, evaluation, settings, log)
 
     began = time.perf_counter()
-    test = load_split(settings.data, test_split, settings.test_limit)
+    test = load_split(settings.test_data or settings.data, settings.test_split or test_split, settings.test_limit)
     threshold = knob.value if knob is not None else None
     label = settings.strategy + (f" + {settings.gate} gate" if gate is not None else "")
+    if settings.noise:
+        evaluation = dataclasses.replace(evaluation, noise=settings.noise)
     results = {"full": evaluate(backend, None, test, evaluation, kv_policy=settings.kv_policy, on_batch=on_batch)}
     results[label] = evaluate(backend, strategy, test, evaluation, kv_policy=settings.kv_policy, gate=gate,
                               on_batch=on_batch)
-    if threshold is not None and (strategy.knob_is_confidence or knob.on_gate):  # same threshold, untrained exits
+    if settings.compare_untrained and threshold is not None and (strategy.knob_is_confidence or knob.on_gate):
+        # the same threshold on untrained exits
         confidence = _confidence_like(registry, strategy, threshold if strategy.knob_is_confidence else 0.9)
         if settings.strategy != "confidence":
             results["confidence"] = evaluate(backend, confidence, test, evaluation, kv_policy=settings.kv_policy)

@@ -1,6 +1,6 @@
 """The `earlyexit` command line.
 
-One module per subcommand (`listing`, `run`, `generate`, `evaluation`, `train`, `build_tiny`),
+One module per subcommand (`listing`, `run`, `generate`, `evaluation`, `train`, `build_tiny`, `bench`),
 each with a command object of two functions:
 
     add_parser(subparsers) -> argparse.ArgumentParser   # builds and returns its sub-parser
@@ -20,6 +20,7 @@ import traceback
 from .. import __version__
 from ..errors import EarlyExitError
 from ..plugins import one_line
+from .bench import BenchCommand
 from .build_tiny import BuildTinyCommand
 from .common import report_plugin_failures
 from .evaluation import EvalCommand
@@ -30,7 +31,8 @@ from .train import TrainCommand
 
 __all__ = ["main", "build_parser", "SUBCOMMANDS", "report_plugin_failures", "format_table"]
 
-SUBCOMMANDS: tuple = (ListCommand, RunCommand, GenerateCommand, EvalCommand, TrainCommand, BuildTinyCommand)
+SUBCOMMANDS: tuple = (ListCommand, RunCommand, GenerateCommand, EvalCommand, TrainCommand, BuildTinyCommand,
+                      BenchCommand)
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):

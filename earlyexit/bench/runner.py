@@ -1,0 +1,202 @@
+"""Running a bench: list the cells, compute those not in the store, render tables and figures.
+
+A cell is one `earlyexit.run.run` (exits trained or reused, knob calibrated on dev, scored on test).
+What it keeps: quality and the three speed-ups of each model it scored, the calibration sweep (the
+quality-versus-speed curve), the per-exit accuracy untrained vs trained, the exit histogram, a few
+examples with their tokens and exit layers, per-domain quality where the data has domains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import platform
+import time
+
+from ..errors import ConfigError, DataError, EarlyExitError, ModelNotAvailableError
+from .spec import Spec, task_of
+from .store import CellStore, cell_key
+
+
+@dataclasses.dataclass
+class Plan:
+    """The distinct cells of a spec (cells shared by tables are computed once) and their keys."""
+
+    cells: dict  # key -> Cell
+    parts: dict  # key -> fingerprints
+    tables: dict  # table name -> [key, ...] in the table's order
+
+
+def plan(spec: Spec, registry) -> Plan:
+    cells, parts, tables = {}, {}, {}
+    for name, table in spec.tables.items():
+        keys = []
+        for cell in table.cells:
+            registry.strategy(cell.strategy)  # unknown names fail before any work, with "did you mean"
+            registry.backend(cell.settings["backend"])
+            key, fingerprints = cell_key(cell, registry)
+            cells.setdefault(key, cell)
+            parts[key] = fingerprints
+            keys.append(key)
+        tables[name] = keys
+    return Plan(cells, parts, tables)
+
+
+def test_source(cell) -> tuple[str, str]:
+    """(data set, split) the cell is scored on."""
+    from ..run import splits_for
+
+    return (cell.settings.get("test_data") or cell.data,
+            cell.settings.get("test_split") or splits_for(cell.data)[2])
+
+
+@functools.lru_cache(maxsize=64)
+def data_unavailable(data: str, splits: tuple) -> str | None:
+    """Why a data set cannot be read here (each split is tried once per process)."""
+    from ..data.registry import LAYOUTS
+    from ..run import load_split
+
+    name, _, root = data.partition(":")
+    if task_of(data) == "dialog":
+        return ("VisDial is scored by answer ranking (MRR), which `earlyexit run` does not calibrate; "
+                f"use earlyexit eval --data {data} --split val")
+    if name not in LAYOUTS:
+        return None
+    if not root or not os.path.isdir(root):
+        return f"{name} not found at {root or '(no folder)'}: put {LAYOUTS[name]} (ROOT = {root}) or pass --data-root"
+    for split in splits:
+        try:
+            load_split(data, split, 1)
+        except (DataError, ConfigError, OSError) as error:
+            return f"{name} at {root}: {' '.join(str(error).split())}"
+    return None
+
+
+def unavailable_reason(cell) -> str | None:
+    """Why this cell cannot run on this machine (its data set or model is missing), with the fix."""
+    from ..run import splits_for
+
+    test_data, test_split = test_source(cell)
+    for data, splits in ((cell.data, splits_for(cell.data)[:2]), (test_data, (test_split,))):
+        reason = data_unavailable(data, splits)
+        if reason:
+            return reason
+    model = cell.settings["model"]
+    if (os.sep in model or model.startswith(".")) and not os.path.isdir(model):
+        return f"model folder {model} not found: download the model there (save_pretrained layout)"
+    return None
+
+
+def compute_cell(cell, key: str, output: str, registry, log) -> dict:
+    """The record of one cell: its trimmed run report, or why it could not be computed."""
+    from ..run import RunSettings, load_split, run
+
+    settings = dict(cell.settings)
+    decode = settings.pop("decode")
+    settings.pop("draft_length")
+    run_settings = RunSettings(strategy=cell.strategy, data=cell.data, options=cell.options,
+                               speculative=decode == "speculative", draft_length=cell.settings["draft_length"],
+                               output=os.path.join(output, "runs", key), progress=False, compare_untrained=False,
+                               grid=tuple(grid) if (grid := settings.pop("grid")) else None, **settings)
+    began = time.perf_counter()
+    try:
+        report = run(run_settings, registry, log=log)
+    except (ModelNotAvailableError, DataError) as error:
+        return {"unavailable": " ".join(str(error).split())}
+    seconds = time.perf_counter() - began
+    label = f"{cell.strategy} speculative" if decode == "speculative" else report["strategy_label"]
+    tokenizer = report.pop("tokenizer")
+    results = {}
+    for name, result in report["results"].items():
+        kept = {k: result[k] for k in ("quality", "speed", "exit_layer_histogram", "num_layers", "config")}
+        kept["examples"] = [{**e, "tokens": [tokenizer.decode([t]) for t in e["token_ids"]]}
+                            for e in result["examples"]]
+        results[name] = kept
+    test = load_split(*test_source(cell), run_settings.test_limit)
+    domains = sorted({s.extra.get("domain") for s in test if s.extra and s.extra.get("domain")})
+    if domains:  # NoCaps: quality per domain (in, near, out) as the paper's Table 1 shows it
+        from ..evaluate import score
+
+        for name, result in report["results"].items():
+            results[name]["quality_by_domain"] = {
+                d: score(dataclasses.replace(test, samples=[s for s in test if s.extra.get("domain") == d]),
+                         {s.id: result["predictions"][s.id] for s in test if s.extra.get("domain") == d})
+                for d in domains}
+    kept_report = {k: report[k] for k in ("threshold", "knob", "parameters", "exit_layers", "strategy_config",
+                                          "calibration", "mid_crisis", "timings", "num_layers", "draft_exit_layer")}
+    kept_report.update(results=results, row=label, task=task_of(cell.data))
+    return {"report": json.loads(json.dumps(kept_report, default=str)), "seconds": seconds,
+            "provenance": report["provenance"]}
+
+
+def hardware() -> dict:
+    import torch
+
+    info = {"machine": platform.machine(), "processor": platform.processor() or None, "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "system": platform.platform()}
+    if torch.cuda.is_available():
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return info
+
+
+def execute(spec: Spec, output: str, registry, *, force: bool = False, progress: bool = True, log=print) -> dict:
+    """Compute every cell of `spec` not yet in the store; returns counts and the seconds spent."""
+    from ..progress import progress_bar
+
+    work = plan(spec, registry)
+    store = CellStore(os.path.join(output, "cells"))
+    pending = [k for k in work.cells if force or not store.done(k)]
+    counts = {"cells": len(work.cells), "cached": len(work.cells) - len(pending), "computed": 0,
+              "unavailable": 0, "failed": 0}
+    began = time.perf_counter()
+    with progress_bar(total=len(pending), desc=f"bench {spec.name}", unit="cell", disable=not progress) as bar:
+        for i, key in enumerate(pending):
+            cell = work.cells[key]
+            bar.set_postfix_str(f"{cell.label} on {cell.data.partition(':')[0]}")
+            reason = unavailable_reason(cell)
+            if reason is None:
+                try:
+                    record = compute_cell(cell, key, output, registry, log=lambda text: None)
+                except EarlyExitError as error:  # one failing cell does not stop the others
+                    record = {"failed": " ".join(str(error).split())}
+            else:
+                record = {"unavailable": reason}
+            state = "computed" if "report" in record else ("unavailable" if "unavailable" in record else "failed")
+            counts[state] += 1
+            record.update(key=key, label=cell.label, config=cell.config(), fingerprints=work.parts[key],
+                          hardware=hardware())
+            store.put(key, record)
+            bar.update(1)
+            if state != "computed":
+                log(f"cell {key} ({cell.label} on {cell.data}): {state}: {record.get(state)}")
+    counts["seconds"] = time.perf_counter() - began
+    return counts
+
+
+def describe(spec: Spec, output: str, registry) -> list[str]:
+    """--dry-run: one line per cell (key, status, table, label, data, what varies), then the needs."""
+    work = plan(spec, registry)
+    store = CellStore(os.path.join(output, "cells"))
+    lines, seen, reasons = [], set(), {}
+    for key, cell in work.cells.items():
+        if not store.done(key):
+            reasons[key] = unavailable_reason(cell)
+    for table, keys in work.tables.items():
+        for key in keys:
+            cell = work.cells[key]
+            status = ("cached" if key not in reasons else "shared" if key in seen else
+                      f"n/a: {reasons[key]}" if reasons[key] else "to run")
+            seen.add(key)
+            s = cell.settings
+            scored = "" if not (s["test_data"] or s["test_split"]) else "scored on {}/{} ".format(*test_source(cell))
+            lines.append(f"{key}  {table:<8} {cell.label:<24} {cell.data:<28} {scored}model={s['model']} "
+                         f"noise={s['noise']} seed={s['seed']} kv={s['kv_policy']} decode={s['decode']} "
+                         f"batch={s['batch_size']} beams={s['num_beams']} test={s['test_limit'] or 'all'}  [{status}]")
+    missing = sum(1 for r in reasons.values() if r)
+    lines.append(f"{len(work.cells)} distinct cells ({sum(map(len, work.tables.values()))} table entries): "
+                 f"{len(work.cells) - len(reasons)} cached, {len(reasons) - missing} to compute, "
+                 f"{missing} unavailable here")
+    lines += [f"needs: {need}" for need in spec.needs]
+    return lines

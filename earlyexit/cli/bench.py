@@ -1,0 +1,78 @@
+"""`earlyexit bench SPEC`: every cell of a spec (cached), then its tables and figures."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+from .common import add_device_arguments, quiet_transformers, report_plugin_failures
+
+
+class BenchCommand:
+    """`earlyexit bench SPEC`: run the cells of a spec (built-in `embedded` or `paper`, or a TOML
+    file) that are not cached yet, then write its tables (Markdown, LaTeX, CSV, JSON) and figures (PNG)."""
+
+    @staticmethod
+    def add_parser(subparsers) -> argparse.ArgumentParser:
+        parser = subparsers.add_parser("bench", help="paper-style tables and figures from a spec",
+                                       description=BenchCommand.__doc__)
+        parser.add_argument("spec", help="embedded, paper, or a path to a TOML spec")
+        parser.add_argument("--output", help="folder for cells, tables and figures (default: bench/<spec name>)")
+        parser.add_argument("--dry-run", action="store_true", help="list the cells and whether each is cached")
+        parser.add_argument("--render-only", action="store_true",
+                            help="only write tables and figures from the cells already computed")
+        parser.add_argument("--force", action="store_true", help="recompute cells even if cached")
+        parser.add_argument("--only", help="comma-separated table names to run and render")
+        parser.add_argument("--data-root", help="folder that {data_root} in the spec's data names stands for "
+                                                "(default: the spec's, else $EARLYEXIT_DATA, else ./data)")
+        add_device_arguments(parser)
+        return parser
+
+    @staticmethod
+    def run(args: argparse.Namespace) -> int:
+        import os
+
+        from ..bench import describe, execute, load_spec, render
+        from ..errors import ConfigError
+        from ..files import check_writable, write_json_atomically
+        from ..plugins import get_registry
+        from .common import device_options
+
+        if args.dry_run and args.render_only:
+            raise ConfigError("--dry-run and --render-only exclude each other; pass one")
+        only = [t.strip() for t in args.only.split(",") if t.strip()] if args.only else None
+        spec = load_spec(args.spec, data_root=args.data_root, only=only)
+        if args.device or args.dtype:  # the machine's device and precision override the spec's
+            placement = device_options(args)
+            for table in spec.tables.values():
+                for cell in table.cells:
+                    cell.settings.update(placement)
+        output = args.output or os.path.join("bench", spec.name)
+        registry = get_registry()
+        report_plugin_failures(registry)
+        if args.dry_run:
+            print("\n".join(describe(spec, output, registry)))
+            return 0
+        check_writable(output, folder=True)
+        quiet_transformers()
+        counts, load = None, os.getloadavg()
+        if not args.render_only:
+            counts = execute(spec, output, registry, force=args.force, progress=True,
+                             log=lambda text: print(text, file=sys.stderr))
+            print(f"cells: {counts['cells']} ({counts['cached']} cached, {counts['computed']} computed, "
+                  f"{counts['unavailable']} unavailable, {counts['failed']} failed) in {counts['seconds']:.0f} s")
+        command = "earlyexit " + " ".join(shlex.quote(a) for a in args.argv)
+        paths = render(spec, output, registry, command=command)
+        if counts is not None:  # what this run cost, on what machine, how busy it was (wall clocks suffer)
+            from ..bench import hardware
+            from ..evaluate import provenance
+
+            summary = os.path.join(output, "bench.json")
+            write_json_atomically(summary, {"command": command, "spec": spec.name, "cells": counts,
+                                            "load_average_before": load, "load_average_after": os.getloadavg(),
+                                            "provenance": provenance(), "hardware": hardware(), "artifacts": paths})
+            paths.append(summary)
+        for path in paths:
+            print(f"wrote {path}")
+        return 1 if counts and counts["failed"] else 0
