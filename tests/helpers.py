@@ -62,6 +62,51 @@ def assert_cache_matches_full_forward(cache, backend, inputs, sequences, drop_la
     return lagging
 
 
+def new_tokens(sequences, inputs):
+    """What generation added behind the prompt (every family's layout: prompt ids, then new tokens)."""
+    return sequences[:, inputs["input_ids"].shape[1]:]
+
+
+# -- encoder-decoder (T5) caches --------------------------------------------------------------------
+def full_forward_self_attention(backend, inputs, decoder_ids):
+    """Self-attention K/V of every decoder layer of an encoder-decoder backend after one plain
+    transformers forward over `decoder_ids` (rows: the inputs' rows repeated evenly, as beams are;
+    the backend's vision inputs go with the pixels)."""
+    from transformers import DynamicCache, EncoderDecoderCache
+
+    repeat = decoder_ids.shape[0] // inputs["input_ids"].shape[0]
+    rows = {k: v.repeat_interleave(repeat, 0) for k, v in inputs.items()}
+    embeds = backend.decoder_inputs_embeds(rows["pixel_values"], rows["input_ids"], **backend.vision_inputs(rows))
+    cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+    with torch.no_grad():
+        backend.language_model(inputs_embeds=embeds, attention_mask=rows["attention_mask"],
+                               decoder_input_ids=decoder_ids, cache=cache, use_cache=True)
+    return cache.self_attention_cache
+
+
+def assert_decoder_cache_matches_full_forward(cache, backend, inputs, decoder_ids, atol=1e-9):
+    """Every decoder layer holds, per row, a prefix of positions whose K/V equal one full forward's;
+    returns how many positions lag behind in total."""
+    reference = full_forward_self_attention(backend, inputs, decoder_ids)
+    lagging = 0
+    for r in range(decoder_ids.shape[0]):
+        for j in range(backend.num_layers):
+            held = int(cache.held[r, j])
+            assert held >= 1
+            lagging += cache.total_length - held
+            for name in ("keys", "values"):
+                torch.testing.assert_close(getattr(cache.layers[j], name)[r, :, :held],
+                                           getattr(reference.layers[j], name)[r, :, :held], atol=atol, rtol=0)
+    return lagging
+
+
+def fed_decoder_ids(backend, sequences, inputs):
+    """The decoder ids generation fed: start token, then every new token but the last."""
+    new = new_tokens(sequences, inputs)[:, :-1]
+    start = torch.full_like(new[:, :1], backend.text_config.decoder_start_token_id)
+    return torch.cat([start, new], 1)
+
+
 def make_tiny_clip(folder):
     """A tiny random CLIP (character-level BPE tokenizer) saved as a hub-style local folder."""
     import string

@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from transformers import DynamicCache, EncoderDecoderCache, LogitsProcessorList
+from transformers import LogitsProcessorList
 
 from earlyexit.adapters import load_exits, save_exits
 from earlyexit.backends.blip2_flant5 import Blip2FlanT5Backend
@@ -18,7 +18,8 @@ from earlyexit.data.scenes import SceneConfig, load_scenes
 from earlyexit.engine import EarlyExitForCausalLM
 from earlyexit.errors import CheckpointError, ConfigError, ModelNotAvailableError
 from earlyexit.exit_training import backbone_features, train_exits
-from helpers import make_backend, make_images, no_eos
+from helpers import (assert_decoder_cache_matches_full_forward, fed_decoder_ids, make_backend, make_images,
+                     new_tokens, no_eos)
 
 PROMPTS = ["a red circle", "what color is the small square on the left", ""]  # three lengths: padding
 SHAPES = {  # FlanT5's kind (gated-gelu, untied head) and original T5's (relu, tied head scaled by d_model**-0.5)
@@ -49,10 +50,6 @@ def batch3(t5_6):
 def fixed(registry, backend, layer, every):
     cls = registry.strategy("fixed")
     return cls(backend, [layer], cls.Config(every=every))
-
-
-def new_tokens(sequences, inputs):
-    return sequences[:, inputs["input_ids"].shape[1]:]
 
 
 # -- exits off ------------------------------------------------------------------------------------
@@ -90,41 +87,6 @@ def test_the_prompt_goes_to_the_encoder_behind_the_image_queries(t5_6, batch3):
 
 
 # -- caches ---------------------------------------------------------------------------------------
-def full_forward_self_attention(backend, inputs, decoder_ids):
-    """Self-attention K/V of every decoder layer after one plain transformers forward over
-    `decoder_ids` (rows: the inputs' rows repeated evenly, as beams are)."""
-    repeat = decoder_ids.shape[0] // inputs["input_ids"].shape[0]
-    rows = {k: v.repeat_interleave(repeat, 0) for k, v in inputs.items()}
-    embeds = backend.decoder_inputs_embeds(rows["pixel_values"], rows["input_ids"])
-    cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
-    with torch.no_grad():
-        backend.language_model(inputs_embeds=embeds, attention_mask=rows["attention_mask"],
-                               decoder_input_ids=decoder_ids, cache=cache, use_cache=True)
-    return cache.self_attention_cache
-
-
-def assert_decoder_cache_matches_full_forward(cache, backend, inputs, decoder_ids, atol=1e-9):
-    """Every decoder layer holds, per row, a prefix of positions whose K/V equal one full forward's."""
-    reference = full_forward_self_attention(backend, inputs, decoder_ids)
-    lagging = 0
-    for r in range(decoder_ids.shape[0]):
-        for j in range(backend.num_layers):
-            held = int(cache.held[r, j])
-            assert held >= 1
-            lagging += cache.total_length - held
-            for name in ("keys", "values"):
-                torch.testing.assert_close(getattr(cache.layers[j], name)[r, :, :held],
-                                           getattr(reference.layers[j], name)[r, :, :held], atol=atol, rtol=0)
-    return lagging
-
-
-def fed_decoder_ids(backend, sequences, inputs):
-    """The decoder ids generation fed: start token, then every new token but the last."""
-    new = new_tokens(sequences, inputs)[:, :-1]
-    start = torch.full_like(new[:, :1], backend.text_config.decoder_start_token_id)
-    return torch.cat([start, new], 1)
-
-
 @pytest.mark.parametrize("every", [2, 3])
 def test_catchup_cache_equals_one_full_forward(registry, t5_6, batch3, every):
     model = EarlyExitForCausalLM(t5_6, fixed(registry, t5_6, 2, every), kv_policy="catchup")
