@@ -53,10 +53,6 @@ class InstructBlipFlanT5Backend(InstructBlipImageSide, T5DecoderMethods, Backend
         set_t5_generation_ids(model.language_model, processor.tokenizer)
         return cls(model, processor)
 
-    @property
-    def language_model(self):
-        return self.model.language_model
-
 
 @hookimpl
 def earlyexit_register_backends():

@@ -8,16 +8,17 @@ import json
 
 import pytest
 import torch
-from transformers import LogitsProcessorList
 
-from earlyexit.adapters import load_exits, save_exits
+from earlyexit.adapters import load_exits
 from earlyexit.backends.blip2_flant5 import Blip2FlanT5Backend
 from earlyexit.backends.instructblip_flant5 import InstructBlipFlanT5Backend
+from earlyexit.batching import TrainingBatches
 from earlyexit.data.scenes import SceneConfig, load_scenes
 from earlyexit.engine import EarlyExitForCausalLM
 from earlyexit.errors import CheckpointError, ConfigError, ModelNotAvailableError
-from earlyexit.exit_training import train_exits
-from helpers import assert_decoder_cache_matches_full_forward, fed_decoder_ids, make_images, new_tokens, no_eos
+from helpers import (assert_decoder_cache_matches_full_forward, assert_encoder_decoder_exits_off_match_transformers,
+                     assert_teacher_forcing_gives_the_models_own_loss, assert_the_instruction_reaches_the_q_former,
+                     fed_decoder_ids, fixed, make_images, new_tokens, no_eos, train_exits_then_reload)
 
 PROMPTS = ["a red circle", "what color is the small square on the left", ""]  # three lengths: padding
 SHAPES = {  # FlanT5's kind (gated-gelu, untied head) and original T5's (relu, tied head scaled by d_model**-0.5)
@@ -45,11 +46,6 @@ def batch3(t5_6):
     return t5_6.prepare_inputs(make_images(3, seed=2), PROMPTS)
 
 
-def fixed(registry, backend, layer, every):
-    cls = registry.strategy("fixed")
-    return cls(backend, [layer], cls.Config(every=every))
-
-
 # -- exits off ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
 @pytest.mark.parametrize("num_beams", [1, 5])
@@ -59,40 +55,12 @@ def test_exits_off_gives_transformers_own_tokens(registry, shape, num_beams):
     assert (inputs["attention_mask"] == 0).any() and (inputs["qformer_attention_mask"] == 0).any(), \
         "the batch should need padding, in the prompt and in the instruction the Q-Former reads"
     settings = dict(max_new_tokens=10, num_beams=num_beams, do_sample=False)
-    own = backend.model.generate(**inputs, **settings)  # transformers: decoder start token, then the new tokens
-    assert (own[:, 0] == backend.text_config.decoder_start_token_id).all()
-    assert len({tuple(row) for row in own[:, 1:].tolist()}) > 1
-
-    sequences = EarlyExitForCausalLM(backend).generate(**inputs, **settings)
-    assert torch.equal(sequences[:, :inputs["input_ids"].shape[1]], inputs["input_ids"])  # every family's layout
-    assert torch.equal(new_tokens(sequences, inputs), own[:, 1:])
-    assert torch.equal(backend.plain_generate(**inputs, **settings), sequences)
-    # a threshold no exit can reach: exits are consulted but never taken
-    cls = registry.strategy("confidence")
-    model = EarlyExitForCausalLM(backend, cls(backend, [1], cls.Config(threshold=1.5)))
-    assert torch.equal(model.generate(**inputs, **settings), sequences)
-    layers = model.last_trace.exit_layers
-    assert ((layers == backend.num_layers) | (layers == -1)).all() and (layers == backend.num_layers).any()
+    assert_encoder_decoder_exits_off_match_transformers(registry, backend, inputs, settings)
 
 
 # -- the instruction reaches the Q-Former; both copies of the prompt are padded on the right ---------
 def test_the_instruction_reaches_the_q_former(t5_6, batch3):
-    asked = t5_6.prepare_inputs(make_images(3, seed=2)[:1] * 2, ["a red circle", "how many shapes"])
-    two, _ = t5_6.image_features(asked["pixel_values"], **t5_6.vision_inputs(asked))
-    assert (two[0] - two[1]).abs().max() > 1e-2, "another instruction should give other features for the same image"
-
-    # the language model's prompt kept, only the Q-Former's instructions swapped between rows
-    swapped = {**batch3, "qformer_input_ids": batch3["qformer_input_ids"].flip(0),
-               "qformer_attention_mask": batch3["qformer_attention_mask"].flip(0)}
-    settings = dict(max_new_tokens=8, do_sample=False, **no_eos(t5_6))
-    original = EarlyExitForCausalLM(t5_6).generate(**batch3, **settings)
-    changed = EarlyExitForCausalLM(t5_6).generate(**swapped, **settings)
-    assert not torch.equal(new_tokens(changed, batch3), new_tokens(original, batch3))
-    assert torch.equal(changed, t5_6.plain_generate(**swapped, **settings))
-
-    without = {k: v for k, v in batch3.items() if not k.startswith("qformer_")}
-    with pytest.raises(ConfigError, match="reads the instruction"):
-        EarlyExitForCausalLM(t5_6).generate(**without, max_new_tokens=2)
+    assert_the_instruction_reaches_the_q_former(t5_6, batch3, make_images(3, seed=2)[0])
 
 
 def test_rows_are_padded_on_the_right_and_generate_alone_what_they_do_in_the_batch(registry, t5_6, batch3):
@@ -124,19 +92,6 @@ def test_catchup_cache_equals_one_full_forward(registry, t5_6, batch3):
     assert assert_decoder_cache_matches_full_forward(model.last_cache, t5_6, batch3, ids) > 0  # deep layers lag
 
 
-def test_catchup_cache_equals_one_full_forward_under_beam_search(registry, t5_6, batch3):
-    from test_kv_policies import CacheSnapshots
-
-    model = EarlyExitForCausalLM(t5_6, fixed(registry, t5_6, 3, 2), kv_policy="catchup")
-    cache = model.new_cache()
-    snapshots = CacheSnapshots(cache)
-    model.generate(**batch3, max_new_tokens=6, num_beams=3, do_sample=False, cache=cache,
-                   logits_processor=LogitsProcessorList([snapshots]), **no_eos(t5_6))
-    assert (model.last_trace.exit_layers == 3).any()
-    for running, snapshot in snapshots.snapshots[1:]:  # running: the decoder ids, beams in cache row order
-        assert_decoder_cache_matches_full_forward(snapshot, t5_6, batch3, running)
-
-
 # -- trained exits and adapters -------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory):
@@ -144,33 +99,19 @@ def scenes(tmp_path_factory):
                        cache_dir=tmp_path_factory.mktemp("scenes"))
 
 
+def test_training_batches_carry_the_instruction_and_teacher_forcing_gives_the_models_loss(t5_6, batch3, scenes):
+    batches = TrainingBatches(t5_6, [scenes], batch_size=3)
+    batch = batches.collate([batches.encode(prompt, "circle") for prompt in PROMPTS], batch3["pixel_values"], PROMPTS)
+    for name in ("input_ids", "attention_mask", "qformer_input_ids", "qformer_attention_mask"):
+        assert torch.equal(batch[name], batch3[name])  # the encoder's prompt and the Q-Former's, as generation's
+    assert_teacher_forcing_gives_the_models_own_loss(t5_6, batch)
+
+
 T5_64 = dict(num_layers=4, hidden_size=32, num_heads=4, image_size=64, patch_size=16)
 
 
 def test_free_trains_generates_and_its_adapter_stays_with_its_family(registry, scenes, tmp_path):
-    backend = tiny(seed=21, **T5_64)
-    backbone = {n: p.detach().clone() for n, p in backend.model.state_dict().items()}
-    cls = registry.strategy("free")
-    strategy = cls(backend, [1, 2], cls.Config(epochs=1, batch_size=4, learning_rate=1e-3, threshold=0.03))
-    before = {n: p.detach().clone() for n, p in strategy.exit_modules().state_dict().items()}
-    losses = train_exits(strategy, backend, scenes, str(tmp_path / "run"), progress=False)
-    assert losses and all(torch.isfinite(torch.tensor(list(step.values()))).all() for step in losses)
-    after = strategy.exit_modules().state_dict()
-    assert any(not torch.equal(before[n], after[n]) for n in before), "training should move the exits"
-    assert all(torch.equal(backbone[n], t) for n, t in backend.model.state_dict().items())  # frozen backbone
-
-    inputs = backend.prepare_inputs(make_images(2, size=64), ["", "a red"])
-    settings = dict(max_new_tokens=6, do_sample=False, **no_eos(backend))
-    model = EarlyExitForCausalLM(backend, strategy)
-    expected = model.generate(**inputs, **settings)
-    expected_layers = model.last_trace.exit_layers
-    assert (expected_layers[:, 1:] < backend.num_layers).any(), "some token should leave early"
-
-    save_exits(strategy, str(tmp_path / "exits"), backbone_name="micro")
-    reloaded = load_exits(str(tmp_path / "exits"), tiny(seed=21, **T5_64), registry)
-    model = EarlyExitForCausalLM(reloaded.backend, reloaded)
-    assert torch.equal(model.generate(**inputs, **settings), expected)
-    assert torch.equal(model.last_trace.exit_layers, expected_layers)
+    train_exits_then_reload(registry, lambda: tiny(seed=21, **T5_64), "free", {"threshold": 0.03}, scenes, tmp_path)
     # the same T5 under BLIP-2's image side is another backbone
     blip2 = Blip2FlanT5Backend.from_tiny_config(seed=21, **T5_64)
     with pytest.raises(CheckpointError, match="backend 'instructblip-flant5', not 'blip2-flant5'"):
