@@ -4,8 +4,8 @@ transformers' `InstructBlipForConditionalGeneration` with a `T5ForConditionalGen
 image side (vision tower, a Q-Former that reads the instruction too, projection) is
 `instructblip_vision`'s; the image's query outputs and the prompt go through the T5 encoder once,
 at full depth, and tokens exit in the T5 decoder (`t5_decoder`, as for `blip2-flant5`). The prompt
-is padded on the right (T5's encoder bias counts columns); the processor pads the Q-Former's copy
-of the instruction on the same side.
+is padded on the right (T5's encoder bias counts columns), and so is the Q-Former's copy of the
+instruction, as the rows' own lengths would have it.
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ class InstructBlipFlanT5Backend(InstructBlipImageSide, T5DecoderMethods, Backend
                         device: str = "cpu") -> InstructBlipFlanT5Backend:
         from .instructblip_vision import load_instructblip
 
-        return cls(*load_instructblip(name_or_path, "t5", "InstructBLIP with a FlanT5 language model", dtype, device,
-                                      padding_side=RIGHT))
+        model, processor = load_instructblip(name_or_path, "t5", "InstructBLIP with a FlanT5 language model", dtype,
+                                             device, padding_side=RIGHT)
+        return cls(model, padded_on_the_right(processor))
 
     @classmethod
     def from_tiny_config(cls, seed: int = 0, num_query_tokens: int = 4, image_size: int = 16,
@@ -46,12 +47,19 @@ class InstructBlipFlanT5Backend(InstructBlipImageSide, T5DecoderMethods, Backend
 
         words = tuple(words or DEFAULT_WORDS)
         tokenizer = t5_style_tokenizer(build_tokenizer(words))
-        processor = tiny_instructblip_processor(tokenizer, image_size, num_query_tokens, words)
+        processor = padded_on_the_right(tiny_instructblip_processor(tokenizer, image_size, num_query_tokens, words))
         model = tiny_instructblip(tiny_t5_config(processor.tokenizer, **t5_shape), processor, seed, num_query_tokens,
                                   image_size, patch_size, vision_hidden, vision_layers, qformer_layers,
                                   encoder_init_std)
         set_t5_generation_ids(model.language_model, processor.tokenizer)
         return cls(model, processor)
+
+
+def padded_on_the_right(processor):
+    """`processor` with both tokenizers padding on the right, whichever side it takes: the language
+    model's tokenizer's when that one's config names a side, else the Q-Former tokenizer's own."""
+    processor.tokenizer.padding_side = processor.qformer_tokenizer.padding_side = RIGHT
+    return processor
 
 
 @hookimpl

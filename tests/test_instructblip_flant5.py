@@ -134,6 +134,12 @@ def test_save_pretrained_round_trip_gives_identical_generations(registry, t5_6, 
     expected = EarlyExitForCausalLM(t5_6, fixed(registry, t5_6, 2, 2)).generate(**batch3, max_new_tokens=8)
     assert torch.equal(EarlyExitForCausalLM(loaded, fixed(registry, loaded, 2, 2)).generate(**inputs, max_new_tokens=8),
                        expected)
+    # a language model tokenizer whose config names no side (the processor then applies the Q-Former's own)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "padding_side"}))
+    loaded = registry.backend("instructblip-flant5").load(str(folder))
+    inputs = loaded.prepare_inputs(make_images(3, seed=2), PROMPTS)
+    assert all(torch.equal(inputs[k], batch3[k]) for k in batch3 if k != "pixel_values")
 
 
 def test_loading_refuses_another_family_and_an_unreachable_hub_in_one_line(registry, tmp_path, monkeypatch):
