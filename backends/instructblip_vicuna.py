@@ -58,10 +58,6 @@ class InstructBlipVicunaBackend(InstructBlipImageSide, LlamaDecoderMethods, Back
                                   vision_layers, qformer_layers, encoder_init_std)
         return cls(model, processor)
 
-    @property
-    def language_model(self):
-        return self.model.language_model
-
 
 @hookimpl
 def earlyexit_register_backends():

@@ -9,8 +9,10 @@ features for another question. Those two inputs are the backend's `vision_input_
 travel with `pixel_values` wherever image features are computed.
 
 `InstructBlipImageSide` is a mixin placed before the language model's mixin and `Backend`; it
-never touches the language model beyond its input embeddings. A backend composes it as
+never touches the language model beyond its input embeddings, and names it (`language_model`) for
+that mixin. A backend composes it as
     class InstructBlipVicunaBackend(InstructBlipImageSide, LlamaDecoderMethods, Backend)
+    class InstructBlipFlanT5Backend(InstructBlipImageSide, T5DecoderMethods, Backend)
 and loads with `load_instructblip` / builds tiny models with `tiny_instructblip`.
 """
 
@@ -30,6 +32,10 @@ class InstructBlipImageSide:
     `InstructBlipForConditionalGeneration`, and `processor`, an `InstructBlipProcessor`)."""
 
     vision_input_names = QFORMER_INPUTS
+
+    @property
+    def language_model(self):
+        return self.model.language_model  # a causal LM or an encoder-decoder: the decoder mixin knows which
 
     def prepare_inputs(self, images, prompts=None):
         if self.processor is None:

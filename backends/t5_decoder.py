@@ -18,6 +18,10 @@ the engine:
 - the decoder starts from `decoder_start_token_id` and never holds padding (padding lives in the
   encoder input), so decoder positions are plain column indices.
 
+Also here, for every T5 family: the refusal of the embedded `tiny` model (a BLIP-2 with OPT),
+`plain_generate` in every family's layout, right padding, and the tiny T5 tokenizer and config
+of `from_tiny_config`.
+
 Classes stay importable without torch (for `earlyexit list`); methods import it where needed.
 """
 
@@ -26,6 +30,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 from typing import Any
+
+from earlyexit.errors import ConfigError
+
+# The encoder's relative position bias counts columns, so padding between the image queries and the
+# prompt would shift their distances: the prompt is padded on the right, as T5 was trained (the
+# decoder, which starts from its own start token, never sees the padding).
+RIGHT = "right"
 
 
 @dataclasses.dataclass
@@ -53,6 +64,26 @@ class T5DecoderMethods:
     """Mixin placed before `Backend`; the class using it provides `language_model`."""
 
     is_encoder_decoder = True
+    hub_example: str = ""  # a checkpoint of the family, named in the refusal of the embedded model
+
+    # -- loading and the backbone's own generation -------------------------------------------------
+    @classmethod
+    def load(cls, name_or_path: str, device: str | None = None, dtype: str | None = None):
+        from earlyexit import embedded
+
+        if name_or_path == embedded.NAME:
+            raise ConfigError(f"the embedded model {embedded.NAME!r} is BLIP-2 with OPT (--backend blip2-opt); for "
+                              f"{cls.name} pass --model tiny-random, a folder written by save_pretrained or a hub id "
+                              f"such as {cls.hub_example}")
+        return super().load(name_or_path, device=device, dtype=dtype)
+
+    def plain_generate(self, **inputs_and_generate_kwargs):
+        """The backbone's own `generate`, laid out as every family's: prompt ids, then the new
+        tokens (transformers returns the decoder's start token and the new tokens)."""
+        from earlyexit.engine import _behind_prompt
+
+        return _behind_prompt(inputs_and_generate_kwargs["input_ids"], self.model.generate(
+            **inputs_and_generate_kwargs)[:, 1:])
 
     # -- structure -------------------------------------------------------------------------------
     @property
@@ -263,6 +294,48 @@ class T5DecoderMethods:
     def head_param_count(self) -> int:
         modules = [self.decoder.final_layer_norm, self.language_model.lm_head]
         return sum(p.numel() for m in modules for p in m.parameters())
+
+
+# -- tiny models -----------------------------------------------------------------------------------
+def t5_style_tokenizer(tokenizer):
+    """A tiny word-level `tokenizer` made to behave as T5's: it ends every text with </s> (and adds
+    nothing in front) and pads on the right."""
+    from tokenizers import processors
+
+    tokenizer.padding_side = RIGHT
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A </s>", special_tokens=[("</s>", tokenizer.eos_token_id)])
+    return tokenizer
+
+
+def tiny_t5_config(tokenizer, num_layers: int = 4, hidden_size: int = 32, num_heads: int = 4,
+                   d_kv: int | None = None, d_ff: int | None = None, encoder_layers: int | None = None,
+                   feed_forward_proj: str = "gated-gelu", tie_word_embeddings: bool = False,
+                   relative_attention_num_buckets: int = 8, relative_attention_max_distance: int = 20,
+                   init_factor: float = 2.0, vocab_size: int | None = None):
+    """A small T5 (`T5Config`) for `tokenizer`: FlanT5's kind (`gated-gelu`, untied head) unless
+    told otherwise (`tie_word_embeddings=True` gives original T5's scaled, tied read-out). A
+    `vocab_size` above the tokenizer's gives a real-sized LM head (benchmarks). The encoder has as
+    many layers as the decoder unless `encoder_layers` says otherwise (transformers 5's own
+    `generate` sizes the decoder's cache by the encoder's depth, so only symmetric models run there)."""
+    from transformers import T5Config
+
+    return T5Config(
+        vocab_size=max(vocab_size or 0, len(tokenizer)), d_model=hidden_size, d_kv=d_kv or hidden_size // num_heads,
+        d_ff=d_ff or 2 * hidden_size, num_layers=encoder_layers or num_layers, num_decoder_layers=num_layers,
+        num_heads=num_heads, relative_attention_num_buckets=relative_attention_num_buckets,
+        relative_attention_max_distance=relative_attention_max_distance, dropout_rate=0.0,
+        feed_forward_proj=feed_forward_proj, tie_word_embeddings=tie_word_embeddings, initializer_factor=init_factor,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+
+
+def set_t5_generation_ids(language_model, tokenizer) -> None:
+    """The ids the language model's own `generate` needs and a randomly initialised one lacks: T5's
+    decoder starts from the padding token."""
+    language_model.generation_config.pad_token_id = tokenizer.pad_token_id
+    language_model.generation_config.decoder_start_token_id = tokenizer.pad_token_id
 
 
 def cross_parts(cross) -> tuple:

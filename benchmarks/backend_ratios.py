@@ -10,9 +10,10 @@
     python benchmarks/backend_ratios.py --backend minigpt4-llama --shape smollm2-135m --batch-sizes 1,8
     python benchmarks/backend_ratios.py --backend instructblip-vicuna --shape llama-tiny
     python benchmarks/backend_ratios.py --backend blip2-flant5 --shape t5-tiny
+    python benchmarks/backend_ratios.py --backend instructblip-flant5 --shape t5-tiny
 
-Encoder-decoder backends (blip2-flant5): the plain `generate` runs the encoder once and then
-the decoder; exits and layer counts are the decoder's.
+Encoder-decoder backends (blip2-flant5, instructblip-flant5): the plain `generate` runs the encoder
+once and then the decoder; exits and layer counts are the decoder's.
 
 Random weights, fp32, the shapes of `benchmarks/speed.py`. Runs alternate (plain, candidate) and
 each ratio is the median over pairs of the pair's own ratio, so the slow drifts of a shared
@@ -42,11 +43,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from speed import COMMON, SHAPES  # noqa: E402  (the shapes speed.py measures)
 
 # encoder-decoder shapes (speed.py measures decoder-only families): encoder as deep as the decoder
-SHAPES = {**SHAPES, "instructblip-vicuna": SHAPES["minigpt4-llama"], "blip2-flant5": {
+T5_SHAPES = {
     "t5-tiny": dict(num_layers=12, hidden_size=64, num_heads=4),  # like opt-tiny and llama-tiny
     "flan-t5-small": dict(num_layers=8, hidden_size=512, num_heads=6, d_kv=64, d_ff=1024, vocab_size=32128),
-}}
-BACKEND_COMMON = {"blip2-flant5": {k: v for k, v in COMMON.items() if k != "init_std"}}  # T5 has its own init
+}
+SHAPES = {**SHAPES, "instructblip-vicuna": SHAPES["minigpt4-llama"], "blip2-flant5": T5_SHAPES,
+          "instructblip-flant5": T5_SHAPES}
+T5_COMMON = {k: v for k, v in COMMON.items() if k != "init_std"}  # T5 has its own init
+BACKEND_COMMON = {"blip2-flant5": T5_COMMON, "instructblip-flant5": T5_COMMON}
 
 
 class PromptDone(LogitsProcessor):

@@ -24,6 +24,7 @@ from .strategy import Strategy
 BUILTIN_PLUGINS = (
     "earlyexit.backends.blip2_flant5",
     "earlyexit.backends.blip2_opt",
+    "earlyexit.backends.instructblip_flant5",
     "earlyexit.backends.instructblip_vicuna",
     "earlyexit.backends.minigpt4_llama",
     "earlyexit.strategies.confidence",

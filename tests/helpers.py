@@ -62,6 +62,153 @@ def assert_cache_matches_full_forward(cache, backend, inputs, sequences, drop_la
     return lagging
 
 
+def fixed(registry, backend, layer, every):
+    """The `fixed` strategy: leave at `layer` on every `every`-th token."""
+    cls = registry.strategy("fixed")
+    return cls(backend, [layer], cls.Config(every=every))
+
+
+def new_tokens(sequences, inputs):
+    """What generation added behind the prompt (every family's layout: prompt ids, then new tokens)."""
+    return sequences[:, inputs["input_ids"].shape[1]:]
+
+
+def assert_the_instruction_reaches_the_q_former(backend, batch, image):
+    """InstructBLIP: two instructions give other image features for the same `image`; swapping only
+    the Q-Former's instructions between the rows of `batch` (prompts padded) changes the engine's
+    generation, which stays the backbone's own; without them the engine refuses in one line."""
+    import pytest
+
+    from earlyexit.engine import EarlyExitForCausalLM
+    from earlyexit.errors import ConfigError
+
+    asked = backend.prepare_inputs([image, image], ["a red circle", "how many shapes"])
+    torch.testing.assert_close(asked["pixel_values"][0], asked["pixel_values"][1])
+    two, _ = backend.image_features(asked["pixel_values"], **backend.vision_inputs(asked))
+    assert (two[0] - two[1]).abs().max() > 1e-2, "another instruction should give other features for the same image"
+
+    # the language model's prompt kept, only the Q-Former's instructions swapped between rows
+    swapped = {**batch, "qformer_input_ids": batch["qformer_input_ids"].flip(0),
+               "qformer_attention_mask": batch["qformer_attention_mask"].flip(0)}
+    settings = dict(max_new_tokens=8, do_sample=False, **no_eos(backend))
+    original = EarlyExitForCausalLM(backend).generate(**batch, **settings)
+    changed = EarlyExitForCausalLM(backend).generate(**swapped, **settings)
+    assert not torch.equal(changed, original)
+    assert torch.equal(changed, backend.plain_generate(**swapped, **settings))
+
+    without = {k: v for k, v in batch.items() if not k.startswith("qformer_")}
+    with pytest.raises(ConfigError, match="reads the instruction"):
+        EarlyExitForCausalLM(backend).generate(**without, max_new_tokens=2)
+
+
+def train_exits_then_reload(registry, build, name, options, scenes, folder):
+    """Train `name`'s exits (layers 1 and 2) on `build()`, a tiny backbone taking 64-pixel images,
+    and check: the exits move, the backbone does not, some token leaves early, and the adapter saved
+    in `folder` reloads onto a fresh `build()` to the same tokens and exit layers. Returns the
+    trained strategy."""
+    from earlyexit.adapters import load_exits, save_exits
+    from earlyexit.engine import EarlyExitForCausalLM
+    from earlyexit.exit_training import train_exits
+
+    backend = build()
+    backbone = {n: p.detach().clone() for n, p in backend.model.state_dict().items()}
+    cls = registry.strategy(name)
+    strategy = cls(backend, [1, 2], cls.Config(epochs=1, batch_size=4, learning_rate=1e-3, **options))
+    before = {n: p.detach().clone() for n, p in strategy.exit_modules().state_dict().items()}
+    losses = train_exits(strategy, backend, scenes, str(folder / "run"), progress=False)
+    assert losses and all(torch.isfinite(torch.tensor(list(step.values()))).all() for step in losses)
+    after = strategy.exit_modules().state_dict()
+    assert any(not torch.equal(before[n], after[n]) for n in before), "training should move the exits"
+    assert all(torch.equal(backbone[n], t) for n, t in backend.model.state_dict().items())  # frozen backbone
+
+    inputs = backend.prepare_inputs(make_images(2, size=64), ["", "a red"])
+    settings = dict(max_new_tokens=6, do_sample=False, **no_eos(backend))
+    model = EarlyExitForCausalLM(backend, strategy)
+    expected = model.generate(**inputs, **settings)
+    expected_layers = model.last_trace.exit_layers
+    assert (expected_layers[:, 1:] < backend.num_layers).any(), "some token should leave early"
+
+    save_exits(strategy, str(folder / "exits"), backbone_name="micro")
+    reloaded = load_exits(str(folder / "exits"), build(), registry)
+    model = EarlyExitForCausalLM(reloaded.backend, reloaded)
+    assert torch.equal(model.generate(**inputs, **settings), expected)
+    assert torch.equal(model.last_trace.exit_layers, expected_layers)
+    return strategy
+
+
+# -- encoder-decoder (T5) caches --------------------------------------------------------------------
+def assert_encoder_decoder_exits_off_match_transformers(registry, backend, inputs, settings):
+    """With exits off, and with exits consulted but never taken, an encoder-decoder backend's engine
+    gives the tokens of transformers' own `generate` (which returns the decoder's start token, then the
+    new tokens) behind the prompt's ids, as every family's; so does `plain_generate`."""
+    from earlyexit.engine import EarlyExitForCausalLM
+
+    own = backend.model.generate(**inputs, **settings)
+    assert (own[:, 0] == backend.text_config.decoder_start_token_id).all()
+    assert len({tuple(row) for row in own[:, 1:].tolist()}) > 1
+    sequences = EarlyExitForCausalLM(backend).generate(**inputs, **settings)
+    assert torch.equal(sequences[:, :inputs["input_ids"].shape[1]], inputs["input_ids"])
+    assert torch.equal(new_tokens(sequences, inputs), own[:, 1:])
+    assert torch.equal(backend.plain_generate(**inputs, **settings), sequences)
+    cls = registry.strategy("confidence")  # a threshold no exit can reach
+    model = EarlyExitForCausalLM(backend, cls(backend, [1], cls.Config(threshold=1.5)))
+    assert torch.equal(model.generate(**inputs, **settings), sequences)
+    layers = model.last_trace.exit_layers
+    assert ((layers == backend.num_layers) | (layers == -1)).all() and (layers == backend.num_layers).any()
+
+
+def assert_teacher_forcing_gives_the_models_own_loss(backend, batch, atol=1e-9):
+    """Exit training's teacher-forced features of a training `batch`, read out at full depth, give
+    exactly the loss of the model's own forward on that batch."""
+    from earlyexit.exit_training import backbone_features
+
+    with torch.no_grad():
+        loss = backend.model(**batch).loss
+        features = backbone_features(backend, batch)
+    where = features.targets != -100
+    by_hand = torch.nn.functional.cross_entropy(features.final_logits[:, :-1][where], features.targets[where])
+    torch.testing.assert_close(by_hand, loss, atol=atol, rtol=0)
+
+
+def full_forward_self_attention(backend, inputs, decoder_ids):
+    """Self-attention K/V of every decoder layer of an encoder-decoder backend after one plain
+    transformers forward over `decoder_ids` (rows: the inputs' rows repeated evenly, as beams are;
+    the backend's vision inputs go with the pixels)."""
+    from transformers import DynamicCache, EncoderDecoderCache
+
+    repeat = decoder_ids.shape[0] // inputs["input_ids"].shape[0]
+    rows = {k: v.repeat_interleave(repeat, 0) for k, v in inputs.items()}
+    embeds = backend.decoder_inputs_embeds(rows["pixel_values"], rows["input_ids"], **backend.vision_inputs(rows))
+    cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+    with torch.no_grad():
+        backend.language_model(inputs_embeds=embeds, attention_mask=rows["attention_mask"],
+                               decoder_input_ids=decoder_ids, cache=cache, use_cache=True)
+    return cache.self_attention_cache
+
+
+def assert_decoder_cache_matches_full_forward(cache, backend, inputs, decoder_ids, atol=1e-9):
+    """Every decoder layer holds, per row, a prefix of positions whose K/V equal one full forward's;
+    returns how many positions lag behind in total."""
+    reference = full_forward_self_attention(backend, inputs, decoder_ids)
+    lagging = 0
+    for r in range(decoder_ids.shape[0]):
+        for j in range(backend.num_layers):
+            held = int(cache.held[r, j])
+            assert held >= 1
+            lagging += cache.total_length - held
+            for name in ("keys", "values"):
+                torch.testing.assert_close(getattr(cache.layers[j], name)[r, :, :held],
+                                           getattr(reference.layers[j], name)[r, :, :held], atol=atol, rtol=0)
+    return lagging
+
+
+def fed_decoder_ids(backend, sequences, inputs):
+    """The decoder ids generation fed: start token, then every new token but the last."""
+    new = new_tokens(sequences, inputs)[:, :-1]
+    start = torch.full_like(new[:, :1], backend.text_config.decoder_start_token_id)
+    return torch.cat([start, new], 1)
+
+
 def make_tiny_clip(folder):
     """A tiny random CLIP (character-level BPE tokenizer) saved as a hub-style local folder."""
     import string

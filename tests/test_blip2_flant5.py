@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from transformers import DynamicCache, EncoderDecoderCache, LogitsProcessorList
+from transformers import LogitsProcessorList
 
 from earlyexit.adapters import load_exits, save_exits
 from earlyexit.backends.blip2_flant5 import Blip2FlanT5Backend
@@ -17,8 +17,10 @@ from earlyexit.batching import TrainingBatches
 from earlyexit.data.scenes import SceneConfig, load_scenes
 from earlyexit.engine import EarlyExitForCausalLM
 from earlyexit.errors import CheckpointError, ConfigError, ModelNotAvailableError
-from earlyexit.exit_training import backbone_features, train_exits
-from helpers import make_backend, make_images, no_eos
+from earlyexit.exit_training import train_exits
+from helpers import (assert_decoder_cache_matches_full_forward, assert_encoder_decoder_exits_off_match_transformers,
+                     assert_teacher_forcing_gives_the_models_own_loss, fed_decoder_ids, fixed, make_backend,
+                     make_images, new_tokens, no_eos, train_exits_then_reload)
 
 PROMPTS = ["a red circle", "what color is the small square on the left", ""]  # three lengths: padding
 SHAPES = {  # FlanT5's kind (gated-gelu, untied head) and original T5's (relu, tied head scaled by d_model**-0.5)
@@ -46,15 +48,6 @@ def batch3(t5_6):
     return t5_6.prepare_inputs(make_images(3, seed=2), PROMPTS)
 
 
-def fixed(registry, backend, layer, every):
-    cls = registry.strategy("fixed")
-    return cls(backend, [layer], cls.Config(every=every))
-
-
-def new_tokens(sequences, inputs):
-    return sequences[:, inputs["input_ids"].shape[1]:]
-
-
 # -- exits off ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
 @pytest.mark.parametrize("num_beams", [1, 5])
@@ -63,20 +56,7 @@ def test_exits_off_gives_transformers_own_tokens(registry, shape, num_beams):
     inputs = backend.prepare_inputs(make_images(3, seed=4), PROMPTS)
     assert (inputs["attention_mask"] == 0).any(), "the batch should need padding"
     settings = dict(max_new_tokens=10, num_beams=num_beams, do_sample=False)
-    own = backend.model.generate(**inputs, **settings)  # transformers: decoder start token, then the new tokens
-    assert (own[:, 0] == backend.text_config.decoder_start_token_id).all()
-    assert len({tuple(row) for row in own[:, 1:].tolist()}) > 1
-
-    sequences = EarlyExitForCausalLM(backend).generate(**inputs, **settings)
-    assert torch.equal(sequences[:, :inputs["input_ids"].shape[1]], inputs["input_ids"])  # every family's layout
-    assert torch.equal(new_tokens(sequences, inputs), own[:, 1:])
-    assert torch.equal(backend.plain_generate(**inputs, **settings), sequences)
-    # a threshold no exit can reach: exits are consulted but never taken
-    cls = registry.strategy("confidence")
-    model = EarlyExitForCausalLM(backend, cls(backend, [1], cls.Config(threshold=1.5)))
-    assert torch.equal(model.generate(**inputs, **settings), sequences)
-    layers = model.last_trace.exit_layers
-    assert ((layers == backend.num_layers) | (layers == -1)).all() and (layers == backend.num_layers).any()
+    assert_encoder_decoder_exits_off_match_transformers(registry, backend, inputs, settings)
 
 
 def test_the_prompt_goes_to_the_encoder_behind_the_image_queries(t5_6, batch3):
@@ -90,41 +70,6 @@ def test_the_prompt_goes_to_the_encoder_behind_the_image_queries(t5_6, batch3):
 
 
 # -- caches ---------------------------------------------------------------------------------------
-def full_forward_self_attention(backend, inputs, decoder_ids):
-    """Self-attention K/V of every decoder layer after one plain transformers forward over
-    `decoder_ids` (rows: the inputs' rows repeated evenly, as beams are)."""
-    repeat = decoder_ids.shape[0] // inputs["input_ids"].shape[0]
-    rows = {k: v.repeat_interleave(repeat, 0) for k, v in inputs.items()}
-    embeds = backend.decoder_inputs_embeds(rows["pixel_values"], rows["input_ids"])
-    cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
-    with torch.no_grad():
-        backend.language_model(inputs_embeds=embeds, attention_mask=rows["attention_mask"],
-                               decoder_input_ids=decoder_ids, cache=cache, use_cache=True)
-    return cache.self_attention_cache
-
-
-def assert_decoder_cache_matches_full_forward(cache, backend, inputs, decoder_ids, atol=1e-9):
-    """Every decoder layer holds, per row, a prefix of positions whose K/V equal one full forward's."""
-    reference = full_forward_self_attention(backend, inputs, decoder_ids)
-    lagging = 0
-    for r in range(decoder_ids.shape[0]):
-        for j in range(backend.num_layers):
-            held = int(cache.held[r, j])
-            assert held >= 1
-            lagging += cache.total_length - held
-            for name in ("keys", "values"):
-                torch.testing.assert_close(getattr(cache.layers[j], name)[r, :, :held],
-                                           getattr(reference.layers[j], name)[r, :, :held], atol=atol, rtol=0)
-    return lagging
-
-
-def fed_decoder_ids(backend, sequences, inputs):
-    """The decoder ids generation fed: start token, then every new token but the last."""
-    new = new_tokens(sequences, inputs)[:, :-1]
-    start = torch.full_like(new[:, :1], backend.text_config.decoder_start_token_id)
-    return torch.cat([start, new], 1)
-
-
 @pytest.mark.parametrize("every", [2, 3])
 def test_catchup_cache_equals_one_full_forward(registry, t5_6, batch3, every):
     model = EarlyExitForCausalLM(t5_6, fixed(registry, t5_6, 2, every), kv_policy="catchup")
@@ -255,40 +200,13 @@ def test_training_layout_and_teacher_forced_features_agree_with_the_models_loss(
         tokenizer.eos_token_id]
     assert two["labels"][0].tolist() == [tokenizer.convert_tokens_to_ids("circle"), tokenizer.eos_token_id, -100,
                                          -100]  # right padded
-    with torch.no_grad():
-        loss = t5_6.model(**batch).loss
-        features = backbone_features(t5_6, batch)
-    where = features.targets != -100
-    by_hand = torch.nn.functional.cross_entropy(features.final_logits[:, :-1][where], features.targets[where])
-    torch.testing.assert_close(by_hand, loss, atol=1e-9, rtol=0)
+    assert_teacher_forcing_gives_the_models_own_loss(t5_6, batch)
 
 
 @pytest.mark.parametrize("name,knob", [("free", {"threshold": 0.03}), ("deebert", {"entropy": 4.4})])
 def test_strategy_trains_generates_and_its_adapter_stays_with_its_family(registry, scenes, tmp_path, name, knob):
-    backend = t5_64()
-    backbone = {n: p.detach().clone() for n, p in backend.model.state_dict().items()}
-    cls = registry.strategy(name)
-    strategy = cls(backend, [1, 2], cls.Config(epochs=1, batch_size=4, learning_rate=1e-3, **knob))
-    before = {n: p.detach().clone() for n, p in strategy.exit_modules().state_dict().items()}
-    losses = train_exits(strategy, backend, scenes, str(tmp_path / "run"), progress=False)
-    assert losses and all(torch.isfinite(torch.tensor(list(step.values()))).all() for step in losses)
-    after = strategy.exit_modules().state_dict()
-    assert any(not torch.equal(before[n], after[n]) for n in before), "training should move the exits"
-    assert all(torch.equal(backbone[n], t) for n, t in backend.model.state_dict().items())  # frozen backbone
-
-    inputs = backend.prepare_inputs(make_images(2, size=64), ["", "a red"])
-    settings = dict(max_new_tokens=6, do_sample=False, **no_eos(backend))
-    model = EarlyExitForCausalLM(backend, strategy)
-    expected = model.generate(**inputs, **settings)
-    expected_layers = model.last_trace.exit_layers
-    assert (expected_layers[:, 1:] < backend.num_layers).any(), "some token should leave early"
-
-    save_exits(strategy, str(tmp_path / "exits"), backbone_name="micro")
-    reloaded = load_exits(str(tmp_path / "exits"), t5_64(), registry)
-    model = EarlyExitForCausalLM(reloaded.backend, reloaded)
-    assert torch.equal(model.generate(**inputs, **settings), expected)
-    assert torch.equal(model.last_trace.exit_layers, expected_layers)
-
+    strategy = train_exits_then_reload(registry, t5_64, name, knob, scenes, tmp_path)
+    backend, cls = strategy.backend, type(strategy)
     opt = make_backend(seed=21, num_layers=4, image_size=64, patch_size=16, init_std=0.1)
     with pytest.raises(CheckpointError, match="backend 'blip2-flant5', not 'blip2-opt'"):
         load_exits(str(tmp_path / "exits"), opt, registry)

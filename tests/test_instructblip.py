@@ -19,7 +19,8 @@ from earlyexit.data.scenes import SceneConfig, load_scenes
 from earlyexit.engine import EarlyExitForCausalLM
 from earlyexit.errors import CheckpointError, ConfigError, ModelNotAvailableError
 from earlyexit.exit_training import train_exits
-from helpers import assert_cache_matches_full_forward, make_backend, make_images, no_eos
+from helpers import (assert_cache_matches_full_forward, assert_the_instruction_reaches_the_q_former, make_backend,
+                     make_images, no_eos, train_exits_then_reload)
 
 PROMPTS = ["a red circle", "what color is the small square on the left", ""]  # three lengths: padding
 SHAPES = {
@@ -72,24 +73,7 @@ def test_exits_off_gives_transformers_own_tokens(registry, shape, num_beams):
 
 # -- the instruction reaches the Q-Former -----------------------------------------------------------
 def test_the_instruction_changes_the_image_features_and_the_generation(gqa6, batch3):
-    same_image = batch3["pixel_values"][[0, 0]]
-    asked = gqa6.prepare_inputs(make_images(3, seed=2)[:1] * 2, ["a red circle", "how many shapes"])
-    torch.testing.assert_close(asked["pixel_values"], same_image)
-    two, _ = gqa6.image_features(asked["pixel_values"], **gqa6.vision_inputs(asked))
-    assert (two[0] - two[1]).abs().max() > 1e-2, "another instruction should give other features for the same image"
-
-    # the language model's prompt kept, only the Q-Former's instructions swapped between rows
-    swapped = {**batch3, "qformer_input_ids": batch3["qformer_input_ids"].flip(0),
-               "qformer_attention_mask": batch3["qformer_attention_mask"].flip(0)}
-    settings = dict(max_new_tokens=8, do_sample=False, **no_eos(gqa6))
-    original = EarlyExitForCausalLM(gqa6).generate(**batch3, **settings)
-    changed = EarlyExitForCausalLM(gqa6).generate(**swapped, **settings)
-    assert not torch.equal(changed, original)
-    assert torch.equal(changed, gqa6.plain_generate(**swapped, **settings))
-
-    without = {k: v for k, v in batch3.items() if not k.startswith("qformer_")}
-    with pytest.raises(ConfigError, match="reads the instruction"):
-        EarlyExitForCausalLM(gqa6).generate(**without, max_new_tokens=2)
+    assert_the_instruction_reaches_the_q_former(gqa6, batch3, make_images(3, seed=2)[0])
 
 
 def test_training_batches_carry_the_instruction_as_prepare_inputs_does(gqa6, batch3, scenes):
@@ -262,29 +246,8 @@ def vicuna64(seed=21):
 
 
 def test_free_trains_generates_and_its_adapter_stays_with_its_family(registry, scenes, tmp_path):
-    backend = vicuna64()
-    backbone = {n: p.detach().clone() for n, p in backend.model.state_dict().items()}
-    cls = registry.strategy("free")
-    strategy = cls(backend, [1, 2], cls.Config(epochs=1, batch_size=4, learning_rate=1e-3, threshold=0.03))
-    before = {n: p.detach().clone() for n, p in strategy.exit_modules().state_dict().items()}
-    losses = train_exits(strategy, backend, scenes, str(tmp_path / "run"), progress=False)
-    assert losses and all(torch.isfinite(torch.tensor(list(step.values()))).all() for step in losses)
-    after = strategy.exit_modules().state_dict()
-    assert any(not torch.equal(before[n], after[n]) for n in before), "training should move the exits"
-    assert all(torch.equal(backbone[n], t) for n, t in backend.model.state_dict().items())  # frozen backbone
-
-    inputs = backend.prepare_inputs(make_images(2, size=64), ["", "a red"])
-    settings = dict(max_new_tokens=6, do_sample=False, **no_eos(backend))
-    model = EarlyExitForCausalLM(backend, strategy)
-    expected = model.generate(**inputs, **settings)
-    expected_layers = model.last_trace.exit_layers
-    assert (expected_layers[:, 1:] < backend.num_layers).any(), "some token should leave early"
-
-    save_exits(strategy, str(tmp_path / "exits"), backbone_name="micro")
-    reloaded = load_exits(str(tmp_path / "exits"), vicuna64(), registry)
-    model = EarlyExitForCausalLM(reloaded.backend, reloaded)
-    assert torch.equal(model.generate(**inputs, **settings), expected)
-    assert torch.equal(model.last_trace.exit_layers, expected_layers)
+    strategy = train_exits_then_reload(registry, vicuna64, "free", {"threshold": 0.03}, scenes, tmp_path)
+    backend, cls = strategy.backend, type(strategy)
 
     # the same Llama decoder shape under another family's image side is another backbone
     minigpt4 = Minigpt4LlamaBackend.from_tiny_config(seed=21, num_layers=4, hidden_size=32, num_heads=4,

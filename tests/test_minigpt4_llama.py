@@ -15,9 +15,8 @@ from earlyexit.batching import TrainingBatches
 from earlyexit.data.scenes import SceneConfig, load_scenes
 from earlyexit.engine import EarlyExitForCausalLM
 from earlyexit.errors import CheckpointError, ConfigError, ModelNotAvailableError
-from earlyexit.exit_training import train_exits
 from helpers import (assert_cache_matches_full_forward, assert_exit_slots_match_running_the_modules, make_backend,
-                     make_images, no_eos)
+                     make_images, no_eos, train_exits_then_reload)
 
 PROMPTS = ["a red circle", "what color is the small square on the left", ""]  # three lengths: left padding
 SHAPES = {
@@ -196,32 +195,11 @@ def llama64(seed=21):
 # the tiny model is near uniform after a few steps: knobs low enough that trained exits are taken
 @pytest.mark.parametrize("name,knob", [("free", {"threshold": 0.03}), ("deebert", {"entropy": 4.4})])
 def test_strategy_trains_generates_and_its_adapter_stays_with_its_family(registry, scenes, tmp_path, name, knob):
-    backend = llama64()
-    backbone = {n: p.detach().clone() for n, p in backend.model.state_dict().items()}
-    cls = registry.strategy(name)
-    strategy = cls(backend, [1, 2], cls.Config(epochs=1, batch_size=4, learning_rate=1e-3, **knob))
-    before = {n: p.detach().clone() for n, p in strategy.exit_modules().state_dict().items()}
+    strategy = train_exits_then_reload(registry, llama64, name, knob, scenes, tmp_path)
+    backend, cls = strategy.backend, type(strategy)
     ids, labels = TrainingBatches(backend, [scenes], batch_size=4).encode("a red", "circle")
     prompt = backend.prompt_ids("a red")  # training reads the template generation reads
     assert ids[:len(prompt)] == prompt and labels == [-100] * len(prompt) + ids[len(prompt):]
-    losses = train_exits(strategy, backend, scenes, str(tmp_path / "run"), progress=False)
-    assert losses and all(torch.isfinite(torch.tensor(list(step.values()))).all() for step in losses)
-    after = strategy.exit_modules().state_dict()
-    assert any(not torch.equal(before[n], after[n]) for n in before), "training should move the exits"
-    assert all(torch.equal(backbone[n], t) for n, t in backend.model.state_dict().items())  # frozen backbone
-
-    inputs = backend.prepare_inputs(make_images(2, size=64), ["", "a red"])
-    settings = dict(max_new_tokens=6, do_sample=False, **no_eos(backend))
-    model = EarlyExitForCausalLM(backend, strategy)
-    expected = model.generate(**inputs, **settings)
-    expected_layers = model.last_trace.exit_layers
-    assert (expected_layers[:, 1:] < backend.num_layers).any(), "some token should leave early"
-
-    save_exits(strategy, str(tmp_path / "exits"), backbone_name="micro")
-    reloaded = load_exits(str(tmp_path / "exits"), llama64(), registry)
-    model = EarlyExitForCausalLM(reloaded.backend, reloaded)
-    assert torch.equal(model.generate(**inputs, **settings), expected)
-    assert torch.equal(model.last_trace.exit_layers, expected_layers)
 
     opt = make_backend(seed=21, num_layers=4, image_size=64, patch_size=16, init_std=0.1)
     with pytest.raises(CheckpointError, match="backend 'minigpt4-llama', not 'blip2-opt'"):
