@@ -46,12 +46,20 @@ class InstructBlipImageSide:
 
         prompts = prompts if prompts is not None else [""] * len(images)
         images = [to_rgb(image) if isinstance(image, Image.Image) else image for image in images]
-        return self.on_model(dict(self.processor(images=images, text=prompts, padding=True, return_tensors="pt")))
+        inputs = dict(self.processor(images=images, text=prompts, padding=True, return_tensors="pt"))
+        return self.on_model({**inputs, **self.qformer_inputs(prompts)})
 
     def prompt_vision_inputs(self, prompts):
-        # the processor itself, so padding (its side comes from the processor's merged kwargs) is as in prepare_inputs
-        encoded = self.processor(text=list(prompts), padding=True, return_tensors="pt")
-        return self.on_model({k: encoded[k] for k in QFORMER_INPUTS})
+        return self.on_model(self.qformer_inputs(prompts))
+
+    def qformer_inputs(self, prompts) -> dict:
+        """The instruction as the Q-Former reads it, padded on the right whatever side the language
+        model pads on: the Q-Former numbers positions from the left edge, so left padding (the
+        processor's choice for a left-padding LM such as Vicuna) would shift a row's positions, and
+        its image features, with the length of the other questions in its batch."""
+        encoded = self.processor.qformer_tokenizer(list(prompts), padding=True, padding_side="right",
+                                                   return_tensors="pt")
+        return {k: encoded[k.removeprefix("qformer_")] for k in QFORMER_INPUTS}
 
     @property
     def vision_layers(self) -> int:

@@ -76,6 +76,18 @@ def test_the_instruction_changes_the_image_features_and_the_generation(gqa6, bat
     assert_the_instruction_reaches_the_q_former(gqa6, batch3, make_images(3, seed=2)[0])
 
 
+def test_a_rows_image_features_do_not_depend_on_the_other_questions_in_its_batch(gqa6):
+    # the Q-Former numbers positions from the left: its instruction is padded on the right even
+    # though Vicuna's prompt is padded on the left
+    image = make_images(1, seed=5)
+    alone = gqa6.prepare_inputs(image, ["red"])
+    batch = gqa6.prepare_inputs(image * 2, ["red", "how many blue squares are left of the circle"])
+    assert gqa6.processor.tokenizer.padding_side == "left" and batch["qformer_attention_mask"][0, -1] == 0
+    one = gqa6.image_features(alone["pixel_values"], **gqa6.vision_inputs(alone))[0]
+    both = gqa6.image_features(batch["pixel_values"], **gqa6.vision_inputs(batch))[0]
+    torch.testing.assert_close(both[0], one[0], rtol=1e-5, atol=1e-6)
+
+
 def test_training_batches_carry_the_instruction_as_prepare_inputs_does(gqa6, batch3, scenes):
     batches = TrainingBatches(gqa6, [scenes], batch_size=3)
     rows = [batches.encode(prompt, "circle") for prompt in PROMPTS]
