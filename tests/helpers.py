@@ -302,3 +302,51 @@ def launcher_env(**extra) -> dict:
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     return env
+
+
+def rms_norm_by_hand(norm, x):
+    return norm.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+
+
+def rope_by_hand(x, positions, theta):
+    """Rotate (rows, heads, 1, dim) by each row's position: pairs (i, i + dim/2) turn by
+    position / theta^(2i/dim)."""
+    dim = x.shape[-1]
+    angle = positions[:, None].double() / theta ** (torch.arange(0, dim, 2).double() / dim)
+    cos, sin = angle.cos().repeat(1, 2).float(), angle.sin().repeat(1, 2).float()
+    turned = torch.cat([-x[..., dim // 2:], x[..., :dim // 2]], -1)
+    return x * cos[:, None, None] + turned * sin[:, None, None]
+
+
+def assert_propagate_projects_rotated_grouped_kv(backend, strategy, inputs, exit_depth: int) -> None:
+    """Under `propagate`, the K/V a Llama-family cache holds for a token that left after
+    `exit_depth` layers are every deeper layer's RMSNorm + K/V projection of the exit state,
+    keys rotated by the row's own position (left padding), grouped-query heads as stored."""
+    from earlyexit.engine import EarlyExitForCausalLM
+
+    model = EarlyExitForCausalLM(backend, strategy, kv_policy="propagate")
+    states = []  # output of the last layer run before the exit, per forward
+    hook = model.layers[exit_depth - 1].register_forward_hook(lambda m, a, out: states.append(out))
+    try:
+        model.generate(**inputs, max_new_tokens=7, do_sample=False, **no_eos(backend))
+    finally:
+        hook.remove()
+    cache, config = model.last_cache, backend.text_config
+    rows, prompt = inputs["input_ids"].shape
+    exited = [t for t, r in enumerate(model.last_trace.steps) if r.depth == exit_depth]
+    assert exited
+    heads, dim = config.num_key_value_heads, config.hidden_size // config.num_attention_heads
+    assert heads < config.num_attention_heads
+    for t in exited:
+        column = prompt + t - 1  # step t feeds the token generated at step t-1
+        positions = cache.positions[:, column]
+        assert (positions > 0).all() and len(set(positions.tolist())) > 1  # per-row positions (left padding)
+        exit_state = states[t][:, -1:]
+        for j in range(exit_depth, backend.num_layers):
+            layer = model.layers[j]
+            x = rms_norm_by_hand(layer.input_layernorm, exit_state)
+            keys = (x @ layer.self_attn.k_proj.weight.t()).view(rows, 1, heads, dim).transpose(1, 2)
+            values = (x @ layer.self_attn.v_proj.weight.t()).view(rows, 1, heads, dim).transpose(1, 2)
+            keys = rope_by_hand(keys, positions, config.rope_parameters["rope_theta"])
+            torch.testing.assert_close(cache.layers[j].keys[:, :, column:column + 1], keys, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(cache.layers[j].values[:, :, column:column + 1], values, atol=1e-5, rtol=1e-5)

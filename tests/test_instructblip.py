@@ -19,8 +19,9 @@ from earlyexit.data.scenes import SceneConfig, load_scenes
 from earlyexit.engine import EarlyExitForCausalLM
 from earlyexit.errors import CheckpointError, ConfigError, ModelNotAvailableError
 from earlyexit.exit_training import train_exits
-from helpers import (assert_cache_matches_full_forward, assert_the_instruction_reaches_the_q_former, make_backend,
-                     make_images, no_eos, train_exits_then_reload)
+from helpers import (assert_cache_matches_full_forward, assert_propagate_projects_rotated_grouped_kv,
+                     assert_the_instruction_reaches_the_q_former, make_backend, make_images, no_eos,
+                     train_exits_then_reload)
 
 PROMPTS = ["a red circle", "what color is the small square on the left", ""]  # three lengths: padding
 SHAPES = {
@@ -198,51 +199,12 @@ def test_catchup_cache_equals_one_full_forward_under_beam_search(registry, gqa6,
         assert_cache_matches_full_forward(snapshot, gqa6, batch3, running, drop_last=False)
 
 
-def rms_norm_by_hand(norm, x):
-    return norm.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-
-
-def rope_by_hand(x, positions, theta):
-    """Rotate (rows, heads, 1, dim) by each row's position: pairs (i, i + dim/2) turn by
-    position / theta^(2i/dim)."""
-    dim = x.shape[-1]
-    angle = positions[:, None].double() / theta ** (torch.arange(0, dim, 2).double() / dim)
-    cos, sin = angle.cos().repeat(1, 2).float(), angle.sin().repeat(1, 2).float()
-    turned = torch.cat([-x[..., dim // 2:], x[..., :dim // 2]], -1)
-    return x * cos[:, None, None] + turned * sin[:, None, None]
-
-
 @pytest.mark.parametrize("stacked", [True, False], ids=["one-matmul", "layer-by-layer"])
 def test_propagate_projects_rotated_grouped_kv_from_the_exit_state(registry, gqa6, batch3, stacked, monkeypatch):
     if not stacked:  # as for large models: fill_kv layer by layer
         monkeypatch.setattr("earlyexit.engine.STACKED_KV_BYTES", 0)
-    exit_depth = 2
-    model = EarlyExitForCausalLM(gqa6, fixed(registry, gqa6, exit_depth, 2), kv_policy="propagate")
-    states = []  # output of the last layer run before the exit, per forward
-    hook = model.layers[exit_depth - 1].register_forward_hook(lambda m, a, out: states.append(out))
-    try:
-        model.generate(**batch3, max_new_tokens=7, do_sample=False, **no_eos(gqa6))
-    finally:
-        hook.remove()
-    cache, config = model.last_cache, gqa6.text_config
-    prompt = batch3["input_ids"].shape[1]
-    exited = [t for t, r in enumerate(model.last_trace.steps) if r.depth == exit_depth]
-    assert exited
-    heads, dim = config.num_key_value_heads, config.hidden_size // config.num_attention_heads
-    assert heads < config.num_attention_heads
-    for t in exited:
-        column = prompt + t - 1  # step t feeds the token generated at step t-1
-        positions = cache.positions[:, column]
-        assert (positions > 0).all() and len(set(positions.tolist())) > 1  # per-row positions (left padding)
-        exit_state = states[t][:, -1:]
-        for j in range(exit_depth, gqa6.num_layers):
-            layer = model.layers[j]
-            x = rms_norm_by_hand(layer.input_layernorm, exit_state)
-            keys = (x @ layer.self_attn.k_proj.weight.t()).view(3, 1, heads, dim).transpose(1, 2)
-            values = (x @ layer.self_attn.v_proj.weight.t()).view(3, 1, heads, dim).transpose(1, 2)
-            keys = rope_by_hand(keys, positions, config.rope_parameters["rope_theta"])
-            torch.testing.assert_close(cache.layers[j].keys[:, :, column:column + 1], keys, atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(cache.layers[j].values[:, :, column:column + 1], values, atol=1e-5, rtol=1e-5)
+    assert_propagate_projects_rotated_grouped_kv(gqa6, fixed(registry, gqa6, 2, 2), batch3, exit_depth=2)
+
 
 
 # -- trained exits and adapters -------------------------------------------------------------------
