@@ -350,3 +350,42 @@ def assert_propagate_projects_rotated_grouped_kv(backend, strategy, inputs, exit
             keys = rope_by_hand(keys, positions, config.rope_parameters["rope_theta"])
             torch.testing.assert_close(cache.layers[j].keys[:, :, column:column + 1], keys, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(cache.layers[j].values[:, :, column:column + 1], values, atol=1e-5, rtol=1e-5)
+
+
+def fixed_exit(registry, backend, layer: int, every: int):
+    """The `fixed` strategy: leave at `layer` on every `every`-th token."""
+    cls = registry.strategy("fixed")
+    return cls(backend, [layer], cls.Config(every=every))
+
+
+def assert_catchup_gqa_cache_is_one_full_forward(registry, backend, inputs, every: int) -> None:
+    """Greedy with `fixed` exits at layer 2 under `catchup` on a grouped-query model of 6 layers:
+    rows leave at 2 and go the full depth, caught-up positions are filled, the cache holds the K/V
+    heads only, and every layer's cache equals one full forward."""
+    from earlyexit.engine import EarlyExitForCausalLM
+
+    model = EarlyExitForCausalLM(backend, fixed_exit(registry, backend, 2, every), kv_policy="catchup")
+    sequences = model.generate(**inputs, max_new_tokens=9, do_sample=False, **no_eos(backend))
+    layers = model.last_trace.exit_layers
+    assert (layers == 2).any() and (layers == backend.num_layers).any()
+    assert sum(r.catchup_positions for r in model.last_trace.steps) > 0
+    assert model.last_cache.layers[0].keys.shape[1] == backend.text_config.num_key_value_heads
+    assert_cache_matches_full_forward(model.last_cache, backend, inputs, sequences)
+
+
+def assert_catchup_cache_is_one_full_forward_under_beams(registry, backend, inputs) -> None:
+    """3 beams with `fixed` exits at layer 3: at every step, the cache (in beam order) equals one
+    full forward of the running sequences."""
+    from transformers import LogitsProcessorList
+
+    from earlyexit.engine import EarlyExitForCausalLM
+    from test_kv_policies import CacheSnapshots
+
+    model = EarlyExitForCausalLM(backend, fixed_exit(registry, backend, 3, 2), kv_policy="catchup")
+    cache = model.new_cache()
+    snapshots = CacheSnapshots(cache)
+    model.generate(**inputs, max_new_tokens=6, num_beams=3, do_sample=False, cache=cache,
+                   logits_processor=LogitsProcessorList([snapshots]), **no_eos(backend))
+    assert (model.last_trace.exit_layers == 3).any()
+    for running, snapshot in snapshots.snapshots[1:]:
+        assert_cache_matches_full_forward(snapshot, backend, inputs, running, drop_last=False)

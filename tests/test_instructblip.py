@@ -9,7 +9,6 @@ import math
 
 import pytest
 import torch
-from transformers import LogitsProcessorList
 
 from earlyexit.adapters import load_exits, save_exits
 from earlyexit.backends.instructblip_vicuna import InstructBlipVicunaBackend
@@ -19,8 +18,9 @@ from earlyexit.data.scenes import SceneConfig, load_scenes
 from earlyexit.engine import EarlyExitForCausalLM
 from earlyexit.errors import CheckpointError, ConfigError, ModelNotAvailableError
 from earlyexit.exit_training import train_exits
-from helpers import (assert_cache_matches_full_forward, assert_propagate_projects_rotated_grouped_kv,
-                     assert_the_instruction_reaches_the_q_former, make_backend, make_images, no_eos,
+from helpers import (assert_cache_matches_full_forward, assert_catchup_cache_is_one_full_forward_under_beams,
+                     assert_catchup_gqa_cache_is_one_full_forward, assert_propagate_projects_rotated_grouped_kv,
+                     assert_the_instruction_reaches_the_q_former, fixed_exit, make_backend, make_images, no_eos,
                      train_exits_then_reload)
 
 PROMPTS = ["a red circle", "what color is the small square on the left", ""]  # three lengths: padding
@@ -44,11 +44,6 @@ def gqa6():
 @pytest.fixture
 def batch3(gqa6):
     return gqa6.prepare_inputs(make_images(3, seed=2), PROMPTS)
-
-
-def fixed(registry, backend, layer, every):
-    cls = registry.strategy("fixed")
-    return cls(backend, [layer], cls.Config(every=every))
 
 
 # -- exits off ------------------------------------------------------------------------------------
@@ -163,7 +158,7 @@ def test_vision_tower_stops_early_with_the_instruction_read():
 def test_speculative_decoding_reads_the_instruction(registry, gqa6, batch3):
     from earlyexit.speculative import SelfSpeculativeDecoder
 
-    model = EarlyExitForCausalLM(gqa6, fixed(registry, gqa6, 2, 1))
+    model = EarlyExitForCausalLM(gqa6, fixed_exit(registry, gqa6, 2, 1))
     got = SelfSpeculativeDecoder(model, draft_exit=0, draft_length=3).generate(**batch3, max_new_tokens=6)
     prompt = batch3["input_ids"].shape[1]
     expected = gqa6.plain_generate(**batch3, max_new_tokens=6, do_sample=False, **no_eos(gqa6))
@@ -177,33 +172,18 @@ def test_speculative_decoding_reads_the_instruction(registry, gqa6, batch3):
 # -- caches ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("every", [2, 3])
 def test_catchup_cache_equals_one_full_forward(registry, gqa6, batch3, every):
-    model = EarlyExitForCausalLM(gqa6, fixed(registry, gqa6, 2, every), kv_policy="catchup")
-    sequences = model.generate(**batch3, max_new_tokens=9, do_sample=False, **no_eos(gqa6))
-    layers = model.last_trace.exit_layers
-    assert (layers == 2).any() and (layers == 6).any()
-    assert sum(r.catchup_positions for r in model.last_trace.steps) > 0
-    assert model.last_cache.layers[0].keys.shape[1] == 2  # the cache holds the key/value heads only
-    assert_cache_matches_full_forward(model.last_cache, gqa6, batch3, sequences)
+    assert_catchup_gqa_cache_is_one_full_forward(registry, gqa6, batch3, every)
 
 
 def test_catchup_cache_equals_one_full_forward_under_beam_search(registry, gqa6, batch3):
-    from test_kv_policies import CacheSnapshots
-
-    model = EarlyExitForCausalLM(gqa6, fixed(registry, gqa6, 3, 2), kv_policy="catchup")
-    cache = model.new_cache()
-    snapshots = CacheSnapshots(cache)
-    model.generate(**batch3, max_new_tokens=6, num_beams=3, do_sample=False, cache=cache,
-                   logits_processor=LogitsProcessorList([snapshots]), **no_eos(gqa6))
-    assert (model.last_trace.exit_layers == 3).any()
-    for running, snapshot in snapshots.snapshots[1:]:
-        assert_cache_matches_full_forward(snapshot, gqa6, batch3, running, drop_last=False)
+    assert_catchup_cache_is_one_full_forward_under_beams(registry, gqa6, batch3)
 
 
 @pytest.mark.parametrize("stacked", [True, False], ids=["one-matmul", "layer-by-layer"])
 def test_propagate_projects_rotated_grouped_kv_from_the_exit_state(registry, gqa6, batch3, stacked, monkeypatch):
     if not stacked:  # as for large models: fill_kv layer by layer
         monkeypatch.setattr("earlyexit.engine.STACKED_KV_BYTES", 0)
-    assert_propagate_projects_rotated_grouped_kv(gqa6, fixed(registry, gqa6, 2, 2), batch3, exit_depth=2)
+    assert_propagate_projects_rotated_grouped_kv(gqa6, fixed_exit(registry, gqa6, 2, 2), batch3, exit_depth=2)
 
 
 
@@ -284,7 +264,7 @@ def test_eval_with_speculative_decoding_gives_the_full_models_answers(registry, 
     settings = EvalSettings(batch_size=4, max_new_tokens=4, measure_wall=False, progress=False, quick_metrics=True)
     full = evaluate(backend, None, vqa, settings)
     assert len({s.question for s in vqa}) > 1
-    strategy = fixed(registry, backend, 2, 1)
+    strategy = fixed_exit(registry, backend, 2, 1)
     speculative = evaluate(backend, strategy, vqa, settings, decode="speculative", draft_exit=0)
     assert speculative["predictions"] == full["predictions"]
     early = evaluate(backend, strategy, vqa, settings)
@@ -318,9 +298,9 @@ def test_save_pretrained_round_trip_gives_identical_generations(registry, gqa6, 
     for num_beams in (1, 3):
         settings = dict(max_new_tokens=8, num_beams=num_beams, do_sample=False)
         assert torch.equal(loaded.plain_generate(**batch3, **settings), gqa6.plain_generate(**batch3, **settings))
-    expected = EarlyExitForCausalLM(gqa6, fixed(registry, gqa6, 2, 2)).generate(**batch3, max_new_tokens=8)
-    assert torch.equal(EarlyExitForCausalLM(loaded, fixed(registry, loaded, 2, 2)).generate(**batch3, max_new_tokens=8),
-                       expected)
+    expected = EarlyExitForCausalLM(gqa6, fixed_exit(registry, gqa6, 2, 2)).generate(**batch3, max_new_tokens=8)
+    reloaded = EarlyExitForCausalLM(loaded, fixed_exit(registry, loaded, 2, 2))
+    assert torch.equal(reloaded.generate(**batch3, max_new_tokens=8), expected)
 
 
 def test_loading_refuses_another_family_and_an_unreachable_hub_in_one_line(registry, gqa6, tmp_path, monkeypatch):
@@ -355,7 +335,7 @@ def test_cli_generate_on_a_saved_folder_and_tiny_random(registry, gqa6, tmp_path
                         "--option", "every=2"]) == 0
     result = json.loads(capsys.readouterr().out)
     inputs = gqa6.prepare_inputs(make_images(1, seed=6), ["a red"])
-    expected = EarlyExitForCausalLM(gqa6, fixed(registry, gqa6, 2, 2)).generate(**inputs, max_new_tokens=5,
+    expected = EarlyExitForCausalLM(gqa6, fixed_exit(registry, gqa6, 2, 2)).generate(**inputs, max_new_tokens=5,
                                                                                do_sample=False)
     assert result["token_ids"] == expected[0, inputs["input_ids"].shape[1]:].tolist()
     assert result["exit_layers"] == [6, 6, 2, 6, 2]  # the first token comes from the full-depth prompt pass

@@ -8,15 +8,10 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from earlyexit.engine import EarlyExitForCausalLM
 from earlyexit.strategy import Strategy
-from helpers import (assert_cache_matches_full_forward, assert_exit_slots_match_running_the_modules, make_backend,
-                     make_images, no_eos)
+from helpers import (assert_cache_matches_full_forward, assert_exit_slots_match_running_the_modules, fixed_exit,
+                     make_backend, make_images, no_eos)
 
 ATOL = 1e-4
-
-
-def fixed(registry, backend, layer, every):
-    cls = registry.strategy("fixed")
-    return cls(backend, [layer], cls.Config(every=every))
 
 
 class CacheSnapshots(LogitsProcessor):
@@ -32,7 +27,7 @@ class CacheSnapshots(LogitsProcessor):
 
 @pytest.mark.parametrize("every", [1, 2, 3])
 def test_catchup_cache_equals_full_forward_greedy(registry, backend6, batch2, every):
-    model = EarlyExitForCausalLM(backend6, fixed(registry, backend6, 2, every), kv_policy="catchup")
+    model = EarlyExitForCausalLM(backend6, fixed_exit(registry, backend6, 2, every), kv_policy="catchup")
     sequences = model.generate(**batch2, max_new_tokens=9, do_sample=False, **no_eos(backend6))
     layers = model.last_trace.exit_layers
     assert (layers == 2).any()
@@ -56,7 +51,7 @@ def test_catchup_with_confidence_mixes_depths(registry, backend6, batch2):
 
 
 def test_catchup_cache_equals_full_forward_beam(registry, backend6, batch2):
-    model = EarlyExitForCausalLM(backend6, fixed(registry, backend6, 3, 2), kv_policy="catchup")
+    model = EarlyExitForCausalLM(backend6, fixed_exit(registry, backend6, 3, 2), kv_policy="catchup")
     cache = model.new_cache()
     snapshots = CacheSnapshots(cache)
     model.generate(**batch2, max_new_tokens=7, num_beams=3, do_sample=False, cache=cache,
@@ -70,7 +65,7 @@ def test_catchup_cache_equals_full_forward_beam(registry, backend6, batch2):
 
 def test_propagate_fills_deep_layers_from_exit_state(registry, backend6, batch2):
     exit_depth = 2
-    model = EarlyExitForCausalLM(backend6, fixed(registry, backend6, exit_depth, 2), kv_policy="propagate")
+    model = EarlyExitForCausalLM(backend6, fixed_exit(registry, backend6, exit_depth, 2), kv_policy="propagate")
     states = []  # output of the last layer run before an exit, per forward
     hook = model.layers[exit_depth - 1].register_forward_hook(lambda m, a, out: states.append(out))
     try:
@@ -95,7 +90,7 @@ def test_propagate_fills_deep_layers_from_exit_state(registry, backend6, batch2)
 
 
 def test_skip_leaves_exited_positions_out_of_deep_layers(registry, backend6, batch2):
-    model = EarlyExitForCausalLM(backend6, fixed(registry, backend6, 2, 2), kv_policy="skip")
+    model = EarlyExitForCausalLM(backend6, fixed_exit(registry, backend6, 2, 2), kv_policy="skip")
     model.generate(**batch2, max_new_tokens=7, do_sample=False, **no_eos(backend6))
     cache = model.last_cache
     prompt = batch2["input_ids"].shape[1]

@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-from transformers import LogitsProcessorList
 
 from earlyexit.adapters import load_exits, save_exits
 from earlyexit.backends.minigpt4_llama import Minigpt4LlamaBackend
@@ -15,8 +14,9 @@ from earlyexit.batching import TrainingBatches
 from earlyexit.data.scenes import SceneConfig, load_scenes
 from earlyexit.engine import EarlyExitForCausalLM
 from earlyexit.errors import CheckpointError, ConfigError, ModelNotAvailableError
-from helpers import (assert_cache_matches_full_forward, assert_exit_slots_match_running_the_modules,
-                     assert_propagate_projects_rotated_grouped_kv, make_backend, make_images, no_eos,
+from helpers import (assert_cache_matches_full_forward, assert_catchup_cache_is_one_full_forward_under_beams,
+                     assert_catchup_gqa_cache_is_one_full_forward, assert_exit_slots_match_running_the_modules,
+                     assert_propagate_projects_rotated_grouped_kv, fixed_exit, make_backend, make_images, no_eos,
                      train_exits_then_reload)
 
 PROMPTS = ["a red circle", "what color is the small square on the left", ""]  # three lengths: left padding
@@ -40,11 +40,6 @@ def gqa6():
 @pytest.fixture
 def batch3(gqa6):
     return gqa6.prepare_inputs(make_images(3, seed=2), PROMPTS)
-
-
-def fixed(registry, backend, layer, every):
-    cls = registry.strategy("fixed")
-    return cls(backend, [layer], cls.Config(every=every))
 
 
 # -- exits off ------------------------------------------------------------------------------------
@@ -85,26 +80,11 @@ def test_the_prompt_follows_minigpt4s_template(gqa6):
 # -- caches ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("every", [2, 3])
 def test_catchup_cache_equals_one_full_forward(registry, gqa6, batch3, every):
-    model = EarlyExitForCausalLM(gqa6, fixed(registry, gqa6, 2, every), kv_policy="catchup")
-    sequences = model.generate(**batch3, max_new_tokens=9, do_sample=False, **no_eos(gqa6))
-    layers = model.last_trace.exit_layers
-    assert (layers == 2).any() and (layers == 6).any()
-    assert sum(r.catchup_positions for r in model.last_trace.steps) > 0
-    assert model.last_cache.layers[0].keys.shape[1] == 2  # the cache holds the key/value heads only
-    assert_cache_matches_full_forward(model.last_cache, gqa6, batch3, sequences)
+    assert_catchup_gqa_cache_is_one_full_forward(registry, gqa6, batch3, every)
 
 
 def test_catchup_cache_equals_one_full_forward_under_beam_search(registry, gqa6, batch3):
-    from test_kv_policies import CacheSnapshots
-
-    model = EarlyExitForCausalLM(gqa6, fixed(registry, gqa6, 3, 2), kv_policy="catchup")
-    cache = model.new_cache()
-    snapshots = CacheSnapshots(cache)
-    model.generate(**batch3, max_new_tokens=6, num_beams=3, do_sample=False, cache=cache,
-                   logits_processor=LogitsProcessorList([snapshots]), **no_eos(gqa6))
-    assert (model.last_trace.exit_layers == 3).any()
-    for running, snapshot in snapshots.snapshots[1:]:
-        assert_cache_matches_full_forward(snapshot, gqa6, batch3, running, drop_last=False)
+    assert_catchup_cache_is_one_full_forward_under_beams(registry, gqa6, batch3)
 
 
 def test_exit_transformer_slot_and_mixed_depths_stay_exact(registry, gqa6, batch3):
@@ -120,7 +100,7 @@ def test_exit_transformer_slot_and_mixed_depths_stay_exact(registry, gqa6, batch
 def test_propagate_projects_rotated_grouped_kv_from_the_exit_state(registry, gqa6, batch3, stacked, monkeypatch):
     if not stacked:  # as for large models: fill_kv layer by layer
         monkeypatch.setattr("earlyexit.engine.STACKED_KV_BYTES", 0)
-    assert_propagate_projects_rotated_grouped_kv(gqa6, fixed(registry, gqa6, 2, 2), batch3, exit_depth=2)
+    assert_propagate_projects_rotated_grouped_kv(gqa6, fixed_exit(registry, gqa6, 2, 2), batch3, exit_depth=2)
 
 
 
@@ -239,8 +219,8 @@ def test_save_pretrained_round_trip_gives_identical_generations(registry, gqa6, 
     for num_beams in (1, 3):
         settings = dict(max_new_tokens=8, num_beams=num_beams, do_sample=False)
         assert torch.equal(loaded.plain_generate(**batch3, **settings), gqa6.plain_generate(**batch3, **settings))
-    strategy = fixed(registry, loaded, 2, 2)
-    expected = EarlyExitForCausalLM(gqa6, fixed(registry, gqa6, 2, 2)).generate(**batch3, max_new_tokens=8)
+    strategy = fixed_exit(registry, loaded, 2, 2)
+    expected = EarlyExitForCausalLM(gqa6, fixed_exit(registry, gqa6, 2, 2)).generate(**batch3, max_new_tokens=8)
     assert torch.equal(EarlyExitForCausalLM(loaded, strategy).generate(**batch3, max_new_tokens=8), expected)
 
 
