@@ -40,27 +40,17 @@ class Blip2FlanT5Backend(T5DecoderMethods, Backend):
         """A small randomly initialised BLIP-2 FlanT5 with a word-level T5-style tokenizer (an end
         token after every text) and a real processor; `t5_shape`: `t5_decoder.tiny_t5_config`'s
         (layers, widths, FlanT5's or original T5's kind, vocabulary size)."""
-        import torch
-        from transformers import Blip2Config, Blip2ForConditionalGeneration
-
         from earlyexit.tiny import DEFAULT_WORDS, build_processor
 
-        from .blip2_vision import tiny_image_side_configs
+        from .blip2_vision import tiny_blip2
         from .t5_decoder import set_t5_generation_ids, t5_style_tokenizer, tiny_t5_config
 
         processor = build_processor(image_size=image_size, num_query_tokens=num_query_tokens,
                                     words=words or DEFAULT_WORDS)
         tokenizer = t5_style_tokenizer(processor.tokenizer)
         text = tiny_t5_config(tokenizer, **t5_shape)
-        vision, qformer = tiny_image_side_configs(vision_hidden, vision_layers, qformer_layers, image_size, patch_size,
-                                                  encoder_init_std)
-        config = Blip2Config(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(),
-                             text_config=text.to_dict(), num_query_tokens=num_query_tokens,
-                             image_token_index=tokenizer.convert_tokens_to_ids(processor.image_token.content))
-        torch.manual_seed(seed)
-        model = Blip2ForConditionalGeneration(config).eval()
-        with torch.no_grad():  # transformers leaves the queries at zero (checkpoints bring them)
-            model.query_tokens.normal_(0.0, encoder_init_std)
+        model = tiny_blip2(text, processor, seed, num_query_tokens, image_size, patch_size, vision_hidden,
+                           vision_layers, qformer_layers, encoder_init_std)
         set_t5_generation_ids(model.language_model, tokenizer)
         return cls(model, processor)
 

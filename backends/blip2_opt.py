@@ -16,6 +16,8 @@ from earlyexit.backend import Backend, hub_offline
 from earlyexit.errors import CheckpointError, ConfigError, ModelNotAvailableError
 from earlyexit.model_folder import is_local_model
 
+from .blip2_vision import scatter_image_features
+
 
 class Blip2OptBackend(Backend):
     name = "blip2-opt"
@@ -84,10 +86,9 @@ class Blip2OptBackend(Backend):
                          encoder_init_std: float = 0.02) -> Blip2OptBackend:
         """A small randomly initialised BLIP-2 OPT with a word-level tokenizer and a real
         processor. A `vocab_size` above the tokenizer's gives a real-sized LM head (benchmarks)."""
-        import torch
-        from transformers import Blip2Config, Blip2ForConditionalGeneration, OPTConfig
+        from transformers import OPTConfig
 
-        from .blip2_vision import tiny_image_side_configs
+        from .blip2_vision import tiny_blip2
 
         from earlyexit.tiny import DEFAULT_WORDS, build_processor
 
@@ -101,15 +102,8 @@ class Blip2OptBackend(Backend):
             pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id, init_std=init_std, dropout=0.0, attention_dropout=0.0,
         )
-        vision, qformer = tiny_image_side_configs(vision_hidden, vision_layers, qformer_layers, image_size, patch_size,
-                                                  encoder_init_std)
-        config = Blip2Config(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(),
-                             text_config=text.to_dict(), num_query_tokens=num_query_tokens,
-                             image_token_index=tokenizer.convert_tokens_to_ids(processor.image_token.content))
-        torch.manual_seed(seed)
-        model = Blip2ForConditionalGeneration(config).eval()
-        with torch.no_grad():  # transformers leaves the queries at zero (checkpoints bring them): identical
-            model.query_tokens.normal_(0.0, encoder_init_std)  # queries would stay identical, as BLIP-2 initialises them
+        model = tiny_blip2(text, processor, seed, num_query_tokens, image_size, patch_size, vision_hidden,
+                           vision_layers, qformer_layers, encoder_init_std)
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         return cls(model, processor)
 
@@ -138,15 +132,8 @@ class Blip2OptBackend(Backend):
         return saturating_query_features(self.model, pixel_values, saturation)
 
     def decoder_inputs_embeds(self, pixel_values, input_ids, image_features=None):
-        model = self.model
         features = image_features if image_features is not None else self.image_features(pixel_values)[0]
-        embeds = model.get_input_embeddings()(input_ids)
-        image_slots = (input_ids == model.config.image_token_id).unsqueeze(-1)
-        if int(image_slots.sum()) != features.shape[0] * features.shape[1]:
-            raise ConfigError(f"the prompt must start with {model.config.num_query_tokens} image tokens per image; "
-                              "build inputs with backend.prepare_inputs (the processor adds them; the prompt must "
-                              "not contain the placeholder text '<image>')")
-        return embeds.masked_scatter(image_slots, features.to(embeds.dtype))
+        return scatter_image_features(self.model, input_ids, features)
 
     # -- the language model --------------------------------------------------------------------
     @property

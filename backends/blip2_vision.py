@@ -70,3 +70,37 @@ def tiny_image_side_configs(vision_hidden: int, vision_layers: int, qformer_laye
                                  num_attention_heads=4, intermediate_size=4 * vision_hidden,
                                  encoder_hidden_size=vision_hidden, initializer_range=init_std)
     return vision, qformer
+
+
+def scatter_image_features(model, input_ids, features):
+    """The language model's input embeddings of `input_ids` with `features` (images, queries,
+    width) in the image placeholders: BLIP-2's layout, one placeholder per query, in front of
+    the prompt."""
+    from earlyexit.errors import ConfigError
+
+    embeds = model.get_input_embeddings()(input_ids)
+    image_slots = (input_ids == model.config.image_token_id).unsqueeze(-1)
+    if int(image_slots.sum()) != features.shape[0] * features.shape[1]:
+        raise ConfigError(f"the prompt must start with {model.config.num_query_tokens} image tokens per image; "
+                          "build inputs with backend.prepare_inputs (the processor adds them; the prompt must "
+                          "not contain the placeholder text '<image>')")
+    return embeds.masked_scatter(image_slots, features.to(embeds.dtype))
+
+
+def tiny_blip2(text_config, processor, seed: int, num_query_tokens: int, image_size: int, patch_size, vision_hidden: int,
+               vision_layers: int, qformer_layers: int, encoder_init_std: float):
+    """A randomly initialised `Blip2ForConditionalGeneration` around `text_config` (tests,
+    benchmarks), its image placeholder the processor's."""
+    import torch
+    from transformers import Blip2Config, Blip2ForConditionalGeneration
+
+    vision, qformer = tiny_image_side_configs(vision_hidden, vision_layers, qformer_layers, image_size, patch_size,
+                                              encoder_init_std)
+    config = Blip2Config(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(),
+                         text_config=text_config.to_dict(), num_query_tokens=num_query_tokens,
+                         image_token_index=processor.tokenizer.convert_tokens_to_ids(processor.image_token.content))
+    torch.manual_seed(seed)
+    model = Blip2ForConditionalGeneration(config).eval()
+    with torch.no_grad():  # transformers leaves the queries at zero (checkpoints bring them): identical
+        model.query_tokens.normal_(0.0, encoder_init_std)  # queries would stay identical, as BLIP-2 initialises them
+    return model

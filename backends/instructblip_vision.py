@@ -79,16 +79,11 @@ class InstructBlipImageSide:
         return instructed_queries(self.model, image_embeds, qformer_input_ids, qformer_attention_mask), depth
 
     def decoder_inputs_embeds(self, pixel_values, input_ids, image_features=None, **vision_inputs):
-        model = self.model
+        from .blip2_vision import scatter_image_features
+
         features = image_features if image_features is not None else self.image_features(pixel_values,
                                                                                           **vision_inputs)[0]
-        embeds = model.get_input_embeddings()(input_ids)
-        image_slots = (input_ids == model.config.image_token_id).unsqueeze(-1)
-        if int(image_slots.sum()) != features.shape[0] * features.shape[1]:
-            raise ConfigError(f"the prompt must start with {model.config.num_query_tokens} image tokens per image; "
-                              "build inputs with backend.prepare_inputs (the processor adds them; the prompt must "
-                              "not contain the placeholder text '<image>')")
-        return embeds.masked_scatter(image_slots, features.to(embeds.dtype))
+        return scatter_image_features(self.model, input_ids, features)
 
 
 def instructed_queries(model, image_embeds, qformer_input_ids, qformer_attention_mask=None):
