@@ -262,15 +262,6 @@ def test_cli_generate_on_a_saved_folder_and_tiny_random(registry, t5_6, tmp_path
     assert json.loads(capsys.readouterr().out)["num_layers"] == 12
 
 
-def test_list_names_the_family(capsys, monkeypatch):
-    from earlyexit.cli import main
-
-    monkeypatch.setenv("EARLYEXIT_DISABLE_PLUGIN_AUTOLOAD", "1")
-    assert main(["list", "--json"]) == 0
-    entry = next(e for e in json.loads(capsys.readouterr().out) if e["name"] == "blip2-flant5")
-    assert entry["kind"] == "backend" and "BLIP-2" in entry["description"] and "FlanT5" in entry["description"]
-
-
 BUILT_IN = ["confidence", "deebert", "fixed", "free", "leebert", "mue", "pabee"]
 
 

@@ -34,6 +34,17 @@ def test_list_prints_a_table_with_one_row_per_entry(capsys):
     assert all(line[kind_column:].startswith(("backend", "strategy")) for line in lines[1:])
 
 
+@pytest.mark.parametrize("name, family", [
+    ("blip2-opt", ("BLIP-2", "OPT")), ("blip2-flant5", ("BLIP-2", "FlanT5")),
+    ("instructblip-vicuna", ("InstructBLIP", "Llama")), ("instructblip-flant5", ("InstructBLIP", "FlanT5")),
+    ("minigpt4-llama", ("MiniGPT-4", "Llama")),
+])
+def test_list_names_each_backends_family(capsys, name, family):
+    assert main(["list", "--json"]) == 0
+    entry = next(e for e in json.loads(capsys.readouterr().out) if e["name"] == name)
+    assert entry["kind"] == "backend" and all(word in entry["description"] for word in family)
+
+
 def test_list_json_has_exactly_the_documented_keys(capsys):
     assert main(["list", "--json"]) == 0
     entries = json.loads(capsys.readouterr().out)

@@ -341,12 +341,3 @@ def test_cli_generate_on_a_saved_folder_and_tiny_random(registry, gqa6, tmp_path
     assert result["exit_layers"] == [6, 6, 2, 6, 2]  # the first token comes from the full-depth prompt pass
     assert main(argv + ["--model", "tiny-random"]) == 0
     assert json.loads(capsys.readouterr().out)["num_layers"] == 12
-
-
-def test_list_names_the_family(capsys, monkeypatch):
-    from earlyexit.cli import main
-
-    monkeypatch.setenv("EARLYEXIT_DISABLE_PLUGIN_AUTOLOAD", "1")
-    assert main(["list", "--json"]) == 0
-    entry = next(e for e in json.loads(capsys.readouterr().out) if e["name"] == "instructblip-vicuna")
-    assert entry["kind"] == "backend" and "InstructBLIP" in entry["description"] and "Llama" in entry["description"]

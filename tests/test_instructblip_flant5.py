@@ -173,12 +173,3 @@ def test_cli_generate_on_tiny_random_gives_the_engines_tokens(registry, tmp_path
     assert result["num_layers"] == 12 and len(result["token_ids"]) >= 3
     assert result["token_ids"] == new_tokens(expected, inputs)[0].tolist()[:len(result["token_ids"])]
     assert result["exit_layers"][:3] == [12, 12, 3]  # the first token comes from the full-depth prompt pass
-
-
-def test_list_names_the_family(capsys, monkeypatch):
-    from earlyexit.cli import main
-
-    monkeypatch.setenv("EARLYEXIT_DISABLE_PLUGIN_AUTOLOAD", "1")
-    assert main(["list", "--json"]) == 0
-    entry = next(e for e in json.loads(capsys.readouterr().out) if e["name"] == "instructblip-flant5")
-    assert entry["kind"] == "backend" and "InstructBLIP" in entry["description"] and "FlanT5" in entry["description"]

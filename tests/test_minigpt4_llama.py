@@ -294,15 +294,6 @@ def test_cli_generate_on_a_saved_folder_and_tiny_random(registry, gqa6, tmp_path
     assert json.loads(capsys.readouterr().out)["num_layers"] == 12
 
 
-def test_list_names_the_family(capsys, monkeypatch):
-    from earlyexit.cli import main
-
-    monkeypatch.setenv("EARLYEXIT_DISABLE_PLUGIN_AUTOLOAD", "1")
-    assert main(["list", "--json"]) == 0
-    entry = next(e for e in json.loads(capsys.readouterr().out) if e["name"] == "minigpt4-llama")
-    assert entry["kind"] == "backend" and "MiniGPT-4" in entry["description"] and "Llama" in entry["description"]
-
-
 def test_the_memory_bound_counts_only_the_kv_heads_a_grouped_query_model_stores():
     from earlyexit.engine import cache_bytes_per_row
 
