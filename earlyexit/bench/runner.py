@@ -109,7 +109,8 @@ def compute_cell(cell, key: str, output: str, registry, log) -> dict:
     tokenizer = report.pop("tokenizer")
     results = {}
     for name, result in report["results"].items():
-        kept = {k: result[k] for k in ("quality", "speed", "exit_layer_histogram", "num_layers", "config")}
+        kept = {k: result[k] for k in ("quality", "speed", "exit_layer_histogram", "num_layers", "config", "ranks")
+                if k in result}  # ranks: VisDial's ground-truth rank per round
         kept["examples"] = [{**e, "tokens": [tokenizer.decode([t]) for t in e["token_ids"]]} if "token_ids" in e
                             else e for e in result["examples"]]  # ranked dialog rounds have no tokens
         results[name] = kept
