@@ -193,26 +193,23 @@ def check_calibrated_by_dev_mrr_and_scored_by_ranking(report, strategy, data):
     dev = load_split(f"visdial:{data}", "val:0.8-0.9", None)
     test = load_split(f"visdial:{data}", "val:0.9-1.0", None)
     settings = EvalSettings(progress=False, measure_wall=False)
+    backend = strategy.backend
     points = report["calibration"]["points"]
     for point in points:
         strategy.set_knob(point["threshold"])
-        assert point["quality"] == pytest.approx(evaluate(backend_of(strategy), strategy, dev, settings)["quality"]["MRR"])
+        assert point["quality"] == pytest.approx(evaluate(backend, strategy, dev, settings)["quality"]["MRR"])
     assert report["calibration"]["full_quality"] == pytest.approx(
-        evaluate(backend_of(strategy), None, dev, settings)["quality"]["MRR"])
+        evaluate(backend, None, dev, settings)["quality"]["MRR"])
     best = max(points, key=lambda p: (p["quality"], p["layer_speedup"]))
     assert report["threshold"] == best["threshold"]
     strategy.set_knob(report["threshold"])
-    expected = evaluate(backend_of(strategy), strategy, test, settings)
+    expected = evaluate(backend, strategy, test, settings)
     result = report["results"][report["strategy_label"]]
     assert result["config"]["split"] == "val:0.9-1.0" and result["quality"]["rounds"] == 2
     assert result["quality"]["MRR"] == pytest.approx(expected["quality"]["MRR"])
     assert result["ranks"] == expected["ranks"]
     assert result["quality"]["MRR"] == pytest.approx(sum(1 / r for r in result["ranks"].values()) / 2)
     assert not any(name.endswith("speculative") for name in report["results"]) and report["mid_crisis"] is None
-
-
-def backend_of(strategy):
-    return strategy.backend
 
 
 def test_run_calibrates_confidence_by_dev_mrr_and_ranks_the_test_slice(backend, visdial_run, registry, tmp_path,

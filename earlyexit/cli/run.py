@@ -49,7 +49,8 @@ def format_run(report: dict, color: bool) -> str:
     if report.get("parameters"):
         lines.append(f"parameters: {report['parameters']['trainable']:,} trained, {report['parameters']['inference']:,} "
                      "added at inference")
-    header = (f"{'model':<30}" + "".join(f"{m:>8}" for m in metrics)
+    widths = {m: max(8, len(m) + 1) for m in metrics}  # mean_rank is wider than the rest
+    header = (f"{'model':<30}" + "".join(f"{m:>{widths[m]}}" for m in metrics)
               + f"{'param':>7}{'layer':>7}{'l-dec':>7}{'wall':>7}{'w-dec':>7}{'tok/s':>7}{'exit':>6}")
     lines += ["", header, "-" * len(header)]
     for name, result in results.items():
@@ -57,7 +58,7 @@ def format_run(report: dict, color: bool) -> str:
         label = name if name in ("full",) or name.endswith("speculative") else f"{name} @{report['threshold']}"
         wall = speed.get("wall_speedup") or 1.0
         decode_wall = speed.get("decode_wall_speedup") or 1.0
-        lines.append(f"{label:<30}" + "".join(f"{result['quality'][m]:>8.4f}" for m in metrics)
+        lines.append(f"{label:<30}" + "".join(f"{result['quality'][m]:>{widths[m]}.4f}" for m in metrics)
                      + f"{speed['param_speedup']:>6.2f}x{speed['layer_speedup']:>6.2f}x"
                      f"{speed['decode_layer_speedup']:>6.2f}x{wall:>6.2f}x{decode_wall:>6.2f}x"
                      f"{speed['tokens_per_s']:>7.0f}{speed['mean_exit_layer']:>6.2f}")
