@@ -1,7 +1,9 @@
 """From samples to model inputs: prompts, targets, and training batches.
 
 Captioning uses an empty prompt (the model starts after BOS, as BLIP-2 does); VQA uses
-BLIP-2's "Question: … Answer:" prompt and the most frequent human answer as the target.
+BLIP-2's "Question: … Answer:" prompt and the most frequent human answer as the target; a
+VisDial round uses the prompt it is ranked with (caption, history, question: `dialog.dialog_prompt`,
+as much history as fits the context) and its ground-truth answer.
 """
 
 from __future__ import annotations
@@ -17,7 +19,11 @@ VQA_PROMPT = "Question: {question} Answer:"
 
 
 def prompt_for(sample: Sample, task: str) -> str:
-    return VQA_PROMPT.format(question=sample.question) if task in ("vqa", "dialog") else ""
+    if task == "dialog":
+        from .dialog import dialog_prompt
+
+        return dialog_prompt(sample)
+    return VQA_PROMPT.format(question=sample.question) if task == "vqa" else ""
 
 
 def target_for(sample: Sample, task: str, rng: np.random.Generator | None = None) -> str:
@@ -114,8 +120,9 @@ class TrainingBatches:
         for d, i in picks:
             dataset = self.datasets[d]
             sample = dataset.samples[i]
-            prompts.append(prompt_for(sample, dataset.task))
-            rows.append(self.encode(prompts[-1], target_for(sample, dataset.task, rng)))
+            target = target_for(sample, dataset.task, rng)
+            prompts.append(self.prompt(sample, dataset.task, target))
+            rows.append(self.encode(prompts[-1], target))
         batch = self.collate(rows, self.pixels[[self.pixel_row[d][i] for d, i in picks]], prompts)
         if self.caption_words:
             words = torch.zeros(len(picks), len(self.tokenizer))
@@ -124,6 +131,15 @@ class TrainingBatches:
                     words[r, self.tokenizer(caption, add_special_tokens=False)["input_ids"]] = 1.0
             batch["caption_words"] = words.to(self.backend.device)  # a float32 target, beside a model of any dtype
         return batch
+
+    def prompt(self, sample: Sample, task: str, target: str) -> str:
+        """`prompt_for`, but a dialog round keeps only the history that fits the context beside its
+        target, as ranking does (`dialog.fitting_prompt`)."""
+        if task == "dialog":
+            from .dialog import fitting_prompt, longest_option
+
+            return fitting_prompt(self.backend, sample, longest_option(self.backend, [target]))
+        return prompt_for(sample, task)
 
     def encode(self, prompt: str, target: str) -> tuple[list[int], list[int]]:
         """The family's prompt with its image placeholders (`backend.prompt_ids`) + target + EOS;

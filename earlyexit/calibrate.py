@@ -12,7 +12,8 @@ default) and records quality next to the speed-ups: the paper's speed-versus-qua
   fastest by wall clock per generated token on the dev split (`speed="wall"`, the full model
   timed next to it on the same batches) or by layer-based speed-up (`speed="layer"`); if none qualifies,
   the best-quality one, and the result says so.
-With a gate the sweep moves the gate's threshold, otherwise the strategy's.
+With a gate the sweep moves the gate's threshold, otherwise the strategy's. On dialog data (VisDial)
+quality is MRR and a sample's output is the top-ranked answer option (what `risk` compares).
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ class CalibrationPoint:
 
 
 def main_metric(task: str) -> str:
-    return "CIDEr" if task == "caption" else "overall"
+    """The quality key calibration compares: CIDEr, VQA accuracy, or VisDial's MRR (ranking)."""
+    return {"caption": "CIDEr", "dialog": "MRR"}.get(task, "overall")
 
 
 class Knob:

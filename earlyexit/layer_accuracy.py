@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from .batching import TrainingBatches, prompt_for, target_for
+from .batching import TrainingBatches, target_for
 from .data import Dataset
 
 
@@ -49,8 +49,9 @@ def teacher_forced_features(backend, dataset: Dataset, limit: int | None = 200, 
     batches = TrainingBatches(backend, [dataset], batch_size=batch_size, seed=0)
     for start in range(0, len(dataset), batch_size):
         samples = dataset.samples[start:start + batch_size]
-        prompts = [prompt_for(s, dataset.task) for s in samples]
-        rows = [batches.encode(prompt, target_for(s, dataset.task)) for prompt, s in zip(prompts, samples)]
+        targets = [target_for(s, dataset.task) for s in samples]
+        prompts = [batches.prompt(s, dataset.task, target) for s, target in zip(samples, targets)]
+        rows = [batches.encode(prompt, target) for prompt, target in zip(prompts, targets)]
         batch = batches.collate(rows, batches.pixels[batches.pixel_row[0][start:start + len(samples)]], prompts)
         yield backbone_features(backend, batch, layers)
 

@@ -7,6 +7,14 @@
    `confidence` exits at the same threshold, each with quality and the three speed-ups;
 5. the per-exit accuracy of untrained versus trained exits (the paper's mid-crisis plot).
 Splits follow the paper: exits train on 80 % of val and are tuned on the other 20 %.
+
+VisDial (answer ranking, scored by MRR; `earlyexit.dialog`): its test split has no ground truth,
+so everything comes from val, in three disjoint parts cut at dialog boundaries (no image is in
+two of them): exits train on val's first 80 % (the round's dialog prompt and ground-truth
+answer; FREE's distill mode uses no label loss), the knob is calibrated on the next 10 % by
+MRR, and the last 10 % is scored. Nothing is generated, so ranking uses one beam and the
+speculative row is skipped (both logged). With caption training data and `test_data` VisDial,
+the exits train and calibrate on the captions and the same last 10 % of VisDial val is ranked.
 """
 
 from __future__ import annotations
@@ -67,11 +75,21 @@ def splits_for(data: str) -> tuple[str, str, str]:
     name = data.partition(":")[0]
     if name in ("scenes", "scenes-vqa"):
         return "exit_train", "dev", "test"
+    if name == "visdial":  # VisDial 1.0 test has no ground truth: test on val too, never on what was tuned
+        return "val:0.0-0.8", "val:0.8-0.9", "val:0.9-1.0"
     return "val:0.0-0.8", "val:0.8-1.0", "test"
 
 
+def test_split_of(settings: "RunSettings") -> tuple[str, str]:
+    """(data set, split) a run scores: `test_data`/`test_split` where given, else the test split
+    of the data set scored (VisDial's is a slice of val)."""
+    data = settings.test_data or settings.data
+    return data, settings.test_split or splits_for(data)[2]
+
+
 def load_split(data: str, split: str, limit: int | None):
-    """A split, where `val:A-B` is the slice [A, B) of the val split (the paper's 80/20 cut)."""
+    """A split, where `val:A-B` is the slice [A, B) of the val split (the paper's 80/20 cut).
+    Dialog rounds are cut at dialog boundaries, so no image is in two slices."""
     from .data.registry import load_dataset
 
     name, _, part = split.partition(":")
@@ -79,9 +97,21 @@ def load_split(data: str, split: str, limit: int | None):
     if part:
         start, stop = (float(x) for x in part.split("-"))
         n = len(dataset)
-        dataset = dataclasses.replace(dataset, split=split,
-                                      samples=dataset.samples[round(start * n):round(stop * n)])
+        first, last = round(start * n), round(stop * n)
+        if dataset.task == "dialog":
+            first, last = _dialog_start(dataset.samples, first), _dialog_start(dataset.samples, last)
+        dataset = dataclasses.replace(dataset, split=split, samples=dataset.samples[first:last])
     return dataset.subset(limit)
+
+
+def _dialog_start(samples: list, position: int) -> int:
+    """The first position at or after `position` where a new dialog (image) begins."""
+    def image(k):
+        return samples[k].extra.get("image_id", samples[k].id)
+
+    while 0 < position < len(samples) and image(position) == image(position - 1):
+        position += 1
+    return position
 
 
 def exits_cache_folder(settings: RunSettings, strategy, backbone_fingerprint: str) -> str:
@@ -128,7 +158,7 @@ def run(settings: RunSettings, registry, log=print) -> dict | None:
     if strategy.knob and not (settings.gate != "none" and settings.gate_mode == "replace" and strategy.accepts_gate):
         for value in [v for v in (settings.threshold, *(settings.grid or ())) if v is not None]:
             strategy.config_with_knob(strategy.config, value)  # refuses bad values before any training
-    train_split, dev_split, test_split = splits_for(settings.data)
+    train_split, dev_split, _ = splits_for(settings.data)
     timings = {}
 
     if strategy.needs_training:
@@ -159,6 +189,14 @@ def run(settings: RunSettings, registry, log=print) -> dict | None:
                               max_new_tokens=settings.max_new_tokens, seed=settings.seed, progress=settings.progress)
     output = os.path.join(settings.output, f"{settings.backend}-{settings.strategy}")
     dev = load_split(settings.data, dev_split, settings.dev_limit)
+    test = load_split(*test_split_of(settings), settings.test_limit)  # before the work: a missing split fails now
+    ranking = "dialog" in (dev.task, test.task)
+    if ranking and settings.num_beams > 1:
+        log(f"note: VisDial is scored by ranking answer options, not by beam search: it ranks with one beam "
+            f"(--num-beams {settings.num_beams} applies to the {dev.task} calibration only)"
+            if dev.task != "dialog" else "note: VisDial is ranked with one beam (ranking decodes nothing)")
+    if dev.task == "dialog":
+        evaluation = dataclasses.replace(evaluation, num_beams=1)
     metric = main_metric(dev.task)
     gate = gates_for = None
     if settings.gate != "none" and not strategy.accepts_gate:
@@ -190,11 +228,14 @@ def run(settings: RunSettings, registry, log=print) -> dict | None:
         timings["calibrate_s"] = time.perf_counter() - began
         log(f"calibration: {why}; curve in {csv_path} and {png_path}")
     draft_exit = None
-    if settings.speculative:
+    if settings.speculative and ranking:
+        log("note: no self-speculative row: VisDial is scored by ranking answer options, nothing is decoded")
+    elif settings.speculative:
         draft_exit = choose_draft_exit(backend, strategy, dev, evaluation, settings, log)
 
     began = time.perf_counter()
-    test = load_split(settings.test_data or settings.data, settings.test_split or test_split, settings.test_limit)
+    if test.task == "dialog":
+        evaluation = dataclasses.replace(evaluation, num_beams=1)
     threshold = knob.value if knob is not None else None
     label = settings.strategy + (f" + {settings.gate} gate" if gate is not None else "")
     if settings.noise:

@@ -279,3 +279,65 @@ def test_nocaps_domain_layout_from_stored_cells(tmp_path):
                                "1.10"]
     assert rendered.notes == ["SPICE: jars missing"] and rendered.rows[0]["display"][-3:] == ["1.00"] * 3
     assert tables.latex(rendered).count(r"\\") == 3  # header and two rows
+
+
+VISDIAL_SPEC = """
+name = "visdial"
+[defaults]
+backend = "blip2-opt"
+model = "{model}"
+exit_layers = [1, 2]
+train_limit = 6
+dev_limit = 6
+test_limit = 4
+grid = [0.2, 0.9]
+batch_size = 4
+max_new_tokens = 4
+num_beams = 2
+gate = "none"
+[strategies]
+conf = {{ strategy = "confidence" }}
+[tables.t3]
+data = ["visdial:{{data_root}}/visdial", "scenes-vqa"]
+metrics = ["accuracy", "MRR"]
+strategies = ["conf"]
+[tables.captions_to_visdial]
+data = ["scenes"]
+test_data = "visdial:{{data_root}}/visdial"
+strategies = ["conf"]
+"""
+
+
+def test_visdial_cells_run_and_table3_shows_mrr_beside_accuracy(tmp_path, capsys, quick_metrics):
+    """Table 3's layout: the VisDial column is MRR from ranking (its val slices: calibrated on the
+    dev slice, ranked on the test slice, one beam whatever the spec says), the VQA column accuracy;
+    a cell trained and calibrated on captions ranks VisDial as its test data."""
+    from earlyexit.metrics.dialog import dialog_scores
+    from test_dialog import visdial_layout
+
+    visdial_layout(tmp_path / "data" / "visdial")
+    make_backend(seed=8, num_layers=4, image_size=64, patch_size=16, init_std=0.1).save_pretrained(
+        str(tmp_path / "micro"))
+    spec = tmp_path / "spec.toml"
+    spec.write_text(VISDIAL_SPEC.format(model=tmp_path / "micro"))
+    code, out = bench(["bench", str(spec), "--output", str(tmp_path / "out"), "--data-root", str(tmp_path / "data")],
+                      capsys)
+    assert code == 0 and counts(out) == {"cells": 3, "cached": 0, "computed": 3, "unavailable": 0, "failed": 0}
+    table = json.loads((tmp_path / "out" / "tables" / "t3.json").read_text())
+    assert table["columns"][0] == "visdial MRR" and table["columns"][4] == "scenes-vqa accuracy"
+    for name, rendered in (("t3", table),
+                           ("captions_to_visdial",
+                            json.loads((tmp_path / "out" / "tables" / "captions_to_visdial.json").read_text()))):
+        assert rendered["columns"][0].endswith("MRR") and len(rendered["rows"]) == 2
+        for row in rendered["rows"]:
+            cell = json.loads((tmp_path / "out" / "cells" / f"{row['cells'][0]}.json").read_text())
+            result = cell["report"]["results"]["full" if row["label"] == "full model" else cell["report"]["row"]]
+            assert result["config"]["data"] == "visdial" and result["config"]["split"] == "val:0.9-1.0"
+            assert result["config"]["settings"]["num_beams"] == 1
+            expected = 100 * dialog_scores(list(result["ranks"].values()))["MRR"]
+            assert row["values"][0] == pytest.approx(expected) and row["display"][0] == f"{expected:.1f}"
+    assert all(v is not None for row in table["rows"] for v in row["values"][4:5])
+    first = json.loads((tmp_path / "out" / "cells" / f"{table['rows'][1]['cells'][0]}.json").read_text())
+    with open(first["report"]["calibration"]["csv"]) as handle:  # calibrated on the dev slice's MRR
+        assert handle.readline().split(",")[1] == "MRR"
+    assert "MRR and R@k x100" in " ".join(table["remarks"])

@@ -2,6 +2,7 @@
 read out at the exit the strategy takes), ranks and MRR as computed by hand, refusals before work."""
 
 import math
+import os
 import pathlib
 
 import pytest
@@ -128,3 +129,121 @@ def test_what_ranking_cannot_do_is_refused_before_any_work(backend, tmp_path, ca
                  f"visdial:{FIXTURES}", *extra])
     err = capsys.readouterr().err
     assert code == 2 and fragment in err and len(err.strip().splitlines()) == 1 and "rank visdial" not in err
+
+
+# -- `earlyexit run` on VisDial: exits train on val's first 80 %, the knob is calibrated on the next
+# 10 % by MRR, the last 10 % is ranked ---------------------------------------------------------------
+
+def visdial_layout(folder: pathlib.Path, dialogs: int = 10) -> pathlib.Path:
+    """The fixture's val dialogs repeated under new image ids (2 rounds each): enough rounds for
+    three disjoint val slices."""
+    import json
+    import shutil
+
+    source = json.loads((FIXTURES / "visdial_1.0_val.json").read_text())
+    originals = source["data"]["dialogs"]
+    images = folder / "VisualDialog_val2018"
+    images.mkdir(parents=True)
+    copies = []
+    for k in range(dialogs):
+        original = originals[k % len(originals)]
+        image_id = 1000 + k
+        shutil.copy(FIXTURES / "VisualDialog_val2018" / f"VisualDialog_val2018_{original['image_id']:012d}.jpg",
+                    images / f"VisualDialog_val2018_{image_id:012d}.jpg")
+        copies.append({**original, "image_id": image_id})
+    source["data"]["dialogs"] = copies
+    (folder / "visdial_1.0_val.json").write_text(json.dumps(source))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def visdial_run(backend, tmp_path_factory):
+    root = tmp_path_factory.mktemp("visdial-run")
+    backend.save_pretrained(str(root / "model"))
+    return root / "model", visdial_layout(root / "visdial")
+
+
+def test_val_slices_are_disjoint_dialogs(visdial_run):
+    from earlyexit.run import load_split, splits_for
+
+    _, data = visdial_run
+    slices = [load_split(f"visdial:{data}", split, None) for split in splits_for(f"visdial:{data}")]
+    assert [len(s) for s in slices] == [16, 2, 2]
+    images = [{s.extra["image_id"] for s in part} for part in slices]
+    assert not images[0] & images[1] and not images[1] & images[2] and not images[0] & images[2]
+    # a cut inside a dialog moves to the next dialog's first round
+    assert [len(load_split(f"visdial:{data}", split, None)) for split in ("val:0.0-0.45", "val:0.45-1.0")] == [10, 10]
+
+
+def run_visdial(model, data, output, strategy, *extra):
+    import json
+
+    argv = ["run", "--backend", "blip2-opt", "--strategy", strategy, "--model", str(model), "--data", f"visdial:{data}",
+            "--exit-layers", "1,2", "--gate", "none", "--rule", "best", "--output", str(output / "runs"),
+            "--json", str(output / "run.json"), *extra]
+    assert main(argv) == 0
+    return json.loads((output / "run.json").read_text())
+
+
+def check_calibrated_by_dev_mrr_and_scored_by_ranking(report, strategy, data):
+    """Each calibration point's quality is the dev slice's MRR at that knob; the knob is the best
+    one; the test MRR is `evaluate`'s at that knob and the mean reciprocal of its ranks."""
+    from earlyexit.run import load_split
+
+    dev = load_split(f"visdial:{data}", "val:0.8-0.9", None)
+    test = load_split(f"visdial:{data}", "val:0.9-1.0", None)
+    settings = EvalSettings(progress=False, measure_wall=False)
+    backend = strategy.backend
+    points = report["calibration"]["points"]
+    for point in points:
+        strategy.set_knob(point["threshold"])
+        assert point["quality"] == pytest.approx(evaluate(backend, strategy, dev, settings)["quality"]["MRR"])
+    assert report["calibration"]["full_quality"] == pytest.approx(
+        evaluate(backend, None, dev, settings)["quality"]["MRR"])
+    best = max(points, key=lambda p: (p["quality"], p["layer_speedup"]))
+    assert report["threshold"] == best["threshold"]
+    strategy.set_knob(report["threshold"])
+    expected = evaluate(backend, strategy, test, settings)
+    result = report["results"][report["strategy_label"]]
+    assert result["config"]["split"] == "val:0.9-1.0" and result["quality"]["rounds"] == 2
+    assert result["quality"]["MRR"] == pytest.approx(expected["quality"]["MRR"])
+    assert result["ranks"] == expected["ranks"]
+    assert result["quality"]["MRR"] == pytest.approx(sum(1 / r for r in result["ranks"].values()) / 2)
+    assert not any(name.endswith("speculative") for name in report["results"]) and report["mid_crisis"] is None
+
+
+def test_run_calibrates_confidence_by_dev_mrr_and_ranks_the_test_slice(backend, visdial_run, registry, tmp_path,
+                                                                       capsys):
+    model, data = visdial_run
+    report = run_visdial(model, data, tmp_path, "confidence", "--grid", "0.05,0.3,0.9")
+    captured = capsys.readouterr()
+    assert "MRR" in captured.out and "ranked first" in captured.out and "no self-speculative row" in captured.err
+    confidence = registry.strategy("confidence")
+    strategy = confidence(backend, [1, 2], confidence.Config())
+    check_calibrated_by_dev_mrr_and_scored_by_ranking(report, strategy, data)
+    assert len({p["quality"] for p in report["calibration"]["points"]}) > 1  # the knob changes the ranking
+
+
+def test_run_trains_unsupervised_free_exits_and_ranks_with_them(backend, visdial_run, registry, tmp_path):
+    from earlyexit.adapters import load_exits
+
+    model, data = visdial_run
+    report = run_visdial(model, data, tmp_path, "free", "--grid", "0.2,0.9", "--option", "mode=distill",
+                         "--option", "epochs=1", "--option", "batch_size=4")
+    assert report["strategy_config"]["mode"] == "distill" and set(report["results"]) == {"full", "free", "confidence"}
+    folder = max((p for p in (pathlib.Path(os.environ["EARLYEXIT_CACHE"]) / "exits").iterdir()
+                  if "-free-" in p.name), key=lambda p: p.stat().st_mtime)
+    strategy = load_exits(str(folder), backend, registry)
+    check_calibrated_by_dev_mrr_and_scored_by_ranking(report, strategy, data)
+
+
+@pytest.mark.parametrize("extra,fragment", [
+    (["--num-beams", "2"], "drop --num-beams"),
+    (["--draft-exit", "1"], "drop --draft-exit"),
+])
+def test_run_refuses_decoding_options_on_visdial(visdial_run, tmp_path, capsys, extra, fragment):
+    model, data = visdial_run
+    code = main(["run", "--backend", "blip2-opt", "--strategy", "confidence", "--model", str(model),
+                 "--data", f"visdial:{data}", "--output", str(tmp_path), *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and fragment in err and len(err.strip().splitlines()) == 1

@@ -48,8 +48,8 @@ def test_source(cell) -> tuple[str, str]:
     """(data set, split) the cell is scored on."""
     from ..run import splits_for
 
-    return (cell.settings.get("test_data") or cell.data,
-            cell.settings.get("test_split") or splits_for(cell.data)[2])
+    data = cell.settings.get("test_data") or cell.data
+    return data, cell.settings.get("test_split") or splits_for(data)[2]
 
 
 @functools.lru_cache(maxsize=64)
@@ -59,9 +59,6 @@ def data_unavailable(data: str, splits: tuple) -> str | None:
     from ..run import load_split
 
     name, _, root = data.partition(":")
-    if task_of(data) == "dialog":
-        return ("VisDial is scored by answer ranking (MRR), which `earlyexit run` does not calibrate; "
-                f"use earlyexit eval --data {data} --split val")
     if name not in LAYOUTS:
         return None
     if not root or not os.path.isdir(root):
@@ -79,6 +76,8 @@ def unavailable_reason(cell) -> str | None:
     from ..run import splits_for
 
     test_data, test_split = test_source(cell)
+    if cell.settings["decode"] == "speculative" and task_of(test_data) == "dialog":
+        return "VisDial is scored by ranking answer options: nothing is decoded, so no speculative decoding"
     for data, splits in ((cell.data, splits_for(cell.data)[:2]), (test_data, (test_split,))):
         reason = data_unavailable(data, splits)
         if reason:
@@ -110,9 +109,10 @@ def compute_cell(cell, key: str, output: str, registry, log) -> dict:
     tokenizer = report.pop("tokenizer")
     results = {}
     for name, result in report["results"].items():
-        kept = {k: result[k] for k in ("quality", "speed", "exit_layer_histogram", "num_layers", "config")}
-        kept["examples"] = [{**e, "tokens": [tokenizer.decode([t]) for t in e["token_ids"]]}
-                            for e in result["examples"]]
+        kept = {k: result[k] for k in ("quality", "speed", "exit_layer_histogram", "num_layers", "config", "ranks")
+                if k in result}  # ranks: VisDial's ground-truth rank per round
+        kept["examples"] = [{**e, "tokens": [tokenizer.decode([t]) for t in e["token_ids"]]} if "token_ids" in e
+                            else e for e in result["examples"]]  # ranked dialog rounds have no tokens
         results[name] = kept
     test = load_split(*test_source(cell), run_settings.test_limit)
     domains = sorted({s.extra.get("domain") for s in test if s.extra and s.extra.get("domain")})
@@ -126,7 +126,7 @@ def compute_cell(cell, key: str, output: str, registry, log) -> dict:
                 for d in domains}
     kept_report = {k: report[k] for k in ("threshold", "knob", "parameters", "exit_layers", "strategy_config",
                                           "calibration", "mid_crisis", "timings", "num_layers", "draft_exit_layer")}
-    kept_report.update(results=results, row=label, task=task_of(cell.data))
+    kept_report.update(results=results, row=label, task=task_of(test_source(cell)[0]))
     return {"report": json.loads(json.dumps(kept_report, default=str)), "seconds": seconds,
             "provenance": report["provenance"]}
 

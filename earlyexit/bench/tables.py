@@ -25,7 +25,11 @@ SPEED_NOTE = ("Spd (param): the paper's speed-up (backbone parameters per token)
               "generated token, full model over this one, same batches")
 CAPTION_METRICS = ("BLEU-4", "METEOR", "CIDEr", "SPICE")
 DEFAULT_METRICS = {"caption": list(CAPTION_METRICS), "vqa": ["accuracy"], "dialog": ["MRR"]}
+METRIC_TASKS = {**{m: "caption" for m in ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr",
+                                          "SPICE")},
+                "accuracy": "vqa", **{m: "dialog" for m in ("MRR", "R@1", "R@5", "R@10", "mean_rank")}}
 SCALED = {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE"}  # x100, as papers print
+DIALOG_SCALED = {"MRR", "R@1", "R@5", "R@10"}  # fractions x100, beside VQA accuracy in percent
 DOMAINS = ("in-domain", "near-domain", "out-domain")
 
 
@@ -55,7 +59,22 @@ def metric_value(quality: dict, metric: str):
     value = quality.get(key)
     if value is None:
         return None
-    return 100 * value if metric in SCALED else value
+    return 100 * value if metric in SCALED or metric in DIALOG_SCALED else value
+
+
+def scored_task(cell) -> str:
+    """The task of the data a cell is scored on (its `test_data` where given)."""
+    return task_of(cell.settings.get("test_data") or cell.data)
+
+
+def metrics_for(table, task: str) -> list:
+    """The table's metrics that apply to `task` (a metric of no known task applies to every
+    task), or the task's defaults when none does: Table 3's VisDial column shows MRR beside the
+    VQA columns' accuracy."""
+    if not table.metrics:
+        return DEFAULT_METRICS[task]
+    fitting = [m for m in table.metrics if METRIC_TASKS.get(m, task) == task]
+    return fitting or DEFAULT_METRICS[task]
 
 
 def why_missing(record: dict | None, metric: str | None = None) -> str:
@@ -97,6 +116,9 @@ def build(table, keys: list, cells: dict, store, provenance: dict) -> Rendered:
                                                                 "decoder layer on the test split"]
     if any(c in SCALED for col in columns for c in col.split(" ")):
         remarks.append("caption metrics x100 (pycocoevalcap scale x100, as the paper prints them)")
+    if any(c in DIALOG_SCALED for col in columns for c in col.split(" ")):
+        remarks.append("VisDial MRR and R@k x100: the ground truth ranked among each round's answer options by the "
+                       "(early-exit) model's likelihood; speed-ups are of that scoring")
     if len({c.settings["seed"] for c, _, _ in pairs}) > 1:
         remarks.append("values are means over the seeds " + ", ".join(sorted({str(c.settings['seed'])
                                                                                for c, _, _ in pairs})))
@@ -120,15 +142,20 @@ def _mean(values: list):
 def _quality_speed(table, pairs: list, notes: Notes) -> tuple[list, list]:
     group_setting = {"data": "data", "noise": "noise", "domain": None}[table.group_by]
     varying = _varying([c for c, _, _ in pairs], {group_setting, "seed"})
-    metrics = table.metrics or DEFAULT_METRICS[task_of(pairs[0][0].data)]
     if table.group_by == "domain":
         groups = [*DOMAINS, "full"]
     else:
         groups = list(dict.fromkeys(_group_of(c, table.group_by) for c, _, _ in pairs))
+    task_of_group = {}  # group -> the task it is scored on (a data column: its data set's)
+    for cell, _, _ in pairs:
+        task_of_group.setdefault("all" if table.group_by == "domain" else _group_of(cell, table.group_by),
+                                 scored_task(cell))
+    first_task = scored_task(pairs[0][0])
+    group_metrics = {g: metrics_for(table, task_of_group.get(g, first_task)) for g in groups}
     prefix = (lambda g: f"{g} ") if len(groups) > 1 else (lambda g: "")
     columns = []
     for g in groups:
-        columns += [prefix(g) + m for m in metrics]
+        columns += [prefix(g) + m for m in group_metrics[g]]
         if table.group_by != "domain":
             columns += [prefix(g) + s for s, _ in SPEEDS]
     if table.group_by == "domain":
@@ -161,7 +188,7 @@ def _quality_speed(table, pairs: list, notes: Notes) -> tuple[list, list]:
             keys += [k for k, _ in entries]
             quality = qualities(entries, name, g if table.group_by == "domain" else None)
             first = entries[0][1] if entries else None
-            for m in metrics:
+            for m in group_metrics[g]:
                 value = _mean([metric_value(q, m) for q in quality])
                 values.append(value)
                 display.append(f"{value:.1f}" if value is not None else notes.mark(why_missing(first, m)))

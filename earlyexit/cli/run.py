@@ -37,7 +37,8 @@ def format_run(report: dict, color: bool) -> str:
     results = report["results"]
     first = next(iter(results.values()))
     metrics = [k for k, v in first["quality"].items() if isinstance(v, (int, float)) and k != "num_questions"]
-    metrics = [m for m in metrics if m in ("Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "overall")] or metrics
+    metrics = [m for m in metrics if m in ("Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "overall", "MRR", "R@1", "R@5",
+                                           "R@10", "mean_rank")] or metrics
     settings = report["settings"]
     lines = [f"earlyexit run: {settings['backend']} / {report['strategy_label']} on {settings['data']} "
              f"(test: {first['config']['samples']} samples), {report.get('knob') or 'threshold'} {report['threshold']}, "
@@ -48,7 +49,8 @@ def format_run(report: dict, color: bool) -> str:
     if report.get("parameters"):
         lines.append(f"parameters: {report['parameters']['trainable']:,} trained, {report['parameters']['inference']:,} "
                      "added at inference")
-    header = (f"{'model':<30}" + "".join(f"{m:>8}" for m in metrics)
+    widths = {m: max(8, len(m) + 1) for m in metrics}  # mean_rank is wider than the rest
+    header = (f"{'model':<30}" + "".join(f"{m:>{widths[m]}}" for m in metrics)
               + f"{'param':>7}{'layer':>7}{'l-dec':>7}{'wall':>7}{'w-dec':>7}{'tok/s':>7}{'exit':>6}")
     lines += ["", header, "-" * len(header)]
     for name, result in results.items():
@@ -56,7 +58,7 @@ def format_run(report: dict, color: bool) -> str:
         label = name if name in ("full",) or name.endswith("speculative") else f"{name} @{report['threshold']}"
         wall = speed.get("wall_speedup") or 1.0
         decode_wall = speed.get("decode_wall_speedup") or 1.0
-        lines.append(f"{label:<30}" + "".join(f"{result['quality'][m]:>8.4f}" for m in metrics)
+        lines.append(f"{label:<30}" + "".join(f"{result['quality'][m]:>{widths[m]}.4f}" for m in metrics)
                      + f"{speed['param_speedup']:>6.2f}x{speed['layer_speedup']:>6.2f}x"
                      f"{speed['decode_layer_speedup']:>6.2f}x{wall:>6.2f}x{decode_wall:>6.2f}x"
                      f"{speed['tokens_per_s']:>7.0f}{speed['mean_exit_layer']:>6.2f}")
@@ -74,15 +76,22 @@ def format_run(report: dict, color: bool) -> str:
     total = sum(histogram.values()) or 1
     lines.append(f"exit layers ({strategy}): " + "  ".join(f"{k}: {100 * v / total:.1f}%" for k, v in histogram.items()))
     full_quality = results["full"]["quality"]
-    key = "CIDEr" if "CIDEr" in full_quality else "overall"
+    key = next((k for k in ("CIDEr", "overall", "MRR") if k in full_quality), "overall")
     if full_quality.get(key):
         change = results[strategy]["quality"][key] / full_quality[key] - 1
         lines.append(f"{key} change versus the full model: {100 * change:+.1f}%")
     lines.append("")
-    lines.append("examples (each token marked by the layer it left at" + (", green = early, red = late):" if color
-                                                                         else "):"))
+    if first["config"]["data"] == "visdial":
+        lines.append("examples (the answer option ranked first):")
+    else:
+        lines.append("examples (each token marked by the layer it left at"
+                     + (", green = early, red = late):" if color else "):"))
     tokenizer = report["tokenizer"]
     for example in results[strategy]["examples"][:4]:
+        if "rank" in example:  # a ranked dialog round: its top option and the ground truth's rank
+            lines.append(f"  {example['id']}: ranked first {example['prediction']!r}; ground truth "
+                         f"{example['ground_truth']!r} at rank {example['rank']}")
+            continue
         marked = mark_tokens(tokenizer, example["token_ids"], example["exit_layers"], report["num_layers"], color)
         lines.append(f"  {example['id']}: {marked}")
     if report["mid_crisis"]:
@@ -157,9 +166,12 @@ class RunCommand:
         from ..plugins import get_registry
         from ..run import RunSettings, check_settings, run
 
-        if args.data.partition(":")[0] == "visdial":
-            raise ConfigError("earlyexit run calibrates and reports on captioning or VQA data; score VisDial with "
-                              "earlyexit eval --data visdial:ROOT --split val (answer ranking: MRR, R@k)")
+        if args.data.partition(":")[0] == "visdial":  # ranked, not generated: what decoding options mean nothing
+            if args.num_beams > 1:
+                raise ConfigError("VisDial is scored by ranking answer options, not by beam search; drop --num-beams")
+            if args.draft_exit is not None:
+                raise ConfigError("VisDial is scored by ranking answer options, not by decoding; drop --draft-exit "
+                                  "(no speculative row is made)")
         placement = device_options(args)  # a device or dtype this machine cannot run fails first
         registry = get_registry()
         report_plugin_failures(registry)
