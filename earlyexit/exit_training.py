@@ -58,24 +58,42 @@ def one_caption_per_sample(dataset: Dataset) -> Dataset:
 
 @torch.no_grad()
 def backbone_captions(backend, dataset: Dataset, samples_per_image: int = 1, batch_size: int = 32,
-                      seed: int = 0, progress: bool = True) -> dict[str, list[str]]:
-    """Captions the backbone writes itself: greedy (1 per image) or sampled (several)."""
+                      seed: int = 0, progress: bool = True, max_new_tokens: int = 20) -> dict[str, list[str]]:
+    """What the backbone writes itself after each sample's prompt (captioning: none; VQA: the
+    question; a VisDial round: its dialog, with the history that fits the context): greedy (1 per
+    sample) or sampled (several), by sample id."""
     from tqdm.auto import tqdm
 
+    from .batching import prompt_for
+    from .dialog import fitting_prompt
     from .evaluate import decode_new_tokens
+
+    def prompt(sample):
+        if dataset.task == "dialog":
+            return fitting_prompt(backend, sample, max_new_tokens)
+        return prompt_for(sample, dataset.task)
 
     sampling = samples_per_image > 1
     torch.manual_seed(seed)
     result = {}
-    for start in tqdm(range(0, len(dataset), batch_size), desc="backbone captions", disable=not progress):
+    for start in tqdm(range(0, len(dataset), batch_size), desc="backbone outputs", disable=not progress):
         batch = dataset.samples[start:start + batch_size]
-        inputs = backend.prepare_inputs([s.load_image() for s in batch], [""] * len(batch))
-        sequences = backend.plain_generate(**inputs, max_new_tokens=20, do_sample=sampling, top_p=0.9 if sampling else None,
-                                           num_return_sequences=samples_per_image)
+        inputs = backend.prepare_inputs([s.load_image() for s in batch], [prompt(s) for s in batch])
+        sequences = backend.plain_generate(**inputs, max_new_tokens=max_new_tokens, do_sample=sampling,
+                                           top_p=0.9 if sampling else None, num_return_sequences=samples_per_image)
         texts = decode_new_tokens(backend, sequences, inputs["input_ids"].shape[1])
         for i, sample in enumerate(batch):
             result[sample.id] = texts[i * samples_per_image:(i + 1) * samples_per_image]
     return result
+
+
+def with_own_targets(dataset: Dataset, outputs: dict[str, list[str]]) -> Dataset:
+    """`dataset` with the backbone's own outputs in place of the references (captions) or answers
+    (VQA, VisDial): what exits learn from when no label may be used. Samples the backbone wrote
+    nothing for are dropped."""
+    key = "captions" if dataset.task == "caption" else "answers"
+    samples = [dataclasses.replace(s, **{key: [t for t in outputs[s.id] if t]}) for s in dataset]
+    return dataclasses.replace(dataset, samples=[s for s in samples if getattr(s, key)])
 
 
 def capfilt(dataset: Dataset, candidates: dict[str, list[str]], scorer: Callable, keep: int) -> Dataset:

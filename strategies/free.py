@@ -147,14 +147,13 @@ class FreeStrategy(Strategy):
         return modules
 
     def training_data(self, dataset, progress=True):
-        """References (supervised), the backbone's own greedy captions (distill: no labels), or
-        CapFilt's sampled captions filtered by an image-text scorer."""
+        """References (supervised), the backbone's own greedy outputs (distill: no labels, on every
+        task: captions, VQA answers, VisDial answers), or CapFilt's sampled captions filtered by an
+        image-text scorer."""
         from earlyexit import exit_training as data
 
-        if dataset.task == "caption" and self.config.mode == "distill":
-            captions = data.backbone_captions(self.backend, dataset, progress=progress)
-            dataset = dataclasses.replace(dataset, samples=[dataclasses.replace(s, captions=captions[s.id])
-                                                            for s in dataset])
+        if self.config.mode == "distill":
+            dataset = data.with_own_targets(dataset, data.backbone_captions(self.backend, dataset, progress=progress))
         elif dataset.task == "caption" and self.config.mode == "capfilt":
             config = self.config
             candidates = data.backbone_captions(self.backend, dataset, samples_per_image=config.capfilt_samples,

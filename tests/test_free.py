@@ -126,6 +126,26 @@ def test_unlabelled_modes_train_on_the_backbones_own_captions(scenes, tmp_path, 
         assert max(len(v) for v in per_image.values()) <= 2
 
 
+def test_distill_mode_answers_questions_with_the_backbones_own_answers(tmp_path):
+    """Unsupervised on VQA too: every training target is what the backbone itself answers after
+    the question, never a human answer."""
+    from earlyexit.batching import VQA_PROMPT
+    from earlyexit.evaluate import decode_new_tokens
+
+    questions = load_scenes("exit_train", "vqa", config=MICRO, cache_dir=tmp_path).subset(6)
+    backend = backend64()
+    strategy = FreeStrategy(backend, [1], FreeConfig(mode="distill", epochs=1, batch_size=4))
+    data = strategy.training_data(questions, progress=False)
+    assert data.samples
+    for sample in data:
+        inputs = backend.prepare_inputs([sample.load_image()], [VQA_PROMPT.format(question=sample.question)])
+        own = decode_new_tokens(backend, backend.plain_generate(**inputs, max_new_tokens=20),
+                                inputs["input_ids"].shape[1])
+        assert sample.answers == own
+    humans = {s.id: s.answers for s in questions}
+    assert any(s.answers != humans[s.id] for s in data)
+
+
 def test_clip_scorer_offline_is_a_clear_error(monkeypatch):
     from earlyexit.errors import ModelNotAvailableError
     from earlyexit.exit_training import make_scorer
