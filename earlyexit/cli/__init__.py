@@ -20,7 +20,7 @@ import traceback
 from .. import __version__
 from ..errors import EarlyExitError
 from ..plugins import one_line
-from .build_tiny import BuildTinyCommand
+from .build_tiny import BuildSmolCommand, BuildTinyCommand
 from .common import report_plugin_failures
 from .evaluation import EvalCommand
 from .generate import GenerateCommand
@@ -30,7 +30,8 @@ from .train import TrainCommand
 
 __all__ = ["main", "build_parser", "SUBCOMMANDS", "report_plugin_failures", "format_table"]
 
-SUBCOMMANDS: tuple = (ListCommand, RunCommand, GenerateCommand, EvalCommand, TrainCommand, BuildTinyCommand)
+SUBCOMMANDS: tuple = (ListCommand, RunCommand, GenerateCommand, EvalCommand, TrainCommand, BuildTinyCommand,
+                       BuildSmolCommand)
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
