@@ -58,13 +58,15 @@ def write_micro_llama_gguf(path, layers=2, hidden=32, heads=4, kv_heads=2, ffn=6
     shapes = {"token_embd.weight": (len(tokens), hidden), "output_norm.weight": (hidden,)}
     for i in range(layers):
         shapes.update({f"blk.{i}.attn_norm.weight": (hidden,), f"blk.{i}.ffn_norm.weight": (hidden,),
-                       f"blk.{i}.attn_q.weight": (hidden, hidden), f"blk.{i}.attn_k.weight": (kv_heads * head_dim, hidden),
+                       f"blk.{i}.attn_q.weight": (hidden, hidden),
+                       f"blk.{i}.attn_k.weight": (kv_heads * head_dim, hidden),
                        f"blk.{i}.attn_v.weight": (kv_heads * head_dim, hidden),
                        f"blk.{i}.attn_output.weight": (hidden, hidden), f"blk.{i}.ffn_gate.weight": (ffn, hidden),
                        f"blk.{i}.ffn_up.weight": (ffn, hidden), f"blk.{i}.ffn_down.weight": (hidden, ffn)})
     written = {}
     for name, shape in shapes.items():
-        values = 1.0 + 0.1 * rng.standard_normal(shape) if name.endswith("norm.weight") else 0.3 * rng.standard_normal(shape)
+        noise = rng.standard_normal(shape)
+        values = 1.0 + 0.1 * noise if name.endswith("norm.weight") else 0.3 * noise
         written[name] = values.astype(np.float32)
         writer.add_tensor(name, written[name])
     writer.write_header_to_file()
@@ -123,7 +125,8 @@ def test_the_build_trains_only_the_image_side_and_reloads_with_its_processor(mic
     path = embedded.ensure_built(micro_recipe, progress=False)
     assert path == embedded.model_path(micro_recipe) and "/smol-" in path and embedded.is_built(micro_recipe)
     built = Minigpt4LlamaBackend.load(path)
-    fresh = Minigpt4LlamaBackend.with_new_image_side(micro_recipe["language_model"]["path"], **micro_recipe["image_side"])
+    fresh = Minigpt4LlamaBackend.with_new_image_side(micro_recipe["language_model"]["path"],
+                                                     **micro_recipe["image_side"])
     before, after = fresh.model.state_dict(), built.model.state_dict()
     assert before.keys() == after.keys()
     frozen = [n for n in before if n.startswith(("language_model.", "vision_model."))]
@@ -195,4 +198,5 @@ def test_the_real_smollm2_gguf_is_the_llama_the_recipe_expects():
     folder, file = path.rsplit("/", 1)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
     assert len(tokenizer) == 49152 and tokenizer.eos_token == "<|im_end|>" and tokenizer.unk_token_id == 0
-    assert tokenizer.decode(tokenizer(" a red circle and a blue square")["input_ids"]) == " a red circle and a blue square"
+    caption = " a red circle and a blue square"
+    assert tokenizer.decode(tokenizer(caption)["input_ids"]) == caption
