@@ -156,12 +156,14 @@ class Minigpt4LlamaBackend(LlamaDecoderMethods, Backend):
     @classmethod
     def with_new_image_side(cls, language_model: str, image_encoder: str = "efficientnet-lite0", image_size: int = 128,
                             num_query_tokens: int = 8, qformer_hidden: int = 384, qformer_layers: int = 2,
-                            qformer_heads: int = 6, prompt_template: str | None = None, seed: int = 0,
+                            qformer_heads: int = 6, encoder_blocks: int | None = None,
+                            prompt_template: str | None = None, seed: int = 0,
                             dtype: str = "float32", device: str = "cpu") -> Minigpt4LlamaBackend:
         """MiniGPT-4 around a pretrained Llama (`language_model`: a folder, or a `.gguf` file,
         dequantized to `dtype`) with a new image side: the image encoder (`efficientnet-lite0`:
-        its ImageNet weights; `blip2`: a small random ViT, for tests), then a Q-Former of
-        `num_query_tokens` queries and the projection, both untrained."""
+        its ImageNet weights, its map after `encoder_blocks` blocks or its last; `blip2`: a small
+        random ViT, for tests), then a Q-Former of `num_query_tokens` queries and the projection,
+        both untrained."""
         import torch
         from transformers import Blip2QFormerConfig
         from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
@@ -180,7 +182,8 @@ class Minigpt4LlamaBackend(LlamaDecoderMethods, Backend):
             tokenizer.pad_token = tokenizer.eos_token  # padding is masked; it only must not be the image id
         tokenizer.padding_side = "left"
         if image_encoder == EfficientNetLiteFeatures.name:
-            vision_config, encoder_width = {"image_size": image_size}, EfficientNetLiteFeatures.width
+            vision_config = {"image_size": image_size, "blocks": encoder_blocks}
+            encoder_width = EfficientNetLiteFeatures(encoder_blocks).width
             # EfficientNet-Lite takes pixels scaled to [-1, 1]
             images = BlipImageProcessorPil(size={"height": image_size, "width": image_size},
                                            image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])

