@@ -54,6 +54,7 @@ def run_strategy(strategy: str, args) -> dict:
     settings = RunSettings(backend=BACKEND, strategy=strategy, model=MODEL, test_limit=args.test_limit,
                            dev_limit=args.dev_limit, train_limit=args.train_limit, batch_size=args.batch_size,
                            exit_layers=args.exit_layers, output=os.path.join(args.work, "runs"),
+                           grid=tuple(args.grid) if args.grid else None,
                            speculative=strategy == "free", progress=args.progress)
     report = run(settings, get_registry(load_entrypoints=False), log=lambda text: print(f"  {text}", flush=True))
     report.pop("tokenizer", None)
@@ -123,6 +124,8 @@ def main(argv=None) -> int:
     parser.add_argument("--exit-layers", type=parse_int_list, help="FREE's and confidence's exits (default: "
                         "the strategies' own, after each quarter of the 30 layers)")
     parser.add_argument("--strategies", default="free,confidence")
+    parser.add_argument("--grid", type=lambda text: [float(x) for x in text.split(",")],
+                        help="thresholds to calibrate over (default: each strategy's grid)")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     parser.add_argument("--again", action="store_true", help="recompute the cached parts")
     args = parser.parse_args(argv)
@@ -138,6 +141,7 @@ def main(argv=None) -> int:
     build = embedded.build_info(recipe)
     result = {"command": "python benchmarks/smol.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "test_limit": args.test_limit, "dev_limit": args.dev_limit, "train_limit": args.train_limit,
+              "grid": args.grid, "load_average_1min_at_start": os.getloadavg()[0],
               "build": {k: build.get(k) for k in ("fingerprint", "train_seconds", "seconds", "torch_threads",
                                                   "load_average_1min", "final_loss", "final_words_loss")}}
 
@@ -150,7 +154,7 @@ def main(argv=None) -> int:
     result["grounding_test"] = cached(args.work, f"grounding-test-{args.test_limit}", args.again, grounded)
     runs = {}
     for strategy in args.strategies.split(","):
-        key = f"run-{strategy}-{args.test_limit}-{args.dev_limit}-{args.train_limit}"
+        key = f"run-{strategy}-{args.test_limit}-{args.dev_limit}-{args.train_limit}-{args.grid}"
         report = cached(args.work, key, args.again, lambda: run_strategy(strategy, args))
         runs[strategy] = {"summary": summary(report), "mid_crisis": report.get("mid_crisis"),
                           "calibration_why": (report.get("calibration") or {}).get("why"),
