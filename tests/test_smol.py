@@ -184,6 +184,12 @@ def test_efficientnet_lite0_reads_images_as_a_grid_of_tokens_with_its_imagenet_w
     assert not any(k.startswith(("_blocks.5.", "_conv_head.")) for k in early.net.state_dict())
     with torch.no_grad():
         assert early(torch.zeros(2, 3, 64, 64)).shape == (2, 64, 40)  # stride 8: an 8 x 8 grid of 40 channels
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        standardized = early.standardize(early(images))  # the build fixes the channel statistics once
+        assert torch.allclose(standardized.mean((0, 1)), torch.zeros(40), atol=1e-4)
+        assert torch.allclose(standardized.std((0, 1)), torch.ones(40), atol=1e-3)
+        assert torch.allclose(early(images), standardized, atol=1e-5)  # and the encoder applies them after
     with pytest.raises(ConfigError, match="16 blocks"):
         EfficientNetLiteFeatures(blocks=17)
 
