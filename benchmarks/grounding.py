@@ -79,7 +79,15 @@ def main(argv=None) -> int:
     if args.json:
         from earlyexit.files import write_json_atomically
 
-        write_json_atomically(args.json, result)
+        from earlyexit.evaluate import provenance
+
+        command = "python benchmarks/grounding.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        from earlyexit import embedded
+
+        built = embedded.build_info(embedded.recipe_of(args.model)) if args.model in MODELS else None
+        build = {k: built.get(k) for k in ("fingerprint", "train_seconds", "seconds", "load_average_1min")} if built else None
+        write_json_atomically(args.json, {"command": command, "model": args.model, "split": args.split, "build": build,
+                                          **result, "provenance": provenance()})
     return 0
 
 
