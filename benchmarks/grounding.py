@@ -1,7 +1,8 @@
 """Does a captioner look at the image? Grounding of a model on a scene split.
 
     python benchmarks/grounding.py                     # the embedded `tiny` model, val split
-    python benchmarks/grounding.py --model FOLDER --limit 200 --split test --json out.json
+    python benchmarks/grounding.py --model smol        # the embedded MiniGPT-4 on SmolLM2-135M
+    python benchmarks/grounding.py --model FOLDER --backend minigpt4-llama --limit 200 --split test --json out.json
 
 Compare candidate recipes on `val` (the default: held out from backbone training); keep `test`
 for the final report, so the numbers reported on it are not the ones a recipe was chosen by.
@@ -17,9 +18,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from earlyexit.backends.blip2_opt import Blip2OptBackend
 from earlyexit.data.scenes import load_scenes
-from earlyexit.embedded import ensure_built, scene_config
+from earlyexit.embedded import MODELS, scene_config
 from earlyexit.evaluate import EvalSettings, evaluate
 from earlyexit.metrics.grounding import blind_baseline, caption_grounding
 from earlyexit.metrics.vqa import vqa_scores
@@ -52,13 +52,18 @@ def report(backend, limit: int, split: str = "val") -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="model folder (default: the embedded tiny model, built if needed)")
+    parser.add_argument("--model", default="tiny",
+                        help="tiny (default) or smol (embedded models, built if needed), or a model folder")
+    parser.add_argument("--backend", help="model family of a folder (default: the embedded model's, else blip2-opt)")
     parser.add_argument("--limit", type=int, default=200, help="images (questions: 5 per image)")
     parser.add_argument("--split", default="val", choices=["val", "dev", "test"],
                         help="scene split (default val: compare recipes here; test for the final report only)")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
-    backend = Blip2OptBackend.load(args.model or ensure_built())
+    from earlyexit.plugins import get_registry
+
+    family = args.backend or (MODELS[args.model][0] if args.model in MODELS else "blip2-opt")
+    backend = get_registry(load_entrypoints=False).backend(family).load(args.model)
     result = report(backend, args.limit, args.split)
     print(f"{result['images']} {args.split} images, {result['questions']} questions")
     print("| word | mention rate | precision | blind baseline |")
@@ -74,7 +79,15 @@ def main(argv=None) -> int:
     if args.json:
         from earlyexit.files import write_json_atomically
 
-        write_json_atomically(args.json, result)
+        from earlyexit.evaluate import provenance
+
+        command = "python benchmarks/grounding.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        from earlyexit import embedded
+
+        built = embedded.build_info(embedded.recipe_of(args.model)) if args.model in MODELS else None
+        build = {k: built.get(k) for k in ("fingerprint", "train_seconds", "seconds", "load_average_1min")} if built else None
+        write_json_atomically(args.json, {"command": command, "model": args.model, "split": args.split, "build": build,
+                                          **result, "provenance": provenance()})
     return 0
 
 

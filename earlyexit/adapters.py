@@ -40,7 +40,7 @@ def backbone_fingerprint(backend) -> str:
     digest = hashlib.blake2b(json.dumps(config, sort_keys=True, default=str).encode(), digest_size=16)
     for name, tensor in sorted(backend.model.state_dict().items()):
         digest.update(name.encode())
-        data = tensor.detach().to("cpu").contiguous()
+        data = tensor.detach().to("cpu").contiguous().reshape(-1)  # flat: 0-dim buffers (BatchNorm's count) too
         digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
     return digest.hexdigest()[:16]
 

