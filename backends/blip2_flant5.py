@@ -23,7 +23,6 @@ class Blip2FlanT5Backend(T5DecoderMethods, Backend):
     description = ("BLIP-2 with a FlanT5 encoder-decoder (Blip2ForConditionalGeneration, T5), "
                    "e.g. Salesforce/blip2-flan-t5-xl; exits in the T5 decoder")
     text_model_type = "t5"
-    hub_example = "Salesforce/blip2-flan-t5-xl"
 
     # -- loading: BLIP-2's (hub id or folder, offline as a one-line error) ---------------------------
     @classmethod

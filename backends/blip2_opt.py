@@ -24,14 +24,6 @@ class Blip2OptBackend(Backend):
     description = "BLIP-2 with an OPT decoder (Blip2ForConditionalGeneration), e.g. Salesforce/blip2-opt-2.7b"
     text_model_type = "opt"  # the language model `from_pretrained` accepts (BLIP-2 with FlanT5 shares the loader)
 
-    # -- loading -----------------------------------------------------------------------------
-    @classmethod
-    def load(cls, name_or_path: str, device: str | None = None, dtype: str | None = None) -> Blip2OptBackend:
-        """Also knows `tiny`: the embedded model trained on the scene data (built on first use)."""
-        from earlyexit import embedded
-
-        return super().load(embedded.resolve(name_or_path, cls.name), device=device, dtype=dtype)
-
     @classmethod
     def from_pretrained(cls, name_or_path: str, dtype: str = "float32", device: str = "cpu") -> Blip2OptBackend:
         import torch

@@ -21,7 +21,6 @@ class InstructBlipFlanT5Backend(InstructBlipImageSide, T5DecoderMethods, Backend
     name = "instructblip-flant5"
     description = ("InstructBLIP with a FlanT5 encoder-decoder (InstructBlipForConditionalGeneration + T5; the "
                    "Q-Former reads the instruction), e.g. Salesforce/instructblip-flan-t5-xl; exits in the T5 decoder")
-    hub_example = "Salesforce/instructblip-flan-t5-xl"
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, dtype: str = "float32",

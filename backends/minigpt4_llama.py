@@ -42,13 +42,6 @@ class Minigpt4LlamaBackend(LlamaDecoderMethods, Backend):
 
     # -- loading -------------------------------------------------------------------------------
     @classmethod
-    def load(cls, name_or_path: str, device: str | None = None, dtype: str | None = None) -> Minigpt4LlamaBackend:
-        """Also knows `smol`: the embedded MiniGPT-4 on SmolLM2-135M (built on first use)."""
-        from earlyexit import embedded
-
-        return super().load(embedded.resolve(name_or_path, cls.name), device=device, dtype=dtype)
-
-    @classmethod
     def from_pretrained(cls, name_or_path: str, dtype: str = "float32", device: str = "cpu") -> Minigpt4LlamaBackend:
         import torch
 

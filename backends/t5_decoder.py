@@ -18,8 +18,7 @@ the engine:
 - the decoder starts from `decoder_start_token_id` and never holds padding (padding lives in the
   encoder input), so decoder positions are plain column indices.
 
-Also here, for every T5 family: the refusal of the embedded `tiny` model (a BLIP-2 with OPT),
-`plain_generate` in every family's layout, right padding, and the tiny T5 tokenizer and config
+Also here, for every T5 family: `plain_generate` in every family's layout, right padding, and the tiny T5 tokenizer and config
 of `from_tiny_config`.
 
 Classes stay importable without torch (for `earlyexit list`); methods import it where needed.
@@ -31,7 +30,6 @@ import dataclasses
 import functools
 from typing import Any
 
-from earlyexit.errors import ConfigError
 
 # The encoder's relative position bias counts columns, so padding between the image queries and the
 # prompt would shift their distances: the prompt is padded on the right, as T5 was trained (the
@@ -64,19 +62,8 @@ class T5DecoderMethods:
     """Mixin placed before `Backend`; the class using it provides `language_model`."""
 
     is_encoder_decoder = True
-    hub_example: str = ""  # a checkpoint of the family, named in the refusal of the embedded model
 
     # -- loading and the backbone's own generation -------------------------------------------------
-    @classmethod
-    def load(cls, name_or_path: str, device: str | None = None, dtype: str | None = None):
-        from earlyexit import embedded
-
-        if name_or_path == embedded.NAME:
-            raise ConfigError(f"the embedded model {embedded.NAME!r} is BLIP-2 with OPT (--backend blip2-opt); for "
-                              f"{cls.name} pass --model tiny-random, a folder written by save_pretrained or a hub id "
-                              f"such as {cls.hub_example}")
-        return super().load(name_or_path, device=device, dtype=dtype)
-
     def plain_generate(self, **inputs_and_generate_kwargs):
         """The backbone's own `generate`, laid out as every family's: prompt ids, then the new
         tokens (transformers returns the decoder's start token and the new tokens)."""

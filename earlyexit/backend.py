@@ -43,13 +43,16 @@ class Backend:
 
     @classmethod
     def load(cls, name_or_path: str, device: str | None = None, dtype: str | None = None) -> Backend:
-        """`from_pretrained`, or, for the name `tiny-random`, an untrained 12-layer model built in
+        """`from_pretrained`, an embedded model by name (`tiny`, `smol`: its own backend only,
+        built on first use), or, for the name `tiny-random`, an untrained 12-layer model built in
         memory (no download, no weights: for trying commands and measuring cost, not quality).
         `device` (cpu, cuda, cuda:N, mps) and `dtype` (float32, bfloat16, float16) default to the
         CPU in float32 here (the CLI's defaults pick a GPU when there is one); a value this machine
         cannot run is a ConfigError before anything loads."""
+        from . import embedded
         from .devices import resolve_device, resolve_dtype
 
+        name_or_path = embedded.resolve(name_or_path, cls.name)  # `tiny`, `smol`: built on first use
         device = resolve_device(device or "cpu")
         dtype = resolve_dtype(dtype or "float32", device)
         if name_or_path == cls.TINY_RANDOM:

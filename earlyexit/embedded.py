@@ -82,7 +82,8 @@ def resolve(name_or_path: str, backend: str) -> str:
     if wanted != backend:
         from .errors import ConfigError
 
-        raise ConfigError(f"the embedded model {name_or_path!r} runs on --backend {wanted}, not {backend}")
+        raise ConfigError(f"the embedded model {name_or_path!r} runs on --backend {wanted}, not {backend}; for "
+                          f"{backend} pass --model tiny-random, a folder written by save_pretrained or a hub id")
     return ensure_built(recipe_of(name_or_path))
 
 

@@ -45,6 +45,17 @@ def test_list_names_each_backends_family(capsys, name, family):
     assert entry["kind"] == "backend" and all(word in entry["description"] for word in family)
 
 
+@pytest.mark.parametrize("backend", ["blip2-flant5", "instructblip-vicuna", "instructblip-flant5", "minigpt4-llama"])
+def test_an_embedded_model_asked_of_another_backend_is_one_line(backend, capsys, tmp_path):
+    # never a hub lookup for the name `tiny`; no model is built
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+    assert main(["generate", "--backend", backend, "--model", "tiny", "--image", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "runs on --backend blip2-opt, not " + backend in err
+
+
 def test_list_json_has_exactly_the_documented_keys(capsys):
     assert main(["list", "--json"]) == 0
     entries = json.loads(capsys.readouterr().out)
