@@ -9,12 +9,10 @@ the word-embedding width differs, then the LM head (tied to the input embeddings
 
 from __future__ import annotations
 
-import os
-
 from earlyexit import hookimpl
-from earlyexit.backend import Backend, hub_offline
-from earlyexit.errors import CheckpointError, ConfigError, ModelNotAvailableError
-from earlyexit.model_folder import is_local_model
+from earlyexit.backend import Backend
+from earlyexit.errors import ConfigError
+from earlyexit.model_folder import load_checkpoint
 
 from .blip2_vision import scatter_image_features
 
@@ -26,43 +24,11 @@ class Blip2OptBackend(Backend):
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, dtype: str = "float32", device: str = "cpu") -> Blip2OptBackend:
-        import torch
-        from transformers import AutoConfig, AutoProcessor, Blip2ForConditionalGeneration
+        from transformers import AutoProcessor, Blip2ForConditionalGeneration
 
-        local = is_local_model(name_or_path)  # a folder checked for completeness, or a hub id
-        if local:
-            name_or_path = os.path.expanduser(name_or_path)
-        offline = hub_offline()
-        try:
-            config = AutoConfig.from_pretrained(name_or_path, local_files_only=offline)
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            if local:  # present (checked above) but not a config transformers can read
-                reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-                raise CheckpointError(f"{name_or_path}/config.json is not a model config transformers can read "
-                                      f"({reason}); save the model again or pass another folder") from error
-            if not isinstance(error, OSError):
-                raise
-            raise ModelNotAvailableError(
-                f"model {name_or_path!r} is not available offline and the hub cannot be reached; "
-                "download it on a connected machine and pass its local folder instead (set "
-                "HF_HUB_OFFLINE=1 to fail at once instead of retrying the network)"
-            ) from error
-        text_type = getattr(getattr(config, "text_config", None), "model_type", None)
-        if config.model_type != "blip-2" or text_type != cls.text_model_type:
-            raise ConfigError(f"{name_or_path} is a {config.model_type}/{text_type} model, not BLIP-2 with "
-                              f"{cls.text_model_type}; pick the matching --backend (see `earlyexit list`)")
-        try:
-            model = Blip2ForConditionalGeneration.from_pretrained(name_or_path, dtype=getattr(torch, dtype),
-                                                                  local_files_only=offline)
-        except (OSError, ValueError, RuntimeError) as error:  # weights that do not fit the config, unreadable
-            reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-            raise CheckpointError(f"{name_or_path}: the weights could not be loaded ({reason}); save the model "
-                                  "again or pass another folder") from error
-        try:
-            processor = AutoProcessor.from_pretrained(name_or_path, local_files_only=offline)
-        except OSError as error:
-            raise ModelNotAvailableError(f"{name_or_path}: the processor (tokenizer and image processor) "
-                                         f"could not be loaded ({error})") from error
+        model, processor, _ = load_checkpoint(name_or_path, "blip-2", cls.text_model_type,
+                                              f"BLIP-2 with {cls.text_model_type}", Blip2ForConditionalGeneration,
+                                              AutoProcessor, dtype)
         processor.tokenizer.padding_side = "left"
         return cls(model.to(device).eval(), processor)
 

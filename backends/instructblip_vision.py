@@ -18,11 +18,8 @@ and loads with `load_instructblip` / builds tiny models with `tiny_instructblip`
 
 from __future__ import annotations
 
-import os
-
-from earlyexit.backend import hub_offline
-from earlyexit.errors import CheckpointError, ConfigError, ModelNotAvailableError
-from earlyexit.model_folder import is_local_model
+from earlyexit.errors import CheckpointError, ConfigError
+from earlyexit.model_folder import load_checkpoint
 
 QFORMER_INPUTS = ("qformer_input_ids", "qformer_attention_mask")
 
@@ -110,40 +107,11 @@ def load_instructblip(name_or_path: str, text_type: str, family: str, dtype: str
     """(model, processor) of an InstructBLIP checkpoint (hub id or local folder) whose language
     model is of `text_type` (`llama`, `t5`); `family` names it in errors; the language model's
     tokenizer pads on `padding_side`. Offline and unreadable checkpoints are one-line errors."""
-    import torch
-    from transformers import AutoConfig, InstructBlipForConditionalGeneration, InstructBlipProcessor
+    from transformers import InstructBlipForConditionalGeneration, InstructBlipProcessor
 
-    local = is_local_model(name_or_path)  # a folder checked for completeness, or a hub id
-    if local:
-        name_or_path = os.path.expanduser(name_or_path)
-    offline = hub_offline()
-    try:
-        config = AutoConfig.from_pretrained(name_or_path, local_files_only=offline)
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        if local:
-            raise CheckpointError(f"{name_or_path}/config.json is not a model config transformers can read "
-                                  f"({first_line(error)}); save the model again or pass another folder") from error
-        if not isinstance(error, OSError):
-            raise
-        raise ModelNotAvailableError(
-            f"model {name_or_path!r} is not available offline and the hub cannot be reached; download it on a "
-            "connected machine and pass its local folder instead (set HF_HUB_OFFLINE=1 to fail at once instead of "
-            "retrying the network)") from error
-    found = getattr(getattr(config, "text_config", None), "model_type", None)
-    if config.model_type != "instructblip" or found != text_type:
-        raise ConfigError(f"{name_or_path} is a {config.model_type}/{found} model, not {family}; pick the matching "
-                          "--backend (see `earlyexit list`)")
-    try:
-        model = InstructBlipForConditionalGeneration.from_pretrained(name_or_path, dtype=getattr(torch, dtype),
-                                                                     local_files_only=offline)
-    except (OSError, ValueError, RuntimeError) as error:
-        raise CheckpointError(f"{name_or_path}: the weights could not be loaded ({first_line(error)}); save the "
-                              "model again or pass another folder") from error
-    try:
-        processor = InstructBlipProcessor.from_pretrained(name_or_path, local_files_only=offline)
-    except (OSError, ValueError, TypeError) as error:
-        raise ModelNotAvailableError(f"{name_or_path}: the processor (tokenizers and image processor) could not be "
-                                     f"loaded ({first_line(error)})") from error
+    model, processor, name_or_path = load_checkpoint(name_or_path, "instructblip", text_type, family,
+                                                     InstructBlipForConditionalGeneration, InstructBlipProcessor,
+                                                     dtype)
     # transformers falls back to the language model's tokenizer when the Q-Former's is missing:
     # ids the Q-Former's embeddings were not trained for (or cannot even index)
     if len(processor.qformer_tokenizer) > model.config.qformer_config.vocab_size:
@@ -154,11 +122,6 @@ def load_instructblip(name_or_path: str, text_type: str, family: str, dtype: str
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     return model.to(device).eval(), processor
-
-
-def first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0][:200] if lines else type(error).__name__
 
 
 # -- tiny models -----------------------------------------------------------------------------------

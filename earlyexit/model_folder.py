@@ -120,3 +120,54 @@ def is_local_model(name_or_path: str) -> bool:
         raise ConfigError(f"--model {name_or_path!r} is neither an existing folder nor a hub id (owner/name); "
                           f"{MODEL_HELP}") from None
     return False
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's message as one short line (for one-line errors)."""
+    lines = str(error).strip().splitlines()
+    return lines[0][:200] if lines else type(error).__name__
+
+
+def load_checkpoint(name_or_path: str, model_type: str, text_type: str, family: str, model_class, processor_class,
+                    dtype: str) -> tuple:
+    """(model, processor, folder or hub id) of a vision-language checkpoint whose config is
+    `model_type` with a language model of `text_type`; `family` names it in errors. Checks a local
+    folder before loading, and turns every way loading fails (offline, unreadable config, weights
+    that do not fit, missing processor, another family) into one line saying what to do."""
+    import torch
+    from transformers import AutoConfig
+
+    from .backend import hub_offline
+    from .errors import ModelNotAvailableError
+
+    local = is_local_model(name_or_path)  # a folder checked for completeness, or a hub id
+    if local:
+        name_or_path = os.path.expanduser(name_or_path)
+    offline = hub_offline()
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, local_files_only=offline)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        if local:  # present (checked above) but not a config transformers can read
+            raise CheckpointError(f"{name_or_path}/config.json is not a model config transformers can read "
+                                  f"({first_line(error)}); save the model again or pass another folder") from error
+        if not isinstance(error, OSError):
+            raise
+        raise ModelNotAvailableError(
+            f"model {name_or_path!r} is not available offline and the hub cannot be reached; download it on a "
+            "connected machine and pass its local folder instead (set HF_HUB_OFFLINE=1 to fail at once instead of "
+            "retrying the network)") from error
+    found = getattr(getattr(config, "text_config", None), "model_type", None)
+    if config.model_type != model_type or found != text_type:
+        raise ConfigError(f"{name_or_path} is a {config.model_type}/{found} model, not {family}; pick the matching "
+                          "--backend (see `earlyexit list`)")
+    try:
+        model = model_class.from_pretrained(name_or_path, dtype=getattr(torch, dtype), local_files_only=offline)
+    except (OSError, ValueError, RuntimeError) as error:  # weights that do not fit the config, unreadable
+        raise CheckpointError(f"{name_or_path}: the weights could not be loaded ({first_line(error)}); save the "
+                              "model again or pass another folder") from error
+    try:
+        processor = processor_class.from_pretrained(name_or_path, local_files_only=offline)
+    except (OSError, ValueError, TypeError) as error:
+        raise ModelNotAvailableError(f"{name_or_path}: the processor (tokenizer and image processor) could not be "
+                                     f"loaded ({first_line(error)})") from error
+    return model, processor, name_or_path
