@@ -15,9 +15,7 @@ from earlyexit.cli import main
 from earlyexit.evaluate import score as original_score
 from helpers import make_backend
 
-SPEC = """
-name = "micro"
-[defaults]
+MICRO_DEFAULTS = """
 backend = "blip2-opt"
 model = "{model}"
 exit_layers = [1, 2]
@@ -28,7 +26,11 @@ grid = [0.2, 0.9]
 batch_size = 4
 max_new_tokens = 4
 gate = "none"
-[strategies]
+"""
+
+SPEC = """
+name = "micro"
+[defaults]""" + MICRO_DEFAULTS + """[strategies]
 conf = {{ strategy = "confidence" }}
 deebert = {{ strategy = "deebert", options = {{ epochs = 1, batch_size = 4, learning_rate = {lr} }} }}
 [tables.t2]
@@ -283,18 +285,7 @@ def test_nocaps_domain_layout_from_stored_cells(tmp_path):
 
 VISDIAL_SPEC = """
 name = "visdial"
-[defaults]
-backend = "blip2-opt"
-model = "{model}"
-exit_layers = [1, 2]
-train_limit = 6
-dev_limit = 6
-test_limit = 4
-grid = [0.2, 0.9]
-batch_size = 4
-max_new_tokens = 4
-num_beams = 2
-gate = "none"
+[defaults]""" + MICRO_DEFAULTS + """num_beams = 2
 [strategies]
 conf = {{ strategy = "confidence" }}
 [tables.t3]
