@@ -88,6 +88,7 @@ class ClassifierExitStrategy(Strategy):
     Subclasses give the rule (`should_exit`) and may change the loss (`classifier_loss`)."""
 
     Config = ClassifierExitConfig
+    reuses_backbone_features = True
 
     def __init__(self, backend, exit_layers, config=None):
         import torch
@@ -122,7 +123,7 @@ class ClassifierExitStrategy(Strategy):
         features = backbone_features(self.backend, batch)
         where = features.targets != -100
         logits = self.exit_logits_on(features, where)
-        loss, parts = self.classifier_loss(logits, features.targets[where], features.final_logits[:, :-1][where])
+        loss, parts = self.classifier_loss(logits, features.targets[where], features.final_logits_at(where))
         return {"loss": engine.optimize("classifiers", loss), **parts}
 
 

@@ -115,8 +115,9 @@ def _dialog_start(samples: list, position: int) -> int:
 
 
 def exits_cache_folder(settings: RunSettings, strategy, backbone_fingerprint: str) -> str:
-    # version 2: exit states and the last layer's compared before the final norm (FREE's like-with-like fix)
-    recipe = {"version": 2, "strategy": strategy.name, "exit_layers": strategy.exit_layers, "data": settings.data,
+    # version 2: exit states and the last layer's compared before the final norm (FREE's like-with-like fix);
+    # version 3: frozen-backbone features cached across epochs (later epochs keep the first one's batches)
+    recipe = {"version": 3, "strategy": strategy.name, "exit_layers": strategy.exit_layers, "data": settings.data,
               "train_limit": settings.train_limit, "seed": settings.seed,
               "config": {k: v for k, v in strategy.config.to_dict().items() if k != strategy.knob}}
     if settings.dtype not in (None, "float32"):  # exits trained in another precision are other exits

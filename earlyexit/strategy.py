@@ -211,6 +211,11 @@ class Strategy:
         """Whether training changes decoder layers (then `backbone_layers` holds them)."""
         return self.backbone_layers() is not None
 
+    #: `training_step` reads the backbone only through `exit_training.backbone_features(backend,
+    #: batch)` (the backbone's own frozen layers): the trainer may then compute each batch's
+    #: features once and reuse them in later epochs (`exit_training.FeatureCache`)
+    reuses_backbone_features = False
+
     @property
     def held_out_fraction(self) -> float:
         """Share of the training data the trainer keeps aside and hands to `training_step` as

@@ -9,8 +9,9 @@ Training keeps the backbone frozen and alternates, on every batch, as in a GAN:
 - feature classifier D_k (one hidden layer, LeakyReLU, sigmoid score) learns to tell the final
   layer's features h_N from the exit's E_k(h_k):  L_fc  = -log D_k(h_N) - log(1 - D_k(E_k(h_k)))
 - the exit transformer learns to fool it:         L_gen = -log D_k(E_k(h_k))
-  plus cross-entropy against the reference tokens (supervised, CapFilt) and/or the KL divergence
-  between the exit's and the final layer's token distributions (unsupervised distillation),
+  plus cross-entropy against the target tokens (supervised: the references; CapFilt: sampled and
+  filtered captions; distill: the backbone's own output, so still no label) and/or the KL
+  divergence between the exit's and the final layer's token distributions (distillation),
 summed over exits. Only the exit transformers are needed at inference (they are the adapter);
 the feature classifiers live in training checkpoints.
 """
@@ -33,7 +34,8 @@ class FreeConfig(TrainableConfig):
     mode: str = config_field("supervised", "supervised (reference captions), distill (match the final layer, "
                                            "no labels) or capfilt (labels sampled and filtered from the backbone)")
     adversarial: bool = config_field(True, "train against the feature classifiers (off: the Fig. 4a ablation)")
-    ce: bool | None = config_field(None, "cross-entropy on reference tokens (default: on unless mode=distill)")
+    ce: bool | None = config_field(None, "cross-entropy on the target tokens: the references, or in distill mode the "
+                                         "backbone's own tokens (hard distillation; default: on unless mode=distill)")
     kd: bool | None = config_field(None, "KL to the final layer's distribution (default: on only in distill mode)")
     kd_direction: str = config_field("exit_final", "exit_final = KL(p_exit, p_final) as the paper writes it; "
                                                    "final_exit = KL(p_final, p_exit)")
@@ -59,8 +61,6 @@ class FreeConfig(TrainableConfig):
             self.ce = self.mode != "distill"
         if self.kd is None:
             self.kd = self.mode == "distill"
-        if self.mode == "distill" and self.ce:
-            raise ConfigError("distill mode has no labels: drop ce=true, or use mode=supervised")
         if not (self.ce or self.kd or self.adversarial):
             raise ConfigError("nothing to train: enable at least one of adversarial, ce, kd")
         if self.epochs is None:
@@ -105,6 +105,7 @@ class FreeStrategy(Strategy):
     description = "FREE: exit transformers trained adversarially against feature classifiers (paper's method)"
     Config = FreeConfig
     knob_is_confidence = True
+    reuses_backbone_features = True
 
     def __init__(self, backend, exit_layers, config=None):
         import copy
@@ -183,7 +184,7 @@ class FreeStrategy(Strategy):
         # hooks included) ever sees gradients for them from this step
         self.feature_classifiers.requires_grad_(False)
         total, parts = 0.0, {"adv": 0.0, "ce": 0.0, "kd": 0.0}
-        final_logits = features.final_logits[:, :-1][where]
+        final_logits = features.final_logits_at(where)
         for d, fake in zip(self.feature_classifiers, fakes):
             logits = self.backend.logits(fake)
             if self.config.adversarial:

@@ -79,6 +79,7 @@ class LeeBertStrategy(PatienceRule, ClassifierExitStrategy):
     name = "leebert"
     description = "LeeBERT: vocabulary classifiers with mutual distillation, loss weights learned on held-out data"
     Config = LeeBertConfig
+    reuses_backbone_features = False  # it trains its own copies of the backbone's layers
 
     def __init__(self, backend, exit_layers, config=None):
         import copy

@@ -52,6 +52,7 @@ def test_distillation_loss_by_hand():
 def test_config_rules():
     assert FreeConfig(mode="distill").kd and not FreeConfig(mode="distill").ce
     assert FreeConfig(mode="distill").epochs == 5 and FreeConfig().epochs == 3
+    assert FreeConfig(mode="distill", ce=True).ce  # hard distillation: CE on the backbone's own tokens
     with pytest.raises(ConfigError):
         FreeConfig(mode="bogus")
     with pytest.raises(ConfigError):
@@ -110,12 +111,12 @@ def test_capfilt_keeps_the_top_two_by_the_scorer(scenes):
     assert len(one_caption_per_sample(kept)) == 2 * len(scenes)
 
 
-@pytest.mark.parametrize("mode", ["distill", "capfilt"])
-def test_unlabelled_modes_train_on_the_backbones_own_captions(scenes, tmp_path, mode):
+@pytest.mark.parametrize("mode, ce", [("distill", None), ("distill", True), ("capfilt", None)])
+def test_unlabelled_modes_train_on_the_backbones_own_captions(scenes, tmp_path, mode, ce):
     backend = backend64()
-    strategy = FreeStrategy(backend, [1], FreeConfig(mode=mode, epochs=1, batch_size=4, capfilt_samples=3))
+    strategy = FreeStrategy(backend, [1], FreeConfig(mode=mode, ce=ce, epochs=1, batch_size=4, capfilt_samples=3))
     losses = train_exits(strategy, backend, scenes, str(tmp_path / mode), progress=False)
-    assert losses and ("kd" in losses[0]) == (mode == "distill") and ("ce" in losses[0]) == (mode == "capfilt")
+    assert losses and ("kd" in losses[0]) == (mode == "distill") and ("ce" in losses[0]) == (mode == "capfilt" or bool(ce))
     data = strategy.training_data(scenes, progress=False)
     references = {c for s in scenes for c in s.captions}
     assert data.samples and not ({s.captions[0] for s in data} & references)  # no reference captions used
