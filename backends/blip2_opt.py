@@ -129,13 +129,13 @@ class Blip2OptBackend(Backend):
     def run_layer(self, layer, hidden, *, attention_mask, position_ids, cache):
         return layer(hidden, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True)
 
-    def logits(self, hidden):
+    def pre_head(self, hidden):
         decoder = self.decoder
         if decoder.final_layer_norm is not None:
             hidden = decoder.final_layer_norm(hidden)
         if decoder.project_out is not None:
             hidden = decoder.project_out(hidden)
-        return self.language_model.lm_head(hidden)
+        return hidden
 
     def readout_copy(self):
         import copy
@@ -184,9 +184,8 @@ class Blip2OptBackend(Backend):
         modules = [layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn_layer_norm]
         return sum(p.numel() for m in modules for p in m.parameters())
 
-    def head_param_count(self) -> int:
-        decoder = self.decoder
-        modules = [self.language_model.lm_head, decoder.final_layer_norm, decoder.project_out]
+    def pre_head_param_count(self) -> int:
+        modules = [self.decoder.final_layer_norm, self.decoder.project_out]
         return sum(p.numel() for m in modules if m is not None for p in m.parameters())
 
 

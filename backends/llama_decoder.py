@@ -64,8 +64,8 @@ class LlamaDecoderMethods:
         return layer(hidden, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True,
                      position_embeddings=self.rotary(hidden, position_ids))
 
-    def logits(self, hidden):
-        return self.language_model.lm_head(self.decoder.norm(hidden))
+    def pre_head(self, hidden):
+        return self.decoder.norm(hidden)
 
     def readout_copy(self):
         import copy
@@ -131,6 +131,5 @@ class LlamaDecoderMethods:
         modules = [layer.input_layernorm, layer.self_attn.k_proj, layer.self_attn.v_proj]
         return sum(p.numel() for m in modules for p in m.parameters())
 
-    def head_param_count(self) -> int:
-        modules = [self.decoder.norm, self.language_model.lm_head]
-        return sum(p.numel() for m in modules for p in m.parameters())
+    def pre_head_param_count(self) -> int:
+        return sum(p.numel() for p in self.decoder.norm.parameters())

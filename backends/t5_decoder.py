@@ -215,11 +215,11 @@ class T5DecoderMethods:
                                   cache=cache)
 
     # -- read-out ----------------------------------------------------------------------------------
-    def logits(self, hidden):
+    def pre_head(self, hidden):
         hidden = self.decoder.final_layer_norm(hidden)
         if self.text_config.scale_decoder_outputs:  # T5 with tied embeddings rescales before the head
             hidden = hidden * self.text_config.d_model ** -0.5
-        return self.language_model.lm_head(hidden)
+        return hidden
 
     def readout_copy(self):
         import copy
@@ -278,9 +278,8 @@ class T5DecoderMethods:
         modules = [sub.layer_norm, sub.SelfAttention.k, sub.SelfAttention.v]
         return sum(p.numel() for m in modules for p in m.parameters())
 
-    def head_param_count(self) -> int:
-        modules = [self.decoder.final_layer_norm, self.language_model.lm_head]
-        return sum(p.numel() for m in modules for p in m.parameters())
+    def pre_head_param_count(self) -> int:
+        return sum(p.numel() for p in self.decoder.final_layer_norm.parameters())
 
 
 # -- tiny models -----------------------------------------------------------------------------------

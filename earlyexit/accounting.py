@@ -104,7 +104,10 @@ class CostModel:
             modules.append(sum(_params(m) for m in own) / mean)
             kv.append(backend.kv_projection_param_count(attention) / mean if attention is not None else 0.0)
             head = strategy.exit_readout(e)
-            readout.append((_params(head) if head is not None else backend.head_param_count()) / mean)
+            if getattr(model, "draft_vocabulary", None) is not None and model.drafts_over_vocabulary(e):
+                readout.append(backend.head_param_count(len(model.draft_vocabulary)) / mean)
+            else:
+                readout.append((_params(head) if head is not None else backend.head_param_count()) / mean)
             gates.append(gate.param_count(e) / mean if gate is not None else 0.0)
         return cls(layer_params=layer_params, head_cost=backend.head_param_count() / mean,
                    kv_fill_cost=backend.kv_projection_param_count() / mean, exit_layers=exits,

@@ -197,9 +197,31 @@ class Backend:
         of positions, appending their K/V to the layer's cache slot."""
         raise NotImplementedError
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Read out vocabulary logits from any hidden state (final norm, projections, LM head)."""
+    def pre_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """What the LM head reads: the final norm and any projection or scale before it."""
         raise NotImplementedError
+
+    def logits(self, hidden: torch.Tensor, vocabulary: torch.Tensor | None = None) -> torch.Tensor:
+        """Vocabulary logits from any hidden state (`pre_head`, then the LM head). With
+        `vocabulary` (token ids), only those columns are computed, in that order: a draft's
+        read-out costs len(vocabulary) / vocabulary size of the head's."""
+        head = self.language_model.lm_head
+        if vocabulary is None:
+            return head(self.pre_head(hidden))
+        import torch.nn.functional as F
+
+        rows = self._head_rows(vocabulary)
+        bias = None if head.bias is None else head.bias[vocabulary]
+        return F.linear(self.pre_head(hidden), rows, bias)
+
+    def _head_rows(self, vocabulary: torch.Tensor) -> torch.Tensor:
+        """The head's weight rows of `vocabulary`, gathered once per vocabulary (not per token)."""
+        weight = self.language_model.lm_head.weight
+        memo = getattr(self, "_head_rows_memo", None)
+        if memo is None or memo[0] is not vocabulary or memo[1] is not weight:
+            memo = (vocabulary, weight, weight[vocabulary].contiguous())
+            self._head_rows_memo = memo
+        return memo[2]
 
     def readout_copy(self) -> torch.nn.Module:
         """A trainable copy of the read-out (`logits`: final norm, projections, LM head) as one
@@ -274,6 +296,14 @@ class Backend:
         """Parameters of each decoder layer."""
         return [sum(p.numel() for p in layer.parameters()) for layer in self.decoder_layers()]
 
-    def head_param_count(self) -> int:
-        """Parameters touched by one logit read-out (final norm, projections, LM head)."""
+    def head_param_count(self, vocabulary_size: int | None = None) -> int:
+        """Parameters touched by one logit read-out (final norm, projections, LM head), over the
+        whole vocabulary or over `vocabulary_size` of its tokens."""
+        head = self.language_model.lm_head.weight
+        others = self.pre_head_param_count()
+        rows = head.shape[0] if vocabulary_size is None else vocabulary_size
+        return others + rows * head.shape[1]
+
+    def pre_head_param_count(self) -> int:
+        """Parameters of `pre_head` (final norm, projections)."""
         raise NotImplementedError

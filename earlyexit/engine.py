@@ -139,8 +139,18 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
         # self-speculative decoding drives these (see earlyexit.speculative)
         self.force_exit: int | None = None  # every row leaves at this exit index (drafting)
         self.read_block = False  # the final head reads every position of its block (verification)
+        self.draft_vocabulary: torch.Tensor | None = None  # token ids a forced exit reads out (drafting)
         self.last_cache: EarlyExitCache | None = None
         self._propagation: dict = {}
+
+    def drafts_over_vocabulary(self, exit_index: int) -> bool:
+        """Whether a forced exit here reads out only `draft_vocabulary`: the exit must use the
+        backbone's shared head (a strategy's own read-out or `exit_logits` is left as it is)."""
+        from .strategy import Strategy
+
+        strategy = self.strategy
+        return (self.draft_vocabulary is not None and strategy.exit_readout(exit_index) is None
+                and type(strategy).exit_logits is Strategy.exit_logits)
 
     def _follow_backbone(self) -> None:
         """Exit modules, the strategy's layer copies and a learned gate on the language model's
@@ -436,6 +446,12 @@ class _Step:
                 logits = ask.logits()[where]
             else:
                 logits = model.strategy.exit_logits(e, ask.state()[where])
+        elif model.force_exit is not None and model.drafts_over_vocabulary(e):
+            vocabulary = model.draft_vocabulary
+            state = self.exit_state(e, block[go, -1], rows_out)
+            drafted = self.backend.logits(state, vocabulary)  # a token outside it is never drafted
+            logits = drafted.new_full((drafted.shape[0], self.backend.language_model.lm_head.out_features),
+                                      float("-inf")).index_copy_(1, vocabulary, drafted)
         else:
             logits = model.strategy.exit_logits(e, self.exit_state(e, block[go, -1], rows_out))
         self._emit(rows_out, logits)

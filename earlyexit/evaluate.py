@@ -141,6 +141,7 @@ def wall_clock(early: dict, full: dict | None) -> dict:
 
 def evaluate(backend, strategy, dataset: Dataset, settings: EvalSettings, kv_policy: str = "catchup",
              gate=None, decode: str = "early-exit", draft_exit: int | None = None, draft_length: int = 4,
+             draft_vocabulary=None,
              on_batch=None) -> dict:
     """Quality, the three speed-ups (wall-clock end to end and per decode step, side by side
     with the full model on the same batches) and the exit layers. `decode="speculative"`
@@ -169,7 +170,8 @@ def evaluate(backend, strategy, dataset: Dataset, settings: EvalSettings, kv_pol
     if speculative:
         from .speculative import SelfSpeculativeDecoder
 
-        decoder = SelfSpeculativeDecoder(model, draft_exit=draft_exit, draft_length=draft_length)
+        decoder = SelfSpeculativeDecoder(model, draft_exit=draft_exit, draft_length=draft_length,
+                                         draft_vocabulary=draft_vocabulary)
     generate = dict(max_new_tokens=settings.max_new_tokens, num_beams=settings.num_beams, do_sample=False)
     eos = backend.language_model.generation_config.eos_token_id
     predictions, traces, token_ids, layers_by_id, records = {}, [], {}, {}, []
@@ -242,7 +244,8 @@ def evaluate(backend, strategy, dataset: Dataset, settings: EvalSettings, kv_pol
         speed = {"tokens": len(layers), "mean_exit_layer": float(backend.num_layers),
                  "exit_layer_histogram": {backend.num_layers: len(layers)}, "param_speedup": 1.0,
                  **speculative_summary(records, costs, stats),
-                 "draft_exit_layer": decoder.draft_layer, "draft_length": decoder.draft_length}
+                 "draft_exit_layer": decoder.draft_layer, "draft_length": decoder.draft_length,
+                 "draft_vocabulary": None if draft_vocabulary is None else len(draft_vocabulary)}
     else:
         speed = summarize(traces, costs)
         vision = [k for t in traces if getattr(t, "vision_layers", None) is not None for k in t.vision_layers.tolist()]

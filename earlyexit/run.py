@@ -53,6 +53,7 @@ class RunSettings:
     speculative: bool = True  # also report self-speculative decoding over the strategy's exits
     draft_exit: int | None = None  # exit layer that drafts (default: chosen on dev)
     draft_length: int = 4
+    draft_vocabulary: int | None = None  # drafts read out only the N tokens the backbone writes most on the train split
     test_limit: int | None = None
     dev_limit: int | None = None
     train_limit: int | None = None
@@ -228,11 +229,17 @@ def run(settings: RunSettings, registry, log=print) -> dict | None:
                        "csv": csv_path, "png": png_path}
         timings["calibrate_s"] = time.perf_counter() - began
         log(f"calibration: {why}; curve in {csv_path} and {png_path}")
-    draft_exit = None
+    draft_exit = vocabulary = draft_choice = None
     if settings.speculative and ranking:
         log("note: no self-speculative row: VisDial is scored by ranking answer options, nothing is decoded")
     elif settings.speculative:
-        draft_exit = choose_draft_exit(backend, strategy, dev, evaluation, settings, log)
+        if settings.draft_vocabulary:
+            began = time.perf_counter()
+            vocabulary = run_draft_vocabulary(backend, settings, train_split)
+            timings["draft_vocabulary_s"] = time.perf_counter() - began
+            log(f"speculative: drafts read out {len(vocabulary)} tokens (the backbone's most frequent on "
+                f"{settings.data}/{train_split})")
+        draft_exit, draft_choice = choose_draft_exit(backend, strategy, dev, evaluation, settings, log, vocabulary)
 
     began = time.perf_counter()
     if test.task == "dialog":
@@ -259,7 +266,8 @@ def run(settings: RunSettings, registry, log=print) -> dict | None:
     if draft_exit is not None:
         results[f"{settings.strategy} speculative"] = evaluate(
             backend, strategy, test, dataclasses.replace(evaluation, num_beams=1), kv_policy="catchup",
-            decode="speculative", draft_exit=draft_exit, draft_length=settings.draft_length)
+            decode="speculative", draft_exit=draft_exit, draft_length=settings.draft_length,
+            draft_vocabulary=vocabulary)
     timings["evaluate_s"] = time.perf_counter() - began
 
     mid_crisis = None
@@ -275,7 +283,7 @@ def run(settings: RunSettings, registry, log=print) -> dict | None:
     return {"settings": dataclasses.asdict(settings), "threshold": threshold,
             "knob": knob.name if knob is not None else None, "parameters": strategy.parameter_counts(),
             "strategy_label": label, "draft_exit_layer": strategy.exit_layers[draft_exit] if draft_exit is not None
-            else None,
+            else None, "draft_choice": draft_choice,
             "exit_layers": strategy.exit_layers, "strategy_config": strategy.config.to_dict(),
             "calibration": calibration, "results": results, "mid_crisis": mid_crisis, "timings": timings,
             "num_layers": backend.num_layers, "output": output, "provenance": provenance(),
@@ -320,25 +328,66 @@ def make_run_gate(settings: RunSettings, strategy, backend, train_split: str, lo
     return gate
 
 
-def choose_draft_exit(backend, strategy, dev, evaluation, settings: RunSettings, log) -> int:
-    """The exit that drafts in speculative mode: given, or the fastest on (part of) the dev split."""
+def run_draft_vocabulary(backend, settings: RunSettings, train_split: str):
+    """The `settings.draft_vocabulary` tokens the backbone itself writes most often on (up to 200
+    samples of) the exit-training split: never the test split."""
+    from .exit_training import backbone_captions
+    from .speculative import draft_vocabulary_of
+
+    limit = min(settings.train_limit or 200, 200)
+    outputs = backbone_captions(backend, load_split(settings.data, train_split, limit), batch_size=settings.batch_size,
+                                progress=settings.progress, max_new_tokens=settings.max_new_tokens)
+    return draft_vocabulary_of(backend, [t for texts in outputs.values() for t in texts], settings.draft_vocabulary)
+
+
+def choose_draft_exit(backend, strategy, dev, evaluation, settings: RunSettings, log, vocabulary=None):
+    """(exit index that drafts in speculative mode, what the choice saw): given, or the fastest on
+    (part of) the dev split, timed beside plain decoding of the same rows one at a time (what
+    speculative decoding is compared with). When no exit drafts faster than plain decoding, the
+    log says so: the row is still reported, but it is slower here."""
     from .evaluate import evaluate
 
     if settings.draft_exit is not None:
         if settings.draft_exit not in strategy.exit_layers:
             raise ConfigError(f"--draft-exit {settings.draft_exit} is not one of the exit layers {strategy.exit_layers}")
-        return strategy.exit_layers.index(settings.draft_exit)
+        return strategy.exit_layers.index(settings.draft_exit), None
     probe = dataclasses.replace(evaluation, num_beams=1, progress=False, quick_metrics=True, measure_wall=False)
     sample = dev.subset(min(len(dev), 40))
+    plain = plain_tokens_per_s(backend, sample, evaluation.max_new_tokens)
     best, speeds = 0, []
     for e in range(len(strategy.exit_layers)):
         result = evaluate(backend, strategy, sample, probe, kv_policy="catchup", decode="speculative", draft_exit=e,
-                          draft_length=settings.draft_length)
+                          draft_length=settings.draft_length, draft_vocabulary=vocabulary)
         speeds.append(result["speed"]["wall"]["early_exit"]["tokens_per_s"])
         best = e if speeds[e] > speeds[best] else best
     log("speculative: tokens/s on dev by draft exit " + ", ".join(
-        f"{k}: {v:.1f}" for k, v in zip(strategy.exit_layers, speeds)) + f"; drafting at {strategy.exit_layers[best]}")
-    return best
+        f"{k}: {v:.1f}" for k, v in zip(strategy.exit_layers, speeds)) + f" (plain decoding, one row at a time: "
+        f"{plain:.1f}); drafting at {strategy.exit_layers[best]}")
+    if speeds[best] <= plain:
+        log(f"note: speculative decoding is slower than plain decoding on dev at every exit (best "
+            f"{speeds[best] / plain:.2f}x); its row is reported, but it does not pay here: better exits or a "
+            "draft vocabulary (--draft-vocabulary) may help")
+    return best, {"dev_tokens_per_s": dict(zip(strategy.exit_layers, speeds)), "dev_plain_tokens_per_s": plain,
+                  "dev_speedup": speeds[best] / plain if plain else None}
+
+
+def plain_tokens_per_s(backend, dataset, max_new_tokens: int) -> float:
+    """Greedy plain decoding of each sample alone (batch 1), as speculative decoding runs."""
+    import torch
+
+    from .batching import prompt_for
+    from .evaluate import _timed, count_tokens
+
+    eos = backend.language_model.generation_config.eos_token_id
+    seconds = tokens = 0
+    for sample in dataset:
+        inputs = backend.prepare_inputs([sample.load_image()], [prompt_for(sample, dataset.task)])
+        with torch.no_grad():
+            sequences, spent, _ = _timed(backend.plain_generate, inputs,
+                                         {"max_new_tokens": max_new_tokens, "do_sample": False})
+        seconds += spent
+        tokens += count_tokens(sequences, inputs["input_ids"].shape[1], eos)
+    return tokens / seconds if seconds else float("nan")
 
 
 def mid_crisis_report(backend, strategy, dataset, folder: str, limit: int = 100) -> dict:
@@ -386,3 +435,5 @@ def check_settings(settings: RunSettings) -> None:
         raise ConfigError(f"--budget is a fraction of the full model's quality, e.g. 0.02 (got {settings.budget})")
     if settings.grid is not None and not settings.grid:
         raise ConfigError("the calibration grid is empty; pass values such as --grid 0.5,0.7,0.9")
+    if settings.draft_vocabulary is not None and settings.draft_vocabulary < 1:
+        raise ConfigError(f"--draft-vocabulary is a number of tokens, e.g. 1024 (got {settings.draft_vocabulary})")

@@ -55,7 +55,11 @@ class SelfSpeculativeDecoder:
     """Greedy self-speculative decoding over an `EarlyExitForCausalLM` (its kv policy must be
     `catchup`, which is what reuses the drafts' shallow work)."""
 
-    def __init__(self, model, draft_exit: int | None = None, draft_length: int = 4):
+    def __init__(self, model, draft_exit: int | None = None, draft_length: int = 4,
+                 draft_vocabulary: torch.Tensor | None = None):
+        """`draft_vocabulary`: token ids the drafts are read out over (`draft_vocabulary_of`), so a
+        draft's head costs a fraction of the full one; the output stays the full model's, since
+        every token is verified at full depth over the whole vocabulary."""
         if model.strategy is None:
             raise ConfigError("speculative decoding drafts with a strategy's exits; pass --strategy")
         if model.kv_policy != "catchup":
@@ -69,6 +73,15 @@ class SelfSpeculativeDecoder:
         if draft_length < 1:
             raise ConfigError(f"the draft length must be at least 1 (got {draft_length})")
         self.model, self.draft_length = model, draft_length
+        if draft_vocabulary is not None:
+            size = model.backend.language_model.lm_head.out_features
+            draft_vocabulary = torch.as_tensor(draft_vocabulary, dtype=torch.long, device=model.device).flatten()
+            if not len(draft_vocabulary) or int(draft_vocabulary.min()) < 0 or int(draft_vocabulary.max()) >= size:
+                raise ConfigError(f"the draft vocabulary must be token ids in [0, {size}) (got {len(draft_vocabulary)} "
+                                  "ids, some outside)")
+            if len(torch.unique(draft_vocabulary)) != len(draft_vocabulary):
+                raise ConfigError("the draft vocabulary lists a token id twice")
+        model.draft_vocabulary = draft_vocabulary
         self.last_stats = SpeculativeStats()
         self.total_stats = SpeculativeStats()  # over every `generate` call of this decoder
         self.last_records: list = []
@@ -174,6 +187,26 @@ class SelfSpeculativeDecoder:
     @staticmethod
     def _mask(cache, device):
         return torch.ones(1, cache.total_length + 1, dtype=torch.long, device=device)
+
+
+def draft_vocabulary_of(backend, texts, size: int) -> torch.Tensor:
+    """The `size` tokens that occur most often in `texts` (what the backbone itself writes, e.g.
+    on the exit-training split), the end-of-sequence token included: the vocabulary drafts are
+    read out over (frequency-ranked drafting, as in FR-Spec)."""
+    from collections import Counter
+
+    if size < 1:
+        raise ConfigError(f"the draft vocabulary needs at least one token (got {size}); e.g. --draft-vocabulary 1024")
+    tokenizer = backend.processor.tokenizer
+    counts = Counter()
+    for text in texts:
+        counts.update(tokenizer(" " + text, add_special_tokens=False)["input_ids"])
+    eos = backend.language_model.generation_config.eos_token_id
+    for token in (eos if isinstance(eos, (list, tuple)) else [eos]):
+        if token is not None:
+            counts[token] += len(texts) + 1  # every text ends with it
+    chosen = [token for token, _ in counts.most_common(size)]
+    return torch.tensor(sorted(chosen), dtype=torch.long, device=backend.device)
 
 
 def speculative_summary(records_per_row: list[list], costs, stats: SpeculativeStats) -> dict:

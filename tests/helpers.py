@@ -389,3 +389,15 @@ def assert_catchup_cache_is_one_full_forward_under_beams(registry, backend, inpu
     assert (model.last_trace.exit_layers == 3).any()
     for running, snapshot in snapshots.snapshots[1:]:
         assert_cache_matches_full_forward(snapshot, backend, inputs, running, drop_last=False)
+
+
+def assert_vocabulary_readout_is_those_columns(backend) -> None:
+    """`backend.logits(h, vocabulary)` is the full read-out's columns for those tokens, and its
+    parameter count is the head's rows for them plus the pre-head part."""
+    dtype = next(backend.language_model.parameters()).dtype
+    hidden = torch.randn(3, backend.text_config.hidden_size, dtype=dtype)
+    vocabulary = torch.tensor([7, 2, 30, 11])
+    with torch.no_grad():
+        torch.testing.assert_close(backend.logits(hidden, vocabulary), backend.logits(hidden)[:, vocabulary])
+    head = backend.language_model.lm_head.weight
+    assert backend.head_param_count(4) == backend.head_param_count() - head.numel() + 4 * head.shape[1]

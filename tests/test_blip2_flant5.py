@@ -18,7 +18,7 @@ from earlyexit.data.scenes import SceneConfig, load_scenes
 from earlyexit.engine import EarlyExitForCausalLM
 from earlyexit.errors import CheckpointError, ConfigError, ModelNotAvailableError
 from earlyexit.exit_training import train_exits
-from helpers import (assert_decoder_cache_matches_full_forward, assert_encoder_decoder_exits_off_match_transformers,
+from helpers import (assert_vocabulary_readout_is_those_columns, assert_decoder_cache_matches_full_forward, assert_encoder_decoder_exits_off_match_transformers,
                      assert_teacher_forcing_gives_the_models_own_loss, fed_decoder_ids, fixed, make_backend,
                      make_images, new_tokens, no_eos, train_exits_then_reload)
 
@@ -375,3 +375,8 @@ def test_bfloat16_tiny_random_and_folder_generate_with_exits(registry, t5_6, tmp
         model.generate(**inputs, max_new_tokens=4, num_beams=2, do_sample=False, **no_eos(b))
         assert model.last_cache.encoder["states"].dtype == torch.bfloat16
         assert (model.last_trace.exit_layers[:, 1:] == 2).all()
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_a_vocabulary_read_out_is_those_columns_of_the_full_one(shape):
+    assert_vocabulary_readout_is_those_columns(tiny(seed=3, **SHAPES[shape]))  # the tied head's scale included

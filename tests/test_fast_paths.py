@@ -7,7 +7,7 @@ from earlyexit.engine import EarlyExitForCausalLM
 from earlyexit.gates import CosineGate, LearnedGate, train_gate
 from earlyexit.speculative import SelfSpeculativeDecoder
 from earlyexit.strategy import Strategy
-from helpers import make_backend, make_images, no_eos
+from helpers import assert_vocabulary_readout_is_those_columns, make_backend, make_images, no_eos
 
 PROMPTS = ["a red circle", "two", "what color is the small square", ""]
 
@@ -189,3 +189,83 @@ def test_speculative_with_trained_exits(registry, tmp_path):
     inputs = local.prepare_inputs([s.load_image() for s in scenes.samples[:2]], ["", "a"])
     stats = speculative_matches(local, free, inputs, 1, 3)
     assert stats.drafted > 0
+
+
+# -- drafts over a smaller vocabulary ---------------------------------------------------------------
+def test_a_vocabulary_read_out_is_those_columns_of_the_full_one(backend):
+    assert_vocabulary_readout_is_those_columns(backend)
+
+
+def test_draft_vocabulary_of_keeps_the_most_frequent_tokens_and_the_end(backend):
+    from earlyexit.errors import ConfigError
+    from earlyexit.speculative import draft_vocabulary_of
+
+    tokenizer = backend.processor.tokenizer
+    texts = ["red red red circle", "red circle", "blue"]
+    ids = {w: tokenizer(" " + w, add_special_tokens=False)["input_ids"] for w in ("red", "circle", "blue")}
+    assert all(len(v) == 1 for v in ids.values())  # whole words in this tokenizer
+    eos = backend.language_model.generation_config.eos_token_id
+    assert draft_vocabulary_of(backend, texts, 3).tolist() == sorted([eos, ids["red"][0], ids["circle"][0]])
+    assert len(draft_vocabulary_of(backend, texts, 100)) == 4  # no more than were seen
+    with pytest.raises(ConfigError, match="at least one token"):
+        draft_vocabulary_of(backend, texts, 0)
+
+
+def test_forced_exit_reads_out_only_the_draft_vocabulary(registry, backend):
+    free = registry.strategy("free")(backend, [2, 4])
+    inputs = backend.prepare_inputs(make_images(2, seed=8), PROMPTS[:2])
+    vocabulary = torch.tensor([3, 5, 8, 13, 21])
+    outputs = {}
+    # the prompt pass runs at full depth and reads the whole vocabulary either way; a second
+    # token is drafted at the exit
+    for name, restricted in (("full", None), ("vocabulary", vocabulary)):
+        model = EarlyExitForCausalLM(backend, free)
+        model.draft_vocabulary = restricted
+        cache = model.new_cache()
+        with torch.no_grad():
+            model.force_exit = -1
+            embeds = backend.decoder_inputs_embeds(inputs["pixel_values"], inputs["input_ids"])
+            model.prompt_pass(embeds, inputs["attention_mask"], cache)
+            model.force_exit = 0
+            mask = torch.cat([inputs["attention_mask"], torch.ones(2, 1, dtype=torch.long)], 1)
+            outputs[name] = model(input_ids=torch.tensor([[4], [6]]), attention_mask=mask, cache=cache).logits[:, -1]
+    full, drafted = outputs["full"], outputs["vocabulary"]
+    torch.testing.assert_close(drafted[:, vocabulary], full[:, vocabulary])
+    outside = torch.ones(full.shape[1], dtype=torch.bool)
+    outside[vocabulary] = False
+    assert torch.isinf(drafted[:, outside]).all() and (drafted[:, outside] < 0).all()
+
+
+@pytest.mark.parametrize("size", [1, 6, 40])
+def test_speculative_over_a_draft_vocabulary_is_the_full_model(registry, backend, size):
+    from earlyexit.accounting import CostModel
+    from earlyexit.evaluate import decode_new_tokens
+    from earlyexit.speculative import draft_vocabulary_of
+
+    free = registry.strategy("free")(backend, [2, 4])
+    inputs = backend.prepare_inputs(make_images(4, seed=8), PROMPTS)
+    plain = backend.plain_generate(**inputs, max_new_tokens=12, do_sample=False)
+    texts = decode_new_tokens(backend, plain, inputs["input_ids"].shape[1])
+    vocabulary = draft_vocabulary_of(backend, texts, size)
+    model = EarlyExitForCausalLM(backend, free)
+    decoder = SelfSpeculativeDecoder(model, 0, 3, draft_vocabulary=vocabulary)
+    got = decoder.generate(**inputs, max_new_tokens=12)
+    prompt = inputs["input_ids"].shape[1]
+    for r in range(plain.shape[0]):
+        want = plain[r, prompt:]
+        assert torch.equal(got[r, prompt:prompt + len(want)], want)
+    assert decoder.last_stats.drafted > 0
+    costs = CostModel.for_model(model)
+    mean = sum(backend.layer_param_counts()) / backend.num_layers
+    assert costs.exit_readout_costs == pytest.approx([backend.head_param_count(len(vocabulary)) / mean] * 2)
+    assert costs.head_cost == pytest.approx(backend.head_param_count() / mean)  # verification reads it all
+
+
+def test_a_bad_draft_vocabulary_is_one_line(registry, backend):
+    from earlyexit.errors import ConfigError
+
+    model = EarlyExitForCausalLM(backend, registry.strategy("free")(backend, [2, 4]))
+    size = backend.language_model.lm_head.out_features
+    for bad, message in (([size], "token ids in"), ([-1], "token ids in"), ([], "token ids in"), ([3, 3], "twice")):
+        with pytest.raises(ConfigError, match=message):
+            SelfSpeculativeDecoder(model, 0, 3, draft_vocabulary=torch.tensor(bad, dtype=torch.long))

@@ -14,7 +14,7 @@ from earlyexit.batching import TrainingBatches
 from earlyexit.data.scenes import SceneConfig, load_scenes
 from earlyexit.engine import EarlyExitForCausalLM
 from earlyexit.errors import CheckpointError, ConfigError, ModelNotAvailableError
-from helpers import (assert_cache_matches_full_forward, assert_catchup_cache_is_one_full_forward_under_beams,
+from helpers import (assert_vocabulary_readout_is_those_columns, assert_cache_matches_full_forward, assert_catchup_cache_is_one_full_forward_under_beams,
                      assert_catchup_gqa_cache_is_one_full_forward, assert_exit_slots_match_running_the_modules,
                      assert_propagate_projects_rotated_grouped_kv, fixed_exit, make_backend, make_images, no_eos,
                      train_exits_then_reload)
@@ -303,3 +303,7 @@ def test_the_memory_bound_counts_only_the_kv_heads_a_grouped_query_model_stores(
     # 10 positions x 4 bytes x (2 slots x K and V x kv width + the hidden state) + the logits
     assert cache_bytes_per_row(full, 10, 2) == 10 * 4 * (2 * 2 * 32 + 32) + vocab
     assert cache_bytes_per_row(grouped, 10, 2) == 10 * 4 * (2 * 2 * 8 + 32) + vocab
+
+
+def test_a_vocabulary_read_out_is_those_columns_of_the_full_one(gqa6):
+    assert_vocabulary_readout_is_those_columns(gqa6)

@@ -35,8 +35,11 @@ def test_run_free_end_to_end(tmp_path, capsys):
     assert free["config"]["gate"] == "learned" and report["timings"]["train_gate_s"] > 0
     assert set(report["mid_crisis"]["trained"]) == {"1", "2"}
     assert "train_exits_s" in report["timings"]
+    choice = report["draft_choice"]  # the draft exit was chosen on dev, beside plain decoding
+    assert set(choice["dev_tokens_per_s"]) == {"1", "2"} and choice["dev_plain_tokens_per_s"] > 0
 
-    # a second run reuses the trained exits
-    assert main(argv[:-2]) == 0
+    # a second run reuses the trained exits; its drafts read out only the tokens the backbone writes
+    assert main(argv[:-2] + ["--draft-vocabulary", "8"]) == 0
     captured = capsys.readouterr()
     assert "exits: reusing" in captured.err and "training a learned gate" not in captured.err
+    assert "speculative: drafts read out" in captured.err and " tokens, " in captured.out
