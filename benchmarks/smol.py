@@ -29,6 +29,26 @@ import sys
 import time
 
 MODEL, BACKEND = "smol", "minigpt4-llama"
+# FREE on smol, chosen on dev (agreement of each exit with the final layer's token): label-free
+# distillation (KL to the final layer + cross-entropy on smol's own tokens), a higher learning
+# rate and more epochs than FREE's defaults (which suit the embedded `tiny`), and no adversarial
+# term: on SmolLM2 the feature classifier separates the last layer's states from the exits'
+# almost perfectly and the generator's adversarial loss then pulls the exits away from the
+# final layer's tokens (see the README's smol section)
+FREE_RECIPE = "mode=distill,ce=true,adversarial=false,learning_rate=5e-4,epochs=8"
+
+
+def parse_options(text: str) -> list[tuple[str, object]]:
+    """KEY=VALUE,... with JSON values where they parse (numbers, true/false), strings otherwise."""
+    options = []
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            value = json.loads(value)
+        except ValueError:
+            pass
+        options.append((key.strip(), value))
+    return options
 
 
 def cached(work: str, name: str, again: bool, compute):
@@ -55,7 +75,9 @@ def run_strategy(strategy: str, args) -> dict:
                            dev_limit=args.dev_limit, train_limit=args.train_limit, batch_size=args.batch_size,
                            exit_layers=args.exit_layers, output=os.path.join(args.work, "runs"),
                            grid=tuple(args.grid) if args.grid else None,
-                           speculative=strategy == "free", progress=args.progress)
+                           options=dict(args.free_options) if strategy == "free" else {},
+                           speculative=strategy == "free", draft_vocabulary=args.draft_vocabulary or None,
+                           progress=args.progress)
     report = run(settings, get_registry(load_entrypoints=False), log=lambda text: print(f"  {text}", flush=True))
     report.pop("tokenizer", None)
     return json.loads(json.dumps(report, default=str))
@@ -73,7 +95,11 @@ def summary(report: dict) -> dict:
                                                    "wall_speedup", "decode_wall_speedup", "tokens_per_s",
                                                    "mean_exit_layer")}}
     return {"threshold": report["threshold"], "knob": report["knob"], "exit_layers": report["exit_layers"],
-            "draft_exit_layer": report.get("draft_exit_layer"), "methods": rows,
+            "draft_exit_layer": report.get("draft_exit_layer"), "draft_choice": report.get("draft_choice"),
+            "speculative": {k: v for name, result in report["results"].items() if name.endswith("speculative")
+                            for k, v in result["speed"].items() if k in ("acceptance_rate", "mean_draft_length",
+                                                                          "draft_vocabulary", "draft_length")},
+            "strategy_config": report.get("strategy_config"), "methods": rows,
             "train_exits_s": report["timings"].get("train_exits_s"), "timings": report["timings"]}
 
 
@@ -126,6 +152,10 @@ def main(argv=None) -> int:
     parser.add_argument("--strategies", default="free,confidence")
     parser.add_argument("--grid", type=lambda text: [float(x) for x in text.split(",")],
                         help="thresholds to calibrate over (default: each strategy's grid)")
+    parser.add_argument("--free-options", type=parse_options, default=parse_options(FREE_RECIPE),
+                        help=f"FREE's training options, KEY=VALUE,... (default {FREE_RECIPE}: chosen on dev)")
+    parser.add_argument("--draft-vocabulary", type=int, default=256,
+                        help="speculative drafts read out the N tokens smol writes most (default 256; 0: all)")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     parser.add_argument("--again", action="store_true", help="recompute the cached parts")
     args = parser.parse_args(argv)
@@ -154,7 +184,8 @@ def main(argv=None) -> int:
     result["grounding_test"] = cached(args.work, f"grounding-test-{args.test_limit}", args.again, grounded)
     runs = {}
     for strategy in args.strategies.split(","):
-        key = f"run-{strategy}-{args.test_limit}-{args.dev_limit}-{args.train_limit}-{args.grid}"
+        key = "-".join(str(x) for x in ("run", strategy, args.test_limit, args.dev_limit, args.train_limit, args.grid,
+                                          args.exit_layers, args.draft_vocabulary, *sorted(args.free_options)))
         report = cached(args.work, key, args.again, lambda: run_strategy(strategy, args))
         runs[strategy] = {"summary": summary(report), "mid_crisis": report.get("mid_crisis"),
                           "calibration_why": (report.get("calibration") or {}).get("why"),

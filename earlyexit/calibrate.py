@@ -181,6 +181,18 @@ def choose(points: list[CalibrationPoint], full_quality: float, rule: str = "bes
                      f"(threshold {fastest.threshold})")
 
 
+def cost_warning(chosen: CalibrationPoint, speed: str = "layer") -> str | None:
+    """A sentence when the chosen knob makes generation slower than the full model on dev (by the
+    speed the rule maximised): such exits cost more than they save, and the user must hear it."""
+    value = chosen.wall_speedup if speed == "wall" else chosen.layer_speedup
+    if value is None or value > 1.0:
+        return None
+    measure = "wall clock" if speed == "wall" else "layer-equivalents"
+    return (f"warning: at the chosen threshold {chosen.threshold} these exits are slower than the full model on dev "
+            f"({value:.2f}x by {measure}): they cost more than they save here; serve the full model, or train better "
+            "exits, use fewer exits or a gate")
+
+
 def write_curve(points: list[CalibrationPoint], full_quality: float, metric: str, folder: str,
                 name: str = "calibration") -> tuple[str, str]:
     """The speed-versus-quality curve as CSV and PNG; returns both paths."""

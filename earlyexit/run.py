@@ -129,7 +129,7 @@ def exits_cache_folder(settings: RunSettings, strategy, backbone_fingerprint: st
 
 def run(settings: RunSettings, registry, log=print) -> dict | None:
     from .adapters import backbone_fingerprint, load_exits, save_exits
-    from .calibrate import Knob, choose, main_metric, sweep, write_curve
+    from .calibrate import Knob, choose, cost_warning, main_metric, sweep, write_curve
     from .deepspeed_config import is_main_process, launched_world_size
     from .evaluate import EvalSettings, evaluate, provenance
     from .exit_training import train_exits
@@ -222,13 +222,16 @@ def run(settings: RunSettings, registry, log=print) -> dict | None:
                              epsilon=settings.epsilon, safest_first=knob.safest_first)
         knob.value = chosen.threshold
         csv_path, png_path = write_curve(points, full_dev, metric, output) if main else (None, None)
+        warning = cost_warning(chosen, settings.speed_target)
         calibration = {"rule": settings.rule, "budget": settings.budget, "epsilon": settings.epsilon,
-                       "speed_target": settings.speed_target,
+                       "speed_target": settings.speed_target, "warning": warning,
                        "why": why, "knob": knob.name, "threshold": chosen.threshold, "gate": settings.gate,
                        "full_quality": full_dev, "points": [dataclasses.asdict(p) for p in points],
                        "csv": csv_path, "png": png_path}
         timings["calibrate_s"] = time.perf_counter() - began
         log(f"calibration: {why}; curve in {csv_path} and {png_path}")
+        if warning:
+            log(warning)
     draft_exit = vocabulary = draft_choice = None
     if settings.speculative and ranking:
         log("note: no self-speculative row: VisDial is scored by ranking answer options, nothing is decoded")
@@ -364,9 +367,9 @@ def choose_draft_exit(backend, strategy, dev, evaluation, settings: RunSettings,
         f"{k}: {v:.1f}" for k, v in zip(strategy.exit_layers, speeds)) + f" (plain decoding, one row at a time: "
         f"{plain:.1f}); drafting at {strategy.exit_layers[best]}")
     if speeds[best] <= plain:
+        hint = "better exits" + ("" if vocabulary is not None else " or a draft vocabulary (--draft-vocabulary)")
         log(f"note: speculative decoding is slower than plain decoding on dev at every exit (best "
-            f"{speeds[best] / plain:.2f}x); its row is reported, but it does not pay here: better exits or a "
-            "draft vocabulary (--draft-vocabulary) may help")
+            f"{speeds[best] / plain:.2f}x); its row is reported, but it does not pay here: {hint} may help")
     return best, {"dev_tokens_per_s": dict(zip(strategy.exit_layers, speeds)), "dev_plain_tokens_per_s": plain,
                   "dev_speedup": speeds[best] / plain if plain else None}
 

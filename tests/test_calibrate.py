@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from earlyexit.calibrate import CalibrationPoint, binomial_p_value, choose
+from earlyexit.calibrate import CalibrationPoint, binomial_p_value, choose, cost_warning
 
 
 def point(threshold, quality, layer, disagreements, samples=20):
@@ -44,3 +44,16 @@ def test_budget_rule_takes_the_fastest_within_the_budget():
     points = [point(1.0, 0.70, 1.0, 0), point(0.8, 0.695, 1.2, 3), point(0.6, 0.65, 1.6, 9)]
     chosen, _ = choose(points, 0.70, rule="budget", budget=0.01)
     assert chosen.threshold == 0.8
+
+
+def test_a_chosen_knob_slower_than_the_full_model_is_a_warning():
+    """The budget rule picks the fastest point within budget; when even that one is slower than
+    the full model (as on smol with six exits), the run must say so, by the speed it maximised."""
+    slow = [CalibrationPoint(0.6, 0.47, 1.2, 0.85, 19.3, wall_speedup=0.7),
+            CalibrationPoint(1.0, 0.47, 1.0, 0.72, 30.0, wall_speedup=0.6)]
+    chosen, _ = choose(slow, 0.472, "budget", 0.01)
+    assert chosen.threshold == 0.6
+    assert "slower than the full model" in cost_warning(chosen) and "0.85x by layer" in cost_warning(chosen)
+    assert "0.70x by wall clock" in cost_warning(chosen, "wall")
+    fast = CalibrationPoint(0.6, 0.47, 1.5, 1.2, 8.0, wall_speedup=0.95)
+    assert cost_warning(fast) is None and "0.95x" in cost_warning(fast, "wall")

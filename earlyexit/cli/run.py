@@ -46,6 +46,8 @@ def format_run(report: dict, color: bool) -> str:
              f"batch {settings['batch_size']}"]
     if report["calibration"]:
         lines.append(f"calibrated on the dev split: {report['calibration']['why']}")
+        if report["calibration"].get("warning"):
+            lines.append(report["calibration"]["warning"])
     if report.get("parameters"):
         lines.append(f"parameters: {report['parameters']['trainable']:,} trained, {report['parameters']['inference']:,} "
                      "added at inference")
