@@ -1,0 +1,62 @@
+"""How long each strategy's exit training takes on `smol` (the frozen SmolLM2-135M), with its
+defaults, on the whole exit-training split (400 scenes), alone on the machine.
+
+    python benchmarks/smol_training_time.py --strategies deebert --json benchmarks/results/smol-training-time.json
+
+Each strategy trains at its default exits with its default options (FREE's smol recipe is in
+`benchmarks/smol.py`); the file records seconds, optimiser steps, whether the trainer reused the
+backbone's features across epochs, and the last logged losses. A rerun with other strategies
+adds them to the same file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", required=True)
+    parser.add_argument("--strategies", default="deebert")
+    parser.add_argument("--train-limit", type=int, help="exit-training images (default: all 400)")
+    args = parser.parse_args(argv)
+
+    from earlyexit.evaluate import provenance
+    from earlyexit.exit_training import train_exits
+    from earlyexit.files import write_json_atomically
+    from earlyexit.plugins import get_registry
+    from earlyexit.run import load_split
+
+    registry = get_registry(load_entrypoints=False)
+    backend = registry.backend("minigpt4-llama").load("smol")
+    train = load_split("scenes", "exit_train", args.train_limit)
+    result = {"runs": {}}
+    if os.path.isfile(args.json):
+        with open(args.json) as handle:
+            result = json.load(handle)
+    for name in args.strategies.split(","):
+        cls = registry.strategy(name)
+        strategy = cls(backend, cls.default_exit_layers(backend.num_layers), cls.Config())
+        began = time.perf_counter()
+        with tempfile.TemporaryDirectory() as work:
+            losses = train_exits(strategy, backend, train, work, progress=False)
+        seconds = time.perf_counter() - began
+        result["runs"][name] = {"seconds": seconds, "steps": len(losses), "exit_layers": strategy.exit_layers,
+                                "config": strategy.config.to_dict(), "images": len(train),
+                                "reuses_backbone_features": strategy.reuses_backbone_features,
+                                "trainable_parameters": strategy.parameter_counts()["trainable"],
+                                "last_losses": losses[-1], "load_average_1min": os.getloadavg()[0],
+                                "command": "python benchmarks/smol_training_time.py " + " ".join(
+                                    argv if argv is not None else sys.argv[1:]), "provenance": provenance()}
+        print(name, json.dumps({k: result["runs"][name][k] for k in ("seconds", "steps", "exit_layers")}), flush=True)
+        write_json_atomically(args.json, result)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
