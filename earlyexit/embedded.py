@@ -157,7 +157,6 @@ def build(recipe: dict, path: str, progress: bool = True) -> dict:
     settings = dict(recipe["train"])
     batches = TrainingBatches(backend, datasets, batch_size=settings.pop("batch_size"), seed=settings["seed"],
                               caption_words=recipe["caption_words_weight"] > 0)
-    from .files import atomic_folder
 
     os.makedirs(os.path.dirname(path), exist_ok=True)
     work = tempfile.mkdtemp(prefix=f".{NAME}-build-", dir=os.path.dirname(path))
@@ -179,10 +178,7 @@ def build(recipe: dict, path: str, progress: bool = True) -> dict:
         backend.model.generation_config.max_new_tokens = 20
         info = {"recipe": recipe, "fingerprint": fingerprint(recipe), "train_seconds": seconds,
                 "final_loss": sum(e["loss"] for e in losses[-50:]) / min(50, len(losses))}
-        with atomic_folder(path) as model_dir:
-            backend.save_pretrained(model_dir)
-            with open(os.path.join(model_dir, "earlyexit_build.json"), "w") as handle:
-                json.dump(info, handle, indent=2)
+        save_build(backend, path, info)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return info
@@ -248,6 +244,16 @@ def thin_questions(dataset, per_image: int):
     for n, questions in enumerate(by_image.values()):
         kept += [questions[(n + k) % len(questions)] for k in range(min(per_image, len(questions)))]
     return dataclasses.replace(dataset, samples=kept)
+
+
+def save_build(backend, path: str, info: dict) -> None:
+    """The built model and its `earlyexit_build.json` (what `build_info` reads), all or nothing."""
+    from .files import atomic_folder
+
+    with atomic_folder(path) as model_dir:
+        backend.save_pretrained(model_dir)
+        with open(os.path.join(model_dir, "earlyexit_build.json"), "w") as handle:
+            json.dump(info, handle, indent=2)
 
 
 def build_info(recipe: dict = RECIPE) -> dict | None:

@@ -22,7 +22,6 @@ Judge recipe changes on the val split (`benchmarks/grounding.py --model smol`), 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -178,8 +177,7 @@ def build(recipe: dict, path: str, progress: bool = True) -> dict:
     from .backends.minigpt4_llama import Minigpt4LlamaBackend
     from .batching import TrainingBatches
     from .data.scenes import SceneConfig, load_scenes
-    from .embedded import fingerprint, thin_questions
-    from .files import atomic_folder
+    from .embedded import fingerprint, save_build, thin_questions
     from .training import PlainEngine, TrainConfig, train
 
     started = time.perf_counter()
@@ -268,10 +266,7 @@ def build(recipe: dict, path: str, progress: bool = True) -> dict:
                 "load_average_1min": os.getloadavg()[0],
                 "final_words_loss": sum(e["words"] for e in words_losses[-50:]) / min(50, len(words_losses)),
                 "final_loss": sum(e["lm"] for e in tail) / len(tail)}
-        with atomic_folder(path) as model_dir:
-            backend.save_pretrained(model_dir)
-            with open(os.path.join(model_dir, "earlyexit_build.json"), "w") as handle:
-                json.dump(info, handle, indent=2)
+        save_build(backend, path, info)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return info
