@@ -49,15 +49,18 @@ class Backend:
         `device` (cpu, cuda, cuda:N, mps) and `dtype` (float32, bfloat16, float16) default to the
         CPU in float32 here (the CLI's defaults pick a GPU when there is one); a value this machine
         cannot run is a ConfigError before anything loads."""
-        from . import embedded
+        from . import embedded, kernels
         from .devices import resolve_device, resolve_dtype
 
         name_or_path = embedded.resolve(name_or_path, cls.name)  # `tiny`, `smol`: built on first use
         device = resolve_device(device or "cpu")
         dtype = resolve_dtype(dtype or "float32", device)
         if name_or_path == cls.TINY_RANDOM:
-            return cls.from_tiny_config(seed=0, num_layers=12, hidden_size=64).to(device, dtype)
-        return cls.from_pretrained(name_or_path, device=device, dtype=dtype)
+            backend = cls.from_tiny_config(seed=0, num_layers=12, hidden_size=64).to(device, dtype)
+        else:
+            backend = cls.from_pretrained(name_or_path, device=device, dtype=dtype)
+        kernels.install(backend.model)  # few-row CPU matmuls, for the full model and the exits alike
+        return backend
 
     def to(self, device: str | None = None, dtype: str | None = None) -> Backend:
         """Move the whole model (vision side included) to `device` and/or `dtype` (names as
@@ -208,11 +211,11 @@ class Backend:
         head = self.language_model.lm_head
         if vocabulary is None:
             return head(self.pre_head(hidden))
-        import torch.nn.functional as F
+        from .kernels import linear
 
         rows = self._head_rows(vocabulary)
         bias = None if head.bias is None else head.bias[vocabulary]
-        return F.linear(self.pre_head(hidden), rows, bias)
+        return linear(self.pre_head(hidden), rows, bias)
 
     def _head_rows(self, vocabulary: torch.Tensor) -> torch.Tensor:
         """The head's weight rows of `vocabulary`, gathered once per vocabulary (not per token)."""

@@ -37,6 +37,7 @@ import torch
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from . import kernels
 from .accounting import ExitVisit, StepRecord
 from .backend import Backend
 from .cache import EarlyExitCache, WritePlan
@@ -129,6 +130,10 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
         if gate is not None:
             self.gate_modules = gate  # registered for .to()
         self._follow_backbone()
+        for module in (self.language_model, getattr(self, "own_layers", None), getattr(self, "exit_modules", None),
+                       getattr(self, "gate_modules", None)):
+            if isinstance(module, torch.nn.Module):
+                kernels.install(module)  # as `Backend.load` does for the backbone (idempotent)
         # a row fed padding or an end-of-sequence token has finished: it costs nothing more
         config = self.generation_config
         ends = [config.pad_token_id] + (config.eos_token_id if isinstance(config.eos_token_id, (list, tuple))
