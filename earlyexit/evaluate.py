@@ -140,7 +140,7 @@ def wall_clock(early: dict, full: dict | None) -> dict:
 
 
 def evaluate(backend, strategy, dataset: Dataset, settings: EvalSettings, kv_policy: str = "catchup",
-             gate=None, decode: str = "early-exit", draft_exit: int | None = None, draft_length: int = 4,
+             gate=None, decode: str = "early-exit", draft_exit: int | None = None, draft_length: int | None = None,
              draft_vocabulary=None,
              on_batch=None) -> dict:
     """Quality, the three speed-ups (wall-clock end to end and per decode step, side by side
@@ -168,9 +168,9 @@ def evaluate(backend, strategy, dataset: Dataset, settings: EvalSettings, kv_pol
     model = EarlyExitForCausalLM(backend, strategy, kv_policy=kv_policy, gate=gate)
     decoder = None
     if speculative:
-        from .speculative import SelfSpeculativeDecoder
+        from .speculative import DEFAULT_DRAFT_LENGTH, SelfSpeculativeDecoder
 
-        decoder = SelfSpeculativeDecoder(model, draft_exit=draft_exit, draft_length=draft_length,
+        decoder = SelfSpeculativeDecoder(model, draft_exit=draft_exit, draft_length=draft_length or DEFAULT_DRAFT_LENGTH,
                                          draft_vocabulary=draft_vocabulary)
     generate = dict(max_new_tokens=settings.max_new_tokens, num_beams=settings.num_beams, do_sample=False)
     eos = backend.language_model.generation_config.eos_token_id

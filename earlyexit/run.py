@@ -52,7 +52,7 @@ class RunSettings:
     speed_target: str = "layer"  # what the budget rule maximises: layer (deterministic) or wall (timed on dev)
     speculative: bool = True  # also report self-speculative decoding over the strategy's exits
     draft_exit: int | None = None  # exit layer that drafts (default: chosen on dev)
-    draft_length: int = 4
+    draft_length: int | None = None  # tokens drafted per round (default: chosen on dev among 1-4)
     draft_vocabulary: int | None = None  # drafts read out only the N tokens the backbone writes most on the train split
     test_limit: int | None = None
     dev_limit: int | None = None
@@ -242,7 +242,8 @@ def run(settings: RunSettings, registry, log=print) -> dict | None:
             timings["draft_vocabulary_s"] = time.perf_counter() - began
             log(f"speculative: drafts read out {len(vocabulary)} tokens (the backbone's most frequent on "
                 f"{settings.data}/{train_split})")
-        draft_exit, draft_choice = choose_draft_exit(backend, strategy, dev, evaluation, settings, log, vocabulary)
+        draft_exit, draft_length, draft_choice = choose_draft_exit(backend, strategy, dev, evaluation, settings, log,
+                                                                   vocabulary)
 
     began = time.perf_counter()
     if test.task == "dialog":
@@ -269,7 +270,7 @@ def run(settings: RunSettings, registry, log=print) -> dict | None:
     if draft_exit is not None:
         results[f"{settings.strategy} speculative"] = evaluate(
             backend, strategy, test, dataclasses.replace(evaluation, num_beams=1), kv_policy="catchup",
-            decode="speculative", draft_exit=draft_exit, draft_length=settings.draft_length,
+            decode="speculative", draft_exit=draft_exit, draft_length=draft_length,
             draft_vocabulary=vocabulary)
     timings["evaluate_s"] = time.perf_counter() - began
 
@@ -344,34 +345,56 @@ def run_draft_vocabulary(backend, settings: RunSettings, train_split: str):
 
 
 def choose_draft_exit(backend, strategy, dev, evaluation, settings: RunSettings, log, vocabulary=None):
-    """(exit index that drafts in speculative mode, what the choice saw): given, or the fastest on
-    (part of) the dev split, timed beside plain decoding of the same rows one at a time (what
-    speculative decoding is compared with). When no exit drafts faster than plain decoding, the
-    log says so: the row is still reported, but it is slower here."""
+    """(exit index that drafts in speculative mode, draft length, what the choice saw). What is not
+    given is chosen by tokens/s on (part of) the dev split, timed beside plain decoding of the same
+    rows one at a time (what speculative decoding is compared with): first the exit at the given
+    (or default) length, then the length at that exit. When no choice drafts faster than plain
+    decoding, the log says so: the row is still reported, but it is slower here."""
     from .evaluate import evaluate
+    from .speculative import DEFAULT_DRAFT_LENGTH, DRAFT_LENGTHS
 
+    given_exit = None
     if settings.draft_exit is not None:
         if settings.draft_exit not in strategy.exit_layers:
             raise ConfigError(f"--draft-exit {settings.draft_exit} is not one of the exit layers {strategy.exit_layers}")
-        return strategy.exit_layers.index(settings.draft_exit), None
+        given_exit = strategy.exit_layers.index(settings.draft_exit)
+        if settings.draft_length is not None:
+            return given_exit, settings.draft_length, None
     probe = dataclasses.replace(evaluation, num_beams=1, progress=False, quick_metrics=True, measure_wall=False)
     sample = dev.subset(min(len(dev), 40))
     plain = plain_tokens_per_s(backend, sample, evaluation.max_new_tokens)
-    best, speeds = 0, []
-    for e in range(len(strategy.exit_layers)):
+
+    def tokens_per_s(e: int, length: int) -> float:
         result = evaluate(backend, strategy, sample, probe, kv_policy="catchup", decode="speculative", draft_exit=e,
-                          draft_length=settings.draft_length, draft_vocabulary=vocabulary)
-        speeds.append(result["speed"]["wall"]["early_exit"]["tokens_per_s"])
-        best = e if speeds[e] > speeds[best] else best
-    log("speculative: tokens/s on dev by draft exit " + ", ".join(
-        f"{k}: {v:.1f}" for k, v in zip(strategy.exit_layers, speeds)) + f" (plain decoding, one row at a time: "
-        f"{plain:.1f}); drafting at {strategy.exit_layers[best]}")
-    if speeds[best] <= plain:
+                          draft_length=length, draft_vocabulary=vocabulary)
+        return result["speed"]["wall"]["early_exit"]["tokens_per_s"]
+
+    length = settings.draft_length or DEFAULT_DRAFT_LENGTH
+    by_exit = {}
+    if given_exit is None:
+        by_exit = {e: tokens_per_s(e, length) for e in range(len(strategy.exit_layers))}
+        best = max(by_exit, key=lambda e: (by_exit[e], -e))  # ties: the shallower exit
+        log("speculative: tokens/s on dev by draft exit " + ", ".join(
+            f"{strategy.exit_layers[e]}: {v:.1f}" for e, v in by_exit.items()) + f" ({length} drafts a round)")
+    else:
+        best = given_exit
+    by_length = {}
+    if settings.draft_length is None:
+        by_length = {k: (by_exit[best] if k == length and best in by_exit else tokens_per_s(best, k))
+                     for k in DRAFT_LENGTHS}
+        length = max(by_length, key=lambda k: (by_length[k], -k))
+        log(f"speculative: tokens/s on dev at exit {strategy.exit_layers[best]} by draft length " +
+            ", ".join(f"{k}: {v:.1f}" for k, v in by_length.items()))
+    speed = by_length.get(length, by_exit.get(best))
+    log(f"speculative: drafting {length} a round at {strategy.exit_layers[best]} (plain decoding, one row at a "
+        f"time: {plain:.1f} tokens/s)")
+    if speed <= plain:
         hint = "better exits" + ("" if vocabulary is not None else " or a draft vocabulary (--draft-vocabulary)")
-        log(f"note: speculative decoding is slower than plain decoding on dev at every exit (best "
-            f"{speeds[best] / plain:.2f}x); its row is reported, but it does not pay here: {hint} may help")
-    return best, {"dev_tokens_per_s": dict(zip(strategy.exit_layers, speeds)), "dev_plain_tokens_per_s": plain,
-                  "dev_speedup": speeds[best] / plain if plain else None}
+        log(f"note: speculative decoding is slower than plain decoding on dev at every exit and length tried (best "
+            f"{speed / plain:.2f}x); its row is reported, but it does not pay here: {hint} may help")
+    return best, length, {"dev_tokens_per_s": {strategy.exit_layers[e]: v for e, v in by_exit.items()},
+                          "dev_tokens_per_s_by_length": by_length, "draft_length": length,
+                          "dev_plain_tokens_per_s": plain, "dev_speedup": speed / plain if plain else None}
 
 
 def plain_tokens_per_s(backend, dataset, max_new_tokens: int) -> float:

@@ -27,6 +27,10 @@ import torch
 from .errors import ConfigError
 
 
+DEFAULT_DRAFT_LENGTH = 4
+DRAFT_LENGTHS = (1, 2, 3, 4)  # what `run` tries on dev when --draft-length is not given
+
+
 @dataclasses.dataclass
 class SpeculativeStats:
     rounds: int = 0
@@ -55,7 +59,7 @@ class SelfSpeculativeDecoder:
     """Greedy self-speculative decoding over an `EarlyExitForCausalLM` (its kv policy must be
     `catchup`, which is what reuses the drafts' shallow work)."""
 
-    def __init__(self, model, draft_exit: int | None = None, draft_length: int = 4,
+    def __init__(self, model, draft_exit: int | None = None, draft_length: int = DEFAULT_DRAFT_LENGTH,
                  draft_vocabulary: torch.Tensor | None = None):
         """`draft_vocabulary`: token ids the drafts are read out over (`draft_vocabulary_of`), so a
         draft's head costs a fraction of the full one; the output stays the full model's, since

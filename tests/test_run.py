@@ -37,6 +37,10 @@ def test_run_free_end_to_end(tmp_path, capsys):
     assert "train_exits_s" in report["timings"]
     choice = report["draft_choice"]  # the draft exit was chosen on dev, beside plain decoding
     assert set(choice["dev_tokens_per_s"]) == {"1", "2"} and choice["dev_plain_tokens_per_s"] > 0
+    # then the draft length at that exit, and the test row drafts what was chosen
+    by_length = choice["dev_tokens_per_s_by_length"]
+    assert set(by_length) == {"1", "2", "3", "4"} and by_length[str(choice["draft_length"])] == max(by_length.values())
+    assert report["results"]["free speculative"]["speed"]["draft_length"] == choice["draft_length"]
 
     # a second run reuses the trained exits; its drafts read out only the tokens the backbone writes
     assert main(argv[:-2] + ["--draft-vocabulary", "8"]) == 0

@@ -180,7 +180,8 @@ def add_gate_mode_argument(parser: argparse.ArgumentParser) -> None:
 def add_draft_arguments(parser: argparse.ArgumentParser, default_exit: str) -> None:
     parser.add_argument("--draft-exit", type=int, help=f"exit layer that drafts in speculative mode (default: "
                                                        f"{default_exit})")
-    parser.add_argument("--draft-length", type=positive_int, default=4, help="tokens drafted per round (default 4)")
+    parser.add_argument("--draft-length", type=positive_int, help="tokens drafted per round (default: `run` chooses "
+                                                                  "1-4 on dev, `eval` and `generate` draft 4)")
 
 
 # -- shared work ----------------------------------------------------------------------------------

@@ -57,11 +57,12 @@ def print_generation(args, backend, strategy, model, image) -> int:
     inputs = backend.prepare_inputs([image], [args.prompt])
     if args.decode == "speculative":
         from ..evaluate import count_tokens
-        from ..speculative import SelfSpeculativeDecoder, speculative_summary
+        from ..speculative import DEFAULT_DRAFT_LENGTH, SelfSpeculativeDecoder, speculative_summary
 
         if args.num_beams > 1:
             raise ConfigError("speculative decoding is greedy; drop --num-beams")
-        decoder = SelfSpeculativeDecoder(model, draft_exit_index(args, strategy), args.draft_length)
+        decoder = SelfSpeculativeDecoder(model, draft_exit_index(args, strategy),
+                                         args.draft_length or DEFAULT_DRAFT_LENGTH)
         sequences = decoder.generate(**inputs, max_new_tokens=args.max_new_tokens)
         length = count_tokens(sequences, inputs["input_ids"].shape[1], model.generation_config.eos_token_id)
         exit_layers = [backend.num_layers] * length
