@@ -35,8 +35,11 @@ class Backend:
     description: ClassVar[str] = ""
 
     def __init__(self, model: Any, processor: Any = None):
+        from . import kernels
+
         self.model = model
         self.processor = processor
+        kernels.install(model)  # few-row CPU matmuls, for the full model and the exits alike
 
     # -- loading -----------------------------------------------------------------------------
     TINY_RANDOM = "tiny-random"
@@ -49,18 +52,15 @@ class Backend:
         `device` (cpu, cuda, cuda:N, mps) and `dtype` (float32, bfloat16, float16) default to the
         CPU in float32 here (the CLI's defaults pick a GPU when there is one); a value this machine
         cannot run is a ConfigError before anything loads."""
-        from . import embedded, kernels
+        from . import embedded
         from .devices import resolve_device, resolve_dtype
 
         name_or_path = embedded.resolve(name_or_path, cls.name)  # `tiny`, `smol`: built on first use
         device = resolve_device(device or "cpu")
         dtype = resolve_dtype(dtype or "float32", device)
         if name_or_path == cls.TINY_RANDOM:
-            backend = cls.from_tiny_config(seed=0, num_layers=12, hidden_size=64).to(device, dtype)
-        else:
-            backend = cls.from_pretrained(name_or_path, device=device, dtype=dtype)
-        kernels.install(backend.model)  # few-row CPU matmuls, for the full model and the exits alike
-        return backend
+            return cls.from_tiny_config(seed=0, num_layers=12, hidden_size=64).to(device, dtype)
+        return cls.from_pretrained(name_or_path, device=device, dtype=dtype)
 
     def to(self, device: str | None = None, dtype: str | None = None) -> Backend:
         """Move the whole model (vision side included) to `device` and/or `dtype` (names as

@@ -133,7 +133,7 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
         for module in (self.language_model, getattr(self, "own_layers", None), getattr(self, "exit_modules", None),
                        getattr(self, "gate_modules", None)):
             if isinstance(module, torch.nn.Module):
-                kernels.install(module)  # as `Backend.load` does for the backbone (idempotent)
+                kernels.install(module)  # as `Backend` does for the backbone (idempotent)
         # a row fed padding or an end-of-sequence token has finished: it costs nothing more
         config = self.generation_config
         ends = [config.pad_token_id] + (config.eos_token_id if isinstance(config.eos_token_id, (list, tuple))

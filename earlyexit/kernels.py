@@ -6,12 +6,12 @@ row, and one row itself reads the weight at a fraction of the memory bandwidth a
 `W @ xᵀ` reaches. Early exits meet exactly those shapes (a batch shrinking as rows leave, a
 verification block of a few drafted positions, a few catch-up positions), and so does plain
 decoding of one sequence. `benchmarks/small_rows.py` measures both on the machine at hand
-(`benchmarks/results/small-rows.json`): for SmolLM2-135M's shapes `W @ xᵀ` takes 0.2-0.5 of the
-time at 1-4 rows, and at 5-8 rows only the LM head (49,152 x 576) still gains.
+(`benchmarks/results/small-rows.json`): for SmolLM2-135M's shapes `W @ xᵀ` takes 0.28-0.86 of
+the time at 1-4 rows, and at 5-8 rows only the LM head (49,152 x 576) still gains.
 
 `install(module)` routes every `nn.Linear` inside `module` through `small_row_linear`. It is
-installed on a backend's whole model at `Backend.load` and on every exit module the engine
-runs, so the full model the speed-ups are measured against runs the same kernels. It changes
+installed on a backend's whole model when the backend is made and on every exit module the
+engine runs, so the full model the speed-ups are measured against runs the same kernels. It changes
 nothing when gradients are on (training), off the CPU, outside fp32, for weights under
 `MIN_WEIGHT` elements (where call overhead dominates) or for more rows than `MAX_ROWS`; the
 result equals `F.linear`'s up to float rounding. EARLYEXIT_SMALL_ROW_MATMUL=0 turns it off.

@@ -80,9 +80,11 @@ def test_install_uninstall_and_deepcopy(monkeypatch):
         kernels.install(model)
 
 
-def test_backend_load_routes_the_model(registry, monkeypatch):
+@pytest.mark.parametrize("make", ["load", "tiny_config"])
+def test_a_backend_routes_its_model(registry, monkeypatch, make):
     monkeypatch.setattr(kernels, "MIN_WEIGHT", 0)  # the test model is far smaller than real ones
-    backend = registry.backend("blip2-opt").load("tiny-random")
+    cls = registry.backend("blip2-opt")
+    backend = cls.load("tiny-random") if make == "load" else cls.from_tiny_config(seed=0)
     linears = [m for m in backend.model.modules() if isinstance(m, torch.nn.Linear)]
     assert linears and len(routed_layers(backend.model)) == len(linears)
 
@@ -100,9 +102,10 @@ def test_routed_generation_keeps_every_token(registry, routed_micro):
     backend = routed_micro
     inputs = backend.prepare_inputs(make_images(3, seed=2), ["a red circle", "", "what color"])
     settings = dict(max_new_tokens=8, do_sample=False, **no_eos(backend))
+    kernels.uninstall(backend.model)  # made routed: take it off for the reference
     with torch.no_grad():
         unrouted = backend.plain_generate(**inputs, **settings)
-    model = EarlyExitForCausalLM(backend)  # routes the backbone
+    model = EarlyExitForCausalLM(backend)  # routes the backbone again
     assert routed_layers(backend.language_model)
     head = backend.language_model.lm_head.weight
     assert all(kernels.chooses_transposed(head, rows) for rows in (1, 2, 3, 4))
