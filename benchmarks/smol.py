@@ -136,6 +136,23 @@ def decision_costs(gate_folder: str | None, repeats: int = 50, rows: int = 32) -
     return result
 
 
+def matching_gate(exit_layers) -> str | None:
+    """The newest cached learned gate for FREE at `exit_layers` on SmolLM2's width."""
+    from earlyexit import embedded
+
+    root = os.path.join(embedded.cache_root(), "gates")
+    found = []
+    for name in os.listdir(root) if os.path.isdir(root) else []:
+        try:
+            with open(os.path.join(root, name, "gate_config.json")) as handle:
+                config = json.load(handle)
+        except (OSError, ValueError):
+            continue
+        if config.get("strategy") == "free" and config.get("exit_layers") == exit_layers and config.get("width") == 576:
+            found.append(os.path.join(root, name))
+    return max(found, key=os.path.getmtime) if found else None
+
+
 def main(argv=None) -> int:
     from earlyexit.cli.common import parse_int_list
     from earlyexit.evaluate import provenance
@@ -182,20 +199,18 @@ def main(argv=None) -> int:
         return grounding.report(backend, args.test_limit or 500, "test")
 
     result["grounding_test"] = cached(args.work, f"grounding-test-{args.test_limit}", args.again, grounded)
-    runs = {}
+    runs, reports = {}, {}
     for strategy in args.strategies.split(","):
         key = "-".join(str(x) for x in ("run", strategy, args.test_limit, args.dev_limit, args.train_limit, args.grid,
                                           args.exit_layers, args.draft_vocabulary, *sorted(args.free_options)))
-        report = cached(args.work, key, args.again, lambda: run_strategy(strategy, args))
+        report = reports[strategy] = cached(args.work, key, args.again, lambda: run_strategy(strategy, args))
         runs[strategy] = {"summary": summary(report), "mid_crisis": report.get("mid_crisis"),
                           "calibration_why": (report.get("calibration") or {}).get("why"),
                           "full_quality": report["results"]["full"]["quality"]}
     result["runs"] = runs
-    gate_folder = None
-    gates = os.path.join(embedded.cache_root(), "gates")
-    if os.path.isdir(gates):  # the gate run trained for FREE's exits (newest)
-        candidates = [os.path.join(gates, f) for f in os.listdir(gates) if f.startswith("free-")]
-        gate_folder = max(candidates, key=os.path.getmtime) if candidates else None
+    gate_folder = reports["free"].get("gate_folder") if "free" in reports else None
+    if gate_folder is None and "free" in reports:  # a report cached before runs recorded their gate
+        gate_folder = matching_gate(reports["free"]["exit_layers"])
     result["exit_decision_cost"] = decision_costs(gate_folder)
     result["seconds"] = time.perf_counter() - began
     result["load_average_1min_at_end"] = os.getloadavg()[0]

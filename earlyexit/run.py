@@ -290,6 +290,7 @@ def run(settings: RunSettings, registry, log=print) -> dict | None:
             else None, "draft_choice": draft_choice,
             "exit_layers": strategy.exit_layers, "strategy_config": strategy.config.to_dict(),
             "calibration": calibration, "results": results, "mid_crisis": mid_crisis, "timings": timings,
+            "gate_folder": getattr(gate, "folder", None),
             "num_layers": backend.num_layers, "output": output, "provenance": provenance(),
             "tokenizer": backend.processor.tokenizer}
 
@@ -329,6 +330,7 @@ def make_run_gate(settings: RunSettings, strategy, backend, train_split: str, lo
     gate.mode = settings.gate_mode
     if settings.gate_mode == "filter":
         gate.threshold = settings.gate_threshold
+    gate.folder = folder  # the report says which cached gate it used
     return gate
 
 

@@ -33,6 +33,7 @@ def test_run_free_end_to_end(tmp_path, capsys):
     assert free["speed"]["wall_speedup"] > 0 and free["speed"]["decode_wall_speedup"] > 0
     assert free["speed"]["layer_speedup"] > 0 and free["speed"]["tokens_per_s"] > 0
     assert free["config"]["gate"] == "learned" and report["timings"]["train_gate_s"] > 0
+    assert os.path.isfile(os.path.join(report["gate_folder"], "gate_config.json"))  # which cached gate it used
     assert set(report["mid_crisis"]["trained"]) == {"1", "2"}
     assert "train_exits_s" in report["timings"]
     choice = report["draft_choice"]  # the draft exit was chosen on dev, beside plain decoding
