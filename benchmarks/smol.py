@@ -36,6 +36,11 @@ MODEL, BACKEND = "smol", "minigpt4-llama"
 # almost perfectly and the generator's adversarial loss then pulls the exits away from the
 # final layer's tokens (see the README's smol section)
 FREE_RECIPE = "mode=distill,ce=true,adversarial=false,learning_rate=5e-4,epochs=8"
+# the classifier exits (DeeBERT, PABEE, LeeBERT) on smol: their read-out copies start from the
+# final layer's channel statistics, at a learning rate ten times their default, one epoch (with
+# the defaults their cross-entropy stays at 15-19 nats; `benchmarks/results/smol-training-time.json`)
+CLASSIFIER_RECIPE = "match_statistics=true,learning_rate=1e-3,epochs=1"
+CLASSIFIER_EXITS = ("deebert", "pabee", "leebert")
 
 
 def parse_options(text: str) -> list[tuple[str, object]]:
@@ -75,12 +80,18 @@ def run_strategy(strategy: str, args) -> dict:
                            dev_limit=args.dev_limit, train_limit=args.train_limit, batch_size=args.batch_size,
                            exit_layers=args.exit_layers, output=os.path.join(args.work, "runs"),
                            grid=tuple(args.grid) if args.grid else None,
-                           options=dict(args.free_options) if strategy == "free" else {},
+                           options=dict(recipe_for(strategy, args)),
                            speculative=strategy == "free", draft_vocabulary=args.draft_vocabulary or None,
                            progress=args.progress)
     report = run(settings, get_registry(load_entrypoints=False), log=lambda text: print(f"  {text}", flush=True))
     report.pop("tokenizer", None)
     return json.loads(json.dumps(report, default=str))
+
+
+def recipe_for(strategy: str, args) -> list:
+    if strategy == "free":
+        return args.free_options
+    return args.classifier_options if strategy in CLASSIFIER_EXITS else []
 
 
 def summary(report: dict) -> dict:
@@ -171,6 +182,8 @@ def main(argv=None) -> int:
                         help="thresholds to calibrate over (default: each strategy's grid)")
     parser.add_argument("--free-options", type=parse_options, default=parse_options(FREE_RECIPE),
                         help=f"FREE's training options, KEY=VALUE,... (default {FREE_RECIPE}: chosen on dev)")
+    parser.add_argument("--classifier-options", type=parse_options, default=parse_options(CLASSIFIER_RECIPE),
+                        help=f"DeeBERT's, PABEE's and LeeBERT's options (default {CLASSIFIER_RECIPE})")
     parser.add_argument("--draft-vocabulary", type=int, default=256,
                         help="speculative drafts read out the N tokens smol writes most (default 256; 0: all)")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
@@ -202,7 +215,7 @@ def main(argv=None) -> int:
     runs, reports = {}, {}
     for strategy in args.strategies.split(","):
         key = "-".join(str(x) for x in ("run", strategy, args.test_limit, args.dev_limit, args.train_limit, args.grid,
-                                          args.exit_layers, args.draft_vocabulary, *sorted(args.free_options)))
+                                          args.exit_layers, args.draft_vocabulary, *sorted(recipe_for(strategy, args))))
         report = reports[strategy] = cached(args.work, key, args.again, lambda: run_strategy(strategy, args))
         runs[strategy] = {"summary": summary(report), "mid_crisis": report.get("mid_crisis"),
                           "calibration_why": (report.get("calibration") or {}).get("why"),

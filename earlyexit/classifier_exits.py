@@ -7,6 +7,15 @@ the FREE paper puts at its exits for DeeBLIP. Starting from the shared head (rat
 random weights, as DeeBERT's small off-ramps do) is our choice: with a vocabulary-sized
 output, a random start wastes most of the training budget on relearning the embedding table.
 
+With `match_statistics`, each classifier starts with a per-channel scale in front of the copy,
+set on the first training batch so that the exit's hidden state has, channel by channel, the
+root-mean-square the final layer's state has there (a diagonal "tuned lens" translator, trained
+with the classifier). On a pretrained Llama (SmolLM2) mid-layer states carry a few channels
+far larger than at the last layer; through the copied final norm they swamp every other channel,
+the copied head predicts almost the same token everywhere, and its cross-entropy starts near 28
+nats. Matching the statistics starts it near 19, and it then learns (measured in
+`benchmarks/smol_training_time.py`).
+
 The rules and losses below are pure functions of tensors, so tests check them by hand.
 """
 
@@ -77,10 +86,43 @@ def mutual_distillation(exit_logits: list, teachers: list, temperature: float = 
 
 
 # -- the base strategy ---------------------------------------------------------------------------
+def channel_scale(width: int):
+    """A trainable per-channel scale (ones until `match` sets it; `matched` is saved with it)."""
+    import torch
+
+    class ChannelScale(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(width))
+            self.register_buffer("matched", torch.zeros((), dtype=torch.bool))
+
+        def forward(self, hidden):
+            return hidden * self.weight
+
+        @torch.no_grad()
+        def match(self, exit_states, final_states) -> None:
+            """weight = RMS of `final_states` / RMS of `exit_states`, per channel (rows: positions),
+            summed over every process of a multi-process run, so all ranks start alike."""
+            if self.weight.numel() != width:
+                raise ConfigError("match_statistics cannot set a partitioned parameter (DeepSpeed ZeRO-3); "
+                                  "use --zero 2 or lower, or drop the option")
+            sums = torch.stack([exit_states.float().pow(2).sum(0), final_states.float().pow(2).sum(0)])
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(sums)
+            ratio = (sums[1] / sums[0].clamp_min(1e-12)).sqrt()
+            self.weight.copy_(ratio.to(self.weight.dtype))
+            self.matched.fill_(True)
+
+    return ChannelScale()
+
+
 @dataclasses.dataclass
 class ClassifierExitConfig(TrainableConfig):
     epochs: float | None = config_field(3.0, "passes over the training captions")
     learning_rate: float = config_field(1e-4, "Adam learning rate of the exit classifiers")
+    match_statistics: bool = config_field(False, "start each classifier with a per-channel scale that gives its "
+                                                 "exit's states the final layer's channel RMS (set on the first "
+                                                 "training batch; for pretrained LMs with outlier channels)")
 
 
 class ClassifierExitStrategy(Strategy):
@@ -94,7 +136,12 @@ class ClassifierExitStrategy(Strategy):
         import torch
 
         super().__init__(backend, exit_layers, config)
-        self.classifiers = torch.nn.ModuleList(backend.readout_copy() for _ in self.exit_layers)
+        if self.config.match_statistics:
+            width = backend.text_config.hidden_size
+            self.classifiers = torch.nn.ModuleList(torch.nn.Sequential(channel_scale(width), *backend.readout_copy())
+                                                   for _ in self.exit_layers)
+        else:
+            self.classifiers = torch.nn.ModuleList(backend.readout_copy() for _ in self.exit_layers)
         self.classifiers.requires_grad_(False)
         self.classifiers.eval()
 
@@ -112,6 +159,15 @@ class ClassifierExitStrategy(Strategy):
         losses = exit_cross_entropies(exit_logits, targets)
         return sum(losses), {f"ce{k}": loss.item() for k, loss in zip(self.exit_layers, losses)}
 
+    def match_statistics_once(self, features, states: list, where) -> None:
+        """With `match_statistics`: on the first training batch, set every classifier's channel
+        scale from that batch's exit states and final-layer states at the target positions."""
+        if not self.config.match_statistics or bool(self.classifiers[0][0].matched):
+            return
+        final = features.hidden[-1][:, :-1][where]
+        for classifier, state in zip(self.classifiers, states):
+            classifier[0].match(state[:, :-1][where], final)
+
     def exit_logits_on(self, features, where):
         """Every exit's logits on the target positions of a teacher-forced batch."""
         return [self.exit_logits(e, state[:, :-1][where]) for e, state in
@@ -122,6 +178,7 @@ class ClassifierExitStrategy(Strategy):
 
         features = backbone_features(self.backend, batch)
         where = features.targets != -100
+        self.match_statistics_once(features, self.teacher_forced_states(features), where)
         logits = self.exit_logits_on(features, where)
         loss, parts = self.classifier_loss(logits, features.targets[where], features.final_logits_at(where))
         return {"loss": engine.optimize("classifiers", loss), **parts}

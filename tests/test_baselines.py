@@ -206,13 +206,48 @@ def test_engine_decisions_match_the_rule_replayed_on_a_full_forward(registry, na
     assert torch.equal(got[valid], expected[:, :got.shape[1]][valid])
 
 
+# -- statistics-matched classifiers ----------------------------------------------------------------
+def test_channel_scale_gives_the_final_layers_rms_per_channel():
+    from earlyexit.classifier_exits import channel_scale
+
+    torch.manual_seed(0)
+    exit_states, final_states = torch.randn(50, 6), torch.randn(50, 6) * torch.tensor([1, 2, 3, 4, 5, 6.0])
+    exit_states[:, 2] *= 100  # an outlier channel
+    scale = channel_scale(6)
+    assert torch.equal(scale(exit_states), exit_states) and not scale.matched
+    scale.match(exit_states, final_states)
+    rms = lambda x: x.pow(2).mean(0).sqrt()  # noqa: E731
+    torch.testing.assert_close(rms(scale(exit_states)), rms(final_states))
+    assert scale.matched and scale.weight[2] < 0.1
+
+
+@pytest.mark.parametrize("name", ["deebert", "leebert"])
+def test_match_statistics_sets_each_scale_once_from_the_first_batch(registry, scenes, name):
+    from earlyexit.batching import TrainingBatches
+
+    backend = backend64()
+    strategy = small(registry, name, backend, exits=(1, 3), match_statistics=True)
+    batches = TrainingBatches(backend, [scenes], batch_size=4)
+    features = backbone_features(backend, batches(0))
+    where = features.targets != -100
+    strategy.match_statistics_once(features, strategy.teacher_forced_states(features), where)
+    final = features.hidden[-1][:, :-1][where]
+    for e, k in enumerate(strategy.exit_layers):
+        scaled = strategy.classifiers[e][0](features.hidden[k][:, :-1][where])
+        torch.testing.assert_close(scaled.pow(2).mean(0).sqrt(), final.pow(2).mean(0).sqrt(), rtol=1e-4, atol=1e-5)
+    weights = [c[0].weight.clone() for c in strategy.classifiers]
+    later = backbone_features(backend, batches(1))
+    strategy.match_statistics_once(later, strategy.teacher_forced_states(later), later.targets != -100)
+    assert all(torch.equal(c[0].weight, w) for c, w in zip(strategy.classifiers, weights))  # set once only
+
+
 # -- adapters --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", TRAINED)
-def test_train_save_load_gives_the_same_tokens_and_exit_layers(registry, scenes, tmp_path, name):
+@pytest.mark.parametrize("name,options", [(name, {}) for name in TRAINED] + [("deebert", {"match_statistics": True})])
+def test_train_save_load_gives_the_same_tokens_and_exit_layers(registry, scenes, tmp_path, name, options):
     backend = backend64()
     knob = {"deebert": {"entropy": 2.0}, "pabee": {"patience": 1}, "leebert": {"patience": 1},
             "mue": {"gamma": 0.5}}[name]
-    strategy = small(registry, name, backend, exits=(1, 2, 3), **knob)
+    strategy = small(registry, name, backend, exits=(1, 2, 3), **knob, **options)
     train_exits(strategy, backend, scenes, str(tmp_path / "run"), progress=False)
     inputs = backend.prepare_inputs(make_images(2, size=64), ["", "a red"])
     settings = dict(max_new_tokens=6, do_sample=False, **no_eos(backend))
@@ -222,6 +257,9 @@ def test_train_save_load_gives_the_same_tokens_and_exit_layers(registry, scenes,
     save_exits(strategy, str(tmp_path / "exits"), backbone_name="micro")
     reloaded = load_exits(str(tmp_path / "exits"), backend64(), registry)
     assert type(reloaded) is type(strategy) and reloaded.config == strategy.config
+    if options.get("match_statistics"):  # the scales were set in training and come back set
+        assert all(bool(c[0].matched) for c in reloaded.classifiers)
+        assert all(torch.equal(a[0].weight, b[0].weight) for a, b in zip(reloaded.classifiers, strategy.classifiers))
     model = EarlyExitForCausalLM(reloaded.backend, reloaded)
     assert torch.equal(model.generate(**inputs, **settings), expected)
     assert torch.equal(model.last_trace.exit_layers, expected_layers)
