@@ -401,3 +401,19 @@ def assert_vocabulary_readout_is_those_columns(backend) -> None:
         torch.testing.assert_close(backend.logits(hidden, vocabulary), backend.logits(hidden)[:, vocabulary])
     head = backend.language_model.lm_head.weight
     assert backend.head_param_count(4) == backend.head_param_count() - head.numel() + 4 * head.shape[1]
+
+
+def speculative_matches(backend, strategy, inputs, draft_exit, draft_length, max_new_tokens=12):
+    """Self-speculative decoding over `strategy`'s exits gives the plain backbone's tokens, row
+    for row; returns the decoder's statistics."""
+    from earlyexit.engine import EarlyExitForCausalLM
+    from earlyexit.speculative import SelfSpeculativeDecoder
+
+    expected = backend.plain_generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    decoder = SelfSpeculativeDecoder(EarlyExitForCausalLM(backend, strategy), draft_exit, draft_length)
+    got = decoder.generate(**inputs, max_new_tokens=max_new_tokens)
+    prompt = inputs["input_ids"].shape[1]
+    for r in range(expected.shape[0]):
+        want = expected[r, prompt:]
+        assert torch.equal(got[r, prompt:prompt + len(want)], want)
+    return decoder.last_stats

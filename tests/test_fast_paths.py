@@ -7,7 +7,8 @@ from earlyexit.engine import EarlyExitForCausalLM
 from earlyexit.gates import CosineGate, LearnedGate, train_gate
 from earlyexit.speculative import SelfSpeculativeDecoder
 from earlyexit.strategy import Strategy
-from helpers import assert_vocabulary_readout_is_those_columns, make_backend, make_images, no_eos
+from helpers import (assert_vocabulary_readout_is_those_columns, make_backend, make_images, no_eos,
+                     speculative_matches)
 
 PROMPTS = ["a red circle", "two", "what color is the small square", ""]
 
@@ -138,17 +139,6 @@ class Scripted(Strategy):
 
     def should_exit(self, exit_index, view, context):
         return torch.zeros(view.hidden.shape[0], dtype=torch.bool)
-
-
-def speculative_matches(backend, strategy, inputs, draft_exit, draft_length, max_new_tokens=12):
-    expected = backend.plain_generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    decoder = SelfSpeculativeDecoder(EarlyExitForCausalLM(backend, strategy), draft_exit, draft_length)
-    got = decoder.generate(**inputs, max_new_tokens=max_new_tokens)
-    prompt = inputs["input_ids"].shape[1]
-    for r in range(expected.shape[0]):
-        want = expected[r, prompt:]
-        assert torch.equal(got[r, prompt:prompt + len(want)], want)
-    return decoder.last_stats
 
 
 @pytest.mark.parametrize("draft_exit,draft_length", [(0, 1), (0, 4), (1, 3)])
