@@ -13,8 +13,8 @@ the time at 1-4 rows, and at 5-8 rows only the LM head (49,152 x 576) still gain
 installed on a backend's whole model when the backend is made and on every exit module the
 engine runs, so the full model the speed-ups are measured against runs the same kernels. It changes
 nothing when gradients are on (training), off the CPU, outside fp32, for weights under
-`MIN_WEIGHT` elements (where call overhead dominates) or for more rows than `MAX_ROWS`; the
-result equals `F.linear`'s up to float rounding. EARLYEXIT_SMALL_ROW_MATMUL=0 turns it off.
+`MIN_WEIGHT` elements (where call overhead dominates) or for more rows than the rule takes
+(`chooses_transposed`); the result equals `F.linear`'s up to float rounding. EARLYEXIT_SMALL_ROW_MATMUL=0 turns it off.
 """
 
 from __future__ import annotations
