@@ -159,13 +159,13 @@ class ClassifierExitStrategy(Strategy):
         losses = exit_cross_entropies(exit_logits, targets)
         return sum(losses), {f"ce{k}": loss.item() for k, loss in zip(self.exit_layers, losses)}
 
-    def match_statistics_once(self, features, states: list, where) -> None:
+    def match_statistics_once(self, features, where) -> None:
         """With `match_statistics`: on the first training batch, set every classifier's channel
         scale from that batch's exit states and final-layer states at the target positions."""
         if not self.config.match_statistics or bool(self.classifiers[0][0].matched):
             return
         final = features.hidden[-1][:, :-1][where]
-        for classifier, state in zip(self.classifiers, states):
+        for classifier, state in zip(self.classifiers, self.teacher_forced_states(features)):
             classifier[0].match(state[:, :-1][where], final)
 
     def exit_logits_on(self, features, where):
@@ -178,7 +178,7 @@ class ClassifierExitStrategy(Strategy):
 
         features = backbone_features(self.backend, batch)
         where = features.targets != -100
-        self.match_statistics_once(features, self.teacher_forced_states(features), where)
+        self.match_statistics_once(features, where)
         logits = self.exit_logits_on(features, where)
         loss, parts = self.classifier_loss(logits, features.targets[where], features.final_logits_at(where))
         return {"loss": engine.optimize("classifiers", loss), **parts}

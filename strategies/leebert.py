@@ -145,7 +145,7 @@ class LeeBertStrategy(PatienceRule, ClassifierExitStrategy):
         features = backbone_features(self.backend, batch, self.layers)
         where = features.targets != -100
         with torch.no_grad():
-            self.match_statistics_once(features, self.teacher_forced_states(features), where)
+            self.match_statistics_once(features, where)
         states = [s[:, :-1][where] for s in self.teacher_forced_states(features)]
         targets, final = features.targets[where], features.final_logits[:, :-1][where].detach()
         losses = {}

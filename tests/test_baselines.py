@@ -230,14 +230,14 @@ def test_match_statistics_sets_each_scale_once_from_the_first_batch(registry, sc
     batches = TrainingBatches(backend, [scenes], batch_size=4)
     features = backbone_features(backend, batches(0))
     where = features.targets != -100
-    strategy.match_statistics_once(features, strategy.teacher_forced_states(features), where)
+    strategy.match_statistics_once(features, where)
     final = features.hidden[-1][:, :-1][where]
     for e, k in enumerate(strategy.exit_layers):
         scaled = strategy.classifiers[e][0](features.hidden[k][:, :-1][where])
         torch.testing.assert_close(scaled.pow(2).mean(0).sqrt(), final.pow(2).mean(0).sqrt(), rtol=1e-4, atol=1e-5)
     weights = [c[0].weight.clone() for c in strategy.classifiers]
     later = backbone_features(backend, batches(1))
-    strategy.match_statistics_once(later, strategy.teacher_forced_states(later), later.targets != -100)
+    strategy.match_statistics_once(later, later.targets != -100)
     assert all(torch.equal(c[0].weight, w) for c, w in zip(strategy.classifiers, weights))  # set once only
 
 
