@@ -104,8 +104,11 @@ class CostModel:
             modules.append(sum(_params(m) for m in own) / mean)
             kv.append(backend.kv_projection_param_count(attention) / mean if attention is not None else 0.0)
             head = strategy.exit_readout(e)
-            if getattr(model, "draft_vocabulary", None) is not None and model.drafts_over_vocabulary(e):
-                readout.append(backend.head_param_count(len(model.draft_vocabulary)) / mean)
+            # a decoding run either drafts (its model then holds the draft vocabulary, if any) or
+            # exits (over the exit vocabulary, if any): what the exits read is charged by its size
+            vocabulary = model.readout_vocabulary(e, drafting=True)
+            if vocabulary is not None:
+                readout.append(backend.head_param_count(len(vocabulary)) / mean)
             else:
                 readout.append((_params(head) if head is not None else backend.head_param_count()) / mean)
             gates.append(gate.param_count(e) / mean if gate is not None else 0.0)

@@ -84,9 +84,10 @@ class Knob:
 
 
 def sweep(backend, strategy, dataset, settings, grid=None, kv_policy: str = "catchup",
-          progress: bool = True, gate=None, measure_wall: bool = False) -> tuple[float, list[CalibrationPoint]]:
+          progress: bool = True, gate=None, measure_wall: bool = False,
+          exit_vocabulary=None) -> tuple[float, list[CalibrationPoint]]:
     """(full model's quality, one point per knob value) on `dataset`; the knob is `Knob(strategy,
-    gate)`'s, over its default grid unless `grid` is given."""
+    gate)`'s, over its default grid unless `grid` is given. `exit_vocabulary`: as `evaluate`'s."""
     from tqdm.auto import tqdm
 
     from .evaluate import evaluate
@@ -101,7 +102,8 @@ def sweep(backend, strategy, dataset, settings, grid=None, kv_policy: str = "cat
     try:
         for threshold in tqdm(grid or knob.default_grid(), desc="calibrating", disable=not progress):
             knob.value = threshold
-            result = evaluate(backend, strategy, dataset, settings, kv_policy=kv_policy, gate=gate)
+            result = evaluate(backend, strategy, dataset, settings, kv_policy=kv_policy, gate=gate,
+                              exit_vocabulary=exit_vocabulary)
             speed = result["speed"]
             wall = speed["wall_speedup"] if measure_wall else None  # timed side by side, batch by batch
             differ = sum(result["predictions"][k] != v for k, v in reference["predictions"].items())

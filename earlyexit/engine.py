@@ -145,17 +145,37 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
         self.force_exit: int | None = None  # every row leaves at this exit index (drafting)
         self.read_block = False  # the final head reads every position of its block (verification)
         self.draft_vocabulary: torch.Tensor | None = None  # token ids a forced exit reads out (drafting)
+        # token ids every exit reads out when it decides and emits (`--exit-vocabulary`); the final
+        # layer always reads the whole vocabulary
+        self.exit_vocabulary: torch.Tensor | None = None
         self.last_cache: EarlyExitCache | None = None
         self._propagation: dict = {}
 
-    def drafts_over_vocabulary(self, exit_index: int) -> bool:
-        """Whether a forced exit here reads out only `draft_vocabulary`: the exit must use the
-        backbone's shared head (a strategy's own read-out or `exit_logits` is left as it is)."""
+    def shares_head(self, exit_index: int) -> bool:
+        """Whether the exit reads out through the backbone's shared head, the only read-out a
+        vocabulary can restrict (a strategy's own read-out or `exit_logits` is left as it is)."""
         from .strategy import Strategy
 
         strategy = self.strategy
-        return (self.draft_vocabulary is not None and strategy.exit_readout(exit_index) is None
-                and type(strategy).exit_logits is Strategy.exit_logits)
+        return strategy.exit_readout(exit_index) is None and type(strategy).exit_logits is Strategy.exit_logits
+
+    def readout_vocabulary(self, exit_index: int, drafting: bool) -> torch.Tensor | None:
+        """The token ids exit `exit_index` reads out over (None: all of them): when drafting, the
+        draft vocabulary if there is one; else the exit vocabulary; only where the exit shares
+        the head."""
+        vocabulary = self.draft_vocabulary if drafting and self.draft_vocabulary is not None else self.exit_vocabulary
+        return vocabulary if vocabulary is not None and self.shares_head(exit_index) else None
+
+    def exit_logits(self, exit_index: int, state: torch.Tensor) -> torch.Tensor:
+        """The exit's logits (rows, vocab) from its state. Over a restricted vocabulary only those
+        columns are computed, the rest are -inf: a token outside it is never chosen there, and a
+        softmax is over its tokens alone (what a confidence rule then compares to its threshold)."""
+        vocabulary = self.readout_vocabulary(exit_index, drafting=self.force_exit is not None)
+        if vocabulary is None:
+            return self.strategy.exit_logits(exit_index, state)
+        read = self.backend.logits(state, vocabulary)
+        return read.new_full((read.shape[0], self.backend.language_model.lm_head.out_features),
+                             float("-inf")).index_copy_(1, vocabulary, read)
 
     def _follow_backbone(self) -> None:
         """Exit modules, the strategy's layer copies and a learned gate on the language model's
@@ -450,15 +470,9 @@ class _Step:
             if ask.logits_computed:
                 logits = ask.logits()[where]
             else:
-                logits = model.strategy.exit_logits(e, ask.state()[where])
-        elif model.force_exit is not None and model.drafts_over_vocabulary(e):
-            vocabulary = model.draft_vocabulary
-            state = self.exit_state(e, block[go, -1], rows_out)
-            drafted = self.backend.logits(state, vocabulary)  # a token outside it is never drafted
-            logits = drafted.new_full((drafted.shape[0], self.backend.language_model.lm_head.out_features),
-                                      float("-inf")).index_copy_(1, vocabulary, drafted)
+                logits = model.exit_logits(e, ask.state()[where])
         else:
-            logits = model.strategy.exit_logits(e, self.exit_state(e, block[go, -1], rows_out))
+            logits = model.exit_logits(e, self.exit_state(e, block[go, -1], rows_out))
         self._emit(rows_out, logits)
         self.cache.steps[-1].exit_layer.index_fill_(0, rows_out, depth)
         self._leave(depth, rows_out, block[go], width)

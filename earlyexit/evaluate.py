@@ -141,14 +141,19 @@ def wall_clock(early: dict, full: dict | None) -> dict:
 
 def evaluate(backend, strategy, dataset: Dataset, settings: EvalSettings, kv_policy: str = "catchup",
              gate=None, decode: str = "early-exit", draft_exit: int | None = None, draft_length: int | None = None,
-             draft_vocabulary=None,
+             draft_vocabulary=None, exit_vocabulary=None,
              on_batch=None) -> dict:
     """Quality, the three speed-ups (wall-clock end to end and per decode step, side by side
     with the full model on the same batches) and the exit layers. `decode="speculative"`
-    decodes with self-speculative decoding over the strategy's exits (greedy)."""
+    decodes with self-speculative decoding over the strategy's exits (greedy).
+    `exit_vocabulary` (token ids): exits that share the backbone's head decide and emit over
+    those tokens only (the final layer reads them all)."""
     from .progress import progress_bar
 
     if dataset.task == "dialog":  # ranked, not generated
+        if exit_vocabulary is not None:
+            raise ConfigError("an exit vocabulary restricts generated tokens; VisDial ranks candidate answers over "
+                              "the whole vocabulary: drop --exit-vocabulary")
         from .dialog import evaluate_dialog
 
         return evaluate_dialog(backend, strategy, dataset, settings, kv_policy=kv_policy, gate=gate, decode=decode,
@@ -166,6 +171,10 @@ def evaluate(backend, strategy, dataset: Dataset, settings: EvalSettings, kv_pol
     if world > 1:  # each rank generates its share; rank 0 gathers, scores and reports
         dataset = dataclasses.replace(dataset, samples=dataset.samples[rank::world])
     model = EarlyExitForCausalLM(backend, strategy, kv_policy=kv_policy, gate=gate)
+    if exit_vocabulary is not None and strategy is not None:
+        from .speculative import token_vocabulary
+
+        model.exit_vocabulary = token_vocabulary(model, exit_vocabulary, "exit")
     decoder = None
     if speculative:
         from .speculative import DEFAULT_DRAFT_LENGTH, SelfSpeculativeDecoder
@@ -248,6 +257,7 @@ def evaluate(backend, strategy, dataset: Dataset, settings: EvalSettings, kv_pol
                  "draft_vocabulary": None if draft_vocabulary is None else len(draft_vocabulary)}
     else:
         speed = summarize(traces, costs)
+        speed["exit_vocabulary"] = None if model.exit_vocabulary is None else len(model.exit_vocabulary)
         vision = [k for t in traces if getattr(t, "vision_layers", None) is not None for k in t.vision_layers.tolist()]
         if vision:  # the encoder side stopped early (MuE): its own layer-based speed-up
             speed["mean_vision_layers"] = sum(vision) / len(vision)

@@ -54,6 +54,9 @@ class RunSettings:
     draft_exit: int | None = None  # exit layer that drafts (default: chosen on dev)
     draft_length: int | None = None  # tokens drafted per round (default: chosen on dev among 1-4)
     draft_vocabulary: int | None = None  # drafts read out only the N tokens the backbone writes most on the train split
+    # exits decide and emit over the N tokens the backbone writes most on the train split (the
+    # final layer reads the whole vocabulary); drafts too, unless draft_vocabulary is given
+    exit_vocabulary: int | None = None
     test_limit: int | None = None
     dev_limit: int | None = None
     train_limit: int | None = None
@@ -211,13 +214,25 @@ def run(settings: RunSettings, registry, log=print) -> dict | None:
         gate = gates_for["strategy"]
         timings["train_gate_s"] = time.perf_counter() - began
     knob = Knob(strategy, gate) if strategy.knob or gate is not None else None
+    exit_vocabulary = vocabulary = None
+    if settings.exit_vocabulary and ranking:
+        raise ConfigError("--exit-vocabulary restricts generated tokens; VisDial ranks candidate answers over the "
+                          "whole vocabulary: drop it")
+    if settings.exit_vocabulary or (settings.draft_vocabulary and settings.speculative and not ranking):
+        began = time.perf_counter()
+        exit_vocabulary, vocabulary = run_vocabularies(backend, settings, train_split)
+        timings["vocabulary_s"] = time.perf_counter() - began
+        if exit_vocabulary is not None:
+            log(f"exits read out {len(exit_vocabulary)} tokens (the backbone's most frequent on "
+                f"{settings.data}/{train_split}; the final layer reads all {backend.language_model.lm_head.out_features})")
     calibration = None
     if settings.threshold is not None and knob is not None:
         knob.value = settings.threshold
     elif knob is not None:
         began = time.perf_counter()
         full_dev, points = sweep(backend, strategy, dev, evaluation, grid=settings.grid, kv_policy=settings.kv_policy,
-                                 progress=settings.progress, gate=gate, measure_wall=settings.speed_target == "wall")
+                                 progress=settings.progress, gate=gate, measure_wall=settings.speed_target == "wall",
+                                 exit_vocabulary=exit_vocabulary)
         chosen, why = choose(points, full_dev, settings.rule, settings.budget, speed=settings.speed_target,
                              epsilon=settings.epsilon, safest_first=knob.safest_first)
         knob.value = chosen.threshold
@@ -232,14 +247,12 @@ def run(settings: RunSettings, registry, log=print) -> dict | None:
         log(f"calibration: {why}; curve in {csv_path} and {png_path}")
         if warning:
             log(warning)
-    draft_exit = vocabulary = draft_choice = None
+    draft_exit = draft_choice = None
     if settings.speculative and ranking:
         log("note: no self-speculative row: VisDial is scored by ranking answer options, nothing is decoded")
     elif settings.speculative:
-        if settings.draft_vocabulary:
-            began = time.perf_counter()
-            vocabulary = run_draft_vocabulary(backend, settings, train_split)
-            timings["draft_vocabulary_s"] = time.perf_counter() - began
+        vocabulary = vocabulary if vocabulary is not None else exit_vocabulary
+        if vocabulary is not None:
             log(f"speculative: drafts read out {len(vocabulary)} tokens (the backbone's most frequent on "
                 f"{settings.data}/{train_split})")
         draft_exit, draft_length, draft_choice = choose_draft_exit(backend, strategy, dev, evaluation, settings, log,
@@ -254,19 +267,20 @@ def run(settings: RunSettings, registry, log=print) -> dict | None:
         evaluation = dataclasses.replace(evaluation, noise=settings.noise)
     results = {"full": evaluate(backend, None, test, evaluation, kv_policy=settings.kv_policy, on_batch=on_batch)}
     results[label] = evaluate(backend, strategy, test, evaluation, kv_policy=settings.kv_policy, gate=gate,
-                              on_batch=on_batch)
+                              exit_vocabulary=exit_vocabulary, on_batch=on_batch)
     if settings.compare_untrained and threshold is not None and (strategy.knob_is_confidence or knob.on_gate):
         # the same threshold on untrained exits
         confidence = _confidence_like(registry, strategy, threshold if strategy.knob_is_confidence else 0.9)
         if settings.strategy != "confidence":
-            results["confidence"] = evaluate(backend, confidence, test, evaluation, kv_policy=settings.kv_policy)
+            results["confidence"] = evaluate(backend, confidence, test, evaluation, kv_policy=settings.kv_policy,
+                                             exit_vocabulary=exit_vocabulary)
         if gates_for is not None:
             if gate.mode == "replace":
                 gates_for["confidence"].threshold = threshold
             name = f"confidence + {settings.gate} gate"
             if name != label:
                 results[name] = evaluate(backend, confidence, test, evaluation, kv_policy=settings.kv_policy,
-                                         gate=gates_for["confidence"])
+                                         gate=gates_for["confidence"], exit_vocabulary=exit_vocabulary)
     if draft_exit is not None:
         results[f"{settings.strategy} speculative"] = evaluate(
             backend, strategy, test, dataclasses.replace(evaluation, num_beams=1), kv_policy="catchup",
@@ -291,6 +305,7 @@ def run(settings: RunSettings, registry, log=print) -> dict | None:
             "exit_layers": strategy.exit_layers, "strategy_config": strategy.config.to_dict(),
             "calibration": calibration, "results": results, "mid_crisis": mid_crisis, "timings": timings,
             "gate_folder": getattr(gate, "folder", None),
+            "exit_vocabulary": exit_vocabulary.tolist() if exit_vocabulary is not None else None,
             "num_layers": backend.num_layers, "output": output, "provenance": provenance(),
             "tokenizer": backend.processor.tokenizer}
 
@@ -334,16 +349,19 @@ def make_run_gate(settings: RunSettings, strategy, backend, train_split: str, lo
     return gate
 
 
-def run_draft_vocabulary(backend, settings: RunSettings, train_split: str):
-    """The `settings.draft_vocabulary` tokens the backbone itself writes most often on (up to 200
-    samples of) the exit-training split: never the test split."""
+def run_vocabularies(backend, settings: RunSettings, train_split: str):
+    """(exit vocabulary, draft vocabulary), each None unless its size is set: the tokens the
+    backbone itself writes most often on (up to 200 samples of) the exit-training split, never
+    the test split."""
     from .exit_training import backbone_captions
     from .speculative import draft_vocabulary_of
 
     limit = min(settings.train_limit or 200, 200)
     outputs = backbone_captions(backend, load_split(settings.data, train_split, limit), batch_size=settings.batch_size,
                                 progress=settings.progress, max_new_tokens=settings.max_new_tokens)
-    return draft_vocabulary_of(backend, [t for texts in outputs.values() for t in texts], settings.draft_vocabulary)
+    texts = [t for written in outputs.values() for t in written]
+    return tuple(draft_vocabulary_of(backend, texts, size) if size else None
+                 for size in (settings.exit_vocabulary, settings.draft_vocabulary))
 
 
 def choose_draft_exit(backend, strategy, dev, evaluation, settings: RunSettings, log, vocabulary=None):
@@ -463,5 +481,6 @@ def check_settings(settings: RunSettings) -> None:
         raise ConfigError(f"--budget is a fraction of the full model's quality, e.g. 0.02 (got {settings.budget})")
     if settings.grid is not None and not settings.grid:
         raise ConfigError("the calibration grid is empty; pass values such as --grid 0.5,0.7,0.9")
-    if settings.draft_vocabulary is not None and settings.draft_vocabulary < 1:
-        raise ConfigError(f"--draft-vocabulary is a number of tokens, e.g. 1024 (got {settings.draft_vocabulary})")
+    for flag, size in (("draft", settings.draft_vocabulary), ("exit", settings.exit_vocabulary)):
+        if size is not None and size < 1:
+            raise ConfigError(f"--{flag}-vocabulary is a number of tokens, e.g. 1024 (got {size})")

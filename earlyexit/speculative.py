@@ -77,15 +77,7 @@ class SelfSpeculativeDecoder:
         if draft_length < 1:
             raise ConfigError(f"the draft length must be at least 1 (got {draft_length})")
         self.model, self.draft_length = model, draft_length
-        if draft_vocabulary is not None:
-            size = model.backend.language_model.lm_head.out_features
-            draft_vocabulary = torch.as_tensor(draft_vocabulary, dtype=torch.long, device=model.device).flatten()
-            if not len(draft_vocabulary) or int(draft_vocabulary.min()) < 0 or int(draft_vocabulary.max()) >= size:
-                raise ConfigError(f"the draft vocabulary must be token ids in [0, {size}) (got {len(draft_vocabulary)} "
-                                  "ids, some outside)")
-            if len(torch.unique(draft_vocabulary)) != len(draft_vocabulary):
-                raise ConfigError("the draft vocabulary lists a token id twice")
-        model.draft_vocabulary = draft_vocabulary
+        model.draft_vocabulary = token_vocabulary(model, draft_vocabulary, "draft")
         self.last_stats = SpeculativeStats()
         self.total_stats = SpeculativeStats()  # over every `generate` call of this decoder
         self.last_records: list = []
@@ -191,6 +183,20 @@ class SelfSpeculativeDecoder:
     @staticmethod
     def _mask(cache, device):
         return torch.ones(1, cache.total_length + 1, dtype=torch.long, device=device)
+
+
+def token_vocabulary(model, ids, what: str) -> torch.Tensor | None:
+    """`ids` (token ids an exit reads out over) as a long tensor on the model's device, checked:
+    inside the head's vocabulary, none twice. `what` names it in the error ("draft", "exit")."""
+    if ids is None:
+        return None
+    size = model.backend.language_model.lm_head.out_features
+    ids = torch.as_tensor(ids, dtype=torch.long, device=model.device).flatten()
+    if not len(ids) or int(ids.min()) < 0 or int(ids.max()) >= size:
+        raise ConfigError(f"the {what} vocabulary must be token ids in [0, {size}) (got {len(ids)} ids, some outside)")
+    if len(torch.unique(ids)) != len(ids):
+        raise ConfigError(f"the {what} vocabulary lists a token id twice")
+    return ids
 
 
 def draft_vocabulary_of(backend, texts, size: int) -> torch.Tensor:

@@ -316,7 +316,7 @@ class ExitView:
     def logits(self):
         """The exit's read-out for every row present (charged: module and read-out per row)."""
         if self._logits is None:
-            self._logits = self._run.model.strategy.exit_logits(self.index, self.state())
+            self._logits = self._run.model.exit_logits(self.index, self.state())
         return self._logits
 
     @property

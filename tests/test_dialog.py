@@ -240,6 +240,7 @@ def test_run_trains_unsupervised_free_exits_and_ranks_with_them(backend, visdial
 @pytest.mark.parametrize("extra,fragment", [
     (["--num-beams", "2"], "drop --num-beams"),
     (["--draft-exit", "1"], "drop --draft-exit"),
+    (["--exit-vocabulary", "8"], "ranks candidate answers over the whole vocabulary"),
 ])
 def test_run_refuses_decoding_options_on_visdial(visdial_run, tmp_path, capsys, extra, fragment):
     model, data = visdial_run

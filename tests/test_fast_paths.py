@@ -259,3 +259,81 @@ def test_a_bad_draft_vocabulary_is_one_line(registry, backend):
     for bad, message in (([size], "token ids in"), ([-1], "token ids in"), ([], "token ids in"), ([3, 3], "twice")):
         with pytest.raises(ConfigError, match=message):
             SelfSpeculativeDecoder(model, 0, 3, draft_vocabulary=torch.tensor(bad, dtype=torch.long))
+
+
+# -- exits over a smaller vocabulary ----------------------------------------------------------------
+def exit_vocabulary_model(registry, backend, vocabulary, threshold=0.0, kv_policy="catchup"):
+    from earlyexit.speculative import token_vocabulary
+
+    cls = registry.strategy("confidence")
+    model = EarlyExitForCausalLM(backend, cls(backend, [2, 4], cls.Config(threshold=threshold)), kv_policy=kv_policy)
+    model.exit_vocabulary = token_vocabulary(model, vocabulary, "exit")
+    return model
+
+
+def test_exits_over_the_whole_vocabulary_listed_change_nothing(registry, backend):
+    inputs = backend.prepare_inputs(make_images(4, seed=9), PROMPTS)
+    settings = dict(max_new_tokens=10, do_sample=False, **no_eos(backend))
+    size = backend.language_model.lm_head.out_features
+    plain = exit_vocabulary_model(registry, backend, None, threshold=0.2)
+    listed = exit_vocabulary_model(registry, backend, torch.arange(size), threshold=0.2)
+    want = plain.generate(**inputs, **settings)
+    assert torch.equal(listed.generate(**inputs, **settings), want)
+    assert torch.equal(listed.last_trace.exit_layers, plain.last_trace.exit_layers)
+    assert (plain.last_trace.exit_layers[:, 1:] < backend.num_layers).any(), "some token should leave early"
+
+
+@pytest.mark.parametrize("policy", ["catchup", "propagate"])
+def test_exits_emit_only_the_exit_vocabulary_and_the_final_layer_reads_all(registry, backend, policy):
+    inputs = backend.prepare_inputs(make_images(4, seed=9), PROMPTS)
+    vocabulary = torch.tensor([3, 5, 8, 13, 21])
+    # threshold 0: every row leaves at the first exit, so every decoded token is an exit's
+    model = exit_vocabulary_model(registry, backend, vocabulary, kv_policy=policy)
+    out = model.generate(**inputs, max_new_tokens=8, do_sample=False, **no_eos(backend))
+    decoded = new_tokens(out, inputs)[:, 1:]  # the first token comes from the full-depth prompt pass
+    assert (model.last_trace.exit_layers[:, 1:] == 2).all()
+    assert torch.isin(decoded, vocabulary).all()
+    # an impossible threshold: nothing leaves, and the final layer is free to write any token
+    deep = exit_vocabulary_model(registry, backend, vocabulary, threshold=1.1, kv_policy=policy)
+    full = deep.generate(**inputs, max_new_tokens=8, do_sample=False, **no_eos(backend))
+    assert torch.equal(full, backend.plain_generate(**inputs, max_new_tokens=8, do_sample=False, **no_eos(backend)))
+    assert not torch.isin(new_tokens(full, inputs), vocabulary).all()
+
+
+def test_an_exit_decision_reads_the_softmax_over_the_exit_vocabulary(registry, backend):
+    vocabulary = torch.tensor([3, 5, 8, 13, 21])
+    model = exit_vocabulary_model(registry, backend, vocabulary)
+    state = torch.randn(3, backend.text_config.hidden_size)
+    logits = model.exit_logits(0, state)
+    full = backend.logits(state)
+    torch.testing.assert_close(logits[:, vocabulary], full[:, vocabulary])
+    torch.testing.assert_close(logits.softmax(-1)[:, vocabulary], full[:, vocabulary].softmax(-1))
+
+
+def test_exit_vocabulary_is_charged_by_its_size(registry, backend):
+    from earlyexit.accounting import CostModel
+
+    vocabulary = torch.arange(10)
+    model = exit_vocabulary_model(registry, backend, vocabulary)
+    costs = CostModel.for_model(model)
+    mean = sum(backend.layer_param_counts()) / backend.num_layers
+    assert costs.exit_readout_costs == pytest.approx([backend.head_param_count(10) / mean] * 2)
+    assert costs.head_cost == pytest.approx(backend.head_param_count() / mean)
+
+
+def test_an_exit_vocabulary_is_left_to_strategies_with_their_own_read_out(registry, backend):
+    deebert = registry.strategy("deebert")(backend, [2, 4])
+    model = EarlyExitForCausalLM(backend, deebert)
+    model.exit_vocabulary = torch.tensor([3, 5])
+    state = torch.randn(2, backend.text_config.hidden_size)
+    assert model.readout_vocabulary(0, drafting=False) is None
+    torch.testing.assert_close(model.exit_logits(0, state), deebert.exit_logits(0, state))
+
+
+def test_a_bad_exit_vocabulary_is_one_line(registry, backend):
+    from earlyexit.errors import ConfigError
+
+    size = backend.language_model.lm_head.out_features
+    for bad, message in (([size], "exit vocabulary must be token ids in"), ([3, 3], "exit vocabulary lists")):
+        with pytest.raises(ConfigError, match=message):
+            exit_vocabulary_model(registry, backend, torch.tensor(bad))

@@ -43,8 +43,22 @@ def test_run_free_end_to_end(tmp_path, capsys):
     assert set(by_length) == {"1", "2", "3", "4"} and by_length[str(choice["draft_length"])] == max(by_length.values())
     assert report["results"]["free speculative"]["speed"]["draft_length"] == choice["draft_length"]
 
-    # a second run reuses the trained exits; its drafts read out only the tokens the backbone writes
-    assert main(argv[:-2] + ["--draft-vocabulary", "8"]) == 0
+    # a second run reuses the trained exits; its drafts read out only the tokens the backbone writes,
+    # and so do its exits (calibration included), over their own vocabulary
+    second = tmp_path / "second.json"
+    assert main(argv[:-2] + ["--draft-vocabulary", "8", "--exit-vocabulary", "5", "--json", str(second)]) == 0
     captured = capsys.readouterr()
     assert "exits: reusing" in captured.err and "training a learned gate" not in captured.err
     assert "speculative: drafts read out" in captured.err and " tokens, " in captured.out
+    assert "exits read out" in captured.err and "exits read out the" in captured.out
+    report = json.loads(second.read_text())
+    vocabulary = report["exit_vocabulary"]
+    assert 1 <= len(vocabulary) <= 5 and report["settings"]["exit_vocabulary"] == 5
+    for name in ("free + learned gate", "confidence", "confidence + learned gate"):
+        result = report["results"][name]
+        assert result["speed"]["exit_vocabulary"] == len(vocabulary)
+        for example in result["examples"]:  # every token an exit wrote is one of them
+            assert all(token in vocabulary for token, layer in zip(example["token_ids"], example["exit_layers"])
+                       if layer < report["num_layers"])
+    assert report["results"]["full"]["speed"]["exit_vocabulary"] is None
+    assert report["results"]["free speculative"]["predictions"] == report["results"]["full"]["predictions"]

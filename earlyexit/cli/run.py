@@ -64,6 +64,10 @@ def format_run(report: dict, color: bool) -> str:
                      + f"{speed['param_speedup']:>6.2f}x{speed['layer_speedup']:>6.2f}x"
                      f"{speed['decode_layer_speedup']:>6.2f}x{wall:>6.2f}x{decode_wall:>6.2f}x"
                      f"{speed['tokens_per_s']:>7.0f}{speed['mean_exit_layer']:>6.2f}")
+    vocabulary = results[report["strategy_label"]]["speed"].get("exit_vocabulary")
+    if vocabulary:
+        lines.append(f"exits read out the {vocabulary} tokens the backbone writes most on the training split; the "
+                     "final layer reads the whole vocabulary")
     lines.append("param: the paper's parameter ratio; layer / l-dec: layer-equivalents (exit modules, heads, K/V and "
                  "catch-up included) end to end / decoding only; wall / w-dec: clock time per generated token of the "
                  "full model / this one on the same batches, end to end / decoding only; exit: mean exit layer")
@@ -154,6 +158,12 @@ class RunCommand:
                             help="drafts read out only the N tokens the backbone writes most often on the "
                                  "exit-training split (a fraction of the head's cost; the output is unchanged, "
                                  "every token is verified over the whole vocabulary). Default: the whole vocabulary")
+        parser.add_argument("--exit-vocabulary", type=positive_int, metavar="N",
+                            help="exits decide and emit over only the N tokens the backbone writes most often on the "
+                                 "exit-training split: a check costs a fraction of the head, its probabilities are "
+                                 "over those tokens, and an exit emits only them; the final layer reads the whole "
+                                 "vocabulary; drafts use them too unless --draft-vocabulary is given. Default: the "
+                                 "whole vocabulary")
         parser.add_argument("--test-limit", type=positive_int, help="evaluate on the first N test samples")
         parser.add_argument("--dev-limit", type=positive_int, help="calibrate on the first N dev samples")
         parser.add_argument("--train-limit", type=positive_int, help="train exits on the first N samples")
@@ -179,6 +189,9 @@ class RunCommand:
             if args.draft_exit is not None:
                 raise ConfigError("VisDial is scored by ranking answer options, not by decoding; drop --draft-exit "
                                   "(no speculative row is made)")
+            if args.exit_vocabulary is not None:
+                raise ConfigError("--exit-vocabulary restricts generated tokens; VisDial ranks candidate answers over "
+                                  "the whole vocabulary: drop it")
         placement = device_options(args)  # a device or dtype this machine cannot run fails first
         registry = get_registry()
         report_plugin_failures(registry)
@@ -193,6 +206,7 @@ class RunCommand:
                                gate_threshold=args.gate_threshold, speed_target=args.speed_target,
                                speculative=not args.no_speculative, draft_exit=args.draft_exit,
                                draft_length=args.draft_length, draft_vocabulary=args.draft_vocabulary,
+                               exit_vocabulary=args.exit_vocabulary,
                                test_limit=args.test_limit, dev_limit=args.dev_limit,
                                train_limit=args.train_limit, batch_size=args.batch_size, num_beams=args.num_beams,
                                max_new_tokens=args.max_new_tokens,
