@@ -3,6 +3,8 @@ SmolLM2-135M-Instruct) on the scene captions' test split.
 
     python benchmarks/smol.py --json benchmarks/results/smol.json             # 200 test images
     python benchmarks/smol.py --json out.json --test-limit 8 --dev-limit 8    # a quick check
+    python benchmarks/smol.py --json benchmarks/results/smol-exit-vocabulary.json \
+        --exit-vocabulary 1024 --gate none                                     # exits over smol's own words
 
 Measures, each part cached under --work (a rerun skips what is done; --again redoes it; the exits
 and gates are cached by `earlyexit run` itself):
@@ -10,8 +12,9 @@ and gates are cached by `earlyexit run` itself):
 - the full model: CIDEr and the other caption metrics, and grounding (colours, shapes, numbers
   named, and named right; VQA per question type) on the test split;
 - `earlyexit run` with FREE and with `confidence` (budget rule: <= 1 % relative CIDEr loss on dev;
-  learned filter gate; self-speculative decoding over FREE's exits): quality, param/layer/wall
-  speed-ups split by prompt and decode phase, tokens/s, exit-training time;
+  learned filter gate, or --gate; exits over the whole vocabulary, or over --exit-vocabulary;
+  self-speculative decoding over FREE's exits): quality, param/layer/wall speed-ups split by
+  prompt and decode phase, tokens/s, exit-training time;
 - the per-exit teacher-forced accuracy of the untrained exits (the shared head, at every layer)
   and FREE's trained exits (the paper's Fig. 3 mid-crisis), on dev;
 - the cost of one exit decision: the LM head (what a decision costs without a gate) and the
@@ -82,7 +85,7 @@ def run_strategy(strategy: str, args) -> dict:
                            grid=tuple(args.grid) if args.grid else None,
                            options=dict(recipe_for(strategy, args)),
                            speculative=strategy == "free", draft_vocabulary=args.draft_vocabulary or None,
-                           progress=args.progress)
+                           exit_vocabulary=args.exit_vocabulary or None, gate=args.gate, progress=args.progress)
     report = run(settings, get_registry(load_entrypoints=False), log=lambda text: print(f"  {text}", flush=True))
     report.pop("tokenizer", None)
     return json.loads(json.dumps(report, default=str))
@@ -114,10 +117,11 @@ def summary(report: dict) -> dict:
             "train_exits_s": report["timings"].get("train_exits_s"), "timings": report["timings"]}
 
 
-def decision_costs(gate_folder: str | None, repeats: int = 50, rows: int = 32) -> dict:
+def decision_costs(gate_folder: str | None, exit_vocabulary: list | None, repeats: int = 50, rows: int = 32) -> dict:
     """One exit decision for `rows` rows at one position: the LM head (final norm + 49k-word
-    head, what deciding without a gate costs) versus the learned gate, in layer equivalents
-    (parameters over a decoder layer's) and timed (median of `repeats`)."""
+    head, what deciding without a gate costs) versus the learned gate and the head over the exit
+    vocabulary (when the run used one), in layer equivalents (parameters over a decoder layer's)
+    and timed (median of `repeats`)."""
     import torch
 
     from earlyexit.backends.minigpt4_llama import Minigpt4LlamaBackend
@@ -140,6 +144,11 @@ def decision_costs(gate_folder: str | None, repeats: int = 50, rows: int = 32) -
     result = {"rows": rows, "head_layer_equivalents": backend.head_param_count() / mean_layer,
               "head_ms": timed(lambda: backend.logits(hidden)),
               "decoder_layer_mlp_ms": timed(lambda: backend.language_model.model.layers[0].mlp(hidden))}
+    if exit_vocabulary:
+        vocabulary = torch.tensor(exit_vocabulary, dtype=torch.long)
+        result.update(exit_vocabulary=len(vocabulary),
+                      vocabulary_head_layer_equivalents=backend.head_param_count(len(vocabulary)) / mean_layer,
+                      vocabulary_head_ms=timed(lambda: backend.logits(hidden, vocabulary)))
     if gate_folder and os.path.isdir(gate_folder):
         gate = LearnedGate.load(gate_folder)
         result.update(gate_layer_equivalents=gate.param_count(0) / mean_layer,
@@ -186,6 +195,11 @@ def main(argv=None) -> int:
                         help=f"DeeBERT's, PABEE's and LeeBERT's options (default {CLASSIFIER_RECIPE})")
     parser.add_argument("--draft-vocabulary", type=int, default=256,
                         help="speculative drafts read out the N tokens smol writes most (default 256; 0: all)")
+    parser.add_argument("--exit-vocabulary", type=int, default=0,
+                        help="exits decide and emit over the N tokens smol writes most (`run --exit-vocabulary`; "
+                             "default 0: the whole vocabulary)")
+    parser.add_argument("--gate", default="learned", choices=["learned", "cosine", "none"],
+                        help="the runs' gate (`run --gate`, default learned)")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     parser.add_argument("--again", action="store_true", help="recompute the cached parts")
     args = parser.parse_args(argv)
@@ -215,7 +229,9 @@ def main(argv=None) -> int:
     runs, reports = {}, {}
     for strategy in args.strategies.split(","):
         key = "-".join(str(x) for x in ("run", strategy, args.test_limit, args.dev_limit, args.train_limit, args.grid,
-                                          args.exit_layers, args.draft_vocabulary, *sorted(recipe_for(strategy, args))))
+                                          args.exit_layers, args.draft_vocabulary, *sorted(recipe_for(strategy, args)),
+                                          *((f"exitvocab{args.exit_vocabulary}",) if args.exit_vocabulary else ()),
+                                          *((f"gate{args.gate}",) if args.gate != "learned" else ())))
         report = reports[strategy] = cached(args.work, key, args.again, lambda: run_strategy(strategy, args))
         runs[strategy] = {"summary": summary(report), "mid_crisis": report.get("mid_crisis"),
                           "calibration_why": (report.get("calibration") or {}).get("why"),
@@ -224,7 +240,8 @@ def main(argv=None) -> int:
     gate_folder = reports["free"].get("gate_folder") if "free" in reports else None
     if gate_folder is None and "free" in reports:  # a report cached before runs recorded their gate
         gate_folder = matching_gate(reports["free"]["exit_layers"])
-    result["exit_decision_cost"] = decision_costs(gate_folder)
+    exit_vocabulary = reports["free"].get("exit_vocabulary") if "free" in reports else None
+    result["exit_decision_cost"] = decision_costs(gate_folder, exit_vocabulary)
     result["seconds"] = time.perf_counter() - began
     result["load_average_1min_at_end"] = os.getloadavg()[0]
     result["provenance"] = provenance()
