@@ -168,7 +168,7 @@ def replayed_exit_layers(strategy, backend, inputs, sequences):
     with torch.no_grad():
         features = backbone_features(backend, batch, strategy.backbone_layers())
     run = types.SimpleNamespace(exit_state=lambda e, hidden, rows: hidden,
-                                model=types.SimpleNamespace(strategy=strategy))
+                                model=types.SimpleNamespace(strategy=strategy, exit_logits=strategy.exit_logits))
     layers = torch.full((rows, total - prompt), backend.num_layers, dtype=torch.long)
     for t in range(1, total - prompt):
         position = prompt + t - 1
