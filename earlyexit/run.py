@@ -349,19 +349,26 @@ def make_run_gate(settings: RunSettings, strategy, backend, train_split: str, lo
     return gate
 
 
-def run_vocabularies(backend, settings: RunSettings, train_split: str):
-    """(exit vocabulary, draft vocabulary), each None unless its size is set: the tokens the
-    backbone itself writes most often on (up to 200 samples of) the exit-training split, never
-    the test split."""
+def backbone_vocabularies(backend, data: str, split: str, sizes, limit: int = 200, batch_size: int = 32,
+                          progress: bool = True, max_new_tokens: int = 20) -> tuple:
+    """For each of `sizes` (None or 0: None), that many tokens the backbone itself writes most
+    often on (up to `limit` samples of) `data`/`split`: what exits or drafts read out over."""
     from .exit_training import backbone_captions
     from .speculative import draft_vocabulary_of
 
-    limit = min(settings.train_limit or 200, 200)
-    outputs = backbone_captions(backend, load_split(settings.data, train_split, limit), batch_size=settings.batch_size,
-                                progress=settings.progress, max_new_tokens=settings.max_new_tokens)
+    outputs = backbone_captions(backend, load_split(data, split, limit), batch_size=batch_size, progress=progress,
+                                max_new_tokens=max_new_tokens)
     texts = [t for written in outputs.values() for t in written]
-    return tuple(draft_vocabulary_of(backend, texts, size) if size else None
-                 for size in (settings.exit_vocabulary, settings.draft_vocabulary))
+    return tuple(draft_vocabulary_of(backend, texts, size) if size else None for size in sizes)
+
+
+def run_vocabularies(backend, settings: RunSettings, train_split: str):
+    """(exit vocabulary, draft vocabulary), each None unless its size is set, from up to 200
+    samples of the exit-training split: never the test split."""
+    return backbone_vocabularies(backend, settings.data, train_split,
+                                 (settings.exit_vocabulary, settings.draft_vocabulary),
+                                 limit=min(settings.train_limit or 200, 200), batch_size=settings.batch_size,
+                                 progress=settings.progress, max_new_tokens=settings.max_new_tokens)
 
 
 def choose_draft_exit(backend, strategy, dev, evaluation, settings: RunSettings, log, vocabulary=None):

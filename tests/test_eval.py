@@ -102,3 +102,42 @@ def test_registry_reads_official_fixture():
     root = os.path.join(os.path.dirname(__file__), "fixtures", "coco")
     data = load_dataset(f"coco:{root}", "test")
     assert data.task == "caption" and len(data) > 0 and data[0].captions
+
+
+def test_eval_reads_exits_and_drafts_over_the_backbones_own_tokens(backend64, tmp_path, capsys):
+    folder = tmp_path / "model"
+    backend64.save_pretrained(str(folder))
+    common = ["eval", "--backend", "blip2-opt", "--model", str(folder), "--data", "scenes", "--split", "dev",
+              "--limit", "4", "--batch-size", "4", "--max-new-tokens", "5", "--exit-layers", "1,2"]
+    out = tmp_path / "exits.json"
+    assert main(common + ["--strategy", "confidence", "--threshold", "0.0", "--exit-vocabulary", "4",
+                          "--json", str(out)]) == 0
+    assert "exits read out" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    vocabulary = result["exit_vocabulary"]
+    assert 1 <= len(vocabulary) <= 4 and result["speed"]["exit_vocabulary"] == len(vocabulary)
+    exited = [token for example in result["examples"]
+              for token, layer in zip(example["token_ids"], example["exit_layers"]) if layer < result["num_layers"]]
+    assert exited and all(token in vocabulary for token in exited)  # threshold 0: every decoded token left early
+
+    full, drafted = tmp_path / "full.json", tmp_path / "drafted.json"
+    assert main(common[:-2] + ["--json", str(full)]) == 0
+    assert main(common + ["--strategy", "free", "--decode", "speculative", "--draft-vocabulary", "3",
+                          "--json", str(drafted)]) == 0
+    assert " over " in capsys.readouterr().out
+    speculative = json.loads(drafted.read_text())
+    assert speculative["speed"]["draft_vocabulary"] <= 3
+    assert speculative["predictions"] == json.loads(full.read_text())["predictions"]  # still the full model's
+
+
+@pytest.mark.parametrize("extra,fragment", [
+    (["--exit-vocabulary", "4"], "pass --strategy or --exits"),
+    (["--strategy", "confidence", "--draft-vocabulary", "4"], "--draft-vocabulary is for --decode speculative"),
+])
+def test_eval_vocabulary_misuse_is_one_line(backend64, tmp_path, capsys, extra, fragment):
+    folder = tmp_path / "model"
+    backend64.save_pretrained(str(folder))
+    code = main(["eval", "--backend", "blip2-opt", "--model", str(folder), "--data", "scenes", "--split", "dev",
+                 "--limit", "2", *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and fragment in err and len(err.strip().splitlines()) == 1

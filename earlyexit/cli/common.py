@@ -184,6 +184,19 @@ def add_draft_arguments(parser: argparse.ArgumentParser, default_exit: str) -> N
                                                                   "1-4 on dev, `eval` and `generate` draft 4)")
 
 
+def add_vocabulary_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--draft-vocabulary", type=positive_int, metavar="N",
+                        help="drafts read out only the N tokens the backbone writes most often on the data's "
+                             "exit-training split (a fraction of the head's cost; the output is unchanged, every "
+                             "token is verified over the whole vocabulary). Default: the whole vocabulary")
+    parser.add_argument("--exit-vocabulary", type=positive_int, metavar="N",
+                        help="exits decide and emit over only the N tokens the backbone writes most often on the "
+                             "data's exit-training split: a check costs a fraction of the head, its probabilities "
+                             "are over those tokens, and an exit emits only them; the final layer reads the whole "
+                             "vocabulary; drafts use them too unless --draft-vocabulary is given. Default: the "
+                             "whole vocabulary")
+
+
 # -- shared work ----------------------------------------------------------------------------------
 def report_plugin_failures(registry) -> None:
     """One warning line on stderr per plugin that could not be loaded."""

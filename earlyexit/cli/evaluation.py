@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from ..errors import ConfigError
 from .common import (add_batch_size_argument, add_generation_arguments, add_json_file_argument, add_model_arguments,
-                     draft_exit_index, load_model, positive_int, report_plugin_failures)
+                     add_vocabulary_arguments, draft_exit_index, load_model, positive_int, report_plugin_failures)
 
 
 def format_report(result: dict) -> str:
@@ -26,8 +27,11 @@ def format_report(result: dict) -> str:
                  f"   ({speed['tokens']} tokens, {speed['tokens_per_s']:.1f} tokens/s, mean exit layer "
                  f"{speed['mean_exit_layer']:.2f} of {result['num_layers']})")
     if "acceptance_rate" in speed:
-        lines.append(f"speculative: drafts at layer {speed['draft_exit_layer']}, {speed['mean_draft_length']:.2f} "
+        over = f" over {speed['draft_vocabulary']} tokens" if speed.get("draft_vocabulary") else ""
+        lines.append(f"speculative: drafts at layer {speed['draft_exit_layer']}{over}, {speed['mean_draft_length']:.2f} "
                      f"tokens per round, {100 * speed['acceptance_rate']:.1f}% accepted")
+    if speed.get("exit_vocabulary"):
+        lines.append(f"exits read out {speed['exit_vocabulary']} tokens; the final layer reads the whole vocabulary")
     total = sum(result["exit_layer_histogram"].values()) or 1
     lines.append("exit layers: " + "  ".join(f"{k}: {100 * v / total:.1f}%"
                                              for k, v in result["exit_layer_histogram"].items()))
@@ -53,6 +57,7 @@ class EvalCommand:
                             help="add Gaussian noise of this standard deviation to the images (pixels in 0..1)")
         parser.add_argument("--no-wall", action="store_true",
                             help="do not time the full model next to the early-exit one (halves the work)")
+        add_vocabulary_arguments(parser)
         add_json_file_argument(parser)
         return parser
 
@@ -83,14 +88,34 @@ class EvalCommand:
             from ..dialog import check_dialog_data
 
             check_dialog_data(dataset, settings, args.decode)
+        if args.exit_vocabulary and dataset.task == "dialog":
+            raise ConfigError("--exit-vocabulary restricts generated tokens; VisDial ranks candidate answers over the "
+                              "whole vocabulary: drop it")
+        if (args.exit_vocabulary or args.draft_vocabulary) and not args.strategy and not getattr(args, "exits", None):
+            raise ConfigError("--exit-vocabulary and --draft-vocabulary restrict what exits read out; pass --strategy "
+                              "or --exits")
+        if args.draft_vocabulary and args.decode != "speculative":
+            raise ConfigError("--draft-vocabulary is for --decode speculative (exits deciding use --exit-vocabulary)")
         backend, strategy, model = load_model(registry, args)
+        exit_vocabulary = draft_vocabulary = None
+        if args.exit_vocabulary or args.draft_vocabulary:
+            from ..run import backbone_vocabularies, splits_for
+
+            source = splits_for(args.data)[0]  # the exit-training split: never the one scored
+            exit_vocabulary, draft_vocabulary = backbone_vocabularies(
+                backend, args.data, source, (args.exit_vocabulary, args.draft_vocabulary),
+                batch_size=args.batch_size, progress=False, max_new_tokens=args.max_new_tokens)
         config = {"command": "eval", "backend": args.backend, "model": args.model, "strategy": args.strategy,
                   "data": args.data, "split": args.split, "settings": dataclasses.asdict(settings)}
         notify(registry, "run_start", config=config)
         result = evaluate(backend, strategy, dataset, settings, kv_policy=args.kv_policy, gate=model.gate,
                           decode=args.decode, draft_exit=draft_exit_index(args, strategy),
-                          draft_length=args.draft_length,
+                          draft_length=args.draft_length, exit_vocabulary=exit_vocabulary,
+                          draft_vocabulary=draft_vocabulary if draft_vocabulary is not None else (
+                              exit_vocabulary if args.decode == "speculative" else None),
                           on_batch=lambda stats: notify(registry, "batch_stats", stats=stats))
+        if exit_vocabulary is not None:
+            result["exit_vocabulary"] = exit_vocabulary.tolist()
         if process_group()[0] != 0:  # every rank has the result; rank 0 reports for everyone
             return 0
         notify(registry, "run_end", config=config, results={"quality": result["quality"]})

@@ -11,8 +11,8 @@ from .common import (add_backend_argument, add_batch_size_argument, add_device_a
                      add_exit_layers_argument, device_options,
                      add_gate_mode_argument, add_generation_arguments, add_json_file_argument, add_kv_policy_argument,
                      add_model_argument, add_option_argument, add_output_argument, add_strategy_argument,
-                     add_threshold_argument, build_strategy_config, parse_float_list, positive_int,
-                     quiet_transformers, report_plugin_failures)
+                     add_threshold_argument, add_vocabulary_arguments, build_strategy_config, parse_float_list,
+                     positive_int, quiet_transformers, report_plugin_failures)
 
 COLORS = ("\033[32m", "\033[36m", "\033[33m", "\033[35m", "\033[31m")  # early ... late
 RESET = "\033[0m"
@@ -154,16 +154,7 @@ class RunCommand:
         parser.add_argument("--no-speculative", action="store_true",
                             help="skip the self-speculative decoding row")
         add_draft_arguments(parser, "the fastest on dev")
-        parser.add_argument("--draft-vocabulary", type=positive_int, metavar="N",
-                            help="drafts read out only the N tokens the backbone writes most often on the "
-                                 "exit-training split (a fraction of the head's cost; the output is unchanged, "
-                                 "every token is verified over the whole vocabulary). Default: the whole vocabulary")
-        parser.add_argument("--exit-vocabulary", type=positive_int, metavar="N",
-                            help="exits decide and emit over only the N tokens the backbone writes most often on the "
-                                 "exit-training split: a check costs a fraction of the head, its probabilities are "
-                                 "over those tokens, and an exit emits only them; the final layer reads the whole "
-                                 "vocabulary; drafts use them too unless --draft-vocabulary is given. Default: the "
-                                 "whole vocabulary")
+        add_vocabulary_arguments(parser)
         parser.add_argument("--test-limit", type=positive_int, help="evaluate on the first N test samples")
         parser.add_argument("--dev-limit", type=positive_int, help="calibrate on the first N dev samples")
         parser.add_argument("--train-limit", type=positive_int, help="train exits on the first N samples")
