@@ -231,7 +231,8 @@ def main(argv=None) -> int:
         key = "-".join(str(x) for x in ("run", strategy, args.test_limit, args.dev_limit, args.train_limit, args.grid,
                                           args.exit_layers, args.draft_vocabulary, *sorted(recipe_for(strategy, args)),
                                           *((f"exitvocab{args.exit_vocabulary}",) if args.exit_vocabulary else ()),
-                                          *((f"gate{args.gate}",) if args.gate != "learned" else ())))
+                                          *((f"gate{args.gate}",) if args.gate != "learned" else ()),
+                                          *((f"batch{args.batch_size}",) if args.batch_size != 32 else ())))
         report = reports[strategy] = cached(args.work, key, args.again, lambda: run_strategy(strategy, args))
         runs[strategy] = {"summary": summary(report), "mid_crisis": report.get("mid_crisis"),
                           "calibration_why": (report.get("calibration") or {}).get("why"),
