@@ -139,6 +139,10 @@ def wall_clock(early: dict, full: dict | None) -> dict:
     return result
 
 
+RANKING_TAKES_NO_EXIT_VOCABULARY = ("--exit-vocabulary restricts generated tokens; VisDial ranks candidate answers "
+                                    "over the whole vocabulary: drop it")
+
+
 def evaluate(backend, strategy, dataset: Dataset, settings: EvalSettings, kv_policy: str = "catchup",
              gate=None, decode: str = "early-exit", draft_exit: int | None = None, draft_length: int | None = None,
              draft_vocabulary=None, exit_vocabulary=None,
@@ -152,8 +156,7 @@ def evaluate(backend, strategy, dataset: Dataset, settings: EvalSettings, kv_pol
 
     if dataset.task == "dialog":  # ranked, not generated
         if exit_vocabulary is not None:
-            raise ConfigError("an exit vocabulary restricts generated tokens; VisDial ranks candidate answers over "
-                              "the whole vocabulary: drop --exit-vocabulary")
+            raise ConfigError(RANKING_TAKES_NO_EXIT_VOCABULARY)
         from .dialog import evaluate_dialog
 
         return evaluate_dialog(backend, strategy, dataset, settings, kv_policy=kv_policy, gate=gate, decode=decode,

@@ -140,6 +140,7 @@ def run(settings: RunSettings, registry, log=print) -> dict | None:
 
     from .plugins import notify
 
+    check_settings(settings)  # the CLI checked already; callers of the API get the same one-line errors
     started = time.perf_counter()
     if launched_world_size() > 1:  # torchrun / deepspeed launcher: every rank trains, calibrates and
         from .distributed import init_distributed  # evaluates its share in step; rank 0 reports
@@ -215,9 +216,6 @@ def run(settings: RunSettings, registry, log=print) -> dict | None:
         timings["train_gate_s"] = time.perf_counter() - began
     knob = Knob(strategy, gate) if strategy.knob or gate is not None else None
     exit_vocabulary = vocabulary = None
-    if settings.exit_vocabulary and ranking:
-        raise ConfigError("--exit-vocabulary restricts generated tokens; VisDial ranks candidate answers over the "
-                          "whole vocabulary: drop it")
     if settings.exit_vocabulary or (settings.draft_vocabulary and settings.speculative and not ranking):
         began = time.perf_counter()
         exit_vocabulary, vocabulary = run_vocabularies(backend, settings, train_split)
@@ -488,6 +486,11 @@ def check_settings(settings: RunSettings) -> None:
         raise ConfigError(f"--budget is a fraction of the full model's quality, e.g. 0.02 (got {settings.budget})")
     if settings.grid is not None and not settings.grid:
         raise ConfigError("the calibration grid is empty; pass values such as --grid 0.5,0.7,0.9")
+    if settings.exit_vocabulary and "visdial" in (settings.data.partition(":")[0],
+                                                  (settings.test_data or "").partition(":")[0]):
+        from .evaluate import RANKING_TAKES_NO_EXIT_VOCABULARY
+
+        raise ConfigError(RANKING_TAKES_NO_EXIT_VOCABULARY)  # before any exit is trained
     for flag, size in (("draft", settings.draft_vocabulary), ("exit", settings.exit_vocabulary)):
         if size is not None and size < 1:
             raise ConfigError(f"--{flag}-vocabulary is a number of tokens, e.g. 1024 (got {size})")

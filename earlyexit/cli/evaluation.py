@@ -65,7 +65,7 @@ class EvalCommand:
     def run(args: argparse.Namespace) -> int:
         from ..data.registry import load_dataset
         from ..deepspeed_config import launched_world_size
-        from ..evaluate import EvalSettings, evaluate, process_group
+        from ..evaluate import RANKING_TAKES_NO_EXIT_VOCABULARY, EvalSettings, evaluate, process_group
         from ..files import check_writable, write_json_atomically
         from ..plugins import get_registry, notify
 
@@ -89,8 +89,7 @@ class EvalCommand:
 
             check_dialog_data(dataset, settings, args.decode)
         if args.exit_vocabulary and dataset.task == "dialog":
-            raise ConfigError("--exit-vocabulary restricts generated tokens; VisDial ranks candidate answers over the "
-                              "whole vocabulary: drop it")
+            raise ConfigError(RANKING_TAKES_NO_EXIT_VOCABULARY)
         if (args.exit_vocabulary or args.draft_vocabulary) and not args.strategy and not getattr(args, "exits", None):
             raise ConfigError("--exit-vocabulary and --draft-vocabulary restrict what exits read out; pass --strategy "
                               "or --exits")

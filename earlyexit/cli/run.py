@@ -180,9 +180,6 @@ class RunCommand:
             if args.draft_exit is not None:
                 raise ConfigError("VisDial is scored by ranking answer options, not by decoding; drop --draft-exit "
                                   "(no speculative row is made)")
-            if args.exit_vocabulary is not None:
-                raise ConfigError("--exit-vocabulary restricts generated tokens; VisDial ranks candidate answers over "
-                                  "the whole vocabulary: drop it")
         placement = device_options(args)  # a device or dtype this machine cannot run fails first
         registry = get_registry()
         report_plugin_failures(registry)
