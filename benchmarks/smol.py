@@ -236,6 +236,8 @@ def main(argv=None) -> int:
         report = reports[strategy] = cached(args.work, key, args.again, lambda: run_strategy(strategy, args))
         runs[strategy] = {"summary": summary(report), "mid_crisis": report.get("mid_crisis"),
                           "calibration_why": (report.get("calibration") or {}).get("why"),
+                          "calibration_points": (report.get("calibration") or {}).get("points"),
+                          "calibration_full_quality": (report.get("calibration") or {}).get("full_quality"),
                           "full_quality": report["results"]["full"]["quality"]}
     result["runs"] = runs
     gate_folder = reports["free"].get("gate_folder") if "free" in reports else None
