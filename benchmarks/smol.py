@@ -234,10 +234,10 @@ def main(argv=None) -> int:
                                           *((f"gate{args.gate}",) if args.gate != "learned" else ()),
                                           *((f"batch{args.batch_size}",) if args.batch_size != 32 else ())))
         report = reports[strategy] = cached(args.work, key, args.again, lambda: run_strategy(strategy, args))
+        calibration = report.get("calibration") or {}
         runs[strategy] = {"summary": summary(report), "mid_crisis": report.get("mid_crisis"),
-                          "calibration_why": (report.get("calibration") or {}).get("why"),
-                          "calibration_points": (report.get("calibration") or {}).get("points"),
-                          "calibration_full_quality": (report.get("calibration") or {}).get("full_quality"),
+                          "calibration_why": calibration.get("why"), "calibration_points": calibration.get("points"),
+                          "calibration_full_quality": calibration.get("full_quality"),
                           "full_quality": report["results"]["full"]["quality"]}
     result["runs"] = runs
     gate_folder = reports["free"].get("gate_folder") if "free" in reports else None

@@ -257,7 +257,9 @@ def evaluate(backend, strategy, dataset: Dataset, settings: EvalSettings, kv_pol
                  "exit_layer_histogram": {backend.num_layers: len(layers)}, "param_speedup": 1.0,
                  **speculative_summary(records, costs, stats),
                  "draft_exit_layer": decoder.draft_layer, "draft_length": decoder.draft_length,
-                 "draft_vocabulary": None if draft_vocabulary is None else len(draft_vocabulary)}
+                 # what the drafts read: the draft vocabulary, else the exit vocabulary (the engine's rule)
+                 "draft_vocabulary": next((len(v) for v in (model.draft_vocabulary, model.exit_vocabulary)
+                                           if v is not None), None)}
     else:
         speed = summarize(traces, costs)
         speed["exit_vocabulary"] = None if model.exit_vocabulary is None else len(model.exit_vocabulary)

@@ -110,8 +110,7 @@ class EvalCommand:
         result = evaluate(backend, strategy, dataset, settings, kv_policy=args.kv_policy, gate=model.gate,
                           decode=args.decode, draft_exit=draft_exit_index(args, strategy),
                           draft_length=args.draft_length, exit_vocabulary=exit_vocabulary,
-                          draft_vocabulary=draft_vocabulary if draft_vocabulary is not None else (
-                              exit_vocabulary if args.decode == "speculative" else None),
+                          draft_vocabulary=draft_vocabulary,
                           on_batch=lambda stats: notify(registry, "batch_stats", stats=stats))
         if exit_vocabulary is not None:
             result["exit_vocabulary"] = exit_vocabulary.tolist()
