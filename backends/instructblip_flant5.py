@@ -11,10 +11,10 @@ instruction, as the rows' own lengths would have it.
 from __future__ import annotations
 
 from earlyexit import hookimpl
-from earlyexit.backend import Backend
+from earlyexit.core.backend import Backend
 
-from .instructblip_vision import InstructBlipImageSide
-from .t5_decoder import RIGHT, T5DecoderMethods
+from earlyexit.backends.instructblip_vision import InstructBlipImageSide
+from earlyexit.backends.t5_decoder import RIGHT, T5DecoderMethods
 
 
 class InstructBlipFlanT5Backend(InstructBlipImageSide, T5DecoderMethods, Backend):
@@ -25,7 +25,7 @@ class InstructBlipFlanT5Backend(InstructBlipImageSide, T5DecoderMethods, Backend
     @classmethod
     def from_pretrained(cls, name_or_path: str, dtype: str = "float32",
                         device: str = "cpu") -> InstructBlipFlanT5Backend:
-        from .instructblip_vision import load_instructblip
+        from earlyexit.backends.instructblip_vision import load_instructblip
 
         model, processor = load_instructblip(name_or_path, "t5", "InstructBLIP with a FlanT5 language model", dtype,
                                              device, padding_side=RIGHT)
@@ -39,10 +39,10 @@ class InstructBlipFlanT5Backend(InstructBlipImageSide, T5DecoderMethods, Backend
         """A small randomly initialised InstructBLIP-FlanT5 with word-level tokenizers (the language
         model's T5-style: an end token after every text) and a real processor; `t5_shape`:
         `t5_decoder.tiny_t5_config`'s (layers, widths, FlanT5's or original T5's kind, vocabulary)."""
-        from earlyexit.tiny import DEFAULT_WORDS, build_tokenizer
+        from earlyexit.data.tokenizer import DEFAULT_WORDS, build_tokenizer
 
-        from .instructblip_vision import tiny_instructblip, tiny_instructblip_processor
-        from .t5_decoder import set_t5_generation_ids, t5_style_tokenizer, tiny_t5_config
+        from earlyexit.backends.instructblip_vision import tiny_instructblip, tiny_instructblip_processor
+        from earlyexit.backends.t5_decoder import set_t5_generation_ids, t5_style_tokenizer, tiny_t5_config
 
         words = tuple(words or DEFAULT_WORDS)
         tokenizer = t5_style_tokenizer(build_tokenizer(words))

@@ -10,10 +10,10 @@ tokenized prompt (BOS first).
 from __future__ import annotations
 
 from earlyexit import hookimpl
-from earlyexit.backend import Backend
+from earlyexit.core.backend import Backend
 
-from .instructblip_vision import InstructBlipImageSide
-from .llama_decoder import LlamaDecoderMethods
+from earlyexit.backends.instructblip_vision import InstructBlipImageSide
+from earlyexit.backends.llama_decoder import LlamaDecoderMethods
 
 
 class InstructBlipVicunaBackend(InstructBlipImageSide, LlamaDecoderMethods, Backend):
@@ -24,7 +24,7 @@ class InstructBlipVicunaBackend(InstructBlipImageSide, LlamaDecoderMethods, Back
     @classmethod
     def from_pretrained(cls, name_or_path: str, dtype: str = "float32",
                         device: str = "cpu") -> InstructBlipVicunaBackend:
-        from .instructblip_vision import load_instructblip
+        from earlyexit.backends.instructblip_vision import load_instructblip
 
         return cls(*load_instructblip(name_or_path, "llama", "InstructBLIP with a Llama/Vicuna decoder", dtype, device))
 
@@ -40,9 +40,9 @@ class InstructBlipVicunaBackend(InstructBlipImageSide, LlamaDecoderMethods, Back
         above the tokenizer's gives a real-sized LM head (benchmarks)."""
         from transformers import LlamaConfig
 
-        from earlyexit.tiny import DEFAULT_WORDS, build_tokenizer
+        from earlyexit.data.tokenizer import DEFAULT_WORDS, build_tokenizer
 
-        from .instructblip_vision import tiny_instructblip, tiny_instructblip_processor
+        from earlyexit.backends.instructblip_vision import tiny_instructblip, tiny_instructblip_processor
 
         words = tuple(words or DEFAULT_WORDS)
         processor = tiny_instructblip_processor(build_tokenizer(words), image_size, num_query_tokens, words)

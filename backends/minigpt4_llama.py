@@ -25,10 +25,10 @@ import json
 import os
 
 from earlyexit import hookimpl
-from earlyexit.backend import Backend, hub_offline
+from earlyexit.core.backend import Backend, hub_offline
 from earlyexit.errors import ConfigError, ModelNotAvailableError
 
-from .llama_decoder import LlamaDecoderMethods
+from earlyexit.backends.llama_decoder import LlamaDecoderMethods
 
 RECIPE_KEYS = ("language_model", "vision", "projection_checkpoint")
 TEMPLATE_WORDS = ("#", "human", "assistant", "<", ">", "/", "img")  # the tiny tokenizer spells the template
@@ -45,7 +45,7 @@ class Minigpt4LlamaBackend(LlamaDecoderMethods, Backend):
     def from_pretrained(cls, name_or_path: str, dtype: str = "float32", device: str = "cpu") -> Minigpt4LlamaBackend:
         import torch
 
-        from .minigpt4_model import CONFIG_FILE, MiniGPT4ForConditionalGeneration, MiniGPT4Processor
+        from earlyexit.backends.minigpt4_model import CONFIG_FILE, MiniGPT4ForConditionalGeneration, MiniGPT4Processor
 
         if os.path.isfile(os.path.join(name_or_path, CONFIG_FILE)):
             model = MiniGPT4ForConditionalGeneration.from_pretrained(name_or_path, getattr(torch, dtype))
@@ -65,8 +65,8 @@ class Minigpt4LlamaBackend(LlamaDecoderMethods, Backend):
         import torch
         from transformers import AutoImageProcessor, AutoTokenizer, LlamaForCausalLM
 
-        from .minigpt4_model import (IMAGE_PLACEHOLDER, PROMPT_TEMPLATE, MiniGPT4Config,
-                                     MiniGPT4ForConditionalGeneration, MiniGPT4Processor)
+        from earlyexit.backends.minigpt4_model import (IMAGE_PLACEHOLDER, PROMPT_TEMPLATE, MiniGPT4Config,
+            MiniGPT4ForConditionalGeneration, MiniGPT4Processor)
 
         offline = hub_offline()
         if not os.path.isfile(projection_checkpoint):  # the cheapest mistake first, before any download
@@ -116,13 +116,13 @@ class Minigpt4LlamaBackend(LlamaDecoderMethods, Backend):
         from tokenizers import AddedToken
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        from .blip2_vision import tiny_image_side_configs
+        from earlyexit.backends.blip2_vision import tiny_image_side_configs
         from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
-        from earlyexit.tiny import DEFAULT_WORDS, build_tokenizer
+        from earlyexit.data.tokenizer import DEFAULT_WORDS, build_tokenizer
 
-        from .minigpt4_model import IMAGE_PLACEHOLDER, MiniGPT4Config, MiniGPT4ForConditionalGeneration, \
-            MiniGPT4Processor
+        from earlyexit.backends.minigpt4_model import (IMAGE_PLACEHOLDER, MiniGPT4Config,
+            MiniGPT4ForConditionalGeneration, MiniGPT4Processor)
 
         tokenizer = build_tokenizer(tuple(words or DEFAULT_WORDS) + TEMPLATE_WORDS)
         tokenizer.add_tokens([AddedToken(IMAGE_PLACEHOLDER, special=True)], special_tokens=True)
@@ -161,9 +161,9 @@ class Minigpt4LlamaBackend(LlamaDecoderMethods, Backend):
         from transformers import Blip2QFormerConfig
         from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
-        from .blip2_vision import tiny_image_side_configs
-        from .minigpt4_model import (IMAGE_PLACEHOLDER, PROMPT_TEMPLATE, EfficientNetLiteFeatures, MiniGPT4Config,
-                                     MiniGPT4ForConditionalGeneration, MiniGPT4Processor)
+        from earlyexit.backends.blip2_vision import tiny_image_side_configs
+        from earlyexit.backends.minigpt4_model import (IMAGE_PLACEHOLDER, PROMPT_TEMPLATE, EfficientNetLiteFeatures,
+            MiniGPT4Config, MiniGPT4ForConditionalGeneration, MiniGPT4Processor)
 
         llama, tokenizer = load_llama(language_model, getattr(torch, dtype))
         vocab = tokenizer.get_vocab()
@@ -221,7 +221,7 @@ class Minigpt4LlamaBackend(LlamaDecoderMethods, Backend):
     def image_features(self, pixel_values, saturation=None):
         if saturation is None:
             return self.model.get_image_features(pixel_values), None
-        from .blip2_vision import saturating_query_features
+        from earlyexit.backends.blip2_vision import saturating_query_features
 
         return saturating_query_features(self.model, pixel_values, saturation)
 

@@ -29,7 +29,7 @@ import torch
 
 from earlyexit.errors import CheckpointError, ConfigError
 
-from .blip2_vision import project_queries
+from earlyexit.backends.blip2_vision import project_queries
 
 CONFIG_FILE = "minigpt4_config.json"
 IMAGE_SIDE_FILE = "image_side.safetensors"

@@ -67,7 +67,7 @@ class T5DecoderMethods:
     def plain_generate(self, **inputs_and_generate_kwargs):
         """The backbone's own `generate`, laid out as every family's: prompt ids, then the new
         tokens (transformers returns the decoder's start token and the new tokens)."""
-        from earlyexit.engine import _behind_prompt
+        from earlyexit.core.engine import _behind_prompt
 
         return _behind_prompt(inputs_and_generate_kwargs["input_ids"], self.model.generate(
             **inputs_and_generate_kwargs)[:, 1:])

@@ -33,10 +33,10 @@ import time
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from earlyexit.accounting import CostModel, summarize
-from earlyexit.engine import EarlyExitForCausalLM
-from earlyexit.evaluate import provenance
-from earlyexit.plugins import get_registry
+from earlyexit.core.accounting import CostModel, summarize
+from earlyexit.core.engine import EarlyExitForCausalLM
+from earlyexit.evaluation.evaluate import provenance
+from earlyexit.plugins.registry import get_registry
 from earlyexit.strategies.fixed import FixedStrategy
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

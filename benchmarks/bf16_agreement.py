@@ -28,8 +28,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 def full_depth_ids(backend, dataset, batch_size: int, max_new_tokens: int) -> list[list[int]]:
     import torch
 
-    from earlyexit.engine import EarlyExitForCausalLM
-    from earlyexit.evaluate import prompt_for
+    from earlyexit.core.engine import EarlyExitForCausalLM
+    from earlyexit.evaluation.evaluate import prompt_for
 
     model = EarlyExitForCausalLM(backend)
     eos = backend.text_config.eos_token_id
@@ -61,10 +61,10 @@ def main() -> None:
 
     import torch
 
-    from earlyexit import embedded
+    from earlyexit.models import embedded
     from earlyexit.backends.blip2_opt import Blip2OptBackend
-    from earlyexit.plugins import get_registry
-    from earlyexit.run import RunSettings, load_split, run
+    from earlyexit.plugins.registry import get_registry
+    from earlyexit.pipeline.run import RunSettings, load_split, run
 
     path = embedded.ensure_built()
     fp32 = Blip2OptBackend.load(path)
@@ -98,7 +98,7 @@ def main() -> None:
                             "machine": platform.processor() or platform.machine(),
                             "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
     if args.json:
-        from earlyexit.files import atomic_write
+        from earlyexit.util.files import atomic_write
 
         with atomic_write(args.json) as handle:
             json.dump(result, handle, indent=2)

@@ -19,8 +19,8 @@ import argparse
 import sys
 
 from earlyexit.data.scenes import load_scenes
-from earlyexit.embedded import MODELS, scene_config
-from earlyexit.evaluate import EvalSettings, evaluate
+from earlyexit.models.embedded import MODELS, scene_config
+from earlyexit.evaluation.evaluate import EvalSettings, evaluate
 from earlyexit.metrics.grounding import blind_baseline, caption_grounding
 from earlyexit.metrics.vqa import vqa_scores
 
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
                         help="scene split (default val: compare recipes here; test for the final report only)")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
-    from earlyexit.plugins import get_registry
+    from earlyexit.plugins.registry import get_registry
 
     family = args.backend or (MODELS[args.model][0] if args.model in MODELS else "blip2-opt")
     backend = get_registry(load_entrypoints=False).backend(family).load(args.model)
@@ -77,12 +77,12 @@ def main(argv=None) -> int:
     for example in result["examples"]:
         print(f"  {example['caption']!r:60} <- {', '.join(example['objects'])}")
     if args.json:
-        from earlyexit.files import write_json_atomically
+        from earlyexit.util.files import write_json_atomically
 
-        from earlyexit.evaluate import provenance
+        from earlyexit.evaluation.evaluate import provenance
 
         command = "python benchmarks/grounding.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        from earlyexit import embedded
+        from earlyexit.models import embedded
 
         built = embedded.build_info(embedded.recipe_of(args.model)) if args.model in MODELS else None
         build = {k: built.get(k) for k in ("fingerprint", "train_seconds", "seconds", "load_average_1min")} if built else None

@@ -37,8 +37,8 @@ def layers_text(layers: list[int]) -> str:
 
 
 def main(argv=None) -> int:
-    from earlyexit.param_counts import strategy_parameter_counts
-    from earlyexit.plugins import get_registry
+    from earlyexit.core.param_counts import strategy_parameter_counts
+    from earlyexit.plugins.registry import get_registry
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write the counts here")

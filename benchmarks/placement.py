@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 
 def confirm(exits: list[int], args, registry) -> dict:
-    from earlyexit.run import RunSettings, run
+    from earlyexit.pipeline.run import RunSettings, run
 
     settings = RunSettings(backend="blip2-opt", strategy="confidence", exit_layers=exits, gate="none",
                            speculative=False, compare_untrained=False, progress=False, test_limit=args.test_limit,
@@ -31,11 +31,11 @@ def confirm(exits: list[int], args, registry) -> dict:
 
 
 def main(argv=None) -> int:
-    from earlyexit.evaluate import provenance
-    from earlyexit.files import write_json_atomically
-    from earlyexit.placement import greedy_placement, layer_statistics
-    from earlyexit.plugins import get_registry
-    from earlyexit.run import load_split
+    from earlyexit.evaluation.evaluate import provenance
+    from earlyexit.util.files import write_json_atomically
+    from earlyexit.evaluation.placement import greedy_placement, layer_statistics
+    from earlyexit.plugins.registry import get_registry
+    from earlyexit.pipeline.run import load_split
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", required=True)

@@ -38,7 +38,7 @@ def kernel_table(shapes, copies: int = 30) -> list[dict]:
     import torch
     import torch.nn.functional as F
 
-    from earlyexit.kernels import chooses_transposed, small_row_linear
+    from earlyexit.core.kernels import chooses_transposed, small_row_linear
 
     table = []
     for out_features, in_features in shapes:
@@ -61,8 +61,8 @@ def kernel_table(shapes, copies: int = 30) -> list[dict]:
 def decoding(backend, batch_sizes, max_new_tokens: int, repeats: int) -> list[dict]:
     import torch
 
-    from earlyexit import kernels
-    from earlyexit.run import load_split
+    from earlyexit.core import kernels
+    from earlyexit.pipeline.run import load_split
 
     samples = load_split("scenes", "dev", max(batch_sizes)).samples
     out = []
@@ -93,8 +93,8 @@ def decoding(backend, batch_sizes, max_new_tokens: int, repeats: int) -> list[di
 def main(argv=None) -> None:
     import torch
 
-    from earlyexit.evaluate import provenance
-    from earlyexit.plugins import get_registry
+    from earlyexit.evaluation.evaluate import provenance
+    from earlyexit.plugins.registry import get_registry
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", default="minigpt4-llama")

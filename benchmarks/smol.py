@@ -68,7 +68,7 @@ def cached(work: str, name: str, again: bool, compute):
     began = time.perf_counter()
     result = compute()
     result["seconds"] = time.perf_counter() - began
-    from earlyexit.files import write_json_atomically
+    from earlyexit.util.files import write_json_atomically
 
     os.makedirs(work, exist_ok=True)
     write_json_atomically(path, result)
@@ -76,8 +76,8 @@ def cached(work: str, name: str, again: bool, compute):
 
 
 def run_strategy(strategy: str, args) -> dict:
-    from earlyexit.plugins import get_registry
-    from earlyexit.run import RunSettings, run
+    from earlyexit.plugins.registry import get_registry
+    from earlyexit.pipeline.run import RunSettings, run
 
     settings = RunSettings(backend=BACKEND, strategy=strategy, model=MODEL, test_limit=args.test_limit,
                            dev_limit=args.dev_limit, train_limit=args.train_limit, batch_size=args.batch_size,
@@ -125,7 +125,7 @@ def decision_costs(gate_folder: str | None, exit_vocabulary: list | None, repeat
     import torch
 
     from earlyexit.backends.minigpt4_llama import Minigpt4LlamaBackend
-    from earlyexit.gates import LearnedGate
+    from earlyexit.core.gates import LearnedGate
 
     backend = Minigpt4LlamaBackend.load(MODEL)
     layer_params = backend.layer_param_counts()
@@ -158,7 +158,7 @@ def decision_costs(gate_folder: str | None, exit_vocabulary: list | None, repeat
 
 def matching_gate(exit_layers) -> str | None:
     """The newest cached learned gate for FREE at `exit_layers` on SmolLM2's width."""
-    from earlyexit import embedded
+    from earlyexit.models import embedded
 
     root = os.path.join(embedded.cache_root(), "gates")
     found = []
@@ -175,7 +175,7 @@ def matching_gate(exit_layers) -> str | None:
 
 def main(argv=None) -> int:
     from earlyexit.cli.common import parse_int_list
-    from earlyexit.evaluate import provenance
+    from earlyexit.evaluation.evaluate import provenance
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", required=True, help="write the results here (with command and provenance)")
@@ -205,7 +205,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     args.test_limit = args.test_limit or None
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from earlyexit import embedded
+    from earlyexit.models import embedded
 
     import grounding
 
@@ -220,7 +220,7 @@ def main(argv=None) -> int:
                                                   "load_average_1min", "final_loss", "final_words_loss")}}
 
     def grounded():
-        from earlyexit.plugins import get_registry
+        from earlyexit.plugins.registry import get_registry
 
         backend = get_registry(load_entrypoints=False).backend(BACKEND).load(MODEL)
         return grounding.report(backend, args.test_limit or 500, "test")
@@ -248,7 +248,7 @@ def main(argv=None) -> int:
     result["seconds"] = time.perf_counter() - began
     result["load_average_1min_at_end"] = os.getloadavg()[0]
     result["provenance"] = provenance()
-    from earlyexit.files import write_json_atomically
+    from earlyexit.util.files import write_json_atomically
 
     write_json_atomically(args.json, result)
     print(json.dumps({k: result[k] for k in ("build", "exit_decision_cost")}, indent=2))

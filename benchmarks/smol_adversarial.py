@@ -23,7 +23,7 @@ def agreement(backend, strategy, dataset) -> list[float]:
     """Per exit: the share of target positions where its argmax is the final layer's."""
     import torch
 
-    from earlyexit.layer_accuracy import teacher_forced_features
+    from earlyexit.evaluation.layer_accuracy import teacher_forced_features
 
     agree, total = [0] * len(strategy.exit_layers), 0
     with torch.no_grad():
@@ -45,11 +45,11 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=float, default=6)
     args = parser.parse_args(argv)
 
-    from earlyexit.evaluate import provenance
-    from earlyexit.exit_training import backbone_captions, train_exits, with_own_targets
-    from earlyexit.files import write_json_atomically
-    from earlyexit.plugins import get_registry
-    from earlyexit.run import load_split
+    from earlyexit.evaluation.evaluate import provenance
+    from earlyexit.training.exits import backbone_captions, train_exits, with_own_targets
+    from earlyexit.util.files import write_json_atomically
+    from earlyexit.plugins.registry import get_registry
+    from earlyexit.pipeline.run import load_split
 
     registry = get_registry(load_entrypoints=False)
     backend = registry.backend("minigpt4-llama").load("smol")

@@ -47,7 +47,7 @@ def agreement(backend, strategies: dict, dataset, batch_size: int) -> dict:
     the final layer's at every position after the first (the prompt pass writes the first)."""
     import torch
 
-    from earlyexit.layer_accuracy import teacher_forced_features
+    from earlyexit.evaluation.layer_accuracy import teacher_forced_features
 
     n = backend.num_layers
     found = {name: [] for name in strategies}
@@ -223,12 +223,12 @@ def main(argv=None) -> int:
 
     import torch
 
-    from earlyexit.adapters import load_exits
-    from earlyexit.evaluate import provenance
-    from earlyexit.exit_training import backbone_captions, with_own_targets
-    from earlyexit.files import write_json_atomically
-    from earlyexit.plugins import get_registry
-    from earlyexit.run import load_split
+    from earlyexit.models.adapters import load_exits
+    from earlyexit.evaluation.evaluate import provenance
+    from earlyexit.training.exits import backbone_captions, with_own_targets
+    from earlyexit.util.files import write_json_atomically
+    from earlyexit.plugins.registry import get_registry
+    from earlyexit.pipeline.run import load_split
 
     torch.set_num_threads(int(os.environ.get("EARLYEXIT_THREADS", "2")))
     registry = get_registry(load_entrypoints=False)

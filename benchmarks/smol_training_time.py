@@ -35,12 +35,12 @@ def main(argv=None) -> int:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from smol import parse_options
 
-    from earlyexit.evaluate import provenance
-    from earlyexit.exit_training import train_exits
-    from earlyexit.layer_accuracy import exit_accuracy
-    from earlyexit.files import write_json_atomically
-    from earlyexit.plugins import get_registry
-    from earlyexit.run import load_split
+    from earlyexit.evaluation.evaluate import provenance
+    from earlyexit.training.exits import train_exits
+    from earlyexit.evaluation.layer_accuracy import exit_accuracy
+    from earlyexit.util.files import write_json_atomically
+    from earlyexit.plugins.registry import get_registry
+    from earlyexit.pipeline.run import load_split
 
     registry = get_registry(load_entrypoints=False)
     backend = registry.backend("minigpt4-llama").load("smol")

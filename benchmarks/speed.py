@@ -28,10 +28,10 @@ import sys
 
 import torch
 
-from earlyexit.accounting import CostModel, summarize
-from earlyexit.engine import EarlyExitForCausalLM
-from earlyexit.evaluate import _timed, provenance
-from earlyexit.gates import LearnedGate
+from earlyexit.core.accounting import CostModel, summarize
+from earlyexit.core.engine import EarlyExitForCausalLM
+from earlyexit.evaluation.evaluate import _timed, provenance
+from earlyexit.core.gates import LearnedGate
 from earlyexit.strategies.confidence import ConfidenceStrategy
 from earlyexit.strategies.fixed import FixedStrategy
 from earlyexit.strategies.free import FreeStrategy
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     args.shape = args.shape or next(iter(shapes))
     if args.shape not in shapes:
         parser.error(f"shape {args.shape} is not a {args.backend} shape; choose one of {', '.join(shapes)}")
-    from earlyexit.plugins import get_registry
+    from earlyexit.plugins.registry import get_registry
 
     torch.manual_seed(0)
     backend = get_registry(load_entrypoints=False).backend(args.backend).from_tiny_config(
@@ -161,7 +161,7 @@ def main(argv=None) -> int:
           "end to end / decoding; wall / w-dec: median clock time per token of plain generate / early-exit "
           "generate, end to end / decoding")
     if args.json:
-        from earlyexit.files import write_json_atomically
+        from earlyexit.util.files import write_json_atomically
 
         write_json_atomically(args.json, {
             "command": "python benchmarks/speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),

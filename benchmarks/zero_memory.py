@@ -14,13 +14,13 @@ import time
 
 import torch
 
-from earlyexit.batching import TrainingBatches
-from earlyexit.deepspeed_config import zero_config
-from earlyexit.distributed import DeepSpeedEngine, init_distributed
-from earlyexit.exit_training import one_caption_per_sample
-from earlyexit.plugins import get_registry
-from earlyexit.run import load_split
-from earlyexit.training import TrainConfig
+from earlyexit.training.batching import TrainingBatches
+from earlyexit.training.deepspeed_config import zero_config
+from earlyexit.training.deepspeed import DeepSpeedEngine, init_distributed
+from earlyexit.training.exits import one_caption_per_sample
+from earlyexit.plugins.registry import get_registry
+from earlyexit.pipeline.run import load_split
+from earlyexit.training.loop import TrainConfig
 
 
 def state_bytes(optimizer) -> int:

@@ -11,7 +11,7 @@ import dataclasses
 
 from earlyexit import hookimpl
 from earlyexit.errors import ConfigError
-from earlyexit.strategy import Strategy, StrategyConfig, config_field
+from earlyexit.core.strategy import Strategy, StrategyConfig, config_field
 
 
 @dataclasses.dataclass

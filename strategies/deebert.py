@@ -19,9 +19,9 @@ import dataclasses
 import math
 
 from earlyexit import hookimpl
-from earlyexit.classifier_exits import ClassifierExitConfig, ClassifierExitStrategy, entropy
+from earlyexit.strategies.classifier_exits import ClassifierExitConfig, ClassifierExitStrategy, entropy
 from earlyexit.errors import ConfigError
-from earlyexit.strategy import config_field
+from earlyexit.core.strategy import config_field
 
 
 @dataclasses.dataclass

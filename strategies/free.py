@@ -22,7 +22,7 @@ import dataclasses
 
 from earlyexit import hookimpl
 from earlyexit.errors import ConfigError
-from earlyexit.strategy import Strategy, TrainableConfig, config_field
+from earlyexit.core.strategy import Strategy, TrainableConfig, config_field
 
 MODES = ("supervised", "distill", "capfilt")
 KD_DIRECTIONS = ("exit_final", "final_exit")
@@ -151,7 +151,7 @@ class FreeStrategy(Strategy):
         """References (supervised), the backbone's own greedy outputs (distill: no labels, on every
         task: captions, VQA answers, VisDial answers), or CapFilt's sampled captions filtered by an
         image-text scorer."""
-        from earlyexit import exit_training as data
+        from earlyexit.training import exits as data
 
         if self.config.mode == "distill":
             dataset = data.with_own_targets(dataset, data.backbone_captions(self.backend, dataset, progress=progress))
@@ -169,7 +169,7 @@ class FreeStrategy(Strategy):
         final norm, after the last layer (real) and after each exit transformer (fake)."""
         import torch.nn.functional as F
 
-        from earlyexit.exit_training import backbone_features
+        from earlyexit.training.exits import backbone_features
 
         features = backbone_features(self.backend, batch)
         where = features.targets != -100  # positions that predict a reference (or sampled) token

@@ -29,7 +29,7 @@ import math
 
 from earlyexit import hookimpl
 from earlyexit.errors import ConfigError
-from earlyexit.strategy import Strategy, TrainableConfig, config_field
+from earlyexit.core.strategy import Strategy, TrainableConfig, config_field
 
 
 def consecutive_cosine(hidden, previous):
@@ -96,7 +96,7 @@ class MueStrategy(Strategy):
     def training_step(self, batch, engine, held_out=None) -> dict:
         import torch.nn.functional as F
 
-        from earlyexit.exit_training import backbone_features
+        from earlyexit.training.exits import backbone_features
 
         features = backbone_features(self.backend, batch, layers=self.layers)
         where = features.targets != -100

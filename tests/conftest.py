@@ -4,7 +4,7 @@ import textwrap
 
 import pytest
 
-from earlyexit.plugins import DISABLE_AUTOLOAD_ENV, get_registry
+from earlyexit.plugins.registry import DISABLE_AUTOLOAD_ENV, get_registry
 from helpers import make_backend, make_images
 
 

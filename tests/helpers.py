@@ -79,7 +79,7 @@ def assert_the_instruction_reaches_the_q_former(backend, batch, image):
     generation, which stays the backbone's own; without them the engine refuses in one line."""
     import pytest
 
-    from earlyexit.engine import EarlyExitForCausalLM
+    from earlyexit.core.engine import EarlyExitForCausalLM
     from earlyexit.errors import ConfigError
 
     asked = backend.prepare_inputs([image, image], ["a red circle", "how many shapes"])
@@ -106,9 +106,9 @@ def train_exits_then_reload(registry, build, name, options, scenes, folder):
     and check: the exits move, the backbone does not, some token leaves early, and the adapter saved
     in `folder` reloads onto a fresh `build()` to the same tokens and exit layers. Returns the
     trained strategy."""
-    from earlyexit.adapters import load_exits, save_exits
-    from earlyexit.engine import EarlyExitForCausalLM
-    from earlyexit.exit_training import train_exits
+    from earlyexit.models.adapters import load_exits, save_exits
+    from earlyexit.core.engine import EarlyExitForCausalLM
+    from earlyexit.training.exits import train_exits
 
     backend = build()
     backbone = {n: p.detach().clone() for n, p in backend.model.state_dict().items()}
@@ -141,7 +141,7 @@ def assert_encoder_decoder_exits_off_match_transformers(registry, backend, input
     """With exits off, and with exits consulted but never taken, an encoder-decoder backend's engine
     gives the tokens of transformers' own `generate` (which returns the decoder's start token, then the
     new tokens) behind the prompt's ids, as every family's; so does `plain_generate`."""
-    from earlyexit.engine import EarlyExitForCausalLM
+    from earlyexit.core.engine import EarlyExitForCausalLM
 
     own = backend.model.generate(**inputs, **settings)
     assert (own[:, 0] == backend.text_config.decoder_start_token_id).all()
@@ -160,7 +160,7 @@ def assert_encoder_decoder_exits_off_match_transformers(registry, backend, input
 def assert_teacher_forcing_gives_the_models_own_loss(backend, batch, atol=1e-9):
     """Exit training's teacher-forced features of a training `batch`, read out at full depth, give
     exactly the loss of the model's own forward on that batch."""
-    from earlyexit.exit_training import backbone_features
+    from earlyexit.training.exits import backbone_features
 
     with torch.no_grad():
         loss = backend.model(**batch).loss
@@ -270,7 +270,7 @@ def assert_exit_slots_match_running_the_modules(model, inputs, sequences, module
 
 
 def spy_engine_class():
-    from earlyexit.training import PlainEngine
+    from earlyexit.training.loop import PlainEngine
 
     class SpyEngine(PlainEngine):
         """Records, for each optimiser step, which groups' parameters changed."""
@@ -322,7 +322,7 @@ def assert_propagate_projects_rotated_grouped_kv(backend, strategy, inputs, exit
     """Under `propagate`, the K/V a Llama-family cache holds for a token that left after
     `exit_depth` layers are every deeper layer's RMSNorm + K/V projection of the exit state,
     keys rotated by the row's own position (left padding), grouped-query heads as stored."""
-    from earlyexit.engine import EarlyExitForCausalLM
+    from earlyexit.core.engine import EarlyExitForCausalLM
 
     model = EarlyExitForCausalLM(backend, strategy, kv_policy="propagate")
     states = []  # output of the last layer run before the exit, per forward
@@ -362,7 +362,7 @@ def assert_catchup_gqa_cache_is_one_full_forward(registry, backend, inputs, ever
     """Greedy with `fixed` exits at layer 2 under `catchup` on a grouped-query model of 6 layers:
     rows leave at 2 and go the full depth, caught-up positions are filled, the cache holds the K/V
     heads only, and every layer's cache equals one full forward."""
-    from earlyexit.engine import EarlyExitForCausalLM
+    from earlyexit.core.engine import EarlyExitForCausalLM
 
     model = EarlyExitForCausalLM(backend, fixed_exit(registry, backend, 2, every), kv_policy="catchup")
     sequences = model.generate(**inputs, max_new_tokens=9, do_sample=False, **no_eos(backend))
@@ -378,7 +378,7 @@ def assert_catchup_cache_is_one_full_forward_under_beams(registry, backend, inpu
     full forward of the running sequences."""
     from transformers import LogitsProcessorList
 
-    from earlyexit.engine import EarlyExitForCausalLM
+    from earlyexit.core.engine import EarlyExitForCausalLM
     from test_kv_policies import CacheSnapshots
 
     model = EarlyExitForCausalLM(backend, fixed_exit(registry, backend, 3, 2), kv_policy="catchup")
@@ -406,8 +406,8 @@ def assert_vocabulary_readout_is_those_columns(backend) -> None:
 def speculative_matches(backend, strategy, inputs, draft_exit, draft_length, max_new_tokens=12):
     """Self-speculative decoding over `strategy`'s exits gives the plain backbone's tokens, row
     for row; returns the decoder's statistics."""
-    from earlyexit.engine import EarlyExitForCausalLM
-    from earlyexit.speculative import SelfSpeculativeDecoder
+    from earlyexit.core.engine import EarlyExitForCausalLM
+    from earlyexit.core.speculative import SelfSpeculativeDecoder
 
     expected = backend.plain_generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     decoder = SelfSpeculativeDecoder(EarlyExitForCausalLM(backend, strategy), draft_exit, draft_length)

@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from earlyexit.accounting import CostModel, layer_speedup, param_speedup, summarize
-from earlyexit.engine import EarlyExitForCausalLM
-from earlyexit.strategy import Strategy
+from earlyexit.core.accounting import CostModel, layer_speedup, param_speedup, summarize
+from earlyexit.core.engine import EarlyExitForCausalLM
+from earlyexit.core.strategy import Strategy
 from helpers import make_backend, make_images, no_eos
 
 # the tiny model: width 32, ffn 128, vocabulary 100, 6 layers
@@ -185,7 +185,7 @@ def test_finished_rows_neither_vote_nor_count(registry, backend):
 
 
 def test_trace_ends_at_end_of_sequence():
-    from earlyexit.accounting import StepRecord, Trace
+    from earlyexit.core.accounting import StepRecord, Trace
 
     steps = [StepRecord(exit_layer=torch.tensor([2, 3]), new_positions=1, widths=[1, 1, 1], exits=[],
                         kv_policy="catchup", prefill=t == 0) for t in range(4)]

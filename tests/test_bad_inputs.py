@@ -84,8 +84,8 @@ def world(tmp_path_factory):
              list_config=str(list_config), foreign_weights=str(foreign))
 
     # trained exits (confidence has no weights; fixed neither: save FREE's, which have some)
-    from earlyexit.adapters import save_exits
-    from earlyexit.plugins import get_registry
+    from earlyexit.models.adapters import save_exits
+    from earlyexit.plugins.registry import get_registry
 
     free = get_registry(load_entrypoints=False).strategy("free")
     good_exits = root / "exits"
@@ -372,7 +372,7 @@ def test_images_of_odd_modes_generate(world, tmp_path, capsys, mode, extension):
 
 
 def test_a_damaged_embedded_model_is_rebuilt_with_a_one_line_notice(tmp_path, monkeypatch, capsys):
-    from earlyexit import embedded
+    from earlyexit.models import embedded
 
     monkeypatch.setenv("EARLYEXIT_CACHE", str(tmp_path))
     recipe = embedded.with_overrides(
@@ -393,10 +393,10 @@ def test_a_damaged_embedded_model_is_rebuilt_with_a_one_line_notice(tmp_path, mo
 
 
 def test_run_retrains_a_damaged_cached_adapter_with_a_notice(world, tmp_path, capsys):
-    from earlyexit.adapters import backbone_fingerprint, save_exits
+    from earlyexit.models.adapters import backbone_fingerprint, save_exits
     from earlyexit.backends.blip2_opt import Blip2OptBackend
-    from earlyexit.plugins import get_registry
-    from earlyexit.run import RunSettings, exits_cache_folder
+    from earlyexit.plugins.registry import get_registry
+    from earlyexit.pipeline.run import RunSettings, exits_cache_folder
 
     backend = Blip2OptBackend.from_pretrained(world["model"])
     free = get_registry(load_entrypoints=False).strategy("free")

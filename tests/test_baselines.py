@@ -11,15 +11,15 @@ import types
 import pytest
 import torch
 
-from earlyexit.accounting import Trace  # noqa: F401 - the engine's trace is what we check against
-from earlyexit.adapters import load_exits, save_exits
-from earlyexit.classifier_exits import entropy, mutual_distillation, patience_update, weighted_average
+from earlyexit.core.accounting import Trace  # noqa: F401 - the engine's trace is what we check against
+from earlyexit.models.adapters import load_exits, save_exits
+from earlyexit.strategies.classifier_exits import entropy, mutual_distillation, patience_update, weighted_average
 from earlyexit.data.scenes import SceneConfig, load_scenes
-from earlyexit.engine import EarlyExitForCausalLM
+from earlyexit.core.engine import EarlyExitForCausalLM
 from earlyexit.errors import ConfigError
-from earlyexit.exit_training import backbone_features, split_held_out, train_exits
-from earlyexit.strategy import ExitView, StepContext
-from earlyexit.training import TrainConfig
+from earlyexit.training.exits import backbone_features, split_held_out, train_exits
+from earlyexit.core.strategy import ExitView, StepContext
+from earlyexit.training.loop import TrainConfig
 from helpers import SpyEngine, make_backend, make_images, no_eos
 
 MICRO = SceneConfig(train=12, val=10, test=5)
@@ -208,7 +208,7 @@ def test_engine_decisions_match_the_rule_replayed_on_a_full_forward(registry, na
 
 # -- statistics-matched classifiers ----------------------------------------------------------------
 def test_channel_scale_gives_the_final_layers_rms_per_channel():
-    from earlyexit.classifier_exits import channel_scale
+    from earlyexit.strategies.classifier_exits import channel_scale
 
     torch.manual_seed(0)
     exit_states, final_states = torch.randn(50, 6), torch.randn(50, 6) * torch.tensor([1, 2, 3, 4, 5, 6.0])
@@ -223,7 +223,7 @@ def test_channel_scale_gives_the_final_layers_rms_per_channel():
 
 @pytest.mark.parametrize("name", ["deebert", "leebert"])
 def test_match_statistics_sets_each_scale_once_from_the_first_batch(registry, scenes, name):
-    from earlyexit.batching import TrainingBatches
+    from earlyexit.training.batching import TrainingBatches
 
     backend = backend64()
     strategy = small(registry, name, backend, exits=(1, 3), match_statistics=True)
@@ -282,7 +282,7 @@ def test_parameter_counts(registry):
 def test_free_discriminator_inputs_come_from_the_same_point_of_the_network(registry, scenes):
     """The real side is the last layer's output and the fake side an exit layer's output, both
     the residual stream before the final norm; neither has been through the final norm."""
-    from earlyexit.batching import TrainingBatches
+    from earlyexit.training.batching import TrainingBatches
 
     backend = backend64()
     strategy = registry.strategy("free")(backend, [2], registry.strategy("free").Config(batch_size=4))

@@ -12,7 +12,7 @@ from PIL import Image
 
 from earlyexit.bench import figures
 from earlyexit.cli import main
-from earlyexit.evaluate import score as original_score
+from earlyexit.evaluation.evaluate import score as original_score
 from helpers import make_backend
 
 MICRO_DEFAULTS = """
@@ -84,7 +84,7 @@ def counts(out: str) -> dict:
 
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory):
-    from earlyexit import evaluate
+    from earlyexit.evaluation import evaluate
 
     root = tmp_path_factory.mktemp("bench")
     model = root / "micro"
@@ -100,7 +100,7 @@ def first_run(tmp_path_factory):
 
 @pytest.fixture
 def quick_metrics(monkeypatch):
-    from earlyexit import evaluate
+    from earlyexit.evaluation import evaluate
 
     monkeypatch.setattr(evaluate, "score", quick_caption_score)
 
@@ -236,7 +236,7 @@ def test_builtin_specs_list_their_cells(capsys, tmp_path):
 def test_placement_replays_the_confidence_rule_by_hand():
     import numpy as np
 
-    from earlyexit.placement import LayerStatistics, greedy_placement, score
+    from earlyexit.evaluation.placement import LayerStatistics, greedy_placement, score
 
     # 4 tokens, 4 layers; head cost 0.5 layer
     confidence = np.array([[0.9, 0.9, 0.9, 1.0], [0.1, 0.95, 0.9, 1.0], [0.1, 0.2, 0.3, 1.0], [0.1, 0.2, 0.99, 1.0]])

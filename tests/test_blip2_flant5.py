@@ -11,13 +11,13 @@ import pytest
 import torch
 from transformers import LogitsProcessorList
 
-from earlyexit.adapters import load_exits, save_exits
+from earlyexit.models.adapters import load_exits, save_exits
 from earlyexit.backends.blip2_flant5 import Blip2FlanT5Backend
-from earlyexit.batching import TrainingBatches
+from earlyexit.training.batching import TrainingBatches
 from earlyexit.data.scenes import SceneConfig, load_scenes
-from earlyexit.engine import EarlyExitForCausalLM
+from earlyexit.core.engine import EarlyExitForCausalLM
 from earlyexit.errors import CheckpointError, ConfigError, ModelNotAvailableError
-from earlyexit.exit_training import train_exits
+from earlyexit.training.exits import train_exits
 from helpers import (assert_vocabulary_readout_is_those_columns, assert_decoder_cache_matches_full_forward, assert_encoder_decoder_exits_off_match_transformers,
                      assert_teacher_forcing_gives_the_models_own_loss, fed_decoder_ids, fixed, make_backend,
                      make_images, new_tokens, no_eos, train_exits_then_reload)
@@ -118,7 +118,7 @@ def rms_norm_by_hand(norm, x):
 @pytest.mark.parametrize("stacked", [True, False], ids=["one-matmul", "layer-by-layer"])
 def test_propagate_projects_kv_from_the_exit_state(registry, t5_6, batch3, stacked, monkeypatch):
     if not stacked:
-        monkeypatch.setattr("earlyexit.engine.STACKED_KV_BYTES", 0)
+        monkeypatch.setattr("earlyexit.core.engine.STACKED_KV_BYTES", 0)
     exit_depth = 2
     model = EarlyExitForCausalLM(t5_6, fixed(registry, t5_6, exit_depth, 2), kv_policy="propagate")
     states = []
@@ -166,7 +166,7 @@ def test_batch_rows_match_rows_alone(registry, t5_6, policy):
 def test_self_speculative_decoding_gives_the_full_models_greedy_tokens(registry, t5_6, batch3):
     """The exits draft, the full decoder verifies (catch-up over the drafts, relative bias and
     cross-attention included): the output is transformers' own greedy output, row by row."""
-    from earlyexit.speculative import SelfSpeculativeDecoder
+    from earlyexit.core.speculative import SelfSpeculativeDecoder
 
     cls = registry.strategy("confidence")
     decoder = SelfSpeculativeDecoder(EarlyExitForCausalLM(t5_6, cls(t5_6, [2, 4])), draft_exit=0, draft_length=3)
@@ -293,7 +293,7 @@ def test_every_strategy_trains_and_generates_under_every_policy(registry, scenes
 
 
 def test_per_layer_accuracy_reads_the_decoder_layer_by_layer(t5_6, scenes):
-    from earlyexit.layer_accuracy import per_layer_accuracy
+    from earlyexit.evaluation.layer_accuracy import per_layer_accuracy
 
     rows = per_layer_accuracy(t5_6, scenes, limit=6, batch_size=3)
     assert [r["layer"] for r in rows] == list(range(1, 7)) and rows[-1]["agreement"] == 1.0
@@ -337,7 +337,7 @@ def test_cli_train_backbone_then_eval_the_trained_folder(tmp_path, capsys):
 def test_dialog_option_scores_are_the_models_own_log_probabilities(t5_6):
     """VisDial ranking forces each option through the decoder; exits off, its mean log-probability
     is what one teacher-forced transformers forward gives."""
-    from earlyexit.dialog import option_scores
+    from earlyexit.evaluation.dialog import option_scores
 
     image, prompt, options = make_images(1, seed=7)[0], "Question: what color? Answer:", ["red", "two blue"]
     scores, work = option_scores(EarlyExitForCausalLM(t5_6).generate, t5_6, image, prompt, options)

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from earlyexit.calibrate import CalibrationPoint, binomial_p_value, choose, cost_warning
+from earlyexit.evaluation.calibrate import CalibrationPoint, binomial_p_value, choose, cost_warning
 
 
 def point(threshold, quality, layer, disagreements, samples=20):

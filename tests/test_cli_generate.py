@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from earlyexit.cli import main
-from earlyexit.engine import EarlyExitForCausalLM
+from earlyexit.core.engine import EarlyExitForCausalLM
 from helpers import make_backend, make_images
 
 THIRD_PARTY = """
@@ -204,7 +204,7 @@ def test_beams_that_cannot_fit_in_memory_are_refused_before_generating(capsys):
 
 def test_generate_with_trained_exits_from_a_folder(capsys, model_dir, registry):
     """--exits: strategy, exit layers and config come from the adapter; --threshold overrides."""
-    from earlyexit.adapters import save_exits
+    from earlyexit.models.adapters import save_exits
 
     backend = registry.backend("blip2-opt").from_pretrained(str(model_dir / "model"))
     free = registry.strategy("free")

@@ -12,7 +12,7 @@ import pytest
 from earlyexit import cli
 from earlyexit.cli import main
 from earlyexit.errors import ConfigError
-from earlyexit.plugins import BUILTIN_SOURCE, DISABLE_AUTOLOAD_ENV
+from earlyexit.plugins.registry import BUILTIN_SOURCE, DISABLE_AUTOLOAD_ENV
 
 
 @pytest.fixture(autouse=True)

@@ -13,9 +13,9 @@ import torch
 from earlyexit.backends.blip2_opt import Blip2OptBackend
 from earlyexit.cli import main
 from earlyexit.data.scenes import SceneConfig, load_scenes
-from earlyexit.deepspeed_config import config_from_arguments, with_precision
-from earlyexit.devices import distributed_backend, resolve
-from earlyexit.engine import EarlyExitForCausalLM
+from earlyexit.training.deepspeed_config import config_from_arguments, with_precision
+from earlyexit.util.devices import distributed_backend, resolve
+from earlyexit.core.engine import EarlyExitForCausalLM
 from earlyexit.errors import ConfigError
 from helpers import make_backend, make_images, no_eos
 
@@ -75,7 +75,7 @@ def test_bf16_generates_with_a_strategy_and_exits_off_matches_its_own_generate()
 
 
 def test_bf16_eval_on_micro_scenes(tmp_path):
-    from earlyexit.evaluate import EvalSettings, evaluate
+    from earlyexit.evaluation.evaluate import EvalSettings, evaluate
     from earlyexit.strategies.fixed import FixedStrategy
 
     backend = micro("bfloat16")
@@ -87,7 +87,7 @@ def test_bf16_eval_on_micro_scenes(tmp_path):
 
 
 def test_bf16_free_trains_a_few_steps(scenes, tmp_path):
-    from earlyexit.exit_training import train_exits
+    from earlyexit.training.exits import train_exits
     from earlyexit.strategies.free import FreeConfig, FreeStrategy
 
     backend = micro("bfloat16")
@@ -114,7 +114,7 @@ def test_every_strategys_modules_follow_the_backbone_dtype(registry, name):
 
 
 def test_a_float32_gate_moves_with_the_model():
-    from earlyexit.gates import LearnedGate
+    from earlyexit.core.gates import LearnedGate
     from earlyexit.strategies.confidence import ConfidenceStrategy
 
     backend = micro("bfloat16")
@@ -241,7 +241,7 @@ def test_mixed_precision_through_deepspeeds_own_config():
 
 def test_bf16_exits_train_under_deepspeed_on_the_cpu(scenes, tmp_path):
     pytest.importorskip("deepspeed")
-    from earlyexit.exit_training import train_exits
+    from earlyexit.training.exits import train_exits
     from earlyexit.strategies.free import FreeConfig, FreeStrategy
 
     backend = micro("bfloat16")
@@ -283,7 +283,7 @@ def test_cuda_bf16_full_depth_matches_fp32_on_most_tokens():
 @needs_cuda
 def test_cuda_free_trains_under_deepspeed_with_nccl_and_bf16(scenes, tmp_path):
     pytest.importorskip("deepspeed")
-    from earlyexit.exit_training import train_exits
+    from earlyexit.training.exits import train_exits
     from earlyexit.strategies.free import FreeConfig, FreeStrategy
 
     backend = micro().to("cuda", "bfloat16")

@@ -10,9 +10,9 @@ import torch
 
 from earlyexit.cli import main
 from earlyexit.data.visdial import load_visdial
-from earlyexit.dialog import ForcedOptions, dialog_prompt, option_scores
-from earlyexit.engine import EarlyExitForCausalLM
-from earlyexit.evaluate import EvalSettings, evaluate
+from earlyexit.evaluation.dialog import ForcedOptions, dialog_prompt, option_scores
+from earlyexit.core.engine import EarlyExitForCausalLM
+from earlyexit.evaluation.evaluate import EvalSettings, evaluate
 from helpers import make_backend
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "visdial"
@@ -164,7 +164,7 @@ def visdial_run(backend, tmp_path_factory):
 
 
 def test_val_slices_are_disjoint_dialogs(visdial_run):
-    from earlyexit.run import load_split, splits_for
+    from earlyexit.pipeline.run import load_split, splits_for
 
     _, data = visdial_run
     slices = [load_split(f"visdial:{data}", split, None) for split in splits_for(f"visdial:{data}")]
@@ -188,7 +188,7 @@ def run_visdial(model, data, output, strategy, *extra):
 def check_calibrated_by_dev_mrr_and_scored_by_ranking(report, strategy, data):
     """Each calibration point's quality is the dev slice's MRR at that knob; the knob is the best
     one; the test MRR is `evaluate`'s at that knob and the mean reciprocal of its ranks."""
-    from earlyexit.run import load_split
+    from earlyexit.pipeline.run import load_split
 
     dev = load_split(f"visdial:{data}", "val:0.8-0.9", None)
     test = load_split(f"visdial:{data}", "val:0.9-1.0", None)
@@ -225,7 +225,7 @@ def test_run_calibrates_confidence_by_dev_mrr_and_ranks_the_test_slice(backend, 
 
 
 def test_run_trains_unsupervised_free_exits_and_ranks_with_them(backend, visdial_run, registry, tmp_path):
-    from earlyexit.adapters import load_exits
+    from earlyexit.models.adapters import load_exits
 
     model, data = visdial_run
     report = run_visdial(model, data, tmp_path, "free", "--grid", "0.2,0.9", "--option", "mode=distill",

@@ -9,7 +9,7 @@ import torch
 from earlyexit.cli import main
 from earlyexit.data.registry import load_dataset
 from earlyexit.errors import ConfigError, DataError
-from earlyexit.evaluate import EvalSettings, add_noise, evaluate
+from earlyexit.evaluation.evaluate import EvalSettings, add_noise, evaluate
 from helpers import make_backend
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from earlyexit.engine import EarlyExitForCausalLM
+from earlyexit.core.engine import EarlyExitForCausalLM
 
 from helpers import make_backend, make_images
 

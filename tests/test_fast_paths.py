@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from earlyexit.engine import EarlyExitForCausalLM
-from earlyexit.gates import CosineGate, LearnedGate, train_gate
-from earlyexit.speculative import SelfSpeculativeDecoder
-from earlyexit.strategy import Strategy
+from earlyexit.core.engine import EarlyExitForCausalLM
+from earlyexit.core.gates import CosineGate, LearnedGate, train_gate
+from earlyexit.core.speculative import SelfSpeculativeDecoder
+from earlyexit.core.strategy import Strategy
 from helpers import (assert_vocabulary_readout_is_those_columns, make_backend, make_images, no_eos,
                      speculative_matches)
 
@@ -53,7 +53,7 @@ def test_catchup_batch_costs_less_than_its_deepest_row(registry, backend):
     mixed = [r for r in model.last_trace.steps[1:] if len(set(r.exit_layer.tolist())) > 1]
     assert mixed, "some step should mix depths"
     # the rows that left stop: a layer runs on fewer rows than the batch (seen as shorter traces)
-    from earlyexit.accounting import CostModel
+    from earlyexit.core.accounting import CostModel
 
     costs = CostModel.for_model(model)
     for record in mixed:
@@ -169,7 +169,7 @@ def test_speculative_when_every_draft_is_accepted(registry):
 
 def test_speculative_with_trained_exits(registry, tmp_path):
     from earlyexit.data.scenes import SceneConfig, load_scenes
-    from earlyexit.exit_training import train_exits
+    from earlyexit.training.exits import train_exits
 
     local = make_backend(seed=21, num_layers=4, image_size=64, patch_size=16, init_std=0.1)
     scenes = load_scenes("exit_train", config=SceneConfig(train=4, val=8, test=2), cache_dir=tmp_path / "scenes")
@@ -188,7 +188,7 @@ def test_a_vocabulary_read_out_is_those_columns_of_the_full_one(backend):
 
 def test_draft_vocabulary_of_keeps_the_most_frequent_tokens_and_the_end(backend):
     from earlyexit.errors import ConfigError
-    from earlyexit.speculative import draft_vocabulary_of
+    from earlyexit.core.speculative import draft_vocabulary_of
 
     tokenizer = backend.processor.tokenizer
     texts = ["red red red circle", "red circle", "blue"]
@@ -228,9 +228,9 @@ def test_forced_exit_reads_out_only_the_draft_vocabulary(registry, backend):
 
 @pytest.mark.parametrize("size", [1, 6, 40])
 def test_speculative_over_a_draft_vocabulary_is_the_full_model(registry, backend, size):
-    from earlyexit.accounting import CostModel
-    from earlyexit.evaluate import decode_new_tokens
-    from earlyexit.speculative import draft_vocabulary_of
+    from earlyexit.core.accounting import CostModel
+    from earlyexit.evaluation.evaluate import decode_new_tokens
+    from earlyexit.core.speculative import draft_vocabulary_of
 
     free = registry.strategy("free")(backend, [2, 4])
     inputs = backend.prepare_inputs(make_images(4, seed=8), PROMPTS)
@@ -263,7 +263,7 @@ def test_a_bad_draft_vocabulary_is_one_line(registry, backend):
 
 # -- exits over a smaller vocabulary ----------------------------------------------------------------
 def exit_vocabulary_model(registry, backend, vocabulary, threshold=0.0, kv_policy="catchup"):
-    from earlyexit.speculative import token_vocabulary
+    from earlyexit.core.speculative import token_vocabulary
 
     cls = registry.strategy("confidence")
     model = EarlyExitForCausalLM(backend, cls(backend, [2, 4], cls.Config(threshold=threshold)), kv_policy=kv_policy)
@@ -311,7 +311,7 @@ def test_an_exit_decision_reads_the_softmax_over_the_exit_vocabulary(registry, b
 
 
 def test_exit_vocabulary_is_charged_by_its_size(registry, backend):
-    from earlyexit.accounting import CostModel
+    from earlyexit.core.accounting import CostModel
 
     vocabulary = torch.arange(10)
     model = exit_vocabulary_model(registry, backend, vocabulary)

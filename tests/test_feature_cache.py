@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from earlyexit.data.scenes import SceneConfig, load_scenes
-from earlyexit.exit_training import FeatureCache, backbone_features, one_caption_per_sample, train_exits
+from earlyexit.training.exits import FeatureCache, backbone_features, one_caption_per_sample, train_exits
 from earlyexit.strategies.deebert import DeeBertConfig, DeeBertStrategy
 from earlyexit.strategies.free import FreeConfig, FreeStrategy
 from helpers import make_backend
@@ -87,7 +87,7 @@ def test_every_epoch_visits_every_batch_once():
 
 
 def test_slim_features_keep_what_training_reads(scenes):
-    from earlyexit.batching import TrainingBatches
+    from earlyexit.training.batching import TrainingBatches
 
     backend = backend64()
     batch = TrainingBatches(backend, [one_caption_per_sample(scenes)], batch_size=3)(0)
@@ -104,7 +104,7 @@ def test_slim_features_keep_what_training_reads(scenes):
 
 def test_a_bad_budget_setting_is_one_line(monkeypatch):
     from earlyexit.errors import ConfigError
-    from earlyexit.exit_training import feature_cache_budget
+    from earlyexit.training.exits import feature_cache_budget
 
     monkeypatch.setenv("EARLYEXIT_FEATURE_CACHE_GB", "lots")
     with pytest.raises(ConfigError, match="EARLYEXIT_FEATURE_CACHE_GB"):

@@ -6,7 +6,7 @@ import stat
 
 import pytest
 
-from earlyexit.files import atomic_write, write_json_atomically
+from earlyexit.util.files import atomic_write, write_json_atomically
 
 
 def test_atomic_write_replaces_whole_and_is_readable_by_all(tmp_path):

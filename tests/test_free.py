@@ -5,14 +5,14 @@ import math
 import pytest
 import torch
 
-from earlyexit.adapters import load_exits, save_exits
+from earlyexit.models.adapters import load_exits, save_exits
 from earlyexit.data.scenes import SceneConfig, load_scenes
-from earlyexit.engine import EarlyExitForCausalLM
+from earlyexit.core.engine import EarlyExitForCausalLM
 from earlyexit.errors import CheckpointError, ConfigError
-from earlyexit.exit_training import capfilt, one_caption_per_sample, train_exits
+from earlyexit.training.exits import capfilt, one_caption_per_sample, train_exits
 from earlyexit.strategies.free import (FreeConfig, FreeStrategy, distillation_loss, feature_classifier_loss,
-                                       generator_adversarial_loss)
-from earlyexit.training import TrainConfig
+    generator_adversarial_loss)
+from earlyexit.training.loop import TrainConfig
 from helpers import SpyEngine, make_backend, make_images, no_eos
 
 MICRO = SceneConfig(train=10, val=10, test=5)
@@ -130,8 +130,8 @@ def test_unlabelled_modes_train_on_the_backbones_own_captions(scenes, tmp_path, 
 def test_distill_mode_answers_questions_with_the_backbones_own_answers(tmp_path):
     """Unsupervised on VQA too: every training target is what the backbone itself answers after
     the question, never a human answer."""
-    from earlyexit.batching import VQA_PROMPT
-    from earlyexit.evaluate import decode_new_tokens
+    from earlyexit.training.batching import VQA_PROMPT
+    from earlyexit.evaluation.evaluate import decode_new_tokens
 
     questions = load_scenes("exit_train", "vqa", config=MICRO, cache_dir=tmp_path).subset(6)
     backend = backend64()
@@ -149,7 +149,7 @@ def test_distill_mode_answers_questions_with_the_backbones_own_answers(tmp_path)
 
 def test_clip_scorer_offline_is_a_clear_error(monkeypatch):
     from earlyexit.errors import ModelNotAvailableError
-    from earlyexit.exit_training import make_scorer
+    from earlyexit.training.exits import make_scorer
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelNotAvailableError, match="not available offline"):
@@ -157,7 +157,7 @@ def test_clip_scorer_offline_is_a_clear_error(monkeypatch):
 
 
 def test_capfilt_with_a_local_clip_keeps_its_top_two(scenes, tmp_path):
-    from earlyexit.exit_training import make_scorer
+    from earlyexit.training.exits import make_scorer
     from helpers import make_tiny_clip
 
     make_tiny_clip(tmp_path / "clip")
@@ -172,7 +172,7 @@ def test_capfilt_with_a_local_clip_keeps_its_top_two(scenes, tmp_path):
 
 
 def test_a_changed_middle_layer_changes_the_fingerprint():
-    from earlyexit.adapters import backbone_fingerprint
+    from earlyexit.models.adapters import backbone_fingerprint
 
     backend = make_backend(seed=5, num_layers=6)
     before = backbone_fingerprint(backend)

@@ -14,10 +14,10 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from earlyexit.engine import EarlyExitForCausalLM
+from earlyexit.core.engine import EarlyExitForCausalLM
 from earlyexit.errors import ConfigError
-from earlyexit.images import read_image, to_rgb
-from earlyexit.tiny import DEFAULT_WORDS
+from earlyexit.data.images import read_image, to_rgb
+from earlyexit.data.tokenizer import DEFAULT_WORDS
 from helpers import make_backend
 
 MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "I", "I;16", "F", "CMYK", "YCbCr")
@@ -73,7 +73,7 @@ def image_files(draw):
 @pytest.fixture(scope="module")
 def model():
     backend = make_backend(seed=2, num_layers=4)
-    strategy_cls = __import__("earlyexit.plugins", fromlist=["get_registry"]).get_registry(
+    strategy_cls = __import__("earlyexit.plugins.registry", fromlist=["get_registry"]).get_registry(
         load_entrypoints=False).strategy("confidence")
     return EarlyExitForCausalLM(backend, strategy_cls(backend, [1, 2], strategy_cls.Config(threshold=0.1)))
 

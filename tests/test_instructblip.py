@@ -10,14 +10,14 @@ import math
 import pytest
 import torch
 
-from earlyexit.adapters import load_exits, save_exits
+from earlyexit.models.adapters import load_exits, save_exits
 from earlyexit.backends.instructblip_vicuna import InstructBlipVicunaBackend
 from earlyexit.backends.minigpt4_llama import Minigpt4LlamaBackend
-from earlyexit.batching import TrainingBatches, language_model_step
+from earlyexit.training.batching import TrainingBatches, language_model_step
 from earlyexit.data.scenes import SceneConfig, load_scenes
-from earlyexit.engine import EarlyExitForCausalLM
+from earlyexit.core.engine import EarlyExitForCausalLM
 from earlyexit.errors import CheckpointError, ConfigError, ModelNotAvailableError
-from earlyexit.exit_training import train_exits
+from earlyexit.training.exits import train_exits
 from helpers import (assert_cache_matches_full_forward, assert_catchup_cache_is_one_full_forward_under_beams,
                      assert_catchup_gqa_cache_is_one_full_forward, assert_propagate_projects_rotated_grouped_kv,
                      assert_the_instruction_reaches_the_q_former, fixed_exit, make_backend, make_images, no_eos,
@@ -114,7 +114,7 @@ def test_data_parallel_shards_keep_each_rows_instruction(gqa6, vqa):
     its rank as in the global batch."""
     import types
 
-    from earlyexit.distributed import DeepSpeedEngine
+    from earlyexit.training.deepspeed import DeepSpeedEngine
 
     batch = TrainingBatches(gqa6, [vqa], batch_size=4)(0)
     assert len({tuple(row) for row in batch["qformer_input_ids"].tolist()}) > 1  # a question per row
@@ -156,7 +156,7 @@ def test_vision_tower_stops_early_with_the_instruction_read():
 
 
 def test_speculative_decoding_reads_the_instruction(registry, gqa6, batch3):
-    from earlyexit.speculative import SelfSpeculativeDecoder
+    from earlyexit.core.speculative import SelfSpeculativeDecoder
 
     model = EarlyExitForCausalLM(gqa6, fixed_exit(registry, gqa6, 2, 1))
     got = SelfSpeculativeDecoder(model, draft_exit=0, draft_length=3).generate(**batch3, max_new_tokens=6)
@@ -182,7 +182,7 @@ def test_catchup_cache_equals_one_full_forward_under_beam_search(registry, gqa6,
 @pytest.mark.parametrize("stacked", [True, False], ids=["one-matmul", "layer-by-layer"])
 def test_propagate_projects_rotated_grouped_kv_from_the_exit_state(registry, gqa6, batch3, stacked, monkeypatch):
     if not stacked:  # as for large models: fill_kv layer by layer
-        monkeypatch.setattr("earlyexit.engine.STACKED_KV_BYTES", 0)
+        monkeypatch.setattr("earlyexit.core.engine.STACKED_KV_BYTES", 0)
     assert_propagate_projects_rotated_grouped_kv(gqa6, fixed_exit(registry, gqa6, 2, 2), batch3, exit_depth=2)
 
 
@@ -258,7 +258,7 @@ def vqa(tmp_path_factory):
 def test_eval_with_speculative_decoding_gives_the_full_models_answers(registry, vqa):
     """`eval`: questions (the instruction differs per row) through the early-exit engine and
     self-speculative decoding, which splits the batch into rows: each keeps its own instruction."""
-    from earlyexit.evaluate import EvalSettings, evaluate
+    from earlyexit.evaluation.evaluate import EvalSettings, evaluate
 
     backend = vicuna64(seed=8)
     settings = EvalSettings(batch_size=4, max_new_tokens=4, measure_wall=False, progress=False, quick_metrics=True)

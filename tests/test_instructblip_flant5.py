@@ -9,12 +9,12 @@ import json
 import pytest
 import torch
 
-from earlyexit.adapters import load_exits
+from earlyexit.models.adapters import load_exits
 from earlyexit.backends.blip2_flant5 import Blip2FlanT5Backend
 from earlyexit.backends.instructblip_flant5 import InstructBlipFlanT5Backend
-from earlyexit.batching import TrainingBatches
+from earlyexit.training.batching import TrainingBatches
 from earlyexit.data.scenes import SceneConfig, load_scenes
-from earlyexit.engine import EarlyExitForCausalLM
+from earlyexit.core.engine import EarlyExitForCausalLM
 from earlyexit.errors import CheckpointError, ConfigError, ModelNotAvailableError
 from helpers import (assert_decoder_cache_matches_full_forward, assert_encoder_decoder_exits_off_match_transformers,
                      assert_teacher_forcing_gives_the_models_own_loss, assert_the_instruction_reaches_the_q_former,

@@ -1,4 +1,4 @@
-"""The few-row CPU matmul route (earlyexit.kernels) gives F.linear's result and changes no token."""
+"""The few-row CPU matmul route (earlyexit.core.kernels) gives F.linear's result and changes no token."""
 
 import copy
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from earlyexit import kernels
-from earlyexit.engine import EarlyExitForCausalLM
+from earlyexit.core import kernels
+from earlyexit.core.engine import EarlyExitForCausalLM
 from earlyexit.errors import ConfigError
 from helpers import make_backend, make_images, no_eos, speculative_matches
 

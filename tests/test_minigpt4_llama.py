@@ -8,11 +8,11 @@ import json
 import pytest
 import torch
 
-from earlyexit.adapters import load_exits, save_exits
+from earlyexit.models.adapters import load_exits, save_exits
 from earlyexit.backends.minigpt4_llama import Minigpt4LlamaBackend
-from earlyexit.batching import TrainingBatches
+from earlyexit.training.batching import TrainingBatches
 from earlyexit.data.scenes import SceneConfig, load_scenes
-from earlyexit.engine import EarlyExitForCausalLM
+from earlyexit.core.engine import EarlyExitForCausalLM
 from earlyexit.errors import CheckpointError, ConfigError, ModelNotAvailableError
 from helpers import (assert_vocabulary_readout_is_those_columns, assert_cache_matches_full_forward, assert_catchup_cache_is_one_full_forward_under_beams,
                      assert_catchup_gqa_cache_is_one_full_forward, assert_exit_slots_match_running_the_modules,
@@ -99,7 +99,7 @@ def test_exit_transformer_slot_and_mixed_depths_stay_exact(registry, gqa6, batch
 @pytest.mark.parametrize("stacked", [True, False], ids=["one-matmul", "layer-by-layer"])
 def test_propagate_projects_rotated_grouped_kv_from_the_exit_state(registry, gqa6, batch3, stacked, monkeypatch):
     if not stacked:  # as for large models: fill_kv layer by layer
-        monkeypatch.setattr("earlyexit.engine.STACKED_KV_BYTES", 0)
+        monkeypatch.setattr("earlyexit.core.engine.STACKED_KV_BYTES", 0)
     assert_propagate_projects_rotated_grouped_kv(gqa6, fixed_exit(registry, gqa6, 2, 2), batch3, exit_depth=2)
 
 
@@ -295,7 +295,7 @@ def test_cli_generate_on_a_saved_folder_and_tiny_random(registry, gqa6, tmp_path
 
 
 def test_the_memory_bound_counts_only_the_kv_heads_a_grouped_query_model_stores():
-    from earlyexit.engine import cache_bytes_per_row
+    from earlyexit.core.engine import cache_bytes_per_row
 
     full = Minigpt4LlamaBackend.from_tiny_config(seed=0, num_layers=2, hidden_size=32, num_heads=4)
     grouped = Minigpt4LlamaBackend.from_tiny_config(seed=0, num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=1)

@@ -10,18 +10,13 @@ import textwrap
 import pluggy
 import pytest
 
-from earlyexit import hookimpl, hookspecs
+from earlyexit import hookimpl
+from earlyexit.plugins import hookspecs
 from earlyexit.cli import main
 from earlyexit.errors import PluginError
-from earlyexit.plugins import (
-    BUILTIN_PLUGINS,
-    BUILTIN_SOURCE,
-    DISABLE_AUTOLOAD_ENV,
-    Registry,
-    get_registry,
-    make_plugin_manager,
-)
-from earlyexit.strategy import Strategy
+from earlyexit.plugins.registry import (BUILTIN_PLUGINS, BUILTIN_SOURCE, DISABLE_AUTOLOAD_ENV, Registry,
+    get_registry, make_plugin_manager)
+from earlyexit.core.strategy import Strategy
 
 TOY_PLUGIN = """
     from earlyexit import hookimpl
@@ -217,7 +212,7 @@ def test_unknown_name_without_a_close_match_lists_what_is_available(two_strategy
 
 
 def test_a_plugin_that_exits_on_import_is_isolated(install_distribution):
-    from earlyexit.plugins import get_registry
+    from earlyexit.plugins.registry import get_registry
 
     install_distribution("earlyexit-quitter", {"ee_quitter": "import sys\nsys.exit(3)\n"}, {"quitter": "ee_quitter"})
     registry = get_registry()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from earlyexit import embedded, smol
+from earlyexit.models import embedded, smol
 from earlyexit.backends.minigpt4_llama import Minigpt4LlamaBackend
 from earlyexit.errors import ConfigError
 from helpers import make_images

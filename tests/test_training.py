@@ -5,10 +5,10 @@ import os
 import pytest
 import torch
 
-from earlyexit.batching import TrainingBatches, language_model_step
+from earlyexit.training.batching import TrainingBatches, language_model_step
 from earlyexit.data.scenes import SceneConfig, load_scenes
 from earlyexit.errors import CheckpointError
-from earlyexit.training import TrainConfig, latest_checkpoint, train
+from earlyexit.training.loop import TrainConfig, latest_checkpoint, train
 from helpers import make_backend
 
 MICRO = SceneConfig(train=24, val=10, test=10)
@@ -45,7 +45,7 @@ def test_batches_are_deterministic_and_labelled(scenes):
 def test_images_load_lazily_per_batch_with_the_pixels_an_eager_load_gives(scenes):
     import dataclasses
 
-    from earlyexit.batching import pixel_values
+    from earlyexit.training.batching import pixel_values
 
     backend, _ = fresh(scenes)
     loads = []
@@ -95,7 +95,7 @@ def test_resume_continues_the_same_loss_trajectory(scenes, tmp_path):
 def test_learning_rate_warms_up_linearly_then_decays_by_a_cosine(tmp_path):
     import math
 
-    from earlyexit.training import PlainEngine
+    from earlyexit.training.loop import PlainEngine
 
     weight = torch.nn.Parameter(torch.zeros(2))
     config = TrainConfig(output_dir=str(tmp_path), steps=10, warmup_steps=4, learning_rate=0.5, progress=False)
@@ -132,7 +132,7 @@ def test_caption_words_mark_every_reference_word(scenes):
 
 
 def test_embedded_build_is_cached_under_its_fingerprint(tmp_path, monkeypatch):
-    from earlyexit import embedded
+    from earlyexit.models import embedded
 
     monkeypatch.setenv("EARLYEXIT_CACHE", str(tmp_path))
     recipe = embedded.with_overrides(
@@ -155,9 +155,9 @@ def test_embedded_build_is_cached_under_its_fingerprint(tmp_path, monkeypatch):
 
 
 def test_encoder_pretraining_trains_the_image_side_only(tmp_path):
-    from earlyexit import embedded
+    from earlyexit.models import embedded
     from earlyexit.data.scenes import vocabulary
-    from earlyexit.tiny import DEFAULT_WORDS
+    from earlyexit.data.tokenizer import DEFAULT_WORDS
 
     config = SceneConfig(image_size=32, train=16, val=0, test=0)
     backend = make_backend(image_size=32, patch_size=16, vision_hidden=32, num_query_tokens=2,

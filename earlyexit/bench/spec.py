@@ -32,7 +32,7 @@ import os
 import tomllib
 from importlib import resources
 
-from ..errors import ConfigError
+from earlyexit.errors import ConfigError
 
 # settings a spec may give in [defaults] or a table, with their defaults (those of `earlyexit run`,
 # except progress bars and speculative decoding, which a cell turns on only for decode = "speculative")

@@ -26,7 +26,7 @@ import hashlib
 import json
 import os
 
-from ..files import write_json_atomically
+from earlyexit.util.files import write_json_atomically
 
 IGNORED_SOURCES = ("cli", "bench", "specs", "placement.py")  # commands, rendering, search: no effect on a cell
 
@@ -41,7 +41,7 @@ def _file_stamp(path: str) -> list:
 
 
 def model_fingerprint(model: str) -> str:
-    from .. import embedded
+    from earlyexit.models import embedded
 
     if model == embedded.NAME:
         folder = embedded.model_path()
@@ -62,7 +62,7 @@ def data_fingerprint(data: str) -> str:
     if name in ("scenes", "scenes-vqa"):
         import dataclasses
 
-        from ..data.scenes import GENERATOR_VERSION, SceneConfig
+        from earlyexit.data.scenes import GENERATOR_VERSION, SceneConfig
 
         return _digest([name, GENERATOR_VERSION, dataclasses.asdict(SceneConfig())])
     if not root or not os.path.isdir(root):

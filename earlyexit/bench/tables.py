@@ -17,7 +17,7 @@ import io
 import json
 import statistics
 
-from .spec import AXES, task_of
+from earlyexit.bench.spec import AXES, task_of
 
 SPEEDS = (("Spd (param)", "param_speedup"), ("layer×", "layer_speedup"), ("wall×", "wall_speedup"))
 SPEED_NOTE = ("Spd (param): the paper's speed-up (backbone parameters per token); layer×: full-model cost over "

@@ -17,17 +17,17 @@ import argparse
 import sys
 import traceback
 
-from .. import __version__
-from ..errors import EarlyExitError
-from ..plugins import one_line
-from .bench import BenchCommand
-from .build_tiny import BuildSmolCommand, BuildTinyCommand
-from .common import report_plugin_failures
-from .evaluation import EvalCommand
-from .generate import GenerateCommand
-from .listing import ListCommand, format_table
-from .run import RunCommand
-from .train import TrainCommand
+from earlyexit import __version__
+from earlyexit.errors import EarlyExitError
+from earlyexit.plugins.registry import one_line
+from earlyexit.cli.bench import BenchCommand
+from earlyexit.cli.build_tiny import BuildSmolCommand, BuildTinyCommand
+from earlyexit.cli.common import report_plugin_failures
+from earlyexit.cli.evaluation import EvalCommand
+from earlyexit.cli.generate import GenerateCommand
+from earlyexit.cli.listing import ListCommand, format_table
+from earlyexit.cli.run import RunCommand
+from earlyexit.cli.train import TrainCommand
 
 __all__ = ["main", "build_parser", "SUBCOMMANDS", "report_plugin_failures", "format_table"]
 

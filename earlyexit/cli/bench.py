@@ -6,7 +6,7 @@ import argparse
 import shlex
 import sys
 
-from .common import add_device_arguments, quiet_transformers, report_plugin_failures
+from earlyexit.cli.common import add_device_arguments, quiet_transformers, report_plugin_failures
 
 
 class BenchCommand:
@@ -33,11 +33,11 @@ class BenchCommand:
     def run(args: argparse.Namespace) -> int:
         import os
 
-        from ..bench import describe, execute, load_spec, render
-        from ..errors import ConfigError
-        from ..files import check_writable, write_json_atomically
-        from ..plugins import get_registry
-        from .common import device_options
+        from earlyexit.bench import describe, execute, load_spec, render
+        from earlyexit.errors import ConfigError
+        from earlyexit.util.files import check_writable, write_json_atomically
+        from earlyexit.plugins.registry import get_registry
+        from earlyexit.cli.common import device_options
 
         if args.dry_run and args.render_only:
             raise ConfigError("--dry-run and --render-only exclude each other; pass one")
@@ -65,8 +65,8 @@ class BenchCommand:
         command = "earlyexit " + " ".join(shlex.quote(a) for a in args.argv)
         paths = render(spec, output, registry, command=command)
         if counts is not None:  # what this run cost, on what machine, how busy it was (wall clocks suffer)
-            from ..bench import hardware
-            from ..evaluate import provenance
+            from earlyexit.bench import hardware
+            from earlyexit.evaluation.evaluate import provenance
 
             summary = os.path.join(output, "bench.json")
             write_json_atomically(summary, {"command": command, "spec": spec.name, "cells": counts,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import quiet_transformers
+from earlyexit.cli.common import quiet_transformers
 
 
 class BuildTinyCommand:
@@ -22,7 +22,7 @@ class BuildTinyCommand:
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
-        from .. import embedded
+        from earlyexit.models import embedded
 
         quiet_transformers()
         recipe = embedded.recipe_of(args.embedded_model)

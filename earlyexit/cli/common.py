@@ -11,7 +11,7 @@ import dataclasses
 import os
 import sys
 
-from ..errors import ConfigError, DataError
+from earlyexit.errors import ConfigError, DataError
 
 KV_POLICIES = ("catchup", "propagate", "skip")
 
@@ -134,7 +134,7 @@ def add_device_arguments(parser: argparse.ArgumentParser) -> None:
 def device_options(args) -> dict:
     """{"device": ..., "dtype": ...} from --device / --dtype, defaults filled in, checked: a value
     this machine cannot run is a one-line ConfigError before any work."""
-    from ..devices import resolve
+    from earlyexit.util.devices import resolve
 
     device, dtype = resolve(getattr(args, "device", None), getattr(args, "dtype", None))
     return {"device": device, "dtype": dtype}
@@ -254,7 +254,7 @@ def build_strategy_config(strategy_cls, threshold: float | None, options: list[s
 
 def build_gate(args, strategy, width: int):
     """The gate named by --gate (None for none)."""
-    from ..gates import CosineGate, LearnedGate
+    from earlyexit.core.gates import CosineGate, LearnedGate
 
     spec = args.gate or "none"
     if spec == "none":
@@ -288,14 +288,14 @@ def draft_exit_index(args, strategy) -> int | None:
 
 def load_model(registry, args):
     """Backend, strategy and the early-exit model from the shared model arguments."""
-    from ..engine import EarlyExitForCausalLM
+    from earlyexit.core.engine import EarlyExitForCausalLM
 
     placement = device_options(args)
     quiet_transformers()
     backend_cls = registry.backend(args.backend)
     exits = getattr(args, "exits", None)
     if exits:
-        from ..adapters import check_adapter_files
+        from earlyexit.models.adapters import check_adapter_files
 
         saved = check_adapter_files(exits)  # a damaged adapter fails before the model loads
         strategy_cls = registry.strategy(saved["strategy"])
@@ -314,7 +314,7 @@ def load_model(registry, args):
     backend = backend_cls.load(args.model, **placement)
     strategy = None
     if exits:
-        from ..adapters import load_exits
+        from earlyexit.models.adapters import load_exits
 
         strategy = load_exits(exits, backend, registry, **overrides)
     elif strategy_cls is not None:
@@ -326,7 +326,7 @@ def load_model(registry, args):
 
 def open_image(path: str):
     """The image at `path` as RGB (every mode and bit depth converted faithfully), or a DataError."""
-    from ..images import read_image
+    from earlyexit.data.images import read_image
 
     if os.path.isdir(path):
         raise DataError(f"--image {path} is a folder; pass one image file (PNG, JPEG, ...)")

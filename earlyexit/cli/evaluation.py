@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from ..errors import ConfigError
-from .common import (add_batch_size_argument, add_generation_arguments, add_json_file_argument, add_model_arguments,
-                     add_vocabulary_arguments, draft_exit_index, load_model, positive_int, report_plugin_failures)
+from earlyexit.errors import ConfigError
+from earlyexit.cli.common import (add_batch_size_argument, add_generation_arguments, add_json_file_argument,
+    add_model_arguments, add_vocabulary_arguments, draft_exit_index, load_model, positive_int, report_plugin_failures)
 
 
 def format_report(result: dict) -> str:
@@ -63,13 +63,14 @@ class EvalCommand:
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
-        from ..data.registry import load_dataset
-        from ..deepspeed_config import launched_world_size
-        from ..evaluate import RANKING_TAKES_NO_EXIT_VOCABULARY, EvalSettings, evaluate, process_group
-        from ..files import check_writable, write_json_atomically
-        from ..plugins import get_registry, notify
+        from earlyexit.data.registry import load_dataset
+        from earlyexit.training.deepspeed_config import launched_world_size
+        from earlyexit.evaluation.evaluate import (RANKING_TAKES_NO_EXIT_VOCABULARY, EvalSettings, evaluate,
+            process_group)
+        from earlyexit.util.files import check_writable, write_json_atomically
+        from earlyexit.plugins.registry import get_registry, notify
 
-        from .common import device_options
+        from earlyexit.cli.common import device_options
 
         placement = device_options(args)  # a device or dtype this machine cannot run fails first
         if args.json:
@@ -78,14 +79,14 @@ class EvalCommand:
                                 max_new_tokens=args.max_new_tokens, noise=args.noise, limit=args.limit,
                                 measure_wall=not args.no_wall)
         if launched_world_size() > 1:  # torchrun / deepspeed launcher: shard the data
-            from ..distributed import init_distributed
+            from earlyexit.training.deepspeed import init_distributed
 
             init_distributed(placement["device"])
         registry = get_registry()
         report_plugin_failures(registry)
         dataset = load_dataset(args.data, args.split)
         if dataset.task == "dialog":  # what answer ranking cannot do, refused before the model loads
-            from ..dialog import check_dialog_data
+            from earlyexit.evaluation.dialog import check_dialog_data
 
             check_dialog_data(dataset, settings, args.decode)
         if args.exit_vocabulary and dataset.task == "dialog":
@@ -98,7 +99,7 @@ class EvalCommand:
         backend, strategy, model = load_model(registry, args)
         exit_vocabulary = draft_vocabulary = None
         if args.exit_vocabulary or args.draft_vocabulary:
-            from ..run import backbone_vocabularies, splits_for
+            from earlyexit.pipeline.run import backbone_vocabularies, splits_for
 
             source = splits_for(args.data)[0]  # the exit-training split: never the one scored
             exit_vocabulary, draft_vocabulary = backbone_vocabularies(

@@ -6,9 +6,9 @@ import argparse
 import json
 import sys
 
-from ..errors import ConfigError
-from .common import (add_generation_arguments, add_model_arguments, draft_exit_index, load_model, open_image,
-                     report_plugin_failures)
+from earlyexit.errors import ConfigError
+from earlyexit.cli.common import (add_generation_arguments, add_model_arguments, draft_exit_index, load_model,
+    open_image, report_plugin_failures)
 
 
 def describe_tokens(tokenizer, token_ids: list[int], exit_layers: list[int]) -> list[dict]:
@@ -31,7 +31,7 @@ class GenerateCommand:
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
-        from ..plugins import get_registry
+        from earlyexit.plugins.registry import get_registry
 
         registry = get_registry()
         report_plugin_failures(registry)
@@ -52,12 +52,12 @@ def check_prompt(backend, prompt: str) -> None:
 
 
 def print_generation(args, backend, strategy, model, image) -> int:
-    from ..accounting import CostModel, summarize
+    from earlyexit.core.accounting import CostModel, summarize
 
     inputs = backend.prepare_inputs([image], [args.prompt])
     if args.decode == "speculative":
-        from ..evaluate import count_tokens
-        from ..speculative import DEFAULT_DRAFT_LENGTH, SelfSpeculativeDecoder, speculative_summary
+        from earlyexit.evaluation.evaluate import count_tokens
+        from earlyexit.core.speculative import DEFAULT_DRAFT_LENGTH, SelfSpeculativeDecoder, speculative_summary
 
         if args.num_beams > 1:
             raise ConfigError("speculative decoding is greedy; drop --num-beams")

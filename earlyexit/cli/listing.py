@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .common import report_plugin_failures
+from earlyexit.cli.common import report_plugin_failures
 
 
 def format_table(rows: list[dict[str, str]], columns: list[str]) -> str:
@@ -34,7 +34,7 @@ class ListCommand:
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
-        from ..plugins import get_registry
+        from earlyexit.plugins.registry import get_registry
 
         registry = get_registry()
         report_plugin_failures(registry)
@@ -58,9 +58,9 @@ class ListCommand:
 
 def with_parameter_counts(registry, entries: list[dict], spec: str) -> list[dict]:
     """`entries` with each strategy's knob, default exits and parameter counts on BACKEND:MODEL."""
-    from ..errors import ConfigError
-    from ..param_counts import strategy_parameter_counts
-    from .common import quiet_transformers
+    from earlyexit.errors import ConfigError
+    from earlyexit.core.param_counts import strategy_parameter_counts
+    from earlyexit.cli.common import quiet_transformers
 
     backend_name, sep, model = spec.partition(":")
     if not sep or not model:

@@ -6,13 +6,12 @@ import argparse
 import shlex
 import sys
 
-from ..errors import ConfigError
-from .common import (add_backend_argument, add_batch_size_argument, add_device_arguments, add_draft_arguments,
-                     add_exit_layers_argument, device_options,
-                     add_gate_mode_argument, add_generation_arguments, add_json_file_argument, add_kv_policy_argument,
-                     add_model_argument, add_option_argument, add_output_argument, add_strategy_argument,
-                     add_threshold_argument, add_vocabulary_arguments, build_strategy_config, parse_float_list,
-                     positive_int, quiet_transformers, report_plugin_failures)
+from earlyexit.errors import ConfigError
+from earlyexit.cli.common import (add_backend_argument, add_batch_size_argument, add_device_arguments,
+    add_draft_arguments, add_exit_layers_argument, device_options, add_gate_mode_argument, add_generation_arguments,
+    add_json_file_argument, add_kv_policy_argument, add_model_argument, add_option_argument, add_output_argument,
+    add_strategy_argument, add_threshold_argument, add_vocabulary_arguments, build_strategy_config, parse_float_list,
+    positive_int, quiet_transformers, report_plugin_failures)
 
 COLORS = ("\033[32m", "\033[36m", "\033[33m", "\033[35m", "\033[31m")  # early ... late
 RESET = "\033[0m"
@@ -163,16 +162,16 @@ class RunCommand:
         parser.add_argument("--retrain", action="store_true", help="train exits even if cached ones exist")
         add_output_argument(parser, "folder for the curves and plots (default: runs/)", default="runs")
         add_json_file_argument(parser)
-        from ..deepspeed_config import add_arguments
+        from earlyexit.training.deepspeed_config import add_arguments
 
         add_arguments(parser)
         return parser
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
-        from ..files import check_writable, write_json_atomically
-        from ..plugins import get_registry
-        from ..run import RunSettings, check_settings, run
+        from earlyexit.util.files import check_writable, write_json_atomically
+        from earlyexit.plugins.registry import get_registry
+        from earlyexit.pipeline.run import RunSettings, check_settings, run
 
         if args.data.partition(":")[0] == "visdial":  # ranked, not generated: what decoding options mean nothing
             if args.num_beams > 1:
@@ -218,7 +217,7 @@ class RunCommand:
 
 
 def _deepspeed(args, strategy_cls, options: dict, dtype: str) -> dict | None:
-    from ..deepspeed_config import config_from_arguments
+    from earlyexit.training.deepspeed_config import config_from_arguments
 
     batch_size = options.get("batch_size") or getattr(strategy_cls.Config(), "batch_size", 16)
     return config_from_arguments(args, batch_size, dtype=dtype)

@@ -5,15 +5,15 @@ from __future__ import annotations
 import argparse
 import os
 
-from .common import (add_backend_argument, add_batch_size_argument, add_device_arguments, add_model_argument,
-                     add_output_argument, device_options, non_negative_int, positive_int, quiet_transformers,
-                     report_plugin_failures)
+from earlyexit.cli.common import (add_backend_argument, add_batch_size_argument, add_device_arguments,
+    add_model_argument, add_output_argument, device_options, non_negative_int, positive_int, quiet_transformers,
+    report_plugin_failures)
 
 
 def save_model_atomically(backend, final: str) -> None:
     """A kill during the save leaves the previous model (or none), never a half-written folder
     that later commands would take for a model."""
-    from ..files import atomic_folder
+    from earlyexit.util.files import atomic_folder
 
     with atomic_folder(final) as temporary:
         backend.save_pretrained(temporary)
@@ -41,20 +41,20 @@ class TrainCommand:
         parser.add_argument("--seed", type=int, default=0)
         parser.add_argument("--freeze-vision", action="store_true",
                             help="train only the Q-Former, projection and language model")
-        from ..deepspeed_config import add_arguments
+        from earlyexit.training.deepspeed_config import add_arguments
 
         add_arguments(parser)
         return parser
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
-        from ..batching import TrainingBatches, language_model_step
-        from ..data.registry import load_dataset
-        from ..deepspeed_config import config_from_arguments, is_main_process
-        from ..distributed import DeepSpeedEngine
-        from ..files import check_writable
-        from ..plugins import get_registry, notify
-        from ..training import TrainConfig, latest_checkpoint, train
+        from earlyexit.training.batching import TrainingBatches, language_model_step
+        from earlyexit.data.registry import load_dataset
+        from earlyexit.training.deepspeed_config import config_from_arguments, is_main_process
+        from earlyexit.training.deepspeed import DeepSpeedEngine
+        from earlyexit.util.files import check_writable
+        from earlyexit.plugins.registry import get_registry, notify
+        from earlyexit.training.loop import TrainConfig, latest_checkpoint, train
 
         placement = device_options(args)  # a device or dtype this machine cannot run fails first
         check_writable(args.output, folder=True)

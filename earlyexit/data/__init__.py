@@ -61,7 +61,7 @@ def image_from_file(path: str) -> Callable[[], Any]:
     file holds; a missing, unreadable, corrupt or decompression-bomb file raises DataError."""
 
     def load():
-        from ..images import read_image
+        from earlyexit.data.images import read_image
 
         return read_image(path, fix="check the data set's image folder or remove the file from its annotations")
 

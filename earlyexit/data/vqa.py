@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import Dataset, Sample, image_from_file
-from .coco import JsonFile, check_split, require_folder
+from earlyexit.data import Dataset, Sample, image_from_file
+from earlyexit.data.coco import JsonFile, check_split, require_folder
 
 # test-dev is a subset of test2015: its questions say "test-dev2015", its images live in test2015
 _IMAGE_SUBTYPE_OF = {"test-dev2015": "test2015"}

@@ -14,7 +14,7 @@
 def check_same_ids(predictions, references, ids: str, predicted: str, expected: str) -> None:
     """Raise DataError unless `predictions` is non-empty and has exactly the keys of `references`.
     `ids` names the keys ("id", "question"), `predicted`/`expected` the values, for the messages."""
-    from ..errors import DataError
+    from earlyexit.errors import DataError
 
     if not predictions:
         raise DataError(f"no {predicted}s given: pass at least one {ids} -> {predicted}")

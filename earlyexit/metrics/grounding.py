@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Mapping
 
-from ..data.scenes import COLORS, NUMBER_WORDS, SHAPES, split_words
+from earlyexit.data.scenes import COLORS, NUMBER_WORDS, SHAPES, split_words
 
 KINDS = ("color", "shape", "number")
 IRREGULAR_PLURALS = {"crosses": "cross"}

@@ -20,11 +20,11 @@ import numpy as np
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from .accounting import CostModel, summarize
-from .batching import prompt_for
-from .data import Dataset
-from .engine import EarlyExitForCausalLM
-from .errors import ConfigError
+from earlyexit.core.accounting import CostModel, summarize
+from earlyexit.training.batching import prompt_for
+from earlyexit.data import Dataset
+from earlyexit.core.engine import EarlyExitForCausalLM
+from earlyexit.errors import ConfigError
 
 DECODES = ("early-exit", "speculative")
 
@@ -66,7 +66,7 @@ def decode_new_tokens(backend, sequences: torch.Tensor, prompt_length: int) -> l
 
 def score(dataset: Dataset, predictions: dict[str, str], quick: bool = False) -> dict:
     if dataset.task == "caption":
-        from .metrics.caption import caption_scores, cider_per_item
+        from earlyexit.metrics.caption import caption_scores, cider_per_item
 
         references = {s.id: s.captions for s in dataset if s.id in predictions}
         if quick:
@@ -74,7 +74,7 @@ def score(dataset: Dataset, predictions: dict[str, str], quick: bool = False) ->
             return {"CIDEr": sum(per_item.values()) / len(per_item)}
         return caption_scores(predictions, references)
     if dataset.task == "vqa":
-        from .metrics.vqa import vqa_scores
+        from earlyexit.metrics.vqa import vqa_scores
 
         return vqa_scores(predictions, {s.id: s.answers for s in dataset if s.id in predictions})
     raise ConfigError(f"{dataset.name} is a {dataset.task} data set; eval scores caption and vqa data sets")
@@ -114,7 +114,7 @@ def unpadded_rows(inputs: dict):
 
 def count_tokens(sequences: torch.Tensor, prompt_length: int, eos_token_id) -> int:
     """Generated tokens up to and including each row's first end-of-sequence."""
-    from .accounting import _after_end
+    from earlyexit.core.accounting import _after_end
 
     new = sequences[:, prompt_length:].cpu()
     return int((~_after_end(new, eos_token_id)).sum())
@@ -152,12 +152,12 @@ def evaluate(backend, strategy, dataset: Dataset, settings: EvalSettings, kv_pol
     decodes with self-speculative decoding over the strategy's exits (greedy).
     `exit_vocabulary` (token ids): exits that share the backbone's head decide and emit over
     those tokens only (the final layer reads them all)."""
-    from .progress import progress_bar
+    from earlyexit.util.progress import progress_bar
 
     if dataset.task == "dialog":  # ranked, not generated
         if exit_vocabulary is not None:
             raise ConfigError(RANKING_TAKES_NO_EXIT_VOCABULARY)
-        from .dialog import evaluate_dialog
+        from earlyexit.evaluation.dialog import evaluate_dialog
 
         return evaluate_dialog(backend, strategy, dataset, settings, kv_policy=kv_policy, gate=gate, decode=decode,
                                on_batch=on_batch)
@@ -175,12 +175,12 @@ def evaluate(backend, strategy, dataset: Dataset, settings: EvalSettings, kv_pol
         dataset = dataclasses.replace(dataset, samples=dataset.samples[rank::world])
     model = EarlyExitForCausalLM(backend, strategy, kv_policy=kv_policy, gate=gate)
     if exit_vocabulary is not None and strategy is not None:
-        from .speculative import token_vocabulary
+        from earlyexit.core.speculative import token_vocabulary
 
         model.exit_vocabulary = token_vocabulary(model, exit_vocabulary, "exit")
     decoder = None
     if speculative:
-        from .speculative import DEFAULT_DRAFT_LENGTH, SelfSpeculativeDecoder
+        from earlyexit.core.speculative import DEFAULT_DRAFT_LENGTH, SelfSpeculativeDecoder
 
         decoder = SelfSpeculativeDecoder(model, draft_exit=draft_exit, draft_length=draft_length or DEFAULT_DRAFT_LENGTH,
                                          draft_vocabulary=draft_vocabulary)
@@ -250,7 +250,7 @@ def evaluate(backend, strategy, dataset: Dataset, settings: EvalSettings, kv_pol
 
     costs = CostModel.for_model(model)
     if decoder is not None:
-        from .speculative import speculative_summary
+        from earlyexit.core.speculative import speculative_summary
 
         layers = [k for row in layers_by_id.values() for k in row]
         speed = {"tokens": len(layers), "mean_exit_layer": float(backend.num_layers),
@@ -325,7 +325,7 @@ def process_group() -> tuple[int, int]:
 def provenance() -> dict:
     import transformers
 
-    from . import __version__
+    from earlyexit import __version__
 
     try:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

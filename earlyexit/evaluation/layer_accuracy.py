@@ -13,8 +13,8 @@ from typing import Callable
 
 import torch
 
-from .batching import TrainingBatches, target_for
-from .data import Dataset
+from earlyexit.training.batching import TrainingBatches, target_for
+from earlyexit.data import Dataset
 
 
 @torch.no_grad()
@@ -43,7 +43,7 @@ def per_layer_accuracy(backend, dataset: Dataset, limit: int | None = 200, batch
 @torch.no_grad()
 def teacher_forced_features(backend, dataset: Dataset, limit: int | None = 200, batch_size: int = 32, layers=None):
     """`exit_training.BackboneFeatures` of every batch of references (captions or answers)."""
-    from .exit_training import backbone_features
+    from earlyexit.training.exits import backbone_features
 
     dataset = dataset.subset(limit)
     batches = TrainingBatches(backend, [dataset], batch_size=batch_size, seed=0)

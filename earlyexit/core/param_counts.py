@@ -8,7 +8,7 @@ on the `meta` device gives the same numbers as the real checkpoint.
 
 from __future__ import annotations
 
-from .errors import ConfigError
+from earlyexit.errors import ConfigError
 
 
 def strategy_parameter_counts(registry, backend, exit_layers: list[int] | None = None) -> list[dict]:

@@ -26,7 +26,7 @@ import os
 
 import torch
 
-from .errors import CheckpointError, ConfigError
+from earlyexit.errors import CheckpointError, ConfigError
 
 GATES = ("learned", "cosine")
 MODES = ("replace", "filter")
@@ -71,7 +71,7 @@ class LearnedGate(torch.nn.Module):
     def save(self, folder: str, extra: dict | None = None) -> None:
         from safetensors.torch import save_file
 
-        from .files import atomic_folder
+        from earlyexit.util.files import atomic_folder
 
         with atomic_folder(folder) as temporary:
             save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()},
@@ -135,7 +135,7 @@ def make_gate(kind: str, width: int, num_exits: int, threshold: float | None = N
 def gate_examples(backend, strategy, dataset, limit: int = 256, batch_size: int = 32):
     """Per exit: hidden states at the exit (positions that predict a caption/answer token) and
     whether the strategy's exit there predicts the same token as the final layer."""
-    from .layer_accuracy import teacher_forced_features
+    from earlyexit.evaluation.layer_accuracy import teacher_forced_features
 
     inputs = [[] for _ in strategy.exit_layers]
     labels = [[] for _ in strategy.exit_layers]

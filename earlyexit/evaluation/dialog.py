@@ -17,7 +17,7 @@ import time
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from .errors import ConfigError
+from earlyexit.errors import ConfigError
 
 OPTION_ROWS = 100  # options scored in one batch (VisDial has 100 per round)
 
@@ -125,11 +125,12 @@ def evaluate_dialog(backend, strategy, dataset, settings, kv_policy: str = "catc
     R@1/5/10 and mean rank, with the three speed-ups of the forced decoding (None on ranks > 0)."""
     import dataclasses
 
-    from .accounting import CostModel, summarize
-    from .engine import EarlyExitForCausalLM
-    from .evaluate import add_noise, process_group, provenance, run_config, shared_from_main, wall_clock
-    from .metrics.dialog import dialog_scores, rank_of_ground_truth
-    from .progress import progress_bar
+    from earlyexit.core.accounting import CostModel, summarize
+    from earlyexit.core.engine import EarlyExitForCausalLM
+    from earlyexit.evaluation.evaluate import (add_noise, process_group, provenance, run_config, shared_from_main,
+        wall_clock)
+    from earlyexit.metrics.dialog import dialog_scores, rank_of_ground_truth
+    from earlyexit.util.progress import progress_bar
 
     check_dialog_data(dataset, settings, decode)
     dataset = full_dataset = dataset.subset(settings.limit)

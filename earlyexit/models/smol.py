@@ -65,7 +65,7 @@ def gguf_path(recipe: dict) -> str:
     (found without importing the package, whose own imports need llama-cpp)."""
     import importlib.util
 
-    from .errors import ConfigError
+    from earlyexit.errors import ConfigError
 
     source = recipe["language_model"]
     if "path" in source:
@@ -100,7 +100,7 @@ def encode_once(model, pixels, batch_size: int = 64, progress: bool = True):
     once: (rows, tokens, width). Indexing it by a list of rows gives a batch, as `pixels` does."""
     import torch
 
-    from .progress import progress_bar
+    from earlyexit.util.progress import progress_bar
 
     chunks = []
     with torch.no_grad(), progress_bar(total=len(pixels), desc="encoding images", unit="image",
@@ -147,7 +147,7 @@ def labelled_loss(language_model, embeds, attention_mask, labels):
 
 def content_columns(batches, columns: list[int]) -> list[int]:
     """Positions in `columns` of the tokens of colour and shape words (as captions spell them)."""
-    from .data.scenes import COLORS, SHAPES
+    from earlyexit.data.scenes import COLORS, SHAPES
 
     content = set()
     for word in [*COLORS, *SHAPES]:
@@ -174,11 +174,11 @@ def build(recipe: dict, path: str, progress: bool = True) -> dict:
     """Build the recipe and save it to `path` atomically; returns build info (also saved)."""
     import torch
 
-    from .backends.minigpt4_llama import Minigpt4LlamaBackend
-    from .batching import TrainingBatches
-    from .data.scenes import SceneConfig, load_scenes
-    from .embedded import fingerprint, save_build, thin_questions
-    from .training import PlainEngine, TrainConfig, train
+    from earlyexit.backends.minigpt4_llama import Minigpt4LlamaBackend
+    from earlyexit.training.batching import TrainingBatches
+    from earlyexit.data.scenes import SceneConfig, load_scenes
+    from earlyexit.models.embedded import fingerprint, save_build, thin_questions
+    from earlyexit.training.loop import PlainEngine, TrainConfig, train
 
     started = time.perf_counter()
     if progress:

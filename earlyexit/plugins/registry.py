@@ -16,10 +16,10 @@ from typing import Any
 
 import pluggy
 
-from . import hookspecs
-from .backend import Backend
-from .errors import PluginError
-from .strategy import Strategy
+from earlyexit.plugins import hookspecs
+from earlyexit.core.backend import Backend
+from earlyexit.errors import PluginError
+from earlyexit.core.strategy import Strategy
 
 BUILTIN_PLUGINS = (
     "earlyexit.backends.blip2_flant5",

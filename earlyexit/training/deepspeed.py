@@ -22,14 +22,14 @@ import socket
 
 import torch
 
-from .deepspeed_config import SHM_OP
-from .errors import CheckpointError, ConfigError
-from .training import TrainConfig, warmup_cosine_schedule
+from earlyexit.training.deepspeed_config import SHM_OP
+from earlyexit.errors import CheckpointError, ConfigError
+from earlyexit.training.loop import TrainConfig, warmup_cosine_schedule
 
 def init_distributed(device: str | torch.device = "cpu") -> tuple[int, int]:
     """Join (or create, as a world of one) the process group: nccl for a model on CUDA GPUs
     (each process on its own GPU), gloo on the CPU; returns (rank, world)."""
-    from .devices import distributed_backend
+    from earlyexit.util.devices import distributed_backend
 
     try:
         import deepspeed
@@ -108,7 +108,7 @@ class DeepSpeedEngine:
     def __init__(self, modules: dict[str, torch.nn.Module], config: TrainConfig, ds_config: dict):
         import deepspeed
 
-        from .deepspeed_config import with_precision
+        from earlyexit.training.deepspeed_config import with_precision
 
         parameters = [p for module in modules.values() for p in module.parameters()]
         self.device = parameters[0].device if parameters else torch.device("cpu")
@@ -154,7 +154,7 @@ class DeepSpeedEngine:
             with tensors_only(engine):
                 path, _ = engine.load_checkpoint(folder, tag=name)
             if path is None:
-                from .errors import CheckpointError
+                from earlyexit.errors import CheckpointError
 
                 raise CheckpointError(f"{folder} has no DeepSpeed checkpoint for {name}; use a fresh --output")
 

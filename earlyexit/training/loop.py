@@ -22,8 +22,8 @@ from typing import Callable
 
 import torch
 
-from .errors import CheckpointError, ConfigError
-from .files import atomic_folder
+from earlyexit.errors import CheckpointError, ConfigError
+from earlyexit.util.files import atomic_folder
 
 STATE_FILE = "trainer_state.json"
 
@@ -236,7 +236,7 @@ def train(model: torch.nn.Module, step_fn: Callable, batch_for_step: Callable[[i
     `engine.optimize(group, loss)` for each parameter group. Without an engine, one plain group
     "model" holds every parameter of `model` that requires grad.
     """
-    from .progress import progress_bar
+    from earlyexit.util.progress import progress_bar
 
     if engine is None:
         engine = PlainEngine({"model": {n: p for n, p in model.named_parameters() if p.requires_grad}}, config)

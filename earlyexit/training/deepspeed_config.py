@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 
-from .errors import ConfigError
+from earlyexit.errors import ConfigError
 
 SHM_OP = "deepspeed_shm_comm"  # DeepSpeed's CPU shared-memory all-reduce, a 45 s JIT build
 

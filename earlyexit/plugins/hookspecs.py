@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .backend import Backend
-    from .strategy import Strategy
+    from earlyexit.core.backend import Backend
+    from earlyexit.core.strategy import Strategy
 
 hookspec = pluggy.HookspecMarker("earlyexit")
 

@@ -12,7 +12,7 @@ import json
 import os
 import struct
 
-from .errors import CheckpointError, ConfigError
+from earlyexit.errors import CheckpointError, ConfigError
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 WEIGHT_FILES = ("model.safetensors", SAFETENSORS_INDEX, "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -137,8 +137,8 @@ def load_checkpoint(name_or_path: str, model_type: str, text_type: str, family: 
     import torch
     from transformers import AutoConfig
 
-    from .backend import hub_offline
-    from .errors import ModelNotAvailableError
+    from earlyexit.core.backend import hub_offline
+    from earlyexit.errors import ModelNotAvailableError
 
     local = is_local_model(name_or_path)  # a folder checked for completeness, or a hub id
     if local:

@@ -23,8 +23,8 @@ import dataclasses
 import math
 import os
 
-from .errors import ConfigError
-from .files import atomic_write, save_figure
+from earlyexit.errors import ConfigError
+from earlyexit.util.files import atomic_write, save_figure
 
 PAPER_GRID = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 RULES = ("best", "budget", "risk")
@@ -76,7 +76,7 @@ class Knob:
             self.strategy.set_knob(value)
 
     def default_grid(self) -> tuple:
-        from .gates import COSINE_GRID
+        from earlyexit.core.gates import COSINE_GRID
 
         if self.on_gate:
             return COSINE_GRID if self.gate.kind == "cosine" else PAPER_GRID
@@ -90,7 +90,7 @@ def sweep(backend, strategy, dataset, settings, grid=None, kv_policy: str = "cat
     gate)`'s, over its default grid unless `grid` is given. `exit_vocabulary`: as `evaluate`'s."""
     from tqdm.auto import tqdm
 
-    from .evaluate import evaluate
+    from earlyexit.evaluation.evaluate import evaluate
 
     settings = dataclasses.replace(settings, measure_wall=measure_wall, progress=False, quick_metrics=True)
     metric = main_metric(dataset.task)

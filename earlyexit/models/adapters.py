@@ -17,8 +17,8 @@ import hashlib
 import json
 import os
 
-from .errors import CheckpointError, CorruptAdapterError
-from .files import atomic_folder
+from earlyexit.errors import CheckpointError, CorruptAdapterError
+from earlyexit.util.files import atomic_folder
 
 WEIGHTS, CONFIG = "exits.safetensors", "exit_config.json"
 
@@ -115,7 +115,7 @@ def check_adapter_files(folder: str) -> dict:
     """The adapter's config, once its files are known to be whole; a CorruptAdapterError (one
     line) for a missing, unreadable or malformed exit_config.json or a truncated weights file,
     so that a cache can rebuild the entry and a user learns what to redo."""
-    from .model_folder import safetensors_problem
+    from earlyexit.core.model_folder import safetensors_problem
 
     redo = "train or save the exits again (earlyexit run --retrain rebuilds its cache)"
     path = os.path.join(folder, CONFIG)

@@ -25,7 +25,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-from .errors import ConfigError
+from earlyexit.errors import ConfigError
 
 ENV = "EARLYEXIT_SMALL_ROW_MATMUL"
 MIN_WEIGHT = 1 << 17  # elements; 576 x 576 qualifies, the embedded tiny model's 128-wide layers do not

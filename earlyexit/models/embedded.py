@@ -26,7 +26,7 @@ import time
 
 NAME = "tiny"
 # name -> (backend that runs it, module holding its RECIPE and build(recipe, path, progress))
-MODELS = {"tiny": ("blip2-opt", "earlyexit.embedded"), "smol": ("minigpt4-llama", "earlyexit.smol")}
+MODELS = {"tiny": ("blip2-opt", "earlyexit.models.embedded"), "smol": ("minigpt4-llama", "earlyexit.models.smol")}
 
 RECIPE = {
     "version": 6,  # bump when code that shapes the trained model changes
@@ -80,7 +80,7 @@ def resolve(name_or_path: str, backend: str) -> str:
         return name_or_path
     wanted = MODELS[name_or_path][0]
     if wanted != backend:
-        from .errors import ConfigError
+        from earlyexit.errors import ConfigError
 
         raise ConfigError(f"the embedded model {name_or_path!r} runs on --backend {wanted}, not {backend}; for "
                           f"{backend} pass --model tiny-random, a folder written by save_pretrained or a hub id")
@@ -103,8 +103,8 @@ def is_built(recipe: dict = RECIPE) -> bool:
 def damage(recipe: dict = RECIPE) -> str | None:
     """Why the cached build of `recipe` cannot be used (truncated weights, unreadable config),
     or None when it is whole; only file headers are read."""
-    from .errors import CheckpointError
-    from .model_folder import check_model_folder, safetensors_problem
+    from earlyexit.errors import CheckpointError
+    from earlyexit.core.model_folder import check_model_folder, safetensors_problem
 
     path = model_path(recipe)
     try:
@@ -120,7 +120,7 @@ def damage(recipe: dict = RECIPE) -> str | None:
 
 
 def scene_config(recipe: dict = RECIPE):
-    from .data.scenes import SceneConfig
+    from earlyexit.data.scenes import SceneConfig
 
     return SceneConfig(**recipe["scenes"])
 
@@ -140,11 +140,11 @@ def ensure_built(recipe: dict = RECIPE, force: bool = False, progress: bool = Tr
 
 def build(recipe: dict, path: str, progress: bool = True) -> dict:
     """Train the recipe from scratch and save it to `path` atomically; returns build info."""
-    from .backends.blip2_opt import Blip2OptBackend
-    from .batching import TrainingBatches
-    from .data.scenes import load_scenes, vocabulary
-    from .tiny import DEFAULT_WORDS
-    from .training import PlainEngine, TrainConfig, train
+    from earlyexit.backends.blip2_opt import Blip2OptBackend
+    from earlyexit.training.batching import TrainingBatches
+    from earlyexit.data.scenes import load_scenes, vocabulary
+    from earlyexit.data.tokenizer import DEFAULT_WORDS
+    from earlyexit.training.loop import PlainEngine, TrainConfig, train
 
     scenes = scene_config(recipe)
     if progress:
@@ -189,8 +189,8 @@ def pretrain_encoder(backend, probe, datasets, settings: dict, work: str, progre
     bag of words; the language model is not run."""
     import torch.nn.functional as F
 
-    from .batching import TrainingBatches
-    from .training import PlainEngine, TrainConfig, train
+    from earlyexit.training.batching import TrainingBatches
+    from earlyexit.training.loop import PlainEngine, TrainConfig, train
 
     model, settings = backend.model, dict(settings)
     captions = [d for d in datasets if d.task == "caption"]
@@ -248,7 +248,7 @@ def thin_questions(dataset, per_image: int):
 
 def save_build(backend, path: str, info: dict) -> None:
     """The built model and its `earlyexit_build.json` (what `build_info` reads), all or nothing."""
-    from .files import atomic_folder
+    from earlyexit.util.files import atomic_folder
 
     with atomic_folder(path) as model_dir:
         backend.save_pretrained(model_dir)

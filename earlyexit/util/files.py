@@ -72,7 +72,7 @@ def write_json_atomically(path: str, payload) -> None:
 def check_writable(path: str, folder: bool = False, option: str = "--output") -> None:
     """Fail before any work when `path` cannot be written (a read-only place, a file where a
     folder must go or the other way round), with a one-line fix."""
-    from .errors import ConfigError
+    from earlyexit.errors import ConfigError
 
     target = os.path.abspath(path)
     if folder and os.path.exists(target) and not os.path.isdir(target):

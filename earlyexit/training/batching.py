@@ -13,14 +13,14 @@ from collections import Counter
 import numpy as np
 import torch
 
-from .data import Dataset, Sample
+from earlyexit.data import Dataset, Sample
 
 VQA_PROMPT = "Question: {question} Answer:"
 
 
 def prompt_for(sample: Sample, task: str) -> str:
     if task == "dialog":
-        from .dialog import dialog_prompt
+        from earlyexit.evaluation.dialog import dialog_prompt
 
         return dialog_prompt(sample)
     return VQA_PROMPT.format(question=sample.question) if task == "vqa" else ""
@@ -79,7 +79,7 @@ class TrainingBatches:
         self.caption_words = caption_words
         self.items = [(d, i) for d, dataset in enumerate(datasets) for i in range(len(dataset))]
         if not self.items:
-            from .errors import DataError
+            from earlyexit.errors import DataError
 
             raise DataError("the training data is empty; check --data and --split")
         self.datasets = datasets
@@ -136,7 +136,7 @@ class TrainingBatches:
         """`prompt_for`, but a dialog round keeps only the history that fits the context beside its
         target, as ranking does (`dialog.fitting_prompt`)."""
         if task == "dialog":
-            from .dialog import fitting_prompt, longest_option
+            from earlyexit.evaluation.dialog import fitting_prompt, longest_option
 
             return fitting_prompt(self.backend, sample, longest_option(self.backend, [target]))
         return prompt_for(sample, task)

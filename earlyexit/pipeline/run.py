@@ -26,8 +26,8 @@ import os
 import shutil
 import time
 
-from . import embedded
-from .errors import ConfigError, CorruptAdapterError
+from earlyexit.models import embedded
+from earlyexit.errors import ConfigError, CorruptAdapterError
 
 
 @dataclasses.dataclass
@@ -94,7 +94,7 @@ def test_split_of(settings: "RunSettings") -> tuple[str, str]:
 def load_split(data: str, split: str, limit: int | None):
     """A split, where `val:A-B` is the slice [A, B) of the val split (the paper's 80/20 cut).
     Dialog rounds are cut at dialog boundaries, so no image is in two slices."""
-    from .data.registry import load_dataset
+    from earlyexit.data.registry import load_dataset
 
     name, _, part = split.partition(":")
     dataset = load_dataset(data, name)
@@ -131,19 +131,19 @@ def exits_cache_folder(settings: RunSettings, strategy, backbone_fingerprint: st
 
 
 def run(settings: RunSettings, registry, log=print) -> dict | None:
-    from .adapters import backbone_fingerprint, load_exits, save_exits
-    from .calibrate import Knob, choose, cost_warning, main_metric, sweep, write_curve
-    from .deepspeed_config import is_main_process, launched_world_size
-    from .evaluate import EvalSettings, evaluate, provenance
-    from .exit_training import train_exits
-    from .layer_accuracy import per_layer_accuracy
+    from earlyexit.models.adapters import backbone_fingerprint, load_exits, save_exits
+    from earlyexit.evaluation.calibrate import Knob, choose, cost_warning, main_metric, sweep, write_curve
+    from earlyexit.training.deepspeed_config import is_main_process, launched_world_size
+    from earlyexit.evaluation.evaluate import EvalSettings, evaluate, provenance
+    from earlyexit.training.exits import train_exits
+    from earlyexit.evaluation.layer_accuracy import per_layer_accuracy
 
-    from .plugins import notify
+    from earlyexit.plugins.registry import notify
 
     check_settings(settings)  # the CLI checked already; callers of the API get the same one-line errors
     started = time.perf_counter()
     if launched_world_size() > 1:  # torchrun / deepspeed launcher: every rank trains, calibrates and
-        from .distributed import init_distributed  # evaluates its share in step; rank 0 reports
+        from earlyexit.training.deepspeed import init_distributed  # evaluates its share in step; rank 0 reports
 
         init_distributed()
     main = is_main_process()
@@ -317,9 +317,9 @@ def _confidence_like(registry, strategy, threshold: float = 0.9):
 def make_run_gate(settings: RunSettings, strategy, backend, train_split: str, log):
     """The gate `run` uses: cosine (nothing to train), or a learned gate trained on the exit
     training split for this strategy's exits and cached beside its adapter."""
-    from .adapters import backbone_fingerprint
-    from .deepspeed_config import is_main_process
-    from .gates import LearnedGate, make_gate, train_gate
+    from earlyexit.models.adapters import backbone_fingerprint
+    from earlyexit.training.deepspeed_config import is_main_process
+    from earlyexit.core.gates import LearnedGate, make_gate, train_gate
 
     if settings.gate == "cosine":
         return make_gate("cosine", backend.text_config.hidden_size, len(strategy.exit_layers),
@@ -351,8 +351,8 @@ def backbone_vocabularies(backend, data: str, split: str, sizes, limit: int = 20
                           progress: bool = True, max_new_tokens: int = 20) -> tuple:
     """For each of `sizes` (None or 0: None), that many tokens the backbone itself writes most
     often on (up to `limit` samples of) `data`/`split`: what exits or drafts read out over."""
-    from .exit_training import backbone_captions
-    from .speculative import draft_vocabulary_of
+    from earlyexit.training.exits import backbone_captions
+    from earlyexit.core.speculative import draft_vocabulary_of
 
     outputs = backbone_captions(backend, load_split(data, split, limit), batch_size=batch_size, progress=progress,
                                 max_new_tokens=max_new_tokens)
@@ -375,8 +375,8 @@ def choose_draft_exit(backend, strategy, dev, evaluation, settings: RunSettings,
     rows one at a time (what speculative decoding is compared with): first the exit at the given
     (or default) length, then the length at that exit. When no choice drafts faster than plain
     decoding, the log says so: the row is still reported, but it is slower here."""
-    from .evaluate import evaluate
-    from .speculative import DEFAULT_DRAFT_LENGTH, DRAFT_LENGTHS
+    from earlyexit.evaluation.evaluate import evaluate
+    from earlyexit.core.speculative import DEFAULT_DRAFT_LENGTH, DRAFT_LENGTHS
 
     given_exit = None
     if settings.draft_exit is not None:
@@ -426,8 +426,8 @@ def plain_tokens_per_s(backend, dataset, max_new_tokens: int) -> float:
     """Greedy plain decoding of each sample alone (batch 1), as speculative decoding runs."""
     import torch
 
-    from .batching import prompt_for
-    from .evaluate import _timed, count_tokens
+    from earlyexit.training.batching import prompt_for
+    from earlyexit.evaluation.evaluate import _timed, count_tokens
 
     eos = backend.language_model.generation_config.eos_token_id
     seconds = tokens = 0
@@ -450,8 +450,8 @@ def mid_crisis_report(backend, strategy, dataset, folder: str, limit: int = 100)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .files import atomic_write, save_figure
-    from .layer_accuracy import exit_accuracy, per_layer_accuracy
+    from earlyexit.util.files import atomic_write, save_figure
+    from earlyexit.evaluation.layer_accuracy import exit_accuracy, per_layer_accuracy
 
     untrained = per_layer_accuracy(backend, dataset, limit=limit)
     trained = exit_accuracy(backend, strategy, dataset, limit=limit)
@@ -488,7 +488,7 @@ def check_settings(settings: RunSettings) -> None:
         raise ConfigError("the calibration grid is empty; pass values such as --grid 0.5,0.7,0.9")
     if settings.exit_vocabulary and "visdial" in (settings.data.partition(":")[0],
                                                   (settings.test_data or "").partition(":")[0]):
-        from .evaluate import RANKING_TAKES_NO_EXIT_VOCABULARY
+        from earlyexit.evaluation.evaluate import RANKING_TAKES_NO_EXIT_VOCABULARY
 
         raise ConfigError(RANKING_TAKES_NO_EXIT_VOCABULARY)  # before any exit is trained
     for flag, size in (("draft", settings.draft_vocabulary), ("exit", settings.exit_vocabulary)):

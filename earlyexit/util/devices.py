@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 
-from .errors import ConfigError
+from earlyexit.errors import ConfigError
 
 DEVICES = ("cpu", "cuda", "cuda:N", "mps")
 DTYPES = ("float32", "bfloat16", "float16")

@@ -1,0 +1,325 @@
+"""Exit training on a frozen backbone: data preparation (references, the backbone's own
+captions, CapFilt), backbone features, and the driver around `training.train`.
+
+The strategy supplies `training_groups()` (named parameter groups, one optimiser each) and
+`training_step(batch, engine)`; this module never looks inside a strategy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable
+
+import torch
+
+from earlyexit.training.batching import TrainingBatches
+from earlyexit.data import Dataset, Sample
+from earlyexit.errors import ConfigError
+from earlyexit.training.loop import PlainEngine, TrainConfig, train
+
+
+@dataclasses.dataclass
+class BackboneFeatures:
+    hidden: list  # hidden[k]: the residual stream after k decoder layers (hidden[0]: embeddings); None where not kept
+    mask: object  # what whole-sequence `run_layer` calls take as attention_mask (causal + padding)
+    positions: torch.Tensor
+    targets: torch.Tensor  # labels shifted: targets[:, t] is the token position t predicts
+    read_out: Callable  # the backbone's final norm + head (`backend.logits`)
+    stored_final_logits: torch.Tensor | None = None
+
+    @property
+    def final_logits(self) -> torch.Tensor:
+        """backend.logits(hidden[-1]): the full model's read-out at every position."""
+        if self.stored_final_logits is None:
+            with torch.no_grad():
+                return self.read_out(self.hidden[-1])
+        return self.stored_final_logits
+
+    def final_logits_at(self, where: torch.Tensor) -> torch.Tensor:
+        """The full model's logits at the target positions only (rows, vocab): all a loss needs,
+        without the read-out of every prompt position when the features were kept slim."""
+        if self.stored_final_logits is not None:
+            return self.stored_final_logits[:, :-1][where]
+        with torch.no_grad():
+            return self.read_out(self.hidden[-1][:, :-1][where])
+
+    def slim(self, depths) -> "BackboneFeatures":
+        """A detached copy that keeps only the states at `depths` and the last one, and no logits:
+        what a feature cache holds (the full logits would be vocabulary-sized per position)."""
+        keep = set(depths) | {len(self.hidden) - 1}
+        hidden = [h.detach() if k in keep else None for k, h in enumerate(self.hidden)]
+        return dataclasses.replace(self, hidden=hidden, stored_final_logits=None)
+
+    def nbytes(self) -> int:
+        return sum(h.numel() * h.element_size() for h in self.hidden if h is not None)
+
+
+def backbone_features(backend, batch: dict, layers=None) -> BackboneFeatures:
+    """Every depth's hidden states over whole sequences, run layer by layer so that all of them,
+    the last included, come from the same point of the network: the residual stream *before*
+    the final norm (transformers' `hidden_states[-1]` is taken after it). An exit's state and
+    the last layer's are then like with like. `layers`: the decoder layers to run (a strategy's
+    trainable copies; gradients flow through them when they require grad); default the
+    backbone's own, frozen. A batch that carries its features precomputed (`FEATURES`, set by
+    the trainer's feature cache) returns them."""
+    if FEATURES in batch:
+        return batch[FEATURES]
+    layers = list(layers if layers is not None else backend.decoder_layers())
+    trainable = torch.is_grad_enabled() and any(p.requires_grad for layer in layers for p in layer.parameters())
+    with torch.no_grad():
+        hidden, mask, positions, targets = backend.teacher_forcing_inputs(batch, layers)
+    with torch.set_grad_enabled(trainable):
+        states = [hidden]
+        for layer in layers:
+            hidden = backend.run_layer(layer, hidden, attention_mask=mask, position_ids=positions, cache=None)
+            states.append(hidden)
+        final_logits = backend.logits(hidden)
+    return BackboneFeatures(hidden=states, mask=mask, positions=positions, targets=targets, read_out=backend.logits,
+                            stored_final_logits=final_logits)
+
+
+FEATURES = "backbone_features"  # key of a training batch that carries its frozen-backbone features
+
+
+class FeatureCache:
+    """Training batches for a strategy that reads only the frozen backbone's features: each
+    batch's features are computed once and reused in every later epoch, so an epoch costs the
+    exit modules' passes, not the backbone's (on SmolLM2-135M, about a tenth).
+
+    The first epoch visits the batches of `batches` in order; later epochs visit the same
+    batches in an order fixed by (seed, epoch), so batch compositions stay those of the first
+    epoch. Features are kept for as many batches as fit in `budget_bytes`; the others are
+    computed again whenever they come up (exact either way: the backbone is frozen).
+    """
+
+    def __init__(self, backend, batches: Callable[[int], dict], num_items: int, batch_size: int, depths,
+                 budget_bytes: int, seed: int = 0):
+        self.backend, self.batches, self.depths, self.seed = backend, batches, list(depths), seed
+        self.num_batches = max(1, math.ceil(num_items / batch_size))
+        self.budget, self.used = budget_bytes, 0
+        self.kept: dict[int, BackboneFeatures] = {}
+        self.computed = self.reused = 0
+
+    def batch_index(self, step: int) -> int:
+        epoch, index = divmod(step, self.num_batches)
+        if epoch == 0:
+            return index
+        import numpy as np
+
+        return int(np.random.default_rng([self.seed, epoch, 11]).permutation(self.num_batches)[index])
+
+    def __call__(self, step: int) -> dict:
+        index = self.batch_index(step)
+        if index in self.kept:
+            self.reused += 1
+            return {FEATURES: self.kept[index]}
+        with torch.no_grad():
+            features = backbone_features(self.backend, self.batches(index)).slim(self.depths)
+        self.computed += 1
+        if self.used + features.nbytes() <= self.budget:
+            self.kept[index] = features
+            self.used += features.nbytes()
+        return {FEATURES: features}
+
+
+def feature_cache_budget() -> int:
+    """Bytes the feature cache may hold: EARLYEXIT_FEATURE_CACHE_GB (0 turns it off), default a
+    quarter of the machine's memory, at most 8 GiB."""
+    import os
+
+    setting = os.environ.get("EARLYEXIT_FEATURE_CACHE_GB")
+    if setting is not None:
+        try:
+            return int(float(setting) * 2**30)
+        except ValueError:
+            raise ConfigError(f"EARLYEXIT_FEATURE_CACHE_GB={setting!r} is not a number of GiB (e.g. 4, or 0 for "
+                              "no cache)") from None
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        memory = 8 * 2**30
+    return min(8 * 2**30, memory // 4)
+
+
+def one_caption_per_sample(dataset: Dataset) -> Dataset:
+    """Every (image, caption) pair becomes a training item, as captioning papers count epochs."""
+    samples = [dataclasses.replace(s, id=f"{s.id}#{i}", captions=[c], extra={**s.extra, "image_id": s.extra.get(
+        "image_id", s.id)}) for s in dataset for i, c in enumerate(s.captions)]
+    return dataclasses.replace(dataset, samples=samples)
+
+
+@torch.no_grad()
+def backbone_captions(backend, dataset: Dataset, samples_per_image: int = 1, batch_size: int = 32,
+                      seed: int = 0, progress: bool = True, max_new_tokens: int = 20) -> dict[str, list[str]]:
+    """What the backbone writes itself after each sample's prompt (captioning: none; VQA: the
+    question; a VisDial round: its dialog, with the history that fits the context): greedy (1 per
+    sample) or sampled (several), by sample id."""
+    from tqdm.auto import tqdm
+
+    from earlyexit.training.batching import prompt_for
+    from earlyexit.evaluation.dialog import fitting_prompt
+    from earlyexit.evaluation.evaluate import decode_new_tokens
+
+    def prompt(sample):
+        if dataset.task == "dialog":
+            return fitting_prompt(backend, sample, max_new_tokens)
+        return prompt_for(sample, dataset.task)
+
+    sampling = samples_per_image > 1
+    torch.manual_seed(seed)
+    result = {}
+    for start in tqdm(range(0, len(dataset), batch_size), desc="backbone outputs", disable=not progress):
+        batch = dataset.samples[start:start + batch_size]
+        inputs = backend.prepare_inputs([s.load_image() for s in batch], [prompt(s) for s in batch])
+        sequences = backend.plain_generate(**inputs, max_new_tokens=max_new_tokens, do_sample=sampling,
+                                           top_p=0.9 if sampling else None, num_return_sequences=samples_per_image)
+        texts = decode_new_tokens(backend, sequences, inputs["input_ids"].shape[1])
+        for i, sample in enumerate(batch):
+            result[sample.id] = texts[i * samples_per_image:(i + 1) * samples_per_image]
+    return result
+
+
+def with_own_targets(dataset: Dataset, outputs: dict[str, list[str]]) -> Dataset:
+    """`dataset` with the backbone's own outputs in place of the references (captions) or answers
+    (VQA, VisDial): what exits learn from when no label may be used. Samples the backbone wrote
+    nothing for are dropped."""
+    key = "captions" if dataset.task == "caption" else "answers"
+    samples = [dataclasses.replace(s, **{key: [t for t in outputs[s.id] if t]}) for s in dataset]
+    return dataclasses.replace(dataset, samples=[s for s in samples if getattr(s, key)])
+
+
+def capfilt(dataset: Dataset, candidates: dict[str, list[str]], scorer: Callable, keep: int) -> Dataset:
+    """Keep, per image, the `keep` candidate captions the image-text scorer ranks highest."""
+    samples = []
+    for sample in dataset:
+        texts = list(dict.fromkeys(t for t in candidates[sample.id] if t))  # distinct, non-empty
+        if not texts:
+            continue
+        scores = scorer(sample, texts)
+        ranked = sorted(range(len(texts)), key=lambda i: -float(scores[i]))
+        samples.append(dataclasses.replace(sample, captions=[texts[i] for i in ranked[:keep]]))
+    return dataclasses.replace(dataset, samples=samples)
+
+
+def make_scorer(spec: str, backend) -> Callable:
+    """`clip:FOLDER_OR_HUB_ID` (CLIP image-text similarity) or `backbone` (offline fallback: the
+    backbone's mean log-likelihood of the caption given the image)."""
+    if spec.startswith("clip:"):
+        from transformers import CLIPModel, CLIPProcessor
+
+        from earlyexit.core.backend import hub_offline
+        from earlyexit.errors import ModelNotAvailableError
+
+        name = spec[len("clip:"):]
+        try:
+            model = CLIPModel.from_pretrained(name, local_files_only=hub_offline()).eval()
+            processor = CLIPProcessor.from_pretrained(name, local_files_only=hub_offline())
+        except OSError as error:
+            raise ModelNotAvailableError(f"CLIP model {name!r} is not available offline; pass a local folder "
+                                         "(clip:/path/to/clip-vit-large-patch14) or capfilt_scorer=backbone") from error
+
+        @torch.no_grad()
+        def clip_score(sample: Sample, texts: list[str]) -> list[float]:
+            inputs = processor(text=texts, images=[sample.load_image()], return_tensors="pt", padding=True)
+            return model(**inputs).logits_per_image[0].tolist()
+
+        return clip_score
+    if spec == "backbone":
+        return lambda sample, texts: caption_log_likelihood(backend, sample, texts)
+    raise ConfigError(f"unknown CapFilt scorer {spec!r}; use clip:FOLDER_OR_HUB_ID or backbone")
+
+
+@torch.no_grad()
+def caption_log_likelihood(backend, sample: Sample, texts: list[str]) -> list[float]:
+    batches = TrainingBatches(backend, [Dataset("one", "caption", "x", [sample])], batch_size=1)
+    rows = [batches.encode("", text) for text in texts]
+    batch = batches.collate(rows, batches.pixels[[0] * len(texts)], [""] * len(texts))
+    features = backbone_features(backend, batch)  # the family's own alignment of logits and targets
+    logits, targets = features.final_logits[:, :-1], features.targets
+    log_probs = torch.log_softmax(logits.float(), -1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    where = targets != -100
+    return ((log_probs * where).sum(-1) / where.sum(-1)).tolist()
+
+
+HELD_OUT = "held_out."
+
+
+def split_held_out(dataset: Dataset, fraction: float, seed: int = 0) -> tuple[Dataset, Dataset | None]:
+    """(training part, held-out part): a fixed random `fraction` of the images kept aside."""
+    if fraction <= 0:
+        return dataset, None
+    import numpy as np
+
+    order = np.random.default_rng(seed).permutation(len(dataset))
+    cut = max(1, round(fraction * len(dataset)))
+    if cut >= len(dataset):
+        raise ConfigError(f"the exit-training split has {len(dataset)} samples: too few to hold {fraction:.0%} out")
+    held = set(order[:cut].tolist())
+    keep = [s for i, s in enumerate(dataset.samples) if i not in held]
+    aside = [s for i, s in enumerate(dataset.samples) if i in held]
+    return dataclasses.replace(dataset, samples=keep), dataclasses.replace(dataset, samples=aside)
+
+
+def train_exits(strategy, backend, dataset: Dataset, output_dir: str, seed: int = 0, progress: bool = True,
+                engine=None, deepspeed_config: dict | None = None, on_log=None) -> list[dict]:
+    """Train what the strategy declares (`training_modules`) on `dataset`, everything else of
+    the backbone frozen; with a `deepspeed_config`, DeepSpeed ZeRO runs the optimisation (one
+    engine per group). Held-out data (`strategy.held_out_fraction`) is split off by image first.
+    A strategy that `reuses_backbone_features` trains on a `FeatureCache` in a single process."""
+    modules = strategy.training_modules()
+    if not modules:
+        raise ConfigError(f"strategy {strategy.name!r} has nothing to train")
+    backend.model.requires_grad_(False)
+    for module in modules.values():
+        module.requires_grad_(True)
+    train_part, held_part = split_held_out(dataset, strategy.held_out_fraction, seed)
+    data = strategy.training_data(train_part, progress=progress)
+    config = strategy.config
+    batches = TrainingBatches(backend, [data], batch_size=config.batch_size, seed=seed)
+    held_batches = None
+    if held_part is not None:
+        held_batches = TrainingBatches(backend, [strategy.training_data(held_part, progress=progress)],
+                                       batch_size=config.batch_size, seed=seed + 1)
+    steps = max(1, math.ceil(config.epochs * len(batches.items) / config.batch_size))
+    train_config = TrainConfig(output_dir=output_dir, steps=steps, learning_rate=config.learning_rate,
+                               warmup_steps=min(50, steps // 10), weight_decay=0.0, seed=seed,
+                               checkpoint_every=max(1, steps // 4), progress=progress)
+    if engine is None and deepspeed_config is not None:
+        from earlyexit.training.deepspeed_config import launched_world_size
+        from earlyexit.training.deepspeed import DeepSpeedEngine
+
+        engine = DeepSpeedEngine(modules, train_config, {**deepspeed_config, "train_micro_batch_size_per_gpu": max(
+            1, config.batch_size // launched_world_size())})
+    engine = engine or PlainEngine(strategy.training_groups(), train_config)
+    container = torch.nn.ModuleList(modules.values())
+    batch_for_step = batches
+    budget = feature_cache_budget()
+    if strategy.reuses_backbone_features and held_batches is None and isinstance(engine, PlainEngine) and budget:
+        batch_for_step = FeatureCache(backend, batches, len(batches.items), config.batch_size,
+                                      strategy.exit_layers, budget, seed=seed)
+    if held_batches is not None:  # one flat dict, so data-parallel sharding splits both alike
+        def batch_for_step(step):
+            return {**batches(step), **{HELD_OUT + k: v for k, v in held_batches(step).items()}}
+
+    def step(batch, engine):
+        held = {k[len(HELD_OUT):]: batch.pop(k) for k in [k for k in batch if k.startswith(HELD_OUT)]}
+        if not held:
+            return strategy.training_step(batch, engine)
+        return strategy.training_step(batch, engine, held_out=held)
+
+    losses = train(container, step, batch_for_step, train_config, engine, on_log=on_log)
+    if getattr(engine, "stage", 0) == 3:
+        adopt_consolidated(strategy, {group: engine.consolidated_state(group) for group in engine.modules})
+    for module in strategy.training_modules().values():
+        module.requires_grad_(False)
+    return losses
+
+
+def adopt_consolidated(strategy, states: dict) -> None:
+    """After ZeRO-3 the trained modules hold only this rank's shards and DeepSpeed's hooks: give
+    the strategy fresh modules with the gathered weights (the sharded ones are dropped)."""
+    fresh = type(strategy)(strategy.backend, strategy.exit_layers, strategy.config)
+    for group, module in fresh.training_modules().items():
+        module.load_state_dict(states[group])
+    vars(strategy).update(vars(fresh))
