@@ -10,11 +10,10 @@ the word-embedding width differs, then the LM head (tied to the input embeddings
 from __future__ import annotations
 
 from earlyexit import hookimpl
-from earlyexit.core.backend import Backend
-from earlyexit.errors import ConfigError
-from earlyexit.core.model_folder import load_checkpoint
-
 from earlyexit.backends.blip2_vision import scatter_image_features
+from earlyexit.core.backend import Backend
+from earlyexit.core.model_folder import load_checkpoint
+from earlyexit.errors import ConfigError
 
 
 class Blip2OptBackend(Backend):
@@ -45,7 +44,6 @@ class Blip2OptBackend(Backend):
         from transformers import OPTConfig
 
         from earlyexit.backends.blip2_vision import tiny_blip2
-
         from earlyexit.data.tokenizer import DEFAULT_WORDS, build_processor
 
         processor = build_processor(image_size=image_size, num_query_tokens=num_query_tokens,

@@ -11,10 +11,9 @@ instruction, as the rows' own lengths would have it.
 from __future__ import annotations
 
 from earlyexit import hookimpl
-from earlyexit.core.backend import Backend
-
 from earlyexit.backends.instructblip_vision import InstructBlipImageSide
 from earlyexit.backends.t5_decoder import RIGHT, T5DecoderMethods
+from earlyexit.core.backend import Backend
 
 
 class InstructBlipFlanT5Backend(InstructBlipImageSide, T5DecoderMethods, Backend):
@@ -39,10 +38,9 @@ class InstructBlipFlanT5Backend(InstructBlipImageSide, T5DecoderMethods, Backend
         """A small randomly initialised InstructBLIP-FlanT5 with word-level tokenizers (the language
         model's T5-style: an end token after every text) and a real processor; `t5_shape`:
         `t5_decoder.tiny_t5_config`'s (layers, widths, FlanT5's or original T5's kind, vocabulary)."""
-        from earlyexit.data.tokenizer import DEFAULT_WORDS, build_tokenizer
-
         from earlyexit.backends.instructblip_vision import tiny_instructblip, tiny_instructblip_processor
         from earlyexit.backends.t5_decoder import set_t5_generation_ids, t5_style_tokenizer, tiny_t5_config
+        from earlyexit.data.tokenizer import DEFAULT_WORDS, build_tokenizer
 
         words = tuple(words or DEFAULT_WORDS)
         tokenizer = t5_style_tokenizer(build_tokenizer(words))

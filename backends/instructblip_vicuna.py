@@ -10,10 +10,9 @@ tokenized prompt (BOS first).
 from __future__ import annotations
 
 from earlyexit import hookimpl
-from earlyexit.core.backend import Backend
-
 from earlyexit.backends.instructblip_vision import InstructBlipImageSide
 from earlyexit.backends.llama_decoder import LlamaDecoderMethods
+from earlyexit.core.backend import Backend
 
 
 class InstructBlipVicunaBackend(InstructBlipImageSide, LlamaDecoderMethods, Backend):
@@ -40,9 +39,8 @@ class InstructBlipVicunaBackend(InstructBlipImageSide, LlamaDecoderMethods, Back
         above the tokenizer's gives a real-sized LM head (benchmarks)."""
         from transformers import LlamaConfig
 
-        from earlyexit.data.tokenizer import DEFAULT_WORDS, build_tokenizer
-
         from earlyexit.backends.instructblip_vision import tiny_instructblip, tiny_instructblip_processor
+        from earlyexit.data.tokenizer import DEFAULT_WORDS, build_tokenizer
 
         words = tuple(words or DEFAULT_WORDS)
         processor = tiny_instructblip_processor(build_tokenizer(words), image_size, num_query_tokens, words)

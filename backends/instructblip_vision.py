@@ -18,8 +18,8 @@ and loads with `load_instructblip` / builds tiny models with `tiny_instructblip`
 
 from __future__ import annotations
 
-from earlyexit.errors import CheckpointError, ConfigError
 from earlyexit.core.model_folder import load_checkpoint
+from earlyexit.errors import CheckpointError, ConfigError
 
 QFORMER_INPUTS = ("qformer_input_ids", "qformer_attention_mask")
 

@@ -25,10 +25,10 @@ import json
 import os
 
 from earlyexit import hookimpl
-from earlyexit.core.backend import Backend, hub_offline
-from earlyexit.errors import ConfigError, ModelNotAvailableError
-
 from earlyexit.backends.llama_decoder import LlamaDecoderMethods
+from earlyexit.core.backend import Backend
+from earlyexit.core.model_folder import hub_offline
+from earlyexit.errors import ConfigError, ModelNotAvailableError
 
 RECIPE_KEYS = ("language_model", "vision", "projection_checkpoint")
 TEMPLATE_WORDS = ("#", "human", "assistant", "<", ">", "/", "img")  # the tiny tokenizer spells the template
@@ -66,7 +66,7 @@ class Minigpt4LlamaBackend(LlamaDecoderMethods, Backend):
         from transformers import AutoImageProcessor, AutoTokenizer, LlamaForCausalLM
 
         from earlyexit.backends.minigpt4_model import (IMAGE_PLACEHOLDER, PROMPT_TEMPLATE, MiniGPT4Config,
-            MiniGPT4ForConditionalGeneration, MiniGPT4Processor)
+                                                       MiniGPT4ForConditionalGeneration, MiniGPT4Processor)
 
         offline = hub_offline()
         if not os.path.isfile(projection_checkpoint):  # the cheapest mistake first, before any download
@@ -115,14 +115,12 @@ class Minigpt4LlamaBackend(LlamaDecoderMethods, Backend):
         import torch
         from tokenizers import AddedToken
         from transformers import LlamaConfig, LlamaForCausalLM
-
-        from earlyexit.backends.blip2_vision import tiny_image_side_configs
         from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
-        from earlyexit.data.tokenizer import DEFAULT_WORDS, build_tokenizer
-
+        from earlyexit.backends.blip2_vision import tiny_image_side_configs
         from earlyexit.backends.minigpt4_model import (IMAGE_PLACEHOLDER, MiniGPT4Config,
-            MiniGPT4ForConditionalGeneration, MiniGPT4Processor)
+                                                       MiniGPT4ForConditionalGeneration, MiniGPT4Processor)
+        from earlyexit.data.tokenizer import DEFAULT_WORDS, build_tokenizer
 
         tokenizer = build_tokenizer(tuple(words or DEFAULT_WORDS) + TEMPLATE_WORDS)
         tokenizer.add_tokens([AddedToken(IMAGE_PLACEHOLDER, special=True)], special_tokens=True)
@@ -163,7 +161,8 @@ class Minigpt4LlamaBackend(LlamaDecoderMethods, Backend):
 
         from earlyexit.backends.blip2_vision import tiny_image_side_configs
         from earlyexit.backends.minigpt4_model import (IMAGE_PLACEHOLDER, PROMPT_TEMPLATE, EfficientNetLiteFeatures,
-            MiniGPT4Config, MiniGPT4ForConditionalGeneration, MiniGPT4Processor)
+                                                       MiniGPT4Config, MiniGPT4ForConditionalGeneration,
+                                                       MiniGPT4Processor)
 
         llama, tokenizer = load_llama(language_model, getattr(torch, dtype))
         vocab = tokenizer.get_vocab()

@@ -27,9 +27,8 @@ import re
 
 import torch
 
-from earlyexit.errors import CheckpointError, ConfigError
-
 from earlyexit.backends.blip2_vision import project_queries
+from earlyexit.errors import CheckpointError, ConfigError
 
 CONFIG_FILE = "minigpt4_config.json"
 IMAGE_SIDE_FILE = "image_side.safetensors"

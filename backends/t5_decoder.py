@@ -30,7 +30,6 @@ import dataclasses
 import functools
 from typing import Any
 
-
 # The encoder's relative position bias counts columns, so padding between the image queries and the
 # prompt would shift their distances: the prompt is padded on the right, as T5 was trained (the
 # decoder, which starts from its own start token, never sees the padding).
@@ -67,9 +66,9 @@ class T5DecoderMethods:
     def plain_generate(self, **inputs_and_generate_kwargs):
         """The backbone's own `generate`, laid out as every family's: prompt ids, then the new
         tokens (transformers returns the decoder's start token and the new tokens)."""
-        from earlyexit.core.engine import _behind_prompt
+        from earlyexit.core.engine import behind_prompt
 
-        return _behind_prompt(inputs_and_generate_kwargs["input_ids"], self.model.generate(
+        return behind_prompt(inputs_and_generate_kwargs["input_ids"], self.model.generate(
             **inputs_and_generate_kwargs)[:, 1:])
 
     # -- structure -------------------------------------------------------------------------------

@@ -35,9 +35,9 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from earlyexit.core.accounting import CostModel, summarize
 from earlyexit.core.engine import EarlyExitForCausalLM
-from earlyexit.evaluation.evaluate import provenance
 from earlyexit.plugins.registry import get_registry
 from earlyexit.strategies.fixed import FixedStrategy
+from earlyexit.util.provenance import provenance
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from speed import COMMON, SHAPES  # noqa: E402  (the shapes speed.py measures)

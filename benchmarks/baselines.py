@@ -27,9 +27,9 @@ def main(argv=None) -> int:
     from earlyexit.bench import execute, parse_spec, render
     from earlyexit.bench.spec import builtin_text
     from earlyexit.cli.common import quiet_transformers
-    from earlyexit.evaluation.evaluate import provenance
-    from earlyexit.util.files import write_json_atomically
     from earlyexit.plugins.registry import get_registry
+    from earlyexit.util.files import write_json_atomically
+    from earlyexit.util.provenance import provenance
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", required=True)

@@ -61,10 +61,11 @@ def main() -> None:
 
     import torch
 
-    from earlyexit.models import embedded
     from earlyexit.backends.blip2_opt import Blip2OptBackend
+    from earlyexit.data.splits import load_split
+    from earlyexit.models import embedded
+    from earlyexit.pipeline.run import RunSettings, run
     from earlyexit.plugins.registry import get_registry
-    from earlyexit.pipeline.run import RunSettings, load_split, run
 
     path = embedded.ensure_built()
     fp32 = Blip2OptBackend.load(path)

@@ -19,10 +19,12 @@ import argparse
 import sys
 
 from earlyexit.data.scenes import load_scenes
-from earlyexit.models.embedded import MODELS, scene_config
-from earlyexit.evaluation.evaluate import EvalSettings, evaluate
+from earlyexit.evaluation.common import EvalSettings
+from earlyexit.evaluation.evaluate import evaluate
 from earlyexit.metrics.grounding import blind_baseline, caption_grounding
 from earlyexit.metrics.vqa import vqa_scores
+from earlyexit.models.embedded import MODELS, scene_config
+from earlyexit.models.loading import load_backend
 
 
 def predictions(backend, dataset, max_new_tokens: int) -> dict[str, str]:
@@ -63,7 +65,7 @@ def main(argv=None) -> int:
     from earlyexit.plugins.registry import get_registry
 
     family = args.backend or (MODELS[args.model][0] if args.model in MODELS else "blip2-opt")
-    backend = get_registry(load_entrypoints=False).backend(family).load(args.model)
+    backend = load_backend(get_registry(load_entrypoints=False).backend(family), args.model)
     result = report(backend, args.limit, args.split)
     print(f"{result['images']} {args.split} images, {result['questions']} questions")
     print("| word | mention rate | precision | blind baseline |")
@@ -78,8 +80,7 @@ def main(argv=None) -> int:
         print(f"  {example['caption']!r:60} <- {', '.join(example['objects'])}")
     if args.json:
         from earlyexit.util.files import write_json_atomically
-
-        from earlyexit.evaluation.evaluate import provenance
+        from earlyexit.util.provenance import provenance
 
         command = "python benchmarks/grounding.py " + " ".join(argv if argv is not None else sys.argv[1:])
         from earlyexit.models import embedded

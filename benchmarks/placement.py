@@ -12,6 +12,8 @@ import os
 import sys
 import time
 
+from earlyexit.models.loading import load_backend
+
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 
@@ -31,11 +33,11 @@ def confirm(exits: list[int], args, registry) -> dict:
 
 
 def main(argv=None) -> int:
-    from earlyexit.evaluation.evaluate import provenance
-    from earlyexit.util.files import write_json_atomically
+    from earlyexit.data.splits import load_split
     from earlyexit.evaluation.placement import greedy_placement, layer_statistics
     from earlyexit.plugins.registry import get_registry
-    from earlyexit.pipeline.run import load_split
+    from earlyexit.util.files import write_json_atomically
+    from earlyexit.util.provenance import provenance
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", required=True)
@@ -45,7 +47,7 @@ def main(argv=None) -> int:
     parser.add_argument("--work", default="runs/placement")
     args = parser.parse_args(argv)
     registry = get_registry(load_entrypoints=False)
-    backend = registry.backend("blip2-opt").load("tiny")
+    backend = load_backend(registry.backend("blip2-opt"), "tiny")
     stats = layer_statistics(backend, load_split("scenes", "dev", None), limit=None)
     n = backend.num_layers
     rows = []

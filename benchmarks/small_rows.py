@@ -19,6 +19,8 @@ import os
 import sys
 import time
 
+from earlyexit.models.loading import load_backend
+
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 ROWS = (1, 2, 3, 4, 5, 6, 8, 12, 16, 32)
@@ -62,7 +64,7 @@ def decoding(backend, batch_sizes, max_new_tokens: int, repeats: int) -> list[di
     import torch
 
     from earlyexit.core import kernels
-    from earlyexit.pipeline.run import load_split
+    from earlyexit.data.splits import load_split
 
     samples = load_split("scenes", "dev", max(batch_sizes)).samples
     out = []
@@ -93,8 +95,8 @@ def decoding(backend, batch_sizes, max_new_tokens: int, repeats: int) -> list[di
 def main(argv=None) -> None:
     import torch
 
-    from earlyexit.evaluation.evaluate import provenance
     from earlyexit.plugins.registry import get_registry
+    from earlyexit.util.provenance import provenance
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", default="minigpt4-llama")
@@ -106,7 +108,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    backend = get_registry().backend(args.backend).load(args.model)
+    backend = load_backend(get_registry().backend(args.backend), args.model)
     shapes = sorted({tuple(m.weight.shape) for m in backend.language_model.modules() if isinstance(m, torch.nn.Linear)})
     result = {"command": "python benchmarks/small_rows.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "backend": args.backend, "model": args.model,

@@ -76,8 +76,8 @@ def cached(work: str, name: str, again: bool, compute):
 
 
 def run_strategy(strategy: str, args) -> dict:
-    from earlyexit.plugins.registry import get_registry
     from earlyexit.pipeline.run import RunSettings, run
+    from earlyexit.plugins.registry import get_registry
 
     settings = RunSettings(backend=BACKEND, strategy=strategy, model=MODEL, test_limit=args.test_limit,
                            dev_limit=args.dev_limit, train_limit=args.train_limit, batch_size=args.batch_size,
@@ -175,7 +175,7 @@ def matching_gate(exit_layers) -> str | None:
 
 def main(argv=None) -> int:
     from earlyexit.cli.common import parse_int_list
-    from earlyexit.evaluation.evaluate import provenance
+    from earlyexit.util.provenance import provenance
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", required=True, help="write the results here (with command and provenance)")
@@ -205,9 +205,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     args.test_limit = args.test_limit or None
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from earlyexit.models import embedded
-
     import grounding
+
+    from earlyexit.models import embedded
 
     began = time.perf_counter()
     recipe = embedded.recipe_of(MODEL)

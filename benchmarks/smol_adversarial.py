@@ -18,12 +18,14 @@ import sys
 import tempfile
 import time
 
+from earlyexit.models.loading import load_backend
+
 
 def agreement(backend, strategy, dataset) -> list[float]:
     """Per exit: the share of target positions where its argmax is the final layer's."""
     import torch
 
-    from earlyexit.evaluation.layer_accuracy import teacher_forced_features
+    from earlyexit.training.features import teacher_forced_features
 
     agree, total = [0] * len(strategy.exit_layers), 0
     with torch.no_grad():
@@ -45,14 +47,14 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=float, default=6)
     args = parser.parse_args(argv)
 
-    from earlyexit.evaluation.evaluate import provenance
+    from earlyexit.data.splits import load_split
+    from earlyexit.plugins.registry import get_registry
     from earlyexit.training.exits import backbone_captions, train_exits, with_own_targets
     from earlyexit.util.files import write_json_atomically
-    from earlyexit.plugins.registry import get_registry
-    from earlyexit.pipeline.run import load_split
+    from earlyexit.util.provenance import provenance
 
     registry = get_registry(load_entrypoints=False)
-    backend = registry.backend("minigpt4-llama").load("smol")
+    backend = load_backend(registry.backend("minigpt4-llama"), "smol")
     train = load_split("scenes", "exit_train", args.train_limit)
     dev = load_split("scenes", "dev", args.dev_limit)
     own_dev = with_own_targets(dev, backbone_captions(backend, dev, progress=False))

@@ -39,6 +39,8 @@ import statistics
 import sys
 import time
 
+from earlyexit.models.loading import load_backend
+
 DRAFT_LENGTHS = (1, 2, 3, 4)
 
 
@@ -47,7 +49,7 @@ def agreement(backend, strategies: dict, dataset, batch_size: int) -> dict:
     the final layer's at every position after the first (the prompt pass writes the first)."""
     import torch
 
-    from earlyexit.evaluation.layer_accuracy import teacher_forced_features
+    from earlyexit.training.features import teacher_forced_features
 
     n = backend.num_layers
     found = {name: [] for name in strategies}
@@ -223,16 +225,16 @@ def main(argv=None) -> int:
 
     import torch
 
+    from earlyexit.data.splits import load_split
     from earlyexit.models.adapters import load_exits
-    from earlyexit.evaluation.evaluate import provenance
+    from earlyexit.plugins.registry import get_registry
     from earlyexit.training.exits import backbone_captions, with_own_targets
     from earlyexit.util.files import write_json_atomically
-    from earlyexit.plugins.registry import get_registry
-    from earlyexit.pipeline.run import load_split
+    from earlyexit.util.provenance import provenance
 
     torch.set_num_threads(int(os.environ.get("EARLYEXIT_THREADS", "2")))
     registry = get_registry(load_entrypoints=False)
-    backend = registry.backend("minigpt4-llama").load("smol")
+    backend = load_backend(registry.backend("minigpt4-llama"), "smol")
     n = backend.num_layers
     strategies = {"untrained": None}
     for folder in args.exits:

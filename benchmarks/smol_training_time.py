@@ -23,6 +23,8 @@ import sys
 import tempfile
 import time
 
+from earlyexit.models.loading import load_backend
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -35,15 +37,15 @@ def main(argv=None) -> int:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from smol import parse_options
 
-    from earlyexit.evaluation.evaluate import provenance
-    from earlyexit.training.exits import train_exits
+    from earlyexit.data.splits import load_split
     from earlyexit.evaluation.layer_accuracy import exit_accuracy
-    from earlyexit.util.files import write_json_atomically
     from earlyexit.plugins.registry import get_registry
-    from earlyexit.pipeline.run import load_split
+    from earlyexit.training.exits import train_exits
+    from earlyexit.util.files import write_json_atomically
+    from earlyexit.util.provenance import provenance
 
     registry = get_registry(load_entrypoints=False)
-    backend = registry.backend("minigpt4-llama").load("smol")
+    backend = load_backend(registry.backend("minigpt4-llama"), "smol")
     train = load_split("scenes", "exit_train", args.train_limit)
     result = {"runs": {}}
     if os.path.isfile(args.json):

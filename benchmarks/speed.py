@@ -30,11 +30,12 @@ import torch
 
 from earlyexit.core.accounting import CostModel, summarize
 from earlyexit.core.engine import EarlyExitForCausalLM
-from earlyexit.evaluation.evaluate import _timed, provenance
 from earlyexit.core.gates import LearnedGate
+from earlyexit.core.generation import timed
 from earlyexit.strategies.confidence import ConfidenceStrategy
 from earlyexit.strategies.fixed import FixedStrategy
 from earlyexit.strategies.free import FreeStrategy
+from earlyexit.util.provenance import provenance
 
 SHAPES = {  # backend -> language-model shapes (the first is the default)
     "blip2-opt": {
@@ -125,10 +126,10 @@ def main(argv=None) -> int:
 
         def plain():
             with torch.no_grad():
-                return _timed(backend.plain_generate, inputs, settings)
+                return timed(backend.plain_generate, inputs, settings)
 
         exits_off = EarlyExitForCausalLM(backend)
-        result = measure(plain, lambda: _timed(exits_off.generate, inputs, settings), args.repeats, args.new_tokens,
+        result = measure(plain, lambda: timed(exits_off.generate, inputs, settings), args.repeats, args.new_tokens,
                          batch)
         print(f"\nbatch {batch}\n(a) exits off / plain generate: {result['wall_speedup']:.3f} end to end, "
               f"{result['decode_wall_speedup']:.3f} decoding (goal >= 0.97); plain decodes "
@@ -141,7 +142,7 @@ def main(argv=None) -> int:
             for policy in args.policies.split(","):
                 strategy = FixedStrategy(backend, [exit_layer], FixedStrategy.Config(every=every))
                 model = EarlyExitForCausalLM(backend, strategy, kv_policy=policy)
-                result = measure(plain, lambda: _timed(model.generate, inputs, settings), args.repeats,
+                result = measure(plain, lambda: timed(model.generate, inputs, settings), args.repeats,
                                  args.new_tokens, batch)
                 summary = summarize(model.last_trace, CostModel.for_model(model))
                 ratio = result["decode_wall_speedup"] / summary["decode_layer_speedup"]

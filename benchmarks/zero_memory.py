@@ -14,12 +14,13 @@ import time
 
 import torch
 
-from earlyexit.training.batching import TrainingBatches
-from earlyexit.training.deepspeed_config import zero_config
-from earlyexit.training.deepspeed import DeepSpeedEngine, init_distributed
-from earlyexit.training.exits import one_caption_per_sample
+from earlyexit.data.prompts import one_caption_per_sample
+from earlyexit.data.splits import load_split
+from earlyexit.models.loading import load_backend
 from earlyexit.plugins.registry import get_registry
-from earlyexit.pipeline.run import load_split
+from earlyexit.training.batching import TrainingBatches
+from earlyexit.training.deepspeed import DeepSpeedEngine, init_distributed
+from earlyexit.training.deepspeed_config import zero_config
 from earlyexit.training.loop import TrainConfig
 
 
@@ -31,7 +32,7 @@ def state_bytes(optimizer) -> int:
 
 def measure(stage: int, steps: int = 6) -> tuple[float, float]:
     registry = get_registry()
-    backend = registry.backend("blip2-opt").load("tiny")
+    backend = load_backend(registry.backend("blip2-opt"), "tiny")
     backend.model.requires_grad_(False)
     strategy = registry.strategy("free")(backend, [3, 6, 9])
     data = one_caption_per_sample(load_split("scenes", "exit_train", 64))

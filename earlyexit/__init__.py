@@ -14,9 +14,9 @@ hookimpl = pluggy.HookimplMarker("earlyexit")
 
 # hookimpl first: plugin modules imported below take it from this package
 from earlyexit.core.backend import Backend  # noqa: E402
-from earlyexit.core.strategy import (CONTRACT_VERSION, ExitView, StepContext, Strategy, StrategyConfig,  # noqa: E402
-                                     TrainableConfig, config_field)
-from earlyexit.errors import (CheckpointError, ConfigError, DataError, EarlyExitError, PluginError)  # noqa: E402
+from earlyexit.core.strategy import (CONTRACT_VERSION, ExitView, StepContext, Strategy, StrategyConfig, TrainableConfig,
+                                     config_field)
+from earlyexit.errors import CheckpointError, ConfigError, DataError, EarlyExitError, PluginError  # noqa: E402
 
 __all__ = ["Backend", "CONTRACT_VERSION", "CheckpointError", "ConfigError", "DataError", "EarlyExitError", "ExitView",
            "PluginError", "StepContext", "Strategy", "StrategyConfig", "TrainableConfig", "__version__", "config_field",

@@ -24,8 +24,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from earlyexit.errors import ConfigError
 from earlyexit.core.strategy import Strategy, TrainableConfig, config_field
+from earlyexit.errors import ConfigError
 
 
 # -- rules -----------------------------------------------------------------------------------------
@@ -174,7 +174,7 @@ class ClassifierExitStrategy(Strategy):
                 enumerate(self.teacher_forced_states(features))]
 
     def training_step(self, batch, engine, held_out=None) -> dict:
-        from earlyexit.training.exits import backbone_features
+        from earlyexit.training.features import backbone_features
 
         features = backbone_features(self.backend, batch)
         where = features.targets != -100

@@ -19,9 +19,9 @@ import dataclasses
 import math
 
 from earlyexit import hookimpl
-from earlyexit.strategies.classifier_exits import ClassifierExitConfig, ClassifierExitStrategy, entropy
-from earlyexit.errors import ConfigError
 from earlyexit.core.strategy import config_field
+from earlyexit.errors import ConfigError
+from earlyexit.strategies.classifier_exits import ClassifierExitConfig, ClassifierExitStrategy, entropy
 
 
 @dataclasses.dataclass

@@ -9,8 +9,8 @@ from __future__ import annotations
 import dataclasses
 
 from earlyexit import hookimpl
-from earlyexit.errors import ConfigError
 from earlyexit.core.strategy import Strategy, StrategyConfig, config_field
+from earlyexit.errors import ConfigError
 
 
 @dataclasses.dataclass

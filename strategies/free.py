@@ -21,8 +21,8 @@ from __future__ import annotations
 import dataclasses
 
 from earlyexit import hookimpl
-from earlyexit.errors import ConfigError
 from earlyexit.core.strategy import Strategy, TrainableConfig, config_field
+from earlyexit.errors import ConfigError
 
 MODES = ("supervised", "distill", "capfilt")
 KD_DIRECTIONS = ("exit_final", "final_exit")
@@ -169,7 +169,7 @@ class FreeStrategy(Strategy):
         final norm, after the last layer (real) and after each exit transformer (fake)."""
         import torch.nn.functional as F
 
-        from earlyexit.training.exits import backbone_features
+        from earlyexit.training.features import backbone_features
 
         features = backbone_features(self.backend, batch)
         where = features.targets != -100  # positions that predict a reference (or sampled) token

@@ -30,10 +30,10 @@ import dataclasses
 import math
 
 from earlyexit import hookimpl
-from earlyexit.strategies.classifier_exits import (ClassifierExitConfig, ClassifierExitStrategy, PatienceRule,
-    check_patience, exit_cross_entropies, mutual_distillation)
-from earlyexit.errors import ConfigError
 from earlyexit.core.strategy import config_field
+from earlyexit.errors import ConfigError
+from earlyexit.strategies.classifier_exits import (ClassifierExitConfig, ClassifierExitStrategy, PatienceRule,
+                                                   check_patience, exit_cross_entropies, mutual_distillation)
 
 
 @dataclasses.dataclass
@@ -140,7 +140,7 @@ class LeeBertStrategy(PatienceRule, ClassifierExitStrategy):
     def training_step(self, batch, engine, held_out=None) -> dict:
         import torch
 
-        from earlyexit.training.exits import backbone_features
+        from earlyexit.training.features import backbone_features
 
         features = backbone_features(self.backend, batch, self.layers)
         where = features.targets != -100

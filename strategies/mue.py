@@ -28,8 +28,8 @@ import dataclasses
 import math
 
 from earlyexit import hookimpl
-from earlyexit.errors import ConfigError
 from earlyexit.core.strategy import Strategy, TrainableConfig, config_field
+from earlyexit.errors import ConfigError
 
 
 def consecutive_cosine(hidden, previous):
@@ -96,7 +96,7 @@ class MueStrategy(Strategy):
     def training_step(self, batch, engine, held_out=None) -> dict:
         import torch.nn.functional as F
 
-        from earlyexit.training.exits import backbone_features
+        from earlyexit.training.features import backbone_features
 
         features = backbone_features(self.backend, batch, layers=self.layers)
         where = features.targets != -100

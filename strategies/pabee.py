@@ -18,9 +18,9 @@ from __future__ import annotations
 import dataclasses
 
 from earlyexit import hookimpl
-from earlyexit.strategies.classifier_exits import (ClassifierExitConfig, ClassifierExitStrategy, PatienceRule,
-    check_patience, exit_cross_entropies, weighted_average)
 from earlyexit.core.strategy import config_field
+from earlyexit.strategies.classifier_exits import (ClassifierExitConfig, ClassifierExitStrategy, PatienceRule,
+                                                   check_patience, exit_cross_entropies, weighted_average)
 
 
 @dataclasses.dataclass

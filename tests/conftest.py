@@ -3,9 +3,9 @@ import sys
 import textwrap
 
 import pytest
+from helpers import make_backend, make_images
 
 from earlyexit.plugins.registry import DISABLE_AUTOLOAD_ENV, get_registry
-from helpers import make_backend, make_images
 
 
 @pytest.fixture(scope="session")

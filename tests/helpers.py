@@ -106,8 +106,8 @@ def train_exits_then_reload(registry, build, name, options, scenes, folder):
     and check: the exits move, the backbone does not, some token leaves early, and the adapter saved
     in `folder` reloads onto a fresh `build()` to the same tokens and exit layers. Returns the
     trained strategy."""
-    from earlyexit.models.adapters import load_exits, save_exits
     from earlyexit.core.engine import EarlyExitForCausalLM
+    from earlyexit.models.adapters import load_exits, save_exits
     from earlyexit.training.exits import train_exits
 
     backend = build()
@@ -160,7 +160,7 @@ def assert_encoder_decoder_exits_off_match_transformers(registry, backend, input
 def assert_teacher_forcing_gives_the_models_own_loss(backend, batch, atol=1e-9):
     """Exit training's teacher-forced features of a training `batch`, read out at full depth, give
     exactly the loss of the model's own forward on that batch."""
-    from earlyexit.training.exits import backbone_features
+    from earlyexit.training.features import backbone_features
 
     with torch.no_grad():
         loss = backend.model(**batch).loss
@@ -376,10 +376,10 @@ def assert_catchup_gqa_cache_is_one_full_forward(registry, backend, inputs, ever
 def assert_catchup_cache_is_one_full_forward_under_beams(registry, backend, inputs) -> None:
     """3 beams with `fixed` exits at layer 3: at every step, the cache (in beam order) equals one
     full forward of the running sequences."""
+    from test_kv_policies import CacheSnapshots
     from transformers import LogitsProcessorList
 
     from earlyexit.core.engine import EarlyExitForCausalLM
-    from test_kv_policies import CacheSnapshots
 
     model = EarlyExitForCausalLM(backend, fixed_exit(registry, backend, 3, 2), kv_policy="catchup")
     cache = model.new_cache()

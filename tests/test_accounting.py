@@ -4,12 +4,12 @@ import copy
 
 import pytest
 import torch
+from helpers import make_backend, make_images, no_eos
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from earlyexit.core.accounting import CostModel, layer_speedup, param_speedup, summarize
 from earlyexit.core.engine import EarlyExitForCausalLM
 from earlyexit.core.strategy import Strategy
-from helpers import make_backend, make_images, no_eos
 
 # the tiny model: width 32, ffn 128, vocabulary 100, 6 layers
 WIDTH, FFN, VOCAB = 32, 128, 100

@@ -20,10 +20,10 @@ import zlib
 
 import numpy as np
 import pytest
+from helpers import make_backend
 from PIL import Image
 
 from earlyexit.cli import main
-from helpers import make_backend
 
 UNWRITABLE = "/proc/earlyexit-test/out"  # /proc refuses new entries even for root
 VISDIAL = "visdial:" + os.path.join(os.path.dirname(__file__), "fixtures", "visdial")
@@ -393,10 +393,10 @@ def test_a_damaged_embedded_model_is_rebuilt_with_a_one_line_notice(tmp_path, mo
 
 
 def test_run_retrains_a_damaged_cached_adapter_with_a_notice(world, tmp_path, capsys):
-    from earlyexit.models.adapters import backbone_fingerprint, save_exits
     from earlyexit.backends.blip2_opt import Blip2OptBackend
-    from earlyexit.plugins.registry import get_registry
+    from earlyexit.models.adapters import backbone_fingerprint, save_exits
     from earlyexit.pipeline.run import RunSettings, exits_cache_folder
+    from earlyexit.plugins.registry import get_registry
 
     backend = Blip2OptBackend.from_pretrained(world["model"])
     free = get_registry(load_entrypoints=False).strategy("free")

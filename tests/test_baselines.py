@@ -10,17 +10,18 @@ import types
 
 import pytest
 import torch
+from helpers import SpyEngine, make_backend, make_images, no_eos
 
 from earlyexit.core.accounting import Trace  # noqa: F401 - the engine's trace is what we check against
+from earlyexit.core.engine import EarlyExitForCausalLM
+from earlyexit.core.strategy import ExitView, StepContext
+from earlyexit.data.scenes import SceneConfig, load_scenes
+from earlyexit.errors import ConfigError
 from earlyexit.models.adapters import load_exits, save_exits
 from earlyexit.strategies.classifier_exits import entropy, mutual_distillation, patience_update, weighted_average
-from earlyexit.data.scenes import SceneConfig, load_scenes
-from earlyexit.core.engine import EarlyExitForCausalLM
-from earlyexit.errors import ConfigError
-from earlyexit.training.exits import backbone_features, split_held_out, train_exits
-from earlyexit.core.strategy import ExitView, StepContext
+from earlyexit.training.exits import split_held_out, train_exits
+from earlyexit.training.features import backbone_features
 from earlyexit.training.loop import TrainConfig
-from helpers import SpyEngine, make_backend, make_images, no_eos
 
 MICRO = SceneConfig(train=12, val=10, test=5)
 TRAINED = ("deebert", "pabee", "leebert", "mue")

@@ -8,12 +8,12 @@ import re
 import shutil
 
 import pytest
+from helpers import make_backend
 from PIL import Image
 
 from earlyexit.bench import figures
 from earlyexit.cli import main
 from earlyexit.evaluation.evaluate import score as original_score
-from helpers import make_backend
 
 MICRO_DEFAULTS = """
 backend = "blip2-opt"
@@ -303,8 +303,9 @@ def test_visdial_cells_run_and_table3_shows_mrr_beside_accuracy(tmp_path, capsys
     """Table 3's layout: the VisDial column is MRR from ranking (its val slices: calibrated on the
     dev slice, ranked on the test slice, one beam whatever the spec says), the VQA column accuracy;
     a cell trained and calibrated on captions ranks VisDial as its test data."""
-    from earlyexit.metrics.dialog import dialog_scores
     from test_dialog import visdial_layout
+
+    from earlyexit.metrics.dialog import dialog_scores
 
     visdial_layout(tmp_path / "data" / "visdial")
     make_backend(seed=8, num_layers=4, image_size=64, patch_size=16, init_std=0.1).save_pretrained(

@@ -9,18 +9,19 @@ import json
 
 import pytest
 import torch
+from helpers import (assert_decoder_cache_matches_full_forward, assert_encoder_decoder_exits_off_match_transformers,
+                     assert_teacher_forcing_gives_the_models_own_loss, assert_vocabulary_readout_is_those_columns,
+                     fed_decoder_ids, fixed, make_backend, make_images, new_tokens, no_eos, train_exits_then_reload)
 from transformers import LogitsProcessorList
 
-from earlyexit.models.adapters import load_exits, save_exits
 from earlyexit.backends.blip2_flant5 import Blip2FlanT5Backend
-from earlyexit.training.batching import TrainingBatches
-from earlyexit.data.scenes import SceneConfig, load_scenes
 from earlyexit.core.engine import EarlyExitForCausalLM
+from earlyexit.data.scenes import SceneConfig, load_scenes
 from earlyexit.errors import CheckpointError, ConfigError, ModelNotAvailableError
+from earlyexit.models.adapters import load_exits, save_exits
+from earlyexit.models.loading import load_backend
+from earlyexit.training.batching import TrainingBatches
 from earlyexit.training.exits import train_exits
-from helpers import (assert_vocabulary_readout_is_those_columns, assert_decoder_cache_matches_full_forward, assert_encoder_decoder_exits_off_match_transformers,
-                     assert_teacher_forcing_gives_the_models_own_loss, fed_decoder_ids, fixed, make_backend,
-                     make_images, new_tokens, no_eos, train_exits_then_reload)
 
 PROMPTS = ["a red circle", "what color is the small square on the left", ""]  # three lengths: padding
 SHAPES = {  # FlanT5's kind (gated-gelu, untied head) and original T5's (relu, tied head scaled by d_model**-0.5)
@@ -235,7 +236,7 @@ def test_save_pretrained_round_trip_and_loader_checks(registry, t5_6, batch3, tm
     with pytest.raises(ConfigError, match="not BLIP-2 with opt"):
         registry.backend("blip2-opt").load(str(folder))
     with pytest.raises(ConfigError, match="tiny-random"):  # the embedded `tiny` is BLIP-2 with OPT
-        cls.load("tiny")
+        load_backend(cls, "tiny")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     with pytest.raises(ModelNotAvailableError, match="not available offline") as unavailable:

@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
+from helpers import make_backend, make_images
 
 from earlyexit.cli import main
 from earlyexit.core.engine import EarlyExitForCausalLM
-from helpers import make_backend, make_images
 
 THIRD_PARTY = """
     import torch

@@ -11,12 +11,13 @@ import torch
 
 pytest.importorskip("deepspeed")
 
-from earlyexit.models.adapters import load_exits  # noqa: E402
-from earlyexit.data.scenes import SceneConfig, load_scenes  # noqa: E402
-from earlyexit.training.deepspeed_config import zero_config  # noqa: E402
-from earlyexit.core.engine import EarlyExitForCausalLM  # noqa: E402
-from earlyexit.training.exits import train_exits  # noqa: E402
 from helpers import launcher_env, make_backend, make_images, no_eos  # noqa: E402
+
+from earlyexit.core.engine import EarlyExitForCausalLM  # noqa: E402
+from earlyexit.data.scenes import SceneConfig, load_scenes  # noqa: E402
+from earlyexit.models.adapters import load_exits  # noqa: E402
+from earlyexit.training.deepspeed_config import zero_config  # noqa: E402
+from earlyexit.training.exits import train_exits  # noqa: E402
 
 MICRO = SceneConfig(train=10, val=10, test=5)
 STRATEGIES = ("deebert", "pabee", "leebert", "mue")

@@ -9,15 +9,15 @@ import math
 
 import pytest
 import torch
+from helpers import make_backend, make_images, no_eos
 
 from earlyexit.backends.blip2_opt import Blip2OptBackend
 from earlyexit.cli import main
+from earlyexit.core.engine import EarlyExitForCausalLM
 from earlyexit.data.scenes import SceneConfig, load_scenes
+from earlyexit.errors import ConfigError
 from earlyexit.training.deepspeed_config import config_from_arguments, with_precision
 from earlyexit.util.devices import distributed_backend, resolve
-from earlyexit.core.engine import EarlyExitForCausalLM
-from earlyexit.errors import ConfigError
-from helpers import make_backend, make_images, no_eos
 
 MICRO = SceneConfig(train=10, val=10, test=5)
 BUILT_IN = ("confidence", "fixed", "deebert", "pabee", "leebert", "mue", "free")
@@ -75,7 +75,8 @@ def test_bf16_generates_with_a_strategy_and_exits_off_matches_its_own_generate()
 
 
 def test_bf16_eval_on_micro_scenes(tmp_path):
-    from earlyexit.evaluation.evaluate import EvalSettings, evaluate
+    from earlyexit.evaluation.common import EvalSettings
+    from earlyexit.evaluation.evaluate import evaluate
     from earlyexit.strategies.fixed import FixedStrategy
 
     backend = micro("bfloat16")
@@ -87,8 +88,8 @@ def test_bf16_eval_on_micro_scenes(tmp_path):
 
 
 def test_bf16_free_trains_a_few_steps(scenes, tmp_path):
-    from earlyexit.training.exits import train_exits
     from earlyexit.strategies.free import FreeConfig, FreeStrategy
+    from earlyexit.training.exits import train_exits
 
     backend = micro("bfloat16")
     strategy = FreeStrategy(backend, [1, 2], FreeConfig(epochs=0.8, batch_size=4, learning_rate=1e-3))
@@ -241,8 +242,8 @@ def test_mixed_precision_through_deepspeeds_own_config():
 
 def test_bf16_exits_train_under_deepspeed_on_the_cpu(scenes, tmp_path):
     pytest.importorskip("deepspeed")
-    from earlyexit.training.exits import train_exits
     from earlyexit.strategies.free import FreeConfig, FreeStrategy
+    from earlyexit.training.exits import train_exits
 
     backend = micro("bfloat16")
     strategy = FreeStrategy(backend, [1, 2], FreeConfig(epochs=0.8, batch_size=4))
@@ -283,8 +284,8 @@ def test_cuda_bf16_full_depth_matches_fp32_on_most_tokens():
 @needs_cuda
 def test_cuda_free_trains_under_deepspeed_with_nccl_and_bf16(scenes, tmp_path):
     pytest.importorskip("deepspeed")
-    from earlyexit.training.exits import train_exits
     from earlyexit.strategies.free import FreeConfig, FreeStrategy
+    from earlyexit.training.exits import train_exits
 
     backend = micro().to("cuda", "bfloat16")
     strategy = FreeStrategy(backend, [1, 2], FreeConfig(epochs=0.1, batch_size=4))

@@ -7,13 +7,15 @@ import pathlib
 
 import pytest
 import torch
+from helpers import make_backend
 
 from earlyexit.cli import main
-from earlyexit.data.visdial import load_visdial
-from earlyexit.evaluation.dialog import ForcedOptions, dialog_prompt, option_scores
 from earlyexit.core.engine import EarlyExitForCausalLM
-from earlyexit.evaluation.evaluate import EvalSettings, evaluate
-from helpers import make_backend
+from earlyexit.data.prompts import dialog_prompt
+from earlyexit.data.visdial import load_visdial
+from earlyexit.evaluation.common import EvalSettings
+from earlyexit.evaluation.dialog import ForcedOptions, option_scores
+from earlyexit.evaluation.evaluate import evaluate
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "visdial"
 
@@ -164,7 +166,7 @@ def visdial_run(backend, tmp_path_factory):
 
 
 def test_val_slices_are_disjoint_dialogs(visdial_run):
-    from earlyexit.pipeline.run import load_split, splits_for
+    from earlyexit.data.splits import load_split, splits_for
 
     _, data = visdial_run
     slices = [load_split(f"visdial:{data}", split, None) for split in splits_for(f"visdial:{data}")]
@@ -188,7 +190,7 @@ def run_visdial(model, data, output, strategy, *extra):
 def check_calibrated_by_dev_mrr_and_scored_by_ranking(report, strategy, data):
     """Each calibration point's quality is the dev slice's MRR at that knob; the knob is the best
     one; the test MRR is `evaluate`'s at that knob and the mean reciprocal of its ranks."""
-    from earlyexit.pipeline.run import load_split
+    from earlyexit.data.splits import load_split
 
     dev = load_split(f"visdial:{data}", "val:0.8-0.9", None)
     test = load_split(f"visdial:{data}", "val:0.9-1.0", None)

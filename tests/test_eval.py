@@ -5,12 +5,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import make_backend
 
 from earlyexit.cli import main
 from earlyexit.data.registry import load_dataset
 from earlyexit.errors import ConfigError, DataError
-from earlyexit.evaluation.evaluate import EvalSettings, add_noise, evaluate
-from helpers import make_backend
+from earlyexit.evaluation.common import EvalSettings, add_noise
+from earlyexit.evaluation.evaluate import evaluate
 
 
 @pytest.fixture(scope="module")

@@ -2,10 +2,9 @@
 
 import pytest
 import torch
+from helpers import make_backend, make_images
 
 from earlyexit.core.engine import EarlyExitForCausalLM
-
-from helpers import make_backend, make_images
 
 SHAPES = [
     dict(num_layers=2, hidden_size=32, num_heads=4),

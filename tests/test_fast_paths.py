@@ -2,13 +2,13 @@
 
 import pytest
 import torch
+from helpers import assert_vocabulary_readout_is_those_columns, make_backend, make_images, no_eos, speculative_matches
 
 from earlyexit.core.engine import EarlyExitForCausalLM
-from earlyexit.core.gates import CosineGate, LearnedGate, train_gate
+from earlyexit.core.gates import CosineGate, LearnedGate
 from earlyexit.core.speculative import SelfSpeculativeDecoder
 from earlyexit.core.strategy import Strategy
-from helpers import (assert_vocabulary_readout_is_those_columns, make_backend, make_images, no_eos,
-                     speculative_matches)
+from earlyexit.training.gates import train_gate
 
 PROMPTS = ["a red circle", "two", "what color is the small square", ""]
 
@@ -187,8 +187,8 @@ def test_a_vocabulary_read_out_is_those_columns_of_the_full_one(backend):
 
 
 def test_draft_vocabulary_of_keeps_the_most_frequent_tokens_and_the_end(backend):
-    from earlyexit.errors import ConfigError
     from earlyexit.core.speculative import draft_vocabulary_of
+    from earlyexit.errors import ConfigError
 
     tokenizer = backend.processor.tokenizer
     texts = ["red red red circle", "red circle", "blue"]
@@ -229,7 +229,7 @@ def test_forced_exit_reads_out_only_the_draft_vocabulary(registry, backend):
 @pytest.mark.parametrize("size", [1, 6, 40])
 def test_speculative_over_a_draft_vocabulary_is_the_full_model(registry, backend, size):
     from earlyexit.core.accounting import CostModel
-    from earlyexit.evaluation.evaluate import decode_new_tokens
+    from earlyexit.core.generation import decode_new_tokens
     from earlyexit.core.speculative import draft_vocabulary_of
 
     free = registry.strategy("free")(backend, [2, 4])

@@ -5,12 +5,14 @@ import math
 
 import pytest
 import torch
+from helpers import make_backend
 
+from earlyexit.data.prompts import one_caption_per_sample
 from earlyexit.data.scenes import SceneConfig, load_scenes
-from earlyexit.training.exits import FeatureCache, backbone_features, one_caption_per_sample, train_exits
 from earlyexit.strategies.deebert import DeeBertConfig, DeeBertStrategy
 from earlyexit.strategies.free import FreeConfig, FreeStrategy
-from helpers import make_backend
+from earlyexit.training.exits import train_exits
+from earlyexit.training.features import FeatureCache, backbone_features
 
 MICRO = SceneConfig(train=10, val=10, test=5)
 
@@ -104,7 +106,7 @@ def test_slim_features_keep_what_training_reads(scenes):
 
 def test_a_bad_budget_setting_is_one_line(monkeypatch):
     from earlyexit.errors import ConfigError
-    from earlyexit.training.exits import feature_cache_budget
+    from earlyexit.training.features import feature_cache_budget
 
     monkeypatch.setenv("EARLYEXIT_FEATURE_CACHE_GB", "lots")
     with pytest.raises(ConfigError, match="EARLYEXIT_FEATURE_CACHE_GB"):

@@ -4,16 +4,17 @@ import math
 
 import pytest
 import torch
-
-from earlyexit.models.adapters import load_exits, save_exits
-from earlyexit.data.scenes import SceneConfig, load_scenes
-from earlyexit.core.engine import EarlyExitForCausalLM
-from earlyexit.errors import CheckpointError, ConfigError
-from earlyexit.training.exits import capfilt, one_caption_per_sample, train_exits
-from earlyexit.strategies.free import (FreeConfig, FreeStrategy, distillation_loss, feature_classifier_loss,
-    generator_adversarial_loss)
-from earlyexit.training.loop import TrainConfig
 from helpers import SpyEngine, make_backend, make_images, no_eos
+
+from earlyexit.core.engine import EarlyExitForCausalLM
+from earlyexit.data.prompts import one_caption_per_sample
+from earlyexit.data.scenes import SceneConfig, load_scenes
+from earlyexit.errors import CheckpointError, ConfigError
+from earlyexit.models.adapters import load_exits, save_exits
+from earlyexit.strategies.free import (FreeConfig, FreeStrategy, distillation_loss, feature_classifier_loss,
+                                       generator_adversarial_loss)
+from earlyexit.training.exits import capfilt, train_exits
+from earlyexit.training.loop import TrainConfig
 
 MICRO = SceneConfig(train=10, val=10, test=5)
 
@@ -130,8 +131,8 @@ def test_unlabelled_modes_train_on_the_backbones_own_captions(scenes, tmp_path, 
 def test_distill_mode_answers_questions_with_the_backbones_own_answers(tmp_path):
     """Unsupervised on VQA too: every training target is what the backbone itself answers after
     the question, never a human answer."""
-    from earlyexit.training.batching import VQA_PROMPT
-    from earlyexit.evaluation.evaluate import decode_new_tokens
+    from earlyexit.core.generation import decode_new_tokens
+    from earlyexit.data.prompts import VQA_PROMPT
 
     questions = load_scenes("exit_train", "vqa", config=MICRO, cache_dir=tmp_path).subset(6)
     backend = backend64()
@@ -157,8 +158,9 @@ def test_clip_scorer_offline_is_a_clear_error(monkeypatch):
 
 
 def test_capfilt_with_a_local_clip_keeps_its_top_two(scenes, tmp_path):
-    from earlyexit.training.exits import make_scorer
     from helpers import make_tiny_clip
+
+    from earlyexit.training.exits import make_scorer
 
     make_tiny_clip(tmp_path / "clip")
     scorer = make_scorer(f"clip:{tmp_path / 'clip'}", None)

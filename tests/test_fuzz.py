@@ -10,15 +10,14 @@ import io
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, example, given, settings
-from hypothesis import strategies as st
+from helpers import make_backend
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 from PIL import Image
 
 from earlyexit.core.engine import EarlyExitForCausalLM
-from earlyexit.errors import ConfigError
 from earlyexit.data.images import read_image, to_rgb
 from earlyexit.data.tokenizer import DEFAULT_WORDS
-from helpers import make_backend
+from earlyexit.errors import ConfigError
 
 MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "I", "I;16", "F", "CMYK", "YCbCr")
 FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP")

@@ -9,19 +9,19 @@ import math
 
 import pytest
 import torch
-
-from earlyexit.models.adapters import load_exits, save_exits
-from earlyexit.backends.instructblip_vicuna import InstructBlipVicunaBackend
-from earlyexit.backends.minigpt4_llama import Minigpt4LlamaBackend
-from earlyexit.training.batching import TrainingBatches, language_model_step
-from earlyexit.data.scenes import SceneConfig, load_scenes
-from earlyexit.core.engine import EarlyExitForCausalLM
-from earlyexit.errors import CheckpointError, ConfigError, ModelNotAvailableError
-from earlyexit.training.exits import train_exits
 from helpers import (assert_cache_matches_full_forward, assert_catchup_cache_is_one_full_forward_under_beams,
                      assert_catchup_gqa_cache_is_one_full_forward, assert_propagate_projects_rotated_grouped_kv,
                      assert_the_instruction_reaches_the_q_former, fixed_exit, make_backend, make_images, no_eos,
                      train_exits_then_reload)
+
+from earlyexit.backends.instructblip_vicuna import InstructBlipVicunaBackend
+from earlyexit.backends.minigpt4_llama import Minigpt4LlamaBackend
+from earlyexit.core.engine import EarlyExitForCausalLM
+from earlyexit.data.scenes import SceneConfig, load_scenes
+from earlyexit.errors import CheckpointError, ConfigError, ModelNotAvailableError
+from earlyexit.models.adapters import load_exits, save_exits
+from earlyexit.training.batching import TrainingBatches, language_model_step
+from earlyexit.training.exits import train_exits
 
 PROMPTS = ["a red circle", "what color is the small square on the left", ""]  # three lengths: padding
 SHAPES = {
@@ -258,7 +258,8 @@ def vqa(tmp_path_factory):
 def test_eval_with_speculative_decoding_gives_the_full_models_answers(registry, vqa):
     """`eval`: questions (the instruction differs per row) through the early-exit engine and
     self-speculative decoding, which splits the batch into rows: each keeps its own instruction."""
-    from earlyexit.evaluation.evaluate import EvalSettings, evaluate
+    from earlyexit.evaluation.common import EvalSettings
+    from earlyexit.evaluation.evaluate import evaluate
 
     backend = vicuna64(seed=8)
     settings = EvalSettings(batch_size=4, max_new_tokens=4, measure_wall=False, progress=False, quick_metrics=True)

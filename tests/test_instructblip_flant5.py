@@ -8,17 +8,18 @@ import json
 
 import pytest
 import torch
-
-from earlyexit.models.adapters import load_exits
-from earlyexit.backends.blip2_flant5 import Blip2FlanT5Backend
-from earlyexit.backends.instructblip_flant5 import InstructBlipFlanT5Backend
-from earlyexit.training.batching import TrainingBatches
-from earlyexit.data.scenes import SceneConfig, load_scenes
-from earlyexit.core.engine import EarlyExitForCausalLM
-from earlyexit.errors import CheckpointError, ConfigError, ModelNotAvailableError
 from helpers import (assert_decoder_cache_matches_full_forward, assert_encoder_decoder_exits_off_match_transformers,
                      assert_teacher_forcing_gives_the_models_own_loss, assert_the_instruction_reaches_the_q_former,
                      fed_decoder_ids, fixed, make_images, new_tokens, no_eos, train_exits_then_reload)
+
+from earlyexit.backends.blip2_flant5 import Blip2FlanT5Backend
+from earlyexit.backends.instructblip_flant5 import InstructBlipFlanT5Backend
+from earlyexit.core.engine import EarlyExitForCausalLM
+from earlyexit.data.scenes import SceneConfig, load_scenes
+from earlyexit.errors import CheckpointError, ConfigError, ModelNotAvailableError
+from earlyexit.models.adapters import load_exits
+from earlyexit.models.loading import load_backend
+from earlyexit.training.batching import TrainingBatches
 
 PROMPTS = ["a red circle", "what color is the small square on the left", ""]  # three lengths: padding
 SHAPES = {  # FlanT5's kind (gated-gelu, untied head) and original T5's (relu, tied head scaled by d_model**-0.5)
@@ -149,7 +150,7 @@ def test_loading_refuses_another_family_and_an_unreachable_hub_in_one_line(regis
     with pytest.raises(ConfigError, match="instructblip/llama model, not InstructBLIP with a FlanT5"):
         cls.load(str(tmp_path / "vicuna"))
     with pytest.raises(ConfigError, match="tiny-random"):  # the embedded `tiny` is BLIP-2 with OPT
-        cls.load("tiny")
+        load_backend(cls, "tiny")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     with pytest.raises(ModelNotAvailableError, match="not available offline") as unavailable:

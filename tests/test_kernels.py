@@ -5,11 +5,11 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import make_backend, make_images, no_eos, speculative_matches
 
 from earlyexit.core import kernels
 from earlyexit.core.engine import EarlyExitForCausalLM
 from earlyexit.errors import ConfigError
-from helpers import make_backend, make_images, no_eos, speculative_matches
 
 
 def routed_layers(module):

@@ -4,12 +4,12 @@ import copy
 
 import pytest
 import torch
+from helpers import (assert_cache_matches_full_forward, assert_exit_slots_match_running_the_modules, fixed_exit,
+                     make_backend, make_images, no_eos)
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from earlyexit.core.engine import EarlyExitForCausalLM
 from earlyexit.core.strategy import Strategy
-from helpers import (assert_cache_matches_full_forward, assert_exit_slots_match_running_the_modules, fixed_exit,
-                     make_backend, make_images, no_eos)
 
 ATOL = 1e-4
 

@@ -7,17 +7,17 @@ import json
 
 import pytest
 import torch
-
-from earlyexit.models.adapters import load_exits, save_exits
-from earlyexit.backends.minigpt4_llama import Minigpt4LlamaBackend
-from earlyexit.training.batching import TrainingBatches
-from earlyexit.data.scenes import SceneConfig, load_scenes
-from earlyexit.core.engine import EarlyExitForCausalLM
-from earlyexit.errors import CheckpointError, ConfigError, ModelNotAvailableError
-from helpers import (assert_vocabulary_readout_is_those_columns, assert_cache_matches_full_forward, assert_catchup_cache_is_one_full_forward_under_beams,
+from helpers import (assert_cache_matches_full_forward, assert_catchup_cache_is_one_full_forward_under_beams,
                      assert_catchup_gqa_cache_is_one_full_forward, assert_exit_slots_match_running_the_modules,
-                     assert_propagate_projects_rotated_grouped_kv, fixed_exit, make_backend, make_images, no_eos,
-                     train_exits_then_reload)
+                     assert_propagate_projects_rotated_grouped_kv, assert_vocabulary_readout_is_those_columns,
+                     fixed_exit, make_backend, make_images, no_eos, train_exits_then_reload)
+
+from earlyexit.backends.minigpt4_llama import Minigpt4LlamaBackend
+from earlyexit.core.engine import EarlyExitForCausalLM
+from earlyexit.data.scenes import SceneConfig, load_scenes
+from earlyexit.errors import CheckpointError, ConfigError, ModelNotAvailableError
+from earlyexit.models.adapters import load_exits, save_exits
+from earlyexit.training.batching import TrainingBatches
 
 PROMPTS = ["a red circle", "what color is the small square on the left", ""]  # three lengths: left padding
 SHAPES = {

@@ -11,12 +11,12 @@ import pluggy
 import pytest
 
 from earlyexit import hookimpl
-from earlyexit.plugins import hookspecs
 from earlyexit.cli import main
-from earlyexit.errors import PluginError
-from earlyexit.plugins.registry import (BUILTIN_PLUGINS, BUILTIN_SOURCE, DISABLE_AUTOLOAD_ENV, Registry,
-    get_registry, make_plugin_manager)
 from earlyexit.core.strategy import Strategy
+from earlyexit.errors import PluginError
+from earlyexit.plugins import hookspecs
+from earlyexit.plugins.registry import (BUILTIN_PLUGINS, BUILTIN_SOURCE, DISABLE_AUTOLOAD_ENV, Registry, get_registry,
+                                        make_plugin_manager)
 
 TOY_PLUGIN = """
     from earlyexit import hookimpl
@@ -248,8 +248,9 @@ def test_lifecycle_hooks_reach_a_plugin(install_distribution, tmp_path, monkeypa
 
     if shutil.which("java") is None:
         pytest.skip("caption metrics need Java")
-    from earlyexit.cli import main
     from helpers import make_backend
+
+    from earlyexit.cli import main
 
     events = tmp_path / "events.jsonl"
     monkeypatch.setenv("EE_TEST_EVENTS", str(events))

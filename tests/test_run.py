@@ -3,8 +3,9 @@
 import json
 import os
 
-from earlyexit.cli import main
 from helpers import make_backend
+
+from earlyexit.cli import main
 
 
 def test_run_free_end_to_end(tmp_path, capsys):

@@ -9,7 +9,7 @@ import pytest
 
 from earlyexit.data import scenes
 from earlyexit.data.scenes import (COLORS, SceneConfig, generate_scene, load_scenes, render_scene, split_words,
-    vocabulary)
+                                   vocabulary)
 from earlyexit.errors import ConfigError, DataError
 
 SMALL = SceneConfig(seed=3, train=30, val=20, test=10)

@@ -9,11 +9,12 @@ import importlib.util
 import numpy as np
 import pytest
 import torch
+from helpers import make_images
 
-from earlyexit.models import embedded, smol
 from earlyexit.backends.minigpt4_llama import Minigpt4LlamaBackend
 from earlyexit.errors import ConfigError
-from helpers import make_images
+from earlyexit.models import embedded, smol
+from earlyexit.models.loading import load_backend
 
 gguf = pytest.importorskip("gguf", reason="the smol extra (gguf) is not installed: pip install 'earlyexit-vlm[smol]'")
 
@@ -152,9 +153,9 @@ def test_the_embedded_names_belong_to_their_backends():
     from earlyexit.backends.blip2_opt import Blip2OptBackend
 
     with pytest.raises(ConfigError, match="runs on --backend minigpt4-llama"):
-        Blip2OptBackend.load("smol")
+        load_backend(Blip2OptBackend, "smol")
     with pytest.raises(ConfigError, match="runs on --backend blip2-opt"):
-        Minigpt4LlamaBackend.load("tiny")
+        load_backend(Minigpt4LlamaBackend, "tiny")
 
 
 def test_without_the_weights_package_the_build_says_what_to_install(monkeypatch):

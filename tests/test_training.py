@@ -4,12 +4,12 @@ import os
 
 import pytest
 import torch
+from helpers import make_backend
 
-from earlyexit.training.batching import TrainingBatches, language_model_step
 from earlyexit.data.scenes import SceneConfig, load_scenes
 from earlyexit.errors import CheckpointError
+from earlyexit.training.batching import TrainingBatches, language_model_step
 from earlyexit.training.loop import TrainConfig, latest_checkpoint, train
-from helpers import make_backend
 
 MICRO = SceneConfig(train=24, val=10, test=10)
 
@@ -155,9 +155,9 @@ def test_embedded_build_is_cached_under_its_fingerprint(tmp_path, monkeypatch):
 
 
 def test_encoder_pretraining_trains_the_image_side_only(tmp_path):
-    from earlyexit.models import embedded
     from earlyexit.data.scenes import vocabulary
     from earlyexit.data.tokenizer import DEFAULT_WORDS
+    from earlyexit.models import embedded
 
     config = SceneConfig(image_size=32, train=16, val=0, test=0)
     backend = make_backend(image_size=32, patch_size=16, vision_hidden=32, num_query_tokens=2,

@@ -14,19 +14,18 @@ from __future__ import annotations
 
 import os
 
+from earlyexit.bench import figures, tables
 from earlyexit.bench.runner import describe, execute, hardware, plan
 from earlyexit.bench.spec import Spec, load_spec, parse_spec
+from earlyexit.bench.store import CellStore
+from earlyexit.util.files import atomic_write
+from earlyexit.util.provenance import provenance
 
 __all__ = ["load_spec", "parse_spec", "Spec", "describe", "execute", "render", "plan"]
 
 
 def render(spec: Spec, output: str, registry, command: str | None = None) -> list[str]:
     """Write every table (4 formats) and figure of `spec` from the store; returns the paths."""
-    from earlyexit.evaluation.evaluate import provenance
-    from earlyexit.util.files import atomic_write
-    from earlyexit.bench import figures, tables
-    from earlyexit.bench.store import CellStore
-
     work = plan(spec, registry)
     store = CellStore(os.path.join(output, "cells"))
     meta = {**provenance(), "hardware": hardware(), "spec": spec.name, "spec_source": spec.source,

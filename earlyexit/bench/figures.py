@@ -12,6 +12,7 @@ Every figure has a fixed pixel size (`SIZES`); with nothing computed it says so 
 from __future__ import annotations
 
 from earlyexit.bench.tables import SCALED, metric_value
+from earlyexit.util.files import save_figure
 
 DPI = 100
 SIZES = {"token-exits": (9.0, 3.0), "per-exit-accuracy": (6.0, 4.0), "ablation-bars": (6.0, 4.0),
@@ -34,7 +35,6 @@ def render(figure, keys: list, store, path: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from earlyexit.util.files import save_figure
 
     records = _computed(keys, store)
     if figure.strategy:

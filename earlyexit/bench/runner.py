@@ -15,9 +15,14 @@ import os
 import platform
 import time
 
-from earlyexit.errors import ConfigError, DataError, EarlyExitError, ModelNotAvailableError
 from earlyexit.bench.spec import Spec, task_of
 from earlyexit.bench.store import CellStore, cell_key
+from earlyexit.data.registry import LAYOUTS
+from earlyexit.data.splits import load_split, splits_for
+from earlyexit.errors import ConfigError, DataError, EarlyExitError, ModelNotAvailableError
+from earlyexit.evaluation.evaluate import score
+from earlyexit.pipeline.run import RunSettings, run
+from earlyexit.util.progress import progress_bar
 
 
 @dataclasses.dataclass
@@ -46,8 +51,6 @@ def plan(spec: Spec, registry) -> Plan:
 
 def test_source(cell) -> tuple[str, str]:
     """(data set, split) the cell is scored on."""
-    from earlyexit.pipeline.run import splits_for
-
     data = cell.settings.get("test_data") or cell.data
     return data, cell.settings.get("test_split") or splits_for(data)[2]
 
@@ -55,9 +58,6 @@ def test_source(cell) -> tuple[str, str]:
 @functools.lru_cache(maxsize=64)
 def data_unavailable(data: str, splits: tuple) -> str | None:
     """Why a data set cannot be read here (each split is tried once per process)."""
-    from earlyexit.data.registry import LAYOUTS
-    from earlyexit.pipeline.run import load_split
-
     name, _, root = data.partition(":")
     if name not in LAYOUTS:
         return None
@@ -73,8 +73,6 @@ def data_unavailable(data: str, splits: tuple) -> str | None:
 
 def unavailable_reason(cell) -> str | None:
     """Why this cell cannot run on this machine (its data set or model is missing), with the fix."""
-    from earlyexit.pipeline.run import splits_for
-
     test_data, test_split = test_source(cell)
     if cell.settings["decode"] == "speculative" and task_of(test_data) == "dialog":
         return "VisDial is scored by ranking answer options: nothing is decoded, so no speculative decoding"
@@ -90,8 +88,6 @@ def unavailable_reason(cell) -> str | None:
 
 def compute_cell(cell, key: str, output: str, registry, log) -> dict:
     """The record of one cell: its trimmed run report, or why it could not be computed."""
-    from earlyexit.pipeline.run import RunSettings, load_split, run
-
     settings = dict(cell.settings)
     decode = settings.pop("decode")
     settings.pop("draft_length")
@@ -117,7 +113,6 @@ def compute_cell(cell, key: str, output: str, registry, log) -> dict:
     test = load_split(*test_source(cell), run_settings.test_limit)
     domains = sorted({s.extra.get("domain") for s in test if s.extra and s.extra.get("domain")})
     if domains:  # NoCaps: quality per domain (in, near, out) as the paper's Table 1 shows it
-        from earlyexit.evaluation.evaluate import score
 
         for name, result in report["results"].items():
             results[name]["quality_by_domain"] = {
@@ -143,8 +138,6 @@ def hardware() -> dict:
 
 def execute(spec: Spec, output: str, registry, *, force: bool = False, progress: bool = True, log=print) -> dict:
     """Compute every cell of `spec` not yet in the store; returns counts and the seconds spent."""
-    from earlyexit.util.progress import progress_bar
-
     work = plan(spec, registry)
     store = CellStore(os.path.join(output, "cells"))
     pending = [k for k in work.cells if force or not store.done(k)]

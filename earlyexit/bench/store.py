@@ -26,6 +26,10 @@ import hashlib
 import json
 import os
 
+import earlyexit
+from earlyexit import backends, strategies
+from earlyexit.data.scenes import GENERATOR_VERSION, SceneConfig
+from earlyexit.models import embedded
 from earlyexit.util.files import write_json_atomically
 
 IGNORED_SOURCES = ("cli", "bench", "specs", "placement.py")  # commands, rendering, search: no effect on a cell
@@ -41,8 +45,6 @@ def _file_stamp(path: str) -> list:
 
 
 def model_fingerprint(model: str) -> str:
-    from earlyexit.models import embedded
-
     if model == embedded.NAME:
         folder = embedded.model_path()
         built = [_file_stamp(os.path.join(folder, f)) for f in sorted(os.listdir(folder))
@@ -62,7 +64,6 @@ def data_fingerprint(data: str) -> str:
     if name in ("scenes", "scenes-vqa"):
         import dataclasses
 
-        from earlyexit.data.scenes import GENERATOR_VERSION, SceneConfig
 
         return _digest([name, GENERATOR_VERSION, dataclasses.asdict(SceneConfig())])
     if not root or not os.path.isdir(root):
@@ -81,8 +82,6 @@ def code_fingerprint(*extra_files: str) -> str:
     import torch
     import transformers
 
-    import earlyexit
-    from earlyexit import backends, strategies
 
     digest = hashlib.sha256()
     roots = [os.path.dirname(earlyexit.__file__), *backends.__path__, *strategies.__path__]

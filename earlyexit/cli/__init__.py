@@ -18,8 +18,6 @@ import sys
 import traceback
 
 from earlyexit import __version__
-from earlyexit.errors import EarlyExitError
-from earlyexit.plugins.registry import one_line
 from earlyexit.cli.bench import BenchCommand
 from earlyexit.cli.build_tiny import BuildSmolCommand, BuildTinyCommand
 from earlyexit.cli.common import report_plugin_failures
@@ -28,6 +26,8 @@ from earlyexit.cli.generate import GenerateCommand
 from earlyexit.cli.listing import ListCommand, format_table
 from earlyexit.cli.run import RunCommand
 from earlyexit.cli.train import TrainCommand
+from earlyexit.errors import EarlyExitError
+from earlyexit.plugins.registry import one_line
 
 __all__ = ["main", "build_parser", "SUBCOMMANDS", "report_plugin_failures", "format_table"]
 

@@ -34,10 +34,10 @@ class BenchCommand:
         import os
 
         from earlyexit.bench import describe, execute, load_spec, render
-        from earlyexit.errors import ConfigError
-        from earlyexit.util.files import check_writable, write_json_atomically
-        from earlyexit.plugins.registry import get_registry
         from earlyexit.cli.common import device_options
+        from earlyexit.errors import ConfigError
+        from earlyexit.plugins.registry import get_registry
+        from earlyexit.util.files import check_writable, write_json_atomically
 
         if args.dry_run and args.render_only:
             raise ConfigError("--dry-run and --render-only exclude each other; pass one")
@@ -66,7 +66,7 @@ class BenchCommand:
         paths = render(spec, output, registry, command=command)
         if counts is not None:  # what this run cost, on what machine, how busy it was (wall clocks suffer)
             from earlyexit.bench import hardware
-            from earlyexit.evaluation.evaluate import provenance
+            from earlyexit.util.provenance import provenance
 
             summary = os.path.join(output, "bench.json")
             write_json_atomically(summary, {"command": command, "spec": spec.name, "cells": counts,

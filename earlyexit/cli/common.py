@@ -311,7 +311,9 @@ def load_model(registry, args):
     config = strategy_cls.Config(**overrides) if strategy_cls and not exits else None
     if args.decode == "speculative" and strategy_cls is None:
         raise ConfigError("--decode speculative drafts with a strategy's exits; pass --strategy")
-    backend = backend_cls.load(args.model, **placement)
+    from earlyexit.models.loading import load_backend  # lazy: torch-free --help and list
+
+    backend = load_backend(backend_cls, args.model, **placement)
     strategy = None
     if exits:
         from earlyexit.models.adapters import load_exits

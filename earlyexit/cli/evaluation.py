@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from earlyexit.errors import ConfigError
 from earlyexit.cli.common import (add_batch_size_argument, add_generation_arguments, add_json_file_argument,
-    add_model_arguments, add_vocabulary_arguments, draft_exit_index, load_model, positive_int, report_plugin_failures)
+                                  add_model_arguments, add_vocabulary_arguments, draft_exit_index, load_model,
+                                  positive_int, report_plugin_failures)
+from earlyexit.errors import ConfigError
 
 
 def format_report(result: dict) -> str:
@@ -63,14 +64,14 @@ class EvalCommand:
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
-        from earlyexit.data.registry import load_dataset
-        from earlyexit.training.deepspeed_config import launched_world_size
-        from earlyexit.evaluation.evaluate import (RANKING_TAKES_NO_EXIT_VOCABULARY, EvalSettings, evaluate,
-            process_group)
-        from earlyexit.util.files import check_writable, write_json_atomically
-        from earlyexit.plugins.registry import get_registry, notify
-
         from earlyexit.cli.common import device_options
+        from earlyexit.data.registry import load_dataset
+        from earlyexit.evaluation.common import RANKING_TAKES_NO_EXIT_VOCABULARY, EvalSettings
+        from earlyexit.evaluation.evaluate import evaluate
+        from earlyexit.plugins.registry import get_registry, notify
+        from earlyexit.training.deepspeed_config import launched_world_size
+        from earlyexit.util.files import check_writable, write_json_atomically
+        from earlyexit.util.ranks import process_group
 
         placement = device_options(args)  # a device or dtype this machine cannot run fails first
         if args.json:
@@ -99,7 +100,8 @@ class EvalCommand:
         backend, strategy, model = load_model(registry, args)
         exit_vocabulary = draft_vocabulary = None
         if args.exit_vocabulary or args.draft_vocabulary:
-            from earlyexit.pipeline.run import backbone_vocabularies, splits_for
+            from earlyexit.data.splits import splits_for
+            from earlyexit.pipeline.run import backbone_vocabularies
 
             source = splits_for(args.data)[0]  # the exit-training split: never the one scored
             exit_vocabulary, draft_vocabulary = backbone_vocabularies(

@@ -6,9 +6,9 @@ import argparse
 import json
 import sys
 
-from earlyexit.errors import ConfigError
 from earlyexit.cli.common import (add_generation_arguments, add_model_arguments, draft_exit_index, load_model,
-    open_image, report_plugin_failures)
+                                  open_image, report_plugin_failures)
+from earlyexit.errors import ConfigError
 
 
 def describe_tokens(tokenizer, token_ids: list[int], exit_layers: list[int]) -> list[dict]:
@@ -56,7 +56,7 @@ def print_generation(args, backend, strategy, model, image) -> int:
 
     inputs = backend.prepare_inputs([image], [args.prompt])
     if args.decode == "speculative":
-        from earlyexit.evaluation.evaluate import count_tokens
+        from earlyexit.core.generation import count_tokens
         from earlyexit.core.speculative import DEFAULT_DRAFT_LENGTH, SelfSpeculativeDecoder, speculative_summary
 
         if args.num_beams > 1:

@@ -58,15 +58,17 @@ class ListCommand:
 
 def with_parameter_counts(registry, entries: list[dict], spec: str) -> list[dict]:
     """`entries` with each strategy's knob, default exits and parameter counts on BACKEND:MODEL."""
-    from earlyexit.errors import ConfigError
-    from earlyexit.core.param_counts import strategy_parameter_counts
     from earlyexit.cli.common import quiet_transformers
+    from earlyexit.core.param_counts import strategy_parameter_counts
+    from earlyexit.errors import ConfigError
 
     backend_name, sep, model = spec.partition(":")
     if not sep or not model:
         raise ConfigError(f"--params {spec!r}: give BACKEND:MODEL, e.g. --params blip2-opt:tiny")
     quiet_transformers()
-    backend = registry.backend(backend_name).load(model)
+    from earlyexit.models.loading import load_backend  # lazy: torch-free --help and list
+
+    backend = load_backend(registry.backend(backend_name), model)
     counts = {row["strategy"]: row for row in strategy_parameter_counts(registry, backend)}
     return [{**entry, **{k: v for k, v in counts.get(entry["name"], {}).items() if k != "strategy"}}
             if entry["kind"] == "strategy" else entry for entry in entries]

@@ -6,12 +6,14 @@ import argparse
 import shlex
 import sys
 
-from earlyexit.errors import ConfigError
 from earlyexit.cli.common import (add_backend_argument, add_batch_size_argument, add_device_arguments,
-    add_draft_arguments, add_exit_layers_argument, device_options, add_gate_mode_argument, add_generation_arguments,
-    add_json_file_argument, add_kv_policy_argument, add_model_argument, add_option_argument, add_output_argument,
-    add_strategy_argument, add_threshold_argument, add_vocabulary_arguments, build_strategy_config, parse_float_list,
-    positive_int, quiet_transformers, report_plugin_failures)
+                                  add_draft_arguments, add_exit_layers_argument, add_gate_mode_argument,
+                                  add_generation_arguments, add_json_file_argument, add_kv_policy_argument,
+                                  add_model_argument, add_option_argument, add_output_argument, add_strategy_argument,
+                                  add_threshold_argument, add_vocabulary_arguments, build_strategy_config,
+                                  device_options, parse_float_list, positive_int, quiet_transformers,
+                                  report_plugin_failures)
+from earlyexit.errors import ConfigError
 
 COLORS = ("\033[32m", "\033[36m", "\033[33m", "\033[35m", "\033[31m")  # early ... late
 RESET = "\033[0m"
@@ -169,9 +171,9 @@ class RunCommand:
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
-        from earlyexit.util.files import check_writable, write_json_atomically
-        from earlyexit.plugins.registry import get_registry
         from earlyexit.pipeline.run import RunSettings, check_settings, run
+        from earlyexit.plugins.registry import get_registry
+        from earlyexit.util.files import check_writable, write_json_atomically
 
         if args.data.partition(":")[0] == "visdial":  # ranked, not generated: what decoding options mean nothing
             if args.num_beams > 1:

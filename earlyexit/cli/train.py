@@ -6,8 +6,8 @@ import argparse
 import os
 
 from earlyexit.cli.common import (add_backend_argument, add_batch_size_argument, add_device_arguments,
-    add_model_argument, add_output_argument, device_options, non_negative_int, positive_int, quiet_transformers,
-    report_plugin_failures)
+                                  add_model_argument, add_output_argument, device_options, non_negative_int,
+                                  positive_int, quiet_transformers, report_plugin_failures)
 
 
 def save_model_atomically(backend, final: str) -> None:
@@ -48,13 +48,13 @@ class TrainCommand:
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
-        from earlyexit.training.batching import TrainingBatches, language_model_step
         from earlyexit.data.registry import load_dataset
-        from earlyexit.training.deepspeed_config import config_from_arguments, is_main_process
-        from earlyexit.training.deepspeed import DeepSpeedEngine
-        from earlyexit.util.files import check_writable
         from earlyexit.plugins.registry import get_registry, notify
+        from earlyexit.training.batching import TrainingBatches, language_model_step
+        from earlyexit.training.deepspeed import DeepSpeedEngine
+        from earlyexit.training.deepspeed_config import config_from_arguments, is_main_process
         from earlyexit.training.loop import TrainConfig, latest_checkpoint, train
+        from earlyexit.util.files import check_writable
 
         placement = device_options(args)  # a device or dtype this machine cannot run fails first
         check_writable(args.output, folder=True)
@@ -67,7 +67,9 @@ class TrainCommand:
         report_plugin_failures(registry)
         datasets = [load_dataset(spec, args.split) for spec in args.data]
         quiet_transformers()
-        backend = registry.backend(args.backend).load(args.model, **placement)
+        from earlyexit.models.loading import load_backend  # lazy: torch-free --help and list
+
+        backend = load_backend(registry.backend(args.backend), args.model, **placement)
         if args.freeze_vision:
             for parameter in backend.model.vision_model.parameters():
                 parameter.requires_grad_(False)

@@ -182,7 +182,7 @@ class Trace:
             layer = steps[t].exit_layer.cpu()
             valid = rows >= 0
             exit_layers[valid, t] = layer[rows[valid]]
-        exit_layers[_after_end(new_tokens[:, :length].cpu(), eos_token_id)] = -1
+        exit_layers[after_end(new_tokens[:, :length].cpu(), eos_token_id)] = -1
         return cls(exit_layers=exit_layers, steps=steps[:length], num_layers=num_layers)
 
     def tokens(self):
@@ -199,7 +199,7 @@ class Trace:
         return dict(sorted(Counter(k for _, _, k in self.tokens()).items()))
 
 
-def _after_end(tokens: torch.Tensor, eos_token_id) -> torch.Tensor:
+def after_end(tokens: torch.Tensor, eos_token_id) -> torch.Tensor:
     """True for positions after the first end-of-sequence token of each row."""
     if eos_token_id is None:
         return torch.zeros_like(tokens, dtype=torch.bool)

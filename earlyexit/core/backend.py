@@ -13,17 +13,6 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 
-def hub_offline() -> bool:
-    """Whether the user asked for offline mode (read at call time, unlike huggingface_hub's
-    import-time constant), so loading never waits on network retries then."""
-    import os
-
-    from huggingface_hub import constants
-
-    flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("TRANSFORMERS_OFFLINE", ""))
-    return constants.HF_HUB_OFFLINE or any(f.lower() in ("1", "true", "yes", "on") for f in flags)
-
-
 class Backend:
     """One model family. Subclasses set `name` and `description` and implement the methods below.
 
@@ -35,7 +24,7 @@ class Backend:
     description: ClassVar[str] = ""
 
     def __init__(self, model: Any, processor: Any = None):
-        from earlyexit.core import kernels
+        from earlyexit.core import kernels  # lazy: the contract imports no torch
 
         self.model = model
         self.processor = processor
@@ -46,16 +35,15 @@ class Backend:
 
     @classmethod
     def load(cls, name_or_path: str, device: str | None = None, dtype: str | None = None) -> Backend:
-        """`from_pretrained`, an embedded model by name (`tiny`, `smol`: its own backend only,
-        built on first use), or, for the name `tiny-random`, an untrained 12-layer model built in
-        memory (no download, no weights: for trying commands and measuring cost, not quality).
-        `device` (cpu, cuda, cuda:N, mps) and `dtype` (float32, bfloat16, float16) default to the
-        CPU in float32 here (the CLI's defaults pick a GPU when there is one); a value this machine
-        cannot run is a ConfigError before anything loads."""
-        from earlyexit.models import embedded
-        from earlyexit.util.devices import resolve_device, resolve_dtype
+        """`from_pretrained` on a folder or hub id or, for the name `tiny-random`, an untrained
+        12-layer model built in memory (no download, no weights: for trying commands and measuring
+        cost, not quality). The embedded models (`tiny`, `smol`) are resolved a layer up
+        (`earlyexit.models.loading.load_backend`). `device` (cpu, cuda, cuda:N, mps) and `dtype`
+        (float32, bfloat16, float16) default to the CPU in float32 here (the CLI's defaults pick a
+        GPU when there is one); a value this machine cannot run is a ConfigError before anything
+        loads."""
+        from earlyexit.util.devices import resolve_device, resolve_dtype  # lazy: the contract imports no torch
 
-        name_or_path = embedded.resolve(name_or_path, cls.name)  # `tiny`, `smol`: built on first use
         device = resolve_device(device or "cpu")
         dtype = resolve_dtype(dtype or "float32", device)
         if name_or_path == cls.TINY_RANDOM:
@@ -211,7 +199,7 @@ class Backend:
         head = self.language_model.lm_head
         if vocabulary is None:
             return head(self.pre_head(hidden))
-        from earlyexit.core.kernels import linear
+        from earlyexit.core.kernels import linear  # lazy: the contract imports no torch
 
         rows = self._head_rows(vocabulary)
         bias = None if head.bias is None else head.bias[vocabulary]

@@ -38,11 +38,11 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from earlyexit.core import kernels
-from earlyexit.core.accounting import ExitVisit, StepRecord
+from earlyexit.core.accounting import ExitVisit, StepRecord, Trace
 from earlyexit.core.backend import Backend
 from earlyexit.core.cache import EarlyExitCache, WritePlan
-from earlyexit.errors import ConfigError
 from earlyexit.core.strategy import ExitView, StepContext, Strategy
+from earlyexit.errors import ConfigError
 
 KV_POLICIES = ("catchup", "propagate", "skip")
 STACKED_KV_BYTES = 8 << 20  # propagate through one stacked K/V projection up to this size
@@ -154,8 +154,6 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
     def shares_head(self, exit_index: int) -> bool:
         """Whether the exit reads out through the backbone's shared head, the only read-out a
         vocabulary can restrict (a strategy's own read-out or `exit_logits` is left as it is)."""
-        from earlyexit.core.strategy import Strategy
-
         strategy = self.strategy
         return strategy.exit_readout(exit_index) is None and type(strategy).exit_logits is Strategy.exit_logits
 
@@ -220,8 +218,6 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
         Sequences read the same for every family: the prompt's ids, then the generated tokens (an
         encoder–decoder backbone's decoder start token is left out; its prompt went through the
         encoder)."""
-        from earlyexit.core.accounting import Trace
-
         vision = {k: kwargs.pop(k) for k in self.backend.vision_input_names if k in kwargs}
         first = input_ids if input_ids is not None else inputs_embeds
         beams = kwargs.get("num_beams") or self.generation_config.num_beams or 1
@@ -248,7 +244,7 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
         if self.encoder_decoder:  # transformers runs the encoder once over the prompt (as the backbone's generate)
             out = super().generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache, **kwargs)
             new_tokens = out.sequences[:, 1:]  # after the decoder's start token
-            out.sequences = _behind_prompt(input_ids, new_tokens) if input_ids is not None else new_tokens
+            out.sequences = behind_prompt(input_ids, new_tokens) if input_ids is not None else new_tokens
         else:
             out = super().generate(
                 input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache, **kwargs
@@ -311,7 +307,7 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(logits=logits if logits.dim() == 3 else logits.unsqueeze(1), cache=cache)
 
 
-def _behind_prompt(input_ids: torch.Tensor, new_tokens: torch.Tensor) -> torch.Tensor:
+def behind_prompt(input_ids: torch.Tensor, new_tokens: torch.Tensor) -> torch.Tensor:
     """The prompt's ids (repeated when several sequences return per prompt), then `new_tokens`."""
     repeats = new_tokens.shape[0] // input_ids.shape[0]
     return torch.cat([input_ids.repeat_interleave(repeats, 0), new_tokens], 1)

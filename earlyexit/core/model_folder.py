@@ -12,7 +12,7 @@ import json
 import os
 import struct
 
-from earlyexit.errors import CheckpointError, ConfigError
+from earlyexit.errors import CheckpointError, ConfigError, ModelNotAvailableError
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 WEIGHT_FILES = ("model.safetensors", SAFETENSORS_INDEX, "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -137,8 +137,6 @@ def load_checkpoint(name_or_path: str, model_type: str, text_type: str, family: 
     import torch
     from transformers import AutoConfig
 
-    from earlyexit.core.backend import hub_offline
-    from earlyexit.errors import ModelNotAvailableError
 
     local = is_local_model(name_or_path)  # a folder checked for completeness, or a hub id
     if local:
@@ -171,3 +169,14 @@ def load_checkpoint(name_or_path: str, model_type: str, text_type: str, family: 
         raise ModelNotAvailableError(f"{name_or_path}: the processor (tokenizer and image processor) could not be "
                                      f"loaded ({first_line(error)})") from error
     return model, processor, name_or_path
+
+
+def hub_offline() -> bool:
+    """Whether the user asked for offline mode (read at call time, unlike huggingface_hub's
+    import-time constant), so loading never waits on network retries then."""
+    import os
+
+    from huggingface_hub import constants
+
+    flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("TRANSFORMERS_OFFLINE", ""))
+    return constants.HF_HUB_OFFLINE or any(f.lower() in ("1", "true", "yes", "on") for f in flags)

@@ -24,8 +24,9 @@ import time
 
 import torch
 
+from earlyexit.core.engine import check_context
+from earlyexit.core.generation import unpadded_rows
 from earlyexit.errors import ConfigError
-
 
 DEFAULT_DRAFT_LENGTH = 4
 DRAFT_LENGTHS = (1, 2, 3, 4)  # what `run` tries on dev when --draft-length is not given
@@ -92,8 +93,6 @@ class SelfSpeculativeDecoder:
                  **unused) -> torch.Tensor:
         """(rows, prompt + generated) like `generate`; rows shorter than the longest are padded.
         The backend's other vision inputs (`Backend.vision_input_names`) come as keywords too."""
-        from earlyexit.core.engine import check_context
-
         vision = self.model.backend.vision_inputs(unused)
         check_context(self.model.backend, input_ids.shape[1], max_new_tokens)
         rows = input_ids.shape[0]
@@ -102,7 +101,6 @@ class SelfSpeculativeDecoder:
         pad = self.model.generation_config.pad_token_id
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        from earlyexit.evaluation.evaluate import unpadded_rows
 
         batch = {"pixel_values": pixel_values, "input_ids": input_ids, "attention_mask": attention_mask, **vision}
         for row in unpadded_rows(batch):

@@ -237,7 +237,7 @@ class Strategy:
     def training_data(self, dataset, progress: bool = True):
         """The data set this strategy trains on, built from the exit-training split (default:
         every reference caption is one item). FREE's distillation and CapFilt modes override it."""
-        from earlyexit.training.exits import one_caption_per_sample
+        from earlyexit.data.prompts import one_caption_per_sample
 
         return one_caption_per_sample(dataset) if dataset.task == "caption" else dataset
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+from earlyexit.data.images import read_image
+
 TASKS = ("caption", "vqa", "dialog")
 
 
@@ -61,8 +63,6 @@ def image_from_file(path: str) -> Callable[[], Any]:
     file holds; a missing, unreadable, corrupt or decompression-bomb file raises DataError."""
 
     def load():
-        from earlyexit.data.images import read_image
-
         return read_image(path, fix="check the data set's image folder or remove the file from its annotations")
 
     return load

@@ -10,8 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from earlyexit.errors import ConfigError, DataError
 from earlyexit.data import Dataset, Sample, image_from_file
+from earlyexit.errors import ConfigError, DataError
 
 # JSON's own names, so messages read like the file rather than like Python
 _TYPE_NAMES = {dict: "object", list: "list", str: "string", int: "integer", float: "number",

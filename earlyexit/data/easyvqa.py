@@ -9,9 +9,9 @@ from __future__ import annotations
 import math
 import random
 
-from earlyexit.errors import DataError
 from earlyexit.data import Dataset, Sample, image_from_file
 from earlyexit.data.coco import check_split
+from earlyexit.errors import DataError
 
 VAL_FRACTION = 0.1
 _VAL_SEED = 20240101  # fixed: the split must be identical on every machine and run

@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import os
 
-from earlyexit.errors import ConfigError, DataError
 from earlyexit.data import Dataset
+from earlyexit.data.coco import load_karpathy, load_nocaps
+from earlyexit.data.easyvqa import load_easy_vqa
+from earlyexit.data.scenes import load_scenes
+from earlyexit.data.visdial import load_visdial
+from earlyexit.data.vqa import load_gqa, load_okvqa, load_vizwiz, load_vqav2
+from earlyexit.errors import ConfigError, DataError
 
 EMBEDDED = {
     "scenes": "procedural scenes, 5 captions per image (embedded, offline)",
@@ -53,10 +58,7 @@ def load_dataset(spec: str, split: str) -> Dataset:
 
 def _embedded(name: str, split: str) -> Dataset:
     if name == "easy-vqa":
-        from earlyexit.data.easyvqa import load_easy_vqa
-
         return load_easy_vqa(split)
-    from earlyexit.data.scenes import load_scenes
 
     return load_scenes(split, task="vqa" if name == "scenes-vqa" else "caption")
 
@@ -64,19 +66,13 @@ def _embedded(name: str, split: str) -> Dataset:
 def _official(name: str, root: str, split: str) -> Dataset:
     join = os.path.join
     if name in ("coco", "flickr30k"):
-        from earlyexit.data.coco import load_karpathy
-
         json_file = "dataset_coco.json" if name == "coco" else "dataset_flickr30k.json"
         images = root if name == "coco" else join(root, "flickr30k-images")
         return load_karpathy(join(root, json_file), images, split)
     if name == "nocaps":
-        from earlyexit.data.coco import load_nocaps
-
         json_file = "nocaps_val_4500_captions.json" if split == "val" else "nocaps_test_image_info.json"
         return load_nocaps(join(root, json_file), join(root, split), split)
     if name in ("vqav2", "okvqa"):
-        from earlyexit.data.vqa import load_okvqa, load_vqav2
-
         sub = COCO_SUBTYPES.get(split, split)
         annotations = f"v2_mscoco_{sub}_annotations.json" if name == "vqav2" else f"mscoco_{sub}_annotations.json"
         questions = (f"v2_OpenEnded_mscoco_{sub}_questions.json" if name == "vqav2"
@@ -86,13 +82,8 @@ def _official(name: str, root: str, split: str) -> Dataset:
         return loader(join(root, questions), annotations_path if os.path.exists(annotations_path) else None,
                       join(root, sub), split)
     if name == "vizwiz":
-        from earlyexit.data.vqa import load_vizwiz
-
         return load_vizwiz(join(root, "Annotations", f"{split}.json"), join(root, split), split)
     if name == "gqa":
-        from earlyexit.data.vqa import load_gqa
-
         return load_gqa(join(root, f"{split}_balanced_questions.json"), join(root, "images"), split)
-    from earlyexit.data.visdial import load_visdial
 
     return load_visdial(join(root, f"visdial_1.0_{split}.json"), join(root, f"VisualDialog_{split}2018"), split)

@@ -27,9 +27,9 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, ImageDraw
 
+from earlyexit.data import Dataset, Sample
 from earlyexit.errors import ConfigError, DataError
 from earlyexit.util.files import atomic_write
-from earlyexit.data import Dataset, Sample
 
 GENERATOR_VERSION = 2  # bump whenever a change alters pixels or texts: old caches are then ignored
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from earlyexit.errors import ConfigError, DataError
 from earlyexit.data import Dataset, Sample, image_from_file
 from earlyexit.data.coco import JsonFile, check_split, require_folder
+from earlyexit.errors import ConfigError, DataError
 
 # train uses COCO's own images (train2014 and val2014); val and test ship VisDial files
 DEFAULT_IMAGE_PATTERNS = {

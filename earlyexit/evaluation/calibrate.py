@@ -23,7 +23,9 @@ import dataclasses
 import math
 import os
 
+from earlyexit.core.gates import COSINE_GRID
 from earlyexit.errors import ConfigError
+from earlyexit.evaluation.evaluate import evaluate
 from earlyexit.util.files import atomic_write, save_figure
 
 PAPER_GRID = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -76,8 +78,6 @@ class Knob:
             self.strategy.set_knob(value)
 
     def default_grid(self) -> tuple:
-        from earlyexit.core.gates import COSINE_GRID
-
         if self.on_gate:
             return COSINE_GRID if self.gate.kind == "cosine" else PAPER_GRID
         return self.strategy.calibration_grid()
@@ -90,7 +90,6 @@ def sweep(backend, strategy, dataset, settings, grid=None, kv_policy: str = "cat
     gate)`'s, over its default grid unless `grid` is given. `exit_vocabulary`: as `evaluate`'s."""
     from tqdm.auto import tqdm
 
-    from earlyexit.evaluation.evaluate import evaluate
 
     settings = dataclasses.replace(settings, measure_wall=measure_wall, progress=False, quick_metrics=True)
     metric = main_metric(dataset.task)

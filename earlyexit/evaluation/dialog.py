@@ -17,35 +17,17 @@ import time
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from earlyexit.core.accounting import CostModel, summarize
+from earlyexit.core.engine import EarlyExitForCausalLM
+from earlyexit.data.prompts import fitting_prompt, longest_option
 from earlyexit.errors import ConfigError
+from earlyexit.evaluation.common import add_noise, run_config, wall_clock
+from earlyexit.metrics.dialog import dialog_scores, rank_of_ground_truth
+from earlyexit.util.progress import progress_bar
+from earlyexit.util.provenance import provenance
+from earlyexit.util.ranks import process_group, shared_from_main
 
 OPTION_ROWS = 100  # options scored in one batch (VisDial has 100 per round)
-
-
-def dialog_prompt(sample, rounds: int | None = None) -> str:
-    """The prompt of a VisDial round with the last `rounds` rounds of history (all when None)."""
-    history = sample.extra.get("history", [])
-    if rounds is not None:
-        history = history[len(history) - rounds:] if rounds else []
-    caption = sample.extra.get("caption", "").strip().rstrip(".")
-    parts = [f"{caption}." if caption else ""]
-    parts += [f"Question: {question} Answer: {answer}." for question, answer in history]
-    parts.append(f"Question: {sample.question} Answer:")
-    return " ".join(part for part in parts if part)
-
-
-def fitting_prompt(backend, sample, longest_option: int) -> str:
-    """The round's prompt with as much recent history as the model's context leaves room for."""
-    tokenizer = backend.processor.tokenizer
-    limit = getattr(backend.text_config, "max_position_embeddings", None)
-    image_tokens = getattr(backend.model.config, "num_query_tokens", 0)
-    history = len(sample.extra.get("history", []))
-    for rounds in range(history, -1, -1):
-        prompt = dialog_prompt(sample, rounds)
-        if not limit or image_tokens + len(tokenizer(prompt)["input_ids"]) + longest_option <= limit:
-            return prompt
-    raise ConfigError(f"VisDial round {sample.id}: its question and longest answer option do not fit the model's "
-                      f"context of {limit} positions; use a model with a longer context")
 
 
 class ForcedOptions(LogitsProcessor):
@@ -103,11 +85,6 @@ def option_scores(generate, backend, image, prompt: str, options: list[str], on_
     return scores, work
 
 
-def longest_option(backend, options: list[str]) -> int:
-    tokenizer = backend.processor.tokenizer
-    return 1 + max((len(tokenizer(" " + o, add_special_tokens=False)["input_ids"]) for o in options), default=0)
-
-
 def check_dialog_data(dataset, settings, decode: str) -> None:
     """Refuse, before any work, what ranking cannot do."""
     if any(s.extra.get("gt_index") is None for s in dataset):
@@ -125,12 +102,6 @@ def evaluate_dialog(backend, strategy, dataset, settings, kv_policy: str = "catc
     R@1/5/10 and mean rank, with the three speed-ups of the forced decoding (None on ranks > 0)."""
     import dataclasses
 
-    from earlyexit.core.accounting import CostModel, summarize
-    from earlyexit.core.engine import EarlyExitForCausalLM
-    from earlyexit.evaluation.evaluate import (add_noise, process_group, provenance, run_config, shared_from_main,
-        wall_clock)
-    from earlyexit.metrics.dialog import dialog_scores, rank_of_ground_truth
-    from earlyexit.util.progress import progress_bar
 
     check_dialog_data(dataset, settings, decode)
     dataset = full_dataset = dataset.subset(settings.limit)

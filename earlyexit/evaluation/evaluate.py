@@ -9,138 +9,37 @@ process: time per generated token of each side, end to end and for the decode ph
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import math
-import os
-import platform
-import subprocess
-import time
 
-import numpy as np
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
 
 from earlyexit.core.accounting import CostModel, summarize
-from earlyexit.training.batching import prompt_for
-from earlyexit.data import Dataset
 from earlyexit.core.engine import EarlyExitForCausalLM
+from earlyexit.core.generation import count_tokens, decode_new_tokens, timed, unpadded_rows
+from earlyexit.core.speculative import (DEFAULT_DRAFT_LENGTH, SelfSpeculativeDecoder, speculative_summary,
+                                        token_vocabulary)
+from earlyexit.data import Dataset
+from earlyexit.data.prompts import prompt_for
 from earlyexit.errors import ConfigError
-
-DECODES = ("early-exit", "speculative")
-
-
-@dataclasses.dataclass
-class EvalSettings:
-    batch_size: int = 16
-    num_beams: int = 1
-    max_new_tokens: int = 20
-    noise: float = 0.0  # standard deviation of Gaussian pixel noise, images scaled to [0, 1]
-    limit: int | None = None  # evaluate the first N samples only
-    measure_wall: bool = True  # time the plain backbone too (doubles the work)
-    seed: int = 0
-    progress: bool = True
-    quick_metrics: bool = False  # captions: CIDEr only (no METEOR start-up), for calibration sweeps
-
-    def __post_init__(self):
-        if self.batch_size < 1 or self.num_beams < 1 or self.max_new_tokens < 1:
-            raise ConfigError("batch size, beams and max new tokens must be positive integers")
-        if not math.isfinite(self.noise) or self.noise < 0:
-            raise ConfigError(f"--noise is a standard deviation and must be >= 0 (got {self.noise})")
-
-
-def add_noise(image, sigma: float, seed: int):
-    """The image with N(0, sigma^2) noise on its [0, 1]-scaled pixels, clipped (deterministic per seed)."""
-    from PIL import Image
-
-    if sigma == 0:
-        return image
-    pixels = np.asarray(image, dtype=np.float32) / 255.0
-    pixels = pixels + np.random.default_rng(seed).normal(0.0, sigma, pixels.shape)
-    return Image.fromarray((np.clip(pixels, 0.0, 1.0) * 255.0).round().astype(np.uint8))
-
-
-def decode_new_tokens(backend, sequences: torch.Tensor, prompt_length: int) -> list[str]:
-    texts = backend.processor.tokenizer.batch_decode(sequences[:, prompt_length:], skip_special_tokens=True)
-    return [text.strip() for text in texts]
+from earlyexit.evaluation.common import (DECODES, RANKING_TAKES_NO_EXIT_VOCABULARY, EvalSettings, add_noise, add_side,
+                                         run_config, wall_clock)
+from earlyexit.evaluation.dialog import evaluate_dialog
+from earlyexit.metrics.caption import caption_scores, cider_per_item
+from earlyexit.metrics.vqa import vqa_scores
+from earlyexit.util.progress import progress_bar
+from earlyexit.util.provenance import provenance
+from earlyexit.util.ranks import process_group, shared_from_main
 
 
 def score(dataset: Dataset, predictions: dict[str, str], quick: bool = False) -> dict:
     if dataset.task == "caption":
-        from earlyexit.metrics.caption import caption_scores, cider_per_item
-
         references = {s.id: s.captions for s in dataset if s.id in predictions}
         if quick:
             per_item = cider_per_item(predictions, references)
             return {"CIDEr": sum(per_item.values()) / len(per_item)}
         return caption_scores(predictions, references)
     if dataset.task == "vqa":
-        from earlyexit.metrics.vqa import vqa_scores
-
         return vqa_scores(predictions, {s.id: s.answers for s in dataset if s.id in predictions})
     raise ConfigError(f"{dataset.name} is a {dataset.task} data set; eval scores caption and vqa data sets")
-
-
-class _FirstCall(LogitsProcessor):
-    """Notes the time of the first logits-processor call: the end of the prompt pass."""
-
-    def __init__(self):
-        self.at = None
-
-    def __call__(self, input_ids, scores):
-        if self.at is None:
-            self.at = time.perf_counter()
-        return scores
-
-
-def _timed(generate_fn, inputs, settings_kwargs):
-    """(sequences, total seconds, prompt-pass seconds or None when the generator calls no
-    logits processor) of one generation."""
-    stamp = _FirstCall()
-    began = time.perf_counter()
-    sequences = generate_fn(**inputs, **settings_kwargs, logits_processor=LogitsProcessorList([stamp]))
-    ended = time.perf_counter()
-    return sequences, ended - began, (stamp.at - began) if stamp.at is not None else None
-
-
-def unpadded_rows(inputs: dict):
-    """Each row of a left-padded batch as a batch of one without its padding; the other inputs
-    (`pixel_values`, a family's other vision inputs) travel as that row of theirs."""
-    for r in range(inputs["input_ids"].shape[0]):
-        keep = inputs["attention_mask"][r].bool()
-        row = {k: v[r:r + 1] for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
-        yield {**row, "input_ids": inputs["input_ids"][r:r + 1, keep],
-               "attention_mask": inputs["attention_mask"][r:r + 1, keep]}
-
-
-def count_tokens(sequences: torch.Tensor, prompt_length: int, eos_token_id) -> int:
-    """Generated tokens up to and including each row's first end-of-sequence."""
-    from earlyexit.core.accounting import _after_end
-
-    new = sequences[:, prompt_length:].cpu()
-    return int((~_after_end(new, eos_token_id)).sum())
-
-
-def wall_clock(early: dict, full: dict | None) -> dict:
-    """Per generated token of each side (the two may generate different lengths): end to end,
-    and for the decode phase (everything after the prompt pass)."""
-    def per_token(side):
-        return {"seconds": side["seconds"], "prompt_seconds": side["prompt_seconds"], "tokens": side["tokens"],
-                "tokens_per_s": side["tokens"] / side["seconds"] if side["seconds"] else float("nan"),
-                "per_token_s": side["seconds"] / side["tokens"] if side["tokens"] else float("nan"),
-                "decode_per_token_s": (side["seconds"] - side["prompt_seconds"]) / (side["tokens"] - side["rows"])
-                if side["tokens"] > side["rows"] else float("nan")}
-
-    result = {"early_exit": per_token(early)}
-    if full is not None:
-        result["full"] = per_token(full)
-        result["wall_speedup"] = result["full"]["per_token_s"] / result["early_exit"]["per_token_s"]
-        result["decode_wall_speedup"] = result["full"]["decode_per_token_s"] / result["early_exit"]["decode_per_token_s"]
-        result["prompt_pass_ratio"] = full["prompt_seconds"] / early["prompt_seconds"] if early["prompt_seconds"] else None
-    return result
-
-
-RANKING_TAKES_NO_EXIT_VOCABULARY = ("--exit-vocabulary restricts generated tokens; VisDial ranks candidate answers "
-                                    "over the whole vocabulary: drop it")
 
 
 def evaluate(backend, strategy, dataset: Dataset, settings: EvalSettings, kv_policy: str = "catchup",
@@ -152,12 +51,9 @@ def evaluate(backend, strategy, dataset: Dataset, settings: EvalSettings, kv_pol
     decodes with self-speculative decoding over the strategy's exits (greedy).
     `exit_vocabulary` (token ids): exits that share the backbone's head decide and emit over
     those tokens only (the final layer reads them all)."""
-    from earlyexit.util.progress import progress_bar
-
     if dataset.task == "dialog":  # ranked, not generated
         if exit_vocabulary is not None:
             raise ConfigError(RANKING_TAKES_NO_EXIT_VOCABULARY)
-        from earlyexit.evaluation.dialog import evaluate_dialog
 
         return evaluate_dialog(backend, strategy, dataset, settings, kv_policy=kv_policy, gate=gate, decode=decode,
                                on_batch=on_batch)
@@ -175,13 +71,9 @@ def evaluate(backend, strategy, dataset: Dataset, settings: EvalSettings, kv_pol
         dataset = dataclasses.replace(dataset, samples=dataset.samples[rank::world])
     model = EarlyExitForCausalLM(backend, strategy, kv_policy=kv_policy, gate=gate)
     if exit_vocabulary is not None and strategy is not None:
-        from earlyexit.core.speculative import token_vocabulary
-
         model.exit_vocabulary = token_vocabulary(model, exit_vocabulary, "exit")
     decoder = None
     if speculative:
-        from earlyexit.core.speculative import DEFAULT_DRAFT_LENGTH, SelfSpeculativeDecoder
-
         decoder = SelfSpeculativeDecoder(model, draft_exit=draft_exit, draft_length=draft_length or DEFAULT_DRAFT_LENGTH,
                                          draft_vocabulary=draft_vocabulary)
     generate = dict(max_new_tokens=settings.max_new_tokens, num_beams=settings.num_beams, do_sample=False)
@@ -199,19 +91,19 @@ def evaluate(backend, strategy, dataset: Dataset, settings: EvalSettings, kv_pol
             prompt_length = inputs["input_ids"].shape[1]
             with torch.no_grad():
                 if decoder is not None:
-                    sequences, seconds, _ = _timed(decoder.generate, inputs,
+                    sequences, seconds, _ = timed(decoder.generate, inputs,
                                                    {"max_new_tokens": settings.max_new_tokens})
                     prompt = decoder.last_prompt_seconds  # it times its own prompt passes
                 else:
-                    sequences, seconds, prompt = _timed(model.generate, inputs, generate)
-                _add(sides["early"], seconds, prompt, count_tokens(sequences, prompt_length, eos), len(batch))
+                    sequences, seconds, prompt = timed(model.generate, inputs, generate)
+                add_side(sides["early"], seconds, prompt, count_tokens(sequences, prompt_length, eos), len(batch))
                 if timing_full and decoder is None:
-                    plain, seconds, prompt = _timed(backend.plain_generate, inputs, generate)
-                    _add(sides["full"], seconds, prompt, count_tokens(plain, prompt_length, eos), len(batch))
+                    plain, seconds, prompt = timed(backend.plain_generate, inputs, generate)
+                    add_side(sides["full"], seconds, prompt, count_tokens(plain, prompt_length, eos), len(batch))
                 elif timing_full:  # speculative decoding runs rows one at a time: so does its reference
                     for row in unpadded_rows(inputs):
-                        plain, seconds, prompt = _timed(backend.plain_generate, row, generate)
-                        _add(sides["full"], seconds, prompt, count_tokens(plain, row["input_ids"].shape[1], eos), 1)
+                        plain, seconds, prompt = timed(backend.plain_generate, row, generate)
+                        add_side(sides["full"], seconds, prompt, count_tokens(plain, row["input_ids"].shape[1], eos), 1)
             texts = decode_new_tokens(backend, sequences, prompt_length)
             if decoder is not None:
                 records.extend(decoder.last_records)
@@ -250,8 +142,6 @@ def evaluate(backend, strategy, dataset: Dataset, settings: EvalSettings, kv_pol
 
     costs = CostModel.for_model(model)
     if decoder is not None:
-        from earlyexit.core.speculative import speculative_summary
-
         layers = [k for row in layers_by_id.values() for k in row]
         speed = {"tokens": len(layers), "mean_exit_layer": float(backend.num_layers),
                  "exit_layer_histogram": {backend.num_layers: len(layers)}, "param_speedup": 1.0,
@@ -287,53 +177,3 @@ def evaluate(backend, strategy, dataset: Dataset, settings: EvalSettings, kv_pol
     }, world)
 
 
-def shared_from_main(result, world: int):
-    """Rank 0's result on every rank (rank 0 gathers and scores; the others pass None), so that
-    a multi-process `run` goes on in step: every rank then calibrates and evaluates alike."""
-    if world > 1:
-        box = [result]
-        torch.distributed.broadcast_object_list(box, src=0)
-        return box[0]
-    return result
-
-
-def run_config(backend, strategy, dataset, settings, kv_policy: str, gate, decode: str) -> dict:
-    """What an evaluation ran with, as its report records it."""
-    return {"backend": backend.name, "strategy": strategy.name if strategy else None,
-            "strategy_config": strategy.config.to_dict() if strategy else None,
-            "exit_layers": strategy.exit_layers if strategy else [], "kv_policy": kv_policy,
-            "gate": gate.kind if gate is not None else None,
-            "gate_threshold": gate.threshold if gate is not None else None, "decode": decode,
-            "data": dataset.name, "split": dataset.split, "samples": len(dataset),
-            "settings": dataclasses.asdict(settings)}
-
-
-def _add(side: dict, seconds: float, prompt: float, tokens: int, rows: int) -> None:
-    side["seconds"] += seconds
-    side["prompt_seconds"] += prompt
-    side["tokens"] += tokens
-    side["rows"] += rows
-
-
-def process_group() -> tuple[int, int]:
-    """(rank, world size) when launched with several processes, else (0, 1)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def provenance() -> dict:
-    import transformers
-
-    from earlyexit import __version__
-
-    try:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        revision = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                                  timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        revision = None
-    return {"earlyexit": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), "git_revision": revision,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "threads": torch.get_num_threads()}

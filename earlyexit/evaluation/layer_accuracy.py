@@ -13,8 +13,8 @@ from typing import Callable
 
 import torch
 
-from earlyexit.training.batching import TrainingBatches, target_for
 from earlyexit.data import Dataset
+from earlyexit.training.features import teacher_forced_features
 
 
 @torch.no_grad()
@@ -38,22 +38,6 @@ def per_layer_accuracy(backend, dataset: Dataset, limit: int | None = 200, batch
             agree[depth] += int((predicted == final)[where].sum())
     return [{"layer": depth, "accuracy": correct[depth] / total, "agreement": agree[depth] / total}
             for depth in range(1, n + 1)]
-
-
-@torch.no_grad()
-def teacher_forced_features(backend, dataset: Dataset, limit: int | None = 200, batch_size: int = 32, layers=None):
-    """`exit_training.BackboneFeatures` of every batch of references (captions or answers)."""
-    from earlyexit.training.exits import backbone_features
-
-    dataset = dataset.subset(limit)
-    batches = TrainingBatches(backend, [dataset], batch_size=batch_size, seed=0)
-    for start in range(0, len(dataset), batch_size):
-        samples = dataset.samples[start:start + batch_size]
-        targets = [target_for(s, dataset.task) for s in samples]
-        prompts = [batches.prompt(s, dataset.task, target) for s, target in zip(samples, targets)]
-        rows = [batches.encode(prompt, target) for prompt, target in zip(prompts, targets)]
-        batch = batches.collate(rows, batches.pixels[batches.pixel_row[0][start:start + len(samples)]], prompts)
-        yield backbone_features(backend, batch, layers)
 
 
 @torch.no_grad()

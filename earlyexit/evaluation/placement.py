@@ -25,7 +25,9 @@ import time
 import numpy as np
 import torch
 
+from earlyexit.errors import ConfigError
 from earlyexit.evaluation.calibrate import PAPER_GRID
+from earlyexit.training.features import teacher_forced_features
 
 
 @dataclasses.dataclass
@@ -38,8 +40,6 @@ class LayerStatistics:
 
 @torch.no_grad()
 def layer_statistics(backend, dataset, limit: int | None = 200, batch_size: int = 32) -> LayerStatistics:
-    from earlyexit.evaluation.layer_accuracy import teacher_forced_features
-
     began = time.perf_counter()
     confidence, agrees = [], []
     for features in teacher_forced_features(backend, dataset, limit, batch_size):
@@ -92,8 +92,6 @@ def greedy_placement(stats: LayerStatistics, k: int, budget: float = 0.01, grid=
     """Greedy forward selection of `k` exit layers among 1..N-1; every round and its cost recorded."""
     n = stats.confidence.shape[1]
     if not 1 <= k < n:
-        from earlyexit.errors import ConfigError
-
         raise ConfigError(f"an exit budget of {k} must be between 1 and {n - 1} (the model has {n} layers)")
     began = time.perf_counter()
     chosen, rounds, evaluated = [], [], 0

@@ -10,12 +10,12 @@
   often captions name colours, shapes and numbers, and how often what they name is true.
 """
 
+from earlyexit.errors import DataError
+
 
 def check_same_ids(predictions, references, ids: str, predicted: str, expected: str) -> None:
     """Raise DataError unless `predictions` is non-empty and has exactly the keys of `references`.
     `ids` names the keys ("id", "question"), `predicted`/`expected` the values, for the messages."""
-    from earlyexit.errors import DataError
-
     if not predictions:
         raise DataError(f"no {predicted}s given: pass at least one {ids} -> {predicted}")
     for key in predictions:

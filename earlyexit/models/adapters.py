@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 
+from earlyexit.core.model_folder import safetensors_problem
 from earlyexit.errors import CheckpointError, CorruptAdapterError
 from earlyexit.util.files import atomic_folder
 
@@ -115,8 +116,6 @@ def check_adapter_files(folder: str) -> dict:
     """The adapter's config, once its files are known to be whole; a CorruptAdapterError (one
     line) for a missing, unreadable or malformed exit_config.json or a truncated weights file,
     so that a cache can rebuild the entry and a user learns what to redo."""
-    from earlyexit.core.model_folder import safetensors_problem
-
     redo = "train or save the exits again (earlyexit run --retrain rebuilds its cache)"
     path = os.path.join(folder, CONFIG)
     if not os.path.isdir(folder):

@@ -24,6 +24,15 @@ import sys
 import tempfile
 import time
 
+from earlyexit.backends.blip2_opt import Blip2OptBackend
+from earlyexit.core.model_folder import check_model_folder, safetensors_problem
+from earlyexit.data.scenes import SceneConfig, load_scenes, vocabulary
+from earlyexit.data.tokenizer import DEFAULT_WORDS
+from earlyexit.errors import CheckpointError, ConfigError
+from earlyexit.training.batching import TrainingBatches
+from earlyexit.training.loop import PlainEngine, TrainConfig, train
+from earlyexit.util.files import atomic_folder
+
 NAME = "tiny"
 # name -> (backend that runs it, module holding its RECIPE and build(recipe, path, progress))
 MODELS = {"tiny": ("blip2-opt", "earlyexit.models.embedded"), "smol": ("minigpt4-llama", "earlyexit.models.smol")}
@@ -80,8 +89,6 @@ def resolve(name_or_path: str, backend: str) -> str:
         return name_or_path
     wanted = MODELS[name_or_path][0]
     if wanted != backend:
-        from earlyexit.errors import ConfigError
-
         raise ConfigError(f"the embedded model {name_or_path!r} runs on --backend {wanted}, not {backend}; for "
                           f"{backend} pass --model tiny-random, a folder written by save_pretrained or a hub id")
     return ensure_built(recipe_of(name_or_path))
@@ -103,9 +110,6 @@ def is_built(recipe: dict = RECIPE) -> bool:
 def damage(recipe: dict = RECIPE) -> str | None:
     """Why the cached build of `recipe` cannot be used (truncated weights, unreadable config),
     or None when it is whole; only file headers are read."""
-    from earlyexit.errors import CheckpointError
-    from earlyexit.core.model_folder import check_model_folder, safetensors_problem
-
     path = model_path(recipe)
     try:
         if name_of(recipe) == "smol":  # a MiniGPT-4 folder: the language model in its own folder
@@ -120,8 +124,6 @@ def damage(recipe: dict = RECIPE) -> str | None:
 
 
 def scene_config(recipe: dict = RECIPE):
-    from earlyexit.data.scenes import SceneConfig
-
     return SceneConfig(**recipe["scenes"])
 
 
@@ -140,12 +142,6 @@ def ensure_built(recipe: dict = RECIPE, force: bool = False, progress: bool = Tr
 
 def build(recipe: dict, path: str, progress: bool = True) -> dict:
     """Train the recipe from scratch and save it to `path` atomically; returns build info."""
-    from earlyexit.backends.blip2_opt import Blip2OptBackend
-    from earlyexit.training.batching import TrainingBatches
-    from earlyexit.data.scenes import load_scenes, vocabulary
-    from earlyexit.data.tokenizer import DEFAULT_WORDS
-    from earlyexit.training.loop import PlainEngine, TrainConfig, train
-
     scenes = scene_config(recipe)
     if progress:
         print(f"building the embedded '{NAME}' model ({fingerprint(recipe)}): scene data, then training; "
@@ -189,8 +185,6 @@ def pretrain_encoder(backend, probe, datasets, settings: dict, work: str, progre
     bag of words; the language model is not run."""
     import torch.nn.functional as F
 
-    from earlyexit.training.batching import TrainingBatches
-    from earlyexit.training.loop import PlainEngine, TrainConfig, train
 
     model, settings = backend.model, dict(settings)
     captions = [d for d in datasets if d.task == "caption"]
@@ -248,8 +242,6 @@ def thin_questions(dataset, per_image: int):
 
 def save_build(backend, path: str, info: dict) -> None:
     """The built model and its `earlyexit_build.json` (what `build_info` reads), all or nothing."""
-    from earlyexit.util.files import atomic_folder
-
     with atomic_folder(path) as model_dir:
         backend.save_pretrained(model_dir)
         with open(os.path.join(model_dir, "earlyexit_build.json"), "w") as handle:

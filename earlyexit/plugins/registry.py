@@ -16,10 +16,10 @@ from typing import Any
 
 import pluggy
 
-from earlyexit.plugins import hookspecs
 from earlyexit.core.backend import Backend
-from earlyexit.errors import PluginError
 from earlyexit.core.strategy import Strategy
+from earlyexit.errors import PluginError
+from earlyexit.plugins import hookspecs
 
 BUILTIN_PLUGINS = (
     "earlyexit.backends.blip2_flant5",

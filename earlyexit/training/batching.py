@@ -8,30 +8,12 @@ as much history as fits the context) and its ground-truth answer.
 
 from __future__ import annotations
 
-from collections import Counter
-
 import numpy as np
 import torch
 
 from earlyexit.data import Dataset, Sample
-
-VQA_PROMPT = "Question: {question} Answer:"
-
-
-def prompt_for(sample: Sample, task: str) -> str:
-    if task == "dialog":
-        from earlyexit.evaluation.dialog import dialog_prompt
-
-        return dialog_prompt(sample)
-    return VQA_PROMPT.format(question=sample.question) if task == "vqa" else ""
-
-
-def target_for(sample: Sample, task: str, rng: np.random.Generator | None = None) -> str:
-    if task == "caption":
-        if rng is None:
-            return sample.captions[0]
-        return sample.captions[int(rng.integers(len(sample.captions)))]
-    return Counter(sample.answers).most_common(1)[0][0]
+from earlyexit.data.prompts import fitting_prompt, longest_option, prompt_for, target_for
+from earlyexit.errors import DataError
 
 
 def pixel_values(backend, images) -> torch.Tensor:
@@ -79,8 +61,6 @@ class TrainingBatches:
         self.caption_words = caption_words
         self.items = [(d, i) for d, dataset in enumerate(datasets) for i in range(len(dataset))]
         if not self.items:
-            from earlyexit.errors import DataError
-
             raise DataError("the training data is empty; check --data and --split")
         self.datasets = datasets
         self._orders: dict[int, np.ndarray] = {}
@@ -136,8 +116,6 @@ class TrainingBatches:
         """`prompt_for`, but a dialog round keeps only the history that fits the context beside its
         target, as ranking does (`dialog.fitting_prompt`)."""
         if task == "dialog":
-            from earlyexit.evaluation.dialog import fitting_prompt, longest_option
-
             return fitting_prompt(self.backend, sample, longest_option(self.backend, [target]))
         return prompt_for(sample, task)
 

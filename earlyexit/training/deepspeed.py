@@ -22,15 +22,15 @@ import socket
 
 import torch
 
-from earlyexit.training.deepspeed_config import SHM_OP
 from earlyexit.errors import CheckpointError, ConfigError
+from earlyexit.training.deepspeed_config import SHM_OP, with_precision
 from earlyexit.training.loop import TrainConfig, warmup_cosine_schedule
+from earlyexit.util.devices import distributed_backend
+
 
 def init_distributed(device: str | torch.device = "cpu") -> tuple[int, int]:
     """Join (or create, as a world of one) the process group: nccl for a model on CUDA GPUs
     (each process on its own GPU), gloo on the CPU; returns (rank, world)."""
-    from earlyexit.util.devices import distributed_backend
-
     try:
         import deepspeed
         import deepspeed.ops
@@ -84,7 +84,7 @@ def _deepspeed_checkpoint_types() -> list:
 
     types = [argparse.Namespace, collections.OrderedDict, ZeroStageEnum]
     try:
-        from deepspeed.runtime.fp16.loss_scaler import LossScaler, DynamicLossScaler
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
 
         types += [LossScaler, DynamicLossScaler]
     except ImportError:  # pragma: no cover - older layouts
@@ -108,7 +108,6 @@ class DeepSpeedEngine:
     def __init__(self, modules: dict[str, torch.nn.Module], config: TrainConfig, ds_config: dict):
         import deepspeed
 
-        from earlyexit.training.deepspeed_config import with_precision
 
         parameters = [p for module in modules.values() for p in module.parameters()]
         self.device = parameters[0].device if parameters else torch.device("cpu")
@@ -154,8 +153,6 @@ class DeepSpeedEngine:
             with tensors_only(engine):
                 path, _ = engine.load_checkpoint(folder, tag=name)
             if path is None:
-                from earlyexit.errors import CheckpointError
-
                 raise CheckpointError(f"{folder} has no DeepSpeed checkpoint for {name}; use a fresh --output")
 
     @contextlib.contextmanager

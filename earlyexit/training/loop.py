@@ -24,6 +24,7 @@ import torch
 
 from earlyexit.errors import CheckpointError, ConfigError
 from earlyexit.util.files import atomic_folder
+from earlyexit.util.progress import progress_bar
 
 STATE_FILE = "trainer_state.json"
 
@@ -236,8 +237,6 @@ def train(model: torch.nn.Module, step_fn: Callable, batch_for_step: Callable[[i
     `engine.optimize(group, loss)` for each parameter group. Without an engine, one plain group
     "model" holds every parameter of `model` that requires grad.
     """
-    from earlyexit.util.progress import progress_bar
-
     if engine is None:
         engine = PlainEngine({"model": {n: p for n, p in model.named_parameters() if p.requires_grad}}, config)
     start, losses = resume(engine, config)

@@ -12,6 +12,8 @@ import os
 import shutil
 import tempfile
 
+from earlyexit.errors import ConfigError
+
 
 @contextlib.contextmanager
 def atomic_folder(final: str):
@@ -72,8 +74,6 @@ def write_json_atomically(path: str, payload) -> None:
 def check_writable(path: str, folder: bool = False, option: str = "--output") -> None:
     """Fail before any work when `path` cannot be written (a read-only place, a file where a
     folder must go or the other way round), with a one-line fix."""
-    from earlyexit.errors import ConfigError
-
     target = os.path.abspath(path)
     if folder and os.path.exists(target) and not os.path.isdir(target):
         raise ConfigError(f"{option} {path} is a file, not a folder; pass a folder path")
