@@ -13,8 +13,11 @@ from __future__ import annotations
 
 from earlyexit import hookimpl
 from earlyexit.backends.blip2_opt import Blip2OptBackend
-from earlyexit.backends.t5_decoder import RIGHT, T5DecoderMethods
+from earlyexit.backends.blip2_vision import tiny_blip2
+from earlyexit.backends.t5_decoder import (RIGHT, T5DecoderMethods, set_t5_generation_ids, t5_style_tokenizer,
+                                           tiny_t5_config)
 from earlyexit.core.backend import Backend
+from earlyexit.data.tokenizer import DEFAULT_WORDS, build_processor
 
 
 class Blip2FlanT5Backend(T5DecoderMethods, Backend):
@@ -38,10 +41,6 @@ class Blip2FlanT5Backend(T5DecoderMethods, Backend):
         """A small randomly initialised BLIP-2 FlanT5 with a word-level T5-style tokenizer (an end
         token after every text) and a real processor; `t5_shape`: `t5_decoder.tiny_t5_config`'s
         (layers, widths, FlanT5's or original T5's kind, vocabulary size)."""
-        from earlyexit.backends.blip2_vision import tiny_blip2
-        from earlyexit.backends.t5_decoder import set_t5_generation_ids, t5_style_tokenizer, tiny_t5_config
-        from earlyexit.data.tokenizer import DEFAULT_WORDS, build_processor
-
         processor = build_processor(image_size=image_size, num_query_tokens=num_query_tokens,
                                     words=words or DEFAULT_WORDS)
         tokenizer = t5_style_tokenizer(processor.tokenizer)

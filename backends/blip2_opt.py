@@ -10,9 +10,11 @@ the word-embedding width differs, then the LM head (tied to the input embeddings
 from __future__ import annotations
 
 from earlyexit import hookimpl
-from earlyexit.backends.blip2_vision import scatter_image_features
+from earlyexit.backends.blip2_vision import saturating_query_features, scatter_image_features, tiny_blip2
 from earlyexit.core.backend import Backend
 from earlyexit.core.model_folder import load_checkpoint
+from earlyexit.data.images import to_rgb
+from earlyexit.data.tokenizer import DEFAULT_WORDS, build_processor
 from earlyexit.errors import ConfigError
 
 
@@ -43,8 +45,6 @@ class Blip2OptBackend(Backend):
         processor. A `vocab_size` above the tokenizer's gives a real-sized LM head (benchmarks)."""
         from transformers import OPTConfig
 
-        from earlyexit.backends.blip2_vision import tiny_blip2
-        from earlyexit.data.tokenizer import DEFAULT_WORDS, build_processor
 
         processor = build_processor(image_size=image_size, num_query_tokens=num_query_tokens,
                                     words=words or DEFAULT_WORDS)
@@ -67,7 +67,6 @@ class Blip2OptBackend(Backend):
             raise ConfigError("this model has no processor; load it from a folder that holds one")
         from PIL import Image
 
-        from earlyexit.data.images import to_rgb
 
         prompts = prompts if prompts is not None else [""] * len(images)
         # 16-bit, float and "La" images scaled to 8-bit RGB, not clipped (arrays pass as they are)
@@ -81,7 +80,6 @@ class Blip2OptBackend(Backend):
     def image_features(self, pixel_values, saturation=None):
         if saturation is None:
             return self.model.get_image_features(pixel_values, return_dict=True).pooler_output, None
-        from earlyexit.backends.blip2_vision import saturating_query_features
 
         return saturating_query_features(self.model, pixel_values, saturation)
 

@@ -7,6 +7,8 @@ language model's width. Any model with `vision_model`, `query_tokens`, `qformer`
 
 from __future__ import annotations
 
+from earlyexit.errors import ConfigError
+
 
 def saturating_query_features(model, pixel_values, saturation: float) -> tuple:
     """(projected query outputs, vision layers run per image): each image's vision tower stops
@@ -76,8 +78,6 @@ def scatter_image_features(model, input_ids, features):
     """The language model's input embeddings of `input_ids` with `features` (images, queries,
     width) in the image placeholders: BLIP-2's layout, one placeholder per query, in front of
     the prompt."""
-    from earlyexit.errors import ConfigError
-
     embeds = model.get_input_embeddings()(input_ids)
     image_slots = (input_ids == model.config.image_token_id).unsqueeze(-1)
     if int(image_slots.sum()) != features.shape[0] * features.shape[1]:

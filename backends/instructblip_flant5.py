@@ -11,9 +11,12 @@ instruction, as the rows' own lengths would have it.
 from __future__ import annotations
 
 from earlyexit import hookimpl
-from earlyexit.backends.instructblip_vision import InstructBlipImageSide
-from earlyexit.backends.t5_decoder import RIGHT, T5DecoderMethods
+from earlyexit.backends.instructblip_vision import (InstructBlipImageSide, load_instructblip, tiny_instructblip,
+                                                    tiny_instructblip_processor)
+from earlyexit.backends.t5_decoder import (RIGHT, T5DecoderMethods, set_t5_generation_ids, t5_style_tokenizer,
+                                           tiny_t5_config)
 from earlyexit.core.backend import Backend
+from earlyexit.data.tokenizer import DEFAULT_WORDS, build_tokenizer
 
 
 class InstructBlipFlanT5Backend(InstructBlipImageSide, T5DecoderMethods, Backend):
@@ -24,8 +27,6 @@ class InstructBlipFlanT5Backend(InstructBlipImageSide, T5DecoderMethods, Backend
     @classmethod
     def from_pretrained(cls, name_or_path: str, dtype: str = "float32",
                         device: str = "cpu") -> InstructBlipFlanT5Backend:
-        from earlyexit.backends.instructblip_vision import load_instructblip
-
         model, processor = load_instructblip(name_or_path, "t5", "InstructBLIP with a FlanT5 language model", dtype,
                                              device, padding_side=RIGHT)
         return cls(model, padded_on_the_right(processor))
@@ -38,10 +39,6 @@ class InstructBlipFlanT5Backend(InstructBlipImageSide, T5DecoderMethods, Backend
         """A small randomly initialised InstructBLIP-FlanT5 with word-level tokenizers (the language
         model's T5-style: an end token after every text) and a real processor; `t5_shape`:
         `t5_decoder.tiny_t5_config`'s (layers, widths, FlanT5's or original T5's kind, vocabulary)."""
-        from earlyexit.backends.instructblip_vision import tiny_instructblip, tiny_instructblip_processor
-        from earlyexit.backends.t5_decoder import set_t5_generation_ids, t5_style_tokenizer, tiny_t5_config
-        from earlyexit.data.tokenizer import DEFAULT_WORDS, build_tokenizer
-
         words = tuple(words or DEFAULT_WORDS)
         tokenizer = t5_style_tokenizer(build_tokenizer(words))
         processor = padded_on_the_right(tiny_instructblip_processor(tokenizer, image_size, num_query_tokens, words))

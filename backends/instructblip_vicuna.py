@@ -10,9 +10,11 @@ tokenized prompt (BOS first).
 from __future__ import annotations
 
 from earlyexit import hookimpl
-from earlyexit.backends.instructblip_vision import InstructBlipImageSide
+from earlyexit.backends.instructblip_vision import (InstructBlipImageSide, load_instructblip, tiny_instructblip,
+                                                    tiny_instructblip_processor)
 from earlyexit.backends.llama_decoder import LlamaDecoderMethods
 from earlyexit.core.backend import Backend
+from earlyexit.data.tokenizer import DEFAULT_WORDS, build_tokenizer
 
 
 class InstructBlipVicunaBackend(InstructBlipImageSide, LlamaDecoderMethods, Backend):
@@ -23,8 +25,6 @@ class InstructBlipVicunaBackend(InstructBlipImageSide, LlamaDecoderMethods, Back
     @classmethod
     def from_pretrained(cls, name_or_path: str, dtype: str = "float32",
                         device: str = "cpu") -> InstructBlipVicunaBackend:
-        from earlyexit.backends.instructblip_vision import load_instructblip
-
         return cls(*load_instructblip(name_or_path, "llama", "InstructBLIP with a Llama/Vicuna decoder", dtype, device))
 
     @classmethod
@@ -39,8 +39,6 @@ class InstructBlipVicunaBackend(InstructBlipImageSide, LlamaDecoderMethods, Back
         above the tokenizer's gives a real-sized LM head (benchmarks)."""
         from transformers import LlamaConfig
 
-        from earlyexit.backends.instructblip_vision import tiny_instructblip, tiny_instructblip_processor
-        from earlyexit.data.tokenizer import DEFAULT_WORDS, build_tokenizer
 
         words = tuple(words or DEFAULT_WORDS)
         processor = tiny_instructblip_processor(build_tokenizer(words), image_size, num_query_tokens, words)

@@ -18,7 +18,10 @@ and loads with `load_instructblip` / builds tiny models with `tiny_instructblip`
 
 from __future__ import annotations
 
+from earlyexit.backends.blip2_vision import saturating_image_embeds, scatter_image_features
 from earlyexit.core.model_folder import load_checkpoint
+from earlyexit.data.images import to_rgb
+from earlyexit.data.tokenizer import build_tokenizer
 from earlyexit.errors import CheckpointError, ConfigError
 
 QFORMER_INPUTS = ("qformer_input_ids", "qformer_attention_mask")
@@ -39,7 +42,6 @@ class InstructBlipImageSide:
             raise ConfigError("this model has no processor; load it from a folder that holds one")
         from PIL import Image
 
-        from earlyexit.data.images import to_rgb
 
         prompts = prompts if prompts is not None else [""] * len(images)
         images = [to_rgb(image) if isinstance(image, Image.Image) else image for image in images]
@@ -70,14 +72,11 @@ class InstructBlipImageSide:
             features = self.model.get_image_features(pixel_values, qformer_input_ids=qformer_input_ids,
                                                      qformer_attention_mask=qformer_attention_mask, return_dict=True)
             return features.pooler_output, None
-        from earlyexit.backends.blip2_vision import saturating_image_embeds
 
         image_embeds, depth = saturating_image_embeds(self.model, pixel_values, saturation)
         return instructed_queries(self.model, image_embeds, qformer_input_ids, qformer_attention_mask), depth
 
     def decoder_inputs_embeds(self, pixel_values, input_ids, image_features=None, **vision_inputs):
-        from earlyexit.backends.blip2_vision import scatter_image_features
-
         features = image_features if image_features is not None else self.image_features(pixel_values,
                                                                                           **vision_inputs)[0]
         return scatter_image_features(self.model, input_ids, features)
@@ -131,7 +130,6 @@ def tiny_instructblip_processor(tokenizer, image_size: int, num_query_tokens: in
     from transformers import InstructBlipProcessor
     from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
-    from earlyexit.data.tokenizer import build_tokenizer
 
     qformer_tokenizer = build_tokenizer(words)
     images = BlipImageProcessorPil(size={"height": image_size, "width": image_size})

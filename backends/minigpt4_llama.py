@@ -25,9 +25,11 @@ import json
 import os
 
 from earlyexit import hookimpl
+from earlyexit.backends.blip2_vision import saturating_query_features, tiny_image_side_configs
 from earlyexit.backends.llama_decoder import LlamaDecoderMethods
 from earlyexit.core.backend import Backend
 from earlyexit.core.model_folder import hub_offline
+from earlyexit.data.tokenizer import DEFAULT_WORDS, build_tokenizer
 from earlyexit.errors import ConfigError, ModelNotAvailableError
 
 RECIPE_KEYS = ("language_model", "vision", "projection_checkpoint")
@@ -45,6 +47,7 @@ class Minigpt4LlamaBackend(LlamaDecoderMethods, Backend):
     def from_pretrained(cls, name_or_path: str, dtype: str = "float32", device: str = "cpu") -> Minigpt4LlamaBackend:
         import torch
 
+        # lazy: plugin modules load for `earlyexit list`, which imports no torch
         from earlyexit.backends.minigpt4_model import CONFIG_FILE, MiniGPT4ForConditionalGeneration, MiniGPT4Processor
 
         if os.path.isfile(os.path.join(name_or_path, CONFIG_FILE)):
@@ -65,6 +68,7 @@ class Minigpt4LlamaBackend(LlamaDecoderMethods, Backend):
         import torch
         from transformers import AutoImageProcessor, AutoTokenizer, LlamaForCausalLM
 
+        # lazy: plugin modules load for `earlyexit list`, which imports no torch
         from earlyexit.backends.minigpt4_model import (IMAGE_PLACEHOLDER, PROMPT_TEMPLATE, MiniGPT4Config,
                                                        MiniGPT4ForConditionalGeneration, MiniGPT4Processor)
 
@@ -117,10 +121,9 @@ class Minigpt4LlamaBackend(LlamaDecoderMethods, Backend):
         from transformers import LlamaConfig, LlamaForCausalLM
         from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
-        from earlyexit.backends.blip2_vision import tiny_image_side_configs
+        # lazy: plugin modules load for `earlyexit list`, which imports no torch
         from earlyexit.backends.minigpt4_model import (IMAGE_PLACEHOLDER, MiniGPT4Config,
                                                        MiniGPT4ForConditionalGeneration, MiniGPT4Processor)
-        from earlyexit.data.tokenizer import DEFAULT_WORDS, build_tokenizer
 
         tokenizer = build_tokenizer(tuple(words or DEFAULT_WORDS) + TEMPLATE_WORDS)
         tokenizer.add_tokens([AddedToken(IMAGE_PLACEHOLDER, special=True)], special_tokens=True)
@@ -159,7 +162,7 @@ class Minigpt4LlamaBackend(LlamaDecoderMethods, Backend):
         from transformers import Blip2QFormerConfig
         from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
-        from earlyexit.backends.blip2_vision import tiny_image_side_configs
+        # lazy: plugin modules load for `earlyexit list`, which imports no torch
         from earlyexit.backends.minigpt4_model import (IMAGE_PLACEHOLDER, PROMPT_TEMPLATE, EfficientNetLiteFeatures,
                                                        MiniGPT4Config, MiniGPT4ForConditionalGeneration,
                                                        MiniGPT4Processor)
@@ -220,7 +223,6 @@ class Minigpt4LlamaBackend(LlamaDecoderMethods, Backend):
     def image_features(self, pixel_values, saturation=None):
         if saturation is None:
             return self.model.get_image_features(pixel_values), None
-        from earlyexit.backends.blip2_vision import saturating_query_features
 
         return saturating_query_features(self.model, pixel_values, saturation)
 

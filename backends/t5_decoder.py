@@ -66,6 +66,7 @@ class T5DecoderMethods:
     def plain_generate(self, **inputs_and_generate_kwargs):
         """The backbone's own `generate`, laid out as every family's: prompt ids, then the new
         tokens (transformers returns the decoder's start token and the new tokens)."""
+        # lazy: plugin modules load for `earlyexit list`, which imports no torch
         from earlyexit.core.engine import behind_prompt
 
         return behind_prompt(inputs_and_generate_kwargs["input_ids"], self.model.generate(

@@ -174,6 +174,7 @@ class ClassifierExitStrategy(Strategy):
                 enumerate(self.teacher_forced_states(features))]
 
     def training_step(self, batch, engine, held_out=None) -> dict:
+        # lazy: plugin modules load for `earlyexit list`, which imports no torch
         from earlyexit.training.features import backbone_features
 
         features = backbone_features(self.backend, batch)

@@ -151,6 +151,7 @@ class FreeStrategy(Strategy):
         """References (supervised), the backbone's own greedy outputs (distill: no labels, on every
         task: captions, VQA answers, VisDial answers), or CapFilt's sampled captions filtered by an
         image-text scorer."""
+        # lazy: plugin modules load for `earlyexit list`, which imports no torch
         from earlyexit.training import exits as data
 
         if self.config.mode == "distill":
@@ -169,6 +170,7 @@ class FreeStrategy(Strategy):
         final norm, after the last layer (real) and after each exit transformer (fake)."""
         import torch.nn.functional as F
 
+        # lazy: plugin modules load for `earlyexit list`, which imports no torch
         from earlyexit.training.features import backbone_features
 
         features = backbone_features(self.backend, batch)

@@ -140,6 +140,7 @@ class LeeBertStrategy(PatienceRule, ClassifierExitStrategy):
     def training_step(self, batch, engine, held_out=None) -> dict:
         import torch
 
+        # lazy: plugin modules load for `earlyexit list`, which imports no torch
         from earlyexit.training.features import backbone_features
 
         features = backbone_features(self.backend, batch, self.layers)

@@ -96,6 +96,7 @@ class MueStrategy(Strategy):
     def training_step(self, batch, engine, held_out=None) -> dict:
         import torch.nn.functional as F
 
+        # lazy: plugin modules load for `earlyexit list`, which imports no torch
         from earlyexit.training.features import backbone_features
 
         features = backbone_features(self.backend, batch, layers=self.layers)

@@ -12,11 +12,15 @@ COMMAND_MODULES = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem not in (
 
 
 def imported_modules(path: pathlib.Path) -> set[str]:
-    """Modules a file imports, relative ones written as in the source ('.common', '..errors', '.')."""
+    """Modules a file imports, relative ones resolved against earlyexit.cli ('.common' is
+    earlyexit.cli.common, '.' the package itself); `from P import m` names P and P.m."""
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
-            names.add("." * node.level + (node.module or ""))
+            base = ".".join(["earlyexit", "cli"][:3 - node.level] if node.level else [])
+            module = ".".join(part for part in (base, node.module or "") if part) if node.level else node.module
+            names.add(module)
+            names.update(f"{module}.{alias.name}" for alias in node.names)
         elif isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
     return names
@@ -26,10 +30,11 @@ def test_commands_import_common_and_never_the_package_or_each_other():
     assert set(COMMAND_MODULES) >= {"listing", "run", "generate", "evaluation", "train", "build_tiny"}
     for stem in COMMAND_MODULES:
         imports = imported_modules(PACKAGE / f"{stem}.py")
-        assert "." not in imports and "earlyexit.cli" not in imports, stem  # the package itself: a circle
-        assert not {f".{other}" for other in COMMAND_MODULES} & imports, stem
+        assert "earlyexit.cli" not in imports, stem  # the package itself: a circle
+        assert not {f"earlyexit.cli.{other}" for other in COMMAND_MODULES} & imports, stem
+        assert "earlyexit.cli.common" in imports, stem
     common = imported_modules(PACKAGE / "common.py")
-    assert not {f".{other}" for other in COMMAND_MODULES} & common and "." not in common
+    assert not {f"earlyexit.cli.{other}" for other in COMMAND_MODULES} & common and "earlyexit.cli" not in common
 
 
 def test_every_command_module_imports_on_its_own():

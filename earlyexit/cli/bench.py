@@ -6,7 +6,10 @@ import argparse
 import shlex
 import sys
 
-from earlyexit.cli.common import add_device_arguments, quiet_transformers, report_plugin_failures
+from earlyexit.cli.common import add_device_arguments, device_options, quiet_transformers, report_plugin_failures
+from earlyexit.errors import ConfigError
+from earlyexit.plugins.registry import get_registry
+from earlyexit.util.files import check_writable, write_json_atomically
 
 
 class BenchCommand:
@@ -33,11 +36,7 @@ class BenchCommand:
     def run(args: argparse.Namespace) -> int:
         import os
 
-        from earlyexit.bench import describe, execute, load_spec, render
-        from earlyexit.cli.common import device_options
-        from earlyexit.errors import ConfigError
-        from earlyexit.plugins.registry import get_registry
-        from earlyexit.util.files import check_writable, write_json_atomically
+        from earlyexit.bench import describe, execute, load_spec, render  # lazy: keeps --help and list free of torch
 
         if args.dry_run and args.render_only:
             raise ConfigError("--dry-run and --render-only exclude each other; pass one")
@@ -65,8 +64,8 @@ class BenchCommand:
         command = "earlyexit " + " ".join(shlex.quote(a) for a in args.argv)
         paths = render(spec, output, registry, command=command)
         if counts is not None:  # what this run cost, on what machine, how busy it was (wall clocks suffer)
-            from earlyexit.bench import hardware
-            from earlyexit.util.provenance import provenance
+            from earlyexit.bench import hardware  # lazy: keeps --help and list free of torch
+            from earlyexit.util.provenance import provenance  # lazy: keeps --help and list free of torch
 
             summary = os.path.join(output, "bench.json")
             write_json_atomically(summary, {"command": command, "spec": spec.name, "cells": counts,

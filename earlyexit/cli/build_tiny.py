@@ -22,7 +22,7 @@ class BuildTinyCommand:
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
-        from earlyexit.models import embedded
+        from earlyexit.models import embedded  # lazy: keeps --help and list free of torch
 
         quiet_transformers()
         recipe = embedded.recipe_of(args.embedded_model)

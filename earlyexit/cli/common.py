@@ -11,7 +11,10 @@ import dataclasses
 import os
 import sys
 
+from earlyexit.data.images import read_image
 from earlyexit.errors import ConfigError, DataError
+from earlyexit.models.adapters import check_adapter_files, load_exits
+from earlyexit.util.devices import resolve
 
 KV_POLICIES = ("catchup", "propagate", "skip")
 
@@ -134,8 +137,6 @@ def add_device_arguments(parser: argparse.ArgumentParser) -> None:
 def device_options(args) -> dict:
     """{"device": ..., "dtype": ...} from --device / --dtype, defaults filled in, checked: a value
     this machine cannot run is a one-line ConfigError before any work."""
-    from earlyexit.util.devices import resolve
-
     device, dtype = resolve(getattr(args, "device", None), getattr(args, "dtype", None))
     return {"device": device, "dtype": dtype}
 
@@ -254,7 +255,7 @@ def build_strategy_config(strategy_cls, threshold: float | None, options: list[s
 
 def build_gate(args, strategy, width: int):
     """The gate named by --gate (None for none)."""
-    from earlyexit.core.gates import CosineGate, LearnedGate
+    from earlyexit.core.gates import CosineGate, LearnedGate  # lazy: keeps --help and list free of torch
 
     spec = args.gate or "none"
     if spec == "none":
@@ -288,15 +289,13 @@ def draft_exit_index(args, strategy) -> int | None:
 
 def load_model(registry, args):
     """Backend, strategy and the early-exit model from the shared model arguments."""
-    from earlyexit.core.engine import EarlyExitForCausalLM
+    from earlyexit.core.engine import EarlyExitForCausalLM  # lazy: keeps --help and list free of torch
 
     placement = device_options(args)
     quiet_transformers()
     backend_cls = registry.backend(args.backend)
     exits = getattr(args, "exits", None)
     if exits:
-        from earlyexit.models.adapters import check_adapter_files
-
         saved = check_adapter_files(exits)  # a damaged adapter fails before the model loads
         strategy_cls = registry.strategy(saved["strategy"])
         if args.strategy and registry.strategy(args.strategy) is not strategy_cls:
@@ -316,8 +315,6 @@ def load_model(registry, args):
     backend = load_backend(backend_cls, args.model, **placement)
     strategy = None
     if exits:
-        from earlyexit.models.adapters import load_exits
-
         strategy = load_exits(exits, backend, registry, **overrides)
     elif strategy_cls is not None:
         exit_layers = args.exit_layers or strategy_cls.default_exit_layers(backend.num_layers)
@@ -328,8 +325,6 @@ def load_model(registry, args):
 
 def open_image(path: str):
     """The image at `path` as RGB (every mode and bit depth converted faithfully), or a DataError."""
-    from earlyexit.data.images import read_image
-
     if os.path.isdir(path):
         raise DataError(f"--image {path} is a folder; pass one image file (PNG, JPEG, ...)")
     if not os.path.isfile(path):

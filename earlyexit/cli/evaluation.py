@@ -6,9 +6,15 @@ import argparse
 import dataclasses
 
 from earlyexit.cli.common import (add_batch_size_argument, add_generation_arguments, add_json_file_argument,
-                                  add_model_arguments, add_vocabulary_arguments, draft_exit_index, load_model,
-                                  positive_int, report_plugin_failures)
+                                  add_model_arguments, add_vocabulary_arguments, device_options, draft_exit_index,
+                                  load_model, positive_int, report_plugin_failures)
+from earlyexit.data.registry import load_dataset
+from earlyexit.data.splits import splits_for
 from earlyexit.errors import ConfigError
+from earlyexit.evaluation.common import RANKING_TAKES_NO_EXIT_VOCABULARY, EvalSettings
+from earlyexit.plugins.registry import get_registry, notify
+from earlyexit.training.deepspeed_config import launched_world_size
+from earlyexit.util.files import check_writable, write_json_atomically
 
 
 def format_report(result: dict) -> str:
@@ -64,14 +70,8 @@ class EvalCommand:
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
-        from earlyexit.cli.common import device_options
-        from earlyexit.data.registry import load_dataset
-        from earlyexit.evaluation.common import RANKING_TAKES_NO_EXIT_VOCABULARY, EvalSettings
-        from earlyexit.evaluation.evaluate import evaluate
-        from earlyexit.plugins.registry import get_registry, notify
-        from earlyexit.training.deepspeed_config import launched_world_size
-        from earlyexit.util.files import check_writable, write_json_atomically
-        from earlyexit.util.ranks import process_group
+        from earlyexit.evaluation.evaluate import evaluate  # lazy: keeps --help and list free of torch
+        from earlyexit.util.ranks import process_group  # lazy: keeps --help and list free of torch
 
         placement = device_options(args)  # a device or dtype this machine cannot run fails first
         if args.json:
@@ -80,14 +80,14 @@ class EvalCommand:
                                 max_new_tokens=args.max_new_tokens, noise=args.noise, limit=args.limit,
                                 measure_wall=not args.no_wall)
         if launched_world_size() > 1:  # torchrun / deepspeed launcher: shard the data
-            from earlyexit.training.deepspeed import init_distributed
+            from earlyexit.training.deepspeed import init_distributed  # lazy: keeps --help and list free of torch
 
             init_distributed(placement["device"])
         registry = get_registry()
         report_plugin_failures(registry)
         dataset = load_dataset(args.data, args.split)
         if dataset.task == "dialog":  # what answer ranking cannot do, refused before the model loads
-            from earlyexit.evaluation.dialog import check_dialog_data
+            from earlyexit.evaluation.dialog import check_dialog_data  # lazy: keeps --help and list free of torch
 
             check_dialog_data(dataset, settings, args.decode)
         if args.exit_vocabulary and dataset.task == "dialog":
@@ -100,8 +100,7 @@ class EvalCommand:
         backend, strategy, model = load_model(registry, args)
         exit_vocabulary = draft_vocabulary = None
         if args.exit_vocabulary or args.draft_vocabulary:
-            from earlyexit.data.splits import splits_for
-            from earlyexit.pipeline.run import backbone_vocabularies
+            from earlyexit.pipeline.run import backbone_vocabularies  # lazy: keeps --help and list free of torch
 
             source = splits_for(args.data)[0]  # the exit-training split: never the one scored
             exit_vocabulary, draft_vocabulary = backbone_vocabularies(

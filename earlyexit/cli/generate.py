@@ -9,6 +9,7 @@ import sys
 from earlyexit.cli.common import (add_generation_arguments, add_model_arguments, draft_exit_index, load_model,
                                   open_image, report_plugin_failures)
 from earlyexit.errors import ConfigError
+from earlyexit.plugins.registry import get_registry
 
 
 def describe_tokens(tokenizer, token_ids: list[int], exit_layers: list[int]) -> list[dict]:
@@ -31,8 +32,6 @@ class GenerateCommand:
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
-        from earlyexit.plugins.registry import get_registry
-
         registry = get_registry()
         report_plugin_failures(registry)
         image = open_image(args.image)  # before loading weights: fail fast on a typo
@@ -52,11 +51,12 @@ def check_prompt(backend, prompt: str) -> None:
 
 
 def print_generation(args, backend, strategy, model, image) -> int:
-    from earlyexit.core.accounting import CostModel, summarize
+    from earlyexit.core.accounting import CostModel, summarize  # lazy: keeps --help and list free of torch
 
     inputs = backend.prepare_inputs([image], [args.prompt])
     if args.decode == "speculative":
-        from earlyexit.core.generation import count_tokens
+        from earlyexit.core.generation import count_tokens  # lazy: keeps --help and list free of torch
+        # lazy: keeps --help and list free of torch
         from earlyexit.core.speculative import DEFAULT_DRAFT_LENGTH, SelfSpeculativeDecoder, speculative_summary
 
         if args.num_beams > 1:

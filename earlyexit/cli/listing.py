@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 
-from earlyexit.cli.common import report_plugin_failures
+from earlyexit.cli.common import quiet_transformers, report_plugin_failures
+from earlyexit.core.param_counts import strategy_parameter_counts
+from earlyexit.errors import ConfigError
+from earlyexit.plugins.registry import get_registry
 
 
 def format_table(rows: list[dict[str, str]], columns: list[str]) -> str:
@@ -34,8 +37,6 @@ class ListCommand:
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
-        from earlyexit.plugins.registry import get_registry
-
         registry = get_registry()
         report_plugin_failures(registry)
         entries = registry.entries()
@@ -58,10 +59,6 @@ class ListCommand:
 
 def with_parameter_counts(registry, entries: list[dict], spec: str) -> list[dict]:
     """`entries` with each strategy's knob, default exits and parameter counts on BACKEND:MODEL."""
-    from earlyexit.cli.common import quiet_transformers
-    from earlyexit.core.param_counts import strategy_parameter_counts
-    from earlyexit.errors import ConfigError
-
     backend_name, sep, model = spec.partition(":")
     if not sep or not model:
         raise ConfigError(f"--params {spec!r}: give BACKEND:MODEL, e.g. --params blip2-opt:tiny")

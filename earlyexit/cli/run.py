@@ -14,6 +14,9 @@ from earlyexit.cli.common import (add_backend_argument, add_batch_size_argument,
                                   device_options, parse_float_list, positive_int, quiet_transformers,
                                   report_plugin_failures)
 from earlyexit.errors import ConfigError
+from earlyexit.plugins.registry import get_registry
+from earlyexit.training.deepspeed_config import add_arguments, config_from_arguments
+from earlyexit.util.files import check_writable, write_json_atomically
 
 COLORS = ("\033[32m", "\033[36m", "\033[33m", "\033[35m", "\033[31m")  # early ... late
 RESET = "\033[0m"
@@ -164,16 +167,13 @@ class RunCommand:
         parser.add_argument("--retrain", action="store_true", help="train exits even if cached ones exist")
         add_output_argument(parser, "folder for the curves and plots (default: runs/)", default="runs")
         add_json_file_argument(parser)
-        from earlyexit.training.deepspeed_config import add_arguments
 
         add_arguments(parser)
         return parser
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
-        from earlyexit.pipeline.run import RunSettings, check_settings, run
-        from earlyexit.plugins.registry import get_registry
-        from earlyexit.util.files import check_writable, write_json_atomically
+        from earlyexit.pipeline.run import RunSettings, check_settings, run  # lazy: keeps --help and list free of torch
 
         if args.data.partition(":")[0] == "visdial":  # ranked, not generated: what decoding options mean nothing
             if args.num_beams > 1:
@@ -219,8 +219,6 @@ class RunCommand:
 
 
 def _deepspeed(args, strategy_cls, options: dict, dtype: str) -> dict | None:
-    from earlyexit.training.deepspeed_config import config_from_arguments
-
     batch_size = options.get("batch_size") or getattr(strategy_cls.Config(), "batch_size", 16)
     return config_from_arguments(args, batch_size, dtype=dtype)
 

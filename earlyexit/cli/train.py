@@ -8,13 +8,15 @@ import os
 from earlyexit.cli.common import (add_backend_argument, add_batch_size_argument, add_device_arguments,
                                   add_model_argument, add_output_argument, device_options, non_negative_int,
                                   positive_int, quiet_transformers, report_plugin_failures)
+from earlyexit.data.registry import load_dataset
+from earlyexit.plugins.registry import get_registry, notify
+from earlyexit.training.deepspeed_config import add_arguments, config_from_arguments, is_main_process
+from earlyexit.util.files import atomic_folder, check_writable
 
 
 def save_model_atomically(backend, final: str) -> None:
     """A kill during the save leaves the previous model (or none), never a half-written folder
     that later commands would take for a model."""
-    from earlyexit.util.files import atomic_folder
-
     with atomic_folder(final) as temporary:
         backend.save_pretrained(temporary)
 
@@ -41,20 +43,17 @@ class TrainCommand:
         parser.add_argument("--seed", type=int, default=0)
         parser.add_argument("--freeze-vision", action="store_true",
                             help="train only the Q-Former, projection and language model")
-        from earlyexit.training.deepspeed_config import add_arguments
 
         add_arguments(parser)
         return parser
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
-        from earlyexit.data.registry import load_dataset
-        from earlyexit.plugins.registry import get_registry, notify
+        # lazy: keeps --help and list free of torch
         from earlyexit.training.batching import TrainingBatches, language_model_step
-        from earlyexit.training.deepspeed import DeepSpeedEngine
-        from earlyexit.training.deepspeed_config import config_from_arguments, is_main_process
+        from earlyexit.training.deepspeed import DeepSpeedEngine  # lazy: keeps --help and list free of torch
+        # lazy: keeps --help and list free of torch
         from earlyexit.training.loop import TrainConfig, latest_checkpoint, train
-        from earlyexit.util.files import check_writable
 
         placement = device_options(args)  # a device or dtype this machine cannot run fails first
         check_writable(args.output, folder=True)

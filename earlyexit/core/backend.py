@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from earlyexit.util.devices import resolve_device, resolve_dtype
+
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
@@ -42,8 +44,6 @@ class Backend:
         (float32, bfloat16, float16) default to the CPU in float32 here (the CLI's defaults pick a
         GPU when there is one); a value this machine cannot run is a ConfigError before anything
         loads."""
-        from earlyexit.util.devices import resolve_device, resolve_dtype  # lazy: the contract imports no torch
-
         device = resolve_device(device or "cpu")
         dtype = resolve_dtype(dtype or "float32", device)
         if name_or_path == cls.TINY_RANDOM:

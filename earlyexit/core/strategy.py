@@ -11,6 +11,7 @@ import dataclasses
 import functools
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from earlyexit.data.prompts import one_caption_per_sample
 from earlyexit.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -237,8 +238,6 @@ class Strategy:
     def training_data(self, dataset, progress: bool = True):
         """The data set this strategy trains on, built from the exit-training split (default:
         every reference caption is one item). FREE's distillation and CapFilt modes override it."""
-        from earlyexit.data.prompts import one_caption_per_sample
-
         return one_caption_per_sample(dataset) if dataset.task == "caption" else dataset
 
     def training_step(self, batch: dict, engine, held_out: dict | None = None) -> dict[str, float]:
