@@ -262,3 +262,194 @@ def test_lifecycle_hooks_reach_a_plugin(install_distribution, tmp_path, monkeypa
     assert [e["event"] for e in received] == ["run_start"] + ["batch_stats"] * 3 + ["run_end"]
     assert received[0]["command"] == "eval" and [e["samples"] for e in received[1:4]] == [2, 2, 1]
     assert "CIDEr" in received[-1]["metrics"]
+
+
+# -- contract versions ------------------------------------------------------------------------
+OLD_CONTRACT_PLUGIN = """
+    import dataclasses
+
+    import torch
+
+    from earlyexit import Strategy, StrategyConfig, config_field, hookimpl
+
+    SEEN = []  # (logits shape, hidden shape) of every call
+
+    class FirstExitV1(Strategy):
+        name = "first-exit-v1"
+        description = "leaves at the first exit; written for contract version 1"
+        knob = None
+
+        def should_exit(self, exit_index, logits, hidden, context):
+            SEEN.append((tuple(logits.shape), tuple(hidden.shape)))
+            return torch.full((logits.shape[0],), exit_index == 0, dtype=torch.bool, device=logits.device)
+
+    @dataclasses.dataclass
+    class Threshold(StrategyConfig):
+        threshold: float = config_field(0.9, "leave when the top softmax probability reaches this")
+
+    class ConfidenceV1(Strategy):
+        name = "confidence-v1"
+        description = "the confidence rule, written for contract version 1"
+        Config = Threshold
+
+        # the names do not matter when the version is declared
+        contract_version = 1
+
+        def should_exit(self, e, exit_logits, state, ctx):
+            return exit_logits.float().softmax(-1).amax(-1) >= self.config.threshold
+
+    @hookimpl
+    def earlyexit_register_strategies():
+        return [FirstExitV1, ConfidenceV1]
+"""
+
+
+class FirstExit(Strategy):
+    """The first-exit rule of OLD_CONTRACT_PLUGIN, written for the current contract."""
+
+    name = "first-exit"
+    knob = None
+
+    def should_exit(self, exit_index, view, context):
+        import torch
+
+        return torch.full((view.hidden.shape[0],), exit_index == 0, dtype=torch.bool, device=view.hidden.device)
+
+
+@pytest.fixture
+def old_contract(install_distribution):
+    install_distribution("earlyexit-oldcontract", {"ee_oldcontract": OLD_CONTRACT_PLUGIN},
+                         {"oldcontract": "ee_oldcontract"})
+
+
+def generated(backend, strategy, inputs):
+    """(new tokens, per-token exit layers, every step's exit visits) of one greedy generation."""
+    import dataclasses
+
+    from helpers import new_tokens, no_eos
+
+    from earlyexit.core.engine import EarlyExitForCausalLM
+
+    model = EarlyExitForCausalLM(backend, strategy)
+    sequences = model.generate(**inputs, max_new_tokens=8, do_sample=False, **no_eos(backend))
+    visits = [[dataclasses.asdict(v) for v in step.exits] for step in model.last_trace.steps]
+    return new_tokens(sequences, inputs), model.last_trace.exit_layers, visits
+
+
+def test_strategies_state_the_contract_version_they_are_written_for(old_contract):
+    from earlyexit import CONTRACT_VERSION
+
+    module = importlib.import_module("ee_oldcontract")
+    assert CONTRACT_VERSION == 2
+    assert module.FirstExitV1.contract_version == 1  # read from should_exit's parameter names
+    assert module.ConfidenceV1.contract_version == 1  # declared
+    assert FirstExit.contract_version == Strategy.contract_version == CONTRACT_VERSION
+
+    class Ported(module.FirstExitV1):  # a subclass's own should_exit sets its version
+        def should_exit(self, exit_index, view, context):
+            return super().should_exit(exit_index, view.logits(), view.hidden, context)
+
+    assert Ported.contract_version == CONTRACT_VERSION
+    registry = get_registry(load_entrypoints=False)
+    for name in registry.names("strategy"):  # built-ins: the current contract, called as they are
+        cls = registry.strategy(name)
+        assert cls.contract_version == CONTRACT_VERSION and "adapted_from" not in vars(cls)
+
+
+def test_old_contract_strategy_registers_with_a_deprecation_warning(old_contract, thirdparty, capsys):
+    with pytest.warns(DeprecationWarning) as record:
+        registry = get_registry()
+    messages = [str(w.message) for w in record if issubclass(w.category, DeprecationWarning)]
+    for name in ("first-exit-v1", "confidence-v1"):
+        mine = [m for m in messages if f"strategy '{name}'" in m]
+        assert len(mine) == 1, messages
+        assert mine[0].startswith("plugin 'oldcontract' from earlyexit-oldcontract: ")
+        assert "contract version 1" in mine[0] and "contract version 2" in mine[0] and "\n" not in mine[0]
+    assert registry.failures == []
+    module = sys.modules["ee_oldcontract"]
+    adapted = registry.strategy("first-exit-v1")
+    assert adapted.adapted_from is module.FirstExitV1 and issubclass(adapted, module.FirstExitV1)
+    assert adapted.contract_version == 2 and adapted.__qualname__ == "FirstExitV1"
+    assert registry.plugin_of("strategy", "first-exit-v1") == "earlyexit-oldcontract"
+    assert registry.strategy("toy-strategy") is sys.modules["ee_thirdparty"].ToyStrategy  # no adapter
+
+    with pytest.warns(DeprecationWarning):
+        assert main(["list"]) == 0
+    captured = capsys.readouterr()
+    assert "first-exit-v1" in captured.out and "confidence-v1" in captured.out and "toy-strategy" in captured.out
+    assert "failed" not in captured.err
+
+
+def test_old_contract_strategy_runs_as_its_new_contract_twin(old_contract, backend6):
+    from helpers import make_images
+
+    with pytest.warns(DeprecationWarning):
+        registry = get_registry()
+    inputs = backend6.prepare_inputs(make_images(3, seed=5), ["a red circle", "two", "what color is the square"])
+    old = registry.strategy("first-exit-v1")(backend6, [2, 4])
+    tokens, layers, visits = generated(backend6, old, inputs)
+    assert (layers[:, 1:] == 2).all()  # every decoded token left at the first exit
+    seen = sys.modules["ee_oldcontract"].SEEN
+    vocab = backend6.text_config.vocab_size
+    assert seen and all(shape == ((3, vocab), (3, backend6.text_config.hidden_size)) for shape in seen)  # the rows present
+
+    new_tokens_, new_layers, new_visits = generated(backend6, FirstExit(backend6, [2, 4]), inputs)
+    assert torch_equal(tokens, new_tokens_) and torch_equal(layers, new_layers) and visits == new_visits
+
+    # a rule that reads the logits: identical to the built-in confidence strategy, charges included
+    for threshold in (0.05, 0.1):
+        old = registry.strategy("confidence-v1")
+        new = registry.strategy("confidence")
+        got = generated(backend6, old(backend6, [2, 4], old.Config(threshold=threshold)), inputs)
+        want = generated(backend6, new(backend6, [2, 4], new.Config(threshold=threshold)), inputs)
+        assert torch_equal(got[0], want[0]) and torch_equal(got[1], want[1]) and got[2] == want[2]
+    decoded = got[1][:, 1:]
+    assert len(set(decoded.flatten().tolist())) > 1, "the rule should leave at more than one depth"
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return a.shape == b.shape and torch.equal(a, b)
+
+
+FUTURE_CONTRACT_PLUGIN = """
+    from earlyexit import Strategy, hookimpl
+
+    class NextGeneration(Strategy):
+        name = "next-generation"
+        description = "written for a contract this earlyexit does not know"
+        {body}
+
+    @hookimpl
+    def earlyexit_register_strategies():
+        return [NextGeneration]
+"""
+
+
+@pytest.mark.parametrize("body, expected", [
+    ("contract_version = 3",
+     "strategy 'next-generation' is written for contract version 3; this earlyexit supports 1-2: upgrade earlyexit"),
+    ("def should_exit(self, exit_index, view, context, plan):\n            pass",
+     "strategy 'next-generation' has should_exit(exit_index, view, context, plan), which contract version 2 "
+     "cannot call"),
+    ("contract_version = 0", "declares contract_version 0"),
+])
+def test_a_strategy_the_engine_cannot_call_is_refused_in_one_line(install_distribution, thirdparty, capsys,
+                                                                   body, expected):
+    install_distribution("earlyexit-future", {"ee_future": FUTURE_CONTRACT_PLUGIN.format(body=body)},
+                         {"future": "ee_future"})
+    registry = get_registry()
+    assert [(f.plugin, f.distribution) for f in registry.failures] == [("future", "earlyexit-future")]
+    assert registry.failures[0].error.startswith("PluginError: strategy 'next-generation' ")
+    assert expected in registry.failures[0].error
+    assert "\n" not in str(registry.failures[0])
+    assert "next-generation" not in registry.names("strategy")
+    assert registry.strategy("toy-strategy") and registry.strategy("fixed")  # the others keep working
+
+    assert main(["list"]) == 0
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: plugin 'future' from earlyexit-future failed to load")
+    assert expected in err[0]
+    assert "toy-strategy" in captured.out and "fixed" in captured.out and "next-generation" not in captured.out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from earlyexit.data.prompts import one_caption_per_sample
@@ -21,8 +22,33 @@ if TYPE_CHECKING:  # pragma: no cover
 
 # The plugin contract's version. 1: `should_exit(exit_index, logits, hidden, context)`, the exit's
 # logits always computed first. 2: `should_exit(exit_index, view, context)`, the view computes
-# logits only when asked (docs/plugins.md says what changed).
+# logits only when asked (docs/contract-versions.md says what changed).
 CONTRACT_VERSION = 2
+
+# What `should_exit` takes after `self` under each contract version.
+CONTRACT_SIGNATURES = {1: ("exit_index", "logits", "hidden", "context"), 2: ("exit_index", "view", "context")}
+
+
+def should_exit_signature(cls: type) -> inspect.Signature | None:
+    """`cls.should_exit`'s parameters as the engine calls it on an instance (without `self`), or
+    None where they cannot be read."""
+    raw = inspect.getattr_static(cls, "should_exit", None)
+    method = raw.__get__(cls, cls) if hasattr(type(raw), "__get__") else raw  # bound as on an instance
+    try:
+        return inspect.signature(method)
+    except (TypeError, ValueError):
+        return None
+
+
+def signature_contract(cls: type) -> int:
+    """The contract version `cls.should_exit` is written for, read from its parameters: 1 where
+    they begin with contract 1's names, else the current one."""
+    signature = should_exit_signature(cls)
+    positional = [p.name for p in (signature.parameters.values() if signature else ())
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    old = CONTRACT_SIGNATURES[1]
+    return 1 if tuple(positional[:len(old)]) == old else CONTRACT_VERSION
+
 
 @dataclasses.dataclass
 class StrategyConfig:
@@ -74,6 +100,10 @@ class Strategy:
     knob_is_confidence: ClassVar[bool] = False  # the knob is a max-softmax threshold (comparable to `confidence`)
     knob_safer: ClassVar[str] = "higher"  # which way the knob exits less: "higher" or "lower" values
     accepts_gate: ClassVar[bool] = True  # False when the rule must see every exit of every row (PABEE's counter)
+    #: The plugin contract the class is written for. Undeclared, it follows the parameters of the
+    #: class's own `should_exit` (`exit_index, logits, hidden, context`: 1); the registry adapts a
+    #: version-1 class and refuses one newer than `CONTRACT_VERSION` (docs/contract-versions.md).
+    contract_version: ClassVar[int] = CONTRACT_VERSION
 
     def __init__(self, backend: Backend, exit_layers: list[int], config: StrategyConfig | None = None):
         self.backend = backend
@@ -85,6 +115,8 @@ class Strategy:
         layers) lands on the backbone's device and in its dtype once the outermost constructor
         has finished: no strategy has to place its modules itself."""
         super().__init_subclass__(**kwargs)
+        if "should_exit" in cls.__dict__ and "contract_version" not in cls.__dict__:
+            cls.contract_version = signature_contract(cls)  # the version goes with the rule's own signature
         init = cls.__dict__.get("__init__")
         if init is None:
             return

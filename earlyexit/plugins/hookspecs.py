@@ -33,6 +33,10 @@ def earlyexit_register_strategies() -> list[type[Strategy]]:
     """Called once when a registry is built, like `earlyexit_register_backends`.
 
     Return a list of `Strategy` subclasses (classes, not instances), each with a unique `name`.
+    Each is written for a plugin contract version (`Strategy.contract_version`, read from
+    `should_exit`'s parameters unless declared): the current one (`earlyexit.CONTRACT_VERSION`)
+    is called as it is; version 1 (`should_exit(exit_index, logits, hidden, context)`) is adapted
+    with a DeprecationWarning; a newer one fails this plugin in one line (docs/contract-versions.md).
     """
 
 

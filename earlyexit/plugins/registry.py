@@ -12,12 +12,13 @@ import difflib
 import importlib
 import importlib.metadata
 import os
+import warnings
 from typing import Any
 
 import pluggy
 
 from earlyexit.core.backend import Backend
-from earlyexit.core.strategy import Strategy
+from earlyexit.core.strategy import CONTRACT_SIGNATURES, CONTRACT_VERSION, Strategy, should_exit_signature
 from earlyexit.errors import PluginError
 from earlyexit.plugins import hookspecs
 
@@ -122,6 +123,7 @@ class Registry:
         self._sources: dict[str, str] = getattr(pm, "sources", {})
         self._classes: dict[str, dict[str, type]] = {kind: {} for kind in self.KINDS}
         self._providers: dict[str, dict[str, str]] = {kind: {} for kind in self.KINDS}
+        self._adapted: dict[type, type] = {}  # an older contract's strategy class -> its adapter
         self.hook = pm.hook
         self._collect(pm.hook.earlyexit_register_backends, "backend", Backend)
         self._collect(pm.hook.earlyexit_register_strategies, "strategy", Strategy)
@@ -134,6 +136,8 @@ class Registry:
             source = self._sources.get(impl.plugin_name, impl.plugin_name)
             try:
                 classes = self._validated(impl.function(), kind, base)
+                if kind == "strategy":
+                    classes = self._on_current_contract(classes, impl.plugin_name, source)
             except BaseException as error:  # noqa: BLE001 - a broken third-party hook must not stop the rest
                 if source == BUILTIN_SOURCE or isinstance(error, KeyboardInterrupt):
                     raise
@@ -154,6 +158,25 @@ class Registry:
             if not cls.name:
                 raise PluginError(f"{kind} class {cls.__qualname__} has an empty `name`")
         return classes
+
+    def _on_current_contract(self, classes: list[type], plugin: str, source: str) -> list[type]:
+        """The strategy classes as the engine calls them: a class written for contract version 1
+        is replaced by its adapter (one DeprecationWarning each); one the engine cannot call
+        fails the plugin in one line. Current-contract classes stay as they are: no wrapper."""
+        versions = [contract_checked(cls) for cls in classes]  # refuse before warning about any
+        current = []
+        for cls, version in zip(classes, versions):
+            if version < CONTRACT_VERSION:
+                if cls not in self._adapted:
+                    self._adapted[cls] = adapted_from_contract_1(cls)
+                warnings.warn(f"{plugin_label(plugin, source)}: strategy '{cls.name}' is written for contract "
+                              f"version {version}; this earlyexit (contract version {CONTRACT_VERSION}) adapts it, "
+                              "computing every exit's logits before it decides; port it to "
+                              f"should_exit({', '.join(CONTRACT_SIGNATURES[CONTRACT_VERSION])}) "
+                              "(docs/contract-versions.md)", DeprecationWarning, stacklevel=2)
+                cls = self._adapted[cls]
+            current.append(cls)
+        return current
 
     def _add(self, kind: str, cls: type, source: str) -> None:
         existing = self._classes[kind].get(cls.name)
@@ -204,6 +227,57 @@ class Registry:
             for kind in self.KINDS
             for name in self.names(kind)
         ]
+
+
+def plugin_label(plugin: str, source: str) -> str:
+    """How a registered plugin is named to the user: its entry point and distribution."""
+    entry_point = plugin.rpartition(":")[2]  # entry points register as "distribution:entry point"
+    return f"plugin '{entry_point}' from {source}" if source != plugin else f"plugin '{plugin}'"
+
+
+def contract_checked(cls: type[Strategy]) -> int:
+    """The contract version `cls` is written for, when this earlyexit can call it (the current
+    one, or 1 through an adapter); else a one-line PluginError naming the version it needs."""
+    version = cls.contract_version
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise PluginError(f"strategy '{cls.name}' declares contract_version {version!r}; contract versions are "
+                          f"whole numbers, and this earlyexit supports 1-{CONTRACT_VERSION}")
+    if version > CONTRACT_VERSION:
+        raise PluginError(f"strategy '{cls.name}' is written for contract version {version}; this earlyexit "
+                          f"supports 1-{CONTRACT_VERSION}: upgrade earlyexit")
+    expected = CONTRACT_SIGNATURES[version]
+    signature = should_exit_signature(cls)
+    try:
+        if signature is None:
+            raise TypeError
+        signature.bind(*expected)
+    except TypeError:
+        shown = f"should_exit{signature}" if signature is not None else "a should_exit"
+        known = ", ".join(f"{v} ({', '.join(names)})" for v, names in sorted(CONTRACT_SIGNATURES.items()))
+        raise PluginError(f"strategy '{cls.name}' has {shown}, which contract version {version} cannot call (it "
+                          f"passes {', '.join(expected)}); the versions this earlyexit supports: {known}; the "
+                          "plugin needs fixing (docs/contract-versions.md)") from None
+    return version
+
+
+def adapted_from_contract_1(cls: type[Strategy]) -> type[Strategy]:
+    """A subclass of `cls` (written for contract version 1) that the engine calls as the current
+    contract: it computes the exit's logits (charged, as `view.logits()` always is) and hands
+    them and the state they were read from to the old `should_exit`. Same name, module and
+    everything else; only contract-1 classes pay for this indirection."""
+
+    def should_exit(self, exit_index, view, context):
+        return super(adapted, self).should_exit(exit_index, view.logits(), view.state(), context)
+
+    adapted = type(cls.__name__, (cls,), {
+        "__module__": cls.__module__,
+        "__qualname__": cls.__qualname__,
+        "__doc__": cls.__doc__,
+        "should_exit": should_exit,
+        "contract_version": CONTRACT_VERSION,
+        "adapted_from": cls,
+    })
+    return adapted
 
 
 def get_registry(load_entrypoints: bool | None = None) -> Registry:
