@@ -174,97 +174,164 @@ def alignment_loss(model, image, words, columns, content):
     return torch.nn.functional.mse_loss(image[rows].mean(1), target) * table.shape[1]  # summed over the width
 
 
-def build(recipe: dict, path: str, progress: bool = True) -> dict:
-    """Build the recipe and save it to `path` atomically; returns build info (also saved)."""
-    import torch
+class Objectives:
+    """Both stages' losses, over the batch and what every step shares: the model, the stage-1
+    probe, the bag-of-words columns (`content`: the colour and shape ones among them) and the
+    recipe's weights of the alignment and stage-1 losses."""
+
+    def __init__(self, model, probe, columns: list[int], content: list[int], align: float, weight: float):
+        self.model, self.probe = model, probe
+        self.columns, self.content = columns, content
+        self.align, self.weight = align, weight
+
+    def words_step(self, batch, engine) -> dict:
+        """Stage 1: the pooled queries predict the caption's words (and the prefix aligns)."""
+        model, columns = self.model, self.columns
+        features, words = batch["pixel_values"], batch["caption_words"]
+        loss = words_loss(model, self.probe, features, words, columns)
+        result = {"words": loss.item()}
+        if self.align:
+            aligned = alignment_loss(model, model.get_image_features_from_encoded(features), words, columns,
+                                     self.content)
+            loss = loss + self.align * aligned
+            result["align"] = aligned.item()
+        engine.optimize("image", loss)
+        return result
+
+    def caption_step(self, batch, engine) -> dict:
+        """Stage 2: the frozen language model's loss on the labels, beside the stage-1 losses on
+        the rows with caption words."""
+        model, columns = self.model, self.columns
+        features, words = batch.pop("pixel_values"), batch.pop("caption_words")
+        image = model.get_image_features_from_encoded(features)
+        embeds = model.embed_inputs(None, batch["input_ids"], image_features=image)
+        loss = labelled_loss(model.language_model, embeds, batch["attention_mask"], batch["labels"])
+        result = {"lm": loss.item()}
+        rows = words.sum(-1) > 0
+        if self.weight and bool(rows.any()):
+            aux = words_loss(model, self.probe, features[rows], words[rows], columns)
+            loss = loss + self.weight * aux
+            result["words"] = aux.item()
+        if self.align and bool(rows.any()):
+            aligned = alignment_loss(model, image, words, columns, self.content)
+            loss = loss + self.align * aligned
+            result["align"] = aligned.item()
+        result["loss"] = engine.optimize("model", loss)
+        return result
 
 
-    started = time.perf_counter()
-    if progress:
-        print(f"building the embedded '{NAME}' model ({fingerprint(recipe)}): SmolLM2 from its GGUF file, "
-              "EfficientNet-Lite0, then training the Q-Former and projection; this happens once", file=sys.stderr)
+def load_image_side(recipe: dict):
+    """The backend with a new image side on the recipe's language model, and the parameters
+    that train (the language model and the image encoder frozen)."""
     backend = Minigpt4LlamaBackend.with_new_image_side(gguf_path(recipe), **recipe["image_side"])
-    model = backend.model
-    trainable = freeze_all_but_image_side(model)
+    return backend, freeze_all_but_image_side(backend.model)
+
+
+def stage_settings(recipe: dict, stage: str) -> dict:
+    """A stage's training settings (`encoder_pretrain` or `train`) less its batch size."""
+    return {key: value for key, value in recipe[stage].items() if key != "batch_size"}
+
+
+def training_batches(backend, recipe: dict) -> tuple:
+    """Stage 1's batches (the caption data alone) and stage 2's (every task), both with each
+    sample's caption words."""
     scenes = SceneConfig(**recipe["scenes"])
     datasets = [load_scenes("train", task=task, config=scenes) for task in recipe["tasks"]]
     datasets = [thin_questions(d, recipe["questions_per_image"]) if d.task == "vqa" else d for d in datasets]
     captions = [d for d in datasets if d.task == "caption"]
-    pretrain, settings = dict(recipe["encoder_pretrain"]), dict(recipe["train"])
-    words_batches = TrainingBatches(backend, captions, batch_size=pretrain.pop("batch_size"), seed=pretrain["seed"],
+    pretrain, settings = recipe["encoder_pretrain"], recipe["train"]
+    words_batches = TrainingBatches(backend, captions, batch_size=pretrain["batch_size"], seed=pretrain["seed"],
                                     caption_words=True)
-    batches = TrainingBatches(backend, datasets, batch_size=settings.pop("batch_size"), seed=settings["seed"],
+    batches = TrainingBatches(backend, datasets, batch_size=settings["batch_size"], seed=settings["seed"],
                               caption_words=True)
-    loaded = time.perf_counter()
+    return words_batches, batches
+
+
+def encode_training_images(model, words_batches, batches, progress: bool):
+    """Encode every training image once and hand both batch makers the encoder's features in
+    place of pixels (they then carry them under "pixel_values"); returns the features."""
     # both batch makers index the same distinct images in the same order (captions first)
     features = encode_once(model, batches.pixels, progress=progress)
     if hasattr(model.vision_model, "standardize"):  # saved with the model: inference reads the same scale
         features = model.vision_model.standardize(features)
     words_batches.pixels = features[: len(words_batches.pixels)]
-    batches.pixels = features  # batches now carry encoder features under "pixel_values"
-    encoded = time.perf_counter()
+    batches.pixels = features
+    return features
+
+
+def objectives(model, recipe: dict, batches) -> Objectives:
+    """The losses' shared parts: the bag-of-words columns and the stage-1 probe over them (its
+    initial weights drawn from the image side's seed)."""
+    import torch
+
     columns = caption_columns(batches)
     content = content_columns(batches, columns)
-    align = recipe.get("align_weight", 0.0)
     torch.manual_seed(recipe["image_side"]["seed"])
     probe = torch.nn.Linear(model.qformer.config.hidden_size, len(columns))
-    image_side = {**{n: p for n, p in trainable.items() if align or not n.startswith("language_projection.")},
-                  **{f"probe.{n}": p for n, p in probe.named_parameters()}}
+    return Objectives(model, probe, columns, content, align=recipe.get("align_weight", 0.0),
+                      weight=recipe["caption_words_weight"])
+
+
+def train_words(model, trainable: dict, goals: Objectives, words_batches, recipe: dict, work: str,
+                progress: bool) -> list:
+    """Stage 1: the Q-Former and the probe (and the projection, when the prefix aligns) learn
+    each caption image's words. Returns every step's losses."""
+    probe = {f"probe.{n}": p for n, p in goals.probe.named_parameters()}
+    image_side = {**{n: p for n, p in trainable.items() if goals.align or not n.startswith("language_projection.")},
+                  **probe}
+    config = TrainConfig(output_dir=os.path.join(work, "words"), progress=progress, checkpoint_every=10**9,
+                         **stage_settings(recipe, "encoder_pretrain"))
+    return train(model, goals.words_step, words_batches, config, PlainEngine({"image": image_side}, config))
+
+
+def train_captions(model, trainable: dict, goals: Objectives, batches, recipe: dict, work: str,
+                   progress: bool) -> list:
+    """Stage 2: the image side and the probe learn captioning and VQA through the frozen
+    language model. Returns every step's losses."""
+    config = TrainConfig(output_dir=os.path.join(work, "captions"), progress=progress, checkpoint_every=10**9,
+                         **stage_settings(recipe, "train"))
+    engine = PlainEngine({"model": {**trainable, **{f"probe.{n}": p for n, p in goals.probe.named_parameters()}}},
+                         config)
+    return train(model, goals.caption_step, batches, config, engine)
+
+
+def build_info(recipe: dict, clock: dict, features, words_losses: list, losses: list) -> dict:
+    """What the build saves beside the model: its recipe, where the time went, its final losses."""
+    import torch
+
+    tail = losses[-50:]
+    return {"recipe": recipe, "fingerprint": fingerprint(recipe), "train_seconds": clock["finished"] - clock["started"],
+            "seconds": {"load": clock["loaded"] - clock["started"], "encode_images": clock["encoded"] - clock["loaded"],
+                        "stage1_words": clock["pretrained"] - clock["encoded"],
+                        "stage2_captions": clock["finished"] - clock["pretrained"]},
+            "images_encoded": len(features), "torch_threads": torch.get_num_threads(),
+            "load_average_1min": os.getloadavg()[0],
+            "final_words_loss": sum(e["words"] for e in words_losses[-50:]) / min(50, len(words_losses)),
+            "final_loss": sum(e["lm"] for e in tail) / len(tail)}
+
+
+def build(recipe: dict, path: str, progress: bool = True) -> dict:
+    """Build the recipe and save it to `path` atomically; returns build info (also saved)."""
+    clock = {"started": time.perf_counter()}
+    if progress:
+        print(f"building the embedded '{NAME}' model ({fingerprint(recipe)}): SmolLM2 from its GGUF file, "
+              "EfficientNet-Lite0, then training the Q-Former and projection; this happens once", file=sys.stderr)
+    backend, trainable = load_image_side(recipe)
+    model = backend.model
+    words_batches, batches = training_batches(backend, recipe)
+    clock["loaded"] = time.perf_counter()
+    features = encode_training_images(model, words_batches, batches, progress)
+    clock["encoded"] = time.perf_counter()
+    goals = objectives(model, recipe, batches)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     work = tempfile.mkdtemp(prefix=f".{NAME}-build-", dir=os.path.dirname(path))
     try:
-        def words_step(batch, engine) -> dict:
-            features, words = batch["pixel_values"], batch["caption_words"]
-            loss = words_loss(model, probe, features, words, columns)
-            result = {"words": loss.item()}
-            if align:
-                aligned = alignment_loss(model, model.get_image_features_from_encoded(features), words, columns,
-                                         content)
-                loss = loss + align * aligned
-                result["align"] = aligned.item()
-            engine.optimize("image", loss)
-            return result
-
-        config = TrainConfig(output_dir=os.path.join(work, "words"), progress=progress, checkpoint_every=10**9,
-                             **pretrain)
-        words_losses = train(model, words_step, words_batches, config, PlainEngine({"image": image_side}, config))
-        pretrained = time.perf_counter()
-
-        weight = recipe["caption_words_weight"]
-
-        def step(batch, engine) -> dict:
-            features, words = batch.pop("pixel_values"), batch.pop("caption_words")
-            image = model.get_image_features_from_encoded(features)
-            embeds = model.embed_inputs(None, batch["input_ids"], image_features=image)
-            loss = labelled_loss(model.language_model, embeds, batch["attention_mask"], batch["labels"])
-            result = {"lm": loss.item()}
-            rows = words.sum(-1) > 0
-            if weight and bool(rows.any()):
-                aux = words_loss(model, probe, features[rows], words[rows], columns)
-                loss = loss + weight * aux
-                result["words"] = aux.item()
-            if align and bool(rows.any()):
-                aligned = alignment_loss(model, image, words, columns, content)
-                loss = loss + align * aligned
-                result["align"] = aligned.item()
-            result["loss"] = engine.optimize("model", loss)
-            return result
-
-        config = TrainConfig(output_dir=os.path.join(work, "captions"), progress=progress, checkpoint_every=10**9,
-                             **settings)
-        engine = PlainEngine({"model": {**trainable, **{f"probe.{n}": p for n, p in probe.named_parameters()}}},
-                             config)
-        losses = train(model, step, batches, config, engine)
-        finished = time.perf_counter()
+        words_losses = train_words(model, trainable, goals, words_batches, recipe, work, progress)
+        clock["pretrained"] = time.perf_counter()
+        losses = train_captions(model, trainable, goals, batches, recipe, work, progress)
+        clock["finished"] = time.perf_counter()
         model.generation_config.max_new_tokens = recipe["max_new_tokens"]
-        tail = losses[-50:]
-        info = {"recipe": recipe, "fingerprint": fingerprint(recipe), "train_seconds": finished - started,
-                "seconds": {"load": loaded - started, "encode_images": encoded - loaded,
-                            "stage1_words": pretrained - encoded, "stage2_captions": finished - pretrained},
-                "images_encoded": len(features), "torch_threads": torch.get_num_threads(),
-                "load_average_1min": os.getloadavg()[0],
-                "final_words_loss": sum(e["words"] for e in words_losses[-50:]) / min(50, len(words_losses)),
-                "final_loss": sum(e["lm"] for e in tail) / len(tail)}
+        info = build_info(recipe, clock, features, words_losses, losses)
         save_build(backend, path, info)
     finally:
         shutil.rmtree(work, ignore_errors=True)
