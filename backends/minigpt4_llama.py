@@ -30,7 +30,7 @@ from earlyexit.backends.llama_decoder import LlamaDecoderMethods
 from earlyexit.core.backend import Backend
 from earlyexit.core.model_folder import hub_offline
 from earlyexit.data.tokenizer import DEFAULT_WORDS, build_tokenizer
-from earlyexit.errors import ConfigError, ModelNotAvailableError
+from earlyexit.errors import ConfigError, ModelNotAvailableError, first_line
 
 RECIPE_KEYS = ("language_model", "vision", "projection_checkpoint")
 TEMPLATE_WORDS = ("#", "human", "assistant", "<", ">", "/", "img")  # the tiny tokenizer spells the template
@@ -299,11 +299,6 @@ def unavailable_as_error(name: str):
         raise ModelNotAvailableError(
             f"model {name!r} is not available offline and the hub cannot be reached; download it on a "
             "connected machine and name its local folder instead (set HF_HUB_OFFLINE=1 to fail at once)") from error
-
-
-def first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0][:200] if lines else type(error).__name__
 
 
 def load_config(name: str, model_type: str, role: str, offline: bool):

@@ -28,7 +28,7 @@ import re
 import torch
 
 from earlyexit.backends.blip2_vision import project_queries
-from earlyexit.errors import CheckpointError, ConfigError
+from earlyexit.errors import CheckpointError, ConfigError, first_line
 
 CONFIG_FILE = "minigpt4_config.json"
 IMAGE_SIDE_FILE = "image_side.safetensors"
@@ -192,12 +192,12 @@ class MiniGPT4ForConditionalGeneration(torch.nn.Module):
                                                               local_files_only=True)
         except OSError as error:
             raise CheckpointError(f"{path}: the language model in {LANGUAGE_MODEL_FOLDER}/ could not be loaded "
-                                  f"({one_line(error)}); save the model again") from None
+                                  f"({first_line(error)}); save the model again") from None
         model = cls(config, language_model)
         try:
             state = load_file(os.path.join(path, IMAGE_SIDE_FILE))
         except (OSError, SafetensorError) as error:
-            raise CheckpointError(f"{path}: {IMAGE_SIDE_FILE} is unreadable ({one_line(error)}); save the model "
+            raise CheckpointError(f"{path}: {IMAGE_SIDE_FILE} is unreadable ({first_line(error)}); save the model "
                                   "again") from None
         model.load_image_side(state, os.path.join(path, IMAGE_SIDE_FILE))
         return model.to(dtype).eval()
@@ -269,11 +269,6 @@ class EfficientNetLiteFeatures(torch.nn.Module):
         self.net.load_state_dict({k: v for k, v in state.items() if k in own})  # strict: every kept tensor
 
 
-def one_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0][:200] if lines else type(error).__name__
-
-
 def read_projection_checkpoint(path: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(weight, bias) of `llama_proj` from a MiniGPT-4 `.pth` (its `model` dict, or the dict
     itself). Read with `weights_only=True`: tensors and plain containers only, so a planted
@@ -291,7 +286,7 @@ def read_projection_checkpoint(path: str) -> tuple[torch.Tensor, torch.Tensor]:
             raise CheckpointError(f"{path} holds more than tensors and plain data, so it was not loaded "
                                   f"({refused.group(0)}); use the checkpoint as released, or re-save its weights "
                                   "with torch.save") from None
-        reason = one_line(error).removeprefix("Weights only load failed. ")
+        reason = first_line(error).removeprefix("Weights only load failed. ")
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(error).__name__}: "
                               f"{reason[:120]})") from None
     weights = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
@@ -367,6 +362,6 @@ class MiniGPT4Processor:
             image_processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
         except (OSError, ValueError) as error:
             raise CheckpointError(f"{path}: the processor (tokenizer, image processor, {PROCESSOR_FILE}) could not "
-                                  f"be loaded ({one_line(error)}); save the model again") from None
+                                  f"be loaded ({first_line(error)}); save the model again") from None
         tokenizer.padding_side = "left"
         return cls(image_processor, tokenizer, **settings)

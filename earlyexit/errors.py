@@ -40,3 +40,12 @@ class CheckpointError(EarlyExitError):
 class CorruptAdapterError(CheckpointError):
     """An adapter folder whose files are damaged: a missing, unreadable or malformed config, or
     truncated weights. A cache entry in this state is rebuilt; a folder the user named is reported."""
+
+
+def first_line(error: BaseException, with_type: bool = False) -> str:
+    """An exception's message as one short line, for one-line errors (its type's name when it
+    has no message; `with_type` puts the type's name first, for errors that are not ours)."""
+    lines = str(error).strip().splitlines()
+    if not lines:
+        return type(error).__name__
+    return f"{type(error).__name__}: {lines[0]}" if with_type else lines[0][:200]

@@ -395,7 +395,8 @@ def test_a_damaged_embedded_model_is_rebuilt_with_a_one_line_notice(tmp_path, mo
 def test_run_retrains_a_damaged_cached_adapter_with_a_notice(world, tmp_path, capsys):
     from earlyexit.backends.blip2_opt import Blip2OptBackend
     from earlyexit.models.adapters import backbone_fingerprint, save_exits
-    from earlyexit.pipeline.run import RunSettings, exits_cache_folder
+    from earlyexit.pipeline.exits import exits_cache_folder
+    from earlyexit.pipeline.run import RunSettings
     from earlyexit.plugins.registry import get_registry
 
     backend = Blip2OptBackend.from_pretrained(world["model"])

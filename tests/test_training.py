@@ -192,11 +192,11 @@ def test_stale_checkpoint_is_skipped_and_never_costs_a_valid_one(scenes, tmp_pat
 
 
 def test_a_failed_final_save_leaves_the_previous_model(tmp_path, monkeypatch):
-    from earlyexit.cli.train import save_model_atomically
+    from earlyexit.core.model_folder import save_model_folder
 
     backend = make_backend(seed=3, num_layers=2)
     final = tmp_path / "model"
-    save_model_atomically(backend, str(final))
+    save_model_folder(backend, str(final))
     before = sorted(p.name for p in final.iterdir())
 
     def dies_half_way(path):
@@ -207,10 +207,10 @@ def test_a_failed_final_save_leaves_the_previous_model(tmp_path, monkeypatch):
 
     monkeypatch.setattr(backend, "save_pretrained", dies_half_way)
     with pytest.raises(KeyboardInterrupt):
-        save_model_atomically(backend, str(final))
+        save_model_folder(backend, str(final))
     assert sorted(p.name for p in final.iterdir()) == before  # the previous model, whole
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".model-")]
     (tmp_path / ".model-left-by-kill").mkdir()  # kill -9 leaves its temporary folder behind
     monkeypatch.undo()
-    save_model_atomically(backend, str(final))
+    save_model_folder(backend, str(final))
     assert not (tmp_path / ".model-left-by-kill").exists()

@@ -26,8 +26,7 @@ from earlyexit.cli.generate import GenerateCommand
 from earlyexit.cli.listing import ListCommand, format_table
 from earlyexit.cli.run import RunCommand
 from earlyexit.cli.train import TrainCommand
-from earlyexit.errors import EarlyExitError
-from earlyexit.plugins.registry import one_line
+from earlyexit.errors import EarlyExitError, first_line
 
 __all__ = ["main", "build_parser", "SUBCOMMANDS", "report_plugin_failures", "format_table"]
 
@@ -89,5 +88,5 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         else:
-            print(f"internal error: {one_line(error)} (rerun with --debug for the traceback)", file=sys.stderr)
+            print(f"internal error: {first_line(error, with_type=True)} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1

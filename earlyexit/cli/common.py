@@ -11,12 +11,12 @@ import dataclasses
 import os
 import sys
 
+from earlyexit.core import choices
+from earlyexit.core.choices import DECODES, GATE_MODES, KV_POLICIES
 from earlyexit.data.images import read_image
 from earlyexit.errors import ConfigError, DataError
 from earlyexit.models.adapters import check_adapter_files, load_exits
 from earlyexit.util.devices import resolve
-
-KV_POLICIES = ("catchup", "propagate", "skip")
 
 
 # -- argument types -----------------------------------------------------------------------------
@@ -166,14 +166,14 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gate-threshold", type=float, help="the gate's threshold (learned: a probability; cosine: "
                                                              "a similarity)")
     add_gate_mode_argument(parser)
-    parser.add_argument("--decode", choices=["early-exit", "speculative"], default="early-exit",
+    parser.add_argument("--decode", choices=DECODES, default="early-exit",
                         help="early-exit (tokens leave at their exit) or speculative (exits draft, the full model "
                              "verifies: its output, token for token; greedy)")
     add_draft_arguments(parser, "the middle exit")
 
 
 def add_gate_mode_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--gate-mode", choices=["filter", "replace"], default="filter",
+    parser.add_argument("--gate-mode", choices=GATE_MODES[::-1], default="filter",
                         help="filter (default: rows the gate passes are checked by the strategy's own rule, the "
                              "rest go on without the exit's module and head) or replace (the gate alone decides)")
 
@@ -282,9 +282,7 @@ def draft_exit_index(args, strategy) -> int | None:
     """--draft-exit (a layer) as an exit index of the strategy."""
     if args.decode != "speculative" or args.draft_exit is None:
         return None
-    if args.draft_exit not in strategy.exit_layers:
-        raise ConfigError(f"--draft-exit {args.draft_exit} is not one of the exit layers {strategy.exit_layers}")
-    return strategy.exit_layers.index(args.draft_exit)
+    return choices.draft_exit_index(args.draft_exit, strategy.exit_layers)
 
 
 def load_model(registry, args):

@@ -13,6 +13,7 @@ from earlyexit.cli.common import (add_backend_argument, add_batch_size_argument,
                                   add_threshold_argument, add_vocabulary_arguments, build_strategy_config,
                                   device_options, parse_float_list, positive_int, quiet_transformers,
                                   report_plugin_failures)
+from earlyexit.core.choices import GATES, RULES, SPEED_TARGETS
 from earlyexit.errors import ConfigError
 from earlyexit.plugins.registry import get_registry
 from earlyexit.training.deepspeed_config import add_arguments, config_from_arguments
@@ -133,7 +134,7 @@ class RunCommand:
         add_option_argument(parser)
         add_threshold_argument(parser, "use this value of the strategy's knob (threshold, entropy, patience, γ) "
                                        "instead of calibrating")
-        parser.add_argument("--rule", choices=["best", "budget", "risk"], default="budget",
+        parser.add_argument("--rule", choices=RULES, default="budget",
                             help="calibration rule: fastest within --budget of the full model's quality (default), "
                                  "best quality, or risk: fastest whose share of outputs differing from the full "
                                  "model's is at most --budget with probability 1 - --epsilon (Learn-then-Test)")
@@ -145,14 +146,14 @@ class RunCommand:
         parser.add_argument("--grid", type=parse_float_list, default=None,
                             help="knob values to calibrate over (default: the strategy's grid, see `earlyexit list`)")
         add_kv_policy_argument(parser)
-        parser.add_argument("--gate", choices=["none", "learned", "cosine"], default="learned",
+        parser.add_argument("--gate", choices=("none", *GATES), default="learned",
                             help="decide before the head: learned (CALM's classifier, trained here in seconds; "
                                  "default), cosine (zero parameters) or none (the strategy's own rule)")
         add_gate_mode_argument(parser)
         parser.add_argument("--gate-threshold", type=float, default=0.3,
                             help="the gate's threshold in filter mode (default 0.3: it passes most rows the rule "
                                  "would take)")
-        parser.add_argument("--speed-target", choices=["layer", "wall"], default="layer",
+        parser.add_argument("--speed-target", choices=SPEED_TARGETS[::-1], default="layer",
                             help="what --rule budget maximises: layer speed-up (default: deterministic) or wall "
                                  "clock timed on dev (noisy on a busy or small machine)")
         parser.add_argument("--no-speculative", action="store_true",

@@ -8,17 +8,11 @@ import os
 from earlyexit.cli.common import (add_backend_argument, add_batch_size_argument, add_device_arguments,
                                   add_model_argument, add_output_argument, device_options, non_negative_int,
                                   positive_int, quiet_transformers, report_plugin_failures)
+from earlyexit.core.model_folder import save_model_folder
 from earlyexit.data.registry import load_dataset
 from earlyexit.plugins.registry import get_registry, notify
 from earlyexit.training.deepspeed_config import add_arguments, config_from_arguments, is_main_process
-from earlyexit.util.files import atomic_folder, check_writable
-
-
-def save_model_atomically(backend, final: str) -> None:
-    """A kill during the save leaves the previous model (or none), never a half-written folder
-    that later commands would take for a model."""
-    with atomic_folder(final) as temporary:
-        backend.save_pretrained(temporary)
+from earlyexit.util.files import check_writable
 
 
 class TrainCommand:
@@ -86,10 +80,10 @@ class TrainCommand:
         if engine is not None:
             with engine.full_parameters("model"):  # ZeRO-3: gather the shards before saving
                 if is_main_process():
-                    save_model_atomically(backend, final)
+                    save_model_folder(backend, final)
             engine.barrier()
         else:
-            save_model_atomically(backend, final)
+            save_model_folder(backend, final)
         if not is_main_process():
             return 0
         recent = [entry["loss"] for entry in losses[-min(50, len(losses)):]]

@@ -31,8 +31,6 @@ and at most one per exit point.
 
 from __future__ import annotations
 
-import os
-
 import torch
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -41,10 +39,11 @@ from earlyexit.core import kernels
 from earlyexit.core.accounting import ExitVisit, StepRecord, Trace
 from earlyexit.core.backend import Backend
 from earlyexit.core.cache import EarlyExitCache, WritePlan
+from earlyexit.core.choices import KV_POLICIES
 from earlyexit.core.strategy import ExitView, StepContext, Strategy
 from earlyexit.errors import ConfigError
+from earlyexit.util.devices import host_memory_bytes
 
-KV_POLICIES = ("catchup", "propagate", "skip")
 STACKED_KV_BYTES = 8 << 20  # propagate through one stacked K/V projection up to this size
 
 
@@ -58,7 +57,7 @@ def check_context(backend: Backend, prompt_length: int, max_new_tokens: int, row
                           f"{max_new_tokens} exceeds the model's context of {limit} positions; shorten the prompt "
                           "or lower --max-new-tokens")
     per_row = cache_bytes_per_row(backend, prompt_length + max_new_tokens, slots or backend.num_layers)
-    needed, available = rows * per_row, _memory_bytes()
+    needed, available = rows * per_row, host_memory_bytes()
     if available and needed > available // 2:
         raise ConfigError(f"{rows} rows (batch x beams) of {prompt_length + max_new_tokens} positions need about "
                           f"{needed / 2**30:.1f} GiB of cache, more than half of this machine's "
@@ -75,13 +74,6 @@ def cache_bytes_per_row(backend: Backend, positions: int, slots: int) -> int:
                                                                           or width // heads)
     itemsize = next(backend.language_model.parameters()).element_size()
     return positions * itemsize * (2 * slots * kv_width + width) + getattr(config, "vocab_size", 0) * 4
-
-
-def _memory_bytes() -> int | None:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # not on this platform
-        return None
 
 
 class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):

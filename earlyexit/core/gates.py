@@ -26,11 +26,10 @@ import os
 
 import torch
 
+from earlyexit.core.choices import GATE_MODES, GATES
 from earlyexit.errors import CheckpointError, ConfigError
 from earlyexit.util.files import atomic_folder
 
-GATES = ("learned", "cosine")
-MODES = ("replace", "filter")
 COSINE_GRID = (0.9, 0.95, 0.98, 0.99, 0.995, 0.999)
 
 
@@ -116,8 +115,8 @@ class CosineGate:
 
 
 def check_mode(mode: str) -> str:
-    if mode not in MODES:
-        raise ConfigError(f"gate mode must be one of {', '.join(MODES)} (got {mode!r})")
+    if mode not in GATE_MODES:
+        raise ConfigError(f"gate mode must be one of {', '.join(GATE_MODES)} (got {mode!r})")
     return mode
 
 

@@ -12,7 +12,8 @@ import json
 import os
 import struct
 
-from earlyexit.errors import CheckpointError, ConfigError, ModelNotAvailableError
+from earlyexit.errors import CheckpointError, ConfigError, ModelNotAvailableError, first_line
+from earlyexit.util.files import atomic_folder
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 WEIGHT_FILES = ("model.safetensors", SAFETENSORS_INDEX, "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -122,12 +123,6 @@ def is_local_model(name_or_path: str) -> bool:
     return False
 
 
-def first_line(error: BaseException) -> str:
-    """An exception's message as one short line (for one-line errors)."""
-    lines = str(error).strip().splitlines()
-    return lines[0][:200] if lines else type(error).__name__
-
-
 def load_checkpoint(name_or_path: str, model_type: str, text_type: str, family: str, model_class, processor_class,
                     dtype: str) -> tuple:
     """(model, processor, folder or hub id) of a vision-language checkpoint whose config is
@@ -180,3 +175,14 @@ def hub_offline() -> bool:
 
     flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("TRANSFORMERS_OFFLINE", ""))
     return constants.HF_HUB_OFFLINE or any(f.lower() in ("1", "true", "yes", "on") for f in flags)
+
+
+def save_model_folder(backend, path: str, build_info: dict | None = None) -> None:
+    """`save_pretrained` into `path`, all or nothing: a kill during the save leaves the previous
+    model (or none), never a half-written folder that later commands would take for a model.
+    `build_info` is written beside it as `earlyexit_build.json` (an embedded model's build)."""
+    with atomic_folder(path) as folder:
+        backend.save_pretrained(folder)
+        if build_info is not None:
+            with open(os.path.join(folder, "earlyexit_build.json"), "w") as handle:
+                json.dump(build_info, handle, indent=2)

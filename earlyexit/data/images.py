@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from earlyexit.errors import DataError
+from earlyexit.errors import DataError, first_line
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
@@ -86,13 +86,10 @@ def read_image(path: str, fix: str = "check the data set's image files"):
     except PermissionError:
         raise DataError(f"image file {path} cannot be read (permission denied); make it readable") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise DataError(f"{path} is too large to decode safely ({_first_line(error)}); {fix}") from None
+        raise DataError(f"{path} is too large to decode safely ({first_line(error)}); {fix}") from None
     except UnidentifiedImageError:
         raise DataError(f"{path} is not an image Pillow can read; {fix}") from None
     except (OSError, ValueError, SyntaxError, EOFError) as error:  # truncated or malformed data
-        raise DataError(f"{path} is not a readable image ({_first_line(error)}); {fix}") from None
+        raise DataError(f"{path} is not a readable image ({first_line(error)}); {fix}") from None
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return (text.splitlines()[0] if text else type(error).__name__)[:200]

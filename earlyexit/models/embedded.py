@@ -16,7 +16,9 @@ never on test: version 6 was chosen by test-split numbers, and the README says s
 
 from __future__ import annotations
 
+import ast
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -24,18 +26,26 @@ import sys
 import tempfile
 import time
 
+import transformers
+
 from earlyexit.backends.blip2_opt import Blip2OptBackend
-from earlyexit.core.model_folder import check_model_folder, safetensors_problem
+from earlyexit.core.model_folder import check_model_folder, safetensors_problem, save_model_folder
 from earlyexit.data.scenes import SceneConfig, load_scenes, vocabulary
 from earlyexit.data.tokenizer import DEFAULT_WORDS
 from earlyexit.errors import CheckpointError, ConfigError
 from earlyexit.training.batching import TrainingBatches
 from earlyexit.training.loop import PlainEngine, TrainConfig, train
-from earlyexit.util.files import atomic_folder
 
 NAME = "tiny"
 # name -> (backend that runs it, module holding its RECIPE and build(recipe, path, progress))
 MODELS = {"tiny": ("blip2-opt", "earlyexit.models.embedded"), "smol": ("minigpt4-llama", "earlyexit.models.smol")}
+
+# The code that shapes tiny's weights. Its digest is part of the recipe, so the fingerprint (the
+# cache key) changes with it; tests/test_recipe.py fails when the code changed and the recipe did
+# not, so no result file is ever measured on a model a fresh clone would not build.
+BUILD_MODULES = ("earlyexit.models.embedded", "earlyexit.training.loop", "earlyexit.training.batching",
+                 "earlyexit.data.prompts", "earlyexit.data.tokenizer", "earlyexit.data.scenes",
+                 "earlyexit.core.backend", "earlyexit.backends.blip2_opt", "earlyexit.backends.blip2_vision")
 
 RECIPE = {
     "version": 6,  # bump when code that shapes the trained model changes
@@ -59,6 +69,28 @@ RECIPE = {
     # pre-training from captions does) gives the image encoder a direct signal from step one.
     "caption_words_weight": 1.0,  # of the 5 per scene: keeps VQA from crowding out captions
 }
+
+
+def code_digest(modules=BUILD_MODULES, sources: dict[str, str] | None = None) -> str:
+    """A digest of what `modules` compute: their syntax trees without docstrings, comments,
+    formatting or the recipe itself, and the transformers release (its schedules and layers
+    shape the training too). `sources` overrides a module's source text (for tests)."""
+    digest = hashlib.sha256(".".join(transformers.__version__.split(".")[:2]).encode())
+    for name in modules:
+        source = (sources or {}).get(name)
+        if source is None:
+            with open(importlib.util.find_spec(name).origin, encoding="utf-8") as handle:
+                source = handle.read()
+        tree = ast.parse(source)
+        tree.body = [node for node in tree.body if not (isinstance(node, ast.Assign) and any(
+            isinstance(target, ast.Name) and target.id == "RECIPE" for target in node.targets))]
+        for node in ast.walk(tree):
+            body = getattr(node, "body", None)
+            if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and isinstance(
+                    getattr(body[0], "value", None), ast.Constant) and isinstance(body[0].value.value, str):
+                node.body = body[1:] or [ast.Pass()]
+        digest.update(name.encode() + ast.dump(tree).encode())
+    return digest.hexdigest()[:16]
 
 
 def cache_root() -> str:
@@ -174,7 +206,7 @@ def build(recipe: dict, path: str, progress: bool = True) -> dict:
         backend.model.generation_config.max_new_tokens = 20
         info = {"recipe": recipe, "fingerprint": fingerprint(recipe), "train_seconds": seconds,
                 "final_loss": sum(e["loss"] for e in losses[-50:]) / min(50, len(losses))}
-        save_build(backend, path, info)
+        save_model_folder(backend, path, info)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return info
@@ -238,14 +270,6 @@ def thin_questions(dataset, per_image: int):
     for n, questions in enumerate(by_image.values()):
         kept += [questions[(n + k) % len(questions)] for k in range(min(per_image, len(questions)))]
     return dataclasses.replace(dataset, samples=kept)
-
-
-def save_build(backend, path: str, info: dict) -> None:
-    """The built model and its `earlyexit_build.json` (what `build_info` reads), all or nothing."""
-    with atomic_folder(path) as model_dir:
-        backend.save_pretrained(model_dir)
-        with open(os.path.join(model_dir, "earlyexit_build.json"), "w") as handle:
-            json.dump(info, handle, indent=2)
 
 
 def build_info(recipe: dict = RECIPE) -> dict | None:

@@ -29,9 +29,10 @@ import tempfile
 import time
 
 from earlyexit.backends.minigpt4_llama import Minigpt4LlamaBackend
+from earlyexit.core.model_folder import save_model_folder
 from earlyexit.data.scenes import COLORS, SHAPES, SceneConfig, load_scenes
 from earlyexit.errors import ConfigError
-from earlyexit.models.embedded import fingerprint, save_build, thin_questions
+from earlyexit.models.embedded import fingerprint, thin_questions
 from earlyexit.training.batching import TrainingBatches
 from earlyexit.training.loop import PlainEngine, TrainConfig, train
 from earlyexit.util.progress import progress_bar
@@ -332,7 +333,7 @@ def build(recipe: dict, path: str, progress: bool = True) -> dict:
         clock["finished"] = time.perf_counter()
         model.generation_config.max_new_tokens = recipe["max_new_tokens"]
         info = build_info(recipe, clock, features, words_losses, losses)
-        save_build(backend, path, info)
+        save_model_folder(backend, path, info)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return info

@@ -19,7 +19,7 @@ import pluggy
 
 from earlyexit.core.backend import Backend
 from earlyexit.core.strategy import CONTRACT_SIGNATURES, CONTRACT_VERSION, Strategy, should_exit_signature
-from earlyexit.errors import PluginError
+from earlyexit.errors import PluginError, first_line
 from earlyexit.plugins import hookspecs
 
 BUILTIN_PLUGINS = (
@@ -54,11 +54,6 @@ class PluginFailure:
         return f"plugin '{self.plugin}' from {self.distribution} failed to load: {self.error}"
 
 
-def one_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
-
-
 class EarlyExitPluginManager(pluggy.PluginManager):
     """A pluggy manager that also remembers where each plugin came from and which failed."""
 
@@ -89,7 +84,7 @@ class EarlyExitPluginManager(pluggy.PluginManager):
             except BaseException as error:  # noqa: BLE001 - sys.exit() on import too; only ^C stops us
                 if isinstance(error, KeyboardInterrupt):
                     raise
-                self.failures.append(PluginFailure(entry_point.name, distribution, one_line(error)))
+                self.failures.append(PluginFailure(entry_point.name, distribution, first_line(error, with_type=True)))
 
 
 def autoload_disabled() -> bool:
@@ -142,7 +137,7 @@ class Registry:
                 if source == BUILTIN_SOURCE or isinstance(error, KeyboardInterrupt):
                     raise
                 entry_point = impl.plugin_name.rpartition(":")[2]  # registered as "distribution:entry point"
-                self.failures.append(PluginFailure(entry_point, source, one_line(error)))
+                self.failures.append(PluginFailure(entry_point, source, first_line(error, with_type=True)))
                 continue
             for cls in classes:
                 self._add(kind, cls, source)
@@ -300,7 +295,7 @@ def notify(registry, event: str, **kwargs) -> None:
             key = (impl.plugin_name, event)
             if key not in _REPORTED:
                 _REPORTED.add(key)
-                print(f"warning: plugin {impl.plugin_name} failed in earlyexit_{event}: {one_line(error)}",
+                print(f"warning: plugin {impl.plugin_name} failed in earlyexit_{event}: {first_line(error, with_type=True)}",
                       file=sys.stderr)
 
 

@@ -15,6 +15,7 @@ from earlyexit.data import Dataset
 from earlyexit.data.prompts import target_for
 from earlyexit.errors import ConfigError
 from earlyexit.training.batching import TrainingBatches
+from earlyexit.util.devices import host_memory_bytes
 
 
 @dataclasses.dataclass
@@ -129,10 +130,7 @@ def feature_cache_budget() -> int:
         except ValueError:
             raise ConfigError(f"EARLYEXIT_FEATURE_CACHE_GB={setting!r} is not a number of GiB (e.g. 4, or 0 for "
                               "no cache)") from None
-    try:
-        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        memory = 8 * 2**30
+    memory = host_memory_bytes() or 8 * 2**30
     return min(8 * 2**30, memory // 4)
 
 

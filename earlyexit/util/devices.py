@@ -95,3 +95,11 @@ def torch_dtype(name: str):
 def distributed_backend(device: str) -> str:
     """The collective backend for a model on `device`: nccl on CUDA GPUs, gloo elsewhere."""
     return "nccl" if str(device).startswith("cuda") else "gloo"
+
+
+def host_memory_bytes() -> int | None:
+    """This machine's physical memory, or None where the platform does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not on this platform
+        return None

@@ -1,0 +1,72 @@
+"""Step 1 of a run: the backbone, the strategy, and its exits (from the adapter cache, or trained
+on the exit-training split and saved there)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+
+from earlyexit.data.splits import load_split, splits_for
+from earlyexit.errors import CorruptAdapterError
+from earlyexit.models import embedded
+from earlyexit.models.adapters import backbone_fingerprint, load_exits, save_exits
+from earlyexit.models.loading import load_backend
+from earlyexit.pipeline.context import RunContext
+from earlyexit.pipeline.settings import RunSettings
+from earlyexit.training.exits import train_exits
+
+
+def exits_cache_folder(settings: RunSettings, strategy, backbone_fingerprint: str) -> str:
+    """Where the trained exits of this strategy, backbone and training data are cached."""
+    # version 2: exit states and the last layer's compared before the final norm (FREE's like-with-like fix);
+    # version 3: frozen-backbone features cached across epochs (later epochs keep the first one's batches)
+    recipe = {"version": 3, "strategy": strategy.name, "exit_layers": strategy.exit_layers, "data": settings.data,
+              "train_limit": settings.train_limit, "seed": settings.seed,
+              "config": {k: v for k, v in strategy.config.to_dict().items() if k != strategy.knob}}
+    if settings.dtype not in (None, "float32"):  # exits trained in another precision are other exits
+        recipe["dtype"] = settings.dtype
+    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+    return os.path.join(embedded.cache_root(), "exits", f"{settings.backend}-{backbone_fingerprint}-{strategy.name}-{key}")
+
+
+def load_models(run: RunContext) -> None:
+    """The backbone and an untrained strategy at its exit layers; every knob value the run will
+    try is checked against the strategy's config before any training."""
+    settings = run.settings
+    run.backend = load_backend(run.registry.backend(settings.backend), settings.model, device=settings.device,
+                               dtype=settings.dtype)
+    strategy_cls = run.registry.strategy(settings.strategy)
+    config = strategy_cls.Config(**settings.options)
+    exit_layers = settings.exit_layers or strategy_cls.default_exit_layers(run.backend.num_layers)
+    run.strategy = strategy = strategy_cls(run.backend, exit_layers, config)
+    if strategy.knob and not (settings.gate != "none" and settings.gate_mode == "replace" and strategy.accepts_gate):
+        for value in [v for v in (settings.threshold, *(settings.grid or ())) if v is not None]:
+            strategy.config_with_knob(strategy.config, value)  # refuses bad values before any training
+    run.train_split = splits_for(settings.data)[0]
+
+
+def prepare_exits(run: RunContext) -> None:
+    """The strategy's trained exits: reused from the cache, else trained and saved (rank 0 saves)."""
+    settings, strategy = run.settings, run.strategy
+    if not strategy.needs_training:
+        return
+    folder = exits_cache_folder(settings, strategy, backbone_fingerprint(run.backend))
+    if os.path.isdir(folder) and not settings.retrain:
+        try:
+            run.strategy = load_exits(folder, run.backend, run.registry)
+            run.log(f"exits: reusing {folder}")
+            return
+        except CorruptAdapterError as error:  # a cache entry is ours to rebuild
+            run.log(f"note: {error}; training them again")
+    run.log(f"exits: training {strategy.name} at layers {strategy.exit_layers} on {settings.data}/{run.train_split}")
+    with run.timed("train_exits_s"):
+        train_data = load_split(settings.data, run.train_split, settings.train_limit)
+        work = folder + ".work"  # checkpoints: an interrupted training resumes from here
+        train_exits(strategy, run.backend, train_data, work, seed=settings.seed, progress=settings.progress,
+                    deepspeed_config=settings.deepspeed,
+                    on_log=lambda step, losses: run.on_batch({"phase": "train_exits", "step": step, **losses}))
+        if run.main:  # every rank holds the trained exits; rank 0 saves them
+            save_exits(strategy, folder, backbone_name=settings.model)
+            shutil.rmtree(work, ignore_errors=True)

@@ -1,0 +1,67 @@
+"""Step 6 of a run: the per-exit accuracy of untrained versus trained exits (the paper's
+mid-crisis plot) and the report `run` returns."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+
+from earlyexit.evaluation.layer_accuracy import exit_accuracy, per_layer_accuracy
+from earlyexit.pipeline.context import RunContext
+from earlyexit.pipeline.drafting import Drafting
+from earlyexit.plugins.registry import notify
+from earlyexit.util.files import atomic_write, save_figure
+from earlyexit.util.provenance import provenance
+
+
+def mid_crisis_report(backend, strategy, dataset, folder: str, limit: int = 100) -> dict:
+    """Per-exit teacher-forced accuracy: untrained (shared head) versus the strategy's exits."""
+    import matplotlib  # a file-only backend chosen here, not for whoever imports this module
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    untrained = per_layer_accuracy(backend, dataset, limit=limit)
+    trained = exit_accuracy(backend, strategy, dataset, limit=limit)
+    os.makedirs(folder, exist_ok=True)
+    csv_path, png_path = os.path.join(folder, "mid_crisis.csv"), os.path.join(folder, "mid_crisis.png")
+    with atomic_write(csv_path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["layer", "untrained_accuracy", f"{strategy.name}_accuracy"])
+        for row in untrained:
+            writer.writerow([row["layer"], row["accuracy"], trained.get(row["layer"], "")])
+    figure, axis = plt.subplots(figsize=(5, 3.5))
+    axis.plot([r["layer"] for r in untrained], [r["accuracy"] for r in untrained], "o-",
+              label="untrained exits (shared head)")
+    axis.plot(list(trained), list(trained.values()), "s-", label=f"{strategy.name} exits")
+    axis.set_xlabel("exit layer")
+    axis.set_ylabel("next-token accuracy (teacher forced)")
+    axis.set_title("per-exit accuracy on the dev split")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    save_figure(figure, png_path)
+    plt.close(figure)
+    return {"untrained": {r["layer"]: r["accuracy"] for r in untrained}, "trained": trained,
+            "csv": csv_path, "png": png_path}
+
+
+
+def final_report(run: RunContext, knob, gate, calibration, drafting: Drafting, results: dict, mid_crisis,
+                 exit_vocabulary) -> dict:
+    """What `run` returns (rank 0), after telling the lifecycle hooks the run ended."""
+    settings, strategy, backend = run.settings, run.strategy, run.backend
+    notify(run.registry, "run_end", config=dataclasses.asdict(settings),
+           results={name: {"quality": r["quality"], "speed": {k: v for k, v in r["speed"].items() if k != "wall"}}
+                    for name, r in results.items()})
+    return {"settings": dataclasses.asdict(settings), "threshold": knob.value if knob is not None else None,
+            "knob": knob.name if knob is not None else None, "parameters": strategy.parameter_counts(),
+            "strategy_label": settings.strategy + (f" + {settings.gate} gate" if gate is not None else ""),
+            "draft_exit_layer": strategy.exit_layers[drafting.exit] if drafting.exit is not None else None,
+            "draft_choice": drafting.choice,
+            "exit_layers": strategy.exit_layers, "strategy_config": strategy.config.to_dict(),
+            "calibration": calibration, "results": results, "mid_crisis": mid_crisis, "timings": run.timings,
+            "gate_folder": getattr(gate, "folder", None),
+            "exit_vocabulary": exit_vocabulary.tolist() if exit_vocabulary is not None else None,
+            "num_layers": backend.num_layers, "output": run.output, "provenance": provenance(),
+            "tokenizer": backend.processor.tokenizer}
