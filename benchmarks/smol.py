@@ -37,7 +37,7 @@ MODEL, BACKEND = "smol", "minigpt4-llama"
 # rate and more epochs than FREE's defaults (which suit the embedded `tiny`), and no adversarial
 # term: on SmolLM2 the feature classifier separates the last layer's states from the exits'
 # almost perfectly and the generator's adversarial loss then pulls the exits away from the
-# final layer's tokens (see the README's smol section)
+# final layer's tokens (see docs/measurements.md, the smol section)
 FREE_RECIPE = "mode=distill,ce=true,adversarial=false,learning_rate=5e-4,epochs=8"
 # the classifier exits (DeeBERT, PABEE, LeeBERT) on smol: their read-out copies start from the
 # final layer's channel statistics, at a learning rate ten times their default, one epoch (with
@@ -98,7 +98,7 @@ def recipe_for(strategy: str, args) -> list:
 
 
 def summary(report: dict) -> dict:
-    """The numbers the README quotes, for each method the run evaluated on test."""
+    """The numbers docs/measurements.md quotes, for each method the run evaluated on test."""
     full = report["results"]["full"]["quality"]
     rows = {}
     for name, result in report["results"].items():

@@ -129,7 +129,7 @@ class RunCommand:
         add_strategy_argument(parser, required=True)
         add_model_argument(parser, default="tiny")
         add_device_arguments(parser)
-        parser.add_argument("--data", default="scenes", help="scenes (default), scenes-vqa, or NAME:ROOT (see README)")
+        parser.add_argument("--data", default="scenes", help="scenes (default), scenes-vqa, or NAME:ROOT (see docs/data-and-metrics.md)")
         add_exit_layers_argument(parser)
         add_option_argument(parser)
         add_threshold_argument(parser, "use this value of the strategy's knob (threshold, entropy, patience, γ) "

@@ -11,7 +11,7 @@ fingerprint, so a stale model is never picked up. `earlyexit build-tiny --force`
 `tiny`'s, whose fingerprint predates names) says which model it builds.
 
 Judge recipe changes on the val split (`benchmarks/grounding.py`, `earlyexit eval --split val`),
-never on test: version 6 was chosen by test-split numbers, and the README says so.
+never on test: version 6 was chosen by test-split numbers, and docs/measurements.md says so.
 """
 
 from __future__ import annotations
