@@ -22,6 +22,7 @@ import dataclasses
 
 from earlyexit import hookimpl
 from earlyexit.core.strategy import Strategy, TrainableConfig, config_field
+from earlyexit.data.tasks import task_of
 from earlyexit.errors import ConfigError
 
 MODES = ("supervised", "distill", "capfilt")
@@ -156,7 +157,7 @@ class FreeStrategy(Strategy):
 
         if self.config.mode == "distill":
             dataset = data.with_own_targets(dataset, data.backbone_captions(self.backend, dataset, progress=progress))
-        elif dataset.task == "caption" and self.config.mode == "capfilt":
+        elif task_of(dataset).outputs == "captions" and self.config.mode == "capfilt":
             config = self.config
             candidates = data.backbone_captions(self.backend, dataset, samples_per_image=config.capfilt_samples,
                                                 progress=progress)

@@ -12,6 +12,7 @@ Every figure has a fixed pixel size (`SIZES`); with nothing computed it says so 
 from __future__ import annotations
 
 from earlyexit.bench.tables import SCALED, metric_value
+from earlyexit.data.tasks import task_of
 from earlyexit.util.files import save_figure
 
 DPI = 100
@@ -108,7 +109,7 @@ def _per_exit_accuracy(fig, records) -> str | None:
 
 
 def _main_metric(report) -> str:
-    return {"caption": "CIDEr", "vqa": "accuracy", "dialog": "MRR"}[report["task"]]
+    return task_of(report["task"]).table_metric
 
 
 def _ablation(fig, records) -> str | None:

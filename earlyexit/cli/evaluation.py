@@ -10,8 +10,9 @@ from earlyexit.cli.common import (add_batch_size_argument, add_generation_argume
                                   load_model, positive_int, report_plugin_failures)
 from earlyexit.data.registry import load_dataset
 from earlyexit.data.splits import splits_for
+from earlyexit.data.tasks import task_of
 from earlyexit.errors import ConfigError
-from earlyexit.evaluation.common import RANKING_TAKES_NO_EXIT_VOCABULARY, EvalSettings
+from earlyexit.evaluation.common import EvalSettings
 from earlyexit.plugins.registry import get_registry, notify
 from earlyexit.training.deepspeed_config import launched_world_size
 from earlyexit.util.files import check_writable, write_json_atomically
@@ -86,12 +87,10 @@ class EvalCommand:
         registry = get_registry()
         report_plugin_failures(registry)
         dataset = load_dataset(args.data, args.split)
-        if dataset.task == "dialog":  # what answer ranking cannot do, refused before the model loads
-            from earlyexit.evaluation.dialog import check_dialog_data  # lazy: keeps --help and list free of torch
-
-            check_dialog_data(dataset, settings, args.decode)
-        if args.exit_vocabulary and dataset.task == "dialog":
-            raise ConfigError(RANKING_TAKES_NO_EXIT_VOCABULARY)
+        task = task_of(dataset)  # what the task cannot score or use, refused before the model loads
+        task.check(dataset, args.decode, settings.num_beams)
+        if args.exit_vocabulary:
+            task.refuse_exit_vocabulary()
         if (args.exit_vocabulary or args.draft_vocabulary) and not args.strategy and not getattr(args, "exits", None):
             raise ConfigError("--exit-vocabulary and --draft-vocabulary restrict what exits read out; pass --strategy "
                               "or --exits")

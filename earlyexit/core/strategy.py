@@ -12,7 +12,7 @@ import functools
 import inspect
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from earlyexit.data.prompts import one_caption_per_sample
+from earlyexit.data.tasks import task_of
 from earlyexit.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -269,8 +269,9 @@ class Strategy:
 
     def training_data(self, dataset, progress: bool = True):
         """The data set this strategy trains on, built from the exit-training split (default:
-        every reference caption is one item). FREE's distillation and CapFilt modes override it."""
-        return one_caption_per_sample(dataset) if dataset.task == "caption" else dataset
+        every reference caption is one item: `Task.training_items`). FREE's distillation and CapFilt
+        modes override it."""
+        return task_of(dataset).training_items(dataset)
 
     def training_step(self, batch: dict, engine, held_out: dict | None = None) -> dict[str, float]:
         """One optimisation step on `batch`: compute losses and call `engine.optimize(group,

@@ -1,4 +1,5 @@
-"""From a sample to the text the model reads and the text it should write, per task.
+"""From a sample to the text the model reads and the text it should write: the builders each
+task (`earlyexit.data.tasks`) is made of.
 
 Captioning uses an empty prompt (the model starts after BOS, as BLIP-2 does); VQA uses BLIP-2's
 "Question: … Answer:" prompt and the most frequent human answer as the target; a VisDial round
@@ -19,18 +20,36 @@ from earlyexit.errors import ConfigError
 VQA_PROMPT = "Question: {question} Answer:"
 
 
+def caption_prompt(sample: Sample) -> str:
+    """Nothing: a caption is written from the image alone."""
+    return ""
+
+
+def question_prompt(sample: Sample) -> str:
+    return VQA_PROMPT.format(question=sample.question)
+
+
+def reference_caption(sample: Sample, rng: np.random.Generator | None = None) -> str:
+    """The first reference caption, or one drawn with `rng`."""
+    if rng is None:
+        return sample.captions[0]
+    return sample.captions[int(rng.integers(len(sample.captions)))]
+
+
+def majority_answer(sample: Sample, rng: np.random.Generator | None = None) -> str:
+    """The most frequent answer (VQA's human answers; a VisDial round's ground truth)."""
+    return Counter(sample.answers).most_common(1)[0][0]
+
+
 def prompt_for(sample: Sample, task: str) -> str:
-    if task == "dialog":
-        return dialog_prompt(sample)
-    return VQA_PROMPT.format(question=sample.question) if task == "vqa" else ""
+    """The prompt for the task named `task` (a dialog round with all its history): the builder
+    `earlyexit.data.tasks.task_of(task).prompt` uses, for code that holds a task's name."""
+    return PROMPTS[task](sample)
 
 
 def target_for(sample: Sample, task: str, rng: np.random.Generator | None = None) -> str:
-    if task == "caption":
-        if rng is None:
-            return sample.captions[0]
-        return sample.captions[int(rng.integers(len(sample.captions)))]
-    return Counter(sample.answers).most_common(1)[0][0]
+    """The target for the task named `task`, as `earlyexit.data.tasks.task_of(task).target` gives it."""
+    return TARGETS[task](sample, rng)
 
 
 def dialog_prompt(sample, rounds: int | None = None) -> str:
@@ -69,3 +88,8 @@ def one_caption_per_sample(dataset: Dataset) -> Dataset:
     samples = [dataclasses.replace(s, id=f"{s.id}#{i}", captions=[c], extra={**s.extra, "image_id": s.extra.get(
         "image_id", s.id)}) for s in dataset for i, c in enumerate(s.captions)]
     return dataclasses.replace(dataset, samples=samples)
+
+
+# By task name, for `prompt_for` and `target_for`; the `Task` objects are made of the same builders.
+PROMPTS = {"caption": caption_prompt, "vqa": question_prompt, "dialog": dialog_prompt}
+TARGETS = {"caption": reference_caption, "vqa": majority_answer, "dialog": majority_answer}

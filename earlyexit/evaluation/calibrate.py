@@ -24,6 +24,7 @@ import math
 import os
 
 from earlyexit.core.gates import COSINE_GRID
+from earlyexit.data.tasks import task_of
 from earlyexit.errors import ConfigError
 from earlyexit.evaluation.evaluate import evaluate
 from earlyexit.util.files import atomic_write, save_figure
@@ -45,9 +46,10 @@ class CalibrationPoint:
     samples: int = 0
 
 
-def main_metric(task: str) -> str:
-    """The quality key calibration compares: CIDEr, VQA accuracy, or VisDial's MRR (ranking)."""
-    return {"caption": "CIDEr", "dialog": "MRR"}.get(task, "overall")
+def main_metric(task) -> str:
+    """The quality key calibration compares (the task's, by name or object): CIDEr, VQA accuracy
+    ("overall"), or VisDial's MRR (ranking)."""
+    return task_of(task).main_metric
 
 
 class Knob:
@@ -92,7 +94,7 @@ def sweep(backend, strategy, dataset, settings, grid=None, kv_policy: str = "cat
 
 
     settings = dataclasses.replace(settings, measure_wall=measure_wall, progress=False, quick_metrics=True)
-    metric = main_metric(dataset.task)
+    metric = task_of(dataset).main_metric
     reference = evaluate(backend, None, dataset, settings)
     full = reference["quality"][metric]
     points = []

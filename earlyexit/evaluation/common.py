@@ -1,5 +1,6 @@
 """What generating and ranking evaluations share: settings, image noise, the wall-clock
-comparison with the full model, and the record of what an evaluation ran with."""
+comparison with the full model, and the record of what an evaluation ran with (their common
+loop: `evaluation.loop`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import math
 import numpy as np
 from PIL import Image
 
+from earlyexit.data.tasks import RANKING_TAKES_NO_EXIT_VOCABULARY  # noqa: F401 (its old home: still importable)
 from earlyexit.errors import ConfigError
 
 DECODES = ("early-exit", "speculative")
@@ -70,14 +72,3 @@ def run_config(backend, strategy, dataset, settings, kv_policy: str, gate, decod
             "gate_threshold": gate.threshold if gate is not None else None, "decode": decode,
             "data": dataset.name, "split": dataset.split, "samples": len(dataset),
             "settings": dataclasses.asdict(settings)}
-
-
-def add_side(side: dict, seconds: float, prompt: float, tokens: int, rows: int) -> None:
-    side["seconds"] += seconds
-    side["prompt_seconds"] += prompt
-    side["tokens"] += tokens
-    side["rows"] += rows
-
-
-RANKING_TAKES_NO_EXIT_VOCABULARY = ("--exit-vocabulary restricts generated tokens; VisDial ranks candidate answers "
-                                    "over the whole vocabulary: drop it")

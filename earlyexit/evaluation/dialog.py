@@ -18,14 +18,10 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from earlyexit.core.accounting import CostModel, summarize
-from earlyexit.core.engine import EarlyExitForCausalLM
-from earlyexit.data.prompts import fitting_prompt, longest_option
-from earlyexit.errors import ConfigError
-from earlyexit.evaluation.common import add_noise, run_config, wall_clock
-from earlyexit.metrics.dialog import dialog_scores, rank_of_ground_truth
-from earlyexit.util.progress import progress_bar
-from earlyexit.util.provenance import provenance
-from earlyexit.util.ranks import process_group, shared_from_main
+from earlyexit.data.tasks import task_of
+from earlyexit.evaluation.common import add_noise
+from earlyexit.evaluation.loop import EvalRun
+from earlyexit.metrics.dialog import rank_of_ground_truth
 
 OPTION_ROWS = 100  # options scored in one batch (VisDial has 100 per round)
 
@@ -85,86 +81,45 @@ def option_scores(generate, backend, image, prompt: str, options: list[str], on_
     return scores, work
 
 
-def check_dialog_data(dataset, settings, decode: str) -> None:
-    """Refuse, before any work, what ranking cannot do."""
-    if any(s.extra.get("gt_index") is None for s in dataset):
-        raise ConfigError(f"{dataset.name}/{dataset.split} has no ground-truth answers to rank against; "
-                          "use --split val")
-    if decode != "early-exit":
-        raise ConfigError("VisDial is scored by ranking answer options, not by decoding; drop --decode speculative")
-    if settings.num_beams > 1:
-        raise ConfigError("VisDial is scored by ranking answer options, not by beam search; drop --num-beams")
-
-
 def evaluate_dialog(backend, strategy, dataset, settings, kv_policy: str = "catchup", gate=None,
-                    decode: str = "early-exit", on_batch=None) -> dict | None:
+                    decode: str = "early-exit", on_batch=None) -> dict:
     """`evaluate` for dialog data: the ground truth's rank among each round's options, MRR,
-    R@1/5/10 and mean rank, with the three speed-ups of the forced decoding (None on ranks > 0)."""
-    import dataclasses
-
-
-    check_dialog_data(dataset, settings, decode)
-    dataset = full_dataset = dataset.subset(settings.limit)
-    rank, world = process_group()
-    if world > 1:  # each rank ranks its share; rank 0 gathers and reports
-        dataset = dataclasses.replace(dataset, samples=dataset.samples[rank::world])
-    model = EarlyExitForCausalLM(backend, strategy, kv_policy=kv_policy, gate=gate)
-    timing_full = strategy is not None and settings.measure_wall
-    sides = {name: {"seconds": 0.0, "prompt_seconds": 0.0, "tokens": 0, "rows": 0} for name in ("early", "full")}
-    ranks, predictions, traces = {}, {}, []
-    with progress_bar(total=len(dataset), desc=f"rank {dataset.name}/{dataset.split}", unit="round",
-                      disable=not settings.progress or rank) as bar:
-        for index, sample in enumerate(dataset.samples):
-            image = add_noise(sample.load_image(), settings.noise, settings.seed * 1_000_003 + index)
-            options = sample.extra["options"]
-            prompt = fitting_prompt(backend, sample, longest_option(backend, options))
-            scores, work = option_scores(model.generate, backend, image, prompt, options,
-                                         on_chunk=lambda: traces.append(model.last_trace))
-            _add_work(sides["early"], work)
-            if timing_full:
-                _, work = option_scores(backend.plain_generate, backend, image, prompt, options)
-                _add_work(sides["full"], work)
-            ranks[sample.id] = rank_of_ground_truth(scores, sample.extra["gt_index"])
-            predictions[sample.id] = options[max(range(len(scores)), key=scores.__getitem__)]
+    R@1/5/10 and mean rank, with the three speed-ups of the forced decoding. Every rank returns
+    rank 0's report."""
+    task = task_of(dataset)
+    task.check(dataset, decode, settings.num_beams)  # what ranking cannot do, refused before any work
+    run = EvalRun(backend, strategy, dataset, settings, kv_policy, gate, decode, columns=("ranks", "predictions"))
+    part = run.part
+    with run.progress("rank", "round") as bar:
+        for index, sample in enumerate(part.samples):
+            rank = rank_round(run, task, sample, index)
             bar.update(1)
             if on_batch is not None:
-                on_batch({"phase": "eval", "data": dataset.name, "split": dataset.split, "batch": index,
-                          "samples": 1, "options": len(options), "rank": ranks[sample.id]})
-    if world > 1:
-        shares = [None] * world
-        torch.distributed.all_gather_object(shares, (ranks, predictions, traces, sides))
-        if rank != 0:
-            return shared_from_main(None, world)
-        ranks, predictions, traces = {}, {}, []
-        sides = {name: {key: 0 for key in sides[name]} for name in sides}
-        for share_ranks, share_predictions, share_traces, share_sides in shares:
-            ranks.update(share_ranks), predictions.update(share_predictions), traces.extend(share_traces)
-            for name in sides:
-                for key in sides[name]:
-                    sides[name][key] += share_sides[name][key]
-        dataset = full_dataset
-    speed = summarize(traces, CostModel.for_model(model))
-    wall = wall_clock(sides["early"], sides["full"] if timing_full else None)
-    speed.update(wall_speedup=wall.get("wall_speedup"), decode_wall_speedup=wall.get("decode_wall_speedup"),
-                 tokens_per_s=wall["early_exit"]["tokens_per_s"], wall=wall)
-    quality = {**dialog_scores([ranks[s.id] for s in dataset.samples]), "rounds": len(ranks),
-               "scoring": "rank of the ground truth among the options by mean token log-probability (ties last)"}
+                on_batch({"phase": "eval", "data": part.name, "split": part.split, "batch": index,
+                          "samples": 1, "options": len(sample.extra["options"]), "rank": rank})
+    if not run.gather():
+        return run.shared(None)
+    ranks, predictions = run.share.columns["ranks"], run.share.columns["predictions"]
+    speed = summarize(run.share.traces, CostModel.for_model(run.model))
+    speed.update(run.wall())
     examples = [{"id": s.id, "prediction": predictions[s.id], "ground_truth": s.extra["options"][s.extra["gt_index"]],
-                 "rank": ranks[s.id]} for s in dataset.samples[:5]]
-    return shared_from_main({
-        "quality": quality,
-        "speed": speed,
-        "exit_layer_histogram": speed.pop("exit_layer_histogram"),
-        "num_layers": backend.num_layers,
-        "examples": examples,
-        "predictions": predictions,
-        "ranks": ranks,
-        "processes": world,
-        "config": run_config(backend, strategy, dataset, settings, kv_policy, gate, decode),
-        "provenance": provenance(),
-    }, world)
+                 "rank": ranks[s.id]} for s in run.dataset.samples[:5]]
+    return run.report(task.score(run.dataset, ranks), speed, examples, ranks=ranks)
 
 
-def _add_work(side: dict, work: dict) -> None:
-    for key in side:
-        side[key] += work[key]
+def rank_round(run: EvalRun, task, sample, index: int) -> int:
+    """Rank one round's options with the early-exit model (and, with a strategy, time the full
+    model on the same options); its rank and top-ranked option go to the run. Returns the rank."""
+    settings, backend, model = run.settings, run.backend, run.model
+    image = add_noise(sample.load_image(), settings.noise, settings.seed * 1_000_003 + index)
+    options = sample.extra["options"]
+    prompt = task.prompt(sample, backend, beside=options)
+    scores, work = option_scores(model.generate, backend, image, prompt, options,
+                                 on_chunk=lambda: run.share.traces.append(model.last_trace))
+    run.add_work("early", **work)
+    if run.timing_full:
+        _, work = option_scores(backend.plain_generate, backend, image, prompt, options)
+        run.add_work("full", **work)
+    rank = run.share.columns["ranks"][sample.id] = rank_of_ground_truth(scores, sample.extra["gt_index"])
+    run.share.columns["predictions"][sample.id] = options[max(range(len(scores)), key=scores.__getitem__)]
+    return rank

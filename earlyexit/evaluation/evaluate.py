@@ -8,38 +8,28 @@ process: time per generated token of each side, end to end and for the decode ph
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from earlyexit.core.accounting import CostModel, summarize
-from earlyexit.core.engine import EarlyExitForCausalLM
 from earlyexit.core.generation import count_tokens, decode_new_tokens, timed, unpadded_rows
 from earlyexit.core.speculative import (DEFAULT_DRAFT_LENGTH, SelfSpeculativeDecoder, speculative_summary,
                                         token_vocabulary)
 from earlyexit.data import Dataset
-from earlyexit.data.prompts import prompt_for
+from earlyexit.data.prompts import prompt_for  # noqa: F401 (benchmarks/bf16_agreement.py imports it from here)
+from earlyexit.data.tasks import task_of
 from earlyexit.errors import ConfigError
-from earlyexit.evaluation.common import (DECODES, RANKING_TAKES_NO_EXIT_VOCABULARY, EvalSettings, add_noise, add_side,
-                                         run_config, wall_clock)
+from earlyexit.evaluation.common import DECODES, EvalSettings, add_noise
 from earlyexit.evaluation.dialog import evaluate_dialog
-from earlyexit.metrics.caption import caption_scores, cider_per_item
-from earlyexit.metrics.vqa import vqa_scores
-from earlyexit.util.progress import progress_bar
-from earlyexit.util.provenance import provenance
-from earlyexit.util.ranks import process_group, shared_from_main
+from earlyexit.evaluation.loop import EvalRun
 
 
 def score(dataset: Dataset, predictions: dict[str, str], quick: bool = False) -> dict:
-    if dataset.task == "caption":
-        references = {s.id: s.captions for s in dataset if s.id in predictions}
-        if quick:
-            per_item = cider_per_item(predictions, references)
-            return {"CIDEr": sum(per_item.values()) / len(per_item)}
-        return caption_scores(predictions, references)
-    if dataset.task == "vqa":
-        return vqa_scores(predictions, {s.id: s.answers for s in dataset if s.id in predictions})
-    raise ConfigError(f"{dataset.name} is a {dataset.task} data set; eval scores caption and vqa data sets")
+    """Quality of generated texts by sample id: the data set's task scores them (`quick`: CIDEr
+    alone for captions)."""
+    task = task_of(dataset)
+    if task.ranks:
+        raise ConfigError(f"{dataset.name} is a {dataset.task} data set; eval scores caption and vqa data sets")
+    return task.score(dataset, predictions, quick=quick)
 
 
 def evaluate(backend, strategy, dataset: Dataset, settings: EvalSettings, kv_policy: str = "catchup",
@@ -50,130 +40,131 @@ def evaluate(backend, strategy, dataset: Dataset, settings: EvalSettings, kv_pol
     with the full model on the same batches) and the exit layers. `decode="speculative"`
     decodes with self-speculative decoding over the strategy's exits (greedy).
     `exit_vocabulary` (token ids): exits that share the backbone's head decide and emit over
-    those tokens only (the final layer reads them all)."""
-    if dataset.task == "dialog":  # ranked, not generated
-        if exit_vocabulary is not None:
-            raise ConfigError(RANKING_TAKES_NO_EXIT_VOCABULARY)
-
+    those tokens only (the final layer reads them all). Ranking tasks (VisDial) go to
+    `evaluate_dialog`. Every rank returns rank 0's report."""
+    task = task_of(dataset)
+    if exit_vocabulary is not None:
+        task.refuse_exit_vocabulary()
+    if task.ranks:  # ranked, not generated
         return evaluate_dialog(backend, strategy, dataset, settings, kv_policy=kv_policy, gate=gate, decode=decode,
                                on_batch=on_batch)
-    if dataset.task != "caption" and any(not s.answers for s in dataset):
-        raise ConfigError(f"{dataset.name}/{dataset.split} has no answers to score against; pick a split "
-                          "with annotations")
+    task.check(dataset, decode, settings.num_beams)
     if decode not in DECODES:
         raise ConfigError(f"unknown decode mode {decode!r}; choose one of {', '.join(DECODES)}")
-    speculative = decode == "speculative"
-    if speculative and settings.num_beams > 1:
+    if decode == "speculative" and settings.num_beams > 1:
         raise ConfigError("speculative decoding is greedy; drop --num-beams or use --decode early-exit")
-    dataset = full_dataset = dataset.subset(settings.limit)
-    rank, world = process_group()
-    if world > 1:  # each rank generates its share; rank 0 gathers, scores and reports
-        dataset = dataclasses.replace(dataset, samples=dataset.samples[rank::world])
-    model = EarlyExitForCausalLM(backend, strategy, kv_policy=kv_policy, gate=gate)
-    if exit_vocabulary is not None and strategy is not None:
-        model.exit_vocabulary = token_vocabulary(model, exit_vocabulary, "exit")
-    decoder = None
-    if speculative:
-        decoder = SelfSpeculativeDecoder(model, draft_exit=draft_exit, draft_length=draft_length or DEFAULT_DRAFT_LENGTH,
-                                         draft_vocabulary=draft_vocabulary)
-    generate = dict(max_new_tokens=settings.max_new_tokens, num_beams=settings.num_beams, do_sample=False)
-    eos = backend.language_model.generation_config.eos_token_id
-    predictions, traces, token_ids, layers_by_id, records = {}, [], {}, {}, []
-    sides = {name: {"seconds": 0.0, "prompt_seconds": 0.0, "tokens": 0, "rows": 0} for name in ("early", "full")}
-    timing_full = strategy is not None and settings.measure_wall
-    with progress_bar(total=len(dataset), desc=f"eval {dataset.name}/{dataset.split}",
-                      disable=not settings.progress or rank, unit="sample") as bar:
-        for start in range(0, len(dataset), settings.batch_size):
-            batch = dataset.samples[start:start + settings.batch_size]
-            images = [add_noise(s.load_image(), settings.noise, settings.seed * 1_000_003 + start + i)
-                      for i, s in enumerate(batch)]
-            inputs = backend.prepare_inputs(images, [prompt_for(s, dataset.task) for s in batch])
-            prompt_length = inputs["input_ids"].shape[1]
-            with torch.no_grad():
-                if decoder is not None:
-                    sequences, seconds, _ = timed(decoder.generate, inputs,
-                                                   {"max_new_tokens": settings.max_new_tokens})
-                    prompt = decoder.last_prompt_seconds  # it times its own prompt passes
-                else:
-                    sequences, seconds, prompt = timed(model.generate, inputs, generate)
-                add_side(sides["early"], seconds, prompt, count_tokens(sequences, prompt_length, eos), len(batch))
-                if timing_full and decoder is None:
-                    plain, seconds, prompt = timed(backend.plain_generate, inputs, generate)
-                    add_side(sides["full"], seconds, prompt, count_tokens(plain, prompt_length, eos), len(batch))
-                elif timing_full:  # speculative decoding runs rows one at a time: so does its reference
-                    for row in unpadded_rows(inputs):
-                        plain, seconds, prompt = timed(backend.plain_generate, row, generate)
-                        add_side(sides["full"], seconds, prompt, count_tokens(plain, row["input_ids"].shape[1], eos), 1)
-            texts = decode_new_tokens(backend, sequences, prompt_length)
-            if decoder is not None:
-                records.extend(decoder.last_records)
-                per_row = [[backend.num_layers] * count_tokens(sequences[i:i + 1], prompt_length, eos)
-                           for i in range(len(batch))]
-            else:
-                traces.append(model.last_trace)
-                per_row = model.last_trace.per_sequence()
-            for i, (sample, text) in enumerate(zip(batch, texts)):
-                predictions[sample.id] = text
-                layers_by_id[sample.id] = per_row[i]
-                token_ids[sample.id] = sequences[i, prompt_length:prompt_length + len(per_row[i])].tolist()
+    run = EvalRun(backend, strategy, dataset, settings, kv_policy, gate, decode,
+                  columns=("predictions", "exit_layers", "token_ids"))
+    generation = Generation(run, exit_vocabulary, draft_exit, draft_length, draft_vocabulary)
+    part = run.part
+    with run.progress("eval", "sample") as bar:
+        for start in range(0, len(part), settings.batch_size):
+            batch = part.samples[start:start + settings.batch_size]
+            stats = generation.batch(batch, start)
             bar.update(len(batch))
             if on_batch is not None:
-                on_batch({"phase": "eval", "data": dataset.name, "split": dataset.split,
-                          "batch": start // settings.batch_size, "samples": len(batch),
-                          "tokens": sum(len(per_row[i]) for i in range(len(batch))), "seconds": seconds, "exit_layers": [per_row[i] for i in range(len(batch))]})
-    stats = decoder.total_stats if decoder is not None else None
-    if world > 1:
-        shares = [None] * world
-        torch.distributed.all_gather_object(shares, (predictions, traces, sides, token_ids, layers_by_id,
-                                                     records, stats))
-        if rank != 0:
-            return shared_from_main(None, world)
-        predictions, traces, token_ids, layers_by_id, records = {}, [], {}, {}, []
-        sides = {name: {"seconds": 0.0, "prompt_seconds": 0.0, "tokens": 0, "rows": 0} for name in ("early", "full")}
-        for share in shares:
-            predictions.update(share[0]), traces.extend(share[1]), token_ids.update(share[3])
-            layers_by_id.update(share[4]), records.extend(share[5])
-            for name in sides:
-                for key in sides[name]:
-                    sides[name][key] += share[2][name][key]
-            if share[6] is not None and share[6] is not stats:
-                stats.add(share[6])
-        dataset = full_dataset
-
-    costs = CostModel.for_model(model)
-    if decoder is not None:
-        layers = [k for row in layers_by_id.values() for k in row]
-        speed = {"tokens": len(layers), "mean_exit_layer": float(backend.num_layers),
-                 "exit_layer_histogram": {backend.num_layers: len(layers)}, "param_speedup": 1.0,
-                 **speculative_summary(records, costs, stats),
-                 "draft_exit_layer": decoder.draft_layer, "draft_length": decoder.draft_length,
-                 # what the drafts read: the draft vocabulary, else the exit vocabulary (the engine's rule)
-                 "draft_vocabulary": next((len(v) for v in (model.draft_vocabulary, model.exit_vocabulary)
-                                           if v is not None), None)}
-    else:
-        speed = summarize(traces, costs)
-        speed["exit_vocabulary"] = None if model.exit_vocabulary is None else len(model.exit_vocabulary)
-        vision = [k for t in traces if getattr(t, "vision_layers", None) is not None for k in t.vision_layers.tolist()]
-        if vision:  # the encoder side stopped early (MuE): its own layer-based speed-up
-            speed["mean_vision_layers"] = sum(vision) / len(vision)
-            speed["vision_layer_speedup"] = backend.vision_layers / speed["mean_vision_layers"]
-    wall = wall_clock(sides["early"], sides["full"] if timing_full else None)
-    speed["wall_speedup"] = wall.get("wall_speedup")
-    speed["decode_wall_speedup"] = wall.get("decode_wall_speedup")
-    speed["tokens_per_s"] = wall["early_exit"]["tokens_per_s"]
-    speed["wall"] = wall
-    examples = [{"id": s.id, "prediction": predictions[s.id], "exit_layers": layers_by_id[s.id],
-                 "token_ids": token_ids[s.id]} for s in dataset.samples[:5]]
-    return shared_from_main({
-        "quality": score(dataset, predictions, quick=settings.quick_metrics),
-        "speed": speed,
-        "exit_layer_histogram": speed.pop("exit_layer_histogram"),
-        "num_layers": backend.num_layers,
-        "examples": examples,
-        "predictions": predictions,
-        "processes": world,
-        "config": run_config(backend, strategy, dataset, settings, kv_policy, gate, decode),
-        "provenance": provenance(),
-    }, world)
+                on_batch({"phase": "eval", "data": part.name, "split": part.split,
+                          "batch": start // settings.batch_size, **stats})
+    if not run.gather():
+        return run.shared(None)
+    columns = run.share.columns
+    examples = [{"id": s.id, "prediction": columns["predictions"][s.id], "exit_layers": columns["exit_layers"][s.id],
+                 "token_ids": columns["token_ids"][s.id]} for s in run.dataset.samples[:5]]
+    quality = score(run.dataset, columns["predictions"], quick=settings.quick_metrics)
+    return run.report(quality, generation.speed(), examples)
 
 
+class Generation:
+    """How `evaluate` produces a batch: the early-exit model generates (or self-speculative
+    decoding over its exits), then, with a strategy, the full model generates the same inputs
+    for the wall-clock comparison; the batch's texts, exit layers and token ids go to the run."""
+
+    def __init__(self, run: EvalRun, exit_vocabulary, draft_exit, draft_length, draft_vocabulary):
+        self.run, self.task, model = run, task_of(run.dataset), run.model
+        if exit_vocabulary is not None and run.strategy is not None:
+            model.exit_vocabulary = token_vocabulary(model, exit_vocabulary, "exit")
+        self.decoder = None
+        if run.decode == "speculative":
+            self.decoder = SelfSpeculativeDecoder(model, draft_exit=draft_exit,
+                                                  draft_length=draft_length or DEFAULT_DRAFT_LENGTH,
+                                                  draft_vocabulary=draft_vocabulary)
+            run.share.stats = self.decoder.total_stats
+        settings = run.settings
+        self.generate = dict(max_new_tokens=settings.max_new_tokens, num_beams=settings.num_beams, do_sample=False)
+        self.eos = run.backend.language_model.generation_config.eos_token_id
+
+    def batch(self, samples: list, start: int) -> dict:
+        """Generate `samples` (the part's from `start` on); returns the batch's numbers for `on_batch`."""
+        run, settings = self.run, self.run.settings
+        images = [add_noise(s.load_image(), settings.noise, settings.seed * 1_000_003 + start + i)
+                  for i, s in enumerate(samples)]
+        inputs = run.backend.prepare_inputs(images, [self.task.prompt(s) for s in samples])
+        with torch.no_grad():
+            sequences, seconds = self.early(inputs, len(samples))
+            if run.timing_full:
+                self.full(inputs, len(samples))
+        per_row = self.record(samples, sequences, inputs["input_ids"].shape[1])
+        return {"samples": len(samples), "tokens": sum(map(len, per_row)), "seconds": seconds, "exit_layers": per_row}
+
+    def early(self, inputs: dict, rows: int) -> tuple[torch.Tensor, float]:
+        """The early-exit model's sequences and seconds for `inputs`; its work counted."""
+        if self.decoder is not None:
+            sequences, seconds, _ = timed(self.decoder.generate, inputs,
+                                           {"max_new_tokens": self.run.settings.max_new_tokens})
+            prompt = self.decoder.last_prompt_seconds  # it times its own prompt passes
+        else:
+            sequences, seconds, prompt = timed(self.run.model.generate, inputs, self.generate)
+        tokens = count_tokens(sequences, inputs["input_ids"].shape[1], self.eos)
+        self.run.add_work("early", seconds, prompt, tokens, rows)
+        return sequences, seconds
+
+    def full(self, inputs: dict, rows: int) -> None:
+        """The full model on the same inputs, its work counted: the batch at once, or row by row
+        where speculative decoding (which decodes rows one at a time) is its counterpart."""
+        parts = [(inputs, rows)] if self.decoder is None else [(row, 1) for row in unpadded_rows(inputs)]
+        for part, count in parts:
+            plain, seconds, prompt = timed(self.run.backend.plain_generate, part, self.generate)
+            self.run.add_work("full", seconds, prompt, count_tokens(plain, part["input_ids"].shape[1], self.eos),
+                              count)
+
+    def record(self, samples: list, sequences: torch.Tensor, prompt_length: int) -> list[list[int]]:
+        """Each sample's text, exit layers and token ids into the run's columns; the exit layers by row."""
+        run, backend = self.run, self.run.backend
+        texts = decode_new_tokens(backend, sequences, prompt_length)
+        if self.decoder is not None:  # every emitted token is the full model's
+            run.share.records.extend(self.decoder.last_records)
+            per_row = [[backend.num_layers] * count_tokens(sequences[i:i + 1], prompt_length, self.eos)
+                       for i in range(len(samples))]
+        else:
+            run.share.traces.append(run.model.last_trace)
+            per_row = run.model.last_trace.per_sequence()[:len(samples)]
+        columns = run.share.columns
+        for i, (sample, text) in enumerate(zip(samples, texts)):
+            columns["predictions"][sample.id] = text
+            columns["exit_layers"][sample.id] = per_row[i]
+            columns["token_ids"][sample.id] = sequences[i, prompt_length:prompt_length + len(per_row[i])].tolist()
+        return per_row
+
+    def speed(self) -> dict:
+        """Speed-ups and exit layers of everything gathered (on rank 0)."""
+        run, model, backend, share = self.run, self.run.model, self.run.backend, self.run.share
+        costs = CostModel.for_model(model)
+        if self.decoder is not None:
+            layers = [k for row in share.columns["exit_layers"].values() for k in row]
+            speed = {"tokens": len(layers), "mean_exit_layer": float(backend.num_layers),
+                     "exit_layer_histogram": {backend.num_layers: len(layers)}, "param_speedup": 1.0,
+                     **speculative_summary(share.records, costs, share.stats),
+                     "draft_exit_layer": self.decoder.draft_layer, "draft_length": self.decoder.draft_length,
+                     # what the drafts read: the draft vocabulary, else the exit vocabulary (the engine's rule)
+                     "draft_vocabulary": next((len(v) for v in (model.draft_vocabulary, model.exit_vocabulary)
+                                               if v is not None), None)}
+        else:
+            speed = summarize(share.traces, costs)
+            speed["exit_vocabulary"] = None if model.exit_vocabulary is None else len(model.exit_vocabulary)
+            vision = [k for t in share.traces if getattr(t, "vision_layers", None) is not None
+                      for k in t.vision_layers.tolist()]
+            if vision:  # the encoder side stopped early (MuE): its own layer-based speed-up
+                speed["mean_vision_layers"] = sum(vision) / len(vision)
+                speed["vision_layer_speedup"] = backend.vision_layers / speed["mean_vision_layers"]
+        speed.update(run.wall())
+        return speed

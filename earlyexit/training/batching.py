@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from earlyexit.data import Dataset, Sample
-from earlyexit.data.prompts import fitting_prompt, longest_option, prompt_for, target_for
+from earlyexit.data.tasks import Task, task_of
 from earlyexit.errors import DataError
 
 
@@ -100,8 +100,9 @@ class TrainingBatches:
         for d, i in picks:
             dataset = self.datasets[d]
             sample = dataset.samples[i]
-            target = target_for(sample, dataset.task, rng)
-            prompts.append(self.prompt(sample, dataset.task, target))
+            task = task_of(dataset)
+            target = task.target(sample, rng)
+            prompts.append(self.prompt(sample, task, target))
             rows.append(self.encode(prompts[-1], target))
         batch = self.collate(rows, self.pixels[[self.pixel_row[d][i] for d, i in picks]], prompts)
         if self.caption_words:
@@ -112,12 +113,10 @@ class TrainingBatches:
             batch["caption_words"] = words.to(self.backend.device)  # a float32 target, beside a model of any dtype
         return batch
 
-    def prompt(self, sample: Sample, task: str, target: str) -> str:
-        """`prompt_for`, but a dialog round keeps only the history that fits the context beside its
-        target, as ranking does (`dialog.fitting_prompt`)."""
-        if task == "dialog":
-            return fitting_prompt(self.backend, sample, longest_option(self.backend, [target]))
-        return prompt_for(sample, task)
+    def prompt(self, sample: Sample, task: Task | str, target: str) -> str:
+        """The task's prompt; a dialog round keeps only the history that fits the context beside
+        its target, as ranking does (`Task.prompt`)."""
+        return task_of(task).prompt(sample, self.backend, beside=[target])
 
     def encode(self, prompt: str, target: str) -> tuple[list[int], list[int]]:
         """The family's prompt with its image placeholders (`backend.prompt_ids`) + target + EOS;

@@ -16,7 +16,7 @@ import torch
 from earlyexit.core.generation import decode_new_tokens
 from earlyexit.core.model_folder import hub_offline
 from earlyexit.data import Dataset, Sample
-from earlyexit.data.prompts import fitting_prompt, prompt_for
+from earlyexit.data.tasks import task_of
 from earlyexit.errors import ConfigError, ModelNotAvailableError
 from earlyexit.training.batching import TrainingBatches
 from earlyexit.training.deepspeed import DeepSpeedEngine
@@ -33,18 +33,14 @@ def backbone_captions(backend, dataset: Dataset, samples_per_image: int = 1, bat
     sample) or sampled (several), by sample id."""
     from tqdm.auto import tqdm
 
-
-    def prompt(sample):
-        if dataset.task == "dialog":
-            return fitting_prompt(backend, sample, max_new_tokens)
-        return prompt_for(sample, dataset.task)
-
+    task = task_of(dataset)
     sampling = samples_per_image > 1
     torch.manual_seed(seed)
     result = {}
     for start in tqdm(range(0, len(dataset), batch_size), desc="backbone outputs", disable=not progress):
         batch = dataset.samples[start:start + batch_size]
-        inputs = backend.prepare_inputs([s.load_image() for s in batch], [prompt(s) for s in batch])
+        inputs = backend.prepare_inputs([s.load_image() for s in batch],
+                                       [task.prompt(s, backend, room=max_new_tokens) for s in batch])
         sequences = backend.plain_generate(**inputs, max_new_tokens=max_new_tokens, do_sample=sampling,
                                            top_p=0.9 if sampling else None, num_return_sequences=samples_per_image)
         texts = decode_new_tokens(backend, sequences, inputs["input_ids"].shape[1])
@@ -57,7 +53,7 @@ def with_own_targets(dataset: Dataset, outputs: dict[str, list[str]]) -> Dataset
     """`dataset` with the backbone's own outputs in place of the references (captions) or answers
     (VQA, VisDial): what exits learn from when no label may be used. Samples the backbone wrote
     nothing for are dropped."""
-    key = "captions" if dataset.task == "caption" else "answers"
+    key = task_of(dataset).outputs
     samples = [dataclasses.replace(s, **{key: [t for t in outputs[s.id] if t]}) for s in dataset]
     return dataclasses.replace(dataset, samples=[s for s in samples if getattr(s, key)])
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from earlyexit.data import Dataset
-from earlyexit.data.prompts import target_for
+from earlyexit.data.tasks import task_of
 from earlyexit.errors import ConfigError
 from earlyexit.training.batching import TrainingBatches
 from earlyexit.util.devices import host_memory_bytes
@@ -139,10 +139,11 @@ def teacher_forced_features(backend, dataset: Dataset, limit: int | None = 200, 
     """`exit_training.BackboneFeatures` of every batch of references (captions or answers)."""
     dataset = dataset.subset(limit)
     batches = TrainingBatches(backend, [dataset], batch_size=batch_size, seed=0)
+    task = task_of(dataset)
     for start in range(0, len(dataset), batch_size):
         samples = dataset.samples[start:start + batch_size]
-        targets = [target_for(s, dataset.task) for s in samples]
-        prompts = [batches.prompt(s, dataset.task, target) for s, target in zip(samples, targets)]
+        targets = [task.target(s) for s in samples]
+        prompts = [batches.prompt(s, task, target) for s, target in zip(samples, targets)]
         rows = [batches.encode(prompt, target) for prompt, target in zip(prompts, targets)]
         batch = batches.collate(rows, batches.pixels[batches.pixel_row[0][start:start + len(samples)]], prompts)
         yield backbone_features(backend, batch, layers)
