@@ -29,7 +29,7 @@ def full_depth_ids(backend, dataset, batch_size: int, max_new_tokens: int) -> li
     import torch
 
     from earlyexit.core.engine import EarlyExitForCausalLM
-    from earlyexit.evaluation.evaluate import prompt_for
+    from earlyexit.data.prompts import prompt_for
 
     model = EarlyExitForCausalLM(backend)
     eos = backend.text_config.eos_token_id

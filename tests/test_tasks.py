@@ -12,7 +12,6 @@ from earlyexit.data import Dataset, Sample
 from earlyexit.data.prompts import dialog_prompt, prompt_for, target_for
 from earlyexit.data.tasks import RANKING_TAKES_NO_EXIT_VOCABULARY, TASKS, Task, task_of
 from earlyexit.errors import ConfigError
-from earlyexit.evaluation import common
 from earlyexit.evaluation.calibrate import main_metric
 from earlyexit.evaluation.loop import Share, empty_sides
 from earlyexit.metrics.caption import cider_per_item
@@ -148,7 +147,6 @@ def test_only_ranking_refuses_an_exit_vocabulary_with_the_one_message():
     with pytest.raises(ConfigError) as caught:
         task_of("dialog").refuse_exit_vocabulary()
     assert str(caught.value) == RANKING_TAKES_NO_EXIT_VOCABULARY
-    assert common.RANKING_TAKES_NO_EXIT_VOCABULARY is RANKING_TAKES_NO_EXIT_VOCABULARY  # its old import path
     assert RANKING_TAKES_NO_EXIT_VOCABULARY.startswith("--exit-vocabulary restricts generated tokens; VisDial ranks")
 
 

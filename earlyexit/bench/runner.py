@@ -15,9 +15,9 @@ import os
 import platform
 import time
 
-from earlyexit.bench.spec import Spec, task_of
+from earlyexit.bench.spec import Spec
 from earlyexit.bench.store import CellStore, cell_key
-from earlyexit.data.registry import LAYOUTS
+from earlyexit.data.registry import LAYOUTS, task_name
 from earlyexit.data.splits import load_split, splits_for
 from earlyexit.errors import ConfigError, DataError, EarlyExitError, ModelNotAvailableError
 from earlyexit.evaluation.evaluate import score
@@ -74,7 +74,7 @@ def data_unavailable(data: str, splits: tuple) -> str | None:
 def unavailable_reason(cell) -> str | None:
     """Why this cell cannot run on this machine (its data set or model is missing), with the fix."""
     test_data, test_split = test_source(cell)
-    if cell.settings["decode"] == "speculative" and task_of(test_data) == "dialog":
+    if cell.settings["decode"] == "speculative" and task_name(test_data) == "dialog":
         return "VisDial is scored by ranking answer options: nothing is decoded, so no speculative decoding"
     for data, splits in ((cell.data, splits_for(cell.data)[:2]), (test_data, (test_split,))):
         reason = data_unavailable(data, splits)
@@ -121,7 +121,7 @@ def compute_cell(cell, key: str, output: str, registry, log) -> dict:
                 for d in domains}
     kept_report = {k: report[k] for k in ("threshold", "knob", "parameters", "exit_layers", "strategy_config",
                                           "calibration", "mid_crisis", "timings", "num_layers", "draft_exit_layer")}
-    kept_report.update(results=results, row=label, task=task_of(test_source(cell)[0]))
+    kept_report.update(results=results, row=label, task=task_name(test_source(cell)[0]))
     return {"report": json.loads(json.dumps(kept_report, default=str)), "seconds": seconds,
             "provenance": report["provenance"]}
 

@@ -202,11 +202,3 @@ def _parse_table(name: str, entry: dict, defaults: dict, strategies: dict, root:
                 settings["exit_layers"] = entry_s["exit_layers"]
             cells.append(Cell(label, entry_s["strategy"], dict(entry_s.get("options", {})), data_name, settings))
     return Table(name, entry.get("title", name), layout, group_by, entry.get("metrics"), entry.get("note"), cells)
-
-
-def task_of(data: str) -> str:
-    """caption, vqa or dialog, from the data set's name."""
-    name = data.partition(":")[0]
-    if name in ("scenes", "coco", "flickr30k", "nocaps"):
-        return "caption"
-    return "dialog" if name == "visdial" else "vqa"

@@ -17,7 +17,8 @@ import io
 import json
 import statistics
 
-from earlyexit.bench.spec import AXES, task_of
+from earlyexit.bench.spec import AXES
+from earlyexit.data.registry import task_name
 
 SPEEDS = (("Spd (param)", "param_speedup"), ("layer×", "layer_speedup"), ("wall×", "wall_speedup"))
 SPEED_NOTE = ("Spd (param): the paper's speed-up (backbone parameters per token); layer×: full-model cost over "
@@ -64,7 +65,7 @@ def metric_value(quality: dict, metric: str):
 
 def scored_task(cell) -> str:
     """The task of the data a cell is scored on (its `test_data` where given)."""
-    return task_of(cell.settings.get("test_data") or cell.data)
+    return task_name(cell.settings.get("test_data") or cell.data)
 
 
 def metrics_for(table, task: str) -> list:

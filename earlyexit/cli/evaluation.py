@@ -56,7 +56,7 @@ class EvalCommand:
         add_model_arguments(parser)
         parser.add_argument("--data", required=True,
                             help="scenes, scenes-vqa, easy-vqa, or NAME:ROOT for coco, nocaps, vqav2, okvqa, "
-                                 "vizwiz, gqa, visdial (answer ranking: MRR, R@k), ... (see README)")
+                                 "vizwiz, gqa, visdial (answer ranking: MRR, R@k), ... (see docs/data-and-metrics.md)")
         parser.add_argument("--split", default="test", help="data split (default: test)")
         parser.add_argument("--limit", type=positive_int, help="evaluate the first N samples only")
         add_batch_size_argument(parser, 16)
@@ -99,7 +99,8 @@ class EvalCommand:
         backend, strategy, model = load_model(registry, args)
         exit_vocabulary = draft_vocabulary = None
         if args.exit_vocabulary or args.draft_vocabulary:
-            from earlyexit.pipeline.run import backbone_vocabularies  # lazy: keeps --help and list free of torch
+            from earlyexit.training.vocabularies import \
+                backbone_vocabularies  # lazy: keeps --help and list free of torch
 
             source = splits_for(args.data)[0]  # the exit-training split: never the one scored
             exit_vocabulary, draft_vocabulary = backbone_vocabularies(

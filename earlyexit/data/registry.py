@@ -87,3 +87,11 @@ def _official(name: str, root: str, split: str) -> Dataset:
         return load_gqa(join(root, f"{split}_balanced_questions.json"), join(root, "images"), split)
 
     return load_visdial(join(root, f"visdial_1.0_{split}.json"), join(root, f"VisualDialog_{split}2018"), split)
+
+
+def task_name(data: str) -> str:
+    """caption, vqa or dialog, from a data set's name (`NAME` or `NAME:ROOT`), before loading it."""
+    name = data.partition(":")[0]
+    if name in ("scenes", "coco", "flickr30k", "nocaps"):
+        return "caption"
+    return "dialog" if name == "visdial" else "vqa"

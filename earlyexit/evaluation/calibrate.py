@@ -23,6 +23,7 @@ import dataclasses
 import math
 import os
 
+from earlyexit.core.choices import RULES, SPEED_TARGETS
 from earlyexit.core.gates import COSINE_GRID
 from earlyexit.data.tasks import task_of
 from earlyexit.errors import ConfigError
@@ -30,8 +31,6 @@ from earlyexit.evaluation.evaluate import evaluate
 from earlyexit.util.files import atomic_write, save_figure
 
 PAPER_GRID = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-RULES = ("best", "budget", "risk")
-SPEEDS = ("wall", "layer")
 
 
 @dataclasses.dataclass
@@ -173,8 +172,8 @@ def choose(points: list[CalibrationPoint], full_quality: float, rule: str = "bes
     if not allowed:
         return best, (f"no threshold keeps quality within {budget:.1%} of the full model's; "
                       f"took the best quality (threshold {best.threshold})")
-    if speed not in SPEEDS:
-        raise ConfigError(f"calibration speed must be one of {', '.join(SPEEDS)} (got {speed!r})")
+    if speed not in SPEED_TARGETS:
+        raise ConfigError(f"calibration speed must be one of {', '.join(SPEED_TARGETS)} (got {speed!r})")
     if speed == "wall" and any(p.wall_speedup is None for p in allowed):
         raise ConfigError("the wall-clock rule needs a sweep that measured wall time (measure_wall=True)")
     key = (lambda p: (p.wall_speedup, p.quality)) if speed == "wall" else (lambda p: (p.layer_speedup, p.quality))

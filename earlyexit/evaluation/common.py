@@ -10,10 +10,7 @@ import math
 import numpy as np
 from PIL import Image
 
-from earlyexit.data.tasks import RANKING_TAKES_NO_EXIT_VOCABULARY  # noqa: F401 (its old home: still importable)
 from earlyexit.errors import ConfigError
-
-DECODES = ("early-exit", "speculative")
 
 
 @dataclasses.dataclass

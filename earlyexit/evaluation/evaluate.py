@@ -11,14 +11,14 @@ from __future__ import annotations
 import torch
 
 from earlyexit.core.accounting import CostModel, summarize
+from earlyexit.core.choices import DECODES
 from earlyexit.core.generation import count_tokens, decode_new_tokens, timed, unpadded_rows
 from earlyexit.core.speculative import (DEFAULT_DRAFT_LENGTH, SelfSpeculativeDecoder, speculative_summary,
                                         token_vocabulary)
 from earlyexit.data import Dataset
-from earlyexit.data.prompts import prompt_for  # noqa: F401 (benchmarks/bf16_agreement.py imports it from here)
 from earlyexit.data.tasks import task_of
 from earlyexit.errors import ConfigError
-from earlyexit.evaluation.common import DECODES, EvalSettings, add_noise
+from earlyexit.evaluation.common import EvalSettings, add_noise
 from earlyexit.evaluation.dialog import evaluate_dialog
 from earlyexit.evaluation.loop import EvalRun
 

@@ -31,6 +31,7 @@ import transformers
 from earlyexit.backends.blip2_opt import Blip2OptBackend
 from earlyexit.core.model_folder import check_model_folder, safetensors_problem, save_model_folder
 from earlyexit.data.scenes import SceneConfig, load_scenes, vocabulary
+from earlyexit.data.tasks import TASKS, task_of
 from earlyexit.data.tokenizer import DEFAULT_WORDS
 from earlyexit.errors import CheckpointError, ConfigError
 from earlyexit.training.batching import TrainingBatches
@@ -181,7 +182,7 @@ def build(recipe: dict, path: str, progress: bool = True) -> dict:
     words = sorted(set(vocabulary(scenes)) | set(DEFAULT_WORDS) | {"question", "answer"})
     backend = Blip2OptBackend.from_tiny_config(words=words, **recipe["model"])
     datasets = [load_scenes("train", task=task, config=scenes) for task in recipe["tasks"]]
-    datasets = [thin_questions(d, recipe["questions_per_image"]) if d.task == "vqa" else d for d in datasets]
+    datasets = [thin_questions(d, recipe["questions_per_image"]) if task_of(d) is TASKS["vqa"] else d for d in datasets]
     settings = dict(recipe["train"])
     batches = TrainingBatches(backend, datasets, batch_size=settings.pop("batch_size"), seed=settings["seed"],
                               caption_words=recipe["caption_words_weight"] > 0)
@@ -219,7 +220,7 @@ def pretrain_encoder(backend, probe, datasets, settings: dict, work: str, progre
 
 
     model, settings = backend.model, dict(settings)
-    captions = [d for d in datasets if d.task == "caption"]
+    captions = [d for d in datasets if task_of(d) is TASKS["caption"]]
     batches = TrainingBatches(backend, captions, batch_size=settings.pop("batch_size"), seed=settings["seed"],
                               caption_words=True)
     image_side = {n: p for n, p in model.named_parameters() if n.startswith(("vision_model.", "qformer.", "query_tokens"))}

@@ -31,6 +31,7 @@ import time
 from earlyexit.backends.minigpt4_llama import Minigpt4LlamaBackend
 from earlyexit.core.model_folder import save_model_folder
 from earlyexit.data.scenes import COLORS, SHAPES, SceneConfig, load_scenes
+from earlyexit.data.tasks import TASKS, task_of
 from earlyexit.errors import ConfigError
 from earlyexit.models.embedded import fingerprint, thin_questions
 from earlyexit.training.batching import TrainingBatches
@@ -124,7 +125,7 @@ def caption_columns(batches) -> list[int]:
     49k vocabulary entries would drown the few positives)."""
     ids = set()
     for dataset in batches.datasets:
-        if dataset.task == "caption":
+        if task_of(dataset) is TASKS["caption"]:
             for sample in dataset.samples:
                 for caption in sample.captions:
                     ids.update(batches.tokenizer(caption, add_special_tokens=False)["input_ids"])
@@ -238,8 +239,8 @@ def training_batches(backend, recipe: dict) -> tuple:
     sample's caption words."""
     scenes = SceneConfig(**recipe["scenes"])
     datasets = [load_scenes("train", task=task, config=scenes) for task in recipe["tasks"]]
-    datasets = [thin_questions(d, recipe["questions_per_image"]) if d.task == "vqa" else d for d in datasets]
-    captions = [d for d in datasets if d.task == "caption"]
+    datasets = [thin_questions(d, recipe["questions_per_image"]) if task_of(d) is TASKS["vqa"] else d for d in datasets]
+    captions = [d for d in datasets if task_of(d) is TASKS["caption"]]
     pretrain, settings = recipe["encoder_pretrain"], recipe["train"]
     words_batches = TrainingBatches(backend, captions, batch_size=pretrain["batch_size"], seed=pretrain["seed"],
                                     caption_words=True)

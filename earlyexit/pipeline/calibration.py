@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from earlyexit.evaluation.calibrate import Knob, choose, cost_warning, main_metric, sweep, write_curve
+from earlyexit.data.tasks import task_of
+from earlyexit.evaluation.calibrate import Knob, choose, cost_warning, sweep, write_curve
 from earlyexit.pipeline.context import RunContext
 
 
@@ -25,7 +26,7 @@ def calibrate(run: RunContext, knob: Knob | None, gate, exit_vocabulary) -> dict
         chosen, why = choose(points, full_dev, settings.rule, settings.budget, speed=settings.speed_target,
                              epsilon=settings.epsilon, safest_first=knob.safest_first)
         knob.value = chosen.threshold
-        metric = main_metric(run.dev.task)
+        metric = task_of(run.dev).main_metric
         csv_path, png_path = write_curve(points, full_dev, metric, run.output) if run.main else (None, None)
         warning = cost_warning(chosen, settings.speed_target)
     run.log(f"calibration: {why}; curve in {csv_path} and {png_path}")

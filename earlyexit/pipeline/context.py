@@ -9,6 +9,7 @@ import os
 import time
 from typing import Any, Callable
 
+from earlyexit.data.tasks import task_of
 from earlyexit.evaluation.common import EvalSettings
 from earlyexit.pipeline.settings import RunSettings
 from earlyexit.plugins.registry import notify
@@ -39,7 +40,7 @@ class RunContext:
     @property
     def ranking(self) -> bool:
         """VisDial is scored by ranking answer options: nothing is decoded."""
-        return "dialog" in (self.dev.task, self.test.task)
+        return task_of(self.dev).ranks or task_of(self.test).ranks
 
     def on_batch(self, stats: dict) -> None:
         if self.main:

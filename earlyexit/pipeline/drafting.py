@@ -10,7 +10,7 @@ import torch
 from earlyexit.core.choices import draft_exit_index
 from earlyexit.core.generation import count_tokens, timed
 from earlyexit.core.speculative import DEFAULT_DRAFT_LENGTH, DRAFT_LENGTHS
-from earlyexit.data.prompts import prompt_for
+from earlyexit.data.tasks import task_of
 from earlyexit.evaluation.evaluate import evaluate
 from earlyexit.pipeline.context import RunContext
 from earlyexit.pipeline.settings import RunSettings
@@ -69,7 +69,7 @@ def plain_tokens_per_s(backend, dataset, max_new_tokens: int) -> float:
     eos = backend.language_model.generation_config.eos_token_id
     seconds = tokens = 0
     for sample in dataset:
-        inputs = backend.prepare_inputs([sample.load_image()], [prompt_for(sample, dataset.task)])
+        inputs = backend.prepare_inputs([sample.load_image()], [task_of(dataset).prompt(sample)])
         with torch.no_grad():
             sequences, spent, _ = timed(backend.plain_generate, inputs,
                                         {"max_new_tokens": max_new_tokens, "do_sample": False})

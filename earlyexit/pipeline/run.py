@@ -29,6 +29,7 @@ import dataclasses
 import time
 
 from earlyexit.data.splits import load_split, splits_for, test_split_of
+from earlyexit.data.tasks import TASKS, task_of
 from earlyexit.evaluation.calibrate import Knob
 from earlyexit.evaluation.common import EvalSettings
 from earlyexit.pipeline.calibration import calibrate
@@ -62,7 +63,7 @@ def run(settings: RunSettings, registry, log=print) -> dict | None:
     with run.timed("evaluate_s"):
         results = score_on_test(run, knob, gates, exit_vocabulary, drafting)
     mid_crisis = None
-    if run.strategy.needs_training and run.dev.task == "caption":
+    if run.strategy.needs_training and task_of(run.dev) is TASKS["caption"]:  # the paper's plot is of captions
         mid_crisis = mid_crisis_report(run.backend, run.strategy, run.dev, run.output) if run.main else None
     run.timings["total_s"] = time.perf_counter() - started
     if not run.main:
@@ -93,8 +94,8 @@ def load_evaluation_data(run: RunContext) -> None:
     if run.ranking and settings.num_beams > 1:
         run.log(f"note: VisDial is scored by ranking answer options, not by beam search: it ranks with one beam "
                 f"(--num-beams {settings.num_beams} applies to the {run.dev.task} calibration only)"
-                if run.dev.task != "dialog" else "note: VisDial is ranked with one beam (ranking decodes nothing)")
-    if run.dev.task == "dialog":
+                if not task_of(run.dev).ranks else "note: VisDial is ranked with one beam (ranking decodes nothing)")
+    if task_of(run.dev).ranks:
         run.evaluation = dataclasses.replace(run.evaluation, num_beams=1)
 
 

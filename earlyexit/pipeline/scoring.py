@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from earlyexit.data.tasks import task_of
 from earlyexit.evaluation.evaluate import evaluate
 from earlyexit.pipeline.context import RunContext
 from earlyexit.pipeline.drafting import Drafting
@@ -21,7 +22,7 @@ def score_on_test(run: RunContext, knob, gates: dict | None, exit_vocabulary, dr
     settings, backend, strategy, test = run.settings, run.backend, run.strategy, run.test
     gate = gates["strategy"] if gates is not None else None
     evaluation = run.evaluation
-    if test.task == "dialog":
+    if task_of(test).ranks:  # ranking decodes nothing: one beam
         evaluation = dataclasses.replace(evaluation, num_beams=1)
     if settings.noise:
         evaluation = dataclasses.replace(evaluation, noise=settings.noise)

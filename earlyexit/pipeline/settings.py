@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
+from earlyexit.data.registry import task_name
+from earlyexit.data.tasks import task_of
 from earlyexit.errors import ConfigError
-from earlyexit.evaluation.common import RANKING_TAKES_NO_EXIT_VOCABULARY
 from earlyexit.models.embedded import NAME as EMBEDDED_DEFAULT
 
 
@@ -63,9 +64,9 @@ def check_settings(settings: RunSettings) -> None:
         raise ConfigError(f"--budget is a fraction of the full model's quality, e.g. 0.02 (got {settings.budget})")
     if settings.grid is not None and not settings.grid:
         raise ConfigError("the calibration grid is empty; pass values such as --grid 0.5,0.7,0.9")
-    if settings.exit_vocabulary and "visdial" in (settings.data.partition(":")[0],
-                                                  (settings.test_data or "").partition(":")[0]):
-        raise ConfigError(RANKING_TAKES_NO_EXIT_VOCABULARY)  # before any exit is trained
+    if settings.exit_vocabulary:  # before any exit is trained
+        for data in filter(None, (settings.data, settings.test_data)):
+            task_of(task_name(data)).refuse_exit_vocabulary()
     for flag, size in (("draft", settings.draft_vocabulary), ("exit", settings.exit_vocabulary)):
         if size is not None and size < 1:
             raise ConfigError(f"--{flag}-vocabulary is a number of tokens, e.g. 1024 (got {size})")
