@@ -90,16 +90,26 @@ def test_the_python_api_snippet_runs():
     assert namespace["ids"].shape[0] == 1 and namespace["model"].last_trace is not None
 
 
-def test_the_plugin_snippet_defines_a_strategy_the_engine_runs():
-    namespace = {"__name__": "earlyexit_myplugin"}
-    exec(compile(code_block(read(README), "Writing a plugin"), "README.md", "exec"), namespace)
+def test_the_plugin_example_installs_as_an_entry_point_registers_and_runs(install_distribution, capsys):
+    """The README's plugin, installed as its pyproject snippet says, is listed and decodes."""
+    import tomllib
+
     from PIL import Image
 
+    from earlyexit.cli import main
     from earlyexit.core.engine import EarlyExitForCausalLM
     from earlyexit.plugins import get_registry
 
-    assert namespace["earlyexit_register_strategies"]() == [namespace["MyStrategy"]]
-    backend = get_registry().backend("blip2-opt").load("tiny-random")
-    model = EarlyExitForCausalLM(backend, namespace["MyStrategy"](backend, [3, 6]))
+    module_source = code_block(read(README), "Writing a plugin")
+    entry_points = tomllib.loads(code_block(read(README), "Writing a plugin", "toml"))["project"]["entry-points"]
+    install_distribution("earlyexit-myplugin", {"earlyexit_myplugin": module_source}, entry_points["earlyexit"])
+    registry = get_registry()
+    assert not registry.failures
+    strategy_cls = registry.strategy("my-strategy")
+    assert main(["list"]) == 0 and "my-strategy" in capsys.readouterr().out
+    backend = registry.backend("blip2-opt").load("tiny-random")
+    model = EarlyExitForCausalLM(backend, strategy_cls(backend, [3, 6]))
     inputs = backend.prepare_inputs([Image.new("RGB", (32, 32), "blue")], ["a"])
     assert model.generate(**inputs, max_new_tokens=3).shape[0] == 1
+    assert len(model.last_trace.per_sequence()[0]) >= 1  # the engine ran the plugin's rule at its exits
+
