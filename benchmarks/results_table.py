@@ -137,7 +137,7 @@ def verdict(model: str, rows: list[dict]) -> str:
         reached = (free["decode_wall_speedup"] or 0) >= FREE_DECODE and (free["wall_speedup"] or 0) >= FREE_E2E \
             and loss <= FREE_LOSS
         parts.append(f"FREE {'reached' if reached else 'not reached'} ({free['wall_speedup']:.2f}x end to end, "
-                     f"{free['decode_wall_speedup']:.2f}x decode at {-100 * loss:+.1f} % CIDEr)")
+                     f"{free['decode_wall_speedup']:.2f}x decode at {round(-100 * loss, 1) + 0.0:+.1f} % CIDEr)")
     if spec is not None:
         reached = (spec["wall_speedup"] or 0) >= SPECULATIVE_E2E
         parts.append(f"speculative {'reached' if reached else 'not reached'} ({spec['wall_speedup']:.2f}x end to "
