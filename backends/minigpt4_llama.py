@@ -14,7 +14,7 @@ Relative paths in a recipe are read from the recipe's folder.
 
 `with_new_image_side` puts a new, untrained image side (a frozen pretrained image encoder, a
 Q-Former and the projection) in front of a pretrained Llama, which may be a GGUF file (dequantized
-on load): the embedded model `smol` (`earlyexit.smol`) is built that way, and `--model smol`
+on load): the embedded model `smol` (`earlyexit.models.smol`) is built that way, and `--model smol`
 names it here.
 """
 

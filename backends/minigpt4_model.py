@@ -9,7 +9,7 @@ The image encoder is pluggable (`MiniGPT4Config.image_encoder`): `blip2` is BLIP
 released MiniGPT-4); `efficientnet-lite0` is a feature map of EfficientNet-Lite0 (after its first
 `blocks` MBConv blocks, or its last map of 1280 channels), one token per cell, read by the Q-Former
 as its encoder states: the embedded `smol` model uses it, pretrained on ImageNet and frozen
-(`earlyexit.smol`).
+(`earlyexit.models.smol`).
 
 A saved model is a folder:
     minigpt4_config.json               image side shapes, number of queries, image placeholder id
@@ -105,7 +105,7 @@ class MiniGPT4ForConditionalGeneration(torch.nn.Module):
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(images, tokens, encoder width): what the Q-Former reads. With a frozen encoder this is
-        a fixed function of the image, so training may compute it once (`earlyexit.smol`)."""
+        a fixed function of the image, so training may compute it once (`earlyexit.models.smol`)."""
         vision = self.vision_model
         if isinstance(vision, EfficientNetLiteFeatures):
             return vision(pixel_values)

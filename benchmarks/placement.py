@@ -1,4 +1,4 @@
-"""Exit placement under a budget of k exits (earlyexit.placement) on the embedded model: the greedy
+"""Exit placement under a budget of k exits (earlyexit.evaluation.placement) on the embedded model: the greedy
 search on dev statistics for each k, then each chosen set confirmed by `earlyexit run` with the
 untrained `confidence` exits (knob calibrated on dev, scored on test) next to evenly spaced exits.
 

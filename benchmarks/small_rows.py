@@ -1,4 +1,4 @@
-"""Few-row linear layers on this CPU: `F.linear` against `W @ xᵀ` (earlyexit.kernels), per weight
+"""Few-row linear layers on this CPU: `F.linear` against `W @ xᵀ` (earlyexit.core.kernels), per weight
 shape and row count, and what it does to plain greedy decoding.
 
     python benchmarks/small_rows.py --json benchmarks/results/small-rows.json

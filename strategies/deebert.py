@@ -8,7 +8,7 @@ classifiers at its exit layers on the frozen, fine-tuned backbone, trained with 
 per-exit cross-entropies; a token leaves when its exit's entropy is at most S.
 
 Where the papers are silent we chose: exits at FREE's layers; each classifier starts as a copy
-of the shared read-out (`earlyexit.classifier_exits`); S is swept on dev over a grid in nats
+of the shared read-out (`earlyexit.strategies.classifier_exits`); S is swept on dev over a grid in nats
 spanning confident (0.05) to loose (3.0) exits, since a vocabulary-sized distribution's entropy
 scale differs from DeeBERT's two- or three-class tasks.
 """

@@ -137,7 +137,7 @@ class FreeStrategy(Strategy):
 
     def should_exit(self, exit_index, view, context):
         # the paper's rule needs the exit transformer and the head for every row present; a
-        # gate (earlyexit.gates) decides from the hidden state instead and runs them for leavers
+        # gate (earlyexit.core.gates) decides from the hidden state instead and runs them for leavers
         return view.logits().float().softmax(-1).amax(-1) >= self.config.threshold
 
     # -- training ----------------------------------------------------------------------------

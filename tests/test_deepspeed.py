@@ -98,11 +98,11 @@ def test_resumed_zero2_run_continues_the_same_trajectory(scenes, tmp_path):
 SCRIPT = """
     import sys
     import torch
-    from earlyexit.adapters import save_exits
+    from earlyexit.models.adapters import save_exits
     from earlyexit.backends.blip2_opt import Blip2OptBackend
     from earlyexit.data.scenes import SceneConfig, load_scenes
-    from earlyexit.deepspeed_config import zero_config
-    from earlyexit.exit_training import train_exits
+    from earlyexit.training.deepspeed_config import zero_config
+    from earlyexit.training.exits import train_exits
     from earlyexit.strategies.free import FreeConfig, FreeStrategy
 
     model, output, cache, stage = sys.argv[1:5]

@@ -51,11 +51,11 @@ def test_zero2_in_one_process_gives_the_plain_losses(registry, scenes, tmp_path,
 SCRIPT = """
     import sys
     import torch
-    from earlyexit.adapters import save_exits
+    from earlyexit.models.adapters import save_exits
     from earlyexit.backends.blip2_opt import Blip2OptBackend
     from earlyexit.data.scenes import SceneConfig, load_scenes
-    from earlyexit.deepspeed_config import zero_config
-    from earlyexit.exit_training import train_exits
+    from earlyexit.training.deepspeed_config import zero_config
+    from earlyexit.training.exits import train_exits
     from earlyexit.plugins import get_registry
 
     model, output, cache, name = sys.argv[1:5]

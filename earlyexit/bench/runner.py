@@ -1,6 +1,6 @@
 """Running a bench: list the cells, compute those not in the store, render tables and figures.
 
-A cell is one `earlyexit.run.run` (exits trained or reused, knob calibrated on dev, scored on test).
+A cell is one `earlyexit.pipeline.run.run` (exits trained or reused, knob calibrated on dev, scored on test).
 What it keeps: quality and the three speed-ups of each model it scored, the calibration sweep (the
 quality-versus-speed curve), the per-exit accuracy untrained vs trained, the exit histogram, a few
 examples with their tokens and exit layers, per-domain quality where the data has domains.

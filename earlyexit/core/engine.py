@@ -78,7 +78,7 @@ def cache_bytes_per_row(backend: Backend, positions: int, slots: int) -> int:
 
 class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
     """Wraps a backend's language model; `strategy=None` means exits off (plain full depth).
-    `gate` (see `earlyexit.gates`) replaces the strategy's rule by a cheap decision on the
+    `gate` (see `earlyexit.core.gates`) replaces the strategy's rule by a cheap decision on the
     hidden state; the strategy still supplies the exit's module and read-out."""
 
     _supports_sdpa = True
@@ -133,7 +133,7 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
         ends = [t for t in ends if t is not None]
         self.end_ids = torch.tensor(ends, dtype=torch.long) if ends else None
         self.eager_masks = getattr(backend.text_config, "_attn_implementation", "sdpa") == "eager"
-        # self-speculative decoding drives these (see earlyexit.speculative)
+        # self-speculative decoding drives these (see earlyexit.core.speculative)
         self.force_exit: int | None = None  # every row leaves at this exit index (drafting)
         self.read_block = False  # the final head reads every position of its block (verification)
         self.draft_vocabulary: torch.Tensor | None = None  # token ids a forced exit reads out (drafting)

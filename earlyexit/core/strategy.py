@@ -1,7 +1,7 @@
 """The Strategy contract: one exit method (when a token may leave, and what it emits).
 
 Strategy classes are plain Python (no torch at import time) so `earlyexit list` stays instant;
-their methods import torch where they need it. The engine (`earlyexit.engine`) calls a strategy
+their methods import torch where they need it. The engine (`earlyexit.core.engine`) calls a strategy
 directly at every exit point; nothing goes through pluggy in that hot path.
 """
 
@@ -89,7 +89,7 @@ class Strategy:
     The exit knob: `knob` names the config field calibration sweeps (and `--threshold` sets),
     over `knob_grid` unless the user gives a grid. Strategies that train also implement the
     training half of the contract below (`training_modules`, `training_step`, ...); the
-    trainer (`earlyexit.exit_training`) and `run` call only these, never a strategy by name.
+    trainer (`earlyexit.training.exits`) and `run` call only these, never a strategy by name.
     """
 
     name: ClassVar[str] = ""

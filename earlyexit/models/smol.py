@@ -14,7 +14,7 @@ paper's recipe for MiniGPT-4 (train the projection with everything else frozen),
 
 The frozen encoder is a fixed function of the image, so each training image is encoded once and
 its feature map kept (a few hundred MB); neither stage runs EfficientNet again. The result is
-saved like any MiniGPT-4 (`earlyexit.embedded` caches it under its recipe's fingerprint) and
+saved like any MiniGPT-4 (`earlyexit.models.embedded` caches it under its recipe's fingerprint) and
 runs on the `minigpt4-llama` backend: `--backend minigpt4-llama --model smol`.
 
 Judge recipe changes on the val split (`benchmarks/grounding.py --model smol`), never on test.

@@ -1,7 +1,7 @@
 """Plugin loading and the registry of backends and strategies.
 
 Built-in modules and third-party entry points (group ``earlyexit``) register through the same
-hooks (`earlyexit.hookspecs`). Everything here is built by factories, never kept in module
+hooks (`earlyexit.plugins.hookspecs`). Everything here is built by factories, never kept in module
 globals, so every test and every CLI call gets a fresh view. Nothing here imports torch.
 """
 
