@@ -99,8 +99,8 @@ class EvalCommand:
         backend, strategy, model = load_model(registry, args)
         exit_vocabulary = draft_vocabulary = None
         if args.exit_vocabulary or args.draft_vocabulary:
-            from earlyexit.training.vocabularies import \
-                backbone_vocabularies  # lazy: keeps --help and list free of torch
+            # lazy: keeps --help and list free of torch
+            from earlyexit.training.vocabularies import backbone_vocabularies
 
             source = splits_for(args.data)[0]  # the exit-training split: never the one scored
             exit_vocabulary, draft_vocabulary = backbone_vocabularies(
