@@ -119,7 +119,15 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_json_file_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", metavar="FILE", help="also write everything, with provenance, to FILE")
+    parser.add_argument("--json", metavar="FILE",
+                        help="also write everything, with provenance, to FILE (a regular file: a link, device or "
+                             "FIFO is refused); - prints the JSON on standard output and the report on standard error")
+
+
+def add_overwrite_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--overwrite", action="store_true",
+                        help=f"replace {what} even if earlyexit cannot tell it wrote it (no .earlyexit marker): the "
+                             "files earlyexit writes there are replaced, every other file in it is kept")
 
 
 def add_output_argument(parser: argparse.ArgumentParser, help: str, default: str | None = None) -> None:

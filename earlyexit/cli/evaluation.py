@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 
 from earlyexit.cli.common import (add_batch_size_argument, add_generation_arguments, add_json_file_argument,
                                   add_model_arguments, add_vocabulary_arguments, device_options, draft_exit_index,
@@ -15,7 +16,7 @@ from earlyexit.errors import ConfigError
 from earlyexit.evaluation.common import EvalSettings
 from earlyexit.plugins.registry import get_registry, notify
 from earlyexit.training.deepspeed_config import launched_world_size
-from earlyexit.util.files import check_writable, write_json_atomically
+from earlyexit.util.files import STDOUT, check_writable, write_json_atomically
 
 
 def format_report(result: dict) -> str:
@@ -99,8 +100,8 @@ class EvalCommand:
         backend, strategy, model = load_model(registry, args)
         exit_vocabulary = draft_vocabulary = None
         if args.exit_vocabulary or args.draft_vocabulary:
-            from earlyexit.training.vocabularies import \
-                backbone_vocabularies  # lazy: keeps --help and list free of torch
+            # lazy: keeps --help and list free of torch
+            from earlyexit.training.vocabularies import backbone_vocabularies
 
             source = splits_for(args.data)[0]  # the exit-training split: never the one scored
             exit_vocabulary, draft_vocabulary = backbone_vocabularies(
@@ -119,8 +120,9 @@ class EvalCommand:
         if process_group()[0] != 0:  # every rank has the result; rank 0 reports for everyone
             return 0
         notify(registry, "run_end", config=config, results={"quality": result["quality"]})
-        print(format_report(result))
+        print(format_report(result), file=sys.stderr if args.json == STDOUT else sys.stdout)
         if args.json:
             write_json_atomically(args.json, result)
-            print(f"wrote {args.json}")
+            if args.json != STDOUT:
+                print(f"wrote {args.json}")
         return 0

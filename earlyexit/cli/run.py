@@ -17,7 +17,7 @@ from earlyexit.core.choices import GATES, RULES, SPEED_TARGETS
 from earlyexit.errors import ConfigError
 from earlyexit.plugins.registry import get_registry
 from earlyexit.training.deepspeed_config import add_arguments, config_from_arguments
-from earlyexit.util.files import check_writable, write_json_atomically
+from earlyexit.util.files import STDOUT, check_writable, write_json_atomically
 
 COLORS = ("\033[32m", "\033[36m", "\033[33m", "\033[35m", "\033[31m")  # early ... late
 RESET = "\033[0m"
@@ -210,12 +210,14 @@ class RunCommand:
         report = run(settings, registry, log=lambda message: print(message, file=sys.stderr))
         if report is None:  # a non-zero rank of a multi-process run: rank 0 reports
             return 0
-        print(format_run(report, color=sys.stdout.isatty()))
+        screen = sys.stderr if args.json == STDOUT else sys.stdout  # `--json -`: stdout holds the JSON alone
+        print(format_run(report, color=screen.isatty()), file=screen)
         if args.json:
             payload = {"command": "earlyexit " + " ".join(shlex.quote(a) for a in args.argv),
                        **{k: v for k, v in report.items() if k != "tokenizer"}}
             write_json_atomically(args.json, payload)
-            print(f"wrote {args.json}")
+            if args.json != STDOUT:
+                print(f"wrote {args.json}")
         return 0
 
 

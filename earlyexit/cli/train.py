@@ -6,13 +6,14 @@ import argparse
 import os
 
 from earlyexit.cli.common import (add_backend_argument, add_batch_size_argument, add_device_arguments,
-                                  add_model_argument, add_output_argument, device_options, non_negative_int,
+                                  add_model_argument, add_output_argument, add_overwrite_argument, device_options,
+                                  non_negative_int,
                                   positive_int, quiet_transformers, report_plugin_failures)
 from earlyexit.core.model_folder import save_model_folder
 from earlyexit.data.registry import load_dataset
 from earlyexit.plugins.registry import get_registry, notify
 from earlyexit.training.deepspeed_config import add_arguments, config_from_arguments, is_main_process
-from earlyexit.util.files import check_writable
+from earlyexit.util.files import check_replaceable, check_writable
 
 
 class TrainCommand:
@@ -28,7 +29,9 @@ class TrainCommand:
         parser.add_argument("--data", required=True, action="append",
                             help="training data (repeatable to mix), e.g. scenes and scenes-vqa")
         parser.add_argument("--split", default="train")
-        add_output_argument(parser, "folder for checkpoints and the trained model")
+        add_output_argument(parser, "folder for checkpoints (OUTPUT/checkpoints) and the trained model (OUTPUT/model); "
+                                    "other files in it are left alone")
+        add_overwrite_argument(parser, "OUTPUT/model")
         parser.add_argument("--steps", type=positive_int, default=1000)
         add_batch_size_argument(parser, 32)
         parser.add_argument("--learning-rate", type=float, default=1e-4)
@@ -51,6 +54,8 @@ class TrainCommand:
 
         placement = device_options(args)  # a device or dtype this machine cannot run fails first
         check_writable(args.output, folder=True)
+        final = os.path.join(args.output, "model")
+        check_replaceable(final, args.overwrite)  # a model folder earlyexit did not write: one line, before the work
         config = TrainConfig(output_dir=os.path.join(args.output, "checkpoints"), steps=args.steps,
                              learning_rate=args.learning_rate, warmup_steps=args.warmup_steps,
                              checkpoint_every=args.checkpoint_every, seed=args.seed)
@@ -76,14 +81,13 @@ class TrainCommand:
         losses = train(backend.model, language_model_step(backend.model), batches, config, engine,
                        on_log=lambda step, recent: notify(registry, "batch_stats",
                                                           stats={"phase": "train_backbone", "step": step, **recent}))
-        final = os.path.join(args.output, "model")
         if engine is not None:
             with engine.full_parameters("model"):  # ZeRO-3: gather the shards before saving
                 if is_main_process():
-                    save_model_folder(backend, final)
+                    save_model_folder(backend, final, overwrite=args.overwrite)
             engine.barrier()
         else:
-            save_model_folder(backend, final)
+            save_model_folder(backend, final, overwrite=args.overwrite)
         if not is_main_process():
             return 0
         recent = [entry["loss"] for entry in losses[-min(50, len(losses)):]]

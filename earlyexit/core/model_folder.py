@@ -177,11 +177,13 @@ def hub_offline() -> bool:
     return constants.HF_HUB_OFFLINE or any(f.lower() in ("1", "true", "yes", "on") for f in flags)
 
 
-def save_model_folder(backend, path: str, build_info: dict | None = None) -> None:
+def save_model_folder(backend, path: str, build_info: dict | None = None, overwrite: bool = False) -> None:
     """`save_pretrained` into `path`, all or nothing: a kill during the save leaves the previous
     model (or none), never a half-written folder that later commands would take for a model.
-    `build_info` is written beside it as `earlyexit_build.json` (an embedded model's build)."""
-    with atomic_folder(path) as folder:
+    `build_info` is written beside it as `earlyexit_build.json` (an embedded model's build).
+    Files in a previous `path` that earlyexit did not write are kept (`util.files`, rule 3;
+    `overwrite`: --overwrite, for a folder earlyexit cannot tell it wrote)."""
+    with atomic_folder(path, overwrite=overwrite) as folder:
         backend.save_pretrained(folder)
         if build_info is not None:
             with open(os.path.join(folder, "earlyexit_build.json"), "w") as handle:

@@ -15,7 +15,7 @@ from earlyexit.models.adapters import backbone_fingerprint, load_exits, save_exi
 from earlyexit.models.loading import load_backend
 from earlyexit.pipeline.context import RunContext
 from earlyexit.pipeline.settings import RunSettings
-from earlyexit.training.exits import train_exits
+from earlyexit.training.exits import interrupted_training, train_exits
 
 
 def exits_cache_folder(settings: RunSettings, strategy, backbone_fingerprint: str) -> str:
@@ -53,20 +53,38 @@ def prepare_exits(run: RunContext) -> None:
     if not strategy.needs_training:
         return
     folder = exits_cache_folder(settings, strategy, backbone_fingerprint(run.backend))
+    work = folder + ".work"  # checkpoints: an interrupted training resumes from here
     if os.path.isdir(folder) and not settings.retrain:
         try:
             run.strategy = load_exits(folder, run.backend, run.registry)
             run.log(f"exits: reusing {folder}")
+            if os.path.isdir(work) and run.main:  # an interrupted --retrain's: this run trains nothing
+                shutil.rmtree(work, ignore_errors=True)
+                run.log(f"note: removed {work}, left by an interrupted --retrain; the cached exits are used (pass "
+                        "--retrain to train them again)")
             return
         except CorruptAdapterError as error:  # a cache entry is ours to rebuild
             run.log(f"note: {error}; training them again")
     run.log(f"exits: training {strategy.name} at layers {strategy.exit_layers} on {settings.data}/{run.train_split}")
     with run.timed("train_exits_s"):
         train_data = load_split(settings.data, run.train_split, settings.train_limit)
-        work = folder + ".work"  # checkpoints: an interrupted training resumes from here
         train_exits(strategy, run.backend, train_data, work, seed=settings.seed, progress=settings.progress,
                     deepspeed_config=settings.deepspeed,
-                    on_log=lambda step, losses: run.on_batch({"phase": "train_exits", "step": step, **losses}))
+                    on_log=lambda step, losses: run.on_batch({"phase": "train_exits", "step": step, **losses}),
+                    before_training=lambda config, world_size: resume_or_remove(run, work, config, world_size))
         if run.main:  # every rank holds the trained exits; rank 0 saves them
             save_exits(strategy, folder, backbone_name=settings.model)
             shutil.rmtree(work, ignore_errors=True)
+
+
+def resume_or_remove(run: RunContext, work: str, config, world_size: int) -> None:
+    """What an interrupted training left in `work`: resumed when its checkpoint fits this
+    training, else removed (rank 0 removes, before any rank resumes); a `note:` line says which."""
+    verdict, detail = interrupted_training(work, config, world_size)
+    what = "retrain" if run.settings.retrain else "exit training"
+    if verdict == "resume":
+        run.log(f"note: resuming the interrupted {what} {detail} ({work})")
+    elif verdict == "stale":
+        if run.main:
+            shutil.rmtree(work, ignore_errors=True)
+        run.log(f"note: removed {work}, left by an interrupted {what}: {detail}; training from the start")

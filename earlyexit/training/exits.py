@@ -8,7 +8,9 @@ The strategy supplies `training_groups()` (named parameter groups, one optimiser
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 from typing import Callable
 
 import torch
@@ -22,7 +24,7 @@ from earlyexit.training.batching import TrainingBatches
 from earlyexit.training.deepspeed import DeepSpeedEngine
 from earlyexit.training.deepspeed_config import launched_world_size
 from earlyexit.training.features import FeatureCache, backbone_features, feature_cache_budget
-from earlyexit.training.loop import PlainEngine, TrainConfig, train
+from earlyexit.training.loop import STATE_FILE, PlainEngine, TrainConfig, latest_checkpoint, train
 
 
 @torch.no_grad()
@@ -128,12 +130,37 @@ def split_held_out(dataset: Dataset, fraction: float, seed: int = 0) -> tuple[Da
     return dataclasses.replace(dataset, samples=keep), dataclasses.replace(dataset, samples=aside)
 
 
+def interrupted_training(output_dir: str, config: TrainConfig, world_size: int = 1) -> tuple[str, str]:
+    """What an earlier, interrupted training left in `output_dir`, judged against `config`:
+    ("none", ""), ("resume", how: its newest complete checkpoint fits `config` and `world_size`
+    processes, so `train` resumes from it) or ("stale", why not)."""
+    if not os.path.isdir(output_dir):
+        return "none", ""
+    folder = latest_checkpoint(output_dir)
+    if folder is None:
+        return "stale", "it holds no complete checkpoint"
+    try:
+        with open(os.path.join(folder, STATE_FILE)) as handle:
+            state = json.load(handle)
+    except (OSError, ValueError):
+        return "stale", f"{os.path.basename(folder)} cannot be read"
+    if state.get("schedule") != config.schedule_key():
+        return "stale", f"{os.path.basename(folder)} was written with other settings ({state.get('schedule')})"
+    if state.get("world_size", 1) != world_size:
+        return "stale", f"{os.path.basename(folder)} was written by {state.get('world_size', 1)} processes"
+    return "resume", f"from its checkpoint at step {state['step']} of {config.steps}"
+
+
 def train_exits(strategy, backend, dataset: Dataset, output_dir: str, seed: int = 0, progress: bool = True,
-                engine=None, deepspeed_config: dict | None = None, on_log=None) -> list[dict]:
+                engine=None, deepspeed_config: dict | None = None, on_log=None,
+                before_training: Callable[[TrainConfig, int], None] | None = None) -> list[dict]:
     """Train what the strategy declares (`training_modules`) on `dataset`, everything else of
     the backbone frozen; with a `deepspeed_config`, DeepSpeed ZeRO runs the optimisation (one
     engine per group). Held-out data (`strategy.held_out_fraction`) is split off by image first.
-    A strategy that `reuses_backbone_features` trains on a `FeatureCache` in a single process."""
+    A strategy that `reuses_backbone_features` trains on a `FeatureCache` in a single process.
+    `before_training(config, world_size)` is called once the training's settings and engine are
+    known, before it resumes from or writes to `output_dir` (to judge what an interrupted training
+    left there: `interrupted_training`)."""
     modules = strategy.training_modules()
     if not modules:
         raise ConfigError(f"strategy {strategy.name!r} has nothing to train")
@@ -156,6 +183,8 @@ def train_exits(strategy, backend, dataset: Dataset, output_dir: str, seed: int 
         engine = DeepSpeedEngine(modules, train_config, {**deepspeed_config, "train_micro_batch_size_per_gpu": max(
             1, config.batch_size // launched_world_size())})
     engine = engine or PlainEngine(strategy.training_groups(), train_config)
+    if before_training is not None:
+        before_training(train_config, getattr(engine, "world_size", 1))
     container = torch.nn.ModuleList(modules.values())
     batch_for_step = batches
     budget = feature_cache_budget()
