@@ -10,6 +10,7 @@ import os
 from earlyexit.evaluation.layer_accuracy import exit_accuracy, per_layer_accuracy
 from earlyexit.pipeline.context import RunContext
 from earlyexit.pipeline.drafting import Drafting
+from earlyexit.pipeline.scoring import row_label
 from earlyexit.plugins.registry import notify
 from earlyexit.util.files import atomic_write, save_figure
 from earlyexit.util.provenance import provenance
@@ -56,7 +57,7 @@ def final_report(run: RunContext, knob, gate, calibration, drafting: Drafting, r
                     for name, r in results.items()})
     return {"settings": dataclasses.asdict(settings), "threshold": knob.value if knob is not None else None,
             "knob": knob.name if knob is not None else None, "parameters": strategy.parameter_counts(),
-            "strategy_label": settings.strategy + (f" + {settings.gate} gate" if gate is not None else ""),
+            "strategy_label": row_label(run, gate),
             "draft_exit_layer": strategy.exit_layers[drafting.exit] if drafting.exit is not None else None,
             "draft_choice": drafting.choice,
             "exit_layers": strategy.exit_layers, "strategy_config": strategy.config.to_dict(),
