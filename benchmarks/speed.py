@@ -97,6 +97,9 @@ def main(argv=None) -> int:
     parser.add_argument("--exit-layer", type=int, help="the fixed exit (default: a third of the depth)")
     parser.add_argument("--policies", default="catchup,propagate,skip")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (benchmarks/gpu_check.sh uses cuda)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                        help="weights' dtype (measure CPU speed in float32: bf16 is emulated there)")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
     if args.threads:
@@ -110,15 +113,15 @@ def main(argv=None) -> int:
 
     torch.manual_seed(0)
     backend = get_registry(load_entrypoints=False).backend(args.backend).from_tiny_config(
-        seed=0, **shapes[args.shape], **COMMON)
+        seed=0, **shapes[args.shape], **COMMON).to(args.device, args.dtype)
     exit_layer = args.exit_layer or backend.num_layers // 3
     from PIL import Image
 
     settings = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
     print(f"{args.backend}, decoder {args.shape}: {backend.num_layers} layers, "
           f"width {backend.text_config.hidden_size}, "
-          f"vocab {backend.text_config.vocab_size}; {args.new_tokens} new tokens, fp32, {torch.get_num_threads()} "
-          f"threads, median of {args.repeats} alternating runs")
+          f"vocab {backend.text_config.vocab_size}; {args.new_tokens} new tokens, {args.dtype} on {args.device}, "
+          f"{torch.get_num_threads()} threads, median of {args.repeats} alternating runs")
     rows = []
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         images = [Image.fromarray(torch.rand(32, 32, 3).mul(255).byte().numpy()) for _ in range(batch)]
