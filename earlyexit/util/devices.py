@@ -103,3 +103,16 @@ def host_memory_bytes() -> int | None:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # not on this platform
         return None
+
+
+def available_memory_bytes(device: str | None) -> int | None:
+    """Memory a model on `device` can still take: the GPU's free memory (torch.cuda.mem_get_info,
+    which sees other processes too) on CUDA, this machine's physical memory otherwise (the CPU,
+    and MPS, whose memory is the host's); None where the platform does not say."""
+    import torch
+
+    name = str(device or "cpu")
+    if name.startswith("cuda") and torch.cuda.is_available():
+        free, _total = torch.cuda.mem_get_info(torch.device(name))
+        return int(free)
+    return host_memory_bytes()
