@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import weakref
 
 from earlyexit.core.model_folder import safetensors_problem
 from earlyexit.errors import CheckpointError, CorruptAdapterError
@@ -32,18 +33,57 @@ _VOLATILE_KEYS = ("_name_or_path", "transformers_version", "torch_dtype", "dtype
 
 
 def backbone_fingerprint(backend) -> str:
-    """The language model's architecture plus a digest of every weight of the model (vision
+    """The language model's architecture plus checksums of every weight of the model (vision
     tower, Q-Former and language model), so a backbone changed anywhere, even in one middle
-    layer, gets another fingerprint and stale exits are never reused."""
+    layer, gets another fingerprint and stale exits are never reused. Computed once per model
+    and reused until a weight changes (every in-place change bumps a tensor's version)."""
+    config = {k: v for k, v in backend.text_config.to_dict().items() if k not in _VOLATILE_KEYS}
+    state = sorted(backend.model.state_dict(keep_vars=True).items())  # the tensors themselves: stable ids
+    versions = tuple((id(t), t._version) for _, t in state)
+    cached = _FINGERPRINTS.get(backend.model)
+    if cached is not None and cached[0] == versions:
+        return cached[1]
+    digest = hashlib.blake2b(json.dumps(config, sort_keys=True, default=str).encode(), digest_size=16)
+    for (name, tensor), sums in zip(state, _weight_checksums([t for _, t in state])):
+        digest.update(f"{name} {tuple(tensor.shape)} {tensor.dtype} {sums}".encode())
+    _FINGERPRINTS[backend.model] = (versions, digest.hexdigest()[:16])
+    return _FINGERPRINTS[backend.model][1]
+
+
+_FINGERPRINTS = weakref.WeakKeyDictionary()  # model -> (tensor versions, fingerprint)
+_CHUNK = 1 << 24  # elements per reduction: bounds the int32 temporaries (64 MiB each) on the device
+_GOLDEN = -1640531527  # 2^32 / golden ratio as a signed int32: spreads positions over the bits
+_BITS = {1: "uint8", 2: "int16", 4: "int32", 8: "int32"}  # each element's bits as integers (8 bytes: two int32)
+
+
+def _weight_checksums(tensors) -> list[tuple[int, int]]:
+    """Two exact checksums per tensor, computed where the tensor lives: its bits as integers,
+    summed plain and weighted by position in wrapping int32 arithmetic, which is exact and
+    order-free (a GPU and a CPU agree; a changed bit or a swap of two values shows). No host
+    copy of the weights: one small transfer per device at the end."""
     import torch
 
-    config = {k: v for k, v in backend.text_config.to_dict().items() if k not in _VOLATILE_KEYS}
-    digest = hashlib.blake2b(json.dumps(config, sort_keys=True, default=str).encode(), digest_size=16)
-    for name, tensor in sorted(backend.model.state_dict().items()):
-        digest.update(name.encode())
-        data = tensor.detach().to("cpu").contiguous().reshape(-1)  # flat: 0-dim buffers (BatchNorm's count) too
-        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
-    return digest.hexdigest()[:16]
+    sums, weights = [], {}
+    length = min(_CHUNK, 2 * max((t.numel() for t in tensors), default=1))
+    for tensor in tensors:
+        flat = tensor.detach().reshape(-1)  # 0-dim buffers (BatchNorm's count) too
+        bits = flat.view(getattr(torch, _BITS[flat.element_size()]))
+        if flat.device not in weights:  # odd weights: invertible mod 2^32, so no change cancels out
+            weights[flat.device] = torch.arange(length, dtype=torch.int32, device=flat.device) * _GOLDEN | 1
+        plain = weighted = torch.zeros((), dtype=torch.int32, device=flat.device)
+        for k, start in enumerate(range(0, bits.numel(), length)):
+            chunk = bits[start:start + length].int()
+            plain = plain + chunk.sum(dtype=torch.int32)
+            weighted = weighted + (2 * k + 1) * (chunk * weights[flat.device][:chunk.numel()]).sum(dtype=torch.int32)
+        sums.append(torch.stack([plain, weighted]))
+    result = [None] * len(sums)
+    by_device = {}
+    for i, pair in enumerate(sums):
+        by_device.setdefault(pair.device, []).append(i)
+    for indices in by_device.values():
+        for i, value in zip(indices, torch.stack([sums[i] for i in indices]).tolist()):
+            result[i] = tuple(value)
+    return result
 
 
 def save_exits(strategy, folder: str, backbone_name: str | None = None) -> None:
