@@ -23,14 +23,18 @@ import dataclasses
 import math
 import os
 
+from tqdm.auto import tqdm
+
 from earlyexit.core.choices import RULES, SPEED_TARGETS
 from earlyexit.core.gates import COSINE_GRID
 from earlyexit.data.tasks import task_of
 from earlyexit.errors import ConfigError
 from earlyexit.evaluation.evaluate import evaluate
+from earlyexit.evaluation.replay import replay_confidence_rule
 from earlyexit.util.files import atomic_write, save_figure
 
 PAPER_GRID = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+CONFIRM_ROWS = 500  # dev rows that confirm the replay's values at most (unless Learn-then-Test needs more)
 
 
 @dataclasses.dataclass
@@ -89,9 +93,6 @@ def sweep(backend, strategy, dataset, settings, grid=None, kv_policy: str = "cat
           exit_vocabulary=None) -> tuple[float, list[CalibrationPoint]]:
     """(full model's quality, one point per knob value) on `dataset`; the knob is `Knob(strategy,
     gate)`'s, over its default grid unless `grid` is given. `exit_vocabulary`: as `evaluate`'s."""
-    from tqdm.auto import tqdm
-
-
     settings = dataclasses.replace(settings, measure_wall=measure_wall, progress=False, quick_metrics=True)
     metric = task_of(dataset).main_metric
     reference = evaluate(backend, None, dataset, settings)
@@ -104,15 +105,95 @@ def sweep(backend, strategy, dataset, settings, grid=None, kv_policy: str = "cat
             knob.value = threshold
             result = evaluate(backend, strategy, dataset, settings, kv_policy=kv_policy, gate=gate,
                               exit_vocabulary=exit_vocabulary)
-            speed = result["speed"]
-            wall = speed["wall_speedup"] if measure_wall else None  # timed side by side, batch by batch
-            differ = sum(result["predictions"][k] != v for k, v in reference["predictions"].items())
-            points.append(CalibrationPoint(threshold, result["quality"][metric], speed["param_speedup"],
-                                           speed["layer_speedup"], speed["mean_exit_layer"], wall,
-                                           differ, len(reference["predictions"])))
+            points.append(measured_point(threshold, result, reference["predictions"], metric, measure_wall))
     finally:
         knob.value = original
     return full, points
+
+
+def measured_point(threshold, result: dict, reference: dict, metric: str, measure_wall: bool) -> CalibrationPoint:
+    """The calibration point of one decoded knob value; `reference`: the full model's outputs by id."""
+    speed = result["speed"]
+    wall = speed["wall_speedup"] if measure_wall else None  # timed side by side, batch by batch
+    differ = sum(result["predictions"][k] != v for k, v in reference.items())
+    return CalibrationPoint(threshold, result["quality"][metric], speed["param_speedup"], speed["layer_speedup"],
+                            speed["mean_exit_layer"], wall, differ, len(reference))
+
+
+def replay_refusal(knob: Knob, dataset, settings, kv_policy: str, exit_vocabulary) -> str | None:
+    """Why the replay (`replayed_sweep`) cannot model this calibration, or None when it can."""
+    strategy = knob.strategy
+    reasons = [(knob.gate is not None, "a gate"),
+               (not strategy.knob_is_confidence, f"{strategy.name}'s rule (only a max-softmax threshold replays)"),
+               (task_of(dataset).ranks, "ranked data (dialog)"),
+               (settings.num_beams > 1, "beam search (the replay follows greedy decoding)"),
+               (kv_policy != "catchup", f"the {kv_policy} K/V policy (the replay needs exact caches: catchup)"),
+               (exit_vocabulary is not None, "an exit vocabulary"),
+               (strategy.backend.is_encoder_decoder, "an encoder-decoder backbone")]
+    return next((reason for refused, reason in reasons if refused), None)
+
+
+def confirmation_rows(dev_rows: int, budget: float, epsilon: float, rows: int | None = None) -> int:
+    """Dev rows the confirming decodes use: `rows` if given, else `CONFIRM_ROWS` or, when more, what
+    Learn-then-Test needs to accept a knob value with no loss at all ((1 - δ)^n <= ε); never more
+    than dev holds (so a small dev split, tiny's 100 rows, is confirmed whole)."""
+    if rows is not None and rows < 1:
+        raise ConfigError(f"the calibration's confirming rows must be at least 1 (got {rows})")
+    needed = math.ceil(math.log(epsilon) / math.log1p(-budget)) if 0 < budget < 1 and 0 < epsilon < 1 else 0
+    return min(dev_rows, rows if rows is not None else max(CONFIRM_ROWS, needed))
+
+
+def shortlist(predicted: list[CalibrationPoint], rule: str, budget: float, epsilon: float, safest_first) -> list:
+    """At most two knob values to decode: the one the rule picks on the replayed points (quality:
+    the share of outputs equal to the full model's; speed: the replayed layer speed-up) and its
+    neighbour on the side that exits more (the safer one when it exits most already)."""
+    pick, _ = choose(predicted, 1.0, rule, budget, speed="layer", epsilon=epsilon, safest_first=safest_first)
+    order = safest_first([p.threshold for p in predicted])
+    at = order.index(pick.threshold)
+    neighbour = order[at + 1] if at + 1 < len(order) else order[at - 1] if at else None
+    return [pick.threshold] + ([neighbour] if neighbour is not None else [])
+
+
+def replayed_sweep(backend, strategy, dataset, settings, rule: str = "best", budget: float = 0.02,
+                   epsilon: float = 0.1, grid=None, measure_wall: bool = False, rows: int | None = None,
+                   progress: bool = True) -> tuple[float, list[CalibrationPoint], dict]:
+    """`sweep` for a confidence rule under greedy `catchup` decoding (`replay_refusal` is None): every
+    knob value replayed on one teacher-forced pass over dev (`replay.py`), at most two decoded on
+    the first `confirmation_rows` dev rows. Returns (the full model's quality on those rows, the
+    decoded points, what the replay predicted and kept)."""
+    settings = dataclasses.replace(settings, measure_wall=measure_wall, progress=False, quick_metrics=True)
+    dev, task, knob = dataset.subset(settings.limit), task_of(dataset), Knob(strategy)
+    replay = replay_confidence_rule(backend, strategy, dev, settings)
+    predicted = [replayed_point(value, replay.predict(value)) for value in grid or knob.default_grid()]
+    kept = shortlist(predicted, rule, budget, epsilon, knob.safest_first)
+    subset = dev.subset(confirmation_rows(len(dev), budget, epsilon, rows))
+    reference = {s.id: replay.predictions[s.id] for s in subset.samples}
+    full = task.score(subset, reference, quick=True)[task.main_metric]
+    settings = dataclasses.replace(settings, limit=None)
+    points, original = [], knob.value
+    try:
+        for value in tqdm(kept, desc="confirming", disable=not progress):
+            knob.value = value
+            result = evaluate(backend, strategy, subset, settings, kv_policy="catchup")
+            points.append(measured_point(value, result, reference, task.main_metric, measure_wall))
+    finally:
+        knob.value = original
+    return full, points, {"predicted": predicted, "kept": kept, "replayed_rows": len(dev),
+                          "confirmed_rows": len(subset), "replay_seconds": replay.seconds}
+
+
+def replayed_point(value, prediction: dict) -> CalibrationPoint:
+    return CalibrationPoint(value, prediction["agreement"], prediction["param_speedup"], prediction["layer_speedup"],
+                            prediction["mean_exit_layer"], None, prediction["disagreements"], prediction["samples"])
+
+
+def replay_summary(knob: Knob, replayed: dict) -> str:
+    """One line: what the replay predicted, which values it kept, how many dev rows confirmed them."""
+    shown = ", ".join(f"{p.threshold:g}: {p.quality:.0%} agree, {p.layer_speedup:.2f}x" for p in replayed["predicted"])
+    kept = " and ".join(f"{v:g}" for v in replayed["kept"])
+    return (f"calibration replayed every {knob.name} on one teacher-forced pass over {replayed['replayed_rows']} dev "
+            f"rows (outputs equal to the full model's, layer speed-up: {shown}); kept {kept}, confirmed by decoding "
+            f"{replayed['confirmed_rows']} dev rows")
 
 
 def binomial_p_value(losses: int, n: int, delta: float) -> float:
