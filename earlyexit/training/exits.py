@@ -23,7 +23,8 @@ from earlyexit.errors import ConfigError, ModelNotAvailableError
 from earlyexit.training.batching import TrainingBatches
 from earlyexit.training.deepspeed import DeepSpeedEngine
 from earlyexit.training.deepspeed_config import launched_world_size
-from earlyexit.training.features import FeatureCache, backbone_features, feature_cache_budget
+from earlyexit.training.engines import TrainingEngine
+from earlyexit.training.features import FeatureCache, backbone_features, feature_cache_budget, feature_spill_budget
 from earlyexit.training.loop import STATE_FILE, PlainEngine, TrainConfig, latest_checkpoint, train
 
 
@@ -157,7 +158,9 @@ def train_exits(strategy, backend, dataset: Dataset, output_dir: str, seed: int 
     """Train what the strategy declares (`training_modules`) on `dataset`, everything else of
     the backbone frozen; with a `deepspeed_config`, DeepSpeed ZeRO runs the optimisation (one
     engine per group). Held-out data (`strategy.held_out_fraction`) is split off by image first.
-    A strategy that `reuses_backbone_features` trains on a `FeatureCache` in a single process.
+    A strategy that `reuses_backbone_features` trains on a `FeatureCache` (without DeepSpeed).
+    Without a DeepSpeed config the engine is a `TrainingEngine`: fp32 master weights, fp16 loss
+    scaling, and data parallel when several processes run.
     `before_training(config, world_size)` is called once the training's settings and engine are
     known, before it resumes from or writes to `output_dir` (to judge what an interrupted training
     left there: `interrupted_training`)."""
@@ -182,15 +185,14 @@ def train_exits(strategy, backend, dataset: Dataset, output_dir: str, seed: int 
     if engine is None and deepspeed_config is not None:
         engine = DeepSpeedEngine(modules, train_config, {**deepspeed_config, "train_micro_batch_size_per_gpu": max(
             1, config.batch_size // launched_world_size())})
-    engine = engine or PlainEngine(strategy.training_groups(), train_config)
+    engine = engine or TrainingEngine(strategy.training_groups(), train_config)
     if before_training is not None:
         before_training(train_config, getattr(engine, "world_size", 1))
     container = torch.nn.ModuleList(modules.values())
     batch_for_step = batches
-    budget = feature_cache_budget()
+    budget = feature_cache_budget(backend.device)
     if strategy.reuses_backbone_features and held_batches is None and isinstance(engine, PlainEngine) and budget:
-        batch_for_step = FeatureCache(backend, batches, len(batches.items), config.batch_size,
-                                      strategy.exit_layers, budget, seed=seed)
+        batch_for_step = feature_cache(backend, batches, strategy, engine, budget, output_dir, seed)
     if held_batches is not None:  # one flat dict, so data-parallel sharding splits both alike
         def batch_for_step(step):
             return {**batches(step), **{HELD_OUT + k: v for k, v in held_batches(step).items()}}
@@ -201,12 +203,26 @@ def train_exits(strategy, backend, dataset: Dataset, output_dir: str, seed: int 
             return strategy.training_step(batch, engine)
         return strategy.training_step(batch, engine, held_out=held)
 
-    losses = train(container, step, batch_for_step, train_config, engine, on_log=on_log)
+    try:
+        losses = train(container, step, batch_for_step, train_config, engine, on_log=on_log)
+    finally:
+        if isinstance(batch_for_step, FeatureCache):
+            batch_for_step.close()
     if getattr(engine, "stage", 0) == 3:
         adopt_consolidated(strategy, {group: engine.consolidated_state(group) for group in engine.modules})
     for module in strategy.training_modules().values():
         module.requires_grad_(False)
     return losses
+
+
+def feature_cache(backend, batches: TrainingBatches, strategy, engine, budget: int, output_dir: str,
+                  seed: int) -> FeatureCache:
+    """The frozen backbone's features of each batch (this rank's rows), kept in memory up to
+    `budget` bytes and spilled beyond it to a folder of `output_dir` (one per rank)."""
+    spill_dir = os.path.join(output_dir, f"features-rank{getattr(engine, 'rank', 0)}.spill")
+    return FeatureCache(backend, batches, len(batches.items), strategy.config.batch_size, strategy.exit_layers,
+                        budget, seed=seed, spill_dir=spill_dir, spill_bytes=feature_spill_budget(output_dir),
+                        shard=getattr(engine, "shard", None))
 
 
 def adopt_consolidated(strategy, states: dict) -> None:

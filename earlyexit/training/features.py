@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import shutil
 from typing import Callable
 
 import numpy as np
@@ -15,7 +16,7 @@ from earlyexit.data import Dataset
 from earlyexit.data.tasks import task_of
 from earlyexit.errors import ConfigError
 from earlyexit.training.batching import TrainingBatches
-from earlyexit.util.devices import host_memory_bytes
+from earlyexit.util.devices import available_memory_bytes
 
 
 @dataclasses.dataclass
@@ -88,17 +89,27 @@ class FeatureCache:
 
     The first epoch visits the batches of `batches` in order; later epochs visit the same
     batches in an order fixed by (seed, epoch), so batch compositions stay those of the first
-    epoch. Features are kept for as many batches as fit in `budget_bytes`; the others are
-    computed again whenever they come up (exact either way: the backbone is frozen).
+    epoch. Features are kept in memory (where the model is) for as many batches as fit in
+    `budget_bytes`; the others are written once to `spill_dir` (`spill_bytes` at most) and read
+    back, memory-mapped, when they come up again; what fits nowhere is computed again. Exact
+    either way: the backbone is frozen and a spilled tensor reads back bit for bit. `shard`
+    takes this process's rows of a batch (data-parallel training). `close()` deletes the spill.
     """
 
     def __init__(self, backend, batches: Callable[[int], dict], num_items: int, batch_size: int, depths,
-                 budget_bytes: int, seed: int = 0):
+                 budget_bytes: int, seed: int = 0, spill_dir: str | None = None, spill_bytes: int = 0,
+                 shard: Callable[[dict], dict] | None = None):
         self.backend, self.batches, self.depths, self.seed = backend, batches, list(depths), seed
         self.num_batches = max(1, math.ceil(num_items / batch_size))
         self.budget, self.used = budget_bytes, 0
         self.kept: dict[int, BackboneFeatures] = {}
-        self.computed = self.reused = 0
+        self.spilled: dict[int, BackboneFeatures] = {}  # hidden states on disk, the small rest here
+        self.spill_dir, self.spill_room = spill_dir, spill_bytes if spill_dir else 0
+        self.shard = shard or (lambda batch: batch)
+        self.computed = self.reused = self.read_back = 0
+        if self.spill_room:
+            shutil.rmtree(spill_dir, ignore_errors=True)  # an interrupted run's files are not trusted
+            os.makedirs(spill_dir)
 
     def batch_index(self, step: int) -> int:
         epoch, index = divmod(step, self.num_batches)
@@ -111,27 +122,76 @@ class FeatureCache:
         if index in self.kept:
             self.reused += 1
             return {FEATURES: self.kept[index]}
+        if index in self.spilled:
+            self.read_back += 1
+            return {FEATURES: self._read(index)}
         with torch.no_grad():
-            features = backbone_features(self.backend, self.batches(index)).slim(self.depths)
+            features = backbone_features(self.backend, self.shard(self.batches(index))).slim(self.depths)
         self.computed += 1
         if self.used + features.nbytes() <= self.budget:
             self.kept[index] = features
             self.used += features.nbytes()
+        elif features.nbytes() <= self.spill_room:
+            self._write(index, features)
         return {FEATURES: features}
 
+    def _path(self, index: int) -> str:
+        return os.path.join(self.spill_dir, f"batch-{index}.safetensors")
 
-def feature_cache_budget() -> int:
-    """Bytes the feature cache may hold: EARLYEXIT_FEATURE_CACHE_GB (0 turns it off), default a
-    quarter of the machine's memory, at most 8 GiB."""
-    setting = os.environ.get("EARLYEXIT_FEATURE_CACHE_GB")
+    def _write(self, index: int, features: BackboneFeatures) -> None:
+        from safetensors.torch import save_file
+
+        save_file({str(k): h.contiguous().cpu() for k, h in enumerate(features.hidden) if h is not None},
+                  self._path(index))
+        self.spilled[index] = dataclasses.replace(features, hidden=[None] * len(features.hidden))
+        self.spill_room -= features.nbytes()
+
+    def _read(self, index: int) -> BackboneFeatures:
+        from safetensors.torch import load_file
+
+        skeleton = self.spilled[index]
+        stored = load_file(self._path(index), device=str(skeleton.targets.device))  # memory-mapped
+        return dataclasses.replace(skeleton, hidden=[stored.get(str(k)) for k in range(len(skeleton.hidden))])
+
+    def close(self) -> None:
+        """Delete the spilled features (the cache serves nothing from disk afterwards)."""
+        self.spilled.clear()
+        if self.spill_dir:
+            shutil.rmtree(self.spill_dir, ignore_errors=True)
+
+
+def _gib_setting(name: str, example: str) -> int | None:
+    setting = os.environ.get(name)
+    if setting is None:
+        return None
+    try:
+        return max(0, int(float(setting) * 2**30))
+    except ValueError:
+        raise ConfigError(f"{name}={setting!r} is not a number of GiB (e.g. {example})") from None
+
+
+def feature_cache_budget(device=None) -> int:
+    """Bytes of features the cache may hold in memory, where the model runs:
+    EARLYEXIT_FEATURE_CACHE_GB (0 turns the cache off), default a quarter of the memory still
+    free on `device` (the GPU's, by torch.cuda.mem_get_info, on CUDA; the host's otherwise), at
+    most 8 GiB."""
+    setting = _gib_setting("EARLYEXIT_FEATURE_CACHE_GB", "4, or 0 for no cache")
     if setting is not None:
-        try:
-            return int(float(setting) * 2**30)
-        except ValueError:
-            raise ConfigError(f"EARLYEXIT_FEATURE_CACHE_GB={setting!r} is not a number of GiB (e.g. 4, or 0 for "
-                              "no cache)") from None
-    memory = host_memory_bytes() or 8 * 2**30
+        return setting
+    memory = available_memory_bytes(str(device) if device is not None else None) or 8 * 2**30
     return min(8 * 2**30, memory // 4)
+
+
+def feature_spill_budget(folder: str) -> int:
+    """Bytes of features the cache may write to disk under `folder`: EARLYEXIT_FEATURE_SPILL_GB
+    (0: never spill, recompute instead), default half the free space of that disk."""
+    setting = _gib_setting("EARLYEXIT_FEATURE_SPILL_GB", "100, or 0 to recompute instead of spilling")
+    if setting is not None:
+        return setting
+    existing = folder
+    while existing and not os.path.isdir(existing):  # the output folder may not exist yet
+        existing = os.path.dirname(existing)
+    return shutil.disk_usage(existing or ".").free // 2
 
 
 @torch.no_grad()
