@@ -110,7 +110,7 @@ def load_instructblip(name_or_path: str, text_type: str, family: str, dtype: str
 
     model, processor, name_or_path = load_checkpoint(name_or_path, "instructblip", text_type, family,
                                                      InstructBlipForConditionalGeneration, InstructBlipProcessor,
-                                                     dtype)
+                                                     dtype, device=device)
     # transformers falls back to the language model's tokenizer when the Q-Former's is missing:
     # ids the Q-Former's embeddings were not trained for (or cannot even index)
     if len(processor.qformer_tokenizer) > model.config.qformer_config.vocab_size:

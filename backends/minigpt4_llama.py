@@ -98,9 +98,10 @@ class Minigpt4LlamaBackend(LlamaDecoderMethods, Backend):
         config = MiniGPT4Config(vision_config=blip2_config.vision_config.to_dict(),
                                 qformer_config=blip2_config.qformer_config.to_dict(),
                                 num_query_tokens=blip2_config.num_query_tokens, image_token_id=image_token_id)
-        model = MiniGPT4ForConditionalGeneration(config, llama)
+        model = MiniGPT4ForConditionalGeneration.to_load(config, llama)
         model.load_image_side(image_side, vision, with_projection=False)
         model.load_projection_checkpoint(projection_checkpoint)
+        model.check_loaded(vision)
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         processor = MiniGPT4Processor(image_processor, tokenizer, config.num_query_tokens, image_token_id,
                                       prompt_template or PROMPT_TEMPLATE)

@@ -82,6 +82,21 @@ class MiniGPT4ForConditionalGeneration(torch.nn.Module):
         self.language_projection = torch.nn.Linear(qformer_config.hidden_size, language_model.config.hidden_size)
         self.language_model = language_model
 
+    @classmethod
+    def to_load(cls, config: MiniGPT4Config, language_model) -> MiniGPT4ForConditionalGeneration:
+        """The model with its image side (encoder, queries, Q-Former, projection) on the meta
+        device: weights about to be loaded take no memory and no random initialisation (ViT-g:
+        a billion parameters). `load_image_side` and `load_projection_checkpoint` assign them."""
+        with torch.device("meta"):
+            return cls(config, language_model)
+
+    def check_loaded(self, source: str) -> None:
+        """A CheckpointError when a weight of the image side was never loaded (still on meta)."""
+        empty = [n for n, t in self.state_dict().items() if t.is_meta]
+        if empty:
+            raise CheckpointError(f"{source} left {len(empty)} tensors of the image side unloaded (e.g. {empty[0]}); "
+                                  "save the model again")
+
     @property
     def generation_config(self):
         return self.language_model.generation_config
@@ -151,7 +166,7 @@ class MiniGPT4ForConditionalGeneration(torch.nn.Module):
         if reshaped:
             raise CheckpointError(f"{source} does not fit this MiniGPT-4's image side ({reshaped[0]} is "
                                   f"{tuple(state[reshaped[0]].shape)}, not {tuple(own[reshaped[0]].shape)})")
-        self.load_state_dict(state, strict=False)
+        self.load_state_dict(state, strict=False, assign=True)  # assign: the meta tensors of `to_load` too
 
     def load_projection_checkpoint(self, path: str) -> None:
         """Load MiniGPT-4's released projection (`llama_proj`) from its `.pth` checkpoint."""
@@ -161,9 +176,7 @@ class MiniGPT4ForConditionalGeneration(torch.nn.Module):
             raise CheckpointError(f"{path}: llama_proj is {tuple(weight.shape)}, but this model projects "
                                   f"{projection.in_features} -> {projection.out_features}; pick the checkpoint "
                                   "made for this Llama size")
-        with torch.no_grad():
-            projection.weight.copy_(weight)
-            projection.bias.copy_(bias)
+        projection.load_state_dict({"weight": weight, "bias": bias}, assign=True)  # also over meta tensors
 
     def save_pretrained(self, path: str) -> None:
         from safetensors.torch import save_file
@@ -193,13 +206,14 @@ class MiniGPT4ForConditionalGeneration(torch.nn.Module):
         except OSError as error:
             raise CheckpointError(f"{path}: the language model in {LANGUAGE_MODEL_FOLDER}/ could not be loaded "
                                   f"({first_line(error)}); save the model again") from None
-        model = cls(config, language_model)
+        model = cls.to_load(config, language_model)
         try:
             state = load_file(os.path.join(path, IMAGE_SIDE_FILE))
         except (OSError, SafetensorError) as error:
             raise CheckpointError(f"{path}: {IMAGE_SIDE_FILE} is unreadable ({first_line(error)}); save the model "
                                   "again") from None
         model.load_image_side(state, os.path.join(path, IMAGE_SIDE_FILE))
+        model.check_loaded(path)
         return model.to(dtype).eval()
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import sys
 
 from earlyexit.errors import CheckpointError, ConfigError, ModelNotAvailableError, first_line
 from earlyexit.util.files import atomic_folder
@@ -124,14 +125,19 @@ def is_local_model(name_or_path: str) -> bool:
 
 
 def load_checkpoint(name_or_path: str, model_type: str, text_type: str, family: str, model_class, processor_class,
-                    dtype: str) -> tuple:
+                    dtype: str, device: str | None = None) -> tuple:
     """(model, processor, folder or hub id) of a vision-language checkpoint whose config is
     `model_type` with a language model of `text_type`; `family` names it in errors. Checks a local
     folder before loading, and turns every way loading fails (offline, unreadable config, weights
-    that do not fit, missing processor, another family) into one line saying what to do."""
+    that do not fit, missing processor, another family) into one line saying what to do.
+
+    Weights go straight to `device` when accelerate is installed (`device_map`), read from
+    safetensors when the folder has them (a `.bin`-only folder still loads, with a notice).
+    Transformers 5 always builds the model on the meta device first and initialises only
+    weights the checkpoint lacks, so nothing is randomly initialised and then overwritten
+    (`low_cpu_mem_usage` is implied: transformers 5 ignores the argument)."""
     import torch
     from transformers import AutoConfig
-
 
     local = is_local_model(name_or_path)  # a folder checked for completeness, or a hub id
     if local:
@@ -154,7 +160,8 @@ def load_checkpoint(name_or_path: str, model_type: str, text_type: str, family: 
         raise ConfigError(f"{name_or_path} is a {config.model_type}/{found} model, not {family}; pick the matching "
                           "--backend (see `earlyexit list`)")
     try:
-        model = model_class.from_pretrained(name_or_path, dtype=getattr(torch, dtype), local_files_only=offline)
+        model = model_class.from_pretrained(name_or_path, dtype=getattr(torch, dtype), local_files_only=offline,
+                                            **placement(name_or_path if local else None, device))
     except (OSError, ValueError, RuntimeError) as error:  # weights that do not fit the config, unreadable
         raise CheckpointError(f"{name_or_path}: the weights could not be loaded ({first_line(error)}); save the "
                               "model again or pass another folder") from error
@@ -164,6 +171,28 @@ def load_checkpoint(name_or_path: str, model_type: str, text_type: str, family: 
         raise ModelNotAvailableError(f"{name_or_path}: the processor (tokenizer and image processor) could not be "
                                      f"loaded ({first_line(error)})") from error
     return model, processor, name_or_path
+
+
+_BIN_NOTICES: set = set()  # folders already told about .bin weights (once per process)
+
+
+def placement(folder: str | None, device: str | None) -> dict:
+    """`from_pretrained` arguments that load the weights straight onto `device` (when accelerate,
+    which `device_map` needs, is installed) and from safetensors when `folder` has them."""
+    import importlib.util
+
+    arguments = {}
+    if device and device != "cpu" and importlib.util.find_spec("accelerate") is not None:
+        arguments["device_map"] = {"": device}  # every weight to this one device, shard by shard
+    if folder is None:  # a hub id: transformers already prefers its safetensors
+        return arguments
+    names = os.listdir(folder)
+    arguments["use_safetensors"] = any(n.endswith(".safetensors") or n == SAFETENSORS_INDEX for n in names)
+    if not arguments["use_safetensors"] and folder not in _BIN_NOTICES:
+        _BIN_NOTICES.add(folder)
+        print(f"note: {folder} holds only pickled .bin weights; safetensors load faster and run no code: "
+              "save_pretrained it again to convert", file=sys.stderr)
+    return arguments
 
 
 def hub_offline() -> bool:
