@@ -83,7 +83,7 @@ if __name__ == "__main__":
     if rank == 0:
         torch.save(strategy.classifiers.state_dict(), output + "/classifiers.pt")
     with open(f"{output}/rank{rank}.json", "w") as handle:
-        json.dump({"rows": rows, "writes": writes, "steps": len(losses), "world": torch.distributed.get_world_size(),
+        json.dump({"losses": losses, "rows": rows, "writes": writes, "steps": len(losses), "world": torch.distributed.get_world_size(),
                    "backend": torch.distributed.get_backend()}, handle)
 '''
 
@@ -121,6 +121,8 @@ def test_two_processes_train_the_exits_one_process_trains(script, tmp_path):
     # each of the 2 distinct global batches (later epochs read them back from its spill)
     steps = len(one_losses)
     assert steps == 4 and [r["steps"] for r in ranks] == [steps, steps]
+    for mine, theirs in zip(ranks[0]["losses"], one_losses, strict=True):  # what optimize returns: the ranks' mean
+        assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-6)
     assert [len(r["rows"]) for r in ranks] == [2, 2] and all(len(rows) == 2 for r in ranks for rows in r["rows"])
     batches = global_batches(one.backend, module, scenes_dir)
     for rank, record in enumerate(ranks):

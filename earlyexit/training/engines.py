@@ -87,8 +87,9 @@ class TrainingEngine(PlainEngine):
         grads = torch.autograd.grad(scaled, parameters, allow_unused=True)
         for master, grad in zip(masters, grads):
             master.grad = None if grad is None else grad.to(master.dtype)  # no copy for fp32
+        value = loss.item()
         if self.world_size > 1:
-            self._average_gradients(masters)
+            value = self._average_over_ranks(masters, loss)
         optimizer = self.optimizers[group]
         if scaler is not None:
             scaler.unscale_(optimizer)  # clip the true gradients
@@ -104,19 +105,21 @@ class TrainingEngine(PlainEngine):
             self.schedulers[group].step()
         optimizer.zero_grad(set_to_none=True)
         self._refresh(group)
-        return loss.item()
+        return value
 
-    def _average_gradients(self, masters) -> None:
-        """One all-reduce of every gradient, flattened; a parameter no rank used keeps no
-        gradient, as in one process (AdamW then leaves it alone)."""
+    def _average_over_ranks(self, masters, loss: torch.Tensor) -> float:
+        """One all-reduce of every gradient, flattened, and of the loss (the mean over ranks is
+        what is logged); a parameter no rank used keeps no gradient, as in one process (AdamW then
+        leaves it alone). Returns the mean loss."""
         used = torch.tensor([float(m.grad is not None) for m in masters], device=self.device)
         flat = torch.cat([(m.grad if m.grad is not None else torch.zeros_like(m)).reshape(-1).float()
-                          for m in masters])
+                          for m in masters] + [loss.detach().float().reshape(1), used])
         torch.distributed.all_reduce(flat)
-        torch.distributed.all_reduce(used)
         flat /= self.world_size
-        for master, part, anyone in zip(masters, flat.split([m.numel() for m in masters]), used.tolist()):
+        parts = flat.split([m.numel() for m in masters] + [1, len(masters)])
+        for master, part, anyone in zip(masters, parts, parts[-1].tolist()):
             master.grad = part.view_as(master).to(master.dtype) if anyone else None
+        return parts[-2].item()
 
     @torch.no_grad()
     def _refresh(self, group: str) -> None:
