@@ -8,6 +8,11 @@ of its tokens and the end-of-sequence token after them, teacher forced. The toke
 through `generate` one decoding step at a time, so with a strategy every option token leaves at
 its own exit and is scored from that exit's logits: the ranking measures the early-exit model,
 and the same traces give the speed-ups. Ties rank the ground truth last (pessimistic).
+
+A round's image is preprocessed and encoded once and its prompt embeddings are shared by every
+option row; the options go through `generate` in chunks (`option_rows`: 20 rows, fewer where
+their K/V would pass 2 GiB), so 100 options never hold 100 rows of K/V at once. The full model
+timed beside it (`measure_wall`) is the backbone's own language model on the same embeddings.
 """
 
 from __future__ import annotations
@@ -18,12 +23,15 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from earlyexit.core.accounting import CostModel, summarize
+from earlyexit.core.engine import cache_bytes_per_row
 from earlyexit.data.tasks import task_of
 from earlyexit.evaluation.common import add_noise
+from earlyexit.errors import ConfigError
 from earlyexit.evaluation.loop import EvalRun
 from earlyexit.metrics.dialog import rank_of_ground_truth
 
-OPTION_ROWS = 100  # options scored in one batch (VisDial has 100 per round)
+OPTION_ROWS = 20  # candidate answers scored together at most (VisDial has 100 per round)
+OPTION_KV_BYTES = 2 << 30  # and fewer when their K/V would pass this (a 7B backbone's long rounds)
 
 
 class ForcedOptions(LogitsProcessor):
@@ -55,19 +63,49 @@ class ForcedOptions(LogitsProcessor):
         return (self.log_probability / self.lengths).tolist()
 
 
-def option_scores(generate, backend, image, prompt: str, options: list[str], on_chunk=None) -> tuple[list[float], dict]:
+def option_rows(backend, positions: int, rows: int | None = None) -> int:
+    """Options per chunk: `rows` if given, else `OPTION_ROWS`, fewer where their K/V and logits
+    (`positions` each) would pass `OPTION_KV_BYTES`; at least one."""
+    if rows is not None:
+        if rows < 1:
+            raise ConfigError(f"options are scored in chunks of at least one row (got {rows})")
+        return rows
+    per_row = cache_bytes_per_row(backend, positions, backend.num_layers)
+    return max(1, min(OPTION_ROWS, OPTION_KV_BYTES // per_row))
+
+
+@torch.no_grad()
+def encode_round(backend, image, prompt: str, saturation: float | None = None) -> dict:
+    """One round's prompt as `generate` takes it, the image preprocessed and encoded once:
+    `inputs_embeds` and `attention_mask` of one row (each chunk of options repeats them).
+    `saturation`: stop the vision tower early as the strategy asks (MuE's encoder side)."""
+    inputs = backend.prepare_inputs([image], [prompt])
+    vision = backend.vision_inputs(inputs)
+    features = backend.image_features(inputs["pixel_values"], saturation, **vision)[0] if saturation else None
+    embeds = backend.decoder_inputs_embeds(inputs["pixel_values"], inputs["input_ids"], features, **vision)
+    return {"inputs_embeds": embeds, "attention_mask": inputs["attention_mask"]}
+
+
+def option_scores(generate, backend, image, prompt: str, options: list[str], on_chunk=None, rows: int | None = None,
+                  saturation: float | None = None) -> tuple[list[float], dict]:
     """Each option's mean log-probability given image and prompt, scored with `generate` (the
-    early-exit model's or the backbone's own), and the work it took: seconds, prompt-pass
-    seconds, forced tokens and rows. `on_chunk()` runs after every batch of options."""
+    early-exit model's, or the backbone's language model's: anything that reads `inputs_embeds`),
+    and the work it took: seconds, prompt-pass seconds, forced tokens and rows. The image is
+    encoded once (`encode_round`); options go in chunks of `option_rows` rows, so a round's K/V
+    stays within budget. `on_chunk()` runs after every chunk."""
     tokenizer = backend.processor.tokenizer
     eos = backend.language_model.generation_config.eos_token_id
     eos = eos[0] if isinstance(eos, (list, tuple)) else eos
     sequences = [tokenizer(" " + option, add_special_tokens=False)["input_ids"] + [eos] for option in options]
+    began = time.perf_counter()
+    round_inputs = encode_round(backend, image, prompt, saturation)
+    encoded = time.perf_counter() - began  # the image's encoding belongs to the round's prompt pass
     scores = []
-    work = {"seconds": 0.0, "prompt_seconds": 0.0, "tokens": sum(map(len, sequences)), "rows": len(sequences)}
-    for start in range(0, len(options), OPTION_ROWS):
-        chunk = sequences[start:start + OPTION_ROWS]
-        inputs = backend.prepare_inputs([image] * len(chunk), [prompt] * len(chunk))
+    work = {"seconds": encoded, "prompt_seconds": encoded, "tokens": sum(map(len, sequences)), "rows": len(sequences)}
+    step = option_rows(backend, round_inputs["attention_mask"].shape[1] + max(map(len, sequences)), rows)
+    for start in range(0, len(options), step):
+        chunk = sequences[start:start + step]
+        inputs = {name: value.expand(len(chunk), *value.shape[1:]) for name, value in round_inputs.items()}
         forcing = ForcedOptions(chunk, filler=eos)
         began = time.perf_counter()
         with torch.no_grad():
@@ -114,11 +152,12 @@ def rank_round(run: EvalRun, task, sample, index: int) -> int:
     image = add_noise(sample.load_image(), settings.noise, settings.seed * 1_000_003 + index)
     options = sample.extra["options"]
     prompt = task.prompt(sample, backend, beside=options)
-    scores, work = option_scores(model.generate, backend, image, prompt, options,
+    saturation = model.strategy.vision_saturation() if model.strategy is not None else None
+    scores, work = option_scores(model.generate, backend, image, prompt, options, saturation=saturation,
                                  on_chunk=lambda: run.share.traces.append(model.last_trace))
     run.add_work("early", **work)
-    if run.timing_full:
-        _, work = option_scores(backend.plain_generate, backend, image, prompt, options)
+    if run.timing_full:  # the backbone's own language model on the same embeddings: like with like
+        _, work = option_scores(backend.language_model.generate, backend, image, prompt, options)
         run.add_work("full", **work)
     rank = run.share.columns["ranks"][sample.id] = rank_of_ground_truth(scores, sample.extra["gt_index"])
     run.share.columns["predictions"][sample.id] = options[max(range(len(scores)), key=scores.__getitem__)]
