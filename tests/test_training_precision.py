@@ -74,6 +74,20 @@ def test_bf16_exits_move_as_fp32_ones_do_where_plain_bf16_adamw_does_not(tmp_pat
     assert moved > 0.9
 
 
+def test_a_weight_set_outside_the_engine_is_kept(tmp_path):
+    """DeeBERT's match_statistics sets its channel scales on the first training batch, after the
+    engine took its fp32 masters: the step must start from the new values."""
+    module = Exit().to(torch.bfloat16)
+    settings = TrainConfig(output_dir=str(tmp_path), steps=10, learning_rate=1e-3, warmup_steps=0, progress=False)
+    engine = TrainingEngine({"exit": dict(module.named_parameters())}, settings)
+    with torch.no_grad():
+        module.gain.copy_(torch.full((16,), 2.0))
+    batch = batches(0)
+    engine.optimize("exit", ((module(batch["x"]) - batch["y"]) ** 2).mean())
+    assert (module.gain.detach().float() - 2.0).abs().max() <= 2e-2  # one step of 1e-3 from 2, not from 1
+    torch.testing.assert_close(engine.groups["exit"]["gain"].detach(), torch.full((16,), 2.0), atol=1.1e-3, rtol=0)
+
+
 def test_fp32_parameters_train_bit_for_bit_as_plain_engine(tmp_path):
     results = []
     for engine_class in (PlainEngine, TrainingEngine):

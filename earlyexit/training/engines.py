@@ -59,6 +59,9 @@ class TrainingEngine(PlainEngine):
         super().__init__(masters, config, lr_multipliers)
         self.scalers = {g: torch.amp.GradScaler(self.device.type) for g, params in groups.items()
                         if any(p.dtype == torch.float16 for p in params.values())}
+        self.versions = {}  # in-place version of each low-precision weight when its master last matched it
+        for group in groups:
+            self._refresh(group)
 
     @staticmethod
     def _master(parameter: torch.nn.Parameter) -> torch.nn.Parameter:
@@ -85,6 +88,7 @@ class TrainingEngine(PlainEngine):
         scaler = self.scalers.get(group)
         scaled = scaler.scale(loss) if scaler is not None else loss
         grads = torch.autograd.grad(scaled, parameters, allow_unused=True)
+        self._adopt_outside_changes(group)
         for master, grad in zip(masters, grads):
             master.grad = None if grad is None else grad.to(master.dtype)  # no copy for fp32
         value = loss.item()
@@ -127,6 +131,17 @@ class TrainingEngine(PlainEngine):
             master = self.groups[group][name]
             if master is not parameter:
                 parameter.copy_(master)
+                self.versions[name, group] = parameter._version
+
+    @torch.no_grad()
+    def _adopt_outside_changes(self, group: str) -> None:
+        """A low-precision weight set outside the engine since the last step (a strategy's
+        `match_statistics` on its first batch, a loaded state dict) becomes its master's value,
+        rather than being overwritten by the stale master after the step."""
+        for name, parameter in self.model_groups[group].items():
+            master = self.groups[group][name]
+            if master is not parameter and parameter._version != self.versions[name, group]:
+                master.copy_(parameter)
 
     # -- several processes ----------------------------------------------------------------------
     def shard(self, batch: dict) -> dict:
