@@ -46,6 +46,10 @@ def join_process_group(device: torch.device) -> tuple[int, int]:
 
 
 class TrainingEngine(PlainEngine):
+    """`PlainEngine` with fp32 masters, fp16 loss scaling and data parallel (see the module's
+    docstring); `groups` and `lr_multipliers` as for `PlainEngine`. `self.groups` holds the
+    masters (what AdamW steps and checkpoints hold), `self.model_groups` the module's weights."""
+
     def __init__(self, groups: dict[str, dict[str, torch.nn.Parameter]], config: TrainConfig,
                  lr_multipliers: dict[str, float] | None = None):
         parameters = [p for params in groups.values() for p in params.values()]
