@@ -1,6 +1,8 @@
 """Training small modules beside a low-precision backbone: fp32 master weights for bf16/fp16
 parameters, loss scaling for fp16, and fp32 parameters trained exactly as `PlainEngine` does."""
 
+import os
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -208,3 +210,26 @@ def test_the_loss_scale_is_saved_and_restored(tmp_path):
     restored.load(str(folder))
     assert restored.scalers["exit"].get_scale() == 2.0 ** 15
     assert torch.equal(fresh.detach(), w.detach())
+
+
+def test_exit_training_on_a_bf16_backbone_keeps_fp32_masters(tmp_path):
+    """`train_exits` without DeepSpeed trains through `TrainingEngine`: the exits stay bf16 beside
+    the backbone, and its checkpoint holds their fp32 masters."""
+    from helpers import make_backend
+
+    from earlyexit.data.scenes import SceneConfig, load_scenes
+    from earlyexit.strategies.deebert import DeeBertConfig, DeeBertStrategy
+    from earlyexit.training.exits import train_exits
+    from earlyexit.training.loop import latest_checkpoint
+
+    backend = make_backend(seed=21, num_layers=4, image_size=64, patch_size=16, init_std=0.1).to(dtype="bfloat16")
+    scenes = load_scenes("exit_train", config=SceneConfig(train=8, val=10, test=4), cache_dir=tmp_path / "scenes")
+    strategy = DeeBertStrategy(backend, [1, 2], DeeBertConfig(epochs=1, batch_size=4, learning_rate=1e-3))
+    train_exits(strategy, backend, scenes, str(tmp_path / "run"), progress=False)
+    saved = load_file(os.path.join(latest_checkpoint(str(tmp_path / "run")), "trainable.safetensors"))
+    weights = dict(strategy.classifiers.named_parameters())
+    assert saved and all(t.dtype == torch.float32 for t in saved.values())
+    for name, master in saved.items():
+        weight = weights[name.removeprefix("classifiers/")]
+        assert weight.dtype == torch.bfloat16 and torch.equal(weight.detach(), master.to(torch.bfloat16))
+    assert any(not torch.equal(t, t.to(torch.bfloat16).float()) for t in saved.values())  # finer than bf16
