@@ -1,6 +1,12 @@
 """Running a bench: list the cells, compute those not in the store, render tables and figures.
 
 A cell is one `earlyexit.pipeline.run.run` (exits trained or reused, knob calibrated on dev, scored on test).
+Under torchrun every rank runs every cell in step (each trains and evaluates its share); rank 0
+decides which cells to run and alone writes the store. Each cell loads its own backbone and frees
+it before the next: a backbone is not shared between cells because a cell changes it (its exits
+bind to it, the engine routes its linear layers through its kernels, exit training switches its
+gradients off, and a strategy may train backbone weights in place), and nothing proves it is as
+loaded afterwards; the reload is small next to a cell's training and evaluation.
 What it keeps: quality and the three speed-ups of each model it scored, the calibration sweep (the
 quality-versus-speed curve), the per-exit accuracy untrained vs trained, the exit histogram, a few
 examples with their tokens and exit layers, per-domain quality where the data has domains.
@@ -10,10 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import json
 import os
 import platform
 import time
+
+import torch
 
 from earlyexit.bench.spec import Spec
 from earlyexit.bench.store import CellStore, cell_key
@@ -22,7 +31,9 @@ from earlyexit.data.splits import load_split, splits_for
 from earlyexit.errors import ConfigError, DataError, EarlyExitError, ModelNotAvailableError
 from earlyexit.evaluation.evaluate import score
 from earlyexit.pipeline.run import RunSettings, run
+from earlyexit.util.devices import distributed_backend
 from earlyexit.util.progress import progress_bar
+from earlyexit.util.ranks import barrier, join_process_group, launched_world_size, shared_from_main
 
 
 @dataclasses.dataclass
@@ -86,8 +97,9 @@ def unavailable_reason(cell) -> str | None:
     return None
 
 
-def compute_cell(cell, key: str, output: str, registry, log) -> dict:
-    """The record of one cell: its trimmed run report, or why it could not be computed."""
+def compute_cell(cell, key: str, output: str, registry, log) -> dict | None:
+    """The record of one cell: its trimmed run report, or why it could not be computed (None on
+    ranks other than 0)."""
     settings = dict(cell.settings)
     decode = settings.pop("decode")
     settings.pop("draft_length")
@@ -100,6 +112,8 @@ def compute_cell(cell, key: str, output: str, registry, log) -> dict:
         report = run(run_settings, registry, log=log)
     except (ModelNotAvailableError, DataError) as error:
         return {"unavailable": " ".join(str(error).split())}
+    if report is None:  # another rank of a multi-process bench: rank 0 keeps the record
+        return None
     seconds = time.perf_counter() - began
     label = f"{cell.strategy} speculative" if decode == "speculative" else report["strategy_label"]
     tokenizer = report.pop("tokenizer")
@@ -127,8 +141,6 @@ def compute_cell(cell, key: str, output: str, registry, log) -> dict:
 
 
 def hardware() -> dict:
-    import torch
-
     info = {"machine": platform.machine(), "processor": platform.processor() or None, "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "system": platform.platform()}
     if torch.cuda.is_available():
@@ -136,36 +148,69 @@ def hardware() -> dict:
     return info
 
 
+def free_memory() -> None:
+    """Free what the last cell loaded before the next cell loads its own: models sit in reference
+    cycles (modules that point at each other, bound methods) that only the collector breaks, and
+    CUDA's caching allocator holds freed blocks until it is emptied."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def join_for(cells: list) -> tuple[int, int]:
+    """(rank, world): under a launcher, the process group every cell's run uses, joined once with
+    the backend the cells' device needs (nccl on GPUs, gloo on CPUs), so the cells must agree."""
+    if launched_world_size() == 1:
+        return 0, 1
+    devices = {cell.settings.get("device") or "cpu" for cell in cells} or {"cpu"}
+    if len({distributed_backend(d) for d in devices}) > 1:
+        raise ConfigError(f"under torchrun the cells share one process group, but they run on "
+                          f"{', '.join(sorted(devices))}; pass --device to run every cell on one kind of device")
+    return join_process_group(sorted(devices)[0])
+
+
 def execute(spec: Spec, output: str, registry, *, force: bool = False, progress: bool = True, log=print) -> dict:
-    """Compute every cell of `spec` not yet in the store; returns counts and the seconds spent."""
+    """Compute every cell of `spec` not yet in the store; returns counts and the seconds spent
+    (`rank`: the process's rank; only rank 0's counts and store are the bench's)."""
     work = plan(spec, registry)
     store = CellStore(os.path.join(output, "cells"))
-    pending = [k for k in work.cells if force or not store.done(k)]
+    rank, world = join_for(list(work.cells.values()))
+    # rank 0 decides what runs: every rank must run the same cells, in step
+    pending = shared_from_main([k for k in work.cells if force or not store.done(k)], world)
     counts = {"cells": len(work.cells), "cached": len(work.cells) - len(pending), "computed": 0,
-              "unavailable": 0, "failed": 0}
+              "unavailable": 0, "failed": 0, "rank": rank}
     began = time.perf_counter()
-    with progress_bar(total=len(pending), desc=f"bench {spec.name}", unit="cell", disable=not progress) as bar:
-        for i, key in enumerate(pending):
+    with progress_bar(total=len(pending), desc=f"bench {spec.name}", unit="cell", disable=not progress or rank) as bar:
+        for key in pending:
             cell = work.cells[key]
             bar.set_postfix_str(f"{cell.label} on {cell.data.partition(':')[0]}")
-            reason = unavailable_reason(cell)
-            if reason is None:
-                try:
-                    record = compute_cell(cell, key, output, registry, log=lambda text: None)
-                except EarlyExitError as error:  # one failing cell does not stop the others
-                    record = {"failed": " ".join(str(error).split())}
-            else:
-                record = {"unavailable": reason}
+            record = compute_or_explain(cell, key, output, registry, world)
+            free_memory()
+            bar.update(1)
+            if rank != 0:  # rank 0 keeps the records
+                continue
             state = "computed" if "report" in record else ("unavailable" if "unavailable" in record else "failed")
             counts[state] += 1
             record.update(key=key, label=cell.label, config=cell.config(), fingerprints=work.parts[key],
                           hardware=hardware())
             store.put(key, record)
-            bar.update(1)
             if state != "computed":
                 log(f"cell {key} ({cell.label} on {cell.data}): {state}: {record.get(state)}")
+    barrier()  # the store is complete before any rank goes on to read it
     counts["seconds"] = time.perf_counter() - began
     return counts
+
+
+def compute_or_explain(cell, key: str, output: str, registry, world: int) -> dict | None:
+    """The cell's record (None on ranks other than 0), or why it cannot run here (rank 0's
+    verdict, so every rank skips it alike)."""
+    reason = shared_from_main(unavailable_reason(cell), world)
+    if reason is not None:
+        return {"unavailable": reason}
+    try:
+        return compute_cell(cell, key, output, registry, log=lambda text: None)
+    except EarlyExitError as error:  # one failing cell does not stop the others
+        return {"failed": " ".join(str(error).split())}
 
 
 def describe(spec: Spec, output: str, registry) -> list[str]:

@@ -32,6 +32,7 @@ import os
 import tomllib
 from importlib import resources
 
+from earlyexit.data.splits import refuse_unanswered, splits_for
 from earlyexit.errors import ConfigError
 
 # settings a spec may give in [defaults] or a table, with their defaults (those of `earlyexit run`,
@@ -201,4 +202,15 @@ def _parse_table(name: str, entry: dict, defaults: dict, strategies: dict, root:
             if "exit_layers" in entry_s:
                 settings["exit_layers"] = entry_s["exit_layers"]
             cells.append(Cell(label, entry_s["strategy"], dict(entry_s.get("options", {})), data_name, settings))
+            _refuse_unanswered(where, cells[-1])
     return Table(name, entry.get("title", name), layout, group_by, entry.get("metrics"), entry.get("note"), cells)
+
+
+def _refuse_unanswered(where: str, cell: Cell) -> None:
+    """A cell scored on a split without answers fails the spec, before any cell runs (not after
+    its exits trained and its knob was calibrated)."""
+    data = cell.settings.get("test_data") or cell.data
+    try:
+        refuse_unanswered(data, cell.settings.get("test_split") or splits_for(data)[2])
+    except ConfigError as error:
+        raise ConfigError(f"spec {where}: {error}") from None

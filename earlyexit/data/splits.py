@@ -1,20 +1,45 @@
-"""The splits a run uses: exit training, development and test, and `val:A-B` slices of val."""
+"""The splits a run uses: exit training, development and test, and `val:A-B` slices of val.
+Splits published without answers are refused before any work (`refuse_unanswered`)."""
 
 from __future__ import annotations
 
 import dataclasses
 
 from earlyexit.data.registry import load_dataset
+from earlyexit.errors import ConfigError
+
+# splits published without answers (their answers sit on an evaluation server, or the split does
+# not exist for that data set: OK-VQA has train and val only): a run cannot score them
+UNANSWERED = {"vqav2": ("test", "test-dev"), "okvqa": ("test", "test-dev"), "vizwiz": ("test",),
+              "gqa": ("test", "challenge", "submission"), "visdial": ("test",), "nocaps": ("test",)}
+# where each of them is scored instead: a disjoint part with answers (val's last 10 %, never what
+# exits train on or what is tuned; GQA's test-dev, which ships its answers)
+VAL_SLICES = ("val:0.0-0.8", "val:0.8-0.9", "val:0.9-1.0")
+ANSWERED_TEST = {"gqa": "testdev"}
 
 
 def splits_for(data: str) -> tuple[str, str, str]:
-    """(exit training, development, test) split names."""
+    """(exit training, development, test) split names: exits train on 80 % of val, tune on the
+    next part and are scored on a split with answers (data sets whose test answers are not
+    published: val's last 10 %, or GQA's test-dev)."""
     name = data.partition(":")[0]
     if name in ("scenes", "scenes-vqa"):
         return "exit_train", "dev", "test"
-    if name == "visdial":  # VisDial 1.0 test has no ground truth: test on val too, never on what was tuned
-        return "val:0.0-0.8", "val:0.8-0.9", "val:0.9-1.0"
+    if name in ANSWERED_TEST:
+        return "val:0.0-0.8", "val:0.8-1.0", ANSWERED_TEST[name]
+    if name in UNANSWERED:
+        return VAL_SLICES
     return "val:0.0-0.8", "val:0.8-1.0", "test"
+
+
+def refuse_unanswered(data: str, split: str) -> None:
+    """A one-line ConfigError, before any work, for scoring a split published without answers."""
+    name = data.partition(":")[0]
+    if split.partition(":")[0] in UNANSWERED.get(name, ()):
+        instead = splits_for(data)[2]
+        raise ConfigError(f"{name}/{split} is published without answers, so nothing can be scored on it; score on "
+                          f"{instead} (test_split = \"{instead}\" in a bench spec or RunSettings; leaving it out "
+                          "picks it)")
 
 
 def test_split_of(settings) -> tuple[str, str]:

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
-
 from earlyexit.core.engine import EarlyExitForCausalLM
 from earlyexit.evaluation.common import run_config, wall_clock
 from earlyexit.util.progress import progress_bar
 from earlyexit.util.provenance import provenance
-from earlyexit.util.ranks import process_group, shared_from_main
+from earlyexit.util.ranks import gather_on_main, process_group, shared_from_main
 
 SIDES = ("early", "full")
 
@@ -88,9 +86,8 @@ class EvalRun:
         return `self.shared(None)` to receive rank 0's report."""
         if self.world == 1:
             return True
-        shares = [None] * self.world
-        torch.distributed.all_gather_object(shares, self.share)
-        if self.rank != 0:
+        shares = gather_on_main(self.share, self.world)  # sent as plain Python: no (CUDA) tensor is pickled
+        if shares is None:
             return False
         self.share = Share.merged(shares)
         return True

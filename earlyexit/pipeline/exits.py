@@ -16,6 +16,7 @@ from earlyexit.models.loading import load_backend
 from earlyexit.pipeline.context import RunContext
 from earlyexit.pipeline.settings import RunSettings
 from earlyexit.training.exits import interrupted_training, train_exits
+from earlyexit.util.ranks import barrier, main_first, process_group, shared_from_main
 
 
 def exits_cache_folder(settings: RunSettings, strategy, backbone_fingerprint: str) -> str:
@@ -35,8 +36,9 @@ def load_models(run: RunContext) -> None:
     """The backbone and an untrained strategy at its exit layers; every knob value the run will
     try is checked against the strategy's config before any training."""
     settings = run.settings
-    run.backend = load_backend(run.registry.backend(settings.backend), settings.model, device=settings.device,
-                               dtype=settings.dtype)
+    with main_first():  # rank 0 builds an embedded model on first use; the others then read it
+        run.backend = load_backend(run.registry.backend(settings.backend), settings.model, device=settings.device,
+                                   dtype=settings.dtype)
     strategy_cls = run.registry.strategy(settings.strategy)
     config = strategy_cls.Config(**settings.options)
     exit_layers = settings.exit_layers or strategy_cls.default_exit_layers(run.backend.num_layers)
@@ -54,7 +56,8 @@ def prepare_exits(run: RunContext) -> None:
         return
     folder = exits_cache_folder(settings, strategy, backbone_fingerprint(run.backend))
     work = folder + ".work"  # checkpoints: an interrupted training resumes from here
-    if os.path.isdir(folder) and not settings.retrain:
+    world = process_group()[1]
+    if shared_from_main(os.path.isdir(folder) and not settings.retrain, world):  # rank 0 decides for all
         try:
             run.strategy = load_exits(folder, run.backend, run.registry)
             run.log(f"exits: reusing {folder}")
@@ -63,18 +66,21 @@ def prepare_exits(run: RunContext) -> None:
                 run.log(f"note: removed {work}, left by an interrupted --retrain; the cached exits are used (pass "
                         "--retrain to train them again)")
             return
-        except CorruptAdapterError as error:  # a cache entry is ours to rebuild
+        except CorruptAdapterError as error:  # a cache entry is ours to rebuild (every rank reads the same files)
             run.log(f"note: {error}; training them again")
     run.log(f"exits: training {strategy.name} at layers {strategy.exit_layers} on {settings.data}/{run.train_split}")
     with run.timed("train_exits_s"):
-        train_data = load_split(settings.data, run.train_split, settings.train_limit)
+        with main_first():  # rank 0 writes what a first load caches; the others then read it
+            train_data = load_split(settings.data, run.train_split, settings.train_limit)
         train_exits(strategy, run.backend, train_data, work, seed=settings.seed, progress=settings.progress,
                     deepspeed_config=settings.deepspeed,
                     on_log=lambda step, losses: run.on_batch({"phase": "train_exits", "step": step, **losses}),
                     before_training=lambda config, world_size: resume_or_remove(run, work, config, world_size))
-        if run.main:  # every rank holds the trained exits; rank 0 saves them
+        barrier()  # every rank is done with the checkpoints in `work`
+        if run.main:  # every rank holds the trained exits (data parallel: the same); rank 0 saves them
             save_exits(strategy, folder, backbone_name=settings.model)
             shutil.rmtree(work, ignore_errors=True)
+        barrier()  # the saved exits exist before any rank goes on
 
 
 def resume_or_remove(run: RunContext, work: str, config, world_size: int) -> None:
@@ -88,3 +94,4 @@ def resume_or_remove(run: RunContext, work: str, config, world_size: int) -> Non
         if run.main:
             shutil.rmtree(work, ignore_errors=True)
         run.log(f"note: removed {work}, left by an interrupted {what}: {detail}; training from the start")
+    barrier()  # every rank judged `work` before any writes to it

@@ -14,8 +14,8 @@ from earlyexit.models.adapters import backbone_fingerprint
 from earlyexit.pipeline.context import RunContext
 from earlyexit.pipeline.exits import exits_cache_folder
 from earlyexit.pipeline.settings import RunSettings
-from earlyexit.training.deepspeed_config import is_main_process
 from earlyexit.training.gates import train_gate
+from earlyexit.util.ranks import barrier, process_group, shared_from_main
 
 
 def confidence_like(registry, strategy, threshold: float = 0.9):
@@ -35,17 +35,20 @@ def make_run_gate(settings: RunSettings, strategy, backend, train_split: str, lo
               "version": 2}
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:12]
     folder = os.path.join(embedded.cache_root(), "gates", f"{strategy.name}-{key}")
-    if os.path.isdir(folder) and not settings.retrain:
-        gate = LearnedGate.load(folder)
-    else:
+    rank, world = process_group()
+    train = shared_from_main(not os.path.isdir(folder) or settings.retrain, world)  # rank 0 decides for all
+    gate = None
+    if train and rank == 0:  # rank 0 trains and saves it; the other ranks read what it saved
         log(f"gate: training a learned gate for {strategy.name} at layers {strategy.exit_layers}")
         gate = make_gate("learned", backend.text_config.hidden_size, len(strategy.exit_layers))
         report = train_gate(gate, backend, strategy, load_split(settings.data, train_split, settings.train_limit),
                             seed=settings.seed)
         log(f"gate: loss {report['loss']:.3f}; share of exits that agree with the final layer "
             + ", ".join(f"{k}: {p:.2f}" for k, p in zip(strategy.exit_layers, report["positives"])))
-        if is_main_process():  # every rank trained the same gate (same data and seed); one saves it
-            gate.save(folder, extra={"strategy": strategy.name, "exit_layers": strategy.exit_layers})
+        gate.save(folder, extra={"strategy": strategy.name, "exit_layers": strategy.exit_layers})
+    if train:
+        barrier()
+    gate = gate or LearnedGate.load(folder)
     gate.mode = settings.gate_mode
     if settings.gate_mode == "filter":
         gate.threshold = settings.gate_threshold

@@ -41,9 +41,8 @@ from earlyexit.pipeline.report import final_report, mid_crisis_report
 from earlyexit.pipeline.scoring import score_on_test
 from earlyexit.pipeline.settings import RunSettings, check_settings
 from earlyexit.plugins.registry import notify
-from earlyexit.training.deepspeed import init_distributed
-from earlyexit.training.deepspeed_config import is_main_process, launched_world_size
 from earlyexit.training.vocabularies import backbone_vocabularies
+from earlyexit.util.ranks import join_process_group, main_first
 
 
 def run(settings: RunSettings, registry, log=print) -> dict | None:
@@ -52,8 +51,8 @@ def run(settings: RunSettings, registry, log=print) -> dict | None:
     started = time.perf_counter()
     run = start(settings, registry, log)
     load_models(run)
+    load_evaluation_data(run)  # a missing or unscorable split fails here, before any training
     prepare_exits(run)
-    load_evaluation_data(run)
     gates = prepare_gates(run)
     gate = gates["strategy"] if gates is not None else None
     knob = Knob(run.strategy, gate) if run.strategy.knob or gate is not None else None
@@ -73,10 +72,11 @@ def run(settings: RunSettings, registry, log=print) -> dict | None:
 
 def start(settings: RunSettings, registry, log) -> RunContext:
     """Join the process group when launched with several processes (every rank trains,
-    calibrates and evaluates its share in step; rank 0 reports) and announce the run."""
-    if launched_world_size() > 1:  # torchrun / the deepspeed launcher
-        init_distributed()
-    main = is_main_process()
+    calibrates and evaluates its share in step; rank 0 writes files and reports) and announce
+    the run. The group's collective backend follows the model's device (Backend.load's default
+    is the CPU): nccl on GPUs, gloo on CPUs; DeepSpeed later adopts this group."""
+    rank, _ = join_process_group(settings.device or "cpu")
+    main = rank == 0
     if main:
         notify(registry, "run_start", config=dataclasses.asdict(settings))
     return RunContext(settings, registry, log if main else silent, main)
@@ -89,8 +89,11 @@ def load_evaluation_data(run: RunContext) -> None:
     run.evaluation = EvalSettings(batch_size=settings.batch_size, num_beams=settings.num_beams,
                                   max_new_tokens=settings.max_new_tokens, seed=settings.seed,
                                   progress=settings.progress)
-    run.dev = load_split(settings.data, splits_for(settings.data)[1], settings.dev_limit)
-    run.test = load_split(*test_split_of(settings), settings.test_limit)
+    with main_first():  # rank 0 writes what a first load caches (the scenes); the others then read it
+        run.dev = load_split(settings.data, splits_for(settings.data)[1], settings.dev_limit)
+        run.test = load_split(*test_split_of(settings), settings.test_limit)
+    for split in (run.dev, run.test):  # what the static check in settings.py cannot know: the files' answers
+        task_of(split).check_split(split)
     if run.ranking and settings.num_beams > 1:
         run.log(f"note: VisDial is scored by ranking answer options, not by beam search: it ranks with one beam "
                 f"(--num-beams {settings.num_beams} applies to the {run.dev.task} calibration only)"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from earlyexit.data.registry import task_name
+from earlyexit.data.splits import refuse_unanswered, test_split_of
 from earlyexit.data.tasks import task_of
 from earlyexit.errors import ConfigError
 from earlyexit.models.embedded import NAME as EMBEDDED_DEFAULT
@@ -64,6 +65,7 @@ def check_settings(settings: RunSettings) -> None:
         raise ConfigError(f"--budget is a fraction of the full model's quality, e.g. 0.02 (got {settings.budget})")
     if settings.grid is not None and not settings.grid:
         raise ConfigError("the calibration grid is empty; pass values such as --grid 0.5,0.7,0.9")
+    refuse_unanswered(*test_split_of(settings))  # before any training, not after hours of it
     if settings.exit_vocabulary:  # before any exit is trained
         for data in filter(None, (settings.data, settings.test_data)):
             task_of(task_name(data)).refuse_exit_vocabulary()

@@ -25,7 +25,7 @@ import torch
 from earlyexit.errors import CheckpointError, ConfigError
 from earlyexit.training.deepspeed_config import SHM_OP, with_precision
 from earlyexit.training.loop import TrainConfig, warmup_cosine_schedule
-from earlyexit.util.devices import distributed_backend
+from earlyexit.util.ranks import join_process_group
 
 
 def init_distributed(device: str | torch.device = "cpu") -> tuple[int, int]:
@@ -41,12 +41,9 @@ def init_distributed(device: str | torch.device = "cpu") -> tuple[int, int]:
     if "RANK" not in os.environ:  # no launcher: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
-    backend = distributed_backend(device)
-    if backend == "nccl":
-        torch.cuda.set_device(torch.device(device).index or 0)
-    if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend)
-    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    # the group (`run` joins it earlier; a script or a world of one here) must serve `device`: DeepSpeed
+    # adopts whatever group exists, and gloo cannot carry ZeRO's CUDA collectives
+    return join_process_group(device, alone=True)
 
 
 @contextlib.contextmanager

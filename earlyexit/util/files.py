@@ -54,6 +54,11 @@ import tempfile
 
 from earlyexit.errors import ConfigError
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
 MARKER = ".earlyexit"
 # files only earlyexit writes: a folder holding one was written by earlyexit before markers existed
 LEGACY_MARKERS = ("earlyexit_build.json", "exit_config.json", "gate_config.json", "trainer_state.json")
@@ -170,6 +175,39 @@ def _carry_user_entries(old: str, new: str, written: set[str], overwrite: bool) 
         os.makedirs(os.path.join(new, relative), exist_ok=True)
 
 
+@contextlib.contextmanager
+def _held(folder: str):
+    """An exclusive lock on `folder` while a live writer uses it: the leftover cleaning of another
+    process (another rank writing beside it) leaves it alone. The kernel drops the lock when its
+    holder dies, so what a killed writer left is still cleaned."""
+    if fcntl is None:  # no flock here (Windows): leftovers are cleaned as before
+        yield
+        return
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(handle)
+
+
+def _in_use(parent: str, name: str) -> bool:
+    """Whether a live writer holds the folder `name` (`_held`)."""
+    if fcntl is None:
+        return False
+    try:
+        handle = os.open(os.path.join(parent, name), os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(handle)
+
+
 def _put_back(parent: str, base: str, final: str) -> None:
     """A swap killed between moving the previous folder aside and renaming the new one into
     place leaves no `final`: put the previous folder back before anything else."""
@@ -177,7 +215,7 @@ def _put_back(parent: str, base: str, final: str) -> None:
         return
     for name in sorted(os.listdir(parent)):
         previous = os.path.join(parent, name, base)
-        if name.startswith(f".{base}-replaced-") and os.path.isdir(previous):
+        if name.startswith(f".{base}-replaced-") and os.path.isdir(previous) and not _in_use(parent, name):
             os.replace(previous, final)
             _note(f"put back {final}, which an interrupted save had moved aside")
             return
@@ -201,10 +239,17 @@ def atomic_folder(final: str, overwrite: bool = False):
     os.makedirs(parent, exist_ok=True)
     _put_back(parent, base, final)
     prefix = f".{base}-"
-    for name in os.listdir(parent):  # what a killed earlier attempt left behind
-        if name.startswith(prefix) and os.path.isdir(os.path.join(parent, name)):
+    for name in os.listdir(parent):  # what a killed earlier attempt left behind (not a live writer's)
+        if name.startswith(prefix) and os.path.isdir(os.path.join(parent, name)) and not _in_use(parent, name):
             shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
     temporary = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    with _held(temporary):
+        yield from _fill_and_swap(temporary, final, overwrite)
+
+
+def _fill_and_swap(temporary: str, final: str, overwrite: bool):
+    """`atomic_folder`'s body: yield `temporary`, mark it, swap it into place (or remove it on error)."""
+    parent, base = os.path.dirname(final), os.path.basename(final)
     try:
         yield temporary
         written = set(_tree(temporary)[0]) - {MARKER}
@@ -217,12 +262,13 @@ def atomic_folder(final: str, overwrite: bool = False):
             return
         _carry_user_entries(final, temporary, written, overwrite)
         aside = tempfile.mkdtemp(prefix=f".{base}-replaced-", dir=parent)
-        os.replace(final, os.path.join(aside, base))
-        try:
-            os.replace(temporary, final)
-        except BaseException:
-            os.replace(os.path.join(aside, base), final)
-            raise
+        with _held(aside):
+            os.replace(final, os.path.join(aside, base))
+            try:
+                os.replace(temporary, final)
+            except BaseException:
+                os.replace(os.path.join(aside, base), final)
+                raise
         shutil.rmtree(aside, ignore_errors=True)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
