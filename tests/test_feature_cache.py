@@ -65,8 +65,12 @@ def test_later_epochs_reuse_every_batch(scenes, tmp_path, monkeypatch):
     _, losses, passes = train_free(scenes, tmp_path / "a", 3, monkeypatch)
     assert len(losses) == math.ceil(3 * items / 4) > 2 * batches
     assert passes == batches  # the backbone ran once per distinct batch
-    # a budget smaller than one batch's features keeps nothing: every step runs the backbone
+    # a budget smaller than one batch's features keeps nothing in memory: by default it spills to
+    # disk (the backbone still runs once per batch); with no disk allowed every step runs the backbone
     _, losses, passes = train_free(scenes, tmp_path / "b", 3, monkeypatch, budget_gb=1e-9)
+    assert passes == batches
+    monkeypatch.setenv("EARLYEXIT_FEATURE_SPILL_GB", "0")
+    _, losses, passes = train_free(scenes, tmp_path / "c", 3, monkeypatch, budget_gb=1e-9)
     assert passes == len(losses)
 
 
