@@ -171,19 +171,21 @@ class Trace:
     @classmethod
     def from_generation(cls, steps, new_tokens: torch.Tensor, beam_indices: torch.Tensor | None,
                         eos_token_id, num_layers: int) -> Trace:
+        """Gathered on the device, copied to the host once (the steps' exit layers stay where
+        they are: reading them step by step would make the device wait once per step)."""
         sequences, length = new_tokens.shape
         length = min(length, len(steps))
-        exit_layers = torch.full((sequences, length), -1, dtype=torch.long)
-        for t in range(length):
-            if beam_indices is None:
-                rows = torch.arange(sequences)
-            else:  # the row (beam) each returned sequence's t-th token came from
-                rows = beam_indices[:, t].cpu()
-            layer = steps[t].exit_layer.cpu()
-            valid = rows >= 0
-            exit_layers[valid, t] = layer[rows[valid]]
-        exit_layers[after_end(new_tokens[:, :length].cpu(), eos_token_id)] = -1
-        return cls(exit_layers=exit_layers, steps=steps[:length], num_layers=num_layers)
+        if not length:
+            return cls(exit_layers=torch.full((sequences, 0), -1, dtype=torch.long), steps=[], num_layers=num_layers)
+        layers = torch.stack([step.exit_layer for step in steps[:length]], 1)  # (rows, tokens)
+        if beam_indices is None:
+            rows = torch.arange(sequences, device=layers.device)[:, None].expand(sequences, length)
+        else:  # the row (beam) each returned sequence's t-th token came from; -1: beam padding
+            rows = beam_indices[:, :length].to(layers.device)
+        exit_layers = layers.gather(0, rows.clamp(min=0))
+        ended = after_end(new_tokens[:, :length].to(layers.device), eos_token_id)
+        exit_layers = exit_layers.masked_fill((rows < 0) | ended, -1)
+        return cls(exit_layers=exit_layers.cpu(), steps=steps[:length], num_layers=num_layers)
 
     def tokens(self):
         """(sequence, token index, exit layer) of every generated token."""
@@ -203,7 +205,8 @@ def after_end(tokens: torch.Tensor, eos_token_id) -> torch.Tensor:
     """True for positions after the first end-of-sequence token of each row."""
     if eos_token_id is None:
         return torch.zeros_like(tokens, dtype=torch.bool)
-    eos = torch.tensor(eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id])
+    eos = torch.tensor(eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id],
+                       device=tokens.device)
     is_end = torch.isin(tokens, eos).long()
     return (is_end.cumsum(-1) - is_end) > 0
 

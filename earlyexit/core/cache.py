@@ -23,6 +23,7 @@ reordering, and `crop` takes positions back (self-speculative decoding).
 from __future__ import annotations
 
 import dataclasses
+import weakref
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -47,8 +48,21 @@ class SlotLayer(CacheLayerMixin):
     is_croppable = True
 
     def __init__(self, cache: EarlyExitCache, index: int):
-        # no super().__init__(): keys, values and is_initialized derive from the shared buffer
-        self.cache, self.index = cache, index
+        # no super().__init__(): keys, values and is_initialized derive from the shared buffer.
+        # A weak reference back: the cache owns its slots, and without a cycle its buffers are
+        # freed as soon as the last reference to the cache goes, not at the next gc pass
+        self._cache, self.index = weakref.ref(cache), index
+
+    @property
+    def cache(self) -> EarlyExitCache:
+        return self._cache()
+
+    def __deepcopy__(self, memo):  # a copied cache's slots view the copy's buffers
+        cache = self._cache()
+        return SlotLayer(memo.get(id(cache), cache), self.index)
+
+    def __reduce__(self):  # pickled with its cache (pickle's memo resolves the loop)
+        return SlotLayer, (self._cache(), self.index)
 
     @property
     def is_initialized(self) -> bool:
@@ -114,6 +128,7 @@ class EarlyExitCache(Cache):
         self.encoder: dict[str, torch.Tensor] = {}  # encoder–decoder: per-row encoder side (follows beams)
         self.encoder_meta: dict = {}
         self.steps: list = []  # one StepRecord per forward (see accounting.StepRecord)
+        self.no_padding: bool | None = None  # no padding in the prompt's mask (read once, at the prompt pass)
 
     # -- sizes -------------------------------------------------------------------------------
     def allocate(self, key_states, value_states) -> None:
@@ -156,28 +171,29 @@ class EarlyExitCache(Cache):
 
     # -- beam search and speculative decoding --------------------------------------------------
     def _map_rows(self, fn) -> None:
+        """Apply `fn(tensor, dim)` (a selection along dimension `dim`, the rows) to everything
+        indexed by row: one new buffer each, K/V included (their rows are dimension 1)."""
         for name in ("held", "pending", "reached", "positions"):
             value = getattr(self, name)
             if value is not None:
-                setattr(self, name, fn(value))
-        if self.keys is not None:  # rows are the buffer's second dimension
-            self.keys = fn(self.keys.transpose(0, 1)).transpose(0, 1).contiguous()
-            self.values = fn(self.values.transpose(0, 1)).transpose(0, 1).contiguous()
+                setattr(self, name, fn(value, 0))
+        if self.keys is not None:
+            self.keys, self.values = fn(self.keys, 1), fn(self.values, 1)
         for key, value in self.strategy_state.items():
-            self.strategy_state[key] = fn(value)
+            self.strategy_state[key] = fn(value, 0)
         for key, value in self.encoder.items():
-            self.encoder[key] = fn(value)
+            self.encoder[key] = fn(value, 0)
         if self.positions is not None:
             self.rows = self.positions.shape[0]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._map_rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
+        self._map_rows(lambda t, dim: t.index_select(dim, beam_idx.to(t.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        self._map_rows(lambda t: t.repeat_interleave(repeats, dim=0))
+        self._map_rows(lambda t, dim: t.repeat_interleave(repeats, dim=dim))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._map_rows(lambda t: t[indices])
+        self._map_rows(lambda t, dim: t[(slice(None),) * dim + (indices,)])
 
     @property
     def is_croppable(self) -> bool:

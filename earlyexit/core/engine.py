@@ -25,8 +25,14 @@ its output to the backend (`attach_encoder`: kept in the cache, rows first), and
 decoder is what runs layer by layer here; the backend's `run_layer` reads the encoder side from
 the cache. Nothing of this runs per layer for a decoder-only backbone.
 Every forward appends an `accounting.StepRecord` (exit layer per row, block widths, exit
-visits); `accounting` turns those into costs off the hot path. One host sync per forward start
-and at most one per exit point.
+visits); its exit layers stay on the device, and `generate` copies the trace to the host once,
+at the end; `accounting` turns it into costs off the hot path.
+Host syncs (each makes the host wait for the device) are only launch decisions: at the start of
+a decode forward with exits on, one read of how many rows still go and, under `catchup`, each
+layer's catch-up width; at an exit where rows are present and the rule decides on the device,
+one read of which rows leave (the deeper layers run on the rest only), plus one before it under
+a `filter` gate that has candidates (the rule's batch). Nothing at an exit decided on the host
+(`fixed`, a gate's extreme threshold), nothing after the last exit, nothing with exits off.
 """
 
 from __future__ import annotations
@@ -195,7 +201,7 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
             if kv_params * self.dtype.itemsize <= STACKED_KV_BYTES:
                 with torch.no_grad():
                     stack = self.backend.stacked_kv_projection(layers)
-            self._propagation[depth] = (torch.tensor(slots, device=self.device), stack)
+            self._propagation[depth] = (slots, stack)  # slots stay a Python list: no read-back per token
         return self._propagation[depth]
 
     # -- generation --------------------------------------------------------------------------
@@ -346,22 +352,20 @@ class _Step:
         if policy == "skip":
             cache.reached[:, self.past:total] = n
 
-        # one sync: finished rows, whether any position is padding, catch-up widths per layer
+        self.no_padding = self._no_padding()
+        # at most one sync, the shapes of the first layers' launches: how many rows still go
+        # (finished rows run nothing) and, under catchup, each layer's catch-up width
         finished = None
         if (not self.prefill and model.strategy is not None and model.force_exit is None
                 and self.input_ids is not None and model.end_ids is not None):
             finished = torch.isin(self.input_ids[:, -1], model.end_ids.to(device))
         going = ~finished if finished is not None else None
-        parts = [self.attention_mask[:, :total].all().long().view(1)]
-        if going is not None:
-            parts.append(going.sum().view(1))
+        parts = [going.sum().view(1)] if going is not None else []
         self.lag = None
-        if policy == "catchup" and not self.prefill:
+        if policy == "catchup" and not self.prefill and model.strategy is not None:  # exits off: nothing lags
             self.lag = total - cache.held
             parts += self._lag_extremes(going)
-        info = torch.cat(parts).tolist()
-        self.no_padding = bool(info[0])
-        info = info[1:]
+        info = torch.cat(parts).tolist() if parts else []
         if going is not None:
             still, info = info[0], info[1:]
             if still < count:
@@ -421,25 +425,16 @@ class _Step:
             leaving = count
         else:
             view = ExitView(self, e, depth, block[:, -1], previous, self.rows)
-            checked, ask = None, view  # `ask`: the view whose rows the strategy's rule saw
-            if model.gate is not None:
-                visit.gate = True
-                leave = model.gate.decide(e, view)
-                if model.gate.mode == "filter":  # the gate pre-selects, the strategy's rule confirms
-                    checked = int(leave.sum())
-                    if checked:
-                        picked = torch.argsort(leave.to(torch.int8), descending=True, stable=True)[:checked]
-                        ask = ExitView(self, e, depth, view.hidden[picked], None if previous is None else
-                                       previous[picked], self.rows[picked])
-                        leave = torch.zeros_like(leave).index_copy_(
-                            0, picked, model.strategy.should_exit(e, ask, self.context))
-            else:
-                leave = model.strategy.should_exit(e, view, self.context)
-            parts = [leave.sum().view(1)]
-            if self.lag is not None:
-                parts += self._lag_extremes(~leave)
-            info = torch.cat(parts).tolist()
-            leaving, info = info[0], info[1:]
+            leave, ask, checked, picked = self._decide(e, view, visit)
+            if isinstance(leave, bool):  # decided on the host: nothing to read
+                leaving, info = (count if leave else 0), []
+                leave = torch.full((count,), leave, dtype=torch.bool, device=block.device)
+            else:  # the launch decision: which rows go deeper, and how wide their blocks are
+                parts = [leave.sum().view(1)]
+                if self.lag is not None:
+                    parts += self._lag_extremes(~leave)
+                info = torch.cat(parts).tolist()
+                leaving, info = info[0], info[1:]
             rest = count - leaving
             if model.gate is None or checked:
                 share = ((checked if checked is not None else count) - leaving) / rest if rest else 0.0
@@ -473,6 +468,33 @@ class _Step:
         if trimmed < width:  # the rows left behind need fewer catch-up positions here
             block, width = block[:, width - trimmed:], trimmed
         return block, width, previous
+
+    def _decide(self, e, view, visit):
+        """Which rows present at exit `e` leave: a bool tensor, or a Python bool for all of them
+        where the rule or the gate decided on the host. Also the view whose rows the rule saw,
+        how many rows a filter gate offered the rule (None without one) and which (None: all)."""
+        model = self.model
+        if model.gate is None:
+            return model.strategy.should_exit(e, view, self.context), view, None, None
+        visit.gate = True
+        candidates = model.gate.decide(e, view)
+        if model.gate.mode == "replace":
+            return candidates, view, None, None  # the rule does not run
+        # filter: the rule confirms the gate's candidates, and only they pay its module and read-out;
+        # how many there are is a launch decision (the rule's batch)
+        count = view.hidden.shape[0]
+        checked = (count if candidates else 0) if isinstance(candidates, bool) else int(candidates.sum())
+        if checked == 0:
+            return False, view, 0, None
+        if checked == count:
+            return model.strategy.should_exit(e, view, self.context), view, checked, None
+        picked = torch.argsort(candidates.to(torch.int8), descending=True, stable=True)[:checked]
+        ask = ExitView(self, e, view.layer, view.hidden[picked], None if view.previous is None else
+                       view.previous[picked], self.rows[picked])
+        verdict = model.strategy.should_exit(e, ask, self.context)
+        if isinstance(verdict, bool):
+            return (candidates if verdict else False), ask, checked, picked
+        return torch.zeros_like(candidates).index_copy_(0, picked, verdict), ask, checked, picked
 
     def exit_state(self, e: int, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """The newest position's state after exit `e`'s own modules, for `rows` (charged by the
@@ -532,7 +554,7 @@ class _Step:
             else:
                 cache.plan = WritePlan(rows=rows, start=self.past, columns=None, length=total)
                 positions = cache.positions[rows, self.past:total]
-                for slot in slots.tolist():
+                for slot in slots:
                     layer = model.layers[slot] if slot < n else model.exit_attention[slot - n]
                     self.backend.fill_kv(layer, newest, position_ids=positions, cache=cache)
         else:  # skip: deeper slots never hold these positions
@@ -546,6 +568,15 @@ class _Step:
             self.lag = self.lag[local]
         elif self.lag is not None:
             self.lag = self.lag[rows]
+
+    def _no_padding(self) -> bool:
+        """Whether no position of the mask is padding. Read once, at the prompt pass: decoding
+        only appends ones to the mask (transformers' loop, speculative decoding), so the answer
+        holds for the whole generation without a sync per token."""
+        cache = self.cache
+        if self.prefill or cache.no_padding is None:
+            cache.no_padding = bool(self.attention_mask[:, :self.total].all())
+        return cache.no_padding
 
     def _is_all(self, rows) -> bool:
         return self.rows_all and rows is self.rows

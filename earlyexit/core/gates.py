@@ -56,11 +56,13 @@ class LearnedGate(torch.nn.Module):
         scorer = self.scorers[exit_index]
         return scorer(hidden.to(scorer[-1].weight.dtype)).squeeze(-1)
 
-    def decide(self, exit_index: int, view) -> torch.Tensor:
+    def decide(self, exit_index: int, view) -> torch.Tensor | bool:
+        """Which rows pass (bool per row), or a bool for every row where the threshold alone
+        says (the engine then reads nothing back from the device)."""
         if self.threshold >= 1.0:
-            return torch.zeros(view.hidden.shape[0], dtype=torch.bool, device=view.hidden.device)
+            return False
         if self.threshold <= 0.0:
-            return torch.ones(view.hidden.shape[0], dtype=torch.bool, device=view.hidden.device)
+            return True
         # sigmoid(s) >= p  <=>  s >= logit(p): no sigmoid in the hot path
         return self.score(exit_index, view.hidden) >= math.log(self.threshold / (1 - self.threshold))
 
@@ -101,9 +103,9 @@ class CosineGate:
         self.threshold = threshold
         self.mode = check_mode(mode)
 
-    def decide(self, exit_index: int, view) -> torch.Tensor:
-        if view.previous is None:
-            return torch.zeros(view.hidden.shape[0], dtype=torch.bool, device=view.hidden.device)
+    def decide(self, exit_index: int, view) -> torch.Tensor | bool:
+        if view.previous is None:  # no layer before: nothing to compare, nobody passes
+            return False
         similarity = torch.nn.functional.cosine_similarity(view.hidden.float(), view.previous.float(), dim=-1)
         return similarity >= self.threshold
 

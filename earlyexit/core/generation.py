@@ -16,24 +16,46 @@ def decode_new_tokens(backend, sequences: torch.Tensor, prompt_length: int) -> l
     return [text.strip() for text in texts]
 
 
+def synchronize(device) -> None:
+    """Wait until `device` has run everything queued on it (CUDA launches return at once); a
+    no-op on the CPU, where every op has finished when it returns."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def input_device(inputs: dict) -> torch.device:
+    """The device of the first tensor in `inputs` (the CPU when there is none)."""
+    return next((v.device for v in inputs.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
+
+
 class FirstCall(LogitsProcessor):
-    """Notes the time of the first logits-processor call: the end of the prompt pass."""
+    """Notes the time of the first logits-processor call: the end of the prompt pass, once the
+    device has finished it (the host reaches the call as soon as the prompt pass is launched)."""
 
     def __init__(self):
         self.at = None
 
     def __call__(self, input_ids, scores):
         if self.at is None:
+            synchronize(scores.device)
             self.at = time.perf_counter()
         return scores
 
 
-def timed(generate_fn, inputs, settings_kwargs):
+def timed(generate_fn, inputs, settings_kwargs, warmup: int = 0):
     """(sequences, total seconds, prompt-pass seconds or None when the generator calls no
-    logits processor) of one generation."""
+    logits processor) of one generation, after `warmup` untimed calls on the same inputs (the
+    first call on a GPU pays for kernel selection and allocator growth). The clock is read only
+    when the device has finished what came before."""
+    for _ in range(warmup):
+        generate_fn(**inputs, **settings_kwargs)
+    device = input_device(inputs)
     stamp = FirstCall()
+    synchronize(device)
     began = time.perf_counter()
     sequences = generate_fn(**inputs, **settings_kwargs, logits_processor=LogitsProcessorList([stamp]))
+    synchronize(device)
     ended = time.perf_counter()
     return sequences, ended - began, (stamp.at - began) if stamp.at is not None else None
 

@@ -20,7 +20,7 @@ nothing when gradients are on (training), off the CPU, outside fp32, for weights
 from __future__ import annotations
 
 import os
-import types
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -78,8 +78,24 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return small_row_linear(x, weight, bias) if enabled() else F.linear(x, weight, bias)
 
 
-def _forward(self, x):
-    return small_row_linear(x, self.weight, self.bias)
+class _Route:
+    """A routed layer's `forward`: `small_row_linear` on the layer's own weights. It holds the layer
+    weakly: a bound method stored on the layer would tie the layer to itself in a cycle, which
+    frees the weights only at the next pass of the cyclic collector."""
+
+    def __init__(self, layer: torch.nn.Linear):
+        self.layer = weakref.ref(layer)
+
+    def __call__(self, x):
+        layer = self.layer()
+        return small_row_linear(x, layer.weight, layer.bias)
+
+    def __deepcopy__(self, memo):  # a copied model's route reads the copy's weights
+        layer = self.layer()
+        return _Route(memo.get(id(layer), layer))
+
+    def __reduce__(self):  # pickled with its layer (pickle's memo resolves the loop)
+        return _Route, (self.layer(),)
 
 
 def install(module: torch.nn.Module) -> int:
@@ -92,12 +108,12 @@ def install(module: torch.nn.Module) -> int:
     for layer in module.modules():
         # layers too small to ever gain keep their own forward: no extra call on their hot path
         if type(layer) is torch.nn.Linear and "forward" not in vars(layer) and layer.weight.numel() >= MIN_WEIGHT:
-            layer.forward = types.MethodType(_forward, layer)  # deepcopy rebinds it to the copy
+            layer.forward = _Route(layer)
             routed += 1
     return routed
 
 
 def uninstall(module: torch.nn.Module) -> None:
     for layer in module.modules():
-        if isinstance(layer, torch.nn.Linear) and getattr(vars(layer).get("forward"), "__func__", None) is _forward:
+        if isinstance(layer, torch.nn.Linear) and isinstance(vars(layer).get("forward"), _Route):
             del layer.forward

@@ -306,7 +306,9 @@ class Strategy:
         return readout(state) if readout is not None else self.backend.logits(state)
 
     def should_exit(self, exit_index: int, view: ExitView, context: StepContext) -> torch.Tensor:
-        """Boolean (rows,): which of the rows present at this exit leave here. Decide from what is
+        """Boolean (rows,): which of the rows present at this exit leave here, or a Python bool for
+        all of them when the rule decides on the host (then the engine reads nothing back from
+        the device, which on a GPU saves a sync per exit). Decide from what is
         cheap first: `view.hidden` (the state after the exit layer, before any exit module),
         `view.previous` (one layer earlier), `context.token` (what earlier exits of this token
         saw) and `context.state` (per-row state across tokens). `view.logits()` runs the exit's
