@@ -24,25 +24,12 @@ import warnings
 import torch
 
 from earlyexit.errors import ConfigError
-from earlyexit.training.deepspeed_config import launched_world_size
 from earlyexit.training.features import FEATURES
 from earlyexit.training.loop import PlainEngine, TrainConfig
-from earlyexit.util.devices import distributed_backend
-from earlyexit.util.ranks import process_group
+from earlyexit.util.ranks import join_process_group
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 SCALER_FILE = "loss_scale.pt"
-
-
-def join_process_group(device: torch.device) -> tuple[int, int]:
-    """(rank, world): the process group `run` (or a script) started, else the one torchrun's
-    environment describes (nccl on GPUs, gloo on CPUs), else a world of one."""
-    if launched_world_size() > 1 and not torch.distributed.is_initialized():
-        backend = distributed_backend(str(device))
-        if backend == "nccl":
-            torch.cuda.set_device(device.index if device.index is not None else int(os.environ.get("LOCAL_RANK", 0)))
-        torch.distributed.init_process_group(backend=backend)
-    return process_group()
 
 
 class TrainingEngine(PlainEngine):

@@ -26,6 +26,7 @@ from earlyexit.training.deepspeed_config import launched_world_size
 from earlyexit.training.engines import TrainingEngine
 from earlyexit.training.features import FeatureCache, backbone_features, feature_cache_budget, feature_spill_budget
 from earlyexit.training.loop import STATE_FILE, PlainEngine, TrainConfig, latest_checkpoint, train
+from earlyexit.training.prefetch import HostSide, Prefetcher
 
 
 @torch.no_grad()
@@ -173,10 +174,11 @@ def train_exits(strategy, backend, dataset: Dataset, output_dir: str, seed: int 
     train_part, held_part = split_held_out(dataset, strategy.held_out_fraction, seed)
     data = strategy.training_data(train_part, progress=progress)
     config = strategy.config
-    batches = TrainingBatches(backend, [data], batch_size=config.batch_size, seed=seed)
+    host = HostSide(backend)  # batches built on the host; the prefetcher moves them to the model
+    batches = TrainingBatches(host, [data], batch_size=config.batch_size, seed=seed)
     held_batches = None
     if held_part is not None:
-        held_batches = TrainingBatches(backend, [strategy.training_data(held_part, progress=progress)],
+        held_batches = TrainingBatches(host, [strategy.training_data(held_part, progress=progress)],
                                        batch_size=config.batch_size, seed=seed + 1)
     steps = max(1, math.ceil(config.epochs * len(batches.items) / config.batch_size))
     train_config = TrainConfig(output_dir=output_dir, steps=steps, learning_rate=config.learning_rate,
@@ -189,13 +191,19 @@ def train_exits(strategy, backend, dataset: Dataset, output_dir: str, seed: int 
     if before_training is not None:
         before_training(train_config, getattr(engine, "world_size", 1))
     container = torch.nn.ModuleList(modules.values())
-    batch_for_step = batches
+    build = batches
+    if held_batches is not None:  # one flat dict, so data-parallel sharding splits both alike
+        def build(step):
+            return {**batches(step), **{HELD_OUT + k: v for k, v in held_batches(step).items()}}
+
     budget = feature_cache_budget(backend.device)
     if strategy.reuses_backbone_features and held_batches is None and isinstance(engine, PlainEngine) and budget:
-        batch_for_step = feature_cache(backend, batches, strategy, engine, budget, output_dir, seed)
-    if held_batches is not None:  # one flat dict, so data-parallel sharding splits both alike
-        def batch_for_step(step):
-            return {**batches(step), **{HELD_OUT + k: v for k, v in held_batches(step).items()}}
+        # the cache asks for each batch once, in order, in the first epoch: prefetch those
+        prefetcher = Prefetcher(build, backend, stop=min(steps, math.ceil(len(batches.items) / config.batch_size)))
+        batch_for_step = feature_cache(backend, prefetcher, len(batches.items), strategy, engine, budget,
+                                       output_dir, seed)
+    else:
+        batch_for_step = prefetcher = Prefetcher(build, backend, stop=steps)
 
     def step(batch, engine):
         held = {k[len(HELD_OUT):]: batch.pop(k) for k in [k for k in batch if k.startswith(HELD_OUT)]}
@@ -205,7 +213,8 @@ def train_exits(strategy, backend, dataset: Dataset, output_dir: str, seed: int 
 
     try:
         losses = train(container, step, batch_for_step, train_config, engine, on_log=on_log)
-    finally:
+    finally:  # the thread ends with the training, finished or failed
+        prefetcher.close()
         if isinstance(batch_for_step, FeatureCache):
             batch_for_step.close()
     if getattr(engine, "stage", 0) == 3:
@@ -215,12 +224,12 @@ def train_exits(strategy, backend, dataset: Dataset, output_dir: str, seed: int 
     return losses
 
 
-def feature_cache(backend, batches: TrainingBatches, strategy, engine, budget: int, output_dir: str,
-                  seed: int) -> FeatureCache:
+def feature_cache(backend, batches: Callable[[int], dict], num_items: int, strategy, engine, budget: int,
+                  output_dir: str, seed: int) -> FeatureCache:
     """The frozen backbone's features of each batch (this rank's rows), kept in memory up to
     `budget` bytes and spilled beyond it to a folder of `output_dir` (one per rank)."""
     spill_dir = os.path.join(output_dir, f"features-rank{getattr(engine, 'rank', 0)}.spill")
-    return FeatureCache(backend, batches, len(batches.items), strategy.config.batch_size, strategy.exit_layers,
+    return FeatureCache(backend, batches, num_items, strategy.config.batch_size, strategy.exit_layers,
                         budget, seed=seed, spill_dir=spill_dir, spill_bytes=feature_spill_budget(output_dir),
                         shard=getattr(engine, "shard", None))
 
