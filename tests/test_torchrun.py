@@ -336,3 +336,20 @@ def test_paper_spec_scores_every_cell_on_a_split_with_answers(tmp_path):
     for data, split in scored:
         assert split.partition(":")[0] not in UNANSWERED.get(data.partition(":")[0], ())
         refuse_unanswered(data, split)  # raises nothing
+
+
+# -- two writers beside each other ---------------------------------------------------------------------
+def test_a_live_writers_temporary_folder_is_not_cleaned_as_a_leftover(tmp_path):
+    """Another process writing the same folder (another rank) leaves this one's temporary alone;
+    what a killed writer left (no one holds it) is still removed."""
+    from earlyexit.util.files import atomic_folder
+
+    final = tmp_path / "exits"
+    dead = tmp_path / ".exits-killed"
+    dead.mkdir()
+    with atomic_folder(str(final)) as first:
+        (tmp_path / first / "a.txt").write_text("a")
+        with atomic_folder(str(final)) as second:
+            (tmp_path / second / "b.txt").write_text("b")
+        assert os.path.isfile(os.path.join(first, "a.txt")) and not dead.exists()
+    assert (final / "a.txt").read_text() == "a" and sorted(os.listdir(tmp_path)) == ["exits"]

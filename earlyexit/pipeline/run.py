@@ -12,7 +12,10 @@
    (`scoring.py`);
 6. the per-exit accuracy of untrained versus trained exits (the paper's mid-crisis plot) and
    the report (`report.py`).
-Splits follow the paper: exits train on 80 % of val and are tuned on the other 20 %.
+Splits follow the paper: exits train on 80 % of val and are tuned on the other 20 %; where the test
+answers are not published (VQAv2, OK-VQA, VizWiz) they are tuned on the next 10 % and scored on the
+last 10 %, GQA on its test-dev (`earlyexit.data.splits`). A split without answers is refused before
+any work. Under torchrun every rank runs every step in step; rank 0 writes every file, once.
 
 VisDial (answer ranking, scored by MRR; `earlyexit.evaluation.dialog`): its test split has no
 ground truth, so everything comes from val, in three disjoint parts cut at dialog boundaries (no
