@@ -14,6 +14,13 @@ default) and records quality next to the speed-ups: the paper's speed-versus-qua
   the best-quality one, and the result says so.
 With a gate the sweep moves the gate's threshold, otherwise the strategy's. On dialog data (VisDial)
 quality is MRR and a sample's output is the top-ranked answer option (what `risk` compares).
+
+Decoding dev once per knob value is what a 2.7B-7B backbone cannot afford, so a max-softmax rule
+under greedy `catchup` decoding without a gate is first replayed on one teacher-forced pass over
+dev (`replay.py`: per knob value, the share of outputs equal to the full model's and a layer
+speed-up); the rule picks on those, and only its pick and the neighbour that exits more are
+decoded, on at most `confirmation_rows` dev rows (`replayed_sweep`). Everything else (gates,
+patience and other rules, beams, ranking, other K/V policies) decodes the whole grid (`sweep`).
 """
 
 from __future__ import annotations
