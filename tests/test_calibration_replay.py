@@ -6,10 +6,11 @@ import types
 
 import numpy as np
 import pytest
+import torch
 from helpers import make_backend
 
 import earlyexit.evaluation.calibrate as calibrate
-from earlyexit.core.gates import CosineGate
+from earlyexit.core.gates import CosineGate, make_gate
 from earlyexit.data.registry import load_dataset
 from earlyexit.evaluation.calibrate import Knob, confirmation_rows, replay_refusal, replayed_sweep, sweep
 from earlyexit.evaluation.common import EvalSettings
@@ -80,6 +81,22 @@ def test_replayed_agreement_is_what_greedy_decoding_gives(backend, confidence, d
     assert seen == {True, False}  # both an exact and a lossy threshold were checked
 
 
+def test_a_filter_gate_is_replayed_in_front_of_the_rule(backend, confidence, dev, replay):
+    """A filter gate decides on the hidden state whatever the threshold: the replay offers the rule
+    only the gate's candidates, and still predicts what decoding behind the gate gives."""
+    torch.manual_seed(3)
+    gate = make_gate("learned", backend.text_config.hidden_size, 2, threshold=0.5, mode="filter")
+    gated = replay_confidence_rule(backend, confidence, dev, SETTINGS, gate)
+    assert 0.2 < gated.candidates.mean() < 0.8  # the untrained gate turns some tokens away
+    full = evaluate(backend, None, dev, SETTINGS)["predictions"]
+    threshold = between_confidences(replay, 0.2)
+    confidence.set_knob(threshold)
+    real = evaluate(backend, confidence, dev, SETTINGS, gate=gate)
+    predicted = gated.predict(threshold)
+    assert predicted["disagreements"] == sum(real["predictions"][k] != v for k, v in full.items())
+    assert predicted["disagreements"] < replay.predict(threshold)["disagreements"]  # the gate held some back
+
+
 def test_confirmation_rows_follow_the_budget():
     assert confirmation_rows(100, 0.01, 0.1) == 100  # a small dev split is confirmed whole
     assert confirmation_rows(5000, 0.01, 0.1) == calibrate.CONFIRM_ROWS
@@ -118,11 +135,12 @@ def fake_run(backend, strategy, dev):
 
 
 def test_rules_the_replay_cannot_model_decode_the_whole_grid(registry, backend, confidence, dev, decodes):
-    gate = CosineGate(0.99, mode="filter")
+    gate = CosineGate(0.99, mode="replace")
     run = fake_run(backend, confidence, dev.subset(4))
     _, points, replayed, how = knob_points(run, Knob(confidence, gate), gate, None)
-    assert replayed is None and "cannot model a gate" in how
-    assert decodes == [None, 0.5, 0.9] and [p.threshold for p in points] == [0.5, 0.9]
+    assert replayed is None and "cannot model a gate that decides alone" in how
+    assert len(decodes) == 3 and decodes[0] is None  # the full model, then each gate threshold
+    assert [p.threshold for p in points] == [0.5, 0.9] and gate.threshold == 0.99
     deebert = registry.strategy("deebert")
     assert "deebert's rule" in replay_refusal(Knob(deebert(backend, [2, 4])), dev, SETTINGS, "catchup", None)
     assert "skip" in replay_refusal(Knob(confidence), dev, SETTINGS, "skip", None)

@@ -16,11 +16,12 @@ With a gate the sweep moves the gate's threshold, otherwise the strategy's. On d
 quality is MRR and a sample's output is the top-ranked answer option (what `risk` compares).
 
 Decoding dev once per knob value is what a 2.7B-7B backbone cannot afford, so a max-softmax rule
-under greedy `catchup` decoding without a gate is first replayed on one teacher-forced pass over
+under greedy `catchup` decoding (behind a `filter` gate or none) is first replayed on one teacher-forced pass over
 dev (`replay.py`: per knob value, the share of outputs equal to the full model's and a layer
 speed-up); the rule picks on those, and only its pick and the neighbour that exits more are
-decoded, on at most `confirmation_rows` dev rows (`replayed_sweep`). Everything else (gates,
-patience and other rules, beams, ranking, other K/V policies) decodes the whole grid (`sweep`).
+decoded, on at most `confirmation_rows` dev rows (`replayed_sweep`). Everything else (a gate in
+`replace` mode, patience and other rules, beams, ranking, other K/V policies) decodes the whole
+grid (`sweep`).
 """
 
 from __future__ import annotations
@@ -130,7 +131,7 @@ def measured_point(threshold, result: dict, reference: dict, metric: str, measur
 def replay_refusal(knob: Knob, dataset, settings, kv_policy: str, exit_vocabulary) -> str | None:
     """Why the replay (`replayed_sweep`) cannot model this calibration, or None when it can."""
     strategy = knob.strategy
-    reasons = [(knob.gate is not None, "a gate"),
+    reasons = [(knob.on_gate, "a gate that decides alone (replace mode: the knob is its threshold)"),
                (not strategy.knob_is_confidence, f"{strategy.name}'s rule (only a max-softmax threshold replays)"),
                (task_of(dataset).ranks, "ranked data (dialog)"),
                (settings.num_beams > 1, "beam search (the replay follows greedy decoding)"),
@@ -163,14 +164,14 @@ def shortlist(predicted: list[CalibrationPoint], rule: str, budget: float, epsil
 
 def replayed_sweep(backend, strategy, dataset, settings, rule: str = "best", budget: float = 0.02,
                    epsilon: float = 0.1, grid=None, measure_wall: bool = False, rows: int | None = None,
-                   progress: bool = True) -> tuple[float, list[CalibrationPoint], dict]:
+                   progress: bool = True, gate=None) -> tuple[float, list[CalibrationPoint], dict]:
     """`sweep` for a confidence rule under greedy `catchup` decoding (`replay_refusal` is None): every
     knob value replayed on one teacher-forced pass over dev (`replay.py`), at most two decoded on
     the first `confirmation_rows` dev rows. Returns (the full model's quality on those rows, the
-    decoded points, what the replay predicted and kept)."""
+    decoded points, what the replay predicted and kept). `gate`: a filter gate in front of the rule."""
     settings = dataclasses.replace(settings, measure_wall=measure_wall, progress=False, quick_metrics=True)
     dev, task, knob = dataset.subset(settings.limit), task_of(dataset), Knob(strategy)
-    replay = replay_confidence_rule(backend, strategy, dev, settings)
+    replay = replay_confidence_rule(backend, strategy, dev, settings, gate)
     predicted = [replayed_point(value, replay.predict(value)) for value in grid or knob.default_grid()]
     kept = shortlist(predicted, rule, budget, epsilon, knob.safest_first)
     subset = dev.subset(confirmation_rows(len(dev), budget, epsilon, rows))
@@ -181,7 +182,7 @@ def replayed_sweep(backend, strategy, dataset, settings, rule: str = "best", bud
     try:
         for value in tqdm(kept, desc="confirming", disable=not progress):
             knob.value = value
-            result = evaluate(backend, strategy, subset, settings, kv_policy="catchup")
+            result = evaluate(backend, strategy, subset, settings, kv_policy="catchup", gate=gate)
             points.append(measured_point(value, result, reference, task.main_metric, measure_wall))
     finally:
         knob.value = original

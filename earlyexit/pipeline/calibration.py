@@ -1,7 +1,7 @@
 """Step 3 of a run: the strategy's knob (or its gate's threshold), given or calibrated on the dev
 split by the stated rule, with the speed-versus-quality curve written beside the run.
 
-A confidence rule (greedy, `catchup`, no gate) is replayed on one teacher-forced pass over dev
+A confidence rule (greedy, `catchup`, no gate or a `filter` gate) is replayed on one teacher-forced pass over dev
 and only the two values the replay keeps are decoded (`calibrate.replayed_sweep`); any other rule
 decodes every value of the grid (`calibrate.sweep`). The log says which, in one line."""
 
@@ -54,7 +54,7 @@ def knob_points(run: RunContext, knob: Knob, gate, exit_vocabulary) -> tuple:
         full_dev, points, replayed = replayed_sweep(
             run.backend, run.strategy, run.dev, run.evaluation, rule=settings.rule, budget=settings.budget,
             epsilon=settings.epsilon, grid=settings.grid, measure_wall=settings.speed_target == "wall",
-            progress=settings.progress)
+            progress=settings.progress, gate=gate)
         return full_dev, points, replayed, replay_summary(knob, replayed)
     full_dev, points = sweep(run.backend, run.strategy, run.dev, run.evaluation, grid=settings.grid,
                              kv_policy=settings.kv_policy, progress=settings.progress, gate=gate,
