@@ -27,30 +27,58 @@ from earlyexit.training.engines import TrainingEngine
 from earlyexit.training.features import FeatureCache, backbone_features, feature_cache_budget, feature_spill_budget
 from earlyexit.training.loop import STATE_FILE, PlainEngine, TrainConfig, latest_checkpoint, train
 from earlyexit.training.prefetch import HostSide, Prefetcher
+from earlyexit.util.progress import progress_bar
+from earlyexit.util.ranks import join_process_group, process_group
 
 
-@torch.no_grad()
+def all_ranks(value, world: int) -> list:
+    """Every rank's `value` on every rank, in rank order (pickled: plain Python only)."""
+    if world == 1:
+        return [value]
+    values = [None] * world
+    torch.distributed.all_gather_object(values, value)
+    return values
+
+
+def shared_work(items: list, work: Callable[[list, int], list], piece: int, desc: str = "",
+                progress: bool = True) -> list:
+    """`work(items[k*piece:(k+1)*piece], k)` for every piece k, one result per item, returned in the
+    order of `items`. Under several processes each rank works on pieces rank, rank + world, ... and
+    the results are gathered on every rank: the pieces are the ones one process makes, so every
+    rank gets what one process would (exactly, for a `work` that depends on its piece alone)."""
+    rank, world = process_group()
+    starts = range(0, len(items), piece)
+    mine = {}
+    with progress_bar(total=len(range(rank, len(starts), world)), desc=desc,
+                      disable=not (progress and rank == 0)) as bar:
+        for k in range(rank, len(starts), world):
+            mine[k] = work(items[starts[k]:starts[k] + piece], k)
+            bar.update(1)
+    done = {k: results for part in all_ranks(mine, world) for k, results in part.items()}
+    return [result for k in range(len(starts)) for result in done[k]]
+
+
 def backbone_captions(backend, dataset: Dataset, samples_per_image: int = 1, batch_size: int = 32,
                       seed: int = 0, progress: bool = True, max_new_tokens: int = 20) -> dict[str, list[str]]:
     """What the backbone writes itself after each sample's prompt (captioning: none; VQA: the
     question; a VisDial round: its dialog, with the history that fits the context): greedy (1 per
-    sample) or sampled (several), by sample id."""
-    from tqdm.auto import tqdm
-
+    sample) or sampled (several; seeded per batch, so as many processes sample what one does), by
+    sample id. Several processes share the batches (`shared_work`)."""
     task = task_of(dataset)
     sampling = samples_per_image > 1
-    torch.manual_seed(seed)
-    result = {}
-    for start in tqdm(range(0, len(dataset), batch_size), desc="backbone outputs", disable=not progress):
-        batch = dataset.samples[start:start + batch_size]
+
+    @torch.no_grad()
+    def write(batch: list[Sample], index: int) -> list[list[str]]:
+        torch.manual_seed(seed * 1_000_003 + index)
         inputs = backend.prepare_inputs([s.load_image() for s in batch],
-                                       [task.prompt(s, backend, room=max_new_tokens) for s in batch])
+                                        [task.prompt(s, backend, room=max_new_tokens) for s in batch])
         sequences = backend.plain_generate(**inputs, max_new_tokens=max_new_tokens, do_sample=sampling,
                                            top_p=0.9 if sampling else None, num_return_sequences=samples_per_image)
         texts = decode_new_tokens(backend, sequences, inputs["input_ids"].shape[1])
-        for i, sample in enumerate(batch):
-            result[sample.id] = texts[i * samples_per_image:(i + 1) * samples_per_image]
-    return result
+        return [texts[i * samples_per_image:(i + 1) * samples_per_image] for i in range(len(batch))]
+
+    outputs = shared_work(dataset.samples, write, batch_size, "backbone outputs", progress)
+    return {sample.id: texts for sample, texts in zip(dataset.samples, outputs)}
 
 
 def with_own_targets(dataset: Dataset, outputs: dict[str, list[str]]) -> Dataset:
@@ -62,25 +90,50 @@ def with_own_targets(dataset: Dataset, outputs: dict[str, list[str]]) -> Dataset
     return dataclasses.replace(dataset, samples=[s for s in samples if getattr(s, key)])
 
 
-def capfilt(dataset: Dataset, candidates: dict[str, list[str]], scorer: Callable, keep: int) -> Dataset:
-    """Keep, per image, the `keep` candidate captions the image-text scorer ranks highest."""
-    samples = []
-    for sample in dataset:
-        texts = list(dict.fromkeys(t for t in candidates[sample.id] if t))  # distinct, non-empty
-        if not texts:
-            continue
-        scores = scorer(sample, texts)
-        ranked = sorted(range(len(texts)), key=lambda i: -float(scores[i]))
-        samples.append(dataclasses.replace(sample, captions=[texts[i] for i in ranked[:keep]]))
+def capfilt(dataset: Dataset, candidates: dict[str, list[str]], scorer: Callable, keep: int,
+            images_per_call: int = 16, progress: bool = False) -> Dataset:
+    """Keep, per image, the `keep` candidate captions the image-text scorer ranks highest.
+    `scorer(sample, texts)` scores one image's texts; a scorer with `many(samples, texts_per_sample)`
+    is given `images_per_call` images at once. Several processes share the images (`shared_work`)."""
+    distinct = [list(dict.fromkeys(t for t in candidates[s.id] if t)) for s in dataset]  # non-empty, once each
+    pairs = [(s, texts) for s, texts in zip(dataset.samples, distinct) if texts]
+
+    def best(piece: list, index: int) -> list[list[str]]:
+        samples, texts = [s for s, _ in piece], [t for _, t in piece]
+        scores = scorer.many(samples, texts) if hasattr(scorer, "many") else [scorer(*p) for p in piece]
+        return [[t[i] for i in sorted(range(len(t)), key=lambda i: -float(s[i]))[:keep]]
+                for t, s in zip(texts, scores)]
+
+    kept = shared_work(pairs, best, images_per_call, "CapFilt scoring", progress)
+    samples = [dataclasses.replace(s, captions=captions) for (s, _), captions in zip(pairs, kept)]
     return dataclasses.replace(dataset, samples=samples)
 
 
+class ClipScorer:
+    """CLIP image-text similarity (logits_per_image) on `device`: `many` scores several images'
+    texts in one forward (each image and text encoded once)."""
+
+    def __init__(self, model, processor, device):
+        self.model, self.processor, self.device = model.to(device), processor, device
+
+    def __call__(self, sample: Sample, texts: list[str]) -> list[float]:
+        return self.many([sample], [texts])[0]
+
+    @torch.no_grad()
+    def many(self, samples: list[Sample], texts: list[list[str]]) -> list[list[float]]:
+        flat = [t for own in texts for t in own]
+        inputs = self.processor(text=flat, images=[s.load_image() for s in samples], return_tensors="pt",
+                                padding=True).to(self.device)
+        logits = self.model(**inputs).logits_per_image.float().cpu()  # (images, every text): one read-back
+        ends = torch.tensor([len(own) for own in texts]).cumsum(0).tolist()
+        return [logits[i, end - len(own):end].tolist() for i, (own, end) in enumerate(zip(texts, ends))]
+
+
 def make_scorer(spec: str, backend) -> Callable:
-    """`clip:FOLDER_OR_HUB_ID` (CLIP image-text similarity) or `backbone` (offline fallback: the
-    backbone's mean log-likelihood of the caption given the image)."""
+    """`clip:FOLDER_OR_HUB_ID` (CLIP image-text similarity, on the backbone's device) or `backbone`
+    (offline fallback: the backbone's mean log-likelihood of the caption given the image)."""
     if spec.startswith("clip:"):
         from transformers import CLIPModel, CLIPProcessor
-
 
         name = spec[len("clip:"):]
         try:
@@ -89,13 +142,7 @@ def make_scorer(spec: str, backend) -> Callable:
         except OSError as error:
             raise ModelNotAvailableError(f"CLIP model {name!r} is not available offline; pass a local folder "
                                          "(clip:/path/to/clip-vit-large-patch14) or capfilt_scorer=backbone") from error
-
-        @torch.no_grad()
-        def clip_score(sample: Sample, texts: list[str]) -> list[float]:
-            inputs = processor(text=texts, images=[sample.load_image()], return_tensors="pt", padding=True)
-            return model(**inputs).logits_per_image[0].tolist()
-
-        return clip_score
+        return ClipScorer(model, processor, backend.device if backend is not None else torch.device("cpu"))
     if spec == "backbone":
         return lambda sample, texts: caption_log_likelihood(backend, sample, texts)
     raise ConfigError(f"unknown CapFilt scorer {spec!r}; use clip:FOLDER_OR_HUB_ID or backbone")
@@ -168,6 +215,7 @@ def train_exits(strategy, backend, dataset: Dataset, output_dir: str, seed: int 
     modules = strategy.training_modules()
     if not modules:
         raise ConfigError(f"strategy {strategy.name!r} has nothing to train")
+    join_process_group(backend.device)  # before `training_data`, so that ranks share its generation
     backend.model.requires_grad_(False)
     for module in modules.values():
         module.requires_grad_(True)

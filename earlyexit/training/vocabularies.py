@@ -11,7 +11,8 @@ from earlyexit.training.exits import backbone_captions
 def backbone_vocabularies(backend, data: str, split: str, sizes, limit: int = 200, batch_size: int = 32,
                           progress: bool = True, max_new_tokens: int = 20) -> tuple:
     """For each of `sizes` (None or 0: None), that many tokens the backbone itself writes most
-    often on (up to `limit` samples of) `data`/`split`: what exits or drafts read out over."""
+    often on (up to `limit` samples of) `data`/`split`: what exits or drafts read out over.
+    Several processes share the generation (each rank its batches) and all get the same tokens."""
     outputs = backbone_captions(backend, load_split(data, split, limit), batch_size=batch_size, progress=progress,
                                 max_new_tokens=max_new_tokens)
     texts = [t for written in outputs.values() for t in written]
