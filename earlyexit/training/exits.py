@@ -239,11 +239,7 @@ def train_exits(strategy, backend, dataset: Dataset, output_dir: str, seed: int 
     if before_training is not None:
         before_training(train_config, getattr(engine, "world_size", 1))
     container = torch.nn.ModuleList(modules.values())
-    build = batches
-    if held_batches is not None:  # one flat dict, so data-parallel sharding splits both alike
-        def build(step):
-            return {**batches(step), **{HELD_OUT + k: v for k, v in held_batches(step).items()}}
-
+    build = batches if held_batches is None else with_held_out(batches, held_batches)
     budget = feature_cache_budget(backend.device)
     if strategy.reuses_backbone_features and held_batches is None and isinstance(engine, PlainEngine) and budget:
         # the cache asks for each batch once, in order, in the first epoch: prefetch those
@@ -270,6 +266,15 @@ def train_exits(strategy, backend, dataset: Dataset, output_dir: str, seed: int 
     for module in strategy.training_modules().values():
         module.requires_grad_(False)
     return losses
+
+
+def with_held_out(batches: TrainingBatches, held_batches: TrainingBatches) -> Callable[[int], dict]:
+    """Each step's training and held-out batches as one flat dict (held-out keys prefixed), so that
+    data-parallel sharding splits both alike."""
+    def build(step: int) -> dict:
+        return {**batches(step), **{HELD_OUT + k: v for k, v in held_batches(step).items()}}
+
+    return build
 
 
 def feature_cache(backend, batches: Callable[[int], dict], num_items: int, strategy, engine, budget: int,
