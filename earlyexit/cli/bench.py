@@ -22,7 +22,13 @@ class BenchCommand:
                                        description=BenchCommand.__doc__)
         parser.add_argument("spec", help="embedded, paper, or a path to a TOML spec")
         parser.add_argument("--output", help="folder for cells, tables and figures (default: bench/<spec name>)")
-        parser.add_argument("--dry-run", action="store_true", help="list the cells and whether each is cached")
+        parser.add_argument("--dry-run", action="store_true",
+                            help="list the cells, whether each is cached, and each cell's peak memory and "
+                                 "roofline GPU-hours (totals per table)")
+        parser.add_argument("--probe", action="store_true",
+                            help="with --dry-run: also time one layer of each cell's model on --device (default: "
+                                 "a GPU if there is one) and print measured hours per cell (about a minute on a CPU)")
+        parser.add_argument("--plan-json", metavar="PATH", help="with --dry-run: write the cost plan as JSON to PATH")
         parser.add_argument("--render-only", action="store_true",
                             help="only write tables and figures from the cells already computed")
         parser.add_argument("--force", action="store_true", help="recompute cells even if cached")
@@ -40,6 +46,8 @@ class BenchCommand:
 
         if args.dry_run and args.render_only:
             raise ConfigError("--dry-run and --render-only exclude each other; pass one")
+        if (args.probe or args.plan_json) and not args.dry_run:
+            raise ConfigError("--probe and --plan-json go with --dry-run; add --dry-run")
         only = [t.strip() for t in args.only.split(",") if t.strip()] if args.only else None
         spec = load_spec(args.spec, data_root=args.data_root, only=only)
         if args.device or args.dtype:  # the machine's device and precision override the spec's
@@ -52,6 +60,7 @@ class BenchCommand:
         report_plugin_failures(registry)
         if args.dry_run:
             print("\n".join(describe(spec, output, registry)))
+            print("\n".join(BenchCommand.plan_lines(args, spec, registry)))
             return 0
         check_writable(output, folder=True)
         quiet_transformers()
@@ -75,3 +84,23 @@ class BenchCommand:
         for path in paths:
             print(f"wrote {path}")
         return 1 if counts and counts["failed"] else 0
+
+    @staticmethod
+    def plan_lines(args: argparse.Namespace, spec, registry) -> list[str]:
+        """--dry-run's costs: per cell, then per table; the plan written to --plan-json."""
+        from earlyexit.bench.costs import cost_line, plan_report  # lazy: keeps --help and list free of torch
+        from earlyexit.util.devices import resolve_device  # lazy: keeps --help and list free of torch
+
+        device = resolve_device(args.device) if args.probe else None
+        command = "earlyexit " + " ".join(shlex.quote(a) for a in args.argv)
+        report = plan_report(spec, registry, device, command)
+        lines = [f"{key}  {cell['label']:<24} {cost_line(cell if 'peak_bytes' in cell else None, device)}"
+                 for key, cell in report["cells"].items()]
+        lines += [f"table {name:<9} {totals['cells']} cells  {cost_line(totals, device)}"
+                  for name, totals in report["tables"].items()]
+        if device is not None and not device.startswith("cuda"):
+            lines.append(f"note: hours were measured on {device}, not a GPU; rerun with --probe on a GPU for GPU-hours")
+        if args.plan_json:
+            write_json_atomically(args.plan_json, report)
+            lines.append(f"wrote {args.plan_json}")
+        return lines
