@@ -195,3 +195,71 @@ def test_capfilt_hands_a_batched_scorer_several_images_per_call(scenes):
     kept = capfilt(scenes.subset(10), candidates, Scorer(), keep=2, images_per_call=4)
     assert Scorer.calls == [4, 4, 2]
     assert [s.captions for s in kept] == [["abc", "ab"]] * 10
+
+
+SCRIPT = '''
+import json
+import sys
+
+import torch
+
+from earlyexit.backends.blip2_opt import Blip2OptBackend
+from earlyexit.data.scenes import SceneConfig, load_scenes
+from earlyexit.training.exits import backbone_captions
+from earlyexit.util.ranks import join_process_group
+
+
+def setup(scenes_dir):
+    backend = Blip2OptBackend.from_tiny_config(seed=21, num_layers=2, image_size=32, patch_size=16, init_std=0.1)
+    scenes = load_scenes("train", config=SceneConfig(train=40, val=5, test=5), cache_dir=scenes_dir).subset(5)
+    return backend, scenes
+
+
+def captions(backend, scenes):
+    return backbone_captions(backend, scenes, samples_per_image=2, batch_size=2, progress=False, max_new_tokens=6)
+
+
+if __name__ == "__main__":
+    output, scenes_dir = sys.argv[1:3]
+    backend, scenes = setup(scenes_dir)
+    rank, world = join_process_group(backend.device)
+    rows = []
+    generate = backend.plain_generate
+    backend.plain_generate = lambda **kw: rows.append(len(kw["input_ids"])) or generate(**kw)
+    result = captions(backend, scenes)
+    with open(f"{output}/rank{rank}.json", "w") as handle:
+        json.dump({"captions": result, "rows": rows, "world": world}, handle)
+'''
+
+
+def test_two_gloo_processes_sample_what_one_process_samples(tmp_path):
+    """A real world of two (torchrun, gloo): 5 images, 2 sampled captions each, 2 images a batch:
+    rank 0 samples batches 0 and 2 (2 + 1 images), rank 1 batch 1; both hold the one-process
+    captions, gathered with all_gather_object."""
+    import importlib.util
+    import json
+    import socket
+    import subprocess
+    import sys
+    import textwrap
+
+    from helpers import launcher_env
+
+    path = tmp_path / "captions_2p.py"
+    path.write_text(textwrap.dedent(SCRIPT))
+    spec = importlib.util.spec_from_file_location("captions_2p", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    one = module.captions(*module.setup(str(tmp_path / "scenes")))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                             str(port), str(path), str(tmp_path), str(tmp_path / "scenes")],
+                            capture_output=True, text=True, timeout=300, env=launcher_env())
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    assert [r["rows"] for r in ranks] == [[2, 1], [2]]
+    assert len(one) == 5 and all(len(texts) == 2 for texts in one.values())
+    assert ranks[0]["captions"] == ranks[1]["captions"] == one
