@@ -151,3 +151,16 @@ def test_the_estimate_of_a_short_decode_is_within_15_percent_of_the_measured_pea
     parts = est.estimate(shape, settings)
     assert parts["weights"] > parts["baseline"] / 2  # the model, not the runtime, decides the comparison
     assert parts["total"] == pytest.approx(run["maxrss"], rel=0.15), (parts, run["maxrss"])
+
+
+def test_available_memory_is_the_gpus_free_memory_on_cuda(monkeypatch):
+    import torch
+
+    from earlyexit.util import devices
+
+    assert devices.available_memory_bytes("cpu") == devices.host_memory_bytes()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    asked = []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: asked.append(device) or (3 * GiB, 80 * GiB))
+    assert devices.available_memory_bytes("cuda:1") == 3 * GiB  # free, not total, and not the host's
+    assert asked == [torch.device("cuda:1")]

@@ -289,7 +289,8 @@ def roofline_hours(work: Work) -> float:
     else:
         step = max(2 * language * work.rows / gpu["flops"],
                    (language * b + est.kv_bytes(shape, work.rows, prompt, m.max_new_tokens, b)) / gpu["bytes_per_s"])
-        per_item = (vision + 2 * language * m.num_beams * prompt) / gpu["flops"] + m.max_new_tokens * step / m.batch_size
+        prompt_pass = (vision + 2 * language * m.num_beams * prompt) / gpu["flops"]
+        per_item = prompt_pass + m.max_new_tokens * step / m.batch_size
     seconds = per_item * ((work.grid + 1) * work.sizes["dev"][0] * (work.grid > 0) + 2 * work.sizes["test"][0])
     t = work.training
     if t is not None:

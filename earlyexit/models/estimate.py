@@ -153,12 +153,16 @@ def strategy_parameters(strategy: str, shape: Shape, exits: int, options: dict |
         return exits * (shape.readout_parameters + 1) + (copies if options.get("joint") else 0)
     if strategy == "mue":
         return copies if options.get("layerwise", True) else 0
+    if strategy in ("fixed", "confidence"):  # the shared read-out at every exit: nothing of their own
+        return 0
     return exits * shape.readout_parameters  # an unknown plugin: assume a read-out per exit
 
 
 def trains_layer_copies(strategy: str, options: dict | None = None) -> bool:
     options = options or {}
-    return (strategy == "mue" and options.get("layerwise", True)) or (strategy == "leebert" and bool(options.get("joint")))
+    if strategy == "mue":
+        return bool(options.get("layerwise", True))
+    return strategy == "leebert" and bool(options.get("joint"))
 
 
 @dataclasses.dataclass
@@ -191,7 +195,8 @@ def estimate(shape: Shape, s: Settings) -> dict:
     prompt = shape.query_tokens + s.prompt_tokens
     rows = s.option_rows or s.batch_size * s.num_beams
     parts = {"baseline": s.baseline, "weights": shape.parameters["total"] * b + trainable * b // shard}
-    parts["kv"] = kv_bytes(shape, rows, prompt, s.max_new_tokens, b, slots_extra=s.exits * (s.strategy in OWN_ATTENTION))
+    own_slots = s.exits if s.strategy in OWN_ATTENTION else 0
+    parts["kv"] = kv_bytes(shape, rows, prompt, s.max_new_tokens, b, slots_extra=own_slots)
     parts["activations"] = rows * prompt * (shape.ffn + 4 * shape.width) * b + 3 * rows * shape.vocab * 4
     if s.train:
         positions = prompt + s.train_tokens
