@@ -64,7 +64,7 @@ class FakeWorld:
 
 @pytest.fixture(scope="module")
 def backend():
-    return make_backend(seed=21, num_layers=4, image_size=64, patch_size=16, init_std=0.1)
+    return make_backend(seed=21, num_layers=2, image_size=32, patch_size=16, init_std=0.1)
 
 
 @pytest.fixture(scope="module")
@@ -104,13 +104,15 @@ def test_backbone_captions_each_rank_writes_its_batches_and_all_get_one_process_
     """10 images in batches of 3: rank 0 writes batches 0 and 2, rank 1 batches 1 and 3; greedy
     and sampled (seeded per batch), every rank ends with the one-process captions."""
     data = scenes.subset(10)
-    one = backbone_captions(backend, data, samples_per_image=samples_per_image, batch_size=3, progress=False)
+    one = backbone_captions(backend, data, samples_per_image=samples_per_image, batch_size=3, progress=False,
+                            max_new_tokens=8)
     assert len(one) == 10 and all(len(v) == samples_per_image for v in one.values())
     world = FakeWorld(monkeypatch, 2)
     loaded = {}
     record_loaded_images(monkeypatch, loaded, world)
     results = world.run(lambda: backbone_captions(backend, data, samples_per_image=samples_per_image, batch_size=3,
-                                                  progress=False), on_rank=lambda rank: loaded.pop(rank, None))
+                                                  progress=False, max_new_tokens=8),
+                        on_rank=lambda rank: loaded.pop(rank, None))
     assert results == [one, one]
     ids = [s.id for s in data]
     assert loaded == {0: ids[0:3] + ids[6:9], 1: ids[3:6] + ids[9:10]}
@@ -120,8 +122,9 @@ def test_free_distill_and_capfilt_data_shared_by_two_ranks(backend, scenes, monk
     """FREE's unlabelled training data over 10 images, generated 4 images a batch (rank 0 batches
     0 and 2, rank 1 batch 1) and CapFilt-scored 3 images a call (rank 0 images 0-2 and 6-8, rank 1
     3-5 and 9); both ranks hold the one-process data. (Smaller pieces than the defaults, 32 and
-    16, keep the test fast; the code is the same.)"""
-    monkeypatch.setattr(exits, "backbone_captions", functools.partial(exits.backbone_captions, batch_size=4))
+    16, and shorter captions keep the test fast; the code is the same.)"""
+    monkeypatch.setattr(exits, "backbone_captions", functools.partial(exits.backbone_captions, batch_size=4,
+                                                                      max_new_tokens=8))
     monkeypatch.setattr(exits, "capfilt", functools.partial(exits.capfilt, images_per_call=3))
     data = scenes.subset(10)
     distill = FreeStrategy(backend, [1], FreeConfig(mode="distill"))
@@ -152,17 +155,17 @@ def test_free_distill_and_capfilt_data_shared_by_two_ranks(backend, scenes, monk
 
 def test_backbone_vocabularies_shared_by_two_ranks(backend, scenes, monkeypatch):
     monkeypatch.setattr(vocabularies, "load_split", lambda data, split, limit: scenes.subset(limit))
-    one = vocabularies.backbone_vocabularies(backend, "scenes", "exit_train", (5, None), limit=12, batch_size=4,
-                                             progress=False)
+    one = vocabularies.backbone_vocabularies(backend, "scenes", "exit_train", (3, 2), limit=12, batch_size=4,
+                                             progress=False, max_new_tokens=8)
     world = FakeWorld(monkeypatch, 2)
     loaded = {}
     record_loaded_images(monkeypatch, loaded, world)
     results = world.run(lambda: vocabularies.backbone_vocabularies(
-        backend, "scenes", "exit_train", (5, None), limit=12, batch_size=4, progress=False),
+        backend, "scenes", "exit_train", (3, 2), limit=12, batch_size=4, progress=False, max_new_tokens=8),
         on_rank=lambda rank: loaded.pop(rank, None))
-    assert one[1] is None and len(one[0]) == 5
+    assert [len(v) for v in one] == [3, 2]
     for exit_vocabulary, draft_vocabulary in results:
-        assert torch.equal(exit_vocabulary, one[0]) and draft_vocabulary is None
+        assert torch.equal(exit_vocabulary, one[0]) and torch.equal(draft_vocabulary, one[1])
     assert len(loaded[0]) == 8 and len(loaded[1]) == 4 and not set(loaded[0]) & set(loaded[1])
 
 
