@@ -194,6 +194,10 @@ class PatienceRule:
     def calibration_grid(self) -> tuple:
         return tuple(range(1, len(self.exit_layers)))
 
+    def can_leave(self, exit_index):
+        # a row's counter at exit index e is at most e (the first exit a row reaches only records)
+        return exit_index >= self.config.patience
+
     def should_exit(self, exit_index, view, context):
         predictions = view.logits().argmax(-1)
         return patience_update(context.token, view.rows, predictions, self.config.patience, context.rows)

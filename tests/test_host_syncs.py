@@ -12,13 +12,15 @@ and its stopping check.
 
 What remains, and why it is needed (the bound `allowed_syncs`):
 - transformers' loop: one per token (`unfinished_sequences.max() == 0`, its stopping check);
-- the engine, per forward with exits on: one read of which rows are still going (finished rows
-  run nothing) and, under `catchup`, how wide each layer's block is (the positions it must catch
-  up): the shapes of the first layers' launches;
-- per exit that a row present may leave and another go on from: one read of which rows leave
-  (the deeper layers then run on the others only; a rule decided on the host, such as `fixed`,
-  needs none), two in the gate's `filter` mode when the gate has candidates (how many rows run
-  the exit's module and read-out, then how many of them leave).
+- the engine, per forward with exits on and several rows: one read of which rows are still
+  going (finished rows run nothing) and, under `catchup`, how wide each layer's block is (the
+  positions it must catch up): the shapes of the first layers' launches. None for a lone row:
+  transformers stops when it ends, and the host follows its cache itself;
+- per exit visited: one read of which rows leave (the deeper layers then run on the others
+  only); none where the rule decides on the host (`fixed`) or where nobody can leave
+  (`Strategy.can_leave`: PABEE's and LeeBERT's first exits, whose counters cannot reach the
+  patience); under the gate's `filter` mode one read of how many candidates it has (the batch of
+  the exit's module and read-out), then, only if it has some, one of how many of them leave.
 Nothing else: no trace copies, logging or bookkeeping reads while decoding; the trace is copied
 to the host once, after transformers' loop.
 """
@@ -195,6 +197,7 @@ CASES = ([(name, "none", policy, beams) for name in STRATEGIES for policy in POL
          + [(name, gate, "catchup", 1) for name in STRATEGIES for gate in GATES if gate != "none" and accepts_gate(name)]
          + [(name, "cosine-filter", policy, 3) for name in STRATEGIES for policy in POLICIES if accepts_gate(name)]
          + [("full", "none", policy, beams) for policy in POLICIES for beams in (1, 3)])
+LONE = [(name, "none", policy, 0) for name in ("confidence", "pabee") for policy in POLICIES]  # one row
 
 
 @pytest.fixture(scope="module")
@@ -213,17 +216,17 @@ def build(registry, backend, name, gate, policy):
                                 gate=GATES[gate]() if isinstance(gate, str) else gate)
 
 
-def launch_decisions(model, name, records, candidates):
+def launch_decisions(model, name, records, candidates, rows):
     """The reads each decode forward needs (see the module's doc): one at its start when exits are
     on; per exit visited, one for the rows that leave unless the rule decides on the host, and
     under a filter gate one for its candidates, then the rule's verdict only if it had some."""
     gate, offered = model.gate, iter(candidates)
     needed = []
     for record in records:
-        count = 0 if model.strategy is None else 1
-        for _ in record.exits:
+        count = 0 if model.strategy is None or rows == 1 else 1
+        for visit in record.exits:
             if gate is None:
-                count += 0 if name in HOST_RULES else 1
+                count += 0 if name in HOST_RULES or not model.strategy.can_leave(visit.index) else 1
             elif gate.mode == "replace":
                 count += 1
             else:
@@ -232,7 +235,7 @@ def launch_decisions(model, name, records, candidates):
     return needed
 
 
-@pytest.mark.parametrize("name,gate,policy,beams", CASES)
+@pytest.mark.parametrize("name,gate,policy,beams", CASES + LONE)
 def test_decode_loop_reads_back_only_launch_decisions(registry, backend, monkeypatch, name, gate, policy, beams):
     from earlyexit.core import engine
 
@@ -240,7 +243,9 @@ def test_decode_loop_reads_back_only_launch_decisions(registry, backend, monkeyp
     model = build(registry, backend, name, gate, policy)
     counter = SyncCounter()
     log = GateLog(model.gate, counter) if model.gate is not None else None
-    inputs = backend.prepare_inputs(make_images(2), ["a red circle", "two"])
+    rows = 1 if beams == 0 else 2  # beams 0: one row, greedy
+    beams = max(beams, 1)
+    inputs = backend.prepare_inputs(make_images(rows), ["a red circle", "two"][:rows])
     tokens = 6
     forwards, counter = count_decode_syncs(model, inputs, counter, max_new_tokens=tokens, do_sample=False,
                                            num_beams=beams, **no_eos(backend))
@@ -248,12 +253,15 @@ def test_decode_loop_reads_back_only_launch_decisions(registry, backend, monkeyp
     assert len(forwards) == len(records) == tokens - 1
     if name != "full":
         assert sum(len(r.exits) for r in records) >= tokens - 1  # exits were visited and decided
-    needed = launch_decisions(model, name, records, log.calls if log else [])
+    needed = launch_decisions(model, name, records, log.calls if log else [], rows * beams)
     where = "\n".join(f"{what}\n{stack}" for what, stack in counter.stacks["forward"][:8])
     assert all(f <= n for f, n in zip(forwards, needed)), f"reads per forward {forwards}, needed {needed}:\n{where}"
     # transformers' loop: its stopping check once per token (beam search crops its outputs once at the end)
     assert counter.counts["loop"] <= tokens + (2 if beams > 1 else 0), counter.stacks["loop"]
     assert counter.counts["after"] <= 1, counter.stacks["after"]  # the trace: one copy
+    cache = model.last_cache
+    if rows * beams == 1 and policy == "catchup":  # what the host followed is what the device holds
+        assert cache.held_host == cache.held[0].tolist()
 
 
 def test_exits_off_read_nothing_back(registry, backend):

@@ -129,6 +129,7 @@ class EarlyExitCache(Cache):
         self.encoder_meta: dict = {}
         self.steps: list = []  # one StepRecord per forward (see accounting.StepRecord)
         self.no_padding: bool | None = None  # no padding in the prompt's mask (read once, at the prompt pass)
+        self.held_host: list[int] | None = None  # `held` of a lone row, followed on the host (None: not followed)
 
     # -- sizes -------------------------------------------------------------------------------
     def allocate(self, key_states, value_states) -> None:
@@ -169,6 +170,15 @@ class EarlyExitCache(Cache):
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.total_length
 
+    def follow_held(self, depth: int | None, total: int, prefill: bool) -> None:
+        """Mirror on the host what a forward wrote to `held` for a lone row that went `depth`
+        layers deep (the engine then needs no read of it); None stops following (several rows)."""
+        if depth is None or (self.held_host is None and not prefill):
+            self.held_host = None
+            return
+        base = [0] * self.num_layers if prefill else self.held_host
+        self.held_host = [total if j < depth else held for j, held in enumerate(base)]
+
     # -- beam search and speculative decoding --------------------------------------------------
     def _map_rows(self, fn) -> None:
         """Apply `fn(tensor, dim)` (a selection along dimension `dim`, the rows) to everything
@@ -185,6 +195,7 @@ class EarlyExitCache(Cache):
             self.encoder[key] = fn(value, 0)
         if self.positions is not None:
             self.rows = self.positions.shape[0]
+        self.held_host = None  # rows moved on the device: read `held` again
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map_rows(lambda t, dim: t.index_select(dim, beam_idx.to(t.device)))
@@ -206,3 +217,5 @@ class EarlyExitCache(Cache):
         self.total_length = min(self.total_length, max_length)
         if self.held is not None:
             self.held.clamp_(max=self.total_length)
+        if self.held_host is not None:
+            self.held_host = [min(held, self.total_length) for held in self.held_host]

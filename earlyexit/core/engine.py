@@ -28,11 +28,12 @@ Every forward appends an `accounting.StepRecord` (exit layer per row, block widt
 visits); its exit layers stay on the device, and `generate` copies the trace to the host once,
 at the end; `accounting` turns it into costs off the hot path.
 Host syncs (each makes the host wait for the device) are only launch decisions: at the start of
-a decode forward with exits on, one read of how many rows still go and, under `catchup`, each
-layer's catch-up width; at an exit where rows are present and the rule decides on the device,
+a decode forward with exits on and several rows, one read of how many rows still go and, under
+`catchup`, each layer's catch-up width (a lone row needs none: `_Step._start_reads`); at an exit where rows are present and the rule decides on the device,
 one read of which rows leave (the deeper layers run on the rest only), plus one before it under
 a `filter` gate that has candidates (the rule's batch). Nothing at an exit decided on the host
-(`fixed`, a gate's extreme threshold), nothing after the last exit, nothing with exits off.
+(`fixed`, a gate's extreme threshold) or where nobody can leave (`Strategy.can_leave`: PABEE's
+first exits), nothing after the last exit, nothing with exits off.
 """
 
 from __future__ import annotations
@@ -353,19 +354,8 @@ class _Step:
             cache.reached[:, self.past:total] = n
 
         self.no_padding = self._no_padding()
-        # at most one sync, the shapes of the first layers' launches: how many rows still go
-        # (finished rows run nothing) and, under catchup, each layer's catch-up width
-        finished = None
-        if (not self.prefill and model.strategy is not None and model.force_exit is None
-                and self.input_ids is not None and model.end_ids is not None):
-            finished = torch.isin(self.input_ids[:, -1], model.end_ids.to(device))
-        going = ~finished if finished is not None else None
-        parts = [going.sum().view(1)] if going is not None else []
-        self.lag = None
-        if policy == "catchup" and not self.prefill and model.strategy is not None:  # exits off: nothing lags
-            self.lag = total - cache.held
-            parts += self._lag_extremes(going)
-        info = torch.cat(parts).tolist() if parts else []
+        self.lone_depth = n  # how deep a lone row went (the host follows its cache: `_start_reads`)
+        going, info = self._start_reads(count, device)
         if going is not None:
             still, info = info[0], info[1:]
             if still < count:
@@ -402,7 +392,31 @@ class _Step:
         if policy == "catchup":
             depth = exit_layer.clamp(min=0)[:, None]
             cache.held = torch.where(torch.arange(n, device=device)[None] < depth, total, cache.held)
+            cache.follow_held(self.lone_depth if count == 1 else None, total, self.prefill)
         return self.emitted
+
+    def _start_reads(self, count, device):
+        """The first layers' launch shapes in at most one read: which rows still go (None: all;
+        finished rows run nothing) and each layer's catch-up extremes under catchup (see
+        `_set_widths`). A lone row needs none: transformers stops generating when its only row
+        ends (so it never feeds one that ended), and the host follows that row's `held` itself."""
+        model, cache = self.model, self.cache
+        going = None
+        if (count > 1 and not self.prefill and model.strategy is not None and model.force_exit is None
+                and self.input_ids is not None and model.end_ids is not None):
+            going = ~torch.isin(self.input_ids[:, -1], model.end_ids.to(device))
+        parts = [going.sum().view(1)] if going is not None else []
+        self.lag, followed = None, None
+        if model.kv_policy == "catchup" and not self.prefill and model.strategy is not None:  # exits off: no lag
+            self.lag = self.total - cache.held
+            followed = cache.held_host if count == 1 else None
+            if followed is None:
+                parts += self._lag_extremes(going)
+        info = torch.cat(parts).tolist() if parts else []
+        if followed is not None:  # the extremes of one row: its own lag
+            lag = [self.total - held for held in followed]
+            info = lag + lag + [int(b > a) for a, b in zip(lag, lag[1:])]
+        return going, info
 
     def _exit_point(self, e, depth, block, width, previous, record):
         """Fill the exit's own slot, let the gate or the strategy decide, retire the rows that
@@ -460,6 +474,7 @@ class _Step:
         self.cache.steps[-1].exit_layer.index_fill_(0, rows_out, depth)
         self._leave(depth, rows_out, block[go], width)
         if leaving == count:
+            self.lone_depth = depth
             return None, width, previous
         self._shrink(self.rows[stay], local=stay)
         block, previous = block[stay], (previous[stay] if previous is not None else None)
@@ -475,7 +490,8 @@ class _Step:
         how many rows a filter gate offered the rule (None without one) and which (None: all)."""
         model = self.model
         if model.gate is None:
-            return model.strategy.should_exit(e, view, self.context), view, None, None
+            leave = model.strategy.should_exit(e, view, self.context)
+            return (leave if model.strategy.can_leave(e) else False), view, None, None
         visit.gate = True
         candidates = model.gate.decide(e, view)
         if model.gate.mode == "replace":

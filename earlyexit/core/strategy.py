@@ -305,6 +305,12 @@ class Strategy:
         readout = self.exit_readout(exit_index)
         return readout(state) if readout is not None else self.backend.logits(state)
 
+    def can_leave(self, exit_index: int) -> bool:
+        """False where no row can leave at this exit whatever the rule computes (PABEE's counter
+        cannot reach the patience at its first exits): `should_exit` still runs there (its state
+        moves on) and the engine reads nothing back. Default: True."""
+        return True
+
     def should_exit(self, exit_index: int, view: ExitView, context: StepContext) -> torch.Tensor:
         """Boolean (rows,): which of the rows present at this exit leave here, or a Python bool for
         all of them when the rule decides on the host (then the engine reads nothing back from
