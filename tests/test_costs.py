@@ -95,3 +95,13 @@ def test_dry_run_prints_costs_per_cell_and_table_and_writes_the_plan(tmp_path, c
     assert mue["sizes"]["test"] == [5000, "published"]
     assert main(["bench", "paper", "--probe"]) == 2
     assert "--probe and --plan-json go with --dry-run" in capsys.readouterr().err
+
+
+def test_a_cell_that_does_not_fit_the_probed_device_is_flagged():
+    cost = {"peak_bytes": 53 * 2**30, "roofline_gpu_hours": 0.07, "hours": 2.0,
+            "phases": {"exit_training": 1.0, "calibration": 0.5, "test": 0.5}}
+    line = costs.cost_line(cost, "cuda:0", available=40 * 2**30)
+    assert line == ("cost: 2.0 GPU-h (train 1.0, calibrate 0.5, test 0.5), ~0.07 H100 SXM-h by roofline, "
+                    "peak 53.0 GiB [does not fit the 40.0 GiB free on cuda:0]")
+    assert "does not fit" not in costs.cost_line(cost, "cuda:0", available=80 * 2**30)
+    assert "CPU-h (not GPU-h)" in costs.cost_line(cost, "cpu")

@@ -330,8 +330,9 @@ def plan_costs(spec, registry, device: str | None = None) -> dict:
     return {"cells": cells, "tables": tables}
 
 
-def cost_line(cost: dict | None, device: str | None) -> str:
-    """One dry-run line for a cell (or a table's totals)."""
+def cost_line(cost: dict | None, device: str | None, available: int | None = None) -> str:
+    """One dry-run line for a cell (or a table's totals); flagged when its peak exceeds the
+    `available` bytes of the probed device."""
     if cost is None:
         return "cost: unknown (no config.json for the model and not one of the paper's checkpoints)"
     measured = ""
@@ -340,8 +341,10 @@ def cost_line(cost: dict | None, device: str | None) -> str:
         phases = cost.get("phases")
         measured = f"{cost['hours']:.1f} {unit}" + (" (train {exit_training:.1f}, calibrate {calibration:.1f}, test "
                                                      "{test:.1f})".format(**phases) if phases else "") + ", "
+    fits = "" if available is None or cost["peak_bytes"] <= available else (
+        f" [does not fit the {available / est.GiB:.1f} GiB free on {device}]")
     return (f"cost: {measured}~{cost['roofline_gpu_hours']:.2f} {ASSUMED_GPU['name']}-h by roofline, "
-            f"peak {cost['peak_bytes'] / est.GiB:.1f} GiB")
+            f"peak {cost['peak_bytes'] / est.GiB:.1f} GiB{fits}")
 
 
 NOTE = ("hours are measured by a probe (one decoder layer, the head and one vision layer, random weights, at each "

@@ -89,12 +89,13 @@ class BenchCommand:
     def plan_lines(args: argparse.Namespace, spec, registry) -> list[str]:
         """--dry-run's costs: per cell, then per table; the plan written to --plan-json."""
         from earlyexit.bench.costs import cost_line, plan_report  # lazy: keeps --help and list free of torch
-        from earlyexit.util.devices import resolve_device  # lazy: keeps --help and list free of torch
+        from earlyexit.util.devices import available_memory_bytes, resolve_device  # lazy: keeps --help free of torch
 
         device = resolve_device(args.device) if args.probe else None
+        available = available_memory_bytes(device) if device else None  # cells that will not fit are flagged
         command = "earlyexit " + " ".join(shlex.quote(a) for a in args.argv)
         report = plan_report(spec, registry, device, command)
-        lines = [f"{key}  {cell['label']:<24} {cost_line(cell if 'peak_bytes' in cell else None, device)}"
+        lines = [f"{key}  {cell['label']:<24} {cost_line(cell if 'peak_bytes' in cell else None, device, available)}"
                  for key, cell in report["cells"].items()]
         lines += [f"table {name:<9} {totals['cells']} cells  {cost_line(totals, device)}"
                   for name, totals in report["tables"].items()]
