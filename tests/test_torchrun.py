@@ -353,3 +353,15 @@ def test_a_live_writers_temporary_folder_is_not_cleaned_as_a_leftover(tmp_path):
             (tmp_path / second / "b.txt").write_text("b")
         assert os.path.isfile(os.path.join(first, "a.txt")) and not dead.exists()
     assert (final / "a.txt").read_text() == "a" and sorted(os.listdir(tmp_path)) == ["exits"]
+
+
+def test_an_unbuilt_embedded_model_is_refused_under_torchrun_before_any_rank_waits(monkeypatch):
+    from earlyexit.models import embedded
+    from earlyexit.pipeline import exits
+
+    monkeypatch.setattr(embedded, "is_built", lambda recipe: False)
+    exits.refuse_building_under_torchrun("tiny")  # one process builds it as before
+    monkeypatch.setattr(exits, "process_group", lambda: (1, 2))
+    exits.refuse_building_under_torchrun("tiny-random")  # nothing to build
+    with pytest.raises(ConfigError, match=r"not built yet; build it once in one process \(earlyexit build-tiny\)"):
+        exits.refuse_building_under_torchrun("tiny")

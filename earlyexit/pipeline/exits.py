@@ -3,13 +3,14 @@ on the exit-training split and saved there)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 
 from earlyexit.data.splits import load_split, splits_for
-from earlyexit.errors import CorruptAdapterError
+from earlyexit.errors import ConfigError, CorruptAdapterError
 from earlyexit.models import embedded
 from earlyexit.models.adapters import backbone_fingerprint, load_exits, save_exits
 from earlyexit.models.loading import load_backend
@@ -36,7 +37,10 @@ def load_models(run: RunContext) -> None:
     """The backbone and an untrained strategy at its exit layers; every knob value the run will
     try is checked against the strategy's config before any training."""
     settings = run.settings
-    with main_first():  # rank 0 builds an embedded model on first use; the others then read it
+    refuse_building_under_torchrun(settings.model)
+    # an embedded model: rank 0 loads first (it repairs a damaged build), the others then read it;
+    # any other model loads on every rank at once
+    with main_first() if settings.model in embedded.MODELS else contextlib.nullcontext():
         run.backend = load_backend(run.registry.backend(settings.backend), settings.model, device=settings.device,
                                    dtype=settings.dtype)
     strategy_cls = run.registry.strategy(settings.strategy)
@@ -47,6 +51,14 @@ def load_models(run: RunContext) -> None:
         for value in [v for v in (settings.threshold, *(settings.grid or ())) if v is not None]:
             strategy.config_with_knob(strategy.config, value)  # refuses bad values before any training
     run.train_split = splits_for(settings.data)[0]
+
+
+def refuse_building_under_torchrun(model: str) -> None:
+    """An embedded model built inside a multi-process run would keep every other rank waiting at
+    a barrier for the whole build (and past the collectives' timeout): build it first."""
+    if model in embedded.MODELS and process_group()[1] > 1 and not embedded.is_built(embedded.recipe_of(model)):
+        raise ConfigError(f"the embedded model {model} is not built yet; build it once in one process "
+                          f"(earlyexit build-{model}), then launch torchrun")
 
 
 def prepare_exits(run: RunContext) -> None:
