@@ -66,6 +66,22 @@ def test_prefetched_batches_are_the_direct_ones_whatever_the_timing(backend, sce
         backend.model.to(torch.float32)
 
 
+@pytest.mark.parametrize("family", ["instructblip_flant5", "minigpt4_llama"])
+def test_every_family_prefetches_its_own_batches(scenes, family):
+    """The host-side batches of families that lay a batch out their own way (an encoder-decoder's
+    `training_layout`, the instruction the Q-Former reads, MiniGPT-4's template) equal theirs."""
+    from earlyexit.backends.instructblip_flant5 import InstructBlipFlanT5Backend
+    from earlyexit.backends.minigpt4_llama import Minigpt4LlamaBackend
+
+    cls = {"instructblip_flant5": InstructBlipFlanT5Backend, "minigpt4_llama": Minigpt4LlamaBackend}[family]
+    backend = cls.from_tiny_config(seed=1, num_layers=2, hidden_size=32, num_heads=4, image_size=64, patch_size=16)
+    direct = TrainingBatches(backend, [scenes], batch_size=3, seed=2)
+    prefetcher = Prefetcher(TrainingBatches(HostSide(backend), [scenes], batch_size=3, seed=2), backend, stop=3)
+    for step in range(3):
+        assert_same_batch(prefetcher(step), direct(step))
+    prefetcher.close()
+
+
 def test_a_step_out_of_order_is_built_directly_and_stops_the_thread():
     built = []
 
