@@ -109,3 +109,16 @@ def test_minigpt4_builds_its_image_side_on_meta_before_loading(tmp_path, monkeyp
     loaded = Minigpt4LlamaBackend.load(str(tmp_path))
     assert devices and set(devices) == {"meta"}  # the ViT and Q-Former were not first filled at random
     assert same_weights(original, loaded)
+
+
+def test_load_backend_places_weights_on_its_device_for_backends_that_load_on_the_cpu(folders, monkeypatch):
+    # BLIP-2 OPT's from_pretrained passes no device to load_checkpoint (its code is part of tiny's
+    # recipe); load_backend's device still reaches `placement`, so device_map puts weights there
+    _, safe, _ = folders
+    seen = []
+    monkeypatch.setattr(model_folder, "placement", lambda folder, device: seen.append(device) or {})
+    loading.load_backend(Blip2OptBackend, safe, device="cpu", dtype="float32")
+    with model_folder.loading_onto("cuda:3"):
+        Blip2OptBackend.from_pretrained(safe)
+    Blip2OptBackend.from_pretrained(safe)  # outside the block: no device known, load where read
+    assert seen == ["cpu", "cuda:3", None]

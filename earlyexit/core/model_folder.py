@@ -8,6 +8,8 @@ they cost microseconds.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import os
 import struct
@@ -161,7 +163,7 @@ def load_checkpoint(name_or_path: str, model_type: str, text_type: str, family: 
                           "--backend (see `earlyexit list`)")
     try:
         model = model_class.from_pretrained(name_or_path, dtype=getattr(torch, dtype), local_files_only=offline,
-                                            **placement(name_or_path if local else None, device))
+                                            **placement(name_or_path if local else None, device or TARGET_DEVICE.get()))
     except (OSError, ValueError, RuntimeError) as error:  # weights that do not fit the config, unreadable
         raise CheckpointError(f"{name_or_path}: the weights could not be loaded ({first_line(error)}); save the "
                               "model again or pass another folder") from error
@@ -174,6 +176,21 @@ def load_checkpoint(name_or_path: str, model_type: str, text_type: str, family: 
 
 
 _BIN_NOTICES: set = set()  # folders already told about .bin weights (once per process)
+
+# Where the backend being loaded will run. Some backends' `from_pretrained` (BLIP-2's, whose code
+# is part of the embedded model's recipe) load on the CPU and move afterwards; `loading_onto`
+# lets the caller that knows the device have their weights placed there as they are read.
+TARGET_DEVICE: contextvars.ContextVar[str | None] = contextvars.ContextVar("target_device", default=None)
+
+
+@contextlib.contextmanager
+def loading_onto(device: str | None):
+    """Within this block, `load_checkpoint` places weights on `device` unless told otherwise."""
+    token = TARGET_DEVICE.set(device)
+    try:
+        yield
+    finally:
+        TARGET_DEVICE.reset(token)
 
 
 def placement(folder: str | None, device: str | None) -> dict:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 
 from earlyexit.core.backend import Backend
+from earlyexit.core.model_folder import loading_onto
 from earlyexit.models import embedded
 
 REUSE_BYTES = 2**30
@@ -28,7 +29,8 @@ def load_backend(backend: type[Backend], model: str, device: str | None = None, 
     if kept is not None and kept[1] == weight_state(kept[0].model):
         return kept[0]
     _KEPT.clear()  # before loading: two 7B models do not fit one GPU
-    loaded = backend.load(source, device=device, dtype=dtype)
+    with loading_onto(device):  # straight to the device, also for backends that would load on the CPU
+        loaded = backend.load(source, device=device, dtype=dtype)
     if sum(p.numel() * p.element_size() for p in loaded.model.parameters()) >= REUSE_BYTES:
         _KEPT[key] = (loaded, weight_state(loaded.model))
     return loaded
