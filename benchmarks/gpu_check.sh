@@ -8,7 +8,7 @@
 #   gpu-tests   the tests that skip without a GPU (CUDA placement, bf16 on CUDA, DeepSpeed with nccl)
 #   agreement   the engine, exits off, against transformers' generate, float32 and bfloat16 (gpu_check.py)
 #   speed       benchmarks/speed.py at the OPT-1.3B shape on CUDA, bf16: wall / layer speed-up of fixed exits
-#   plan        `earlyexit bench --dry-run` on the paper spec with this GPU's probe (cost per cell)
+#   plan        `earlyexit bench paper --dry-run --probe` on this GPU: measured GPU-hours and peak memory per cell
 #   zero        with two GPUs or more: a 2-process nccl `run --zero 2` on a random-weight model
 # Every step's exit status, seconds, JSON and log tail go into one results file. A failing step does not
 # stop the others; the script's own exit status is 1 when any step failed.
@@ -40,7 +40,7 @@ step gpu-tests 150 python -m pytest -q -rs -p no:cacheprovider tests/test_device
 step agreement 90 python benchmarks/gpu_check.py agreement --device cuda --json "$work/agreement.json"
 step speed 150 python benchmarks/speed.py --device cuda --dtype bfloat16 --shape opt-1.3b --batch-sizes 1,8 \
     --repeats 5 --json "$work/speed.json"
-step plan 60 earlyexit bench earlyexit/specs/paper.toml --dry-run --output "$work/bench" --json "$work/plan.json"
+step plan 90 earlyexit bench paper --dry-run --probe --device cuda --output "$work/bench" --plan-json "$work/plan.json"
 if [ "$gpus" -ge 2 ]; then
     step zero 120 torchrun --nproc_per_node 2 "$(command -v earlyexit)" run --backend blip2-opt --model tiny-random \
         --strategy free --zero 2 --device cuda --train-limit 64 --dev-limit 8 --test-limit 16 --batch-size 4 \
