@@ -55,10 +55,28 @@ def test_hours_follow_the_phase_formulas_from_the_probe(paper_cells, monkeypatch
     assert hours["exit_training"] == pytest.approx(expected / 3600)
 
 
+def test_calibration_counts_the_replay_for_a_confidence_rule_and_the_grid_otherwise(paper_cells):
+    cells, registry = paper_cells
+    beamed = cells[("table1", "free")]  # the paper decodes with 5 beams: the replay follows greedy decoding only
+    assert costs.cell_work(beamed, registry).calibration_items == (costs.cell_work(beamed, registry).grid + 1) * 1000
+    greedy = dataclasses.replace(beamed, settings={**beamed.settings, "num_beams": 1, "kv_policy": "catchup",
+                                                   "threshold": None})
+    work = costs.cell_work(greedy, registry)
+    dev = work.sizes["dev"][0]
+    # the full model's decode, the teacher-forced pass, two values confirmed on at most 500 rows
+    assert work.calibration_items == 2 * dev + 2 * min(dev, 500)
+    replace = dataclasses.replace(greedy, settings={**greedy.settings, "gate": "learned", "gate_mode": "replace"})
+    assert costs.cell_work(replace, registry).calibration_items == (work.grid + 1) * dev
+    beams = costs.cell_work(cells[("table1", "deebert")], registry)  # DeeBERT's entropy rule: the whole grid
+    assert beams.calibration_items == 7 * 1000
+    fixed = dataclasses.replace(greedy, settings={**greedy.settings, "threshold": 0.9})
+    assert costs.cell_work(fixed, registry).calibration_items == 0
+
+
 def test_roofline_of_a_decode_step_is_the_weights_read_once(paper_cells):
     cells, registry = paper_cells
     work = costs.cell_work(cells[("table4", "free")], registry)
-    no_data = dataclasses.replace(work, training=None, grid=0, sizes={"train": [0, ""], "dev": [0, ""],
+    no_data = dataclasses.replace(work, training=None, grid=0, calibration_items=0, sizes={"train": [0, ""], "dev": [0, ""],
                                                                       "test": [1, ""]})  # one image
     gpu, shape = costs.ASSUMED_GPU, work.shape
     language = shape.parameters["language"]

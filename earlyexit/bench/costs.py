@@ -7,7 +7,10 @@ layer and the head; a one-layer vision tower likewise. Each phase of a cell is t
     decode a batch   vision(B) + L x layer_prefill(R rows, prompt) + N x (L x layer_step(R) + head(R))
     decode a split   ceil(items / B) x decode a batch; R = B x beams, N = max new tokens
     test             2 x decode(test): the early-exit model and the full model (wall speed-up)
-    calibration      (grid values + 1) x decode(dev): beam search cannot replay, so every value decodes
+    calibration      a max-softmax rule that replays (greedy, catchup, no gate or a filter gate): the full
+                     model's decode(dev), one teacher-forced pass over dev (costed as one more decode: an
+                     upper bound) and 2 x decode(min(dev, CONFIRM_ROWS)), the two values confirmed; any
+                     other rule: (grid values + 1) x decode(dev), every value decodes
     exit training    epochs x ceil(rows / B) x (3 x trainable forward) + one backbone pass over the rows
                      (the feature cache keeps it for later epochs; MuE and LeeBERT `joint` run the layer
                      copies every step: 3 x L x layer_prefill)
@@ -38,6 +41,7 @@ from earlyexit.bench.runner import data_unavailable, hardware, plan, test_source
 from earlyexit.core.strategy import Strategy
 from earlyexit.data.splits import load_split, splits_for
 from earlyexit.errors import EarlyExitError
+from earlyexit.evaluation.calibrate import CONFIRM_ROWS
 from earlyexit.models import estimate as est
 from earlyexit.util.provenance import provenance
 
@@ -207,6 +211,7 @@ class Work:
     dialog: bool
     epochs: float
     grid: int  # knob values calibration decodes (0: nothing to calibrate)
+    calibration_items: int  # dev items decoded in all by calibration (module docstring)
     trainable_layers: int  # decoder layers that train (copies) or run per step (FREE's exit layers)
     trainable_heads: int  # read-outs that train (classifier exits) or run (FREE's exits)
 
@@ -245,11 +250,23 @@ def cell_work(cell, registry) -> Work | None:
                                    train_tokens=TARGET_TOKENS[train_task], option_rows=0) if trains else None
     copies = est.trains_layer_copies(cell.strategy, options)
     free = cell.strategy in est.OWN_ATTENTION
+    grid = len(s["grid"] or strategy.knob_grid or ()) if strategy.knob else 0
     return Work(config_json, shape, memory, training, {k: list(v) for k, v in sizes.items()},
                 VISDIAL_OPTIONS if dialog else s["batch_size"] * s["num_beams"], dialog,
-                getattr(strategy.Config(**options), "epochs", None) or 3.0,
-                len(s["grid"] or strategy.knob_grid or ()) if strategy.knob else 0,
+                getattr(strategy.Config(**options), "epochs", None) or 3.0, grid,
+                calibration_items(cell, strategy, grid, sizes["dev"][0], dialog, shape),
                 shape.num_layers if copies else exits * free, 1 if copies else exits)
+
+
+def calibration_items(cell, strategy, grid: int, dev: int, dialog: bool, shape) -> int:
+    """Dev items calibration decodes: the replay's three passes and two confirmations where it
+    applies (`evaluation.calibrate.replay_refusal` names the same conditions), else the grid."""
+    s = cell.settings
+    if not grid or s["threshold"] is not None:
+        return 0
+    replays = (strategy.knob_is_confidence and not dialog and s["num_beams"] == 1 and s["kv_policy"] == "catchup"
+               and not (s["gate"] != "none" and s["gate_mode"] == "replace") and not shape.encoder_decoder)
+    return 2 * dev + 2 * min(dev, CONFIRM_ROWS) if replays else (grid + 1) * dev
 
 
 def probe_hours(work: Work, device: str) -> dict:
@@ -263,8 +280,8 @@ def probe_hours(work: Work, device: str) -> dict:
     else:
         step = (L * p.layer_step + p.head_step) * work.rows / p.step_rows
         per_item = (m.batch_size * p.vision_image + prefill + m.max_new_tokens * step) / m.batch_size
-    hours = {"exit_training": 0.0, "calibration": (work.grid + 1) * work.sizes["dev"][0] * per_item / 3600 if work.grid
-             else 0.0, "test": 2 * work.sizes["test"][0] * per_item / 3600}
+    hours = {"exit_training": 0.0, "calibration": work.calibration_items * per_item / 3600,
+             "test": 2 * work.sizes["test"][0] * per_item / 3600}
     t = work.training
     if t is not None and t.train_items:
         q = probe(work.config_json, device, m.dtype, t.batch_size, work.shape.query_tokens + t.prompt_tokens
@@ -291,7 +308,7 @@ def roofline_hours(work: Work) -> float:
                    (language * b + est.kv_bytes(shape, work.rows, prompt, m.max_new_tokens, b)) / gpu["bytes_per_s"])
         prompt_pass = (vision + 2 * language * m.num_beams * prompt) / gpu["flops"]
         per_item = prompt_pass + m.max_new_tokens * step / m.batch_size
-    seconds = per_item * ((work.grid + 1) * work.sizes["dev"][0] * (work.grid > 0) + 2 * work.sizes["test"][0])
+    seconds = per_item * (work.calibration_items + 2 * work.sizes["test"][0])
     t = work.training
     if t is not None:
         tokens = t.train_items * (shape.query_tokens + t.prompt_tokens + t.train_tokens)
