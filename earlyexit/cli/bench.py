@@ -68,6 +68,8 @@ class BenchCommand:
         if not args.render_only:
             counts = execute(spec, output, registry, force=args.force, progress=True,
                              log=lambda text: print(text, file=sys.stderr))
+            if counts.get("rank"):  # another torchrun rank: rank 0 renders the tables and reports
+                return 0
             print(f"cells: {counts['cells']} ({counts['cached']} cached, {counts['computed']} computed, "
                   f"{counts['unavailable']} unavailable, {counts['failed']} failed) in {counts['seconds']:.0f} s")
         command = "earlyexit " + " ".join(shlex.quote(a) for a in args.argv)

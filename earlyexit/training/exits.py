@@ -22,13 +22,16 @@ from earlyexit.data.tasks import task_of
 from earlyexit.errors import ConfigError, ModelNotAvailableError
 from earlyexit.training.batching import TrainingBatches
 from earlyexit.training.deepspeed import DeepSpeedEngine
-from earlyexit.training.deepspeed_config import launched_world_size
 from earlyexit.training.engines import TrainingEngine
-from earlyexit.training.features import FeatureCache, backbone_features, feature_cache_budget, feature_spill_budget
-from earlyexit.training.loop import STATE_FILE, PlainEngine, TrainConfig, latest_checkpoint, train
+from earlyexit.training.features import (FeatureCache, backbone_features,
+                                         feature_cache_budget,
+                                         feature_spill_budget)
+from earlyexit.training.loop import (STATE_FILE, PlainEngine, TrainConfig,
+                                     latest_checkpoint, train)
 from earlyexit.training.prefetch import HostSide, Prefetcher
 from earlyexit.util.progress import progress_bar
-from earlyexit.util.ranks import join_process_group, process_group
+from earlyexit.util.ranks import (join_process_group, launched_world_size,
+                                  process_group)
 
 
 def all_ranks(value, world: int) -> list:
