@@ -59,8 +59,8 @@ KNOWN_SIZES = {
 }
 CAPTIONS_PER_IMAGE = {"coco": 5, "nocaps": 10}  # every caption is an exit-training row
 # Prompt text, training target and (VisDial) option lengths in tokens, besides the 32 query tokens.
-PROMPT_TOKENS = {"caption": 4, "vqa": 16, "dialog": 160}
-TARGET_TOKENS = {"caption": 14, "vqa": 3, "dialog": 12}
+PROMPT_TOKENS, TARGET_TOKENS = est.PROMPT_TOKENS, est.TARGET_TOKENS
+model_config = est.model_config
 TASKS = {"coco": "caption", "nocaps": "caption", "visdial": "dialog"}  # others: vqa
 VISDIAL_OPTIONS = 100
 PROBE_TOKENS = 512  # on a CPU, at most this many tokens per probe call (scaled linearly)
@@ -98,20 +98,6 @@ def split_size(data: str, split: str) -> tuple[int, str]:
         start, stop = (float(x) for x in part.split("-"))
         size = round(size * (stop - start))
     return size, "published"
-
-
-def model_config(model: str):
-    """The transformers config of a cell's model: its folder's config.json, else one of the
-    paper's checkpoints by name (a folder named like blip2-opt-2.7b counts), else None."""
-    from transformers import AutoConfig
-
-    if os.path.isfile(os.path.join(model, "config.json")):
-        return AutoConfig.from_pretrained(model)
-    name = os.path.basename(model.rstrip("/"))
-    for hub_id in est.PAPER_MODELS:
-        if model == hub_id or name == hub_id.split("/")[1]:
-            return est.paper_config(hub_id)
-    return None
 
 
 def _timed(module, record: list):

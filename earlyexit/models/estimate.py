@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 from earlyexit.errors import ConfigError
 
@@ -69,6 +70,25 @@ PAPER_MODELS = {  # hub id -> (vision-language model_type, language model)
     "Salesforce/blip2-flan-t5-xl": ("blip-2", "flan-t5-xl"),
     "Salesforce/instructblip-vicuna-7b": ("instructblip", "vicuna-7b"),
 }
+
+
+# text tokens of a prompt and of a target per task (the query tokens come on top)
+PROMPT_TOKENS = {"caption": 4, "vqa": 16, "dialog": 160}
+TARGET_TOKENS = {"caption": 14, "vqa": 3, "dialog": 12}
+
+
+def model_config(model: str):
+    """The transformers config of a run's or cell's `--model`: its folder's config.json, else one of the
+    paper's checkpoints by name (a folder named like blip2-opt-2.7b counts), else None."""
+    from transformers import AutoConfig
+
+    if os.path.isfile(os.path.join(model, "config.json")):
+        return AutoConfig.from_pretrained(model)
+    name = os.path.basename(model.rstrip("/"))
+    for hub_id in PAPER_MODELS:
+        if model == hub_id or name == hub_id.split("/")[1]:
+            return paper_config(hub_id)
+    return None
 
 
 def paper_config(hub_id: str):

@@ -1,5 +1,7 @@
 """`earlyexit run`: train (if needed), calibrate, evaluate and report, in one command.
 
+0. will it fit: a memory estimate from the model's config and the settings, against the device's
+   free memory, before a weight loads (`memory.py`; the embedded models are small and skip it);
 1. the backbone (default: the embedded `tiny`, built on first use) and the strategy's exits:
    loaded from the adapter cache, or trained on the exit-training split and saved (`exits.py`);
 2. the gates that decide before the head (`gates.py`) and the vocabularies exits and drafts
@@ -40,6 +42,7 @@ from earlyexit.pipeline.context import RunContext, silent
 from earlyexit.pipeline.drafting import prepare_drafting
 from earlyexit.pipeline.exits import load_models, prepare_exits
 from earlyexit.pipeline.gates import prepare_gates
+from earlyexit.pipeline.memory import check_memory
 from earlyexit.pipeline.report import final_report, mid_crisis_report
 from earlyexit.pipeline.scoring import score_on_test
 from earlyexit.pipeline.settings import RunSettings, check_settings
@@ -53,6 +56,7 @@ def run(settings: RunSettings, registry, log=print) -> dict | None:
     check_settings(settings)  # the CLI checked already; callers of the API get the same one-line errors
     started = time.perf_counter()
     run = start(settings, registry, log)
+    check_memory(settings, registry, run.log)  # from the model's config, before a weight loads
     load_models(run)
     load_evaluation_data(run)  # a missing or unscorable split fails here, before any training
     prepare_exits(run)
