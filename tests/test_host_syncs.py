@@ -2,25 +2,27 @@
 
 `SyncCounter` patches every tensor method that hands a tensor's value to the host (`item`,
 `tolist`, `cpu`, `numpy`, `bool`/`int`/`float`/`index` conversions, `nonzero`, `torch.equal`,
-indexing with a boolean mask, `unique`, `masked_select`, `repeat_interleave` with tensor repeats):
-on a GPU each of them waits for every kernel launched before it. On this CPU-only machine they
-cost nothing, but the same Python code runs, so counting the calls counts the syncs a GPU run
-makes. The decode loop of `generate` is split into one window per token: from the end of the
-prompt pass (or the start of a decode forward) to the start of the next forward (or the end of
-transformers' loop), so each window holds one forward and transformers' own choice of the token
-and its stopping check.
+reading or writing through a boolean mask, one-argument `torch.where`, `unique`,
+`masked_select`, `repeat_interleave` with tensor repeats): on a GPU each of them waits for every
+kernel launched before it. On this CPU-only machine they cost nothing, but the same Python code
+runs, so counting the calls counts the syncs a GPU run makes (a sync hidden inside one C++ op is
+not seen; none of the engine's ops has one). `count_decode_syncs` counts per decode forward (the
+engine's), in the rest of transformers' loop, and after it (the trace); the prompt pass is not
+counted.
 
-What remains, and why it is needed (the bound `allowed_syncs`):
-- transformers' loop: one per token (`unfinished_sequences.max() == 0`, its stopping check);
+What remains, and why it is needed (`launch_decisions`):
+- transformers' loop: one per token (`unfinished_sequences.max() == 0`, its stopping check),
+  and beam search's two when it crops its outputs at the end;
 - the engine, per forward with exits on and several rows: one read of which rows are still
   going (finished rows run nothing) and, under `catchup`, how wide each layer's block is (the
   positions it must catch up): the shapes of the first layers' launches. None for a lone row:
   transformers stops when it ends, and the host follows its cache itself;
 - per exit visited: one read of which rows leave (the deeper layers then run on the others
-  only); none where the rule decides on the host (`fixed`) or where nobody can leave
-  (`Strategy.can_leave`: PABEE's and LeeBERT's first exits, whose counters cannot reach the
-  patience); under the gate's `filter` mode one read of how many candidates it has (the batch of
-  the exit's module and read-out), then, only if it has some, one of how many of them leave.
+  only, never on a row that left); none where the rule decides on the host (`fixed`) or where
+  nobody can leave (`Strategy.can_leave`: PABEE's and LeeBERT's first exits, whose counters
+  cannot reach the patience); under the gate's `filter` mode one read of how many candidates it
+  has (the batch of the exit's module and read-out), then, only if it has some, one of how many
+  of them leave.
 Nothing else: no trace copies, logging or bookkeeping reads while decoding; the trace is copied
 to the host once, after transformers' loop.
 """
@@ -96,6 +98,11 @@ class SyncCounter:
                 setattr(torch, name, self.wrap(f"torch.{name}", getattr(torch, name)))
             saved.append((torch.Tensor, "__getitem__", torch.Tensor.__getitem__))
             torch.Tensor.__getitem__ = self.wrap("mask indexing", torch.Tensor.__getitem__, _bool_index)
+            saved.append((torch.Tensor, "__setitem__", torch.Tensor.__setitem__))
+            torch.Tensor.__setitem__ = self.wrap("mask assignment", torch.Tensor.__setitem__,
+                                                 lambda tensor, index, value: _bool_index(tensor, index))
+            saved.append((torch, "where", torch.where))
+            torch.where = self.wrap("torch.where(condition)", torch.where, lambda *args, **kwargs: len(args) == 1)
             saved.append((torch.Tensor, "repeat_interleave", torch.Tensor.repeat_interleave))
             torch.Tensor.repeat_interleave = self.wrap("repeat_interleave", torch.Tensor.repeat_interleave,
                                                        lambda self, repeats, *a, **k: torch.is_tensor(repeats))
@@ -108,6 +115,27 @@ class SyncCounter:
 def _bool_index(tensor, index):
     parts = index if isinstance(index, tuple) else (index,)
     return any(torch.is_tensor(p) and p.dtype is torch.bool for p in parts)
+
+
+def test_the_counter_sees_each_kind_of_read_once_and_nothing_else():
+    t = torch.arange(4)
+
+    def assign_through_a_mask():
+        u = t.clone()
+        u[t > 1] = 0
+    reads = [lambda: t[0].item(), lambda: t.tolist(), lambda: t.cpu(), lambda: t.numpy(), lambda: bool(t[0]),
+             lambda: int(t[1]), lambda: float(t[1]), lambda: range(t[1]), lambda: t.nonzero(), lambda: t[t > 1],
+             assign_through_a_mask, lambda: torch.where(t > 1), lambda: torch.equal(t, t),
+             lambda: t.unique(), lambda: t.masked_select(t > 1), lambda: t.repeat_interleave(t)]
+    device_only = [lambda: t + 1, lambda: t[1:], lambda: t[torch.tensor([0, 1])], lambda: torch.where(t > 1, t, 0),
+                   lambda: t.clone().index_fill_(0, torch.tensor([1]), 7), lambda: (t > 1).sum(), lambda: t.repeat_interleave(2)]
+    counter = SyncCounter()
+    with counter.patched():
+        for i, read in enumerate(reads + device_only):
+            counter.phase = i
+            read()
+    assert [counter.counts[i] for i in range(len(reads))] == [1] * len(reads)
+    assert sum(counter.counts[len(reads) + i] for i in range(len(device_only))) == 0
 
 
 def count_decode_syncs(model, inputs, counter=None, **settings):
