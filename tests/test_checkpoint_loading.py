@@ -1,6 +1,6 @@
 """Real checkpoints load as users expect: safetensors preferred, a `.bin`-only folder still loads
 (with one notice), weights go straight to the target device, nothing is randomly initialised off
-the meta device, and a big checkpoint is loaded once per process."""
+the meta device."""
 
 from __future__ import annotations
 
@@ -65,26 +65,6 @@ def test_nothing_is_randomly_initialised_off_the_meta_device(folders, monkeypatc
     devices = spy_initialisers(monkeypatch)
     Blip2OptBackend.load(safe)
     assert devices and set(devices) == {"meta"}  # modules are built on meta: initialisers run on no memory
-
-
-def test_a_big_checkpoint_is_loaded_once_per_process(folders, monkeypatch):
-    original, safe, _ = folders
-    calls = []
-    real_load = Blip2OptBackend.load.__func__
-    monkeypatch.setattr(Blip2OptBackend, "load",
-                        classmethod(lambda cls, *a, **k: calls.append(a) or real_load(cls, *a, **k)))
-    first = loading.load_backend(Blip2OptBackend, safe)
-    assert loading.load_backend(Blip2OptBackend, safe) is not first  # small: always afresh
-    monkeypatch.setattr(loading, "REUSE_BYTES", 0)  # as if it were a 7B checkpoint
-    kept = loading.load_backend(Blip2OptBackend, safe)
-    assert loading.load_backend(Blip2OptBackend, safe) is kept and len(calls) == 3
-    with torch.no_grad():
-        kept.decoder_layers()[1].fc1.weight[0, 0] += 1  # a caller changed it: the next one gets the file's
-    again = loading.load_backend(Blip2OptBackend, safe)
-    assert again is not kept and same_weights(again, original) and len(calls) == 4
-    assert loading.load_backend(Blip2OptBackend, safe, dtype="bfloat16") is not again  # another key
-    assert len(loading._KEPT) == 1  # only the last one is kept
-    loading._KEPT.clear()
 
 
 def spy_initialisers(monkeypatch) -> list:
