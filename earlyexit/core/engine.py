@@ -49,7 +49,7 @@ from earlyexit.core.cache import EarlyExitCache, WritePlan
 from earlyexit.core.choices import KV_POLICIES
 from earlyexit.core.strategy import ExitView, StepContext, Strategy
 from earlyexit.errors import ConfigError
-from earlyexit.util.devices import host_memory_bytes
+from earlyexit.util.devices import available_memory_bytes
 
 STACKED_KV_BYTES = 8 << 20  # propagate through one stacked K/V projection up to this size
 
@@ -57,18 +57,23 @@ STACKED_KV_BYTES = 8 << 20  # propagate through one stacked K/V projection up to
 def check_context(backend: Backend, prompt_length: int, max_new_tokens: int, rows: int = 1,
                   slots: int | None = None) -> None:
     """Refuse, before any work, a generation longer than the model's context or whose caches
-    (rows = batch x beams) would not fit in this machine's memory."""
+    (rows = batch x beams) would not fit where the model runs: more than the GPU's free memory
+    (the weights are already there), or more than half of the host's memory on the CPU."""
     limit = getattr(backend.text_config, "max_position_embeddings", None)
     if limit and prompt_length + max_new_tokens > limit:
         raise ConfigError(f"the prompt ({prompt_length} tokens, image tokens included) plus --max-new-tokens "
                           f"{max_new_tokens} exceeds the model's context of {limit} positions; shorten the prompt "
                           "or lower --max-new-tokens")
     per_row = cache_bytes_per_row(backend, prompt_length + max_new_tokens, slots or backend.num_layers)
-    needed, available = rows * per_row, host_memory_bytes()
-    if available and needed > available // 2:
+    device = backend.device
+    needed, available = rows * per_row, available_memory_bytes(device)
+    on_gpu = device.type == "cuda"
+    if available and needed > (available if on_gpu else available // 2):
+        where = (f"the {available / 2**30:.1f} GiB free on {device}" if on_gpu else
+                 f"half of this machine's {available / 2**30:.1f} GiB")
         raise ConfigError(f"{rows} rows (batch x beams) of {prompt_length + max_new_tokens} positions need about "
-                          f"{needed / 2**30:.1f} GiB of cache, more than half of this machine's "
-                          f"{available / 2**30:.1f} GiB; lower --num-beams, --batch-size or --max-new-tokens")
+                          f"{needed / 2**30:.1f} GiB of cache, more than {where}; lower --num-beams, --batch-size "
+                          "or --max-new-tokens")
 
 
 def cache_bytes_per_row(backend: Backend, positions: int, slots: int) -> int:

@@ -92,6 +92,9 @@ class Generation:
         settings = run.settings
         self.generate = dict(max_new_tokens=settings.max_new_tokens, num_beams=settings.num_beams, do_sample=False)
         self.eos = run.backend.language_model.generation_config.eos_token_id
+        # on a GPU each side's first timed call pays for kernel selection and allocator growth:
+        # run it once untimed (not the speculative decoder, whose statistics add up across calls)
+        self.warmup = {"early": 1, "full": 1} if run.backend.device.type == "cuda" else {"early": 0, "full": 0}
 
     def batch(self, samples: list, start: int) -> dict:
         """Generate `samples` (the part's from `start` on); returns the batch's numbers for `on_batch`."""
@@ -113,7 +116,8 @@ class Generation:
                                            {"max_new_tokens": self.run.settings.max_new_tokens})
             prompt = self.decoder.last_prompt_seconds  # it times its own prompt passes
         else:
-            sequences, seconds, prompt = timed(self.run.model.generate, inputs, self.generate)
+            sequences, seconds, prompt = timed(self.run.model.generate, inputs, self.generate,
+                                               warmup=self.warmup.pop("early", 0))
         tokens = count_tokens(sequences, inputs["input_ids"].shape[1], self.eos)
         self.run.add_work("early", seconds, prompt, tokens, rows)
         return sequences, seconds
@@ -123,7 +127,8 @@ class Generation:
         where speculative decoding (which decodes rows one at a time) is its counterpart."""
         parts = [(inputs, rows)] if self.decoder is None else [(row, 1) for row in unpadded_rows(inputs)]
         for part, count in parts:
-            plain, seconds, prompt = timed(self.run.backend.plain_generate, part, self.generate)
+            plain, seconds, prompt = timed(self.run.backend.plain_generate, part, self.generate,
+                                           warmup=self.warmup.pop("full", 0))
             self.run.add_work("full", seconds, prompt, count_tokens(plain, part["input_ids"].shape[1], self.eos),
                               count)
 
