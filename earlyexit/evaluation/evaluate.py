@@ -8,6 +8,8 @@ process: time per generated token of each side, end to end and for the decode ph
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 
 from earlyexit.core.accounting import CostModel, summarize
@@ -58,9 +60,8 @@ def evaluate(backend, strategy, dataset: Dataset, settings: EvalSettings, kv_pol
     generation = Generation(run, exit_vocabulary, draft_exit, draft_length, draft_vocabulary)
     part = run.part
     with run.progress("eval", "sample") as bar:
-        for start in range(0, len(part), settings.batch_size):
-            batch = part.samples[start:start + settings.batch_size]
-            stats = generation.batch(batch, start)
+        for start, batch, images in images_ahead(part.samples, settings):
+            stats = generation.batch(batch, images)
             bar.update(len(batch))
             if on_batch is not None:
                 on_batch({"phase": "eval", "data": part.name, "split": part.split,
@@ -72,6 +73,25 @@ def evaluate(backend, strategy, dataset: Dataset, settings: EvalSettings, kv_pol
                  "token_ids": columns["token_ids"][s.id]} for s in run.dataset.samples[:5]]
     quality = score(run.dataset, columns["predictions"], quick=settings.quick_metrics)
     return run.report(quality, generation.speed(), examples)
+
+
+def images_ahead(samples: list, settings: EvalSettings):
+    """(start, samples, their images) batch by batch; the next batch's images are read and decoded
+    on a thread while the model generates the current one (decoding releases the GIL). An error
+    reading an image is raised for the batch it belongs to."""
+
+    def images(start: int) -> list:
+        return [add_noise(s.load_image(), settings.noise, settings.seed * 1_000_003 + start + i)
+                for i, s in enumerate(samples[start:start + settings.batch_size])]
+
+    starts = range(0, len(samples), settings.batch_size)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="images") as pool:
+        pending = pool.submit(images, 0) if starts else None
+        for start in starts:
+            ready = pending.result()
+            if start + settings.batch_size < len(samples):
+                pending = pool.submit(images, start + settings.batch_size)
+            yield start, samples[start:start + settings.batch_size], ready
 
 
 class Generation:
@@ -96,11 +116,9 @@ class Generation:
         # run it once untimed (not the speculative decoder, whose statistics add up across calls)
         self.warmup = {"early": 1, "full": 1} if run.backend.device.type == "cuda" else {"early": 0, "full": 0}
 
-    def batch(self, samples: list, start: int) -> dict:
-        """Generate `samples` (the part's from `start` on); returns the batch's numbers for `on_batch`."""
-        run, settings = self.run, self.run.settings
-        images = [add_noise(s.load_image(), settings.noise, settings.seed * 1_000_003 + start + i)
-                  for i, s in enumerate(samples)]
+    def batch(self, samples: list, images: list) -> dict:
+        """Generate `samples` from their `images`; returns the batch's numbers for `on_batch`."""
+        run = self.run
         inputs = run.backend.prepare_inputs(images, [self.task.prompt(s) for s in samples])
         with torch.no_grad():
             sequences, seconds = self.early(inputs, len(samples))
