@@ -56,11 +56,15 @@ def test_the_estimate_reads_the_runs_settings(monkeypatch):
     assert beams["kv"] == 5 * confidence["kv"]  # nothing to train: the decoding estimate, K/V grows with the rows
 
 
-def test_embedded_models_are_not_estimated_and_a_folder_is_read_from_its_config(tmp_path):
+def test_embedded_models_are_not_estimated_and_a_folder_is_read_from_its_config(tmp_path, monkeypatch):
     registry = get_registry()
     assert memory.run_estimate(RunSettings(backend="blip2-opt", strategy="free", model="tiny"), registry) is None
     make_backend(seed=1, num_layers=2).save_pretrained(str(tmp_path / "model"))
+    settings = RunSettings(backend="blip2-opt", strategy="free", model=str(tmp_path / "model"), device="cpu")
+    parts, _ = memory.run_estimate(settings, registry)
     lines = []
-    memory.check_memory(RunSettings(backend="blip2-opt", strategy="free", model=str(tmp_path / "model"), device="cpu"),
-                        registry, lines.append)
+    memory.check_memory(settings, registry, lines.append)
+    assert lines == []  # fits with room to spare: nothing to say
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda device: int(parts["total"] * 1.5))
+    memory.check_memory(settings, registry, lines.append)  # fits, but takes more than half: said once
     assert len(lines) == 1 and lines[0].startswith("memory: about ") and "free on cpu" in lines[0]

@@ -51,7 +51,7 @@ def run_estimate(settings, registry) -> tuple[dict, str] | None:
 
 def check_memory(settings, registry, log) -> None:
     """Refuse, in one line naming the knob, a run whose estimate exceeds the device's free memory;
-    say what it will take when it fits."""
+    when it fits but takes more than half of it, say so (a tight run is worth knowing about)."""
     if os.environ.get(SKIP_VARIABLE):
         return
     estimate = run_estimate(settings, registry)
@@ -63,5 +63,6 @@ def check_memory(settings, registry, log) -> None:
         est.check_fits(parts, available, where=device)
     except ConfigError as error:
         raise ConfigError(f"{error} (or set {SKIP_VARIABLE}=1 to try anyway)") from None
-    log(f"memory: about {parts['total'] / est.GiB:.1f} GiB at the peak"
-        + (f" of {available / est.GiB:.1f} GiB free on {device}" if available else f" on {device}"))
+    if available and parts["total"] > available // 2:
+        log(f"memory: about {parts['total'] / est.GiB:.1f} GiB at the peak of {available / est.GiB:.1f} GiB free on "
+            f"{device}")
