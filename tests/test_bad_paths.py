@@ -88,8 +88,7 @@ CASES = [
     ("exits/missing tensor", ex("missing_tensor"), "exits.safetensors lacks tensor", None),
     # -- output paths: empty, too long, unwritable -------------------------------------------------
     ("paths/eval --json empty", lambda w, e: evaluate(w, "--json", ""), "--json is empty", None),
-    pytest.param("paths/run --json empty", lambda w, e: run(w, "--json", ""), "--json is empty", None,
-                 marks=pytest.mark.xfail(strict=True, reason="cli/run.py tests `if args.json:` (its owner's fix)")),
+    ("paths/run --json empty", lambda w, e: run(w, "--json", ""), "--json is empty", None),
     ("paths/run --output empty", lambda w, e: ["run", "--backend", "blip2-opt", "--strategy", "confidence",
                                                "--model", w["model"], "--output", ""], "--output is empty", None),
     pytest.param("paths/train --output empty", lambda w, e: train(w, output=""), "--output is empty", None,

@@ -206,7 +206,7 @@ class RunCommand:
                                deepspeed=_deepspeed(args, strategy_cls, options, placement["dtype"]))
         check_settings(settings)
         check_writable(args.output, folder=True)  # before hours of work, not after
-        if args.json:
+        if args.json is not None:  # `--json ''` is a mistake to name, not "no JSON"
             check_writable(args.json, option="--json")
         quiet_transformers()
         report = run(settings, registry, log=lambda message: print(message, file=sys.stderr))
