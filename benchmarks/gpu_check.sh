@@ -18,6 +18,10 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 export PYTHONUNBUFFERED=1
 
+if ! python -c "import torch" 2>/dev/null; then
+    echo "gpu_check: \`python\` cannot import torch; activate the project's environment (. .venv/bin/activate)" >&2
+    exit 2
+fi
 if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     echo "gpu_check: no CUDA GPU is visible here; run it on a GPU machine" >&2
     exit 2

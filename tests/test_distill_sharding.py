@@ -232,6 +232,8 @@ if __name__ == "__main__":
     result = captions(backend, scenes)
     with open(f"{output}/rank{rank}.json", "w") as handle:
         json.dump({"captions": result, "rows": rows, "world": world}, handle)
+    torch.distributed.barrier()  # leave together: a gloo group torn down mid-exchange aborts the process
+    torch.distributed.destroy_process_group()
 '''
 
 

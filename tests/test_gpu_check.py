@@ -32,9 +32,17 @@ def test_collect_gathers_each_steps_status_result_and_time(tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
-def test_script_refuses_in_one_line_without_a_gpu(tmp_path):
-    result = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh"), str(tmp_path / "out.json")],
-                            cwd=ROOT, capture_output=True, text=True)
+def test_script_refuses_in_one_line_without_a_gpu_or_without_torch(tmp_path):
+    script = [os.path.join(ROOT, "benchmarks", "gpu_check.sh"), str(tmp_path / "out.json")]
+    venv = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+    result = subprocess.run(["bash", *script], cwd=ROOT, capture_output=True, text=True, env=venv)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["gpu_check: no CUDA GPU is visible here; run it on a GPU machine"]
+    (tmp_path / "bin").mkdir()  # a `python` that cannot import torch, first on the PATH
+    (tmp_path / "bin" / "python").write_text("#!/bin/sh\necho \"No module named 'torch'\" >&2\nexit 1\n")
+    (tmp_path / "bin" / "python").chmod(0o755)
+    bare = {**os.environ, "PATH": str(tmp_path / "bin") + os.pathsep + "/usr/bin:/bin"}
+    result = subprocess.run(["bash", *script], cwd=ROOT, capture_output=True, text=True, env=bare)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "cannot import torch; activate the project's environment" in result.stderr
     assert not (tmp_path / "out.json").exists()
