@@ -272,7 +272,9 @@ def _check_axis(errors: _Errors, where: str, key: str, setting: str, values) -> 
     if setting != "model":
         return errors.as_list(where, key, values, lambda v: checks.setting_problem(setting, v)
                               if v is not None else "must be a value (TOML has no null)")
-    errors.as_list(where, key, values, lambda v: None if isinstance(v, dict) else checks.text(v))
+    errors.as_list(where, key, values, lambda v: (None if "model" in v else "needs a model key, e.g. "
+                                                  '{ backend = "blip2-opt", model = "tiny" }')
+                   if isinstance(v, dict) else checks.text(v))
     for model in values:  # models = [{ backend = ..., model = ..., exit_layers = ... }]
         if isinstance(model, dict):
             errors.keys(f"{where} models", model, {"backend", "model", "exit_layers"})

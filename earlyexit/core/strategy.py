@@ -80,9 +80,10 @@ class StrategyConfig:
             cls.__post_init__ = post_init
 
 
-def config_field(default: Any, help: str, **kwargs) -> Any:
-    """A dataclass field that carries its help text (shown by the CLI)."""
-    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+def config_field(default: Any, help: str, *, low: float = 0, **kwargs) -> Any:
+    """A dataclass field that carries its help text (shown by the CLI) and, for numbers, the lowest
+    value it accepts (0 unless the number means something below zero, like a cosine)."""
+    return dataclasses.field(default=default, metadata={"help": help, "low": low}, **kwargs)
 
 
 @dataclasses.dataclass

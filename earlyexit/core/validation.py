@@ -56,8 +56,10 @@ def text(value) -> str | None:
 
 
 def layer_list(value) -> str | None:
-    good = isinstance(value, list) and value and all(is_int(v) and v >= 1 for v in value)
-    return None if good else "must be a non-empty list of layer numbers such as [3, 6, 9]"
+    if not (isinstance(value, list) and value and all(is_int(v) for v in value)):
+        return "must be a non-empty list of layer numbers such as [3, 6, 9]"
+    below = [v for v in value if v < 1]
+    return f"layer {below[0]} is out of range: layers count from 1" if below else None
 
 
 def number_list(value) -> str | None:
@@ -110,17 +112,17 @@ def _plain_types(annotation) -> tuple:
     return tuple(a for a in typing.get_args(annotation) if isinstance(a, type))
 
 
-def option_problem(kinds: tuple, value) -> str | None:
-    """What a strategy option's value must be, from its field's type: numbers finite and >= 0
-    (no option of a shipped strategy means anything below zero), bools true/false, text a string."""
+def option_problem(kinds: tuple, value, low: float = 0) -> str | None:
+    """What a strategy option's value must be, from its field's type: numbers finite and >= `low`
+    (0 unless the field says otherwise), bools true/false, text a string."""
     if value is None and type(None) in kinds:
         return None
     if bool in kinds:
         return None if isinstance(value, bool) else "must be true or false"
     if int in kinds and float not in kinds:
-        return None if is_int(value) and value >= 0 else "must be an integer >= 0"
+        return None if is_int(value) and value >= low else f"must be an integer >= {shown(low)}"
     if float in kinds:
-        return NON_NEGATIVE(value)
+        return number_in(low, math.inf, high_open=True)(value)
     if str in kinds:
         return None if isinstance(value, str) else "must be a string"
     return None
@@ -132,7 +134,9 @@ def option_value_problem(config_cls, name: str, value) -> str | None:
         hint = typing.get_type_hints(config_cls).get(name)
     except Exception:  # a plugin's annotation we cannot resolve: its own checks stay in charge
         return None
-    return option_problem(_plain_types(hint), value)
+    fields = {f.name: f for f in dataclasses.fields(config_cls)} if dataclasses.is_dataclass(config_cls) else {}
+    low = fields[name].metadata.get("low", 0) if name in fields else 0
+    return option_problem(_plain_types(hint), value, low)
 
 
 def check_config_fields(config) -> None:
