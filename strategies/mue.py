@@ -41,11 +41,13 @@ def consecutive_cosine(hidden, previous):
 
 @dataclasses.dataclass
 class MueConfig(TrainableConfig):
-    gamma: float = config_field(0.99, "leave when the cosine of consecutive layers' states is at least this")
+    gamma: float = config_field(0.99, "leave when the cosine of consecutive layers' states is at least this",
+                                 low=-1)
     layerwise: bool = config_field(True, "fine-tune copies of the decoder layers with MuE's layer-wise loss "
                                          "(off: the zero-parameter rule on the backbone as it is)")
     vision_gamma: float | None = config_field(None, "stop the vision tower per image when its features' "
-                                                    "layer-to-layer cosine reaches this (None: run it in full)")
+                                                    "layer-to-layer cosine reaches this (None: run it in full)",
+                                        low=-1)
     epochs: float | None = config_field(2.0, "passes over the training captions")
     learning_rate: float = config_field(5e-5, "Adam learning rate of the decoder-layer copies")
 

@@ -27,11 +27,15 @@ from earlyexit.cli.listing import ListCommand, format_table
 from earlyexit.cli.run import RunCommand
 from earlyexit.cli.train import TrainCommand
 from earlyexit.errors import EarlyExitError, first_line
+from earlyexit.util.files import check_cache_location
+from earlyexit.util.quiet import quiet_libraries
 
 __all__ = ["main", "build_parser", "SUBCOMMANDS", "report_plugin_failures", "format_table"]
 
 SUBCOMMANDS: tuple = (ListCommand, RunCommand, GenerateCommand, EvalCommand, TrainCommand, BuildTinyCommand,
                       BuildSmolCommand, BenchCommand)
+
+CACHE_FREE = ("list",)  # commands that never read or write the cache
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
@@ -75,7 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]  # recorded in result files
     try:
-        return args.run(args)
+        if args.command not in CACHE_FREE:
+            check_cache_location()  # a cache that is a file or read-only: refused before a tiny build starts
+        with quiet_libraries(debug=args.debug):
+            return args.run(args)
     except EarlyExitError as error:
         if args.debug:
             traceback.print_exc()

@@ -55,7 +55,7 @@ class BenchCommand:
             for table in spec.tables.values():
                 for cell in table.cells:
                     cell.settings.update(placement)
-        output = args.output or os.path.join("bench", spec.name)
+        output = os.path.join("bench", spec.name) if args.output is None else args.output  # '' is refused, not defaulted
         registry = get_registry()
         report_plugin_failures(registry)
         if args.dry_run:

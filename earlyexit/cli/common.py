@@ -13,6 +13,7 @@ import sys
 
 from earlyexit.core import choices
 from earlyexit.core.choices import DECODES, GATE_MODES, KV_POLICIES
+from earlyexit.core.validation import gate_threshold_problem, option_value_problem
 from earlyexit.data.images import read_image
 from earlyexit.errors import ConfigError, DataError
 from earlyexit.models.adapters import check_adapter_files, load_exits
@@ -181,7 +182,7 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_gate_mode_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--gate-mode", choices=GATE_MODES[::-1], default="filter",
+    parser.add_argument("--gate-mode", choices=GATE_MODES[::-1], default=None,  # None: not given (filter)
                         help="filter (default: rows the gate passes are checked by the strategy's own rule, the "
                              "rest go on without the exit's module and head) or replace (the gate alone decides)")
 
@@ -253,6 +254,9 @@ def strategy_overrides(strategy_cls, threshold: float | None, options: list[str]
             values[key] = parse_bool(raw) if kind is bool else kind(raw)
         except ValueError:
             raise ConfigError(f"bad --option {option!r}: {key} expects a {kind.__name__}")
+        problem = option_value_problem(strategy_cls.Config, key, values[key])
+        if problem:  # inf, nan or a negative number: refused here, before anything trains
+            raise ConfigError(f"bad --option {option!r}: {key} {problem}")
     return values
 
 
@@ -261,22 +265,34 @@ def build_strategy_config(strategy_cls, threshold: float | None, options: list[s
     return strategy_cls.Config(**strategy_overrides(strategy_cls, threshold, options))
 
 
+def check_gate_arguments(args) -> None:
+    """--gate-mode and --gate-threshold make sense only with a gate, and the threshold only within
+    the gate's range (a probability for learned, a cosine for cosine): checked before any model loads."""
+    kind = (args.gate or "none").partition(":")[0]
+    if kind == "none":
+        for flag, value in (("--gate-threshold", args.gate_threshold), ("--gate-mode", args.gate_mode)):
+            if value is not None:
+                raise ConfigError(f"{flag} needs a --gate (cosine or learned:FOLDER); add one or drop {flag}")
+    problem = gate_threshold_problem(kind, args.gate_threshold)
+    if problem:
+        raise ConfigError(f"--gate-threshold {args.gate_threshold}: a {kind} gate's threshold {problem}")
+
+
 def build_gate(args, strategy, width: int):
     """The gate named by --gate (None for none)."""
     from earlyexit.core.gates import CosineGate, LearnedGate  # lazy: keeps --help and list free of torch
 
+    check_gate_arguments(args)
     spec = args.gate or "none"
     if spec == "none":
-        if args.gate_threshold is not None:
-            raise ConfigError("--gate-threshold needs a --gate (cosine or learned:FOLDER)")
         return None
     if strategy is None:
         raise ConfigError("--gate decides at a strategy's exits; pass --strategy too")
     if spec == "cosine":
-        return CosineGate(0.99 if args.gate_threshold is None else args.gate_threshold, args.gate_mode)
+        return CosineGate(0.99 if args.gate_threshold is None else args.gate_threshold, args.gate_mode or "filter")
     if spec.startswith("learned:"):
         gate = LearnedGate.load(spec[len("learned:"):])
-        gate.mode = args.gate_mode
+        gate.mode = args.gate_mode or "filter"
         if len(gate.scorers) != len(strategy.exit_layers) or gate.width != width:
             raise ConfigError(f"the gate in {spec[8:]} has {len(gate.scorers)} exits of width {gate.width}; this "
                               f"model has {len(strategy.exit_layers)} exits of width {width}")
@@ -298,6 +314,8 @@ def load_model(registry, args):
     from earlyexit.core.engine import EarlyExitForCausalLM  # lazy: keeps --help and list free of torch
 
     placement = device_options(args)
+    if hasattr(args, "gate"):
+        check_gate_arguments(args)
     quiet_transformers()
     backend_cls = registry.backend(args.backend)
     exits = getattr(args, "exits", None)

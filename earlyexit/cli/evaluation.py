@@ -76,7 +76,7 @@ class EvalCommand:
         from earlyexit.util.ranks import process_group  # lazy: keeps --help and list free of torch
 
         placement = device_options(args)  # a device or dtype this machine cannot run fails first
-        if args.json:
+        if args.json is not None:  # `--json ''` too: refused as empty, not taken as absent
             check_writable(args.json, option="--json")
         settings = EvalSettings(batch_size=args.batch_size, num_beams=args.num_beams,
                                 max_new_tokens=args.max_new_tokens, noise=args.noise, limit=args.limit,

@@ -182,6 +182,8 @@ class RunCommand:
             if args.draft_exit is not None:
                 raise ConfigError("VisDial is scored by ranking answer options, not by decoding; drop --draft-exit "
                                   "(no speculative row is made)")
+        if args.gate == "none" and args.gate_mode is not None:
+            raise ConfigError("--gate-mode needs a gate; drop --gate-mode or pass --gate learned (or cosine)")
         placement = device_options(args)  # a device or dtype this machine cannot run fails first
         registry = get_registry()
         report_plugin_failures(registry)
@@ -192,7 +194,7 @@ class RunCommand:
                                exit_layers=args.exit_layers, options={k: options[k] for k in _given(args.option)},
                                threshold=args.threshold, rule=args.rule, budget=args.budget, epsilon=args.epsilon,
                                grid=args.grid,
-                               kv_policy=args.kv_policy, gate=args.gate, gate_mode=args.gate_mode,
+                               kv_policy=args.kv_policy, gate=args.gate, gate_mode=args.gate_mode or "filter",
                                gate_threshold=args.gate_threshold, speed_target=args.speed_target,
                                speculative=not args.no_speculative, draft_exit=args.draft_exit,
                                draft_length=args.draft_length, draft_vocabulary=args.draft_vocabulary,
@@ -204,7 +206,7 @@ class RunCommand:
                                deepspeed=_deepspeed(args, strategy_cls, options, placement["dtype"]))
         check_settings(settings)
         check_writable(args.output, folder=True)  # before hours of work, not after
-        if args.json:
+        if args.json is not None:  # `--json ''` is a mistake to name, not "no JSON"
             check_writable(args.json, option="--json")
         quiet_transformers()
         report = run(settings, registry, log=lambda message: print(message, file=sys.stderr))

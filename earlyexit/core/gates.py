@@ -27,6 +27,7 @@ import os
 import torch
 
 from earlyexit.core.choices import GATE_MODES, GATES
+from earlyexit.core.validation import gate_threshold_problem
 from earlyexit.errors import CheckpointError, ConfigError
 from earlyexit.util.files import atomic_folder
 
@@ -93,6 +94,10 @@ class LearnedGate(torch.nn.Module):
             gate.load_state_dict(load_file(os.path.join(folder, "gate.safetensors")))
         except (OSError, KeyError, TypeError, ValueError, RuntimeError) as error:
             raise CheckpointError(f"{folder} does not hold a readable learned gate ({error}); train it again") from error
+        problem = gate_threshold_problem("learned", config["threshold"])
+        if problem:
+            raise CheckpointError(f"{folder}/gate_config.json: threshold = {config['threshold']!r}: {problem}; "
+                                  "fix it or train the gate again")
         return gate.eval()
 
 
@@ -122,8 +127,17 @@ def check_mode(mode: str) -> str:
     return mode
 
 
+def check_threshold(kind: str, threshold: float | None) -> None:
+    """A learned gate's threshold is a probability, a cosine gate's a cosine; NaN never is (it
+    would silently turn the gate off, since every comparison with it is false)."""
+    problem = gate_threshold_problem(kind, threshold)
+    if problem:
+        raise ConfigError(f"gate threshold {threshold}: a {kind} gate's threshold {problem}")
+
+
 def make_gate(kind: str, width: int, num_exits: int, threshold: float | None = None, hidden: int = 0,
               mode: str = "replace"):
+    check_threshold(kind, threshold)
     if kind == "learned":
         return LearnedGate(width, num_exits, hidden, 0.9 if threshold is None else threshold, mode)
     if kind == "cosine":

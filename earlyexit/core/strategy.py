@@ -12,6 +12,7 @@ import functools
 import inspect
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from earlyexit.core.validation import check_config_fields
 from earlyexit.data.tasks import task_of
 from earlyexit.errors import ConfigError
 
@@ -58,10 +59,31 @@ class StrategyConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def __post_init__(self):
+        check_config_fields(self)
 
-def config_field(default: Any, help: str, **kwargs) -> Any:
-    """A dataclass field that carries its help text (shown by the CLI)."""
-    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+    def __init_subclass__(cls, **kwargs):
+        """Every config checks its fields' types, finiteness and signs too, even one whose own
+        `__post_init__` forgets to call ours: values such as epochs = inf fail here, before training."""
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("__post_init__")
+        if own is not None and not getattr(own, "_checks_fields", False):
+            @functools.wraps(own)
+            def post_init(self):
+                try:
+                    own(self)  # its own messages first: they know the field's meaning best
+                except TypeError:  # its check compared a wrong type: say which field, in one line
+                    check_config_fields(self)
+                    raise
+                check_config_fields(self)
+            post_init._checks_fields = True
+            cls.__post_init__ = post_init
+
+
+def config_field(default: Any, help: str, *, low: float = 0, **kwargs) -> Any:
+    """A dataclass field that carries its help text (shown by the CLI) and, for numbers, the lowest
+    value it accepts (0 unless the number means something below zero, like a cosine)."""
+    return dataclasses.field(default=default, metadata={"help": help, "low": low}, **kwargs)
 
 
 @dataclasses.dataclass

@@ -25,6 +25,7 @@ from collections.abc import Mapping
 
 from earlyexit.errors import ConfigError, DataError
 from earlyexit.metrics import check_same_ids
+from earlyexit.util.quiet import QuietSubprocess
 
 METRIC_KEYS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 # What pycocoevalcap's get_stanford_models() would download into pycocoevalcap/spice/lib.
@@ -72,7 +73,9 @@ def _check_inputs(predictions: Mapping, references: Mapping) -> list:
 def _tokenize(captions: dict[object, list[str]]) -> dict[object, list[str]]:
     """PTB-tokenize {id: [captions]}; the tokenizer is line-based, so every kind of line break
     inside a caption (\\r, \\u2028, ...) is flattened first or the lines would shift."""
-    tokenizer = _import("pycocoevalcap.tokenizer.ptbtokenizer").PTBTokenizer()
+    module = _import("pycocoevalcap.tokenizer.ptbtokenizer")
+    module.subprocess = QuietSubprocess()  # its "PTBTokenizer tokenized N tokens" line: not on the terminal
+    tokenizer = module.PTBTokenizer()
     flat = {item_id: [{"caption": " ".join(text.split())} for text in texts]
             for item_id, texts in captions.items()}
     tokenized = tokenizer.tokenize(flat)

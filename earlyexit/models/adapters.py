@@ -15,11 +15,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
+import types
+import typing
 import weakref
 
 from earlyexit.core.model_folder import safetensors_problem
-from earlyexit.errors import CheckpointError, CorruptAdapterError
+from earlyexit.errors import CheckpointError, ConfigError, CorruptAdapterError, first_line
 from earlyexit.util.files import atomic_folder
 
 WEIGHTS, CONFIG = "exits.safetensors", "exit_config.json"
@@ -133,13 +136,21 @@ def load_exits(folder: str, backend, registry, **config_overrides):
             f"{folder} was trained on another backbone ({saved.get('backbone')}, fingerprint {expected}); this "
             f"one's fingerprint is {actual}. Train exits for this backbone instead")
     cls = registry.strategy(saved["strategy"])
+    config_path = os.path.join(folder, CONFIG)
+    check_config_types(cls.Config, saved["strategy_config"], config_path)
     fields = {f.name for f in dataclasses.fields(cls.Config)}
     values = {k: v for k, v in {**saved["strategy_config"], **config_overrides}.items() if k in fields}
-    strategy = cls(backend, saved["exit_layers"], cls.Config(**values))
-    for stem, module in strategy.adapter_modules().items():
+    try:
+        config = cls.Config(**values)
+    except ConfigError as error:  # a range the config refuses (epochs 0, a negative threshold)
+        raise CorruptAdapterError(f"{config_path}: {first_line(error)}; {_REDO}") from None
+    strategy = cls(backend, saved["exit_layers"], config)
+    modules = strategy.adapter_modules()
+    check_weight_shapes(folder, modules)  # every file before any tensor is loaded
+    for stem, module in modules.items():
         path = os.path.join(folder, weights_file(stem))
-        if not os.path.isfile(path):
-            raise CheckpointError(f"{folder} has no {weights_file(stem)}; the adapter is incomplete, save it again")
+        if not os.path.isfile(path):  # a module without tensors (check_weight_shapes passed it)
+            continue
         missing, unexpected = module.load_state_dict(load_file(path), strict=False)
         if missing or unexpected:
             raise CheckpointError(f"{path} does not fit {saved['strategy']} at exits {saved['exit_layers']} "
@@ -148,6 +159,7 @@ def load_exits(folder: str, backend, registry, **config_overrides):
 
 
 # -- damaged adapters -------------------------------------------------------------------------------
+_REDO = "train or save the exits again (earlyexit run --retrain rebuilds its cache)"
 _CONFIG_FIELDS = {"strategy": str, "backend": str, "backbone_fingerprint": str, "exit_layers": list,
                   "strategy_config": dict}
 
@@ -156,7 +168,7 @@ def check_adapter_files(folder: str) -> dict:
     """The adapter's config, once its files are known to be whole; a CorruptAdapterError (one
     line) for a missing, unreadable or malformed exit_config.json or a truncated weights file,
     so that a cache can rebuild the entry and a user learns what to redo."""
-    redo = "train or save the exits again (earlyexit run --retrain rebuilds its cache)"
+    redo = _REDO
     path = os.path.join(folder, CONFIG)
     if not os.path.isdir(folder):
         raise CorruptAdapterError(f"exit adapter folder {folder} does not exist; pass a folder written by save_exits "
@@ -185,3 +197,75 @@ def check_adapter_files(folder: str) -> dict:
             if problem is not None:
                 raise CorruptAdapterError(f"{os.path.join(folder, name)} is {problem}; {redo}")
     return saved
+
+
+def _json_kinds(annotation) -> tuple[type, ...]:
+    """The JSON value types a config field of `annotation` accepts (an int where a float goes
+    too: JSON writes 3.0 as 3 in some tools); () when the field is of a type not checked here."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return tuple(kind for arg in args for kind in _json_kinds(arg))
+    if annotation is type(None):
+        return (type(None),)
+    if annotation is float:
+        return (float, int)
+    if annotation in (bool, int, str):
+        return (annotation,)
+    if typing.get_origin(annotation) in (list, tuple) or annotation in (list, tuple):
+        return (list,)
+    return ()
+
+
+def _kind_name(kinds: tuple[type, ...]) -> str:
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+             list: "a list", type(None): "null"}
+    shown = [k for k in kinds if not (k is int and float in kinds)]  # an int is a number already
+    return " or ".join(dict.fromkeys(names[k] for k in shown))
+
+
+def check_config_types(config_class, values: dict, path: str) -> None:
+    """Each saved strategy_config value against the type of its field in `config_class`, before
+    the config is built (its range checks compare numbers: a string there is a TypeError). A
+    CorruptAdapterError names the file, the key and the value. Keys the class no longer has are
+    ignored (an older adapter keeps loading)."""
+    hints = typing.get_type_hints(config_class)
+    for field in dataclasses.fields(config_class):
+        if field.name not in values:
+            continue
+        value, kinds = values[field.name], _json_kinds(hints.get(field.name))
+        if not kinds:
+            continue
+        wrong = not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)
+        if not wrong and isinstance(value, float) and not math.isfinite(value):
+            raise CorruptAdapterError(f"{path}: strategy_config {field.name} = {value!r} must be a finite number; "
+                                      f"{_REDO}")
+        if wrong:
+            raise CorruptAdapterError(f"{path}: strategy_config {field.name} = {json.dumps(value)} must be "
+                                      f"{_kind_name(kinds)}; fix the value or {_REDO}")
+
+
+def check_weight_shapes(folder: str, modules: dict) -> None:
+    """Every weights file the strategy needs, present and with exactly its tensors at their
+    shapes, read from the files' headers (no tensor is loaded); one line names the file and the
+    first mismatch."""
+    from safetensors import safe_open
+
+    for stem, module in modules.items():
+        path = os.path.join(folder, weights_file(stem))
+        expected = {name: tuple(t.shape) for name, t in module.state_dict().items()}
+        if not expected:
+            continue
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{folder} has no {weights_file(stem)}; the adapter is incomplete, save it again")
+        with safe_open(path, framework="pt") as handle:
+            saved = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+        missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+        shapes = sorted(n for n in set(expected) & set(saved) if expected[n] != saved[n])
+        if shapes:
+            name = shapes[0]
+            raise CorruptAdapterError(f"{path}: tensor {name} has shape {list(saved[name])}, but the strategy built for "
+                                      f"this backbone needs {list(expected[name])}; {_REDO}")
+        if missing or unexpected:
+            first = f"lacks tensor {missing[0]}" if missing else f"holds an unknown tensor {unexpected[0]}"
+            raise CorruptAdapterError(f"{path} {first} ({len(missing)} missing, {len(unexpected)} unknown); "
+                                      f"{_REDO}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from earlyexit.core.validation import gate_threshold_problem, setting_problem, shown
 from earlyexit.data.registry import task_name
 from earlyexit.data.splits import refuse_unanswered, test_split_of
 from earlyexit.data.tasks import task_of
@@ -55,6 +56,20 @@ class RunSettings:
     test_split: str | None = None  # and/or another split (default: the data set's test split)
 
 
+def check_typed(settings: RunSettings) -> None:
+    """Each setting's type, range, finiteness and allowed names, by the rules a bench spec is
+    checked with (earlyexit/core/validation.py), named as the flag that sets it."""
+    problem = gate_threshold_problem(settings.gate, settings.gate_threshold)  # the gate's own range first
+    if problem:
+        raise ConfigError(f"--gate-threshold {settings.gate_threshold}: a {settings.gate} gate's threshold {problem}")
+    for name, value in dataclasses.asdict(settings).items():
+        if name == "grid" and value is not None:
+            value = list(value)
+        problem = setting_problem(name, value)
+        if problem:
+            raise ConfigError(f"--{name.replace('_', '-')} {shown(value)}: {problem}")
+
+
 def check_settings(settings: RunSettings) -> None:
     """One-line errors for values no run can use, before anything loads."""
     if settings.threshold is not None and not 0 <= settings.threshold:  # NaN fails too
@@ -72,3 +87,4 @@ def check_settings(settings: RunSettings) -> None:
     for flag, size in (("draft", settings.draft_vocabulary), ("exit", settings.exit_vocabulary)):
         if size is not None and size < 1:
             raise ConfigError(f"--{flag}-vocabulary is a number of tokens, e.g. 1024 (got {size})")
+    check_typed(settings)

@@ -25,12 +25,14 @@ import torch
 from earlyexit.errors import CheckpointError, ConfigError
 from earlyexit.training.deepspeed_config import SHM_OP, with_precision
 from earlyexit.training.loop import TrainConfig, warmup_cosine_schedule
+from earlyexit.util.quiet import quiet_deepspeed
 from earlyexit.util.ranks import join_process_group
 
 
 def init_distributed(device: str | torch.device = "cpu") -> tuple[int, int]:
     """Join (or create, as a world of one) the process group: nccl for a model on CUDA GPUs
     (each process on its own GPU), gloo on the CPU; returns (rank, world)."""
+    quiet_deepspeed()  # its accelerator warnings at import: --debug shows them
     try:
         import deepspeed
         import deepspeed.ops

@@ -52,7 +52,7 @@ import stat
 import sys
 import tempfile
 
-from earlyexit.errors import ConfigError
+from earlyexit.errors import ConfigError, first_line
 
 try:
     import fcntl
@@ -356,20 +356,72 @@ def check_writable(path: str, folder: bool = False, option: str = "--output") ->
     one-line fix. A file option's `-` (standard output) is always writable."""
     if not folder and path == STDOUT:
         return
+    check_legal_name(path, option)
     target = os.path.abspath(path)
     if folder and os.path.exists(target) and not os.path.isdir(target):
         raise ConfigError(f"{option} {path} is a file, not a folder; pass a folder path")
     if not folder:
         check_regular_target(path, option)
-    probe = target if folder and os.path.isdir(target) else os.path.dirname(target)
-    while not os.path.exists(probe):  # the nearest existing ancestor must let us create the rest
-        probe = os.path.dirname(probe)
+    # the nearest existing ancestor must let us create the rest
+    probe = _nearest_existing(target if folder and os.path.isdir(target) else os.path.dirname(target))
     if not os.path.isdir(probe):
         raise ConfigError(f"{option} {path} lies under {probe}, which is a file; pass another path")
     try:  # really try (permission bits say little for root, or on read-only mounts)
         os.rmdir(tempfile.mkdtemp(prefix=".earlyexit-write-check-", dir=probe))
     except OSError as error:
         raise ConfigError(f"{option} {path} is not writable ({probe}: {error.strerror}); pass a writable path")
+
+
+def _nearest_existing(path: str) -> str:
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def _limit(folder: str, name: str, fallback: int) -> int:
+    try:
+        return os.pathconf(folder, name)
+    except (OSError, ValueError):  # no such limit here (or the folder is not readable)
+        return fallback
+
+
+def check_legal_name(path: str, option: str = "--output") -> None:
+    """A ConfigError (one line) for a path no file system here can hold: empty, holding a NUL
+    byte, a component longer than its folder's file system allows (PC_NAME_MAX) or a whole path
+    longer than PC_PATH_MAX; checked up front, so a long run does not fail at its last write."""
+    if not path:
+        fix = "a file path, or - for standard output" if option == "--json" else "a path"
+        raise ConfigError(f"{option} is empty; pass {fix}")
+    if "\0" in path:
+        raise ConfigError(f"{option} {path!r} holds a NUL byte; pass a path without one")
+    target = os.path.abspath(path)
+    existing = _nearest_existing(target)
+    probe = existing if os.path.isdir(existing) else os.path.dirname(existing)
+    name_max, path_max = _limit(probe, "PC_NAME_MAX", 255), _limit(probe, "PC_PATH_MAX", 4096)
+    for part in target.split(os.sep):
+        if len(os.fsencode(part)) > name_max:
+            raise ConfigError(f"{option}: the name {part[:20]}... is {len(os.fsencode(part))} bytes, longer than the "
+                              f"{name_max} the file system allows; pass a shorter name")
+    if len(os.fsencode(target)) >= path_max:
+        raise ConfigError(f"{option}: the path is {len(os.fsencode(target))} bytes, longer than the {path_max - 1} "
+                          "the file system allows; pass a shorter path")
+
+
+def check_cache_location(variable: str = "EARLYEXIT_CACHE") -> None:
+    """The cache folder a user set in `variable`, refused before any work (a tiny build, a
+    training) when it is empty of meaning, a file, under a file or not writable: one line that
+    says to point the variable at a writable folder. Unset, the default cache is not checked
+    here (commands that never touch it must not fail over it)."""
+    path = os.environ.get(variable)
+    if path is None:
+        return
+    fix = f"set {variable} to a writable folder, or unset it for the default cache"
+    if not path.strip():
+        raise ConfigError(f"{variable} is set but empty; {fix}")
+    try:
+        check_writable(path, folder=True, option=variable)
+    except ConfigError as error:
+        raise ConfigError(f"{first_line(error).split('; pass')[0]}; {fix}") from None
 
 
 def save_figure(figure, path: str, dpi: int = 120) -> None:
