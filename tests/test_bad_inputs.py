@@ -167,7 +167,8 @@ def run(w, *extra):
 
 def train(w, *extra, output=None, data="scenes", split="dev"):
     return ["train", "backbone", "--backend", "blip2-opt", "--model", w["model"], "--data", data, "--split", split,
-            "--steps", "1", "--batch-size", "2", "--output", output or str(w["root"] / "trained"), *extra]
+            "--steps", "1", "--batch-size", "2", "--output", str(w["root"] / "trained") if output is None else output,
+            *extra]
 
 
 # (case id, argv built from the world, a fragment the one line must contain)
