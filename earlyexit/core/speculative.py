@@ -15,6 +15,9 @@ After the prompt pass (full depth), each round
 transformers' `assistant_early_exit` cannot serve here (OPT and T5 run every layer regardless,
 BLIP-2 refuses), so this is a small loop of our own over the early-exit engine. Rows are
 decoded one at a time (each row accepts a different number of drafts).
+
+Drafters that propose from outside the model (`earlyexit.core.drafter`, e.g. the corpus drafter)
+use `DraftVerifyDecoder`: their tokens are fed with the last one in a single full-depth forward.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import time
 
 import torch
 
+from earlyexit.core.drafter import DraftContext
 from earlyexit.core.engine import check_context
 from earlyexit.core.generation import unpadded_rows
 from earlyexit.errors import ConfigError
@@ -56,37 +60,20 @@ class SpeculativeStats:
                 "mean_draft_length": self.mean_draft_length}
 
 
-class SelfSpeculativeDecoder:
-    """Greedy self-speculative decoding over an `EarlyExitForCausalLM` (its kv policy must be
-    `catchup`, which is what reuses the drafts' shallow work)."""
+class RowByRowDecoder:
+    """Greedy speculative decoding of a batch, one row at a time (each row accepts a different
+    number of drafts): the prompt pass at full depth, then the subclass's draft-and-verify rounds.
+    Whatever drafts, the full model verifies every token, so the output is the full model's."""
 
-    def __init__(self, model, draft_exit: int | None = None, draft_length: int = DEFAULT_DRAFT_LENGTH,
-                 draft_vocabulary: torch.Tensor | None = None):
-        """`draft_vocabulary`: token ids the drafts are read out over (`draft_vocabulary_of`), so a
-        draft's head costs a fraction of the full one; the output stays the full model's, since
-        every token is verified at full depth over the whole vocabulary."""
-        if model.strategy is None:
-            raise ConfigError("speculative decoding drafts with a strategy's exits; pass --strategy")
-        if model.kv_policy != "catchup":
-            raise ConfigError("speculative decoding needs --kv-policy catchup (the verification reuses the "
-                              "drafts' shallow K/V and exit states)")
-        exits = len(model.strategy.exit_layers)
-        self.draft_exit = exits // 2 if draft_exit is None else draft_exit
-        if not 0 <= self.draft_exit < exits:
-            raise ConfigError(f"draft exit index {self.draft_exit} is out of range: the strategy has {exits} exits "
-                              f"(layers {model.strategy.exit_layers})")
-        if draft_length < 1:
-            raise ConfigError(f"the draft length must be at least 1 (got {draft_length})")
-        self.model, self.draft_length = model, draft_length
-        model.draft_vocabulary = token_vocabulary(model, draft_vocabulary, "draft")
+    draft_length: int
+    draft_layer: int | None
+
+    def __init__(self, model):
+        self.model = model
         self.last_stats = SpeculativeStats()
         self.total_stats = SpeculativeStats()  # over every `generate` call of this decoder
         self.last_records: list = []
         self.last_prompt_seconds = 0.0  # prompt passes (vision tower included) of the last call
-
-    @property
-    def draft_layer(self) -> int:
-        return self.model.strategy.exit_layers[self.draft_exit]
 
     @torch.no_grad()
     def generate(self, pixel_values=None, input_ids=None, attention_mask=None, max_new_tokens: int = 20,
@@ -122,7 +109,8 @@ class SelfSpeculativeDecoder:
         input_ids = row["input_ids"]
         eos = model.generation_config.eos_token_id
         eos = set(eos if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos]))
-        model.strategy.reset()
+        if model.strategy is not None:
+            model.strategy.reset()
         cache = model.new_cache()
         stats = SpeculativeStats()
         began = time.perf_counter()
@@ -132,28 +120,80 @@ class SelfSpeculativeDecoder:
             logits = model.prompt_pass(embeds, torch.ones_like(input_ids), cache)
             tokens = [int(logits[0, -1].argmax())]
             self.last_prompt_seconds += time.perf_counter() - began
-            while len(tokens) < max_new_tokens and tokens[-1] not in eos:
-                budget = max_new_tokens - len(tokens)
-                drafts = self._draft(cache, tokens[-1], min(self.draft_length, budget - 1), eos)
-                verified = self._verify(cache, drafts[-1] if drafts else tokens[-1])
-                # verified[i]: the full model's token after drafts[:i]
-                accepted = 0
-                while accepted < len(drafts) and drafts[accepted] == verified[accepted]:
-                    accepted += 1
-                stats.rounds += bool(drafts)
-                stats.drafted += len(drafts)
-                stats.accepted += accepted
-                new = drafts[:accepted] + [verified[accepted]]
-                kept = cache.total_length - (len(drafts) - accepted)
-                cache.crop(kept)
-                tokens += new[:budget]
-                if any(t in eos for t in new[:budget]):
-                    tokens = tokens[:next(i for i, t in enumerate(tokens) if t in eos) + 1]
-                    break
+            if len(tokens) < max_new_tokens and tokens[-1] not in eos:
+                tokens = self._rounds(cache, tokens, max_new_tokens, eos, stats)
         finally:
             model.force_exit, model.read_block = None, False
         stats.tokens = len(tokens)
         return tokens, stats, cache.steps
+
+    def _rounds(self, cache, tokens: list[int], max_new_tokens: int, eos: set, stats) -> list[int]:
+        """Draft-and-verify rounds from `tokens` (the prompt pass's first) to the end; the tokens."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _accept(cache, tokens: list[int], drafts: list[int], verified: list[int], budget: int, eos: set,
+                stats: SpeculativeStats) -> tuple[list[int], bool]:
+        """Keep the longest prefix of `drafts` the full model agrees with (`verified[i]`: its token
+        after drafts[:i]) and its own next token; crop the cache back to the kept positions.
+        Returns the tokens and whether the sequence ended."""
+        accepted = 0
+        while accepted < len(drafts) and drafts[accepted] == verified[accepted]:
+            accepted += 1
+        stats.rounds += bool(drafts)
+        stats.drafted += len(drafts)
+        stats.accepted += accepted
+        new = drafts[:accepted] + [verified[accepted]]
+        cache.crop(cache.total_length - (len(drafts) - accepted))
+        tokens = tokens + new[:budget]
+        if any(t in eos for t in new[:budget]):
+            return tokens[:next(i for i, t in enumerate(tokens) if t in eos) + 1], True
+        return tokens, False
+
+    @staticmethod
+    def _mask(cache, device, new: int = 1):
+        return torch.ones(1, cache.total_length + new, dtype=torch.long, device=device)
+
+
+class SelfSpeculativeDecoder(RowByRowDecoder):
+    """Greedy self-speculative decoding over an `EarlyExitForCausalLM` (its kv policy must be
+    `catchup`, which is what reuses the drafts' shallow work)."""
+
+    def __init__(self, model, draft_exit: int | None = None, draft_length: int = DEFAULT_DRAFT_LENGTH,
+                 draft_vocabulary: torch.Tensor | None = None, stop_below: float = 0.0):
+        """`draft_vocabulary`: token ids the drafts are read out over (`draft_vocabulary_of`), so a
+        draft's head costs a fraction of the full one; the output stays the full model's, since
+        every token is verified at full depth over the whole vocabulary. `stop_below` (τ): a
+        round stops drafting where the exit's probability of its token falls below it."""
+        if model.strategy is None:
+            raise ConfigError("speculative decoding drafts with a strategy's exits; pass --strategy")
+        if model.kv_policy != "catchup":
+            raise ConfigError("speculative decoding needs --kv-policy catchup (the verification reuses the "
+                              "drafts' shallow K/V and exit states)")
+        exits = len(model.strategy.exit_layers)
+        self.draft_exit = exits // 2 if draft_exit is None else draft_exit
+        if not 0 <= self.draft_exit < exits:
+            raise ConfigError(f"draft exit index {self.draft_exit} is out of range: the strategy has {exits} exits "
+                              f"(layers {model.strategy.exit_layers})")
+        if draft_length < 1:
+            raise ConfigError(f"the draft length must be at least 1 (got {draft_length})")
+        super().__init__(model)
+        self.draft_length, self.stop_below = draft_length, stop_below
+        model.draft_vocabulary = token_vocabulary(model, draft_vocabulary, "draft")
+
+    @property
+    def draft_layer(self) -> int:
+        return self.model.strategy.exit_layers[self.draft_exit]
+
+    def _rounds(self, cache, tokens, max_new_tokens, eos, stats):
+        while len(tokens) < max_new_tokens:
+            budget = max_new_tokens - len(tokens)
+            drafts = self._draft(cache, tokens[-1], min(self.draft_length, budget - 1), eos)
+            verified = self._verify(cache, drafts[-1] if drafts else tokens[-1])
+            tokens, ended = self._accept(cache, tokens, drafts, verified, budget, eos, stats)
+            if ended:
+                break
+        return tokens
 
     def _draft(self, cache, last: int, count: int, eos) -> list[int]:
         model = self.model
@@ -163,7 +203,14 @@ class SelfSpeculativeDecoder:
         for _ in range(count):
             logits = model(input_ids=torch.tensor([[token]], device=model.device),
                            attention_mask=self._mask(cache, model.device), cache=cache).logits
-            token = int(logits[0, -1].argmax())
+            if self.stop_below > 0:
+                best = logits[0, -1].float().softmax(-1).max(-1)
+                probability, token = best.values.item(), int(best.indices)
+                if probability < self.stop_below:  # its K/V stays in the cache: the verification feeds it
+                    cache.crop(cache.total_length - 1)
+                    break
+            else:
+                token = int(logits[0, -1].argmax())
             drafts.append(token)
             if token in eos:
                 break
@@ -178,9 +225,50 @@ class SelfSpeculativeDecoder:
         record = cache.steps[-1]
         return logits[0, -record.final_readouts:].argmax(-1).tolist()
 
-    @staticmethod
-    def _mask(cache, device):
-        return torch.ones(1, cache.total_length + 1, dtype=torch.long, device=device)
+
+class DraftVerifyDecoder(RowByRowDecoder):
+    """Greedy speculative decoding with a drafter that proposes tokens outside the model (a
+    corpus, a small module): each round the drafter proposes up to k tokens, and one full-depth
+    forward of the last token and the drafts verifies them all (the head reads every position);
+    the longest agreeing prefix is kept with the full model's own next token, and the cache is
+    cropped back to the kept positions. One host read per round."""
+
+    def __init__(self, model, drafter):
+        super().__init__(model)
+        self.drafter = drafter
+        self.draft_length = drafter.config.draft_length
+        self.draft_layer = None  # no exit drafts
+
+    def _rounds(self, cache, tokens, max_new_tokens, eos, stats):
+        model, drafter = self.model, self.drafter
+        drafter.start()
+        while len(tokens) < max_new_tokens:
+            budget = max_new_tokens - len(tokens)
+            drafts = list(drafter.propose(DraftContext(list(tokens)), min(self.draft_length, budget - 1))
+                          if budget > 1 else [])[:budget - 1]
+            ended = next((i for i, t in enumerate(drafts) if t in eos), None)
+            if ended is not None:
+                drafts = drafts[:ended + 1]
+            model.force_exit, model.read_block = -1, True
+            fed = torch.tensor([[tokens[-1], *drafts]], device=model.device)
+            logits = model(input_ids=fed, attention_mask=self._mask(cache, model.device, fed.shape[1]),
+                           cache=cache).logits
+            verified = logits[0, -fed.shape[1]:].argmax(-1).tolist()
+            tokens, ended = self._accept(cache, tokens, drafts, verified, budget, eos, stats)
+            if ended:
+                break
+        return tokens
+
+
+def speculative_decoder(model, drafter=None, draft_exit: int | None = None,
+                        draft_length: int = DEFAULT_DRAFT_LENGTH, draft_vocabulary=None) -> RowByRowDecoder:
+    """The decoder for `drafter`: the strategy's exits (None, or a drafter that `uses_exits`),
+    else the drafter's own proposals verified by the full model."""
+    if drafter is None or drafter.uses_exits:
+        stop_below = drafter.config.stop_below if drafter is not None else 0.0
+        return SelfSpeculativeDecoder(model, draft_exit=draft_exit, draft_length=draft_length,
+                                      draft_vocabulary=draft_vocabulary, stop_below=stop_below)
+    return DraftVerifyDecoder(model, drafter)
 
 
 def token_vocabulary(model, ids, what: str) -> torch.Tensor | None:

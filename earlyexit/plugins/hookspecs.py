@@ -13,6 +13,7 @@ import pluggy
 
 if TYPE_CHECKING:  # pragma: no cover
     from earlyexit.core.backend import Backend
+    from earlyexit.core.drafter import Drafter
     from earlyexit.core.strategy import Strategy
 
 hookspec = pluggy.HookspecMarker("earlyexit")
@@ -37,6 +38,15 @@ def earlyexit_register_strategies() -> list[type[Strategy]]:
     `should_exit`'s parameters unless declared): the current one (`earlyexit.CONTRACT_VERSION`)
     is called as it is; version 1 (`should_exit(exit_index, logits, hidden, context)`) is adapted
     with a DeprecationWarning; a newer one fails this plugin in one line (docs/contract-versions.md).
+    """
+
+
+@hookspec
+def earlyexit_register_drafters() -> list[type[Drafter]]:
+    """Called once when a registry is built, like `earlyexit_register_backends`.
+
+    Return a list of `Drafter` subclasses (classes, not instances), each with a unique `name`: what
+    `--drafter NAME` selects for speculative decoding (docs/plugins.md).
     """
 
 

@@ -1,4 +1,4 @@
-"""Plugin loading and the registry of backends and strategies.
+"""Plugin loading and the registry of backends, strategies and drafters.
 
 Built-in modules and third-party entry points (group ``earlyexit``) register through the same
 hooks (`earlyexit.plugins.hookspecs`). Everything here is built by factories, never kept in module
@@ -18,6 +18,7 @@ from typing import Any
 import pluggy
 
 from earlyexit.core.backend import Backend
+from earlyexit.core.drafter import Drafter
 from earlyexit.core.strategy import CONTRACT_SIGNATURES, CONTRACT_VERSION, Strategy, should_exit_signature
 from earlyexit.errors import PluginError, first_line
 from earlyexit.plugins import hookspecs
@@ -28,6 +29,8 @@ BUILTIN_PLUGINS = (
     "earlyexit.backends.instructblip_flant5",
     "earlyexit.backends.instructblip_vicuna",
     "earlyexit.backends.minigpt4_llama",
+    "earlyexit.drafters.corpus",
+    "earlyexit.drafters.exits",
     "earlyexit.strategies.confidence",
     "earlyexit.strategies.deebert",
     "earlyexit.strategies.fixed",
@@ -109,9 +112,9 @@ def make_plugin_manager(load_entrypoints: bool | None = None) -> EarlyExitPlugin
 
 
 class Registry:
-    """Every backend and strategy the plugins offer, by name, and which plugin offered it."""
+    """Every backend, strategy and drafter the plugins offer, by name, and which plugin offered it."""
 
-    KINDS = ("backend", "strategy")
+    KINDS = ("backend", "strategy", "drafter")
 
     def __init__(self, pm: pluggy.PluginManager) -> None:
         self.failures: list[PluginFailure] = list(getattr(pm, "failures", []))
@@ -122,6 +125,7 @@ class Registry:
         self.hook = pm.hook
         self._collect(pm.hook.earlyexit_register_backends, "backend", Backend)
         self._collect(pm.hook.earlyexit_register_strategies, "strategy", Strategy)
+        self._collect(pm.hook.earlyexit_register_drafters, "drafter", Drafter)
 
     def _collect(self, hook: Any, kind: str, base: type) -> None:
         # Call each implementation on its own (not `hook()`) to know which plugin returned what.
@@ -195,6 +199,9 @@ class Registry:
     def strategy(self, name: str) -> type[Strategy]:
         return self._lookup("strategy", name)
 
+    def drafter(self, name: str) -> type[Drafter]:
+        return self._lookup("drafter", name)
+
     def plugin_of(self, kind: str, name: str) -> str:
         self._lookup(kind, name)
         return self._providers[kind][name]
@@ -211,7 +218,7 @@ class Registry:
         raise PluginError(message)
 
     def entries(self) -> list[dict[str, str]]:
-        """One dict per backend/strategy: name, kind, plugin, description (backends first)."""
+        """One dict per backend, strategy and drafter: name, kind, plugin, description (backends first)."""
         return [
             {
                 "name": name,

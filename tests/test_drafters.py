@@ -1,0 +1,172 @@
+"""Drafters: the suffix index returns the longest match, and speculative decoding with any
+drafter gives the full model's tokens, row for row, whatever the drafts are."""
+
+import pytest
+from helpers import make_backend, make_images
+
+from earlyexit.core.engine import EarlyExitForCausalLM
+from earlyexit.core.speculative import DraftVerifyDecoder, SelfSpeculativeDecoder, speculative_decoder
+from earlyexit.drafters.corpus import CorpusDrafter
+from earlyexit.drafters.suffix_index import SuffixIndex
+from earlyexit.errors import ConfigError
+
+PROMPTS = ["a red circle", "two", "what color is the small square", "", "a", "the big blue one on the left",
+           "x y", "what"]  # eight lengths: left padding differs per row
+
+
+# -- the suffix index ---------------------------------------------------------------------------
+@pytest.fixture
+def index():
+    built = SuffixIndex(depth=6)
+    for sequence in ([1, 2, 3, 4], [1, 2, 5], [1, 2, 3, 9], [7, 2, 3, 4]):
+        built.add(sequence)
+    return built
+
+
+def test_the_longest_suffix_the_corpus_holds_is_matched(index):
+    assert index.longest_match([9, 9, 2, 3])[0] == 2  # [2, 3]; [9, 2, 3] never occurs
+    assert index.longest_match([7, 2])[0] == 3  # the start marker, 7, 2: a sequence's beginning
+    assert index.longest_match([8]) == (0, None)
+    assert index.longest_match([1, 2, 3], max_match=2)[0] == 2
+
+
+def test_the_continuation_follows_the_longest_match_not_a_shorter_one(index):
+    # after [2, 3] the corpus goes on with 4 twice and 9 once; after [START, 1, 2, 3] 4 and 9 once each
+    assert index.continuation([7, 2, 3], 1)[0] == [4]  # [START, 7, 2, 3] -> 4 only
+    drafts, shares = index.continuation([1], 3)
+    assert drafts == [2, 3, 4] and shares == [1.0, 2 / 3, 0.5]  # 3 of 3 go on with 2; then 3 (2 of 3); tie 4/9
+    assert index.continuation([8], 3) == ([], [])
+
+
+def test_drafting_stops_where_the_corpus_share_falls_below_tau(index):
+    assert index.continuation([1], 3, stop_below=0.6)[0] == [2, 3]  # 4 has share 0.5
+    assert index.continuation([1, 2], 3, stop_below=0.7)[0] == []  # 3 has share 2/3
+
+
+def test_past_the_stored_depth_the_match_is_sought_again():
+    index = SuffixIndex(depth=3)
+    index.add([1, 2, 3, 4, 5, 6])
+    assert index.continuation([1, 2], 4)[0] == [3, 4, 5, 6]  # each hop re-matches on the tokens so far
+
+
+def test_a_bad_drafter_config_is_refused():
+    with pytest.raises(ConfigError, match="draft_length"):
+        CorpusDrafter.Config(draft_length=0)
+    with pytest.raises(ConfigError, match="stop_below"):
+        CorpusDrafter.Config(stop_below=1.5)
+    with pytest.raises(ConfigError, match="stop_below"):
+        CorpusDrafter.Config(stop_below=float("nan"))
+
+
+# -- speculative decoding with a corpus drafter is the full model ----------------------------------
+def own_tokens(backend, inputs, max_new_tokens):
+    eos = backend.language_model.generation_config.eos_token_id
+    sequences = backend.plain_generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    outputs = []
+    for row in sequences[:, inputs["input_ids"].shape[1]:].tolist():
+        outputs.append(row[:row.index(eos) + 1] if eos in row else row)
+    return sequences, outputs
+
+
+def assert_drafter_matches(backend, drafter, inputs, max_new_tokens=12):
+    expected = backend.plain_generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    decoder = speculative_decoder(EarlyExitForCausalLM(backend), drafter)
+    assert isinstance(decoder, DraftVerifyDecoder)
+    got = decoder.generate(**inputs, max_new_tokens=max_new_tokens)
+    prompt = inputs["input_ids"].shape[1]
+    for r in range(expected.shape[0]):
+        want = expected[r, prompt:]
+        eos = backend.language_model.generation_config.eos_token_id
+        want = want[:(want == eos).nonzero()[0, 0] + 1] if (want == eos).any() else want
+        assert got[r, prompt:prompt + len(want)].tolist() == want.tolist(), r
+    return decoder.last_stats
+
+
+def corpus_drafter(backend, outputs, **config):
+    drafter = CorpusDrafter(backend, CorpusDrafter.Config(**config))
+    drafter.fit(outputs, log=lambda *_: None)
+    return drafter
+
+
+@pytest.fixture(scope="module")
+def opt():
+    return make_backend(seed=3, num_layers=4)
+
+
+@pytest.mark.parametrize("rows", [1, 8])
+def test_corpus_drafts_of_the_models_own_outputs_are_accepted_and_exact(opt, rows):
+    inputs = opt.prepare_inputs(make_images(rows, seed=5), PROMPTS[:rows])
+    _, outputs = own_tokens(opt, inputs, 12)
+    stats = assert_drafter_matches(opt, corpus_drafter(opt, outputs, draft_length=4), inputs)
+    assert stats.drafted > 0 and stats.accepted > stats.drafted / 2
+
+
+@pytest.mark.parametrize("rows", [1, 8])
+def test_corpus_drafts_that_are_always_wrong_cost_nothing_but_time(opt, rows):
+    inputs = opt.prepare_inputs(make_images(rows, seed=6), PROMPTS[:rows])
+    _, outputs = own_tokens(opt, inputs, 12)
+    never = min(set(range(opt.text_config.vocab_size)) - {t for o in outputs for t in o})
+    wrong = [[t, never, never, never] for t in range(opt.text_config.vocab_size)]  # every token matches, then `never`
+    stats = assert_drafter_matches(opt, corpus_drafter(opt, wrong, draft_length=3), inputs)
+    assert stats.drafted > 0 and stats.accepted == 0
+
+
+def test_corpus_drafts_of_other_images_and_early_stops_are_exact(opt):
+    _, outputs = own_tokens(opt, opt.prepare_inputs(make_images(8, seed=11), PROMPTS), 12)
+    inputs = opt.prepare_inputs(make_images(4, seed=12), PROMPTS[:4])
+    for config in (dict(draft_length=1), dict(draft_length=6), dict(draft_length=4, stop_below=0.6)):
+        assert_drafter_matches(opt, corpus_drafter(opt, outputs, **config), inputs)
+
+
+def test_a_corpus_drafter_saves_and_loads_alone(opt, tmp_path):
+    drafter = corpus_drafter(opt, [[1, 2, 3], [4, 5]], draft_length=2)
+    drafter.save(str(tmp_path))
+    again = CorpusDrafter(opt, drafter.config)
+    again.load(str(tmp_path))
+    assert again.outputs == [[1, 2, 3], [4, 5]] and again.index.continuation([1], 2)[0] == [2, 3]
+    (tmp_path / "corpus.json").write_text('{"outputs": [["a"]]}')
+    with pytest.raises(Exception, match="not a corpus drafter"):
+        again.load(str(tmp_path))
+
+
+# -- the other families --------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["minigpt4-gqa", "blip2-flant5"])
+def test_corpus_drafting_is_exact_on_the_outside_shaped_families(family):
+    if family == "minigpt4-gqa":
+        from earlyexit.backends.minigpt4_llama import Minigpt4LlamaBackend
+        backend = Minigpt4LlamaBackend.from_tiny_config(seed=2, num_layers=4, hidden_size=48, num_heads=6,
+                                                        num_kv_heads=2, num_query_tokens=6)
+    else:
+        from earlyexit.backends.blip2_flant5 import Blip2FlanT5Backend
+        backend = Blip2FlanT5Backend.from_tiny_config(seed=2, num_layers=3, hidden_size=32, num_heads=4)
+    inputs = backend.prepare_inputs(make_images(3, seed=7), PROMPTS[:3])
+    _, outputs = own_tokens(backend, inputs, 10)
+    stats = assert_drafter_matches(backend, corpus_drafter(backend, outputs, draft_length=3), inputs, 10)
+    assert stats.accepted > 0
+    other = backend.prepare_inputs(make_images(3, seed=8), PROMPTS[3:6])
+    assert_drafter_matches(backend, corpus_drafter(backend, outputs, draft_length=3), other, 10)
+
+
+# -- the exit drafter stops early too -------------------------------------------------------------
+@pytest.mark.parametrize("stop_below", [0.0, 0.5, 0.99])
+def test_exit_drafts_stopped_early_are_still_the_full_model(registry, opt, stop_below):
+    strategy = registry.strategy("confidence")(opt, [1, 2])
+    inputs = opt.prepare_inputs(make_images(3, seed=13), PROMPTS[:3])
+    expected = opt.plain_generate(**inputs, max_new_tokens=10, do_sample=False)
+    decoder = SelfSpeculativeDecoder(EarlyExitForCausalLM(opt, strategy), 0, 4, stop_below=stop_below)
+    got = decoder.generate(**inputs, max_new_tokens=10)
+    prompt = inputs["input_ids"].shape[1]
+    eos = opt.language_model.generation_config.eos_token_id
+    for r in range(3):
+        want = expected[r, prompt:].tolist()
+        want = want[:want.index(eos) + 1] if eos in want else want
+        assert got[r, prompt:prompt + len(want)].tolist() == want
+    if stop_below == 0.99:  # a random model's exit is never that sure: nothing is drafted
+        assert decoder.last_stats.drafted < decoder.last_stats.tokens
+
+
+def test_the_registry_lists_drafters(registry):
+    assert {"corpus", "exits"} <= set(registry.names("drafter"))
+    kinds = {e["name"]: e["kind"] for e in registry.entries()}
+    assert kinds["corpus"] == kinds["exits"] == "drafter"
+    assert registry.drafter("exits").uses_exits and not registry.drafter("corpus").uses_exits
