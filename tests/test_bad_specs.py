@@ -95,6 +95,7 @@ CASES = [
     ("models axis entry without a model", spec_text(table='models = [{ backend = "blip2-opt" }]'),
      "needs a model key"),
     ("unknown backend", spec_text('backend = "blip2-opx"'), '[defaults] backend = "blip2-opx": unknown backend'),
+    ("unknown drafter", spec_text('drafter = "corpuss"'), '[defaults] drafter = "corpuss": unknown drafter'),
     ("unknown dtype", spec_text('dtype = "float64"'), "must be one of float32, bfloat16, float16"),
     ("budget above 1", spec_text("budget = 1.5"), "budget = 1.5: must be a number in [0, 1)"),
     ("epsilon zero", spec_text("epsilon = 0"), "epsilon = 0: must be a number in (0, 1)"),

@@ -170,3 +170,67 @@ def test_the_registry_lists_drafters(registry):
     kinds = {e["name"]: e["kind"] for e in registry.entries()}
     assert kinds["corpus"] == kinds["exits"] == "drafter"
     assert registry.drafter("exits").uses_exits and not registry.drafter("corpus").uses_exits
+
+
+# -- a drafter from an outside package ---------------------------------------------------------------
+OUTSIDE_DRAFTER = '''
+    import json
+    import os
+    from collections import Counter, defaultdict
+
+    import earlyexit
+    from earlyexit.core.drafter import Drafter
+
+
+    class BigramDrafter(Drafter):
+        """Drafts the token that most often followed the last one in the backbone's outputs."""
+        name = "bigram"
+        description = "most frequent next token"
+
+        def fit(self, outputs, log=print):
+            counts = defaultdict(Counter)
+            for tokens in outputs:
+                for a, b in zip(tokens, tokens[1:]):
+                    counts[a][b] += 1
+            self.next = {a: c.most_common(1)[0][0] for a, c in counts.items()}
+
+        def save(self, folder):
+            with open(os.path.join(folder, "bigram.json"), "w") as f:
+                json.dump({str(k): v for k, v in self.next.items()}, f)
+
+        def load(self, folder):
+            with open(os.path.join(folder, "bigram.json")) as f:
+                self.next = {int(k): v for k, v in json.load(f).items()}
+
+        def propose(self, context, count):
+            drafts, token = [], context.tokens[-1]
+            while len(drafts) < count and token in self.next:
+                token = self.next[token]
+                drafts.append(token)
+            return drafts
+
+
+    @earlyexit.hookimpl
+    def earlyexit_register_drafters():
+        return [BigramDrafter]
+'''
+
+
+def test_a_drafter_from_an_outside_package_registers_fits_and_drafts(install_distribution, opt, tmp_path):
+    from earlyexit.plugins.registry import get_registry
+
+    install_distribution("earlyexit-bigram", {"ee_bigram": OUTSIDE_DRAFTER}, {"bigram": "ee_bigram"})
+    registry = get_registry()
+    assert registry.plugin_of("drafter", "bigram") == "earlyexit-bigram"
+    assert {"name": "bigram", "kind": "drafter", "plugin": "earlyexit-bigram",
+            "description": "most frequent next token"} in registry.entries()
+    cls = registry.drafter("bigram")
+    inputs = opt.prepare_inputs(make_images(4, seed=5), PROMPTS[:4])
+    _, outputs = own_tokens(opt, inputs, 12)
+    drafter = cls(opt, cls.Config(draft_length=3))
+    drafter.fit(outputs)
+    drafter.save(str(tmp_path))
+    again = cls(opt, cls.Config(draft_length=3))
+    again.load(str(tmp_path))
+    stats = assert_drafter_matches(opt, again, inputs)
+    assert stats.drafted > 0 and stats.accepted > 0

@@ -63,3 +63,27 @@ def test_run_free_end_to_end(tmp_path, capsys):
                        if layer < report["num_layers"])
     assert report["results"]["full"]["speed"]["exit_vocabulary"] is None
     assert report["results"]["free speculative"]["predictions"] == report["results"]["full"]["predictions"]
+
+
+def test_run_with_a_corpus_drafter(tmp_path, capsys):
+    """`run --drafter corpus` fits the drafter on the backbone's own outputs (then reuses it), times
+    it on dev beside plain decoding, and reports its speculative row: the full model's predictions."""
+    model = tmp_path / "micro"
+    make_backend(seed=8, num_layers=4, image_size=64, patch_size=16, init_std=0.1).save_pretrained(str(model))
+    argv = ["run", "--backend", "blip2-opt", "--strategy", "confidence", "--model", str(model), "--gate", "none",
+            "--threshold", "0.9", "--train-limit", "8", "--dev-limit", "4", "--test-limit", "4", "--batch-size", "4",
+            "--max-new-tokens", "6", "--output", str(tmp_path / "runs"), "--drafter", "corpus",
+            "--drafter-option", "stop_below=0.3", "--draft-length", "3", "--json", str(tmp_path / "run.json")]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "drafter corpus: fitted on 8 of the backbone's own outputs" in captured.err
+    assert "corpus speculative" in captured.out and "with the corpus drafter" in captured.out
+    report = json.loads((tmp_path / "run.json").read_text())
+    row = report["results"]["corpus speculative"]
+    assert row["predictions"] == report["results"]["full"]["predictions"]
+    assert row["config"]["decode"] == "speculative" and row["speed"]["drafter"] == "corpus"
+    assert row["speed"]["draft_length"] == 3 and row["speed"]["decode_wall_speedup"] > 0
+    assert report["settings"]["drafter_options"] == {"stop_below": 0.3}
+    assert report["drafter_choice"]["dev_plain_tokens_per_s"] > 0 and "strategy speculative" not in report["results"]
+    assert main(argv) == 0
+    assert "drafter corpus: reusing" in capsys.readouterr().err

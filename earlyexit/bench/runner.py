@@ -115,7 +115,11 @@ def compute_cell(cell, key: str, output: str, registry, log) -> dict | None:
     if report is None:  # another rank of a multi-process bench: rank 0 keeps the record
         return None
     seconds = time.perf_counter() - began
-    label = f"{cell.strategy} speculative" if decode == "speculative" else report["strategy_label"]
+    label = report["strategy_label"]
+    if decode == "speculative":  # the row of the drafter that drafted: the exits, or one of its own
+        drafter = run_settings.drafter
+        own = drafter is not None and not registry.drafter(drafter).uses_exits
+        label = f"{drafter} speculative" if own else f"{cell.strategy} speculative"
     tokenizer = report.pop("tokenizer")
     results = {}
     for name, result in report["results"].items():

@@ -46,7 +46,8 @@ SETTINGS = {
     "backend": "blip2-opt", "model": "tiny", "device": None, "dtype": None, "exit_layers": None,
     "threshold": None, "rule": "budget", "budget": 0.01, "epsilon": 0.1, "grid": None, "kv_policy": "catchup",
     "gate": "learned", "gate_mode": "filter", "gate_threshold": 0.3, "speed_target": "layer",
-    "decode": "early-exit", "draft_length": 4, "test_limit": None, "dev_limit": None, "train_limit": None,
+    "decode": "early-exit", "draft_length": 4, "drafter": None, "test_limit": None, "dev_limit": None,
+    "train_limit": None,
     "batch_size": 32, "num_beams": 1, "max_new_tokens": 20, "seed": 0, "noise": 0.0,
     "test_data": None, "test_split": None,  # score elsewhere: NoCaps val with exits trained on COCO
 }
@@ -164,10 +165,10 @@ class _Errors:
             problem = checks.setting_problem(key, value)
             if problem:
                 raise self.value(where, key, value, problem)
-            if key == "backend":
+            if key in ("backend", "drafter"):
                 try:
-                    self.registry.backend(value)
-                except EarlyExitError as error:  # its answer lists the backends there are
+                    getattr(self.registry, key)(value)
+                except EarlyExitError as error:  # its answer lists the names there are
                     raise self.value(where, key, value, str(error)) from None
 
     def as_list(self, where: str, key: str, value, check=None) -> list:

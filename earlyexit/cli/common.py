@@ -233,9 +233,9 @@ def option_type(config_cls, name: str) -> type:
     return hint if isinstance(hint, type) else str
 
 
-def strategy_overrides(strategy_cls, threshold: float | None, options: list[str]) -> dict:
+def strategy_overrides(strategy_cls, threshold: float | None, options: list[str], flag: str = "--option") -> dict:
     """The config values --threshold and --option KEY=VALUE set, checked against the strategy's
-    config fields and parsed to their types."""
+    config fields and parsed to their types (a drafter's `--drafter-option` likewise: `flag`)."""
     fields = {f.name: f for f in dataclasses.fields(strategy_cls.Config)}
     values = {}
     if threshold is not None:  # --threshold sets the strategy's knob: a threshold, an entropy, a patience, a γ
@@ -247,16 +247,16 @@ def strategy_overrides(strategy_cls, threshold: float | None, options: list[str]
         key, sep, raw = option.partition("=")
         key = key.strip().replace("-", "_")
         if not sep or key not in fields:
-            raise ConfigError(f"bad --option {option!r}: use KEY=VALUE with KEY one of "
+            raise ConfigError(f"bad {flag} {option!r}: use KEY=VALUE with KEY one of "
                               f"{', '.join(fields) or '(this strategy has no options)'}")
         kind = option_type(strategy_cls.Config, key)
         try:
             values[key] = parse_bool(raw) if kind is bool else kind(raw)
         except ValueError:
-            raise ConfigError(f"bad --option {option!r}: {key} expects a {kind.__name__}")
+            raise ConfigError(f"bad {flag} {option!r}: {key} expects a {kind.__name__}")
         problem = option_value_problem(strategy_cls.Config, key, values[key])
         if problem:  # inf, nan or a negative number: refused here, before anything trains
-            raise ConfigError(f"bad --option {option!r}: {key} {problem}")
+            raise ConfigError(f"bad {flag} {option!r}: {key} {problem}")
     return values
 
 

@@ -12,7 +12,7 @@ from earlyexit.cli.common import (add_backend_argument, add_batch_size_argument,
                                   add_model_argument, add_option_argument, add_output_argument, add_strategy_argument,
                                   add_threshold_argument, add_vocabulary_arguments, build_strategy_config,
                                   device_options, parse_float_list, positive_int, quiet_transformers,
-                                  report_plugin_failures)
+                                  report_plugin_failures, strategy_overrides)
 from earlyexit.core.choices import GATES, RULES, SPEED_TARGETS
 from earlyexit.errors import ConfigError
 from earlyexit.plugins.registry import get_registry
@@ -80,9 +80,10 @@ def format_run(report: dict, color: bool) -> str:
     for result in speculative:
         speed = result["speed"]
         over = f" over {speed['draft_vocabulary']} tokens" if speed.get("draft_vocabulary") else ""
-        lines.append(f"speculative: drafts at layer {speed['draft_exit_layer']}{over}, {speed['mean_draft_length']:.2f} "
-                     f"drafts per round, {100 * speed['acceptance_rate']:.1f}% accepted (the output is the full "
-                     "model's, token for token)")
+        where = (f"at layer {speed['draft_exit_layer']}{over}" if speed.get("draft_exit_layer") is not None
+                 else f"with the {speed.get('drafter')} drafter")
+        lines.append(f"speculative: drafts {where}, {speed['mean_draft_length']:.2f} drafts per round, "
+                     f"{100 * speed['acceptance_rate']:.1f}% accepted (the output is the full model's, token for token)")
     strategy = report["strategy_label"]
     histogram = results[strategy]["exit_layer_histogram"]
     total = sum(histogram.values()) or 1
@@ -159,6 +160,13 @@ class RunCommand:
         parser.add_argument("--no-speculative", action="store_true",
                             help="skip the self-speculative decoding row")
         add_draft_arguments(parser, "the fastest on dev")
+        parser.add_argument("--drafter", metavar="NAME",
+                            help="draft the speculative row with this drafter (`earlyexit list`, kind drafter): "
+                                 "corpus (the backbone's own outputs on the training split, fitted in seconds and "
+                                 "cached) or exits (the strategy's exits; the default)")
+        parser.add_argument("--drafter-option", action="append", default=[], metavar="KEY=VALUE",
+                            help="a drafter option, e.g. --drafter-option draft_length=6 or stop_below=0.4 "
+                                 "(repeatable)")
         add_vocabulary_arguments(parser)
         parser.add_argument("--test-limit", type=positive_int, help="evaluate on the first N test samples")
         parser.add_argument("--dev-limit", type=positive_int, help="calibrate on the first N dev samples")
@@ -190,6 +198,7 @@ class RunCommand:
         strategy_cls = registry.strategy(args.strategy)
         registry.backend(args.backend)
         options = build_strategy_config(strategy_cls, None, args.option).to_dict() if args.option else {}
+        drafter_options = drafter_settings(registry, args)
         settings = RunSettings(backend=args.backend, strategy=args.strategy, model=args.model, data=args.data,
                                exit_layers=args.exit_layers, options={k: options[k] for k in _given(args.option)},
                                threshold=args.threshold, rule=args.rule, budget=args.budget, epsilon=args.epsilon,
@@ -198,6 +207,7 @@ class RunCommand:
                                gate_threshold=args.gate_threshold, speed_target=args.speed_target,
                                speculative=not args.no_speculative, draft_exit=args.draft_exit,
                                draft_length=args.draft_length, draft_vocabulary=args.draft_vocabulary,
+                               drafter=args.drafter, drafter_options=drafter_options,
                                exit_vocabulary=args.exit_vocabulary,
                                test_limit=args.test_limit, dev_limit=args.dev_limit,
                                train_limit=args.train_limit, batch_size=args.batch_size, num_beams=args.num_beams,
@@ -226,6 +236,20 @@ class RunCommand:
 def _deepspeed(args, strategy_cls, options: dict, dtype: str) -> dict | None:
     batch_size = options.get("batch_size") or getattr(strategy_cls.Config(), "batch_size", 16)
     return config_from_arguments(args, batch_size, dtype=dtype)
+
+
+def drafter_settings(registry, args) -> dict:
+    """`--drafter-option` values, checked against `--drafter`'s config before any work."""
+    if args.drafter is None:
+        if args.drafter_option:
+            raise ConfigError("--drafter-option needs a --drafter (e.g. --drafter corpus)")
+        return {}
+    if args.no_speculative:
+        raise ConfigError("--drafter drafts the speculative row; drop --no-speculative or --drafter")
+    drafter_cls = registry.drafter(args.drafter)
+    values = strategy_overrides(drafter_cls, None, args.drafter_option, flag="--drafter-option")
+    drafter_cls.Config(**values)  # its own range checks, now
+    return values
 
 
 def _given(options: list[str]) -> list[str]:

@@ -79,7 +79,7 @@ SETTING_CHECKS = {
     "speed_target": one_of(SPEED_TARGETS), "decode": one_of(DECODES), "draft_length": positive_int,
     "test_limit": positive_int, "dev_limit": positive_int, "train_limit": positive_int, "batch_size": positive_int,
     "num_beams": positive_int, "max_new_tokens": positive_int, "seed": any_int, "noise": NON_NEGATIVE,
-    "test_data": text, "test_split": text,
+    "test_data": text, "test_split": text, "drafter": text,
 }
 GATE_THRESHOLDS = {"learned": number_in(0, 1), "cosine": number_in(-1, 1)}  # a probability; a cosine
 

@@ -15,8 +15,7 @@ import torch
 from earlyexit.core.accounting import CostModel, summarize
 from earlyexit.core.choices import DECODES
 from earlyexit.core.generation import count_tokens, decode_new_tokens, timed, unpadded_rows
-from earlyexit.core.speculative import (DEFAULT_DRAFT_LENGTH, SelfSpeculativeDecoder, speculative_summary,
-                                        token_vocabulary)
+from earlyexit.core.speculative import DEFAULT_DRAFT_LENGTH, speculative_decoder, speculative_summary, token_vocabulary
 from earlyexit.data import Dataset
 from earlyexit.data.tasks import task_of
 from earlyexit.errors import ConfigError
@@ -36,11 +35,12 @@ def score(dataset: Dataset, predictions: dict[str, str], quick: bool = False) ->
 
 def evaluate(backend, strategy, dataset: Dataset, settings: EvalSettings, kv_policy: str = "catchup",
              gate=None, decode: str = "early-exit", draft_exit: int | None = None, draft_length: int | None = None,
-             draft_vocabulary=None, exit_vocabulary=None,
+             draft_vocabulary=None, exit_vocabulary=None, drafter=None,
              on_batch=None) -> dict:
     """Quality, the three speed-ups (wall-clock end to end and per decode step, side by side
     with the full model on the same batches) and the exit layers. `decode="speculative"`
-    decodes with self-speculative decoding over the strategy's exits (greedy).
+    decodes with self-speculative decoding over the strategy's exits (greedy), or with `drafter`
+    (`earlyexit.core.drafter`; a drafter of its own needs no strategy).
     `exit_vocabulary` (token ids): exits that share the backbone's head decide and emit over
     those tokens only (the final layer reads them all). Ranking tasks (VisDial) go to
     `evaluate_dialog`. Every rank returns rank 0's report."""
@@ -57,7 +57,7 @@ def evaluate(backend, strategy, dataset: Dataset, settings: EvalSettings, kv_pol
         raise ConfigError("speculative decoding is greedy; drop --num-beams or use --decode early-exit")
     run = EvalRun(backend, strategy, dataset, settings, kv_policy, gate, decode,
                   columns=("predictions", "exit_layers", "token_ids"))
-    generation = Generation(run, exit_vocabulary, draft_exit, draft_length, draft_vocabulary)
+    generation = Generation(run, exit_vocabulary, draft_exit, draft_length, draft_vocabulary, drafter)
     part = run.part
     with run.progress("eval", "sample") as bar:
         for start, batch, images in images_ahead(part.samples, settings):
@@ -99,15 +99,15 @@ class Generation:
     decoding over its exits), then, with a strategy, the full model generates the same inputs
     for the wall-clock comparison; the batch's texts, exit layers and token ids go to the run."""
 
-    def __init__(self, run: EvalRun, exit_vocabulary, draft_exit, draft_length, draft_vocabulary):
+    def __init__(self, run: EvalRun, exit_vocabulary, draft_exit, draft_length, draft_vocabulary, drafter=None):
         self.run, self.task, model = run, task_of(run.dataset), run.model
         if exit_vocabulary is not None and run.strategy is not None:
             model.exit_vocabulary = token_vocabulary(model, exit_vocabulary, "exit")
         self.decoder = None
         if run.decode == "speculative":
-            self.decoder = SelfSpeculativeDecoder(model, draft_exit=draft_exit,
-                                                  draft_length=draft_length or DEFAULT_DRAFT_LENGTH,
-                                                  draft_vocabulary=draft_vocabulary)
+            self.decoder = speculative_decoder(model, drafter, draft_exit=draft_exit,
+                                               draft_length=draft_length or DEFAULT_DRAFT_LENGTH,
+                                               draft_vocabulary=draft_vocabulary)
             run.share.stats = self.decoder.total_stats
         settings = run.settings
         self.generate = dict(max_new_tokens=settings.max_new_tokens, num_beams=settings.num_beams, do_sample=False)
@@ -178,6 +178,7 @@ class Generation:
                      "exit_layer_histogram": {backend.num_layers: len(layers)}, "param_speedup": 1.0,
                      **speculative_summary(share.records, costs, share.stats),
                      "draft_exit_layer": self.decoder.draft_layer, "draft_length": self.decoder.draft_length,
+                     "drafter": getattr(getattr(self.decoder, "drafter", None), "name", "exits"),
                      # what the drafts read: the draft vocabulary, else the exit vocabulary (the engine's rule)
                      "draft_vocabulary": next((len(v) for v in (model.draft_vocabulary, model.exit_vocabulary)
                                                if v is not None), None)}

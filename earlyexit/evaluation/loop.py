@@ -66,7 +66,8 @@ class EvalRun:
         if self.world > 1:  # each rank works on its share; rank 0 gathers, scores and reports
             self.part = dataclasses.replace(self.dataset, samples=self.dataset.samples[self.rank::self.world])
         self.model = EarlyExitForCausalLM(backend, strategy, kv_policy=kv_policy, gate=gate)
-        self.timing_full = strategy is not None and settings.measure_wall
+        # the full model is the comparison whenever something other than it decodes
+        self.timing_full = (strategy is not None or decode == "speculative") and settings.measure_wall
         self.share = Share({name: {} for name in columns})
 
     def progress(self, verb: str, unit: str):

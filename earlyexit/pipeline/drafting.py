@@ -1,22 +1,34 @@
 """Step 4 of a run: for the self-speculative row, the exit that drafts and how many tokens it
-drafts a round, chosen by tokens/s on (part of) the dev split."""
+drafts a round, chosen by tokens/s on (part of) the dev split; and `--drafter`'s drafter, fitted
+on the backbone's own outputs (or reused from the cache) and timed on dev."""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import os
+import time
 
 import torch
 
 from earlyexit.core.choices import draft_exit_index
 from earlyexit.core.generation import count_tokens, timed
 from earlyexit.core.speculative import DEFAULT_DRAFT_LENGTH, DRAFT_LENGTHS
+from earlyexit.data.splits import load_split
 from earlyexit.data.tasks import task_of
+from earlyexit.errors import CorruptAdapterError
 from earlyexit.evaluation.evaluate import evaluate
+from earlyexit.models import embedded
+from earlyexit.models.adapters import backbone_fingerprint
 from earlyexit.pipeline.context import RunContext
 from earlyexit.pipeline.settings import RunSettings
+from earlyexit.training.drafters import backbone_token_outputs
+from earlyexit.util.files import atomic_folder
+from earlyexit.util.ranks import barrier, process_group, shared_from_main
 
 
-def choose_draft_exit(backend, strategy, dev, evaluation, settings: RunSettings, log, vocabulary=None):
+def choose_draft_exit(backend, strategy, dev, evaluation, settings: RunSettings, log, vocabulary=None, drafter=None):
     """(exit index that drafts in speculative mode, draft length, what the choice saw). What is not
     given is chosen by tokens/s on (part of) the dev split, timed beside plain decoding of the same
     rows one at a time (what speculative decoding is compared with): first the exit at the given
@@ -33,7 +45,7 @@ def choose_draft_exit(backend, strategy, dev, evaluation, settings: RunSettings,
 
     def tokens_per_s(e: int, length: int) -> float:
         result = evaluate(backend, strategy, sample, probe, kv_policy="catchup", decode="speculative", draft_exit=e,
-                          draft_length=length, draft_vocabulary=vocabulary)
+                          draft_length=length, draft_vocabulary=vocabulary, drafter=drafter)
         return result["speed"]["wall"]["early_exit"]["tokens_per_s"]
 
     length = settings.draft_length or DEFAULT_DRAFT_LENGTH
@@ -84,19 +96,90 @@ class Drafting:
     length: int | None = None
     vocabulary: object = None  # what drafts read out over (token ids), or None for the whole head
     choice: dict | None = None  # what the choice on dev saw
+    drafter: object = None  # `--drafter`'s drafter when it drafts outside the exits (its own row)
+    drafter_choice: dict | None = None  # what it did on dev
 
 
 def prepare_drafting(run: RunContext, draft_vocabulary, exit_vocabulary) -> Drafting:
-    """The speculative row's drafting exit and length, or none (not asked for, or a ranking task)."""
+    """The speculative row's drafter: the strategy's exits (their drafting exit and length), or
+    `--drafter`'s own drafter, fitted and timed on dev; or none (not asked for, or a ranking task)."""
     settings = run.settings
     if settings.speculative and run.ranking:
         run.log("note: no self-speculative row: VisDial is scored by ranking answer options, nothing is decoded")
     if not settings.speculative or run.ranking:
         return Drafting(vocabulary=draft_vocabulary)
+    drafter = make_drafter(run)
+    if drafter is not None and not drafter.uses_exits:
+        return Drafting(drafter=drafter, length=drafter.config.draft_length,
+                        drafter_choice=drafter_pays_on_dev(run, drafter))
     vocabulary = draft_vocabulary if draft_vocabulary is not None else exit_vocabulary
     if vocabulary is not None:
         run.log(f"speculative: drafts read out {len(vocabulary)} tokens (the backbone's most frequent on "
                 f"{settings.data}/{run.train_split})")
     exit_index, length, choice = choose_draft_exit(run.backend, run.strategy, run.dev, run.evaluation, settings,
-                                                   run.log, vocabulary)
-    return Drafting(exit_index, length, vocabulary, choice)
+                                                   run.log, vocabulary, drafter)
+    return Drafting(exit_index, length, vocabulary, choice, drafter=drafter)
+
+
+def drafter_cache_folder(settings: RunSettings, drafter, fingerprint: str) -> str:
+    """Where a fitted drafter of this backbone, data and config is cached (as exits are)."""
+    recipe = {"version": 1, **drafter.recipe(), "data": settings.data, "train_limit": settings.train_limit,
+              "max_new_tokens": settings.max_new_tokens}
+    if settings.dtype not in (None, "float32"):
+        recipe["dtype"] = settings.dtype
+    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+    return os.path.join(embedded.cache_root(), "drafters", f"{settings.backend}-{fingerprint}-{drafter.name}-{key}")
+
+
+def make_drafter(run: RunContext):
+    """`--drafter`'s drafter, fitted on the backbone's own outputs on the exit-training split (or
+    reused from the cache); None without one. The exit drafter needs nothing: it is the exits."""
+    settings = run.settings
+    if settings.drafter is None:
+        return None
+    cls = run.registry.drafter(settings.drafter)
+    options = dict(settings.drafter_options)
+    if settings.draft_length is not None and not cls.uses_exits:  # --draft-length: how far it drafts too
+        options.setdefault("draft_length", settings.draft_length)
+    drafter = cls(run.backend, cls.Config(**options))
+    if not cls.needs_fitting:
+        return drafter
+    folder = drafter_cache_folder(settings, drafter, backbone_fingerprint(run.backend))
+    if shared_from_main(os.path.isdir(folder) and not settings.retrain, process_group()[1]):
+        try:
+            drafter.load(folder)
+            run.log(f"drafter {drafter.name}: reusing {folder}")
+            return drafter
+        except CorruptAdapterError as error:
+            run.log(f"note: {error}; fitting the drafter again")
+    began = time.perf_counter()
+    train = load_split(settings.data, run.train_split, settings.train_limit)
+    outputs, _ = backbone_token_outputs(run.backend, train, batch_size=settings.batch_size,
+                                        max_new_tokens=settings.max_new_tokens, progress=settings.progress)
+    drafter.fit(outputs, log=run.log)
+    if run.main:
+        with atomic_folder(folder) as temporary:
+            drafter.save(temporary)
+    barrier()
+    run.timings["drafter_fit_s"] = time.perf_counter() - began
+    run.log(f"drafter {drafter.name}: fitted on {len(outputs)} of the backbone's own outputs on "
+            f"{settings.data}/{run.train_split} in {run.timings['drafter_fit_s']:.1f} s; saved to {folder}")
+    return drafter
+
+
+def drafter_pays_on_dev(run: RunContext, drafter) -> dict:
+    """Tokens/s of speculative decoding with `drafter` on (part of) dev, beside plain decoding of
+    the same rows one at a time; the log says when drafting does not pay."""
+    probe = dataclasses.replace(run.evaluation, num_beams=1, progress=False, quick_metrics=True, measure_wall=False)
+    sample = run.dev.subset(min(len(run.dev), 40))
+    plain = plain_tokens_per_s(run.backend, sample, run.evaluation.max_new_tokens)
+    result = evaluate(run.backend, None, sample, probe, decode="speculative", drafter=drafter)
+    speed = result["speed"]["wall"]["early_exit"]["tokens_per_s"]
+    ratio = speed / plain if plain else float("nan")
+    run.log(f"speculative with the {drafter.name} drafter: {speed:.1f} tokens/s on dev against {plain:.1f} plain, one "
+            f"row at a time ({ratio:.2f}x; {100 * result['speed']['acceptance_rate']:.0f}% of drafts accepted)")
+    if not ratio > 1:
+        run.log(f"note: drafting with {drafter.name} does not pay on dev ({ratio:.2f}x): plain decoding is faster "
+                "here; its row is still reported")
+    return {"dev_tokens_per_s": speed, "dev_plain_tokens_per_s": plain, "dev_speedup": ratio,
+            "dev_acceptance_rate": result["speed"]["acceptance_rate"]}

@@ -60,6 +60,7 @@ def final_report(run: RunContext, knob, gate, calibration, drafting: Drafting, r
             "strategy_label": row_label(run, gate),
             "draft_exit_layer": strategy.exit_layers[drafting.exit] if drafting.exit is not None else None,
             "draft_choice": drafting.choice,
+            "drafter_choice": drafting.drafter_choice,
             "exit_layers": strategy.exit_layers, "strategy_config": strategy.config.to_dict(),
             "calibration": calibration, "results": results, "mid_crisis": mid_crisis, "timings": run.timings,
             "gate_folder": getattr(gate, "folder", None),

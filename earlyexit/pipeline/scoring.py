@@ -49,5 +49,9 @@ def score_on_test(run: RunContext, knob, gates: dict | None, exit_vocabulary, dr
         results[f"{settings.strategy} speculative"] = evaluate(
             backend, strategy, test, dataclasses.replace(evaluation, num_beams=1), kv_policy="catchup",
             decode="speculative", draft_exit=drafting.exit, draft_length=drafting.length,
-            draft_vocabulary=drafting.vocabulary)
+            draft_vocabulary=drafting.vocabulary, drafter=drafting.drafter)
+    elif drafting.drafter is not None:  # a drafter of its own: the full model alone verifies its tokens
+        results[f"{drafting.drafter.name} speculative"] = evaluate(
+            backend, None, test, dataclasses.replace(evaluation, num_beams=1), decode="speculative",
+            drafter=drafting.drafter)
     return results

@@ -36,6 +36,8 @@ class RunSettings:
     draft_exit: int | None = None  # exit layer that drafts (default: chosen on dev)
     draft_length: int | None = None  # tokens drafted per round (default: chosen on dev among 1-4)
     draft_vocabulary: int | None = None  # drafts read out only the N tokens the backbone writes most on the train split
+    drafter: str | None = None  # also a speculative row with this drafter (`earlyexit list`: kind drafter)
+    drafter_options: dict = dataclasses.field(default_factory=dict)  # its config overrides (draft_length, stop_below)
     # exits decide and emit over the N tokens the backbone writes most on the train split (the
     # final layer reads the whole vocabulary); drafts too, unless draft_vocabulary is given
     exit_vocabulary: int | None = None
