@@ -19,6 +19,12 @@ Costs are timed on one row with the engine (exits off) at a mid-caption context:
 step, a verification of m = 1 … k + 1 positions (the head reads all m), and the drafter's own
 lookup. A round that proposes d tokens costs lookup + verify(d + 1); plain decoding costs one
 step per token. Estimated decode speed-up = tokens · step / Σ rounds' cost (batch 1).
+
+`--measure N` then decodes the first N test images for real, one row at a time, alternating the
+backbone's own `generate` and speculative decoding with the corpus drafter (`DraftVerifyDecoder`)
+at the replay's best setting and at k = 4, τ = 0: measured α, tokens per round, and wall-clock
+speed-ups end to end and for the decode phase, beside the estimate. The drafter's tokens must
+equal the backbone's (checked).
 """
 
 from __future__ import annotations
@@ -105,6 +111,45 @@ def timed_costs(backend, context_tokens: int, lengths, repeats: int) -> dict:
     return {"context": cache.total_length, "step_ms": plain, "verify_ms": verify}
 
 
+def measure(backend, index_drafter, dataset, max_new_tokens: int) -> dict:
+    """Wall clock of plain decoding and of speculative decoding with `index_drafter`, row by row
+    on `dataset`, alternating on the same inputs; the outputs must be identical."""
+    import torch
+
+    from earlyexit.core.engine import EarlyExitForCausalLM
+    from earlyexit.core.generation import count_tokens, timed
+    from earlyexit.core.speculative import DraftVerifyDecoder
+    from earlyexit.data.tasks import task_of
+
+    decoder = DraftVerifyDecoder(EarlyExitForCausalLM(backend), index_drafter)
+    eos = backend.language_model.generation_config.eos_token_id
+    sides = {"plain": [0.0, 0.0, 0], "speculative": [0.0, 0.0, 0]}  # seconds, prompt seconds, tokens
+    task = task_of(dataset)
+    for sample in dataset:
+        inputs = backend.prepare_inputs([sample.load_image()], [task.prompt(sample, backend)])
+        prompt = inputs["input_ids"].shape[1]
+        with torch.no_grad():
+            plain, seconds, prompt_seconds = timed(backend.plain_generate, inputs,
+                                                   {"max_new_tokens": max_new_tokens, "do_sample": False})
+            tokens = count_tokens(plain, prompt, eos)
+            sides["plain"] = [a + b for a, b in zip(sides["plain"], (seconds, prompt_seconds, tokens))]
+            drafted, seconds, _ = timed(decoder.generate, inputs, {"max_new_tokens": max_new_tokens})
+            sides["speculative"] = [a + b for a, b in zip(sides["speculative"],
+                                                          (seconds, decoder.last_prompt_seconds, tokens))]
+        if drafted[0, prompt:prompt + tokens].tolist() != plain[0, prompt:prompt + tokens].tolist():
+            raise AssertionError(f"{sample.id}: speculative decoding differs from the backbone's own tokens")
+    (plain_s, plain_prompt, tokens), (spec_s, spec_prompt, _) = sides["plain"], sides["speculative"]
+    stats = decoder.total_stats
+    decode_tokens = tokens - len(dataset)  # the prompt pass writes each row's first token
+    return {"images": len(dataset), "tokens": tokens, "plain_seconds": plain_s, "speculative_seconds": spec_s,
+            "plain_prompt_seconds": plain_prompt, "speculative_prompt_seconds": spec_prompt,
+            "wall_speedup": plain_s / spec_s,
+            "decode_wall_speedup": (plain_s - plain_prompt) / (spec_s - spec_prompt),
+            "acceptance_rate": stats.acceptance_rate,
+            "tokens_per_round": decode_tokens / stats.rounds if stats.rounds else float("nan"),
+            "rounds": stats.rounds, "drafted": stats.drafted, "accepted": stats.accepted}
+
+
 def estimate(replay: dict, costs: dict) -> float:
     """Decode speed-up at batch 1: plain steps for the tokens, against each round's lookup and
     verification of its drafts plus one."""
@@ -122,6 +167,8 @@ def main(argv=None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--measure", type=int, default=0, metavar="N",
+                        help="also decode the first N test images for real, beside plain decoding")
     parser.add_argument("--json", required=True)
     args = parser.parse_args(argv)
 
@@ -162,11 +209,31 @@ def main(argv=None) -> int:
             rows.append({k: v for k, v in replay.items() if k != "proposed"})
     best = max(rows, key=lambda r: r["estimated_decode_speedup"])
     print(f"best: k={best['length']} τ={best['stop_below']}: est. decode {best['estimated_decode_speedup']:.2f}x")
+    measured = []
+    if args.measure:
+        from earlyexit.drafters.corpus import CorpusDrafter
+
+        test = load_split("scenes", test_split, args.measure)
+        for length, stop_below in dict.fromkeys([(best["length"], best["stop_below"]), (4, 0.0)]):
+            drafter = CorpusDrafter(backend, CorpusDrafter.Config(draft_length=length, stop_below=stop_below,
+                                                                  max_match=args.max_match))
+            drafter.fit(corpus, log=lambda *_: None)
+            result = measure(backend, drafter, test, args.max_new_tokens)
+            replayed = next(r for r in rows if r["length"] == length and r["stop_below"] == stop_below)
+            result.update(length=length, stop_below=stop_below,
+                          estimated_decode_speedup=replayed["estimated_decode_speedup"],
+                          replayed_acceptance_rate=replayed["acceptance_rate"],
+                          replayed_tokens_per_round=replayed["tokens_per_round"])
+            measured.append(result)
+            print(f"  measured k={length} τ={stop_below} on {result['images']} images, batch 1: decode "
+                  f"{result['decode_wall_speedup']:.2f}x (estimated {result['estimated_decode_speedup']:.2f}x), end "
+                  f"to end {result['wall_speedup']:.2f}x; α {result['acceptance_rate']:.3f} (replay "
+                  f"{result['replayed_acceptance_rate']:.3f}), {result['tokens_per_round']:.2f} tokens/round")
     write_json_atomically(args.json, {
         "command": "python benchmarks/drafter_replay.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "backend": name, "model": args.model, "corpus_captions": len(corpus), "corpus_tokens": index.tokens,
         "test_captions": len(captions), "index_build_seconds": build_seconds, "outputs_seconds": outputs_seconds,
-        "timed_ms": costs, "corpus": rows, "best": best, "provenance": provenance(),
+        "timed_ms": costs, "corpus": rows, "best": best, "measured_batch1": measured, "provenance": provenance(),
     })
     print(f"wrote {args.json}")
     return 0
