@@ -2,6 +2,7 @@
 drafter gives the full model's tokens, row for row, whatever the drafts are."""
 
 import pytest
+import torch
 from helpers import make_backend, make_images
 
 from earlyexit.core.engine import EarlyExitForCausalLM
@@ -234,3 +235,70 @@ def test_a_drafter_from_an_outside_package_registers_fits_and_drafts(install_dis
     again.load(str(tmp_path))
     stats = assert_drafter_matches(opt, again, inputs)
     assert stats.drafted > 0 and stats.accepted > 0
+
+
+# -- sampling: lossless in distribution ----------------------------------------------------------------
+class FixedDrafter(CorpusDrafter):
+    """Always proposes the same tokens, whatever came before (a drafter that is often wrong)."""
+
+    def __init__(self, backend, proposal):
+        super().__init__(backend, CorpusDrafter.Config(draft_length=len(proposal)))
+        self.proposal = proposal
+
+    def propose(self, context, count):
+        return self.proposal[:count]
+
+
+class AlwaysKept(DraftVerifyDecoder):
+    """The acceptance rule dropped: every draft is kept (what the test must catch)."""
+
+    def _sampled(self, block, drafts):
+        probabilities = self.warp(block.float()).softmax(-1)
+        return list(drafts) + [int(torch.multinomial(probabilities[len(drafts)], 1))]
+
+
+def chi_square_p(a: list[int], b: list[int]) -> float:
+    """p-value of the two-sample chi-square test that `a` and `b` (equal sizes) come from one
+    distribution; categories with fewer than 10 draws together are pooled."""
+    from collections import Counter
+
+    ca, cb = Counter(a), Counter(b)
+    bins, pooled = [], [0, 0]
+    for token in set(ca) | set(cb):
+        if ca[token] + cb[token] >= 10:
+            bins.append((ca[token], cb[token]))
+        else:
+            pooled = [pooled[0] + ca[token], pooled[1] + cb[token]]
+    if sum(pooled):
+        bins.append(tuple(pooled))
+    statistic = sum((x - y) ** 2 / (x + y) for x, y in bins)
+    return float(torch.special.gammaincc(torch.tensor((len(bins) - 1) / 2), torch.tensor(statistic / 2)))
+
+
+def test_speculative_sampling_draws_what_the_full_model_draws(opt):
+    rows = 1000
+    inputs = opt.prepare_inputs(make_images(1, seed=14) * rows, ["a"] * rows)
+    prompt = inputs["input_ids"].shape[1]
+    settings = dict(max_new_tokens=4, do_sample=True, temperature=0.7, top_k=0)
+    torch.manual_seed(0)
+    plain = opt.plain_generate(**inputs, **settings)[:, prompt:]
+    second = plain[:, 1].tolist()
+    likely = max(set(second), key=second.count)  # the drafts are often right, often wrong
+    proposal = [likely, likely]
+    drawn = {}
+    for name, cls in (("exact", DraftVerifyDecoder), ("always kept", AlwaysKept)):
+        decoder = cls(EarlyExitForCausalLM(opt), FixedDrafter(opt, proposal))
+        torch.manual_seed(1)
+        drawn[name] = decoder.generate(**inputs, **settings)[:, prompt:]
+        stats = decoder.last_stats
+        assert stats.drafted >= rows and (0 < stats.accepted < stats.drafted or name == "always kept")
+    for position in (1, 2, 3):  # after the first token the drafts decide what is kept
+        assert chi_square_p(plain[:, position].tolist(), drawn["exact"][:, position].tolist()) > 1e-3
+    assert chi_square_p(plain[:, 1].tolist(), drawn["always kept"][:, 1].tolist()) < 1e-6
+
+
+def test_greedy_is_unchanged_and_the_exit_drafter_does_not_sample(registry, opt):
+    inputs = opt.prepare_inputs(make_images(2, seed=15), PROMPTS[:2])
+    with pytest.raises(ConfigError, match="drafter of its own"):
+        SelfSpeculativeDecoder(EarlyExitForCausalLM(opt, registry.strategy("confidence")(opt, [1])), 0, 2).generate(
+            **inputs, max_new_tokens=4, do_sample=True)

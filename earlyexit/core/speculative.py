@@ -67,6 +67,8 @@ class RowByRowDecoder:
 
     draft_length: int
     draft_layer: int | None
+    samples = False  # whether `generate(do_sample=True)` is supported (exactly, in distribution)
+    warp = None  # the sampling warpers of the current call (None: greedy)
 
     def __init__(self, model):
         self.model = model
@@ -77,10 +79,17 @@ class RowByRowDecoder:
 
     @torch.no_grad()
     def generate(self, pixel_values=None, input_ids=None, attention_mask=None, max_new_tokens: int = 20,
-                 **unused) -> torch.Tensor:
+                 do_sample: bool = False, temperature: float | None = None, top_k: int | None = None,
+                 top_p: float | None = None, **unused) -> torch.Tensor:
         """(rows, prompt + generated) like `generate`; rows shorter than the longest are padded.
-        The backend's other vision inputs (`Backend.vision_input_names`) come as keywords too."""
+        The backend's other vision inputs (`Backend.vision_input_names`) come as keywords too.
+        `do_sample` samples as the backbone's `generate` does (temperature, top-k, top-p from the
+        arguments or its generation config), exactly in distribution where the decoder can."""
         vision = self.model.backend.vision_inputs(unused)
+        self.warp = sampling_warpers(self.model.generation_config, temperature, top_k, top_p) if do_sample else None
+        if do_sample and not self.samples:
+            raise ConfigError(f"{type(self).__name__} decodes greedily; sampled speculative decoding needs a drafter "
+                              "of its own (e.g. --drafter corpus)")
         check_context(self.model.backend, input_ids.shape[1], max_new_tokens)
         rows = input_ids.shape[0]
         stats, records, outputs = SpeculativeStats(), [], []
@@ -118,7 +127,7 @@ class RowByRowDecoder:
         try:
             model.force_exit, model.read_block = -1, False
             logits = model.prompt_pass(embeds, torch.ones_like(input_ids), cache)
-            tokens = [int(logits[0, -1].argmax())]
+            tokens = [self._first(logits[0, -1])]
             self.last_prompt_seconds += time.perf_counter() - began
             if len(tokens) < max_new_tokens and tokens[-1] not in eos:
                 tokens = self._rounds(cache, tokens, max_new_tokens, eos, stats)
@@ -126,6 +135,12 @@ class RowByRowDecoder:
             model.force_exit, model.read_block = None, False
         stats.tokens = len(tokens)
         return tokens, stats, cache.steps
+
+    def _first(self, logits: torch.Tensor) -> int:
+        """The prompt pass's token: greedy, or sampled from the warped distribution."""
+        if self.warp is None:
+            return int(logits.argmax())
+        return int(torch.multinomial(self.warp(logits[None].float())[0].softmax(-1), 1))
 
     def _rounds(self, cache, tokens: list[int], max_new_tokens: int, eos: set, stats) -> list[int]:
         """Draft-and-verify rounds from `tokens` (the prompt pass's first) to the end; the tokens."""
@@ -233,6 +248,8 @@ class DraftVerifyDecoder(RowByRowDecoder):
     the longest agreeing prefix is kept with the full model's own next token, and the cache is
     cropped back to the kept positions. One host read per round."""
 
+    samples = True
+
     def __init__(self, model, drafter):
         super().__init__(model)
         self.drafter = drafter
@@ -253,11 +270,53 @@ class DraftVerifyDecoder(RowByRowDecoder):
             fed = torch.tensor([[tokens[-1], *drafts]], device=model.device)
             logits = model(input_ids=fed, attention_mask=self._mask(cache, model.device, fed.shape[1]),
                            cache=cache).logits
-            verified = logits[0, -fed.shape[1]:].argmax(-1).tolist()
+            block = logits[0, -fed.shape[1]:]
+            verified = block.argmax(-1).tolist() if self.warp is None else self._sampled(block, drafts)
             tokens, ended = self._accept(cache, tokens, drafts, verified, budget, eos, stats)
             if ended:
                 break
         return tokens
+
+
+    def _sampled(self, block: torch.Tensor, drafts: list[int]) -> list[int]:
+        """Speculative sampling's acceptance rule for drafts proposed with certainty (q = a point
+        mass on each draft): draft i is kept with probability p_i(draft), where p_i is the full
+        model's warped distribution after the drafts before it; the first one refused is replaced
+        by a sample of p_i without it (the residual max(p - q, 0), renormalised), and when all are
+        kept a bonus token comes from p_k. Each token is then distributed exactly as sampling the
+        full model token by token. One host read: the kept count and the replacement together.
+        Returned as `verified` is for `_accept`: the kept drafts, then the full model's token."""
+        probabilities = self.warp(block.float()).softmax(-1)  # (drafts + 1, vocabulary)
+        count = len(drafts)
+        if count == 0:
+            return [int(torch.multinomial(probabilities[0], 1))]
+        index = torch.tensor(drafts, device=block.device)
+        kept = torch.rand(count, device=block.device) < probabilities[torch.arange(count), index]
+        accepted = kept.to(torch.int64).cumprod(0).sum()  # drafts kept before the first refusal
+        residual = probabilities[accepted.clamp(max=count)].clone()
+        refused = torch.cat([index, index[:1]])[accepted]  # the refused draft (unused when all were kept)
+        residual[refused] = torch.where(accepted < count, 0.0, residual[refused])
+        replacement = torch.multinomial(residual / residual.sum(), 1)[0]
+        accepted, replacement = torch.stack([accepted, replacement]).tolist()
+        return drafts[:accepted] + [replacement]
+
+
+def sampling_warpers(config, temperature=None, top_k=None, top_p=None):
+    """The warpers the backbone's `generate` applies when sampling (transformers' own, in its
+    order): temperature, top-k, top-p, from the arguments or else `config`."""
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    temperature = config.temperature if temperature is None else temperature
+    top_k = config.top_k if top_k is None else top_k
+    top_p = config.top_p if top_p is None else top_p
+    warpers = LogitsProcessorList()
+    if temperature is not None and temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(temperature))
+    if top_k is not None and top_k != 0:
+        warpers.append(TopKLogitsWarper(top_k=top_k, min_tokens_to_keep=1))
+    if top_p is not None and top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p=top_p, min_tokens_to_keep=1))
+    return lambda scores: warpers(None, scores)
 
 
 def speculative_decoder(model, drafter=None, draft_exit: int | None = None,
