@@ -92,22 +92,28 @@ def timed_costs(backend, context_tokens: int, lengths, repeats: int) -> dict:
         for _ in range(context_tokens):
             model(input_ids=token, attention_mask=torch.ones(1, cache.total_length + 1, dtype=torch.long), cache=cache)
 
-        def step(m: int, read_all: bool) -> float:
-            times = []
-            ids = token.repeat(1, m)
-            for _ in range(repeats + 2):
-                length = cache.total_length
-                model.read_block = read_all
-                began = time.perf_counter()
-                model(input_ids=ids, attention_mask=torch.ones(1, length + m, dtype=torch.long), cache=cache)
-                times.append(time.perf_counter() - began)
-                model.read_block = False
-                cache.crop(length)
-                del cache.steps[-1:]
-            return 1000 * statistics.median(times[2:])
+        def once(m: int, read_all: bool) -> float:
+            length = cache.total_length
+            model.read_block = read_all
+            began = time.perf_counter()
+            model(input_ids=token.repeat(1, m), attention_mask=torch.ones(1, length + m, dtype=torch.long),
+                  cache=cache)
+            seconds = time.perf_counter() - began
+            model.read_block = False
+            cache.crop(length)
+            del cache.steps[-1:]
+            return seconds
 
-        plain = step(1, False)
-        verify = {m: step(m, True) for m in range(1, max(lengths) + 2)}
+        # every shape in turn, repeat after repeat: a drift of the machine's speed touches them all alike
+        shapes = [(1, False)] + [(m, True) for m in range(1, max(lengths) + 2)]
+        times = {shape: [] for shape in shapes}
+        for repeat in range(repeats + 2):
+            for shape in shapes:
+                seconds = once(*shape)
+                if repeat >= 2:
+                    times[shape].append(seconds)
+        plain = 1000 * statistics.median(times[(1, False)])
+        verify = {m: 1000 * statistics.median(times[(m, True)]) for m in range(1, max(lengths) + 2)}
     return {"context": cache.total_length, "step_ms": plain, "verify_ms": verify}
 
 
