@@ -6,7 +6,8 @@ import torch
 from helpers import make_backend, make_images
 
 from earlyexit.core.engine import EarlyExitForCausalLM
-from earlyexit.core.speculative import DraftVerifyDecoder, SelfSpeculativeDecoder, speculative_decoder
+from earlyexit.core.speculative import (BatchedDraftVerifyDecoder, DraftVerifyDecoder, SelfSpeculativeDecoder,
+                                        speculative_decoder)
 from earlyexit.drafters.corpus import CorpusDrafter
 from earlyexit.drafters.suffix_index import SuffixIndex
 from earlyexit.errors import ConfigError
@@ -72,7 +73,7 @@ def own_tokens(backend, inputs, max_new_tokens):
 def assert_drafter_matches(backend, drafter, inputs, max_new_tokens=12):
     expected = backend.plain_generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     decoder = speculative_decoder(EarlyExitForCausalLM(backend), drafter)
-    assert isinstance(decoder, DraftVerifyDecoder)
+    assert isinstance(decoder, BatchedDraftVerifyDecoder)
     got = decoder.generate(**inputs, max_new_tokens=max_new_tokens)
     prompt = inputs["input_ids"].shape[1]
     for r in range(expected.shape[0]):
@@ -302,3 +303,43 @@ def test_greedy_is_unchanged_and_the_exit_drafter_does_not_sample(registry, opt)
     with pytest.raises(ConfigError, match="drafter of its own"):
         SelfSpeculativeDecoder(EarlyExitForCausalLM(opt, registry.strategy("confidence")(opt, [1])), 0, 2).generate(
             **inputs, max_new_tokens=4, do_sample=True)
+
+
+# -- batched verification ------------------------------------------------------------------------------
+@pytest.mark.parametrize("drafts", ["own", "wrong", "other images"])
+def test_a_batch_verified_together_gives_each_row_what_it_gets_alone(opt, drafts):
+    inputs = opt.prepare_inputs(make_images(8, seed=16), PROMPTS)
+    _, outputs = own_tokens(opt, inputs, 12)
+    if drafts == "wrong":
+        never = min(set(range(opt.text_config.vocab_size)) - {t for o in outputs for t in o})
+        outputs = [[t, never, never, never] for t in range(opt.text_config.vocab_size)]
+    elif drafts == "other images":
+        _, outputs = own_tokens(opt, opt.prepare_inputs(make_images(8, seed=17), PROMPTS), 12)
+    drafter = corpus_drafter(opt, outputs, draft_length=4)
+    model = EarlyExitForCausalLM(opt)
+    together = BatchedDraftVerifyDecoder(model, drafter)
+    batch = together.generate(**inputs, max_new_tokens=12)
+    alone = DraftVerifyDecoder(model, drafter)  # row by row, each row's own cache
+    rows = alone.generate(**inputs, max_new_tokens=12)
+    assert torch.equal(batch, rows)
+    assert together.last_stats.tokens == alone.last_stats.tokens
+    if drafts == "own":
+        assert together.last_stats.accepted > together.last_stats.drafted / 2
+    if drafts == "wrong":
+        assert together.last_stats.accepted == 0 and together.last_stats.drafted > 0
+    assert_drafter_matches(opt, drafter, inputs)  # and both are the backbone's own tokens
+
+
+def test_batched_verification_on_llama_with_grouped_query_attention():
+    from earlyexit.backends.minigpt4_llama import Minigpt4LlamaBackend
+
+    backend = Minigpt4LlamaBackend.from_tiny_config(seed=4, num_layers=4, hidden_size=48, num_heads=6,
+                                                    num_kv_heads=2, num_query_tokens=6)
+    inputs = backend.prepare_inputs(make_images(5, seed=18), PROMPTS[:5])
+    _, outputs = own_tokens(backend, backend.prepare_inputs(make_images(5, seed=19), PROMPTS[:5]), 10)
+    _, own = own_tokens(backend, inputs, 10)
+    drafter = corpus_drafter(backend, outputs + own[:2], draft_length=3)
+    batch = BatchedDraftVerifyDecoder(EarlyExitForCausalLM(backend), drafter).generate(**inputs, max_new_tokens=10)
+    rows = DraftVerifyDecoder(EarlyExitForCausalLM(backend), drafter).generate(**inputs, max_new_tokens=10)
+    assert torch.equal(batch, rows)
+    assert_drafter_matches(backend, drafter, inputs, 10)

@@ -67,6 +67,7 @@ class RowByRowDecoder:
 
     draft_length: int
     draft_layer: int | None
+    batches = False  # greedy batches decode together (True) or one row at a time
     samples = False  # whether `generate(do_sample=True)` is supported (exactly, in distribution)
     warp = None  # the sampling warpers of the current call (None: greedy)
 
@@ -301,6 +302,103 @@ class DraftVerifyDecoder(RowByRowDecoder):
         return drafts[:accepted] + [replacement]
 
 
+class BatchedDraftVerifyDecoder(DraftVerifyDecoder):
+    """Greedy speculative decoding of a whole batch at once with a drafter of its own: every round
+    the rows' drafts (ragged, padded to the longest) are verified in one forward of rows x (k + 1)
+    positions, and each row keeps its own prefix. The cache stays rectangular: a row's refused
+    drafts become holes in its attention mask (positions count only what the mask keeps, so the
+    next tokens sit where the full model puts them), and the columns every row refused are cropped.
+    One host read a round. Decoder-only families (a T5 decoder's relative bias counts columns, so
+    holes would move it); sampling decodes row by row."""
+
+    @property
+    def batches(self) -> bool:
+        """Whether greedy batches decode together (else row by row, as the plain comparison must)."""
+        return not self.model.encoder_decoder
+
+    def generate(self, pixel_values=None, input_ids=None, attention_mask=None, max_new_tokens: int = 20,
+                 do_sample: bool = False, **unused) -> torch.Tensor:
+        model = self.model
+        if do_sample or model.encoder_decoder or input_ids.shape[0] == 1:
+            return super().generate(pixel_values, input_ids, attention_mask, max_new_tokens, do_sample=do_sample,
+                                    **unused)
+        self.warp = None
+        vision = model.backend.vision_inputs(unused)
+        check_context(model.backend, input_ids.shape[1], max_new_tokens)
+        rows, device = input_ids.shape[0], input_ids.device
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        eos = model.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos]))
+        pad = model.generation_config.pad_token_id
+        pad = pad if pad is not None else 0
+        cache, stats = model.new_cache(), SpeculativeStats()
+        began = time.perf_counter()
+        embeds = model.backend.decoder_inputs_embeds(pixel_values, input_ids, **vision)
+        try:
+            model.force_exit, model.read_block = -1, False
+            logits = model.prompt_pass(embeds, attention_mask, cache)
+            tokens = [[t] for t in logits[:, -1].argmax(-1).tolist()]
+            self.last_prompt_seconds = time.perf_counter() - began
+            mask = attention_mask.clone()
+            self.drafter.start()
+            going = [t[-1] not in eos and len(t) < max_new_tokens for t in tokens]
+            while any(going):
+                drafts = [self._row_drafts(tokens[r], max_new_tokens, eos) if going[r] else [] for r in range(rows)]
+                width = 1 + max(len(d) for d in drafts)
+                fed = torch.full((rows, width), pad, dtype=torch.long)
+                real = torch.zeros(rows, width, dtype=mask.dtype)
+                for r in range(rows):
+                    if going[r]:
+                        fed[r, :1 + len(drafts[r])] = torch.tensor([tokens[r][-1], *drafts[r]])
+                        real[r, :1 + len(drafts[r])] = 1
+                mask = torch.cat([mask, real.to(device)], 1)
+                cache.no_padding = False  # holes and finished rows: every block needs its mask
+                model.read_block = True
+                block = model(input_ids=fed.to(device), attention_mask=mask, cache=cache).logits
+                verified = block[:, -width:].argmax(-1).tolist()  # the round's one host read
+                refused_everywhere = width
+                for r in range(rows):
+                    if not going[r]:
+                        continue
+                    row_drafts, budget = drafts[r], max_new_tokens - len(tokens[r])
+                    accepted = 0
+                    while accepted < len(row_drafts) and row_drafts[accepted] == verified[r][accepted]:
+                        accepted += 1
+                    stats.rounds += bool(row_drafts)
+                    stats.drafted += len(row_drafts)
+                    stats.accepted += accepted
+                    mask[r, mask.shape[1] - width + 1 + accepted:] = 0  # the refused drafts: holes
+                    refused_everywhere = min(refused_everywhere, width - 1 - accepted)
+                    new = (row_drafts[:accepted] + [verified[r][accepted]])[:budget]
+                    tokens[r] += new
+                    ended = next((i for i, t in enumerate(tokens[r]) if t in eos), None)
+                    if ended is not None:
+                        tokens[r] = tokens[r][:ended + 1]
+                    going[r] = ended is None and len(tokens[r]) < max_new_tokens
+                if refused_everywhere:  # columns no row kept: gone from the cache and the mask
+                    cache.crop(cache.total_length - refused_everywhere)
+                    mask = mask[:, :-refused_everywhere]
+        finally:
+            model.force_exit, model.read_block = None, False
+        stats.tokens = sum(len(t) for t in tokens)
+        self.last_stats = stats
+        self.total_stats.add(stats)
+        self.last_records = [cache.steps] * rows  # every row ran every step of the batch
+        width = max(len(t) for t in tokens)
+        new_tokens = torch.full((rows, width), pad, dtype=input_ids.dtype, device=device)
+        for r, row_tokens in enumerate(tokens):
+            new_tokens[r, :len(row_tokens)] = torch.tensor(row_tokens, dtype=input_ids.dtype)
+        return torch.cat([input_ids, new_tokens], 1)
+
+    def _row_drafts(self, tokens: list[int], max_new_tokens: int, eos: set) -> list[int]:
+        budget = max_new_tokens - len(tokens)
+        drafts = list(self.drafter.propose(DraftContext(list(tokens)), min(self.draft_length, budget - 1))
+                      if budget > 1 else [])[:max(budget - 1, 0)]
+        ended = next((i for i, t in enumerate(drafts) if t in eos), None)
+        return drafts[:ended + 1] if ended is not None else drafts
+
+
 def sampling_warpers(config, temperature=None, top_k=None, top_p=None):
     """The warpers the backbone's `generate` applies when sampling (transformers' own, in its
     order): temperature, top-k, top-p, from the arguments or else `config`."""
@@ -327,7 +425,7 @@ def speculative_decoder(model, drafter=None, draft_exit: int | None = None,
         stop_below = drafter.config.stop_below if drafter is not None else 0.0
         return SelfSpeculativeDecoder(model, draft_exit=draft_exit, draft_length=draft_length,
                                       draft_vocabulary=draft_vocabulary, stop_below=stop_below)
-    return DraftVerifyDecoder(model, drafter)
+    return BatchedDraftVerifyDecoder(model, drafter)
 
 
 def token_vocabulary(model, ids, what: str) -> torch.Tensor | None:

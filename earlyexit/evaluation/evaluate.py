@@ -142,8 +142,9 @@ class Generation:
 
     def full(self, inputs: dict, rows: int) -> None:
         """The full model on the same inputs, its work counted: the batch at once, or row by row
-        where speculative decoding (which decodes rows one at a time) is its counterpart."""
-        parts = [(inputs, rows)] if self.decoder is None else [(row, 1) for row in unpadded_rows(inputs)]
+        where speculative decoding decodes rows one at a time (the exit drafter, T5)."""
+        together = self.decoder is None or (self.decoder.batches and not self.generate.get("do_sample"))
+        parts = [(inputs, rows)] if together else [(row, 1) for row in unpadded_rows(inputs)]
         for part, count in parts:
             plain, seconds, prompt = timed(self.run.backend.plain_generate, part, self.generate,
                                            warmup=self.warmup.pop("full", 0))
