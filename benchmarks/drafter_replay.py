@@ -156,6 +156,45 @@ def measure(backend, index_drafter, dataset, max_new_tokens: int) -> dict:
             "rounds": stats.rounds, "drafted": stats.drafted, "accepted": stats.accepted}
 
 
+def measure_batched(backend, drafter, dataset, batch_size: int, max_new_tokens: int) -> dict:
+    """Wall clock of the backbone's batched `generate` and of batched speculative decoding with
+    `drafter` (`BatchedDraftVerifyDecoder`) on the same batches, alternating; identical outputs."""
+    import torch
+
+    from earlyexit.core.engine import EarlyExitForCausalLM
+    from earlyexit.core.generation import count_tokens, timed
+    from earlyexit.core.speculative import BatchedDraftVerifyDecoder
+    from earlyexit.data.tasks import task_of
+
+    decoder = BatchedDraftVerifyDecoder(EarlyExitForCausalLM(backend), drafter)
+    eos = backend.language_model.generation_config.eos_token_id
+    task = task_of(dataset)
+    plain_s = plain_prompt = spec_s = spec_prompt = 0.0
+    tokens = 0
+    samples = dataset.samples
+    for start in range(0, len(samples), batch_size):
+        batch = samples[start:start + batch_size]
+        inputs = backend.prepare_inputs([s.load_image() for s in batch], [task.prompt(s, backend) for s in batch])
+        prompt = inputs["input_ids"].shape[1]
+        with torch.no_grad():
+            plain, seconds, prompt_seconds = timed(backend.plain_generate, inputs,
+                                                   {"max_new_tokens": max_new_tokens, "do_sample": False})
+            plain_s, plain_prompt = plain_s + seconds, plain_prompt + prompt_seconds
+            drafted, seconds, _ = timed(decoder.generate, inputs, {"max_new_tokens": max_new_tokens})
+            spec_s, spec_prompt = spec_s + seconds, spec_prompt + decoder.last_prompt_seconds
+        tokens += count_tokens(plain, prompt, eos)
+        for r in range(len(batch)):
+            want = plain[r, prompt:].tolist()
+            want = want[:want.index(eos) + 1] if eos in want else want
+            if drafted[r, prompt:prompt + len(want)].tolist() != want:
+                raise AssertionError(f"{batch[r].id}: batched speculative decoding differs from the backbone's tokens")
+    stats = decoder.total_stats
+    return {"batch_size": batch_size, "images": len(samples), "tokens": tokens, "plain_seconds": plain_s,
+            "speculative_seconds": spec_s, "wall_speedup": plain_s / spec_s,
+            "decode_wall_speedup": (plain_s - plain_prompt) / (spec_s - spec_prompt),
+            "acceptance_rate": stats.acceptance_rate, "rounds_per_row": stats.rounds / len(samples)}
+
+
 def estimate(replay: dict, costs: dict) -> float:
     """Decode speed-up at batch 1: plain steps for the tokens, against each round's lookup and
     verification of its drafts plus one."""
@@ -175,12 +214,15 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--measure", type=int, default=0, metavar="N",
                         help="also decode the first N test images for real, beside plain decoding")
+    parser.add_argument("--batches", default="", help="also measure batched speculative decoding at these batch "
+                                                          "sizes (comma-separated) on the --measure images")
     parser.add_argument("--json", required=True)
     args = parser.parse_args(argv)
 
     import torch
 
     from earlyexit.data.splits import load_split, splits_for
+    from earlyexit.drafters.corpus import CorpusDrafter
     from earlyexit.models.loading import load_backend
     from earlyexit.plugins.registry import get_registry
     from earlyexit.util.files import write_json_atomically
@@ -217,8 +259,6 @@ def main(argv=None) -> int:
     print(f"best: k={best['length']} τ={best['stop_below']}: est. decode {best['estimated_decode_speedup']:.2f}x")
     measured = []
     if args.measure:
-        from earlyexit.drafters.corpus import CorpusDrafter
-
         test = load_split("scenes", test_split, args.measure)
         for length, stop_below in dict.fromkeys([(best["length"], best["stop_below"]), (4, 0.0)]):
             drafter = CorpusDrafter(backend, CorpusDrafter.Config(draft_length=length, stop_below=stop_below,
@@ -235,11 +275,21 @@ def main(argv=None) -> int:
                   f"{result['decode_wall_speedup']:.2f}x (estimated {result['estimated_decode_speedup']:.2f}x), end "
                   f"to end {result['wall_speedup']:.2f}x; α {result['acceptance_rate']:.3f} (replay "
                   f"{result['replayed_acceptance_rate']:.3f}), {result['tokens_per_round']:.2f} tokens/round")
+    batched = []
+    for size in [int(b) for b in args.batches.split(",") if b]:
+        drafter = CorpusDrafter(backend, CorpusDrafter.Config(draft_length=4, max_match=args.max_match))
+        drafter.fit(corpus, log=lambda *_: None)
+        result = measure_batched(backend, drafter, load_split("scenes", test_split, args.measure or 64), size,
+                                 args.max_new_tokens)
+        batched.append(result)
+        print(f"  measured k=4 τ=0 at batch {size} on {result['images']} images: decode {result['decode_wall_speedup']:.2f}x, "
+              f"end to end {result['wall_speedup']:.2f}x; α {result['acceptance_rate']:.3f}")
     write_json_atomically(args.json, {
         "command": "python benchmarks/drafter_replay.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "backend": name, "model": args.model, "corpus_captions": len(corpus), "corpus_tokens": index.tokens,
         "test_captions": len(captions), "index_build_seconds": build_seconds, "outputs_seconds": outputs_seconds,
-        "timed_ms": costs, "corpus": rows, "best": best, "measured_batch1": measured, "provenance": provenance(),
+        "timed_ms": costs, "corpus": rows, "best": best, "measured_batch1": measured,
+        "measured_batched": batched, "provenance": provenance(),
     })
     print(f"wrote {args.json}")
     return 0

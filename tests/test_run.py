@@ -84,6 +84,8 @@ def test_run_with_a_corpus_drafter(tmp_path, capsys):
     assert row["config"]["decode"] == "speculative" and row["speed"]["drafter"] == "corpus"
     assert row["speed"]["draft_length"] == 3 and row["speed"]["decode_wall_speedup"] > 0
     assert report["settings"]["drafter_options"] == {"stop_below": 0.3}
-    assert report["drafter_choice"]["dev_plain_tokens_per_s"] > 0 and "strategy speculative" not in report["results"]
+    choice = report["drafter_choice"]  # timed on dev beside the full model, at the run's batch size
+    assert choice["dev_plain_tokens_per_s"] > 0 and choice["pays"] == (choice["dev_speedup"] > 1)
+    assert "confidence speculative" not in report["results"]
     assert main(argv) == 0
     assert "drafter corpus: reusing" in capsys.readouterr().err
