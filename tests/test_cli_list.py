@@ -31,7 +31,8 @@ def test_list_prints_a_table_with_one_row_per_entry(capsys):
     assert BUILTIN_SOURCE in rows["fixed"]
     # Columns line up: every row's kind starts where the header's KIND does.
     kind_column = lines[0].index("KIND")
-    assert all(line[kind_column:].startswith(("backend", "strategy")) for line in lines[1:])
+    assert all(line[kind_column:].startswith(("backend", "strategy", "drafter")) for line in lines[1:])
+    assert rows["corpus"].split()[1] == "drafter"
 
 
 @pytest.mark.parametrize("name, family", [
@@ -60,7 +61,7 @@ def test_list_json_has_exactly_the_documented_keys(capsys):
     assert main(["list", "--json"]) == 0
     entries = json.loads(capsys.readouterr().out)
     assert entries and all(set(e) == {"name", "kind", "plugin", "description"} for e in entries)
-    assert {e["kind"] for e in entries} == {"backend", "strategy"}
+    assert {e["kind"] for e in entries} == {"backend", "strategy", "drafter"}
     assert {"name": "fixed", "kind": "strategy", "plugin": BUILTIN_SOURCE}.items() <= next(
         e for e in entries if e["name"] == "fixed"
     ).items()
