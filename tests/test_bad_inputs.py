@@ -328,16 +328,21 @@ def call(argv) -> tuple[int, str]:
         return exit_.code, ""
 
 
-@pytest.mark.parametrize("case,build,fragment", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_is_one_line_and_exit_2(world, capsys, monkeypatch, case, build, fragment):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a hub id must fail at once, not after network retries
-    code, _ = call(build(world))
-    err = capsys.readouterr().err
+def assert_one_clean_line(code: int, err: str, fragment: str) -> None:
+    """A user mistake: exit 2, no traceback, exactly one line shown, and it names the problem."""
     lines = shown_lines(err)
     assert "Traceback" not in err, err
     assert code == 2, err
     assert len(lines) == 1, err
     assert fragment in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("case,build,fragment", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_and_exit_2(world, capsys, monkeypatch, case, build, fragment):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a hub id must fail at once, not after network retries
+    code, _ = call(build(world))
+    err = capsys.readouterr().err
+    assert_one_clean_line(code, err, fragment)
 
 
 def test_the_table_is_broad():

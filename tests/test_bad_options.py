@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from helpers import make_backend
 from PIL import Image
-from test_bad_inputs import call, shown_lines
+from test_bad_inputs import assert_one_clean_line, call
 
 
 class WorkStarted(BaseException):
@@ -120,11 +120,7 @@ CASES = [
 def test_bad_option_is_one_line_and_exit_2(model, tmp_path, capsys, no_work, case, build, fragment):
     code, _ = call(build(model, tmp_path))  # WorkStarted fails the case
     err = capsys.readouterr().err
-    lines = shown_lines(err)
-    assert "Traceback" not in err, err
-    assert code == 2, err
-    assert len(lines) == 1, err
-    assert fragment in lines[0], lines[0]
+    assert_one_clean_line(code, err, fragment)
     assert not (tmp_path / "runs").exists()
 
 

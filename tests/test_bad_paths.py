@@ -8,7 +8,8 @@ import json
 import os
 
 import pytest
-from test_bad_inputs import call, evaluate, generate, run, shown_lines, train, world  # noqa: F401 - fixture
+from test_bad_inputs import (assert_one_clean_line, call, evaluate, generate, run, train,  # noqa: F401
+                             world)  # world: a fixture
 
 from earlyexit.models.adapters import CONFIG, WEIGHTS
 
@@ -139,11 +140,7 @@ def test_bad_path_is_one_line_exit_2_and_no_work(world, exits, capsys, monkeypat
     before = set(os.listdir(world["root"]))
     code, _ = call(argv)
     out, err = capsys.readouterr()
-    lines = shown_lines(err)
-    assert "Traceback" not in err, err
-    assert code == 2, err
-    assert len(lines) == 1, err
-    assert fragment in lines[0], lines[0]
+    assert_one_clean_line(code, err, fragment)
     assert not out.strip(), out  # no caption, no result
     assert set(os.listdir(world["root"])) <= before  # nothing half-written beside the inputs
     if not case.startswith("exits/"):  # exit folders need the backbone they are checked against

@@ -6,7 +6,7 @@ never a traceback, and no cell may start (the cell loop is replaced by a marker 
 from __future__ import annotations
 
 import pytest
-from test_bad_inputs import call, shown_lines
+from test_bad_inputs import assert_one_clean_line, call
 
 import earlyexit.bench
 
@@ -122,11 +122,7 @@ def test_bad_spec_is_one_line_and_exit_2(tmp_path, capsys, no_cells, case, conte
     spec.write_bytes(content if isinstance(content, bytes) else content.encode())
     code, _ = call(["bench", str(spec), "--output", str(tmp_path / "out")])  # CellStarted fails the case
     err = capsys.readouterr().err
-    lines = shown_lines(err)
-    assert "Traceback" not in err, err
-    assert code == 2, err
-    assert len(lines) == 1, err
-    assert fragment in lines[0], lines[0]
+    assert_one_clean_line(code, err, fragment)
     assert not (tmp_path / "out").exists()  # nothing written either
 
 
