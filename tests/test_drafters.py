@@ -343,3 +343,37 @@ def test_batched_verification_on_llama_with_grouped_query_attention():
     rows = DraftVerifyDecoder(EarlyExitForCausalLM(backend), drafter).generate(**inputs, max_new_tokens=10)
     assert torch.equal(batch, rows)
     assert_drafter_matches(backend, drafter, inputs, 10)
+
+
+# -- generate and eval with a fitted drafter's folder ---------------------------------------------------
+def test_generate_and_eval_draft_with_a_saved_corpus_drafter(tmp_path, capsys):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from earlyexit.cli import main
+    from earlyexit.core.drafter import save_drafter
+
+    backend = make_backend(seed=3, num_layers=4)
+    model = tmp_path / "model"
+    backend.save_pretrained(str(model))
+    image = tmp_path / "image.png"
+    Image.fromarray(np.full((20, 20, 3), 90, dtype=np.uint8)).save(image)
+    inputs = backend.prepare_inputs([Image.open(image).convert("RGB")], ["a"])
+    _, outputs = own_tokens(backend, inputs, 8)
+    folder = tmp_path / "drafter"
+    folder.mkdir()
+    save_drafter(corpus_drafter(backend, outputs * 3, draft_length=3), str(folder))
+    common = ["--backend", "blip2-opt", "--model", str(model), "--max-new-tokens", "8"]
+    assert main(["generate", *common, "--image", str(image), "--prompt", "a", "--json"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main(["generate", *common, "--image", str(image), "--prompt", "a", "--json", "--decode", "speculative",
+                 "--drafter", f"corpus:{folder}"]) == 0
+    drafted = json.loads(capsys.readouterr().out)
+    assert drafted["token_ids"] == plain["token_ids"] and drafted["speculative"]["drafter"] == "corpus"
+    assert drafted["speculative"]["accepted"] > 0
+    assert main(["eval", *common, "--data", "scenes", "--split", "dev", "--limit", "2", "--decode", "speculative",
+                 "--drafter", f"corpus:{folder}", "--draft-length", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "with the corpus drafter" in out

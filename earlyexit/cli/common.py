@@ -179,6 +179,9 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
                         help="early-exit (tokens leave at their exit) or speculative (exits draft, the full model "
                              "verifies: its output, token for token; greedy)")
     add_draft_arguments(parser, "the middle exit")
+    parser.add_argument("--drafter", metavar="NAME:FOLDER",
+                        help="--decode speculative with a drafter of its own instead of the exits: a fitted one's "
+                             "folder (earlyexit run --drafter corpus caches one and names it)")
 
 
 def add_gate_mode_argument(parser: argparse.ArgumentParser) -> None:
@@ -309,6 +312,18 @@ def draft_exit_index(args, strategy) -> int | None:
     return choices.draft_exit_index(args.draft_exit, strategy.exit_layers)
 
 
+def cli_drafter(registry, args, backend):
+    """`--drafter NAME:FOLDER` of generate and eval, loaded for `backend` (None without one)."""
+    if not getattr(args, "drafter", None):
+        return None
+    from earlyexit.core.drafter import load_drafter  # lazy: torch-free --help and list
+
+    drafter = load_drafter(registry, args.drafter, backend)
+    if args.draft_length is not None:  # --draft-length: how far it drafts
+        drafter.config = dataclasses.replace(drafter.config, draft_length=args.draft_length)
+    return drafter
+
+
 def load_model(registry, args):
     """Backend, strategy and the early-exit model from the shared model arguments."""
     from earlyexit.core.engine import EarlyExitForCausalLM  # lazy: keeps --help and list free of torch
@@ -332,8 +347,16 @@ def load_model(registry, args):
         raise ConfigError("--threshold, --option and --exit-layers need a --strategy (or trained --exits)")
     overrides = strategy_overrides(strategy_cls, args.threshold, args.option) if strategy_cls else {}
     config = strategy_cls.Config(**overrides) if strategy_cls and not exits else None
-    if args.decode == "speculative" and strategy_cls is None:
-        raise ConfigError("--decode speculative drafts with a strategy's exits; pass --strategy")
+    drafter = getattr(args, "drafter", None)
+    if drafter and args.decode != "speculative":
+        raise ConfigError("--drafter drafts for --decode speculative; add --decode speculative or drop --drafter")
+    if args.decode == "speculative" and strategy_cls is None and not drafter:
+        raise ConfigError("--decode speculative drafts with a strategy's exits or a drafter; pass --strategy or "
+                          "--drafter NAME:FOLDER")
+    if drafter:
+        from earlyexit.core.drafter import check_drafter_spec  # lazy: torch-free --help and list
+
+        check_drafter_spec(registry, drafter)
     from earlyexit.models.loading import load_backend  # lazy: torch-free --help and list
 
     backend = load_backend(backend_cls, args.model, **placement)

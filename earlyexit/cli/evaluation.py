@@ -7,8 +7,8 @@ import dataclasses
 import sys
 
 from earlyexit.cli.common import (add_batch_size_argument, add_generation_arguments, add_json_file_argument,
-                                  add_model_arguments, add_vocabulary_arguments, device_options, draft_exit_index,
-                                  load_model, positive_int, report_plugin_failures)
+                                  add_model_arguments, add_vocabulary_arguments, cli_drafter, device_options,
+                                  draft_exit_index, load_model, positive_int, report_plugin_failures)
 from earlyexit.data.registry import load_dataset
 from earlyexit.data.splits import splits_for
 from earlyexit.data.tasks import task_of
@@ -37,7 +37,9 @@ def format_report(result: dict) -> str:
                  f"{speed['mean_exit_layer']:.2f} of {result['num_layers']})")
     if "acceptance_rate" in speed:
         over = f" over {speed['draft_vocabulary']} tokens" if speed.get("draft_vocabulary") else ""
-        lines.append(f"speculative: drafts at layer {speed['draft_exit_layer']}{over}, {speed['mean_draft_length']:.2f} "
+        where = (f"at layer {speed['draft_exit_layer']}{over}" if speed.get("draft_exit_layer") is not None
+                 else f"with the {speed.get('drafter')} drafter")
+        lines.append(f"speculative: drafts {where}, {speed['mean_draft_length']:.2f} "
                      f"tokens per round, {100 * speed['acceptance_rate']:.1f}% accepted")
     if speed.get("exit_vocabulary"):
         lines.append(f"exits read out {speed['exit_vocabulary']} tokens; the final layer reads the whole vocabulary")
@@ -110,8 +112,10 @@ class EvalCommand:
         config = {"command": "eval", "backend": args.backend, "model": args.model, "strategy": args.strategy,
                   "data": args.data, "split": args.split, "settings": dataclasses.asdict(settings)}
         notify(registry, "run_start", config=config)
+        drafter = cli_drafter(registry, args, backend)
         result = evaluate(backend, strategy, dataset, settings, kv_policy=args.kv_policy, gate=model.gate,
-                          decode=args.decode, draft_exit=draft_exit_index(args, strategy),
+                          decode=args.decode, drafter=drafter,
+                          draft_exit=draft_exit_index(args, strategy) if drafter is None else None,
                           draft_length=args.draft_length, exit_vocabulary=exit_vocabulary,
                           draft_vocabulary=draft_vocabulary,
                           on_batch=lambda stats: notify(registry, "batch_stats", stats=stats))

@@ -6,7 +6,8 @@ import argparse
 import json
 import sys
 
-from earlyexit.cli.common import (add_generation_arguments, add_model_arguments, draft_exit_index, load_model,
+from earlyexit.cli.common import (add_generation_arguments, add_model_arguments, cli_drafter, draft_exit_index,
+                                  load_model,
                                   open_image, report_plugin_failures)
 from earlyexit.errors import ConfigError
 from earlyexit.plugins.registry import get_registry
@@ -37,7 +38,7 @@ class GenerateCommand:
         image = open_image(args.image)  # before loading weights: fail fast on a typo
         backend, strategy, model = load_model(registry, args)
         check_prompt(backend, args.prompt)
-        return print_generation(args, backend, strategy, model, image)
+        return print_generation(args, backend, strategy, model, image, registry)
 
 
 def check_prompt(backend, prompt: str) -> None:
@@ -50,19 +51,20 @@ def check_prompt(backend, prompt: str) -> None:
                           "without it (the image is added for you)")
 
 
-def print_generation(args, backend, strategy, model, image) -> int:
+def print_generation(args, backend, strategy, model, image, registry=None) -> int:
     from earlyexit.core.accounting import CostModel, summarize  # lazy: keeps --help and list free of torch
 
     inputs = backend.prepare_inputs([image], [args.prompt])
     if args.decode == "speculative":
         from earlyexit.core.generation import count_tokens  # lazy: keeps --help and list free of torch
         # lazy: keeps --help and list free of torch
-        from earlyexit.core.speculative import DEFAULT_DRAFT_LENGTH, SelfSpeculativeDecoder, speculative_summary
+        from earlyexit.core.speculative import DEFAULT_DRAFT_LENGTH, speculative_decoder, speculative_summary
 
         if args.num_beams > 1:
             raise ConfigError("speculative decoding is greedy; drop --num-beams")
-        decoder = SelfSpeculativeDecoder(model, draft_exit_index(args, strategy),
-                                         args.draft_length or DEFAULT_DRAFT_LENGTH)
+        drafter = cli_drafter(registry, args, backend)
+        decoder = speculative_decoder(model, drafter, draft_exit_index(args, strategy) if drafter is None else None,
+                                      args.draft_length or DEFAULT_DRAFT_LENGTH)
         sequences = decoder.generate(**inputs, max_new_tokens=args.max_new_tokens)
         length = count_tokens(sequences, inputs["input_ids"].shape[1], model.generation_config.eos_token_id)
         exit_layers = [backend.num_layers] * length
@@ -94,6 +96,7 @@ def print_generation(args, backend, strategy, model, image) -> int:
     }
     if args.decode == "speculative":
         result["speculative"] = {k: summary[k] for k in ("acceptance_rate", "mean_draft_length", "drafted", "accepted")}
+        result["speculative"]["drafter"] = getattr(getattr(decoder, "drafter", None), "name", "exits")
     if args.json:
         print(json.dumps(result, indent=2))
         return 0

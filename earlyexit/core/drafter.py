@@ -13,9 +13,14 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import json
+import os
+
 from earlyexit.core.strategy import StrategyConfig, config_field
 from earlyexit.core.validation import check_config_fields
-from earlyexit.errors import ConfigError
+from earlyexit.errors import ConfigError, CorruptAdapterError
+
+DRAFTER_CONFIG = "drafter_config.json"  # beside what `save` writes: which drafter, and its config
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -89,3 +94,53 @@ class Drafter:
         """Up to `count` tokens to follow `context.tokens`; fewer (or none) where the drafter is
         not confident enough (`config.stop_below`)."""
         raise NotImplementedError
+
+
+def save_drafter(drafter: Drafter, folder: str) -> None:
+    """`drafter` alone into `folder` (an empty folder the caller made): its own files and
+    `drafter_config.json`, so `load_drafter` can rebuild it without the run that fitted it."""
+    drafter.save(folder)
+    with open(os.path.join(folder, DRAFTER_CONFIG), "w") as handle:
+        json.dump({"drafter": drafter.name, "config": drafter.config.to_dict()}, handle, indent=2)
+
+
+def check_drafter_spec(registry, spec: str) -> None:
+    """`--drafter NAME[:FOLDER]` checked before any model loads: a registered name, and the folder
+    (where the drafter needs one) holding a drafter's config."""
+    name, _, folder = spec.partition(":")
+    cls = registry.drafter(name)
+    if cls.uses_exits:
+        raise ConfigError(f"--drafter {name} drafts with the strategy's exits: drop --drafter and pass --strategy")
+    if folder and not os.path.isfile(os.path.join(folder, DRAFTER_CONFIG)):
+        raise ConfigError(f"--drafter {spec}: {folder} holds no {DRAFTER_CONFIG}; pass a folder a fitted drafter was "
+                          "saved to (earlyexit run --drafter NAME names it)")
+    if not folder and cls.needs_fitting:
+        raise ConfigError(f"--drafter {name} drafts from what it learned: pass --drafter {name}:FOLDER (earlyexit "
+                          f"run --drafter {name} fits one and names its folder)")
+
+
+def load_drafter(registry, spec: str, backend) -> Drafter:
+    """`--drafter NAME[:FOLDER]`: the registered drafter, read from FOLDER (one `run --drafter`
+    cached, or `save_drafter` wrote); a drafter that needs fitting needs its folder."""
+    name, _, folder = spec.partition(":")
+    cls = registry.drafter(name)
+    if not folder:
+        if cls.needs_fitting:
+            raise ConfigError(f"--drafter {name} drafts from what it learned: pass --drafter {name}:FOLDER (earlyexit "
+                              f"run --drafter {name} fits one and names its folder)")
+        return cls(backend)
+    path = os.path.join(folder, DRAFTER_CONFIG)
+    try:
+        with open(path) as handle:
+            saved = json.load(handle)
+        config = cls.Config(**saved["config"])
+    except FileNotFoundError:
+        raise ConfigError(f"--drafter {spec}: {folder} holds no {DRAFTER_CONFIG}; pass a folder a fitted drafter "
+                          "was saved to") from None
+    except (OSError, ValueError, KeyError, TypeError, ConfigError) as error:
+        raise CorruptAdapterError(f"{path} is not a drafter's config ({error}); fit the drafter again") from None
+    if saved.get("drafter") != name:
+        raise ConfigError(f"--drafter {spec}: {folder} holds a {saved.get('drafter')!r} drafter, not {name!r}")
+    drafter = cls(backend, config)
+    drafter.load(folder)
+    return drafter

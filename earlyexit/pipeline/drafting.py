@@ -13,6 +13,7 @@ import time
 import torch
 
 from earlyexit.core.choices import draft_exit_index
+from earlyexit.core.drafter import DRAFTER_CONFIG, load_drafter, save_drafter
 from earlyexit.core.generation import count_tokens, timed
 from earlyexit.core.speculative import DEFAULT_DRAFT_LENGTH, DRAFT_LENGTHS
 from earlyexit.data.splits import load_split
@@ -145,9 +146,10 @@ def make_drafter(run: RunContext):
     if not cls.needs_fitting:
         return drafter
     folder = drafter_cache_folder(settings, drafter, backbone_fingerprint(run.backend))
-    if shared_from_main(os.path.isdir(folder) and not settings.retrain, process_group()[1]):
+    cached = os.path.isfile(os.path.join(folder, DRAFTER_CONFIG))
+    if shared_from_main(cached and not settings.retrain, process_group()[1]):
         try:
-            drafter.load(folder)
+            drafter = load_drafter(run.registry, f"{drafter.name}:{folder}", run.backend)
             run.log(f"drafter {drafter.name}: reusing {folder}")
             return drafter
         except CorruptAdapterError as error:
@@ -159,7 +161,7 @@ def make_drafter(run: RunContext):
     drafter.fit(outputs, log=run.log)
     if run.main:
         with atomic_folder(folder) as temporary:
-            drafter.save(temporary)
+            save_drafter(drafter, temporary)
     barrier()
     run.timings["drafter_fit_s"] = time.perf_counter() - began
     run.log(f"drafter {drafter.name}: fitted on {len(outputs)} of the backbone's own outputs on "
