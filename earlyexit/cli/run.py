@@ -88,6 +88,11 @@ def format_run(report: dict, color: bool) -> str:
     histogram = results[strategy]["exit_layer_histogram"]
     total = sum(histogram.values()) or 1
     lines.append(f"exit layers ({strategy}): " + "  ".join(f"{k}: {100 * v / total:.1f}%" for k, v in histogram.items()))
+    check = report.get("budget_check")
+    if check and check["dev_loss"] is not None and check["test_loss"] is not None:
+        verdict = "holds on test" if check["holds_on_test"] else "does not hold on test"
+        lines.append(f"budget ({check['rule']}: {check['measure']}): loss on dev {100 * check['dev_loss']:.1f} %, on test "
+                     f"{100 * check['test_loss']:.1f} %, budget {100 * check['budget']:.1f} %: {verdict}")
     full_quality = results["full"]["quality"]
     key = next((k for k in ("CIDEr", "overall", "MRR") if k in full_quality), "overall")
     if full_quality.get(key):

@@ -62,8 +62,35 @@ def final_report(run: RunContext, knob, gate, calibration, drafting: Drafting, r
             "draft_choice": drafting.choice,
             "drafter_choice": drafting.drafter_choice,
             "exit_layers": strategy.exit_layers, "strategy_config": strategy.config.to_dict(),
-            "calibration": calibration, "results": results, "mid_crisis": mid_crisis, "timings": run.timings,
+            "calibration": calibration, "budget_check": budget_check(calibration, results, row_label(run, gate)),
+            "results": results, "mid_crisis": mid_crisis, "timings": run.timings,
             "gate_folder": getattr(gate, "folder", None),
             "exit_vocabulary": exit_vocabulary.tolist() if exit_vocabulary is not None else None,
             "num_layers": backend.num_layers, "output": run.output, "provenance": provenance(),
             "tokenizer": backend.processor.tokenizer}
+
+
+def budget_check(calibration: dict | None, results: dict, label: str) -> dict | None:
+    """The calibrated row's loss on dev (what the rule saw) beside its loss on test, against the
+    budget: the relative quality loss for `budget`, the share of outputs that differ from the full
+    model's for `risk`. None where nothing was calibrated against a budget."""
+    if not calibration or calibration.get("rule") not in ("budget", "risk") or label not in results:
+        return None
+    knob = calibration.get("knob")
+    point = next((p for p in calibration.get("points", []) if knob and p.get(knob) == calibration.get(knob)), None)
+    if point is None or not calibration.get("full_quality"):
+        return None
+    full, row = results["full"], results[label]
+    key = next((k for k in ("CIDEr", "overall", "MRR") if k in full["quality"]), None)
+    if calibration["rule"] == "budget":
+        dev = 1 - point["quality"] / calibration["full_quality"]
+        test = 1 - row["quality"][key] / full["quality"][key] if key and full["quality"][key] else None
+        measure = f"relative {key} loss"
+    else:
+        dev = point["disagreements"] / point["samples"] if point.get("samples") else None
+        same = [row["predictions"][k] == v for k, v in full.get("predictions", {}).items() if k in row["predictions"]]
+        test = 1 - sum(same) / len(same) if same else None
+        measure = "share of outputs that differ from the full model's"
+    budget = calibration["budget"]
+    return {"rule": calibration["rule"], "measure": measure, "budget": budget, "dev_loss": dev, "test_loss": test,
+            "holds_on_test": None if test is None else test <= budget + 1e-12}
