@@ -96,7 +96,7 @@ def print_generation(args, backend, strategy, model, image, registry=None) -> in
     }
     if args.decode == "speculative":
         result["speculative"] = {k: summary[k] for k in ("acceptance_rate", "mean_draft_length", "drafted", "accepted")}
-        result["speculative"]["drafter"] = getattr(getattr(decoder, "drafter", None), "name", "exits")
+        result["speculative"]["drafter"] = decoder.drafter_name
     if args.json:
         print(json.dumps(result, indent=2))
         return 0

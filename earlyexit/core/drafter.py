@@ -122,21 +122,16 @@ def check_drafter_spec(registry, spec: str) -> None:
 def load_drafter(registry, spec: str, backend) -> Drafter:
     """`--drafter NAME[:FOLDER]`: the registered drafter, read from FOLDER (one `run --drafter`
     cached, or `save_drafter` wrote); a drafter that needs fitting needs its folder."""
+    check_drafter_spec(registry, spec)
     name, _, folder = spec.partition(":")
     cls = registry.drafter(name)
     if not folder:
-        if cls.needs_fitting:
-            raise ConfigError(f"--drafter {name} drafts from what it learned: pass --drafter {name}:FOLDER (earlyexit "
-                              f"run --drafter {name} fits one and names its folder)")
         return cls(backend)
     path = os.path.join(folder, DRAFTER_CONFIG)
     try:
         with open(path) as handle:
             saved = json.load(handle)
         config = cls.Config(**saved["config"])
-    except FileNotFoundError:
-        raise ConfigError(f"--drafter {spec}: {folder} holds no {DRAFTER_CONFIG}; pass a folder a fitted drafter "
-                          "was saved to") from None
     except (OSError, ValueError, KeyError, TypeError, ConfigError) as error:
         raise CorruptAdapterError(f"{path} is not a drafter's config ({error}); fit the drafter again") from None
     if saved.get("drafter") != name:

@@ -70,6 +70,12 @@ def unpadded_rows(inputs: dict):
                "attention_mask": inputs["attention_mask"][r:r + 1, keep]}
 
 
+def end_tokens(generation_config) -> set[int]:
+    """The end-of-sequence token ids of a generation config, as a set (none when it has none)."""
+    eos = generation_config.eos_token_id
+    return set(eos if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos]))
+
+
 def count_tokens(sequences: torch.Tensor, prompt_length: int, eos_token_id) -> int:
     """Generated tokens up to and including each row's first end-of-sequence."""
     new = sequences[:, prompt_length:].cpu()

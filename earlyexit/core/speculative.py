@@ -26,10 +26,11 @@ import dataclasses
 import time
 
 import torch
+from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from earlyexit.core.drafter import DraftContext
 from earlyexit.core.engine import check_context
-from earlyexit.core.generation import unpadded_rows
+from earlyexit.core.generation import end_tokens, unpadded_rows
 from earlyexit.errors import ConfigError
 
 DEFAULT_DRAFT_LENGTH = 4
@@ -67,6 +68,7 @@ class RowByRowDecoder:
 
     draft_length: int
     draft_layer: int | None
+    drafter_name = "exits"  # what drafts (`earlyexit list`, kind drafter)
     batches = False  # greedy batches decode together (True) or one row at a time
     samples = False  # whether `generate(do_sample=True)` is supported (exactly, in distribution)
     warp = None  # the sampling warpers of the current call (None: greedy)
@@ -117,8 +119,7 @@ class RowByRowDecoder:
     def _one(self, row: dict, max_new_tokens: int):
         model = self.model
         input_ids = row["input_ids"]
-        eos = model.generation_config.eos_token_id
-        eos = set(eos if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos]))
+        eos = end_tokens(model.generation_config)
         if model.strategy is not None:
             model.strategy.reset()
         cache = model.new_cache()
@@ -153,22 +154,29 @@ class RowByRowDecoder:
         """Keep the longest prefix of `drafts` the full model agrees with (`verified[i]`: its token
         after drafts[:i]) and its own next token; crop the cache back to the kept positions.
         Returns the tokens and whether the sequence ended."""
-        accepted = 0
-        while accepted < len(drafts) and drafts[accepted] == verified[accepted]:
-            accepted += 1
-        stats.rounds += bool(drafts)
-        stats.drafted += len(drafts)
-        stats.accepted += accepted
-        new = drafts[:accepted] + [verified[accepted]]
+        tokens, accepted, ended = kept_tokens(tokens, drafts, verified, budget, eos, stats)
         cache.crop(cache.total_length - (len(drafts) - accepted))
-        tokens = tokens + new[:budget]
-        if any(t in eos for t in new[:budget]):
-            return tokens[:next(i for i, t in enumerate(tokens) if t in eos) + 1], True
-        return tokens, False
+        return tokens, ended
 
     @staticmethod
     def _mask(cache, device, new: int = 1):
         return torch.ones(1, cache.total_length + new, dtype=torch.long, device=device)
+
+
+def kept_tokens(tokens: list[int], drafts: list[int], verified: list[int], budget: int, eos: set,
+                stats: SpeculativeStats) -> tuple[list[int], int, bool]:
+    """A row's tokens after a round: the longest prefix of `drafts` the full model agrees with
+    (`verified[i]`: its token after drafts[:i]), then its own next token, within `budget` and cut
+    after an end token; also how many drafts were kept and whether the row ended. Counts the round."""
+    accepted = 0
+    while accepted < len(drafts) and drafts[accepted] == verified[accepted]:
+        accepted += 1
+    stats.rounds += bool(drafts)
+    stats.drafted += len(drafts)
+    stats.accepted += accepted
+    tokens = tokens + (drafts[:accepted] + [verified[accepted]])[:budget]
+    end = next((i for i, t in enumerate(tokens) if t in eos), None)
+    return (tokens, accepted, False) if end is None else (tokens[:end + 1], accepted, True)
 
 
 class SelfSpeculativeDecoder(RowByRowDecoder):
@@ -253,20 +261,16 @@ class DraftVerifyDecoder(RowByRowDecoder):
 
     def __init__(self, model, drafter):
         super().__init__(model)
-        self.drafter = drafter
+        self.drafter, self.drafter_name = drafter, drafter.name
         self.draft_length = drafter.config.draft_length
         self.draft_layer = None  # no exit drafts
 
     def _rounds(self, cache, tokens, max_new_tokens, eos, stats):
-        model, drafter = self.model, self.drafter
-        drafter.start()
+        model = self.model
+        self.drafter.start()
         while len(tokens) < max_new_tokens:
             budget = max_new_tokens - len(tokens)
-            drafts = list(drafter.propose(DraftContext(list(tokens)), min(self.draft_length, budget - 1))
-                          if budget > 1 else [])[:budget - 1]
-            ended = next((i for i, t in enumerate(drafts) if t in eos), None)
-            if ended is not None:
-                drafts = drafts[:ended + 1]
+            drafts = self._row_drafts(tokens, max_new_tokens, eos)
             model.force_exit, model.read_block = -1, True
             fed = torch.tensor([[tokens[-1], *drafts]], device=model.device)
             logits = model(input_ids=fed, attention_mask=self._mask(cache, model.device, fed.shape[1]),
@@ -278,6 +282,14 @@ class DraftVerifyDecoder(RowByRowDecoder):
                 break
         return tokens
 
+    def _row_drafts(self, tokens: list[int], max_new_tokens: int, eos: set) -> list[int]:
+        """Up to k drafts after `tokens`, within the row's budget (the verification adds one) and cut
+        after an end token."""
+        budget = max_new_tokens - len(tokens)
+        drafts = list(self.drafter.propose(DraftContext(list(tokens)), min(self.draft_length, budget - 1))
+                      if budget > 1 else [])[:max(budget - 1, 0)]
+        ended = next((i for i, t in enumerate(drafts) if t in eos), None)
+        return drafts[:ended + 1] if ended is not None else drafts
 
     def _sampled(self, block: torch.Tensor, drafts: list[int]) -> list[int]:
         """Speculative sampling's acceptance rule for drafts proposed with certainty (q = a point
@@ -328,8 +340,7 @@ class BatchedDraftVerifyDecoder(DraftVerifyDecoder):
         rows, device = input_ids.shape[0], input_ids.device
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        eos = model.generation_config.eos_token_id
-        eos = set(eos if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos]))
+        eos = end_tokens(model.generation_config)
         pad = model.generation_config.pad_token_id
         pad = pad if pad is not None else 0
         cache, stats = model.new_cache(), SpeculativeStats()
@@ -361,21 +372,11 @@ class BatchedDraftVerifyDecoder(DraftVerifyDecoder):
                 for r in range(rows):
                     if not going[r]:
                         continue
-                    row_drafts, budget = drafts[r], max_new_tokens - len(tokens[r])
-                    accepted = 0
-                    while accepted < len(row_drafts) and row_drafts[accepted] == verified[r][accepted]:
-                        accepted += 1
-                    stats.rounds += bool(row_drafts)
-                    stats.drafted += len(row_drafts)
-                    stats.accepted += accepted
+                    tokens[r], accepted, ended = kept_tokens(tokens[r], drafts[r], verified[r],
+                                                             max_new_tokens - len(tokens[r]), eos, stats)
                     mask[r, mask.shape[1] - width + 1 + accepted:] = 0  # the refused drafts: holes
                     refused_everywhere = min(refused_everywhere, width - 1 - accepted)
-                    new = (row_drafts[:accepted] + [verified[r][accepted]])[:budget]
-                    tokens[r] += new
-                    ended = next((i for i, t in enumerate(tokens[r]) if t in eos), None)
-                    if ended is not None:
-                        tokens[r] = tokens[r][:ended + 1]
-                    going[r] = ended is None and len(tokens[r]) < max_new_tokens
+                    going[r] = not ended and len(tokens[r]) < max_new_tokens
                 if refused_everywhere:  # columns no row kept: gone from the cache and the mask
                     cache.crop(cache.total_length - refused_everywhere)
                     mask = mask[:, :-refused_everywhere]
@@ -391,19 +392,9 @@ class BatchedDraftVerifyDecoder(DraftVerifyDecoder):
             new_tokens[r, :len(row_tokens)] = torch.tensor(row_tokens, dtype=input_ids.dtype)
         return torch.cat([input_ids, new_tokens], 1)
 
-    def _row_drafts(self, tokens: list[int], max_new_tokens: int, eos: set) -> list[int]:
-        budget = max_new_tokens - len(tokens)
-        drafts = list(self.drafter.propose(DraftContext(list(tokens)), min(self.draft_length, budget - 1))
-                      if budget > 1 else [])[:max(budget - 1, 0)]
-        ended = next((i for i, t in enumerate(drafts) if t in eos), None)
-        return drafts[:ended + 1] if ended is not None else drafts
-
-
 def sampling_warpers(config, temperature=None, top_k=None, top_p=None):
     """The warpers the backbone's `generate` applies when sampling (transformers' own, in its
     order): temperature, top-k, top-p, from the arguments or else `config`."""
-    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
-
     temperature = config.temperature if temperature is None else temperature
     top_k = config.top_k if top_k is None else top_k
     top_p = config.top_p if top_p is None else top_p

@@ -179,7 +179,7 @@ class Generation:
                      "exit_layer_histogram": {backend.num_layers: len(layers)}, "param_speedup": 1.0,
                      **speculative_summary(share.records, costs, share.stats),
                      "draft_exit_layer": self.decoder.draft_layer, "draft_length": self.decoder.draft_length,
-                     "drafter": getattr(getattr(self.decoder, "drafter", None), "name", "exits"),
+                     "drafter": self.decoder.drafter_name,
                      # what the drafts read: the draft vocabulary, else the exit vocabulary (the engine's rule)
                      "draft_vocabulary": next((len(v) for v in (model.draft_vocabulary, model.exit_vocabulary)
                                                if v is not None), None)}

@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from earlyexit.core.generation import end_tokens
 from earlyexit.data.tasks import task_of
 from earlyexit.training.exits import shared_work
-
-
-def end_token_ids(backend) -> set[int]:
-    eos = backend.language_model.generation_config.eos_token_id
-    return set(eos if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos]))
 
 
 def backbone_token_outputs(backend, dataset, batch_size: int = 32, max_new_tokens: int = 20,
@@ -19,7 +15,7 @@ def backbone_token_outputs(backend, dataset, batch_size: int = 32, max_new_token
     and whether each ended there (rather than at `max_new_tokens`). Several processes share the
     batches (`shared_work`), so every rank gets the same lists."""
     task = task_of(dataset)
-    ends = end_token_ids(backend)
+    ends = end_tokens(backend.language_model.generation_config)
 
     @torch.no_grad()
     def write(batch, index: int) -> list[tuple[list[int], bool]]:
