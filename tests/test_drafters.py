@@ -366,6 +366,7 @@ def test_generate_and_eval_draft_with_a_saved_corpus_drafter(tmp_path, capsys):
     folder.mkdir()
     save_drafter(corpus_drafter(backend, outputs * 3, draft_length=3), str(folder))
     common = ["--backend", "blip2-opt", "--model", str(model), "--max-new-tokens", "8"]
+    capsys.readouterr()  # what the set-up printed (DeepSpeed's import-time notice, outside the CLI's quiet)
     assert main(["generate", *common, "--image", str(image), "--prompt", "a", "--json"]) == 0
     plain = json.loads(capsys.readouterr().out)
     assert main(["generate", *common, "--image", str(image), "--prompt", "a", "--json", "--decode", "speculative",
