@@ -1,19 +1,17 @@
-"""Replay a feature drafter (EAGLE family) before building it: train one on the frozen backbone's
-own outputs, then measure offline how often its drafts would be accepted, what a draft costs,
-and the decode speed-up that follows at batch 1.
+"""Replay the feature drafter (EAGLE family, `drafters/feature.py`), then measure it in the engine:
+train one on the frozen backbone's own outputs (the product's own `fit`, as `run --drafter
+feature` does), measure offline how often its drafts would be accepted, what a draft costs, and
+the decode speed-up that follows at batch 1; with `--measure N`, decode N test images for real.
 
-    python benchmarks/feature_drafter_replay.py --model smol --json benchmarks/results/feature-drafter-replay-smol.json
+    python benchmarks/feature_drafter_replay.py --model smol --measure 40 --json benchmarks/results/feature-drafter-smol.json
 
 The drafter: at position p it reads the backbone's top-layer state f_p (before the final norm)
-and the embedding of the next token x_{p+1}, concatenated and projected to the model's width,
-then one decoder layer of the backbone's own kind (a trainable copy of its last layer, attending
-over the drafter's earlier positions); its output predicts f_{p+1}, and the frozen final norm and
-head, read out over the N tokens the backbone writes most on the training split (FR-Spec),
-give the draft x_{p+2}. Trained on the backbone's greedy captions of the exit-training split:
-smooth-L1 to the next top-layer state (both after the frozen final norm) plus cross-entropy to the
-backbone's own next token, and
-"training-time test" (HASS, EAGLE-3): a second pass whose inputs are the drafter's own
-predictions of the states, so that chained drafts are trained as they are used.
+and the embedding of the next input, concatenated and projected to the model's width, then a
+trainable copy of the backbone's last layer over the drafter's earlier positions; its output
+predicts f_{p+1}, and the frozen final norm and head, read out over the N tokens the backbone
+writes most on the training split (FR-Spec), give the draft x_{p+2}. Trained with smooth-L1 to
+the next top-layer state plus cross-entropy to the backbone's own next token, and
+"training-time test" (HASS, EAGLE-3).
 
 Replay on the test split's own captions, teacher forced: pass j feeds the drafter its own
 predictions from pass j - 1 in place of the top-layer states, so pass j's token at p is the j-th
@@ -21,13 +19,17 @@ draft of a round begun after x_{p+1}. This is pessimistic for j > 1: in decoding
 before the round hold verified states, here every earlier position holds predicted ones. Rounds
 are then replayed as for the corpus drafter (`drafter_replay.py`), with the verification costs
 timed there and the drafter's own cost (its layer, projection and read-out on one row) timed
-here: c = draft cost / plain step. Not yet an engine path.
+here: c = draft cost / plain step.
+
+`--measure N`: the first N test images decoded one at a time, alternating the backbone's own
+`generate` and speculative decoding (`DraftVerifyDecoder`) with the feature drafter and with the
+hybrid (corpus where it is sure, feature otherwise; the corpus from the same training outputs),
+at `--draft-length`; the tokens must equal the backbone's (checked).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import statistics
 import sys
@@ -36,94 +38,7 @@ import time
 LENGTHS = (1, 2, 3, 4)
 
 
-class FeatureDrafter:
-    """The projection, the layer and the frozen read-out (a plain holder; torch modules inside)."""
-
-    def __init__(self, backend, vocabulary):
-        import torch
-
-        width = backend.text_config.hidden_size
-        self.backend, self.vocabulary = backend, vocabulary
-        self.project = torch.nn.Linear(2 * width, width)
-        self.layer = copy.deepcopy(backend.decoder_layers()[-1])
-        for p in list(self.project.parameters()) + list(self.layer.parameters()):
-            p.requires_grad_(True)
-        self.index = torch.full((backend.text_config.vocab_size,), -100, dtype=torch.long)
-        self.index[vocabulary] = torch.arange(len(vocabulary))
-
-    def parameters(self):
-        return list(self.project.parameters()) + list(self.layer.parameters())
-
-    def states(self, tops, embeds, features):
-        """Predicted next top-layer states at every position from (top state, next embedding)."""
-        import torch
-
-        x = self.project(torch.cat([tops, embeds], -1))
-        return self.backend.run_layer(self.layer, x, attention_mask=features.mask, position_ids=features.positions,
-                                      cache=None)
-
-    def read_out(self, states):
-        return self.backend.logits(states, self.vocabulary)
-
-
-def shifted(tensor):
-    """tensor[:, t + 1] at t (the last position repeats: never scored)."""
-    import torch
-
-    return torch.cat([tensor[:, 1:], tensor[:, -1:]], 1)
-
-
-def batches_of(backend, dataset, batch_size):
-    """(features, top states, next-token embeddings, targets two ahead, scored positions) per batch."""
-    import torch
-
-    from earlyexit.training.features import teacher_forced_features
-
-    out = []
-    with torch.no_grad():
-        for features in teacher_forced_features(backend, dataset, None, batch_size):
-            top = features.hidden[-1]
-            embeds = shifted(features.hidden[0])  # the embedding of x_{p+1} at p
-            targets = features.targets  # targets[:, p] = x_{p+1}, for every position but the last
-            targets = torch.cat([targets, targets.new_full((targets.shape[0], top.shape[1] - targets.shape[1]), -100)], 1)
-            ahead = torch.cat([targets[:, 1:], targets[:, -1:]], 1)  # x_{p+2}: what the state predicted at p reads out to
-            scored = (targets != -100) & (ahead != -100)
-            features.hidden = [None] * len(features.hidden)  # keep mask and positions only
-            out.append((features, top, embeds, ahead, scored))
-    return out
-
-
-def train(drafter, data, epochs: int, learning_rate: float, log) -> float:
-    import torch
-    import torch.nn.functional as F
-
-    optimizer = torch.optim.AdamW(drafter.parameters(), lr=learning_rate)
-    began = time.perf_counter()
-    for epoch in range(epochs):
-        total = 0.0
-        for features, top, embeds, ahead, scored in data:
-            loss = 0.0
-            tops = top
-            for _ in range(2):  # the second pass reads its own predictions: training-time test
-                predicted = drafter.states(tops, embeds, features)
-                target_states = shifted(top)
-                # the states compared after the frozen final norm: the residual stream's scale is the norm's to undo
-                normed = drafter.backend.pre_head(predicted[scored])
-                regression = F.smooth_l1_loss(normed, drafter.backend.pre_head(target_states[scored]))
-                labels = drafter.index[ahead[scored]]
-                ce = F.cross_entropy(drafter.read_out(predicted[scored]), labels, ignore_index=-100)
-                loss = loss + regression + ce
-                tops = torch.cat([top[:, :1], predicted[:, :-1]], 1)  # at p: the prediction of f_p
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            total += float(loss.detach())
-        if epoch % 5 == 0 or epoch == epochs - 1:
-            log(f"  epoch {epoch}: loss {total / len(data):.4f}")
-    return time.perf_counter() - began
-
-
-def draft_flags(drafter, data, passes: int):
+def draft_flags(module, data, passes: int):
     """Per caption, per pass j: whether the j-th draft after each position is the backbone's token."""
     import torch
 
@@ -132,8 +47,8 @@ def draft_flags(drafter, data, passes: int):
         for features, top, embeds, ahead, scored in data:
             tops, per_pass = top, []
             for j in range(passes):
-                predicted = drafter.states(tops, embeds, features)
-                tokens = drafter.vocabulary[drafter.read_out(predicted).argmax(-1)]
+                predicted = module.states(tops, embeds, features.mask, features.positions)
+                tokens = module.vocabulary[module.read_out(predicted).argmax(-1)]
                 # at q, pass j reads predicted states (of its j earlier drafts) and drafts x_{q+2}: the
                 # (j+1)-th draft of the round begun at q - j (the embeddings are the true tokens',
                 # which a draft equals until the round's first refusal, where the round stops anyway)
@@ -178,18 +93,24 @@ def main(argv=None) -> int:
     parser.add_argument("--learning-rate", type=float, default=3e-4)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--measure", type=int, default=0, help="then decode this many test images for real, batch 1, "
+                        "with the feature and hybrid drafters beside the backbone's own generate")
+    parser.add_argument("--draft-length", type=int, default=3, help="k of the measured feature drafter")
+    parser.add_argument("--hybrid-length", type=int, default=6, help="k of the measured hybrid (its default)")
+    parser.add_argument("--corpus-length", type=int, default=4, help="k of the measured corpus drafter")
     parser.add_argument("--json", required=True)
     args = parser.parse_args(argv)
 
     import torch
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from drafter_replay import timed_costs
+    from drafter_replay import measure, timed_costs
 
-    from earlyexit.core.speculative import draft_vocabulary_of
     from earlyexit.data.splits import load_split, splits_for
+    from earlyexit.drafters.feature import FeatureDrafter, HybridDrafter, training_batches
     from earlyexit.models.loading import load_backend
     from earlyexit.plugins.registry import get_registry
+    from earlyexit.training.drafters import backbone_token_outputs
     from earlyexit.training.exits import backbone_captions, with_own_targets
     from earlyexit.util.files import write_json_atomically
     from earlyexit.util.provenance import provenance
@@ -201,20 +122,18 @@ def main(argv=None) -> int:
     train_split, _, test_split = splits_for("scenes")
     began = time.perf_counter()
     train_set = load_split("scenes", train_split, args.train_limit)
-    own_train = backbone_captions(backend, train_set, progress=False)
+    outputs, _ = backbone_token_outputs(backend, train_set)
     test_set = load_split("scenes", test_split, args.test_limit)
     own_test = backbone_captions(backend, test_set, progress=False)
-    vocabulary = draft_vocabulary_of(backend, [t for texts in own_train.values() for t in texts], args.vocabulary)
-    train_data = batches_of(backend, with_own_targets(train_set, own_train), args.batch_size)
-    test_data = batches_of(backend, with_own_targets(test_set, own_test), args.batch_size)
+    test_data = training_batches(backend, with_own_targets(test_set, own_test), args.batch_size)
     prepare_seconds = time.perf_counter() - began
-    for parameter in backend.model.parameters():  # frozen: only the drafter's copy and projection train
-        parameter.requires_grad_(False)
-    drafter = FeatureDrafter(backend, vocabulary)
-    print(f"{name}:{args.model}: {len(own_train)} training captions, {len(own_test)} test captions, read-out over "
-          f"{len(vocabulary)} tokens; training")
-    train_seconds = train(drafter, train_data, args.epochs, args.learning_rate, print)
-    captions = draft_flags(drafter, test_data, max(LENGTHS))
+    config = dict(vocabulary=args.vocabulary, epochs=args.epochs, learning_rate=args.learning_rate,
+                  batch_size=args.batch_size, draft_length=args.draft_length)
+    drafter = FeatureDrafter(backend, FeatureDrafter.Config(**config))
+    print(f"{name}:{args.model}: {len(outputs)} training outputs, {len(own_test)} test captions; training")
+    drafter.fit(outputs, samples=train_set)  # the product's own fit: what `run --drafter feature` trains
+    module = drafter.module
+    captions = draft_flags(module, test_data, max(LENGTHS))
     alpha = [float(torch.cat([c[j] for c in captions]).float().mean()) for j in range(max(LENGTHS))]
 
     # costs: one plain step and verifications (the engine, exits off), and one draft on one row
@@ -225,9 +144,9 @@ def main(argv=None) -> int:
         at = torch.tensor([[48]])
 
         def draft_once():
-            state = backend.run_layer(drafter.layer, drafter.project(one), attention_mask=None, position_ids=at,
+            state = backend.run_layer(module.layer, module.project(one), attention_mask=None, position_ids=at,
                                       cache=None)
-            drafter.read_out(state[:, -1]).argmax(-1)
+            module.read_out(state[:, -1]).argmax(-1)
 
         draft_once()
         times = []
@@ -246,13 +165,34 @@ def main(argv=None) -> int:
         print(f"  feature k={length}: α {result['acceptance_rate']:.3f}, {result['tokens_per_round']:.2f} tokens/round, "
               f"c {c:.3f}, est. decode {result['estimated_decode_speedup']:.2f}x")
     print(f"per-step acceptance (pass 1..{max(LENGTHS)}): " + " ".join(f"{a:.3f}" for a in alpha)
-          + f"; draft {draft_ms:.2f} ms against a plain step of {costs['step_ms']:.2f} ms; trained in {train_seconds:.0f} s")
+          + f"; draft {draft_ms:.2f} ms against a plain step of {costs['step_ms']:.2f} ms; trained in "
+          f"{drafter.train_seconds:.0f} s")
+    measured = {}
+    if args.measure:  # the engine path, batch 1, side by side with the backbone's own generate
+        from earlyexit.drafters.corpus import CorpusDrafter
+
+        corpus = CorpusDrafter(backend, CorpusDrafter.Config(draft_length=args.corpus_length))
+        corpus.fit(outputs, log=lambda *_: None)
+        hybrid = HybridDrafter(backend, HybridDrafter.Config(**{**config, "draft_length": args.hybrid_length}))
+        hybrid.corpus.fit(outputs, log=lambda *_: None)
+        hybrid.feature.module = module  # the one trained above
+        for label, used in (("corpus", corpus), ("feature", drafter), ("hybrid", hybrid)):
+            measured[label] = {"draft_length": used.config.draft_length,
+                               **measure(backend, used, test_set.subset(args.measure), 20)}
+            if label == "hybrid":
+                measured[label]["rounds_from_corpus"] = hybrid.from_corpus
+                measured[label]["rounds_from_feature"] = hybrid.from_feature
+            m = measured[label]
+            print(f"  measured {label}, k={used.config.draft_length}, batch 1: α {m['acceptance_rate']:.3f}, "
+                  f"{m['tokens_per_round']:.2f} tokens/round, {m['decode_wall_speedup']:.2f}x decode, "
+                  f"{m['wall_speedup']:.2f}x end to end (tokens identical)")
     write_json_atomically(args.json, {
         "command": "python benchmarks/feature_drafter_replay.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "backend": name, "model": args.model, "train_captions": len(own_train), "test_captions": len(own_test),
-        "vocabulary": len(vocabulary), "epochs": args.epochs, "train_seconds": train_seconds,
+        "backend": name, "model": args.model, "train_outputs": len(outputs), "test_captions": len(own_test),
+        "vocabulary": len(module.vocabulary), "epochs": args.epochs, "train_seconds": drafter.train_seconds,
         "prepare_seconds": prepare_seconds, "per_pass_acceptance": alpha, "draft_ms": draft_ms, "c": c,
-        "timed_ms": costs, "feature": rows, "provenance": provenance(),
+        "timed_ms": costs, "feature": rows, "measured_batch1": measured,
+        "provenance": provenance(),
     })
     print(f"wrote {args.json}")
     return 0

@@ -47,11 +47,15 @@ class DrafterConfig(StrategyConfig):
 @dataclasses.dataclass
 class DraftContext:
     """What a drafter may read when it proposes: the tokens generated so far (the prompt pass's
-    first one included) and, for drafters that ask (`Drafter.wants_hidden`), the final layer's
-    state at the last verified position."""
+    first one included) and, for drafters that ask (`Drafter.wants_hidden`), what the full model
+    verified since the drafter last proposed (every prompt position, the first time; then the
+    positions each verification kept): their final-layer states before the final norm, the
+    embedded input at the position after each (the newest token's last), and their positions."""
 
     tokens: list[int]
-    hidden: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None  # (positions, width)
+    inputs: torch.Tensor | None = None  # (positions, width): what enters the first layer one position later
+    positions: torch.Tensor | None = None  # (positions,)
 
 
 class Drafter:
@@ -63,7 +67,8 @@ class Drafter:
     Config: ClassVar[type[DrafterConfig]] = DrafterConfig
     needs_fitting: ClassVar[bool] = True  # learns from the backbone's own outputs before it drafts
     uses_exits: ClassVar[bool] = False  # drafts with the strategy's exits inside the engine (`exit`)
-    wants_hidden: ClassVar[bool] = False  # `DraftContext.hidden` is filled for it
+    wants_hidden: ClassVar[bool] = False  # `DraftContext.hidden` is filled for it (batches decode row by row)
+    wants_samples: ClassVar[bool] = False  # `fit` also takes the samples its outputs belong to
 
     def __init__(self, backend: Backend, config: DrafterConfig | None = None):
         self.backend = backend
@@ -71,7 +76,9 @@ class Drafter:
 
     # -- building ---------------------------------------------------------------------------
     def fit(self, outputs: list[list[int]], log=print) -> None:
-        """Learn from `outputs`, the backbone's own greedy tokens on the exit-training split."""
+        """Learn from `outputs`, the backbone's own greedy tokens on the exit-training split (with
+        `wants_samples`, `fit(outputs, log, samples)`: also the split's samples, in that order, so
+        it can run the backbone on them)."""
         raise NotImplementedError
 
     def save(self, folder: str) -> None:

@@ -148,6 +148,8 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
         # self-speculative decoding drives these (see earlyexit.core.speculative)
         self.force_exit: int | None = None  # every row leaves at this exit index (drafting)
         self.read_block = False  # the final head reads every position of its block (verification)
+        self.keep_states = False  # keep each forward's embedded inputs and final-layer block (feature drafters)
+        self.kept_inputs = self.kept_top = None
         self.draft_vocabulary: torch.Tensor | None = None  # token ids a forced exit reads out (drafting)
         # token ids every exit reads out when it decides and emits (`--exit-vocabulary`); the final
         # layer always reads the whole vocabulary
@@ -305,6 +307,8 @@ class EarlyExitForCausalLM(PreTrainedModel, GenerationMixin):
         cache.reserve(rows, total, first.device, width, self.language_model.dtype)
         cache.positions[:, past:total] = position_ids
         hidden = backend.embed(input_ids if inputs_embeds is None else None, inputs_embeds, position_ids)
+        if self.keep_states:
+            self.kept_inputs = hidden
         step = _Step(self, cache, attention_mask, input_ids, past, total)
         logits = step.run(hidden)
         cache.total_length = total
@@ -533,6 +537,8 @@ class _Step:
 
     def _final(self, block, width, record):
         model = self.model
+        if model.keep_states:
+            model.kept_top = block
         if model.read_block:  # verification reads every real position of the block
             logits = self.backend.logits(block)
             record.final_readouts = width

@@ -265,28 +265,54 @@ class DraftVerifyDecoder(RowByRowDecoder):
         self.draft_length = drafter.config.draft_length
         self.draft_layer = None  # no exit drafts
 
+    def generate(self, *args, **kwargs) -> torch.Tensor:
+        self.model.keep_states = self.drafter.wants_hidden  # the drafter reads the verified states
+        try:
+            return super().generate(*args, **kwargs)
+        finally:
+            self.model.keep_states, self.model.kept_inputs, self.model.kept_top = False, None, None
+
     def _rounds(self, cache, tokens, max_new_tokens, eos, stats):
         model = self.model
         self.drafter.start()
+        seen = self._verified_states(cache, 0, cache.total_length, tokens[-1])  # the prompt pass's positions
         while len(tokens) < max_new_tokens:
             budget = max_new_tokens - len(tokens)
-            drafts = self._row_drafts(tokens, max_new_tokens, eos)
+            drafts = self._row_drafts(tokens, max_new_tokens, eos, seen)
             model.force_exit, model.read_block = -1, True
             fed = torch.tensor([[tokens[-1], *drafts]], device=model.device)
+            past = cache.total_length
             logits = model(input_ids=fed, attention_mask=self._mask(cache, model.device, fed.shape[1]),
                            cache=cache).logits
             block = logits[0, -fed.shape[1]:]
             verified = block.argmax(-1).tolist() if self.warp is None else self._sampled(block, drafts)
+            before = len(tokens)
             tokens, ended = self._accept(cache, tokens, drafts, verified, budget, eos, stats)
             if ended:
                 break
+            seen = self._verified_states(cache, past, len(tokens) - before, tokens[-1])
         return tokens
 
-    def _row_drafts(self, tokens: list[int], max_new_tokens: int, eos: set) -> list[int]:
+    def _verified_states(self, cache, start: int, count: int, newest: int) -> dict:
+        """For a drafter that reads states (`wants_hidden`): of the last forward, which began at
+        cache position `start`, the final-layer states of the first `count` positions (those kept),
+        the embedded input one position after each (the newest token's, not fed yet, last), and
+        their positions; else nothing."""
+        if not self.drafter.wants_hidden:
+            return {}
+        model = self.model
+        inputs = model.kept_inputs[0]  # the forward's own positions only
+        top = model.kept_top[0, -inputs.shape[0]:]  # (a catch-up block would begin with waiting positions)
+        positions = cache.positions[0, start:start + count]
+        newest = model.backend.embed(torch.tensor([[newest]], device=model.device), None, positions[-1:][None] + 1)[0]
+        return {"hidden": top[:count], "inputs": torch.cat([inputs[1:count], newest]), "positions": positions}
+
+    def _row_drafts(self, tokens: list[int], max_new_tokens: int, eos: set, seen: dict | None = None) -> list[int]:
         """Up to k drafts after `tokens`, within the row's budget (the verification adds one) and cut
-        after an end token."""
+        after an end token. `seen`: what a state-reading drafter takes in (`_verified_states`)."""
         budget = max_new_tokens - len(tokens)
-        drafts = list(self.drafter.propose(DraftContext(list(tokens)), min(self.draft_length, budget - 1))
+        drafts = list(self.drafter.propose(DraftContext(list(tokens), **(seen or {})),
+                                           min(self.draft_length, budget - 1))
                       if budget > 1 else [])[:max(budget - 1, 0)]
         ended = next((i for i, t in enumerate(drafts) if t in eos), None)
         return drafts[:ended + 1] if ended is not None else drafts
@@ -321,17 +347,18 @@ class BatchedDraftVerifyDecoder(DraftVerifyDecoder):
     drafts become holes in its attention mask (positions count only what the mask keeps, so the
     next tokens sit where the full model puts them), and the columns every row refused are cropped.
     One host read a round. Decoder-only families (a T5 decoder's relative bias counts columns, so
-    holes would move it); sampling decodes row by row."""
+    holes would move it); sampling, and drafters that read the verified states (their own caches
+    are per row), decode row by row."""
 
     @property
     def batches(self) -> bool:
         """Whether greedy batches decode together (else row by row, as the plain comparison must)."""
-        return not self.model.encoder_decoder
+        return not self.model.encoder_decoder and not self.drafter.wants_hidden
 
     def generate(self, pixel_values=None, input_ids=None, attention_mask=None, max_new_tokens: int = 20,
                  do_sample: bool = False, **unused) -> torch.Tensor:
         model = self.model
-        if do_sample or model.encoder_decoder or input_ids.shape[0] == 1:
+        if do_sample or not self.batches or input_ids.shape[0] == 1:
             return super().generate(pixel_values, input_ids, attention_mask, max_new_tokens, do_sample=do_sample,
                                     **unused)
         self.warp = None

@@ -31,6 +31,7 @@ BUILTIN_PLUGINS = (
     "earlyexit.backends.minigpt4_llama",
     "earlyexit.drafters.corpus",
     "earlyexit.drafters.exits",
+    "earlyexit.drafters.feature",
     "earlyexit.strategies.confidence",
     "earlyexit.strategies.deebert",
     "earlyexit.strategies.fixed",
