@@ -76,7 +76,8 @@ def test_run_with_a_corpus_drafter(tmp_path, capsys):
     argv = ["run", "--backend", "blip2-opt", "--strategy", "confidence", "--model", str(model), "--gate", "none",
             "--threshold", "0.9", "--train-limit", "8", "--dev-limit", "4", "--test-limit", "4", "--batch-size", "4",
             "--max-new-tokens", "6", "--output", str(tmp_path / "runs"), "--drafter", "corpus",
-            "--drafter-option", "stop_below=0.3", "--draft-length", "3", "--json", str(tmp_path / "run.json")]
+            "--drafter-option", "stop_below=0.3", "--draft-length", "3", "--json", str(tmp_path / "run.json"),
+            "--draft-anyway"]  # its row whatever dev says (a micro model's timings are noise)
     assert main(argv) == 0
     captured = capsys.readouterr()
     assert "drafter corpus: fitted on 8 of the backbone's own outputs" in captured.err
@@ -92,3 +93,53 @@ def test_run_with_a_corpus_drafter(tmp_path, capsys):
     assert "confidence speculative" not in report["results"]
     assert main(argv) == 0
     assert "drafter corpus: reusing" in capsys.readouterr().err
+
+
+def test_run_with_the_hybrid_drafter_trains_caches_and_reuses_it(tmp_path, capsys):
+    """`run --drafter hybrid` trains the feature drafter on the backbone's own outputs (and indexes
+    the corpus), caches both, and its row is the full model's predictions; a second run reuses it."""
+    model = tmp_path / "micro"
+    make_backend(seed=8, num_layers=4, image_size=64, patch_size=16, init_std=0.1).save_pretrained(str(model))
+    argv = ["run", "--backend", "blip2-opt", "--strategy", "confidence", "--model", str(model), "--gate", "none",
+            "--threshold", "0.9", "--train-limit", "8", "--dev-limit", "4", "--test-limit", "4", "--batch-size", "4",
+            "--max-new-tokens", "6", "--output", str(tmp_path / "runs"), "--drafter", "hybrid",
+            "--drafter-option", "epochs=2", "--drafter-option", "vocabulary=32", "--draft-anyway",
+            "--json", str(tmp_path / "run.json")]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "drafter feature: trained on 8 outputs" in captured.err and "drafter corpus: 8 outputs" in captured.err
+    report = json.loads((tmp_path / "run.json").read_text())
+    row = report["results"]["hybrid speculative"]
+    assert row["predictions"] == report["results"]["full"]["predictions"]
+    assert row["speed"]["drafter"] == "hybrid" and row["speed"]["draft_length"] == 6  # the hybrid's own default
+    assert report["drafter_choice"]["drafter"] == "hybrid"
+    assert main(argv) == 0
+    assert "drafter hybrid: reusing" in capsys.readouterr().err
+
+
+def test_run_decodes_plainly_where_the_drafter_does_not_pay(tmp_path, capsys, monkeypatch):
+    """Where dev says drafting is slower than the full model's own decoding, the test split is
+    decoded plainly (no drafter row), and the run says so."""
+    from earlyexit.pipeline import drafting
+
+    timed = drafting.evaluate
+
+    def slower(*args, **kwargs):  # dev's timing, made slower than plain decoding
+        result = timed(*args, **kwargs)
+        result["speed"]["wall_speedup"] = 0.8
+        return result
+
+    monkeypatch.setattr(drafting, "evaluate", slower)
+    model = tmp_path / "micro"
+    make_backend(seed=8, num_layers=4, image_size=64, patch_size=16, init_std=0.1).save_pretrained(str(model))
+    argv = ["run", "--backend", "blip2-opt", "--strategy", "confidence", "--model", str(model), "--gate", "none",
+            "--threshold", "0.9", "--train-limit", "8", "--dev-limit", "4", "--test-limit", "4", "--batch-size", "4",
+            "--max-new-tokens", "6", "--output", str(tmp_path / "runs"), "--drafter", "corpus",
+            "--json", str(tmp_path / "run.json")]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "does not pay on dev at batch 4 (0.80x): the test split is decoded plainly" in captured.err
+    assert "the corpus drafter is slower than plain decoding on dev at batch 4 (0.80x end to end)" in captured.out
+    report = json.loads((tmp_path / "run.json").read_text())
+    assert "corpus speculative" not in report["results"] and "confidence speculative" not in report["results"]
+    assert report["drafter_choice"]["decode"] == "plain" and report["drafter_choice"]["pays"] is False

@@ -105,6 +105,7 @@ def compute_cell(cell, key: str, output: str, registry, log) -> dict | None:
     settings.pop("draft_length")
     run_settings = RunSettings(strategy=cell.strategy, data=cell.data, options=cell.options,
                                speculative=decode == "speculative", draft_length=cell.settings["draft_length"],
+                               draft_anyway=True,  # a speculative cell measures its drafter, paying or not
                                output=os.path.join(output, "runs", key), progress=False, compare_untrained=False,
                                grid=tuple(grid) if (grid := settings.pop("grid")) else None, **settings)
     began = time.perf_counter()

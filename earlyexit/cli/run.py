@@ -88,6 +88,11 @@ def format_run(report: dict, color: bool) -> str:
     histogram = results[strategy]["exit_layer_histogram"]
     total = sum(histogram.values()) or 1
     lines.append(f"exit layers ({strategy}): " + "  ".join(f"{k}: {100 * v / total:.1f}%" for k, v in histogram.items()))
+    choice = report.get("drafter_choice")
+    if choice and choice.get("decode") == "plain":
+        lines.append(f"speculative: the {choice['drafter']} drafter is slower than plain decoding on dev at batch "
+                     f"{choice['batch_size']} ({choice['dev_speedup']:.2f}x end to end): the test split is decoded "
+                     "plainly (the full row); --draft-anyway decodes its row")
     check = report.get("budget_check")
     if check and check["dev_loss"] is not None and check["test_loss"] is not None:
         verdict = "holds on test" if check["holds_on_test"] else "does not hold on test"
@@ -167,8 +172,13 @@ class RunCommand:
         add_draft_arguments(parser, "the fastest on dev")
         parser.add_argument("--drafter", metavar="NAME",
                             help="draft the speculative row with this drafter (`earlyexit list`, kind drafter): "
-                                 "corpus (the backbone's own outputs on the training split, fitted in seconds and "
-                                 "cached) or exits (the strategy's exits; the default)")
+                                 "corpus (the backbone's own outputs on the training split, fitted in seconds), "
+                                 "feature (one trained layer over the top layer's state, minutes), hybrid (corpus "
+                                 "where it matches, feature otherwise) or exits (the strategy's exits; the default); "
+                                 "fitted drafters are cached. Where dev says it is slower than plain decoding, the "
+                                 "test split is decoded plainly (the full row) unless --draft-anyway")
+        parser.add_argument("--draft-anyway", action="store_true",
+                            help="decode --drafter's row on test even where dev says plain decoding is faster")
         parser.add_argument("--drafter-option", action="append", default=[], metavar="KEY=VALUE",
                             help="a drafter option, e.g. --drafter-option draft_length=6 or stop_below=0.4 "
                                  "(repeatable)")
@@ -213,6 +223,7 @@ class RunCommand:
                                speculative=not args.no_speculative, draft_exit=args.draft_exit,
                                draft_length=args.draft_length, draft_vocabulary=args.draft_vocabulary,
                                drafter=args.drafter, drafter_options=drafter_options,
+                               draft_anyway=args.draft_anyway,
                                exit_vocabulary=args.exit_vocabulary,
                                test_limit=args.test_limit, dev_limit=args.dev_limit,
                                train_limit=args.train_limit, batch_size=args.batch_size, num_beams=args.num_beams,
@@ -248,6 +259,8 @@ def drafter_settings(registry, args) -> dict:
     if args.drafter is None:
         if args.drafter_option:
             raise ConfigError("--drafter-option needs a --drafter (e.g. --drafter corpus)")
+        if args.draft_anyway:
+            raise ConfigError("--draft-anyway decodes a drafter's row; add --drafter (e.g. --drafter corpus)")
         return {}
     if args.no_speculative:
         raise ConfigError("--drafter drafts the speculative row; drop --no-speculative or --drafter")

@@ -111,8 +111,10 @@ def prepare_drafting(run: RunContext, draft_vocabulary, exit_vocabulary) -> Draf
         return Drafting(vocabulary=draft_vocabulary)
     drafter = make_drafter(run)
     if drafter is not None and not drafter.uses_exits:
-        return Drafting(drafter=drafter, length=drafter.config.draft_length,
-                        drafter_choice=drafter_pays_on_dev(run, drafter))
+        choice = drafter_pays_on_dev(run, drafter)
+        if choice["decode"] == "plain":  # no row: it would be the full row's tokens, slower
+            return Drafting(vocabulary=draft_vocabulary, drafter_choice=choice)
+        return Drafting(drafter=drafter, length=drafter.config.draft_length, drafter_choice=choice)
     vocabulary = draft_vocabulary if draft_vocabulary is not None else exit_vocabulary
     if vocabulary is not None:
         run.log(f"speculative: drafts read out {len(vocabulary)} tokens (the backbone's most frequent on "
@@ -158,7 +160,10 @@ def make_drafter(run: RunContext):
     train = load_split(settings.data, run.train_split, settings.train_limit)
     outputs, _ = backbone_token_outputs(run.backend, train, batch_size=settings.batch_size,
                                         max_new_tokens=settings.max_new_tokens, progress=settings.progress)
-    drafter.fit(outputs, log=run.log)
+    if drafter.wants_samples:  # it runs the backbone on the samples its outputs belong to
+        drafter.fit(outputs, log=run.log, samples=train)
+    else:
+        drafter.fit(outputs, log=run.log)
     if run.main:
         with atomic_folder(folder) as temporary:
             save_drafter(drafter, temporary)
@@ -171,8 +176,9 @@ def make_drafter(run: RunContext):
 
 def drafter_pays_on_dev(run: RunContext, drafter) -> dict:
     """Speculative decoding with `drafter` on (part of) dev at the run's batch size, timed beside
-    the full model's own `generate` of the same batches (as the test row will be); the log says
-    when drafting does not pay, and what to do instead."""
+    the full model's own `generate` of the same batches (as the test row will be). Where it does
+    not pay, the run decodes plainly (`decode`: plain, and no drafter row) and says so, unless
+    `--draft-anyway`."""
     probe = dataclasses.replace(run.evaluation, num_beams=1, progress=False, quick_metrics=True, measure_wall=True)
     sample = run.dev.subset(min(len(run.dev), max(40, run.evaluation.batch_size)))
     result = evaluate(run.backend, None, sample, probe, decode="speculative", drafter=drafter)
@@ -184,10 +190,14 @@ def drafter_pays_on_dev(run: RunContext, drafter) -> dict:
             f"model ({ratio:.2f}x end to end, {speed['decode_wall_speedup']:.2f}x decoding; "
             f"{100 * speed['acceptance_rate']:.0f}% of drafts accepted)")
     pays = ratio > 1
+    decode = "speculative" if pays or run.settings.draft_anyway else "plain"
     if not pays:
+        then = ("its row is decoded anyway (--draft-anyway)" if decode == "speculative" else
+                "the test split is decoded plainly (the full row); --draft-anyway decodes its row, a smaller "
+                "--batch-size may pay")
         run.log(f"note: drafting with {drafter.name} does not pay on dev at batch {run.evaluation.batch_size} "
-                f"({ratio:.2f}x): decode plainly here (drop --drafter, or draft at a smaller --batch-size); its "
-                "row is still reported")
-    return {"dev_tokens_per_s": wall["early_exit"]["tokens_per_s"], "dev_plain_tokens_per_s": wall["full"]["tokens_per_s"],
+                f"({ratio:.2f}x): {then}")
+    return {"drafter": drafter.name, "batch_size": run.evaluation.batch_size,
+            "dev_tokens_per_s": wall["early_exit"]["tokens_per_s"], "dev_plain_tokens_per_s": wall["full"]["tokens_per_s"],
             "dev_speedup": ratio, "dev_decode_speedup": speed["decode_wall_speedup"],
-            "dev_acceptance_rate": speed["acceptance_rate"], "pays": pays}
+            "dev_acceptance_rate": speed["acceptance_rate"], "pays": pays, "decode": decode}

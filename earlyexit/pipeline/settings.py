@@ -38,6 +38,7 @@ class RunSettings:
     draft_vocabulary: int | None = None  # drafts read out only the N tokens the backbone writes most on the train split
     drafter: str | None = None  # also a speculative row with this drafter (`earlyexit list`: kind drafter)
     drafter_options: dict = dataclasses.field(default_factory=dict)  # its config overrides (draft_length, stop_below)
+    draft_anyway: bool = False  # decode the drafter's row on test even where dev says plain decoding is faster
     # exits decide and emit over the N tokens the backbone writes most on the train split (the
     # final layer reads the whole vocabulary); drafts too, unless draft_vocabulary is given
     exit_vocabulary: int | None = None
