@@ -89,8 +89,8 @@ def main(argv=None) -> int:
     parser.add_argument("--train-limit", type=int, default=400)
     parser.add_argument("--test-limit", type=int, default=200)
     parser.add_argument("--vocabulary", type=int, default=1024, help="tokens the drafter reads out over")
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--learning-rate", type=float, default=3e-4)
+    parser.add_argument("--epochs", type=int, default=60)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--measure", type=int, default=0, help="then decode this many test images for real, batch 1, "
