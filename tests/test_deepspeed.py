@@ -115,6 +115,7 @@ SCRIPT = """
         save_exits(strategy, output + "/exits", backbone_name=model)
         print("LOSSES", [round(x["gen"], 6) for x in losses])
     torch.distributed.barrier()
+    torch.distributed.destroy_process_group()  # exiting with gloo's group open can abort in its teardown
 """
 
 

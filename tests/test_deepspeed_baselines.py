@@ -71,6 +71,7 @@ SCRIPT = """
         save_exits(strategy, output + "/exits", backbone_name=model)
         print("LOSSES", (mean / 2).tolist())
     torch.distributed.barrier()
+    torch.distributed.destroy_process_group()  # exiting with gloo's group open can abort in its teardown
 """
 
 
