@@ -163,10 +163,11 @@ class FeatureDrafter(Drafter):
     Config = FeatureConfig
     wants_hidden = True
     wants_samples = True
+    decoder_only = True  # a T5 decoder layer also reads the encoder, which the drafter does not carry
 
     def __init__(self, backend, config=None):
         super().__init__(backend, config)
-        if getattr(backend, "is_encoder_decoder", False):
+        if backend.is_encoder_decoder:
             raise ConfigError(f"the {self.name} drafter needs a decoder-only backbone (a T5 decoder layer also reads "
                               "the encoder); use --drafter corpus")
         self.module: FeatureModule | None = None
@@ -317,6 +318,7 @@ class HybridDrafter(Drafter):
     Config = HybridConfig
     wants_hidden = True
     wants_samples = True
+    decoder_only = True
 
     def __init__(self, backend, config=None):
         super().__init__(backend, config)

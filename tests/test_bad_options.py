@@ -112,6 +112,8 @@ CASES = [
      "drop --no-speculative or --drafter"),
     ("run/draft anyway without a drafter", lambda m, t: run(m, t, "--draft-anyway"),
      "--draft-anyway decodes a drafter's row; add --drafter"),
+    ("run/feature drafter on T5", lambda m, t: run(m, t, "--drafter", "hybrid", "--backend", "blip2-flant5"),
+     "--drafter hybrid needs a decoder-only backbone (blip2-flant5 is an encoder-decoder)"),
     ("run/feature drafter vocabulary 0", lambda m, t: run(m, t, "--drafter", "feature", "--drafter-option",
                                                           "vocabulary=0"), "vocabulary must be at least 1"),
     ("run/hybrid drafter learning rate nan", lambda m, t: run(m, t, "--drafter", "hybrid", "--drafter-option",

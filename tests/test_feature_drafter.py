@@ -9,7 +9,7 @@ from test_drafters import PROMPTS, assert_drafter_matches, own_tokens
 
 from earlyexit.core.drafter import load_drafter, save_drafter
 from earlyexit.core.engine import EarlyExitForCausalLM
-from earlyexit.core.speculative import BatchedDraftVerifyDecoder, DraftVerifyDecoder
+from earlyexit.core.speculative import DraftVerifyDecoder
 from earlyexit.data.scenes import SceneConfig, load_scenes
 from earlyexit.drafters.feature import FeatureDrafter, HybridDrafter
 from earlyexit.errors import ConfigError, CorruptAdapterError

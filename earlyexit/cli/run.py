@@ -174,7 +174,7 @@ class RunCommand:
                             help="draft the speculative row with this drafter (`earlyexit list`, kind drafter): "
                                  "corpus (the backbone's own outputs on the training split, fitted in seconds), "
                                  "feature (one trained layer over the top layer's state, minutes), hybrid (corpus "
-                                 "where it matches, feature otherwise) or exits (the strategy's exits; the default); "
+                                 "where it is surer, feature otherwise) or exits (the strategy's exits; the default); "
                                  "fitted drafters are cached. Where dev says it is slower than plain decoding, the "
                                  "test split is decoded plainly (the full row) unless --draft-anyway")
         parser.add_argument("--draft-anyway", action="store_true",
@@ -265,6 +265,9 @@ def drafter_settings(registry, args) -> dict:
     if args.no_speculative:
         raise ConfigError("--drafter drafts the speculative row; drop --no-speculative or --drafter")
     drafter_cls = registry.drafter(args.drafter)
+    if drafter_cls.decoder_only and registry.backend(args.backend).is_encoder_decoder:
+        raise ConfigError(f"--drafter {args.drafter} needs a decoder-only backbone ({args.backend} is an "
+                          "encoder-decoder); use --drafter corpus")
     values = strategy_overrides(drafter_cls, None, args.drafter_option, flag="--drafter-option")
     drafter_cls.Config(**values)  # its own range checks, now
     return values

@@ -69,6 +69,7 @@ class Drafter:
     uses_exits: ClassVar[bool] = False  # drafts with the strategy's exits inside the engine (`exit`)
     wants_hidden: ClassVar[bool] = False  # `DraftContext.hidden` is filled for it (batches decode row by row)
     wants_samples: ClassVar[bool] = False  # `fit` also takes the samples its outputs belong to
+    decoder_only: ClassVar[bool] = False  # refused on encoder-decoder backbones (checked before a model loads)
 
     def __init__(self, backend: Backend, config: DrafterConfig | None = None):
         self.backend = backend
