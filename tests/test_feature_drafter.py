@@ -190,3 +190,22 @@ def test_nothing_to_learn_from_is_one_line(opt, scenes):
         drafter.fit([[]] * len(scenes), samples=scenes, **QUIET)
     with pytest.raises(ConfigError, match="samples"):
         drafter.fit([[1, 2]], **QUIET)
+
+
+def test_seeded_sampling_with_the_feature_drafter_draws_what_the_full_model_draws(opt, feature):
+    """Sampled speculative decoding hands the drafter the sampled token's state each round; the
+    tokens are distributed as the full model's own sampling (chi-square per position)."""
+    from test_drafters import chi_square_p
+
+    rows = 600
+    inputs = opt.prepare_inputs(make_images(1, seed=26) * rows, ["a"] * rows)
+    prompt = inputs["input_ids"].shape[1]
+    settings = dict(max_new_tokens=4, do_sample=True, temperature=0.7, top_k=0)
+    torch.manual_seed(0)
+    plain = opt.plain_generate(**inputs, **settings)[:, prompt:]
+    decoder = DraftVerifyDecoder(EarlyExitForCausalLM(opt), feature)
+    torch.manual_seed(1)
+    drawn = decoder.generate(**inputs, **settings)[:, prompt:]
+    assert decoder.last_stats.drafted >= rows and decoder.last_stats.accepted > 0
+    for position in (1, 2, 3):
+        assert chi_square_p(plain[:, position].tolist(), drawn[:, position].tolist()) > 1e-3
