@@ -42,7 +42,8 @@ class FeatureConfig(DrafterConfig):
                                          "exit-training split")
     outputs: int = config_field(400, "trains on the backbone's own outputs for the first N samples of the "
                                      "exit-training split (about 5 minutes on smol at the defaults)")
-    # 60 epochs at 1e-3 drafted 2.55 tokens a round on smol's dev split, 30 at 1e-3 2.44, 30 at 3e-4 2.12
+    # chosen on smol's dev split (benchmarks/drafter_dev_tuning.py): 60 epochs at 1e-3 drafted 2.55 tokens
+    # a round, 30 at 1e-3 2.44, 30 at 3e-4 2.12
     epochs: int = config_field(60, "passes over those outputs")
     learning_rate: float = config_field(1e-3, "AdamW learning rate")
     batch_size: int = config_field(32, "sequences per training step")
@@ -309,9 +310,8 @@ class HybridDrafter(Drafter):
     """The corpus drafts where it is at least as sure of its first token as the feature drafter is
     of its own (the corpus's share of that continuation against the drafter's probability), the
     feature drafter otherwise. The feature drafter takes in every verified state either way, so
-    its cache stays whole. The rule was chosen on dev (`benchmarks/feature_drafter_replay.py`
-    records the measured rows): corpus-first on any match never let the feature drafter draft, and
-    a minimum match length gained less."""
+    its cache stays whole. The rule was chosen on dev (`benchmarks/drafter_dev_tuning.py`): corpus
+    first on any match never lets the feature drafter draft, and a minimum match length gained less."""
 
     name = "hybrid"
     description = "the corpus where it is surer than the feature drafter, the feature drafter otherwise"
