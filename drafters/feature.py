@@ -26,6 +26,8 @@ import dataclasses
 import os
 import time
 
+# torch and transformers are imported inside the methods: `earlyexit list` imports every built-in
+# drafter and stays torch-free (as strategies do)
 from earlyexit import hookimpl
 from earlyexit.core.drafter import DraftContext, Drafter, DrafterConfig
 from earlyexit.core.strategy import config_field
@@ -263,8 +265,9 @@ class FeatureDrafter(Drafter):
         self.verified += context.hidden.shape[0]
         return states[-1:], int(context.positions[-1]) + 1
 
-    def draft(self, state, position: int, count: int) -> list[int]:
-        """Up to `count` chained drafts from the predicted `state` at `position`."""
+    def draft(self, state, position: int, count: int, first_logits=None) -> list[int]:
+        """Up to `count` chained drafts from the predicted `state` at `position` (`first_logits`: its
+        read-out, when the caller has it already)."""
         import torch
 
         from earlyexit.core.generation import end_tokens
@@ -272,7 +275,7 @@ class FeatureDrafter(Drafter):
         ends = end_tokens(self.backend.language_model.generation_config)
         drafts = []
         for i in range(count):
-            logits = self.module.read_out(state[-1])
+            logits = first_logits if i == 0 and first_logits is not None else self.module.read_out(state[-1])
             if self.config.stop_below > 0:
                 best = logits.float().softmax(-1).max(-1)
                 probability, index = best.values.item(), int(best.indices)
@@ -350,11 +353,12 @@ class HybridDrafter(Drafter):
             return []
         drafts, shares = self.corpus.index.continuation(context.tokens, count, self.config.stop_below,
                                                         self.config.max_match)
-        if drafts and shares[0] >= float(self.feature.module.read_out(state[-1]).float().softmax(-1).max()):
+        logits = self.feature.module.read_out(state[-1])  # read once: the rule's and the first draft's
+        if drafts and shares[0] >= float(logits.float().softmax(-1).max()):
             self.from_corpus += 1
             return drafts
         self.from_feature += 1
-        return self.feature.draft(state, position, count)
+        return self.feature.draft(state, position, count, logits)
 @hookimpl
 def earlyexit_register_drafters():
     return [FeatureDrafter, HybridDrafter]

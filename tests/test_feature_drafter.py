@@ -5,12 +5,13 @@ own cache, built a round at a time, holds what one pass over the whole sequence 
 import pytest
 import torch
 from helpers import make_backend, make_images
-from test_drafters import PROMPTS, assert_drafter_matches, own_tokens
+from test_drafters import PROMPTS, assert_drafter_matches, chi_square_p, own_tokens
 
 from earlyexit.core.drafter import load_drafter, save_drafter
 from earlyexit.core.engine import EarlyExitForCausalLM
 from earlyexit.core.speculative import DraftVerifyDecoder
 from earlyexit.data.scenes import SceneConfig, load_scenes
+from earlyexit.data.tasks import task_of
 from earlyexit.drafters.feature import FeatureDrafter, HybridDrafter
 from earlyexit.errors import ConfigError, CorruptAdapterError
 from earlyexit.training.drafters import backbone_token_outputs
@@ -69,7 +70,6 @@ class Recording(DraftVerifyDecoder):
 def test_rounds_where_nothing_and_everything_is_accepted_are_exact(opt, scenes, hybrid):
     # the scenes' own images: the corpus holds their captions, so whole rounds are accepted; random
     # images under odd prompts leave it to the feature drafter of a micro model, often wrong
-    from earlyexit.data.tasks import task_of
 
     own = opt.prepare_inputs([s.load_image() for s in scenes.samples[:4]],
                              [task_of(scenes).prompt(s, opt) for s in scenes.samples[:4]])
@@ -172,7 +172,6 @@ def test_it_learns_the_backbones_next_tokens(opt, scenes):
     drafter.fit(outputs, samples=scenes, log=logs.append)
     losses = [float(line.rsplit("loss ", 1)[1]) for line in logs if "loss" in line]
     assert losses[-1] < losses[0]
-    from earlyexit.data.tasks import task_of
 
     inputs = opt.prepare_inputs([s.load_image() for s in scenes.samples[:8]],
                                 [task_of(scenes).prompt(s, opt) for s in scenes.samples[:8]])
@@ -195,8 +194,6 @@ def test_nothing_to_learn_from_is_one_line(opt, scenes):
 def test_seeded_sampling_with_the_feature_drafter_draws_what_the_full_model_draws(opt, feature):
     """Sampled speculative decoding hands the drafter the sampled token's state each round; the
     tokens are distributed as the full model's own sampling (chi-square per position)."""
-    from test_drafters import chi_square_p
-
     rows = 600
     inputs = opt.prepare_inputs(make_images(1, seed=26) * rows, ["a"] * rows)
     prompt = inputs["input_ids"].shape[1]
