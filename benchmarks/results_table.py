@@ -55,9 +55,19 @@ def row(model: str, label: str, m: dict, full_cider: float, full: bool) -> list[
             ratio(m["decode_wall_speedup"], full), f"{m['tokens_per_s']:.0f}", f"{m['mean_exit_layer']:.2f}"]
 
 
-def knob_label(name: str, config: dict | None) -> str:
-    threshold = (config or {}).get("threshold")
-    return name if threshold is None else f"{name} (α = {threshold:g})"
+def knob_label(name: str, threshold, check: dict | None = None) -> str:
+    """`name (α = 0.9)`, with the loss on dev the calibration saw where the file has it (newer files
+    check each calibrated row's budget: dev's loss beside test's, which is the CIDEr column)."""
+    if threshold is None:
+        return name
+    seen = f"; dev {-100 * check['dev_loss'] + 0.0:+.1f} %" if check and check.get("dev_loss") is not None else ""
+    return f"{name} (α = {threshold:g}{seen})"
+
+
+def row_checks(data: dict) -> dict:
+    """{row name: budget check}: by row in newer files, one for the strategy's row in older ones."""
+    checks = data.get("budget_check") or {}
+    return {data.get("strategy_label"): checks} if "dev_loss" in checks else checks
 
 
 def drafting(speed: dict) -> str:
@@ -67,14 +77,15 @@ def drafting(speed: dict) -> str:
 
 def headline_rows(data: dict) -> list[dict]:
     """The headline file's rows, in its order: name, label and the columns' numbers."""
-    rows = []
+    rows, checks, thresholds = [], row_checks(data), data.get("thresholds") or {}
     for name, result in data["results"].items():
         speed, config = result["speed"], result["config"]
         measures = {**speed, "CIDEr": result["quality"]["CIDEr"]}
         if config.get("decode") == "speculative":
             label = f"{name} ({drafting(speed)})"
         else:
-            label = knob_label(name, config.get("strategy_config"))
+            threshold = thresholds.get(name, (config.get("strategy_config") or {}).get("threshold"))
+            label = knob_label(name, threshold, checks.get(name))
         rows.append({"name": name, "label": label, "measures": measures})
     return rows
 

@@ -114,6 +114,7 @@ def summary(report: dict) -> dict:
                             for k, v in result["speed"].items() if k in ("acceptance_rate", "mean_draft_length",
                                                                           "draft_vocabulary", "draft_length")},
             "strategy_config": report.get("strategy_config"), "methods": rows,
+            "thresholds": report.get("thresholds"), "budget_check": report.get("budget_check"),
             "train_exits_s": report["timings"].get("train_exits_s"), "timings": report["timings"]}
 
 
@@ -181,7 +182,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", required=True, help="write the results here (with command and provenance)")
     parser.add_argument("--work", default="runs/smol", help="cached parts (default runs/smol)")
     parser.add_argument("--test-limit", type=int, default=200, help="test images (default 200; 0: all 500)")
-    parser.add_argument("--dev-limit", type=int, help="dev images for calibration (default: all 100)")
+    parser.add_argument("--dev-limit", type=int, help="dev images for calibration (default: all 500)")
     parser.add_argument("--train-limit", type=int, help="exit-training images (default: all 400)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--exit-layers", type=parse_int_list, help="FREE's and confidence's exits (default: "

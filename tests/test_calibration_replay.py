@@ -137,7 +137,7 @@ def fake_run(backend, strategy, dev):
 def test_rules_the_replay_cannot_model_decode_the_whole_grid(registry, backend, confidence, dev, decodes):
     gate = CosineGate(0.99, mode="replace")
     run = fake_run(backend, confidence, dev.subset(4))
-    _, points, replayed, how = knob_points(run, Knob(confidence, gate), gate, None)
+    _, points, replayed, how = knob_points(run, Knob(confidence, gate), gate, None, run.settings.grid)
     assert replayed is None and "cannot model a gate that decides alone" in how
     assert len(decodes) == 3 and decodes[0] is None  # the full model, then each gate threshold
     assert [p.threshold for p in points] == [0.5, 0.9] and gate.threshold == 0.99
@@ -148,6 +148,6 @@ def test_rules_the_replay_cannot_model_decode_the_whole_grid(registry, backend, 
     assert "beam search" in replay_refusal(Knob(confidence), dev, beams, "catchup", None)
     assert replay_refusal(Knob(confidence), dev, SETTINGS, "catchup", None) is None
     decodes.clear()
-    _, points, replayed, how = knob_points(run, Knob(confidence), None, None)
+    _, points, replayed, how = knob_points(run, Knob(confidence), None, None, run.settings.grid)
     assert how.startswith("calibration replayed every threshold") and "confirmed by decoding 4 dev rows" in how
     assert len(decodes) <= 2 and replayed["kept"] == [p.threshold for p in points]

@@ -26,9 +26,17 @@ def test_run_free_end_to_end(tmp_path, capsys):
     # speculative decoding is the full model, token for token
     assert report["results"]["free speculative"]["predictions"] == report["results"]["full"]["predictions"]
     assert report["threshold"] in (0.2, 0.9) and report["calibration"]["rule"] == "budget"
-    check = report["budget_check"]  # dev's loss beside test's, against the budget
-    assert check["budget"] == 0.01 and check["holds_on_test"] == (check["test_loss"] <= 0.01)
-    assert "budget (budget: relative CIDEr loss): loss on dev" in out
+    # every calibrated row: dev's loss beside test's, against the budget; the untrained exits are
+    # calibrated by the same rule, on their own
+    checks = report["budget_check"]
+    assert set(checks) == {"free + learned gate", "confidence", "confidence + learned gate"}
+    for name, check in checks.items():
+        assert check["budget"] == 0.01 and check["holds_on_test"] == (check["test_loss"] <= 0.01)
+        assert f"budget (budget: relative CIDEr loss), {name}: loss on dev" in out
+    assert set(report["untrained_calibration"]) == {"confidence", "confidence + learned gate"}
+    for name, record in report["untrained_calibration"].items():
+        assert report["thresholds"][name] == record["threshold"] and f"{name} @{record['threshold']:g}" in out
+        assert [p["threshold"] for p in record["points"]] == [0.2, 0.9]  # the learned gate filters: --grid applies
     assert report["calibration"]["speed_target"] == "wall" and report["results"]["free + learned gate"]["config"]["gate"] == "learned"
     assert [p["threshold"] for p in report["calibration"]["points"]] == [0.2, 0.9]
     for name in ("calibration.csv", "calibration.png", "mid_crisis.csv", "mid_crisis.png"):

@@ -62,7 +62,8 @@ def format_run(report: dict, color: bool) -> str:
     lines += ["", header, "-" * len(header)]
     for name, result in results.items():
         speed = result["speed"]
-        label = name if name in ("full",) or name.endswith("speculative") else f"{name} @{report['threshold']}"
+        threshold = report.get("thresholds", {}).get(name)
+        label = name if threshold is None else f"{name} @{threshold:g}"
         wall = speed.get("wall_speedup") or 1.0
         decode_wall = speed.get("decode_wall_speedup") or 1.0
         lines.append(f"{label:<30}" + "".join(f"{result['quality'][m]:>{widths[m]}.4f}" for m in metrics)
@@ -93,11 +94,12 @@ def format_run(report: dict, color: bool) -> str:
         lines.append(f"speculative: the {choice['drafter']} drafter is slower than plain decoding on dev at batch "
                      f"{choice['batch_size']} ({choice['dev_speedup']:.2f}x end to end): the test split is decoded "
                      "plainly (the full row); --draft-anyway decodes its row")
-    check = report.get("budget_check")
-    if check and check["dev_loss"] is not None and check["test_loss"] is not None:
+    for name, check in (report.get("budget_check") or {}).items():
+        if check["dev_loss"] is None or check["test_loss"] is None:
+            continue
         verdict = "holds on test" if check["holds_on_test"] else "does not hold on test"
-        lines.append(f"budget ({check['rule']}: {check['measure']}): loss on dev {100 * check['dev_loss']:.1f} %, on test "
-                     f"{100 * check['test_loss']:.1f} %, budget {100 * check['budget']:.1f} %: {verdict}")
+        lines.append(f"budget ({check['rule']}: {check['measure']}), {name}: loss on dev {100 * check['dev_loss']:.1f} %, "
+                     f"on test {100 * check['test_loss']:.1f} %, budget {100 * check['budget']:.1f} %: {verdict}")
     full_quality = results["full"]["quality"]
     key = next((k for k in ("CIDEr", "overall", "MRR") if k in full_quality), "overall")
     if full_quality.get(key):

@@ -13,6 +13,8 @@ from earlyexit.data.tasks import task_of
 from earlyexit.evaluation.calibrate import (Knob, choose, cost_warning, replay_refusal, replay_summary,
                                             replayed_sweep, sweep, write_curve)
 from earlyexit.pipeline.context import RunContext
+from earlyexit.pipeline.gates import confidence_like
+from earlyexit.pipeline.scoring import row_label
 
 
 def calibrate(run: RunContext, knob: Knob | None, gate, exit_vocabulary) -> dict | None:
@@ -25,7 +27,7 @@ def calibrate(run: RunContext, knob: Knob | None, gate, exit_vocabulary) -> dict
         knob.value = settings.threshold
         return None
     with run.timed("calibrate_s"):
-        full_dev, points, replayed, how = knob_points(run, knob, gate, exit_vocabulary)
+        full_dev, points, replayed, how = knob_points(run, knob, gate, exit_vocabulary, settings.grid)
         chosen, why = choose(points, full_dev, settings.rule, settings.budget, speed=settings.speed_target,
                              epsilon=settings.epsilon, safest_first=knob.safest_first)
         knob.value = chosen.threshold
@@ -46,17 +48,60 @@ def calibrate(run: RunContext, knob: Knob | None, gate, exit_vocabulary) -> dict
             "search": how, "replayed": replay_record(replayed), "csv": csv_path, "png": png_path}
 
 
-def knob_points(run: RunContext, knob: Knob, gate, exit_vocabulary) -> tuple:
-    """(the full model's dev quality, the decoded points, the replay's record or None, a line saying how)."""
-    settings = run.settings
+def untrained_knobs(run: RunContext, knob: Knob | None, gates: dict | None) -> dict:
+    """{row name: Knob} of the untrained `confidence` exits the strategy is compared with, at its
+    exit layers: alone and behind the run's gate. Only where the strategy's knob is a max-softmax
+    threshold or its gate decides (otherwise nothing compares like with like)."""
+    settings, strategy = run.settings, run.strategy
+    if not settings.compare_untrained or knob is None or not (strategy.knob_is_confidence or knob.on_gate):
+        return {}
+    confidence = confidence_like(run.registry, strategy)
+    knobs = {} if settings.strategy == "confidence" else {"confidence": Knob(confidence)}
+    if gates is not None:
+        name = f"confidence + {settings.gate} gate"
+        if name != row_label(run, gates["strategy"]):
+            knobs[name] = Knob(confidence_like(run.registry, strategy), gates["confidence"])
+    return knobs
+
+
+def calibrate_untrained(run: RunContext, knob: Knob, knobs: dict, exit_vocabulary) -> dict:
+    """Sets each comparison knob: calibrated on dev by the run's own rule and budget when the
+    strategy's knob was calibrated, so every row is held to the same budget; else the strategy's
+    given value (its threshold; 0.9 for the exits' own rule behind a deciding gate). Returns
+    {row name: what calibration saw and chose} for the calibrated ones."""
+    settings, records = run.settings, {}
+    for name, comparison in knobs.items():
+        same_kind = comparison.on_gate == knob.on_gate  # its knob means what the strategy's means
+        if settings.threshold is not None:
+            if same_kind:
+                comparison.value = knob.value
+            continue
+        grid = settings.grid if same_kind else None
+        with run.timed("calibrate_untrained_s"):
+            full_dev, points, replayed, how = knob_points(run, comparison, comparison.gate, exit_vocabulary, grid)
+            chosen, why = choose(points, full_dev, settings.rule, settings.budget, speed=settings.speed_target,
+                                 epsilon=settings.epsilon, safest_first=comparison.safest_first)
+        comparison.value = chosen.threshold
+        run.log(f"calibration of {name}: {why}")
+        records[name] = {"rule": settings.rule, "budget": settings.budget, "epsilon": settings.epsilon,
+                         "why": why, "knob": comparison.name, "threshold": chosen.threshold,
+                         "full_quality": full_dev, "points": [dataclasses.asdict(p) for p in points],
+                         "search": how, "replayed": replay_record(replayed)}
+    return records
+
+
+def knob_points(run: RunContext, knob: Knob, gate, exit_vocabulary, grid=None) -> tuple:
+    """(the full model's dev quality, the decoded points, the replay's record or None, a line saying
+    how) for `knob` (its strategy, behind `gate`) over `grid` (None: the knob's default grid)."""
+    settings, strategy = run.settings, knob.strategy
     refusal = replay_refusal(knob, run.dev, run.evaluation, settings.kv_policy, exit_vocabulary)
     if refusal is None:
         full_dev, points, replayed = replayed_sweep(
-            run.backend, run.strategy, run.dev, run.evaluation, rule=settings.rule, budget=settings.budget,
-            epsilon=settings.epsilon, grid=settings.grid, measure_wall=settings.speed_target == "wall",
+            run.backend, strategy, run.dev, run.evaluation, rule=settings.rule, budget=settings.budget,
+            epsilon=settings.epsilon, grid=grid, measure_wall=settings.speed_target == "wall",
             progress=settings.progress, gate=gate)
         return full_dev, points, replayed, replay_summary(knob, replayed)
-    full_dev, points = sweep(run.backend, run.strategy, run.dev, run.evaluation, grid=settings.grid,
+    full_dev, points = sweep(run.backend, strategy, run.dev, run.evaluation, grid=grid,
                              kv_policy=settings.kv_policy, progress=settings.progress, gate=gate,
                              measure_wall=settings.speed_target == "wall", exit_vocabulary=exit_vocabulary)
     how = (f"calibration decoded dev at every {knob.name} of the grid: the one-pass replay cannot model {refusal}")

@@ -50,4 +50,4 @@ class RunContext:
     def timed(self, key: str):
         began = time.perf_counter()
         yield
-        self.timings[key] = time.perf_counter() - began
+        self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - began  # a step may come back

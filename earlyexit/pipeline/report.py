@@ -49,20 +49,28 @@ def mid_crisis_report(backend, strategy, dataset, folder: str, limit: int = 100)
 
 
 def final_report(run: RunContext, knob, gate, calibration, drafting: Drafting, results: dict, mid_crisis,
-                 exit_vocabulary) -> dict:
-    """What `run` returns (rank 0), after telling the lifecycle hooks the run ended."""
+                 exit_vocabulary, untrained: dict, untrained_calibration: dict) -> dict:
+    """What `run` returns (rank 0), after telling the lifecycle hooks the run ended. `untrained`:
+    {row name: Knob} of the compared `confidence` exits, `untrained_calibration` what calibrated them."""
     settings, strategy, backend = run.settings, run.strategy, run.backend
+    label = row_label(run, gate)
+    thresholds = {name: comparison.value for name, comparison in untrained.items()}
+    if knob is not None:
+        thresholds = {label: knob.value, **thresholds}
+    checks = {name: budget_check(record, results, name)
+              for name, record in {label: calibration, **untrained_calibration}.items()}
     notify(run.registry, "run_end", config=dataclasses.asdict(settings),
            results={name: {"quality": r["quality"], "speed": {k: v for k, v in r["speed"].items() if k != "wall"}}
                     for name, r in results.items()})
     return {"settings": dataclasses.asdict(settings), "threshold": knob.value if knob is not None else None,
             "knob": knob.name if knob is not None else None, "parameters": strategy.parameter_counts(),
-            "strategy_label": row_label(run, gate),
+            "strategy_label": label, "thresholds": thresholds,
             "draft_exit_layer": strategy.exit_layers[drafting.exit] if drafting.exit is not None else None,
             "draft_choice": drafting.choice,
             "drafter_choice": drafting.drafter_choice,
             "exit_layers": strategy.exit_layers, "strategy_config": strategy.config.to_dict(),
-            "calibration": calibration, "budget_check": budget_check(calibration, results, row_label(run, gate)),
+            "calibration": calibration, "untrained_calibration": untrained_calibration,
+            "budget_check": {name: check for name, check in checks.items() if check is not None} or None,
             "results": results, "mid_crisis": mid_crisis, "timings": run.timings,
             "gate_folder": getattr(gate, "folder", None),
             "exit_vocabulary": exit_vocabulary.tolist() if exit_vocabulary is not None else None,

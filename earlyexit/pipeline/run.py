@@ -6,11 +6,11 @@
    loaded from the adapter cache, or trained on the exit-training split and saved (`exits.py`);
 2. the gates that decide before the head (`gates.py`) and the vocabularies exits and drafts
    read out over;
-3. the threshold: given, or calibrated on the development split by the stated rule
-   (`calibration.py`);
+3. the threshold: given, or calibrated on the development split by the stated rule; the untrained
+   `confidence` exits it is compared with are calibrated by the same rule (`calibration.py`);
 4. the drafting exit and length of the self-speculative row, chosen on dev (`drafting.py`);
 5. the test split: the full model, the strategy at the chosen threshold, and the untrained
-   `confidence` exits at the same threshold, each with quality and the three speed-ups
+   `confidence` exits at theirs, each with quality and the three speed-ups
    (`scoring.py`);
 6. the per-exit accuracy of untrained versus trained exits (the paper's mid-crisis plot) and
    the report (`report.py`).
@@ -37,7 +37,7 @@ from earlyexit.data.splits import load_split, splits_for, test_split_of
 from earlyexit.data.tasks import TASKS, task_of
 from earlyexit.evaluation.calibrate import Knob
 from earlyexit.evaluation.common import EvalSettings
-from earlyexit.pipeline.calibration import calibrate
+from earlyexit.pipeline.calibration import calibrate, calibrate_untrained, untrained_knobs
 from earlyexit.pipeline.context import RunContext, silent
 from earlyexit.pipeline.drafting import prepare_drafting
 from earlyexit.pipeline.exits import load_models, prepare_exits
@@ -65,16 +65,19 @@ def run(settings: RunSettings, registry, log=print) -> dict | None:
     knob = Knob(run.strategy, gate) if run.strategy.knob or gate is not None else None
     exit_vocabulary, draft_vocabulary = prepare_vocabularies(run)
     calibration = calibrate(run, knob, gate, exit_vocabulary)
+    untrained = untrained_knobs(run, knob, gates)
+    untrained_calibration = calibrate_untrained(run, knob, untrained, exit_vocabulary)
     drafting = prepare_drafting(run, draft_vocabulary, exit_vocabulary)
     with run.timed("evaluate_s"):
-        results = score_on_test(run, knob, gates, exit_vocabulary, drafting)
+        results = score_on_test(run, gates, exit_vocabulary, drafting, untrained)
     mid_crisis = None
     if run.strategy.needs_training and task_of(run.dev) is TASKS["caption"]:  # the paper's plot is of captions
         mid_crisis = mid_crisis_report(run.backend, run.strategy, run.dev, run.output) if run.main else None
     run.timings["total_s"] = time.perf_counter() - started
     if not run.main:
         return None
-    return final_report(run, knob, gate, calibration, drafting, results, mid_crisis, exit_vocabulary)
+    return final_report(run, knob, gate, calibration, drafting, results, mid_crisis, exit_vocabulary, untrained,
+                        untrained_calibration)
 
 
 def start(settings: RunSettings, registry, log) -> RunContext:

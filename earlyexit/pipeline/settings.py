@@ -54,7 +54,7 @@ class RunSettings:
     seed: int = 0
     progress: bool = True
     noise: float = 0.0  # Gaussian pixel noise on the test images only (calibration stays on clean dev)
-    compare_untrained: bool = True  # also score the untrained `confidence` exits at the same threshold
+    compare_untrained: bool = True  # also score the untrained `confidence` exits, calibrated by the same rule
     test_data: str | None = None  # score on another data set (the paper: NoCaps val with exits from COCO)
     test_split: str | None = None  # and/or another split (default: the data set's test split)
 
