@@ -119,13 +119,34 @@ def test_calibration_decodes_at_most_two_values_and_picks_what_the_grid_picks(ba
     safest_first = Knob(confidence).safest_first
     chosen, _ = calibrate.choose(points, full, speed="layer", safest_first=safest_first, **rule)
     decodes.clear()
-    full_grid, every = sweep(backend, confidence, dev, SETTINGS, grid=grid, progress=False)
+    full_grid, every = sweep(backend, confidence, dev, SETTINGS, grid=grid, progress=False, epsilon=rule["epsilon"])
     assert len(decodes) == len(grid) + 1  # the old way: the full model, then every value
     assert full_grid == pytest.approx(full)
     assert [p.disagreements for p in every] == [p.disagreements for p in replayed["predicted"]]
     assert calibrate.choose(every, full_grid, speed="layer", safest_first=safest_first, **rule)[0] == chosen
     for point in points:  # the confirmed points are the grid's own
         assert point == next(p for p in every if p.threshold == point.threshold)
+
+
+def test_the_budget_rule_decodes_safer_values_until_one_holds_the_budget(backend, confidence, dev, replay, decodes,
+                                                                         monkeypatch):
+    """When no decoded value's loss bound is within the budget, the next safer value is decoded,
+    and so on to the safest; the rule then takes the safest, never a value that failed."""
+    grid = sorted({round(between_confidences(replay, s), 6) for s in (0.1, 0.5, 0.9)} | {1.0})
+    monkeypatch.setattr(calibrate.PairedBound, "__call__", lambda self, predictions: 0.5)  # every value fails
+    rule = dict(rule="budget", budget=0.01, epsilon=0.1)
+    full, points, replayed = replayed_sweep(backend, confidence, dev, SETTINGS, grid=grid, **rule)
+    order = Knob(confidence).safest_first(grid)  # highest threshold first
+    shortlisted = calibrate.shortlist(replayed["predicted"], "budget", 0.01, 0.1, Knob(confidence).safest_first)
+    safer = [v for v in reversed(order[:order.index(shortlisted[0])]) if v not in shortlisted]
+    assert safer and decodes == replayed["kept"] == shortlisted + safer  # toward the safest, in order
+    assert decodes[-1] == 1.0
+    chosen, why = calibrate.choose(points, full, speed="layer", safest_first=Knob(confidence).safest_first, **rule)
+    assert chosen.threshold == 1.0 and "took the safest" in why
+    monkeypatch.setattr(calibrate.PairedBound, "__call__", lambda self, predictions: 0.0)  # the pick holds
+    decodes.clear()
+    replayed_sweep(backend, confidence, dev, SETTINGS, grid=grid, **rule)
+    assert len(decodes) <= 2  # nothing safer is decoded
 
 
 def fake_run(backend, strategy, dev):

@@ -98,8 +98,10 @@ def format_run(report: dict, color: bool) -> str:
         if check["dev_loss"] is None or check["test_loss"] is None:
             continue
         verdict = "holds on test" if check["holds_on_test"] else "does not hold on test"
-        lines.append(f"budget ({check['rule']}: {check['measure']}), {name}: loss on dev {100 * check['dev_loss']:.1f} %, "
-                     f"on test {100 * check['test_loss']:.1f} %, budget {100 * check['budget']:.1f} %: {verdict}")
+        bound = check.get("dev_loss_bound")
+        bounded = f" (at most {100 * bound:.1f} % with probability {1 - check['epsilon']:.0%})" if bound is not None else ""
+        lines.append(f"budget ({check['rule']}: {check['measure']}), {name}: loss on dev {100 * check['dev_loss']:.1f} %"
+                     f"{bounded}, on test {100 * check['test_loss']:.1f} %, budget {100 * check['budget']:.1f} %: {verdict}")
     full_quality = results["full"]["quality"]
     key = next((k for k in ("CIDEr", "overall", "MRR") if k in full_quality), "overall")
     if full_quality.get(key):
@@ -148,14 +150,16 @@ class RunCommand:
         add_threshold_argument(parser, "use this value of the strategy's knob (threshold, entropy, patience, γ) "
                                        "instead of calibrating")
         parser.add_argument("--rule", choices=RULES, default="budget",
-                            help="calibration rule: fastest within --budget of the full model's quality (default), "
+                            help="calibration rule: fastest whose loss of the full model's quality is within "
+                                 "--budget with probability 1 - --epsilon (a bootstrap over dev; default), "
                                  "best quality, or risk: fastest whose share of outputs differing from the full "
                                  "model's is at most --budget with probability 1 - --epsilon (Learn-then-Test)")
         parser.add_argument("--budget", type=float, default=0.01,
                             help="allowed relative quality loss for --rule budget, allowed risk for --rule risk "
                                  "(default 0.01: 1%%)")
         parser.add_argument("--epsilon", type=float, default=0.1,
-                            help="--rule risk: the guarantee holds with probability 1 - epsilon (default 0.1)")
+                            help="--rule budget and risk: the guarantee holds with probability 1 - epsilon "
+                                 "(default 0.1)")
         parser.add_argument("--grid", type=parse_float_list, default=None,
                             help="knob values to calibrate over (default: the strategy's grid, see `earlyexit list`)")
         add_kv_policy_argument(parser)

@@ -56,6 +56,11 @@ class Task:
         against `dataset`'s references. `quick`: the main metric only, where the others cost."""
         raise NotImplementedError
 
+    def per_item(self, dataset: Dataset, predictions: Mapping) -> dict:
+        """{sample id: its score} whose mean is the main metric (up to a constant factor): what a
+        bootstrap over samples resamples (`calibrate.loss_bound`)."""
+        raise NotImplementedError
+
     def check(self, dataset: Dataset, decode: str = "early-exit", num_beams: int = 1) -> None:
         """Refuse, before any work, a split this task cannot score or decoding it cannot use."""
         self.check_split(dataset)
@@ -100,6 +105,9 @@ class CaptionTask(Task):
             return {"CIDEr": sum(per_item.values()) / len(per_item)}
         return caption_scores(predictions, references)
 
+    def per_item(self, dataset, predictions):
+        return cider_per_item(predictions, {s.id: s.captions for s in dataset if s.id in predictions})
+
 
 class VqaTask(Task):
     name, main_metric, table_metric = "vqa", "overall", "accuracy"
@@ -109,6 +117,10 @@ class VqaTask(Task):
 
     def score(self, dataset, predictions, quick=False):
         return vqa_scores(predictions, {s.id: s.answers for s in dataset if s.id in predictions})
+
+    def per_item(self, dataset, predictions):
+        answers = {s.id: s.answers for s in dataset if s.id in predictions}
+        return vqa_scores(predictions, answers, per_item=True)["per_item"]
 
 
 class DialogTask(Task):
@@ -125,6 +137,9 @@ class DialogTask(Task):
         """`predictions`: the ground truth's rank among each round's options, by sample id."""
         return {**dialog_scores([predictions[s.id] for s in dataset.samples]), "rounds": len(predictions),
                 "scoring": "rank of the ground truth among the options by mean token log-probability (ties last)"}
+
+    def per_item(self, dataset, predictions):
+        return {s.id: 1.0 / predictions[s.id] for s in dataset.samples if s.id in predictions}  # reciprocal ranks
 
     def check_split(self, dataset):
         if any(s.extra.get("gt_index") is None for s in dataset):

@@ -103,7 +103,8 @@ def knob_points(run: RunContext, knob: Knob, gate, exit_vocabulary, grid=None) -
         return full_dev, points, replayed, replay_summary(knob, replayed)
     full_dev, points = sweep(run.backend, strategy, run.dev, run.evaluation, grid=grid,
                              kv_policy=settings.kv_policy, progress=settings.progress, gate=gate,
-                             measure_wall=settings.speed_target == "wall", exit_vocabulary=exit_vocabulary)
+                             measure_wall=settings.speed_target == "wall", exit_vocabulary=exit_vocabulary,
+                             epsilon=settings.epsilon)
     how = (f"calibration decoded dev at every {knob.name} of the grid: the one-pass replay cannot model {refusal}")
     return full_dev, points, None, how
 

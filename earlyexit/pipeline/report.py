@@ -90,8 +90,9 @@ def budget_check(calibration: dict | None, results: dict, label: str) -> dict | 
         return None
     full, row = results["full"], results[label]
     key = next((k for k in ("CIDEr", "overall", "MRR") if k in full["quality"]), None)
+    bound = None
     if calibration["rule"] == "budget":
-        dev = 1 - point["quality"] / calibration["full_quality"]
+        dev, bound = 1 - point["quality"] / calibration["full_quality"], point.get("loss_bound")
         test = 1 - row["quality"][key] / full["quality"][key] if key and full["quality"][key] else None
         measure = f"relative {key} loss"
     else:
@@ -100,5 +101,6 @@ def budget_check(calibration: dict | None, results: dict, label: str) -> dict | 
         test = 1 - sum(same) / len(same) if same else None
         measure = "share of outputs that differ from the full model's"
     budget = calibration["budget"]
-    return {"rule": calibration["rule"], "measure": measure, "budget": budget, "dev_loss": dev, "test_loss": test,
+    return {"rule": calibration["rule"], "measure": measure, "budget": budget, "dev_loss": dev,
+            "dev_loss_bound": bound, "epsilon": calibration.get("epsilon"), "test_loss": test,
             "holds_on_test": None if test is None else test <= budget + 1e-12}

@@ -25,7 +25,7 @@ class RunSettings:
     threshold: float | None = None  # the strategy's knob value (threshold, entropy, patience, γ): skip calibration
     rule: str = "budget"
     budget: float = 0.01  # budget rule: allowed relative quality loss; risk rule: allowed risk δ
-    epsilon: float = 0.1  # risk rule: the guarantee holds with probability 1 - epsilon
+    epsilon: float = 0.1  # budget and risk rules: the guarantee holds with probability 1 - epsilon
     grid: tuple | None = None  # knob values to calibrate over (default: the strategy's grid)
     kv_policy: str = "catchup"
     gate: str = "learned"  # decide before the head: none, learned (trained here, seconds) or cosine
