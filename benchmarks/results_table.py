@@ -4,10 +4,11 @@ from them):
     python benchmarks/results_table.py                    # print the Markdown block
     python benchmarks/results_table.py --write README.md  # replace the block between the markers
 
-Sources: `benchmarks/results/run-free-batch32.json` (the headline `earlyexit run --backend
+Sources: `benchmarks/results/run-free-batch32-bound.json` (the headline `earlyexit run --backend
 blip2-opt --strategy free` on the embedded `tiny` model, batch 32) and
-`benchmarks/results/smol-exit-vocabulary.json` (FREE on the embedded `smol` model, SmolLM2-135M,
-exits over smol's own words). No torch, no project import: it reads JSON only.
+`benchmarks/results/smol-exit-vocabulary-bound.json` (FREE on the embedded `smol` model,
+SmolLM2-135M, exits over smol's own words); both calibrated on 500 dev images with the budget
+rule's bootstrap bound. No torch, no project import: it reads JSON only.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HEADLINE = "benchmarks/results/run-free-batch32.json"
-SMOL = "benchmarks/results/smol-exit-vocabulary.json"
+HEADLINE = "benchmarks/results/run-free-batch32-bound.json"
+SMOL = "benchmarks/results/smol-exit-vocabulary-bound.json"
 START, END = "<!-- results-table:start -->", "<!-- results-table:end -->"
 # the files record threads, device and dtype, not the core count: every committed result was
 # measured on the project's 2-core CPU machine (docs/measurements.md)
@@ -55,19 +56,22 @@ def row(model: str, label: str, m: dict, full_cider: float, full: bool) -> list[
             ratio(m["decode_wall_speedup"], full), f"{m['tokens_per_s']:.0f}", f"{m['mean_exit_layer']:.2f}"]
 
 
-def knob_label(name: str, threshold, check: dict | None = None) -> str:
-    """`name (α = 0.9)`, with the loss on dev the calibration saw where the file has it (newer files
-    check each calibrated row's budget: dev's loss beside test's, which is the CIDEr column)."""
-    if threshold is None:
-        return name
+def knob_note(threshold, check: dict | None = None) -> str:
+    """`α = 0.9`, with the loss on dev the calibration saw where the file has it (newer files check
+    each calibrated row's budget: dev's loss beside test's, which is the CIDEr column)."""
     seen = f"; dev {-100 * check['dev_loss'] + 0.0:+.1f} %" if check and check.get("dev_loss") is not None else ""
-    return f"{name} (α = {threshold:g}{seen})"
+    return f"α = {threshold:g}{seen}"
+
+
+def knob_label(name: str, threshold, check: dict | None = None) -> str:
+    return name if threshold is None else f"{name} ({knob_note(threshold, check)})"
 
 
 def row_checks(data: dict) -> dict:
-    """{row name: budget check}: by row in newer files, one for the strategy's row in older ones."""
+    """{row name: budget check}: by row in newer files (empty for older ones, which checked only
+    the strategy's row, or nothing)."""
     checks = data.get("budget_check") or {}
-    return {data.get("strategy_label"): checks} if "dev_loss" in checks else checks
+    return {} if "dev_loss" in checks else checks
 
 
 def drafting(speed: dict) -> str:
@@ -91,16 +95,24 @@ def headline_rows(data: dict) -> list[dict]:
 
 
 def smol_rows(data: dict) -> list[dict]:
-    """FREE's run on smol: the full model, FREE, FREE's self-speculative decoding (the run's
-    `confidence` row at FREE's threshold is left out: it is not a calibrated strategy)."""
+    """FREE's run on smol: the full model, FREE, the untrained `confidence` exits where the file
+    calibrated them on their own (older files scored them at FREE's threshold: left out), FREE's
+    self-speculative decoding."""
     run = data["runs"]["free"]["summary"]
     methods = run["methods"]
     words = data.get("exit_decision_cost", {}).get("exit_vocabulary")
     spec = run.get("speculative") or {}
+    checks, thresholds = row_checks(run), run.get("thresholds") or {}
     rows = [{"name": "full", "label": "full", "measures": methods["full"]}]
     over = f", exits over {words} tokens" if words else ""
     gate = " + learned gate" if option(data["command"], "--gate", "learned") == "learned" else ", no gate"
-    rows.append({"name": "free", "label": f"free{gate} (α = {run['threshold']:g}{over})", "measures": methods["free"]})
+    name = next((n for n in methods if n.startswith("free") and "speculative" not in n), "free")
+    rows.append({"name": "free", "label": f"free{gate} ({knob_note(run['threshold'], checks.get(name))}{over})",
+                 "measures": methods[name]})
+    for other in ("confidence", "confidence + learned gate"):
+        if other in methods and other in checks:
+            rows.append({"name": other, "label": knob_label(other, thresholds.get(other), checks[other]),
+                         "measures": methods[other]})
     if "free speculative" in methods:
         label = (f"free speculative (drafts {spec['draft_length']} at layer {run['draft_exit_layer']}, "
                  f"{100 * spec['acceptance_rate']:.0f} % accepted)") if spec else "free speculative"

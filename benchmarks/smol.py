@@ -127,8 +127,9 @@ def decision_costs(gate_folder: str | None, exit_vocabulary: list | None, repeat
 
     from earlyexit.backends.minigpt4_llama import Minigpt4LlamaBackend
     from earlyexit.core.gates import LearnedGate
+    from earlyexit.models import embedded
 
-    backend = Minigpt4LlamaBackend.load(MODEL)
+    backend = Minigpt4LlamaBackend.load(embedded.resolve(MODEL, BACKEND))
     layer_params = backend.layer_param_counts()
     mean_layer = sum(layer_params) / len(layer_params)
     hidden = torch.randn(rows, 1, backend.text_config.hidden_size)
@@ -223,7 +224,7 @@ def main(argv=None) -> int:
     def grounded():
         from earlyexit.plugins.registry import get_registry
 
-        backend = get_registry(load_entrypoints=False).backend(BACKEND).load(MODEL)
+        backend = get_registry(load_entrypoints=False).backend(BACKEND).load(embedded.resolve(MODEL, BACKEND))
         return grounding.report(backend, args.test_limit or 500, "test")
 
     result["grounding_test"] = cached(args.work, f"grounding-test-{args.test_limit}", args.again, grounded)
