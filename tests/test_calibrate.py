@@ -58,6 +58,9 @@ def test_the_loss_bound_by_hand():
     loose, tight = loss_bound(full, one_lost, 0.2), loss_bound(full, one_lost, 0.05)
     assert point_loss < loose < tight
     assert loss_bound(full, {**one_lost, "extra": 5.0}, 0.2) == loose  # scored by one side only: not compared
+    # the loss a split of 50 other samples will measure: the spread above the estimate times sqrt(1 + 50 / 50)
+    assert loss_bound(full, one_lost, 0.2, scored_rows=50) == pytest.approx(point_loss + (loose - point_loss) * 2 ** 0.5)
+    assert loss_bound(full, {k: 0.9 * v for k, v in full.items()}, 0.1, scored_rows=10) == pytest.approx(0.1)
 
 
 def test_the_budget_rule_holds_the_loss_bound_to_the_budget():

@@ -152,7 +152,8 @@ def test_the_budget_rule_decodes_safer_values_until_one_holds_the_budget(backend
 def fake_run(backend, strategy, dev):
     settings = types.SimpleNamespace(kv_policy="catchup", grid=(0.5, 0.9), rule="budget", budget=0.01, epsilon=0.1,
                                      speed_target="layer", progress=False)
-    return types.SimpleNamespace(settings=settings, backend=backend, strategy=strategy, dev=dev, evaluation=SETTINGS)
+    return types.SimpleNamespace(settings=settings, backend=backend, strategy=strategy, dev=dev, test=dev,
+                                 evaluation=SETTINGS)
 
 
 def test_rules_the_replay_cannot_model_decode_the_whole_grid(registry, backend, confidence, dev, decodes):

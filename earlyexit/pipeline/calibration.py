@@ -92,19 +92,20 @@ def calibrate_untrained(run: RunContext, knob: Knob, knobs: dict, exit_vocabular
 
 def knob_points(run: RunContext, knob: Knob, gate, exit_vocabulary, grid=None) -> tuple:
     """(the full model's dev quality, the decoded points, the replay's record or None, a line saying
-    how) for `knob` (its strategy, behind `gate`) over `grid` (None: the knob's default grid)."""
+    how) for `knob` (its strategy, behind `gate`) over `grid` (None: the knob's default grid). Each
+    point's loss bound is of the loss the test split, of its size, will measure."""
     settings, strategy = run.settings, knob.strategy
     refusal = replay_refusal(knob, run.dev, run.evaluation, settings.kv_policy, exit_vocabulary)
     if refusal is None:
         full_dev, points, replayed = replayed_sweep(
             run.backend, strategy, run.dev, run.evaluation, rule=settings.rule, budget=settings.budget,
             epsilon=settings.epsilon, grid=grid, measure_wall=settings.speed_target == "wall",
-            progress=settings.progress, gate=gate)
+            progress=settings.progress, gate=gate, scored_rows=len(run.test))
         return full_dev, points, replayed, replay_summary(knob, replayed)
     full_dev, points = sweep(run.backend, strategy, run.dev, run.evaluation, grid=grid,
                              kv_policy=settings.kv_policy, progress=settings.progress, gate=gate,
                              measure_wall=settings.speed_target == "wall", exit_vocabulary=exit_vocabulary,
-                             epsilon=settings.epsilon)
+                             epsilon=settings.epsilon, scored_rows=len(run.test))
     how = (f"calibration decoded dev at every {knob.name} of the grid: the one-pass replay cannot model {refusal}")
     return full_dev, points, None, how
 
