@@ -99,7 +99,7 @@ def format_run(report: dict, color: bool) -> str:
             continue
         verdict = "holds on test" if check["holds_on_test"] else "does not hold on test"
         bound = check.get("dev_loss_bound")
-        bounded = (f" (so on test at most {100 * bound:.1f} % with probability {1 - check['epsilon']:.0%})"
+        bounded = (f" (bounded for test at {100 * bound:.1f} % with probability {1 - check['epsilon']:.0%})"
                    if bound is not None else "")
         lines.append(f"budget ({check['rule']}: {check['measure']}), {name}: loss on dev {100 * check['dev_loss']:.1f} %"
                      f"{bounded}, on test {100 * check['test_loss']:.1f} %, budget {100 * check['budget']:.1f} %: {verdict}")
