@@ -133,7 +133,7 @@ def test_the_budget_rule_decodes_safer_values_until_one_holds_the_budget(backend
     """When no decoded value's loss bound is within the budget, the next safer value is decoded,
     and so on to the safest; the rule then takes the safest, never a value that failed."""
     grid = sorted({round(between_confidences(replay, s), 6) for s in (0.1, 0.5, 0.9)} | {1.0})
-    monkeypatch.setattr(calibrate.PairedBound, "__call__", lambda self, predictions: 0.5)  # every value fails
+    monkeypatch.setattr(calibrate.PairedBound, "__call__", lambda self, result: 0.5)  # every value fails
     rule = dict(rule="budget", budget=0.01, epsilon=0.1)
     full, points, replayed = replayed_sweep(backend, confidence, dev, SETTINGS, grid=grid, **rule)
     order = Knob(confidence).safest_first(grid)  # highest threshold first
@@ -143,7 +143,7 @@ def test_the_budget_rule_decodes_safer_values_until_one_holds_the_budget(backend
     assert decodes[-1] == 1.0
     chosen, why = calibrate.choose(points, full, speed="layer", safest_first=Knob(confidence).safest_first, **rule)
     assert chosen.threshold == 1.0 and "took the safest" in why
-    monkeypatch.setattr(calibrate.PairedBound, "__call__", lambda self, predictions: 0.0)  # the pick holds
+    monkeypatch.setattr(calibrate.PairedBound, "__call__", lambda self, result: 0.0)  # the pick holds
     decodes.clear()
     replayed_sweep(backend, confidence, dev, SETTINGS, grid=grid, **rule)
     assert len(decodes) <= 2  # nothing safer is decoded

@@ -61,8 +61,9 @@ class CalibrationPoint:
     wall_speedup: float | None = None  # end to end, per generated token, against the full model's dev run
     disagreements: int = 0  # samples whose output differs from the full model's (the risk rule's loss)
     samples: int = 0
-    # the relative quality loss that dev's samples bound with probability 1 - ε (a paired bootstrap,
-    # `loss_bound`): what the budget rule holds to the budget; None where it was not measured
+    # the relative quality loss bounded with probability 1 - ε from dev's samples (`loss_bound`: on
+    # the test split, when its size is known): what the budget rule holds to the budget; None where
+    # it was not measured
     loss_bound: float | None = None
 
 
@@ -117,7 +118,7 @@ def sweep(backend, strategy, dataset, settings, grid=None, kv_policy: str = "cat
     metric = task.main_metric
     reference = evaluate(backend, None, dataset, settings)
     full = reference["quality"][metric]
-    bound = PairedBound(task, dataset, reference["predictions"], epsilon, scored_rows)
+    bound = PairedBound(task, dataset, scored_outputs(task, reference), epsilon, scored_rows)
     points = []
     knob = Knob(strategy, gate)
     original = knob.value
@@ -141,21 +142,29 @@ def measured_point(threshold, result: dict, reference: dict, metric: str, measur
     differ = sum(result["predictions"][k] != v for k, v in reference.items())
     return CalibrationPoint(threshold, result["quality"][metric], speed["param_speedup"], speed["layer_speedup"],
                             speed["mean_exit_layer"], wall, differ, len(reference),
-                            bound(result["predictions"]) if bound is not None else None)
+                            bound(result) if bound is not None else None)
+
+
+def scored_outputs(task, result: dict) -> dict:
+    """What `task` scores of an `evaluate` report, by sample id: ranking tasks score the ground
+    truth's rank, generating tasks the predictions."""
+    return result["ranks"] if task.ranks else result["predictions"]
 
 
 class PairedBound:
-    """`loss_bound` of each row's outputs on `dataset` against the full model's, scored by `task`."""
+    """`loss_bound` of each row's outputs on `dataset` against the full model's (`full`: what
+    `task` scores of them, by sample id)."""
 
-    def __init__(self, task, dataset, full_predictions: dict, epsilon: float, scored_rows: int | None = None,
+    def __init__(self, task, dataset, full: dict, epsilon: float, scored_rows: int | None = None,
                  resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0):
         self.task, self.dataset, self.epsilon, self.scored_rows = task, dataset, epsilon, scored_rows
         self.resamples, self.seed = resamples, seed
-        self.full = task.per_item(dataset, full_predictions)
+        self.full = task.per_item(dataset, full)
 
-    def __call__(self, predictions: dict) -> float:
-        return loss_bound(self.full, self.task.per_item(self.dataset, predictions), self.epsilon, self.scored_rows,
-                          self.resamples, self.seed)
+    def __call__(self, result: dict) -> float:
+        """The bound of the row `evaluate` reported in `result`."""
+        row = self.task.per_item(self.dataset, scored_outputs(self.task, result))
+        return loss_bound(self.full, row, self.epsilon, self.scored_rows, self.resamples, self.seed)
 
 
 def loss_bound(full: dict, row: dict, epsilon: float, scored_rows: int | None = None,
