@@ -417,3 +417,15 @@ def speculative_matches(backend, strategy, inputs, draft_exit, draft_length, max
         want = expected[r, prompt:]
         assert torch.equal(got[r, prompt:prompt + len(want)], want)
     return decoder.last_stats
+
+
+SAMPLING = dict(max_new_tokens=4, do_sample=True, temperature=0.7, top_k=0)
+
+
+def seeded_plain_samples(backend, rows: int, image_seed: int):
+    """`rows` copies of one image under the prompt "a", and the full model's own sampled tokens
+    after it (`SAMPLING`, torch seed 0): (inputs, prompt length, those tokens)."""
+    inputs = backend.prepare_inputs(make_images(1, seed=image_seed) * rows, ["a"] * rows)
+    prompt = inputs["input_ids"].shape[1]
+    torch.manual_seed(0)
+    return inputs, prompt, backend.plain_generate(**inputs, **SAMPLING)[:, prompt:]

@@ -3,7 +3,7 @@ drafter gives the full model's tokens, row for row, whatever the drafts are."""
 
 import pytest
 import torch
-from helpers import make_backend, make_images
+from helpers import SAMPLING, make_backend, make_images, seeded_plain_samples
 
 from earlyexit.core.engine import EarlyExitForCausalLM
 from earlyexit.core.speculative import (BatchedDraftVerifyDecoder, DraftVerifyDecoder, SelfSpeculativeDecoder,
@@ -278,11 +278,7 @@ def chi_square_p(a: list[int], b: list[int]) -> float:
 
 def test_speculative_sampling_draws_what_the_full_model_draws(opt):
     rows = 1000
-    inputs = opt.prepare_inputs(make_images(1, seed=14) * rows, ["a"] * rows)
-    prompt = inputs["input_ids"].shape[1]
-    settings = dict(max_new_tokens=4, do_sample=True, temperature=0.7, top_k=0)
-    torch.manual_seed(0)
-    plain = opt.plain_generate(**inputs, **settings)[:, prompt:]
+    inputs, prompt, plain = seeded_plain_samples(opt, rows, image_seed=14)
     second = plain[:, 1].tolist()
     likely = max(set(second), key=second.count)  # the drafts are often right, often wrong
     proposal = [likely, likely]
@@ -290,7 +286,7 @@ def test_speculative_sampling_draws_what_the_full_model_draws(opt):
     for name, cls in (("exact", DraftVerifyDecoder), ("always kept", AlwaysKept)):
         decoder = cls(EarlyExitForCausalLM(opt), FixedDrafter(opt, proposal))
         torch.manual_seed(1)
-        drawn[name] = decoder.generate(**inputs, **settings)[:, prompt:]
+        drawn[name] = decoder.generate(**inputs, **SAMPLING)[:, prompt:]
         stats = decoder.last_stats
         assert stats.drafted >= rows and (0 < stats.accepted < stats.drafted or name == "always kept")
     for position in (1, 2, 3):  # after the first token the drafts decide what is kept

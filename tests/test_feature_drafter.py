@@ -4,7 +4,7 @@ own cache, built a round at a time, holds what one pass over the whole sequence 
 
 import pytest
 import torch
-from helpers import make_backend, make_images
+from helpers import SAMPLING, make_backend, make_images, seeded_plain_samples
 from test_drafters import PROMPTS, assert_drafter_matches, chi_square_p, own_tokens
 
 from earlyexit.core.drafter import load_drafter, save_drafter
@@ -195,14 +195,10 @@ def test_seeded_sampling_with_the_feature_drafter_draws_what_the_full_model_draw
     """Sampled speculative decoding hands the drafter the sampled token's state each round; the
     tokens are distributed as the full model's own sampling (chi-square per position)."""
     rows = 600
-    inputs = opt.prepare_inputs(make_images(1, seed=26) * rows, ["a"] * rows)
-    prompt = inputs["input_ids"].shape[1]
-    settings = dict(max_new_tokens=4, do_sample=True, temperature=0.7, top_k=0)
-    torch.manual_seed(0)
-    plain = opt.plain_generate(**inputs, **settings)[:, prompt:]
+    inputs, prompt, plain = seeded_plain_samples(opt, rows, image_seed=26)
     decoder = DraftVerifyDecoder(EarlyExitForCausalLM(opt), feature)
     torch.manual_seed(1)
-    drawn = decoder.generate(**inputs, **settings)[:, prompt:]
+    drawn = decoder.generate(**inputs, **SAMPLING)[:, prompt:]
     assert decoder.last_stats.drafted >= rows and decoder.last_stats.accepted > 0
     for position in (1, 2, 3):
         assert chi_square_p(plain[:, position].tolist(), drawn[:, position].tolist()) > 1e-3
