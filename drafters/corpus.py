@@ -47,6 +47,12 @@ class CorpusDrafter(Drafter):
             self.index.add(tokens)
         log(f"drafter corpus: {len(self.outputs)} outputs, {self.index.tokens} tokens indexed")
 
+    def with_drafting(self, **knobs):
+        super().with_drafting(**knobs)
+        if self.index.depth < self._new_index().depth:  # longer drafts: index deeper suffixes (seconds)
+            self.fit(self.outputs, log=lambda *_: None)
+        return self
+
     def save(self, folder: str) -> None:
         with open(os.path.join(folder, CORPUS_FILE), "w") as file:
             json.dump({"outputs": self.outputs}, file)

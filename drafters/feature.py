@@ -29,7 +29,7 @@ import time
 # torch and transformers are imported inside the methods: `earlyexit list` imports every built-in
 # drafter and stays torch-free (as strategies do)
 from earlyexit import hookimpl
-from earlyexit.core.drafter import DraftContext, Drafter, DrafterConfig
+from earlyexit.core.drafter import BatchDraftContext, DraftContext, Drafter, DrafterConfig
 from earlyexit.core.strategy import config_field
 from earlyexit.drafters.corpus import CorpusDrafter
 from earlyexit.errors import ConfigError, CorruptAdapterError
@@ -165,6 +165,7 @@ class FeatureDrafter(Drafter):
     description = "one trained layer over the top layer's state (EAGLE family), read out over a truncated vocabulary"
     Config = FeatureConfig
     wants_hidden = True
+    drafts_batches = True  # one cache for every row (`propose_batch`)
     wants_samples = True
     decoder_only = True  # a T5 decoder layer also reads the encoder, which the drafter does not carry
 
@@ -238,64 +239,126 @@ class FeatureDrafter(Drafter):
         for parameter in self.module.parameters():
             parameter.requires_grad_(False)
 
-    # -- drafting ---------------------------------------------------------------------------
+    # -- drafting: every row of a batch at once (a single sequence is a batch of one) ---------
     def start(self) -> None:
+        self.start_batch(1)
+
+    def start_batch(self, rows: int) -> None:
         from transformers import DynamicCache
 
-        self.cache, self.verified = DynamicCache(), 0
+        self.cache, self.verified, self.mask = DynamicCache(), 0, None  # mask: its cache's real positions
 
-    def _run(self, tops, inputs, positions):
-        """The drafter's layer on new positions (rows 1), appended to its cache; their outputs."""
+    def _run(self, tops, inputs, positions, real=None):
+        """The drafter's layer on new positions (rows, positions, width; or one row without the
+        rows axis), appended to its cache; their outputs. `real` (rows, positions): which of them
+        later positions may attend to (all, if not given)."""
         import torch
 
-        past = self.cache.get_seq_length()
-        mask_2d = torch.ones(1, past + tops.shape[0], dtype=torch.long, device=tops.device)
-        x = self.module.project(torch.cat([tops, inputs], -1))[None]
-        mask = self.backend.layer_mask(x, mask_2d, self.cache, 0)
-        return self.backend.run_layer(self.module.layer, x, attention_mask=mask, position_ids=positions[None],
-                                      cache=self.cache)[0]
+        alone = tops.dim() == 2
+        if alone:
+            tops, inputs, positions = tops[None], inputs[None], positions[None]
+        if real is None:
+            real = torch.ones(positions.shape, dtype=torch.long, device=tops.device)
+        self.mask = real if self.mask is None else torch.cat([self.mask, real], 1)
+        x = self.module.project(torch.cat([tops, inputs], -1))
+        mask = self.backend.layer_mask(x, self.mask, self.cache, 0)
+        out = self.backend.run_layer(self.module.layer, x, attention_mask=mask, position_ids=positions,
+                                     cache=self.cache)
+        return out[0] if alone else out
 
-    def observe(self, context: DraftContext):
-        """Take in what the backbone verified since the last round (its own drafts from then are
-        dropped from its cache): the predicted state after the newest token."""
+    def _forget_drafts(self) -> None:
+        """Drop last round's drafted positions from its cache: the verified ones replace them."""
         spoken = self.cache.get_seq_length() - self.verified
         if spoken:
             self.cache.crop(-spoken)
-        states = self._run(context.hidden, context.inputs, context.positions)
-        self.verified += context.hidden.shape[0]
-        return states[-1:], int(context.positions[-1]) + 1
+            self.mask = self.mask[:, :-spoken]
 
-    def draft(self, state, position: int, count: int, first_logits=None) -> list[int]:
-        """Up to `count` chained drafts from the predicted `state` at `position` (`first_logits`: its
-        read-out, when the caller has it already)."""
+    def observe_batch(self, context: BatchDraftContext):
+        """Take in what the backbone verified since the last round, every row at once: each row's
+        predicted state after its newest token (rows, width), and that token's position (rows,)."""
+        self._forget_drafts()
+        states = self._run(context.hidden, context.inputs, context.positions, context.real)
+        self.verified += context.hidden.shape[1]
+        count = context.real.shape[1]
+        last = (count - 1 - context.real.flip(1).argmax(1)).clamp(min=0)  # each row's last kept position
+        state = states.gather(1, last[:, None, None].expand(-1, 1, states.shape[2]))[:, 0]
+        return state, context.positions.gather(1, last[:, None])[:, 0] + 1
+
+    def observe(self, context: DraftContext):
+        """`observe_batch` for one sequence: its predicted state (1, width) and the newest token's position."""
+        state, position = self.observe_batch(_one_row(context))
+        return state, int(position[0])
+
+    def draft_batch(self, state, position, counts: list[int], first_logits=None) -> list[list[int]]:
+        """Chained drafts from each row's predicted `state` (rows, width) of the token at `position`
+        (rows,): up to `counts[r]` for row r, stopped where its probability falls below τ or after
+        an end token. Rows draft in step; one host read at the end (and one a step to stop once
+        every row fell below τ). `first_logits`: the first read-out, when the caller has it."""
         import torch
 
         from earlyexit.core.generation import end_tokens
 
-        ends = end_tokens(self.backend.language_model.generation_config)
-        drafts = []
-        for i in range(count):
-            logits = first_logits if i == 0 and first_logits is not None else self.module.read_out(state[-1])
-            if self.config.stop_below > 0:
+        steps = max(counts, default=0)
+        if steps <= 0:
+            return [[] for _ in counts]
+        tau = self.config.stop_below
+        drafted, sure = [], []
+        alive = torch.ones(state.shape[0], dtype=torch.bool, device=state.device)
+        for i in range(steps):
+            logits = first_logits if i == 0 and first_logits is not None else self.module.read_out(state)
+            if tau > 0:
                 best = logits.float().softmax(-1).max(-1)
-                probability, index = best.values.item(), int(best.indices)
-                if probability < self.config.stop_below:
-                    break
+                alive = alive & (best.values >= tau)
+                index = best.indices
             else:
-                index = int(logits.argmax())
-            token = int(self.module.vocabulary[index])
-            drafts.append(token)
-            if i == count - 1 or token in ends:
+                index = logits.argmax(-1)
+            token = self.module.vocabulary[index]
+            drafted.append(token)
+            sure.append(alive)
+            if i == steps - 1 or (tau > 0 and not bool(alive.any())):
                 break
-            at = torch.tensor([position], device=state.device)
-            embedded = self.backend.embed(torch.tensor([[token]], device=state.device), None, at[None])[0]
-            state = self._run(state, embedded, at)
-            position += 1
-        return drafts
+            # the drafted token enters at its own position; the drafter's column sits one before it
+            embedded = self.backend.embed(token[:, None], None, position[:, None] + 1)
+            state = self._run(state[:, None], embedded.to(state.dtype), position[:, None])[:, 0]
+            position = position + 1
+        tokens, sure = torch.stack(drafted, 1).tolist(), torch.stack(sure, 1).tolist()
+        ends = end_tokens(self.backend.language_model.generation_config)
+        out = []
+        for row_tokens, row_sure, count in zip(tokens, sure, counts):
+            drafts = []
+            for token, ok in zip(row_tokens[:max(count, 0)], row_sure):
+                if not ok:
+                    break
+                drafts.append(token)
+                if token in ends:
+                    break
+            out.append(drafts)
+        return out
+
+    def draft(self, state, position: int, count: int, first_logits=None) -> list[int]:
+        """`draft_batch` for one sequence."""
+        import torch
+
+        at = torch.tensor([position], device=state.device)
+        first = None if first_logits is None else first_logits.reshape(1, -1)
+        return self.draft_batch(state[-1:], at, [count], first)[0]
+
+    def propose_batch(self, context: BatchDraftContext, counts: list[int]) -> list[list[int]]:
+        state, position = self.observe_batch(context)
+        return self.draft_batch(state, position, counts)
 
     def propose(self, context: DraftContext, count: int) -> list[int]:
         state, position = self.observe(context)
         return self.draft(state, position, count) if count > 0 else []
+
+
+def _one_row(context: DraftContext) -> BatchDraftContext:
+    """A sequence's context as a batch of one, every position kept."""
+    import torch
+
+    real = torch.ones(1, context.hidden.shape[0], dtype=torch.long, device=context.hidden.device)
+    return BatchDraftContext([context.tokens], context.hidden[None], context.inputs[None], context.positions[None],
+                             real)
 
 
 @dataclasses.dataclass
@@ -320,6 +383,7 @@ class HybridDrafter(Drafter):
     description = "the corpus where it is surer than the feature drafter, the feature drafter otherwise"
     Config = HybridConfig
     wants_hidden = True
+    drafts_batches = True
     wants_samples = True
     decoder_only = True
 
@@ -335,6 +399,12 @@ class HybridDrafter(Drafter):
         self.corpus.fit(outputs, log)
         self.feature.fit(outputs, log, samples)
 
+    def with_drafting(self, **knobs):
+        super().with_drafting(**knobs)
+        for part in (self.corpus, self.feature):
+            part.with_drafting(**knobs)
+        return self
+
     def save(self, folder: str) -> None:
         for part in (self.corpus, self.feature):
             os.makedirs(os.path.join(folder, part.name))
@@ -347,18 +417,37 @@ class HybridDrafter(Drafter):
     def start(self) -> None:
         self.feature.start()
 
+    def start_batch(self, rows: int) -> None:
+        self.feature.start_batch(rows)
+
+    def propose_batch(self, context: BatchDraftContext, counts: list[int]) -> list[list[int]]:
+        state, position = self.feature.observe_batch(context)
+        if max(counts, default=0) <= 0:
+            return [[] for _ in counts]
+        logits = self.feature.module.read_out(state)  # read once: the rule's and the first draft's
+        sure = logits.float().softmax(-1).max(-1).values.tolist()
+        out, from_feature = [], []
+        for r, (tokens, count) in enumerate(zip(context.tokens, counts)):
+            drafts, shares = (self.corpus.index.continuation(tokens, count, self.config.stop_below,
+                                                             self.config.max_match) if count > 0 else ([], []))
+            if drafts and shares[0] >= sure[r]:
+                self.from_corpus += 1
+                out.append(drafts)
+            else:
+                out.append(None)
+                if count > 0:
+                    self.from_feature += 1
+                    from_feature.append(r)
+        if from_feature:  # the feature drafter drafts for every row in step; only these rows take its drafts
+            drafted = self.feature.draft_batch(state, position, [c if out[r] is None else 0
+                                                                 for r, c in enumerate(counts)], logits)
+            out = [d if d is not None else drafted[r] for r, d in enumerate(out)]
+        return [d if d is not None else [] for d in out]
+
     def propose(self, context: DraftContext, count: int) -> list[int]:
-        state, position = self.feature.observe(context)
-        if count <= 0:
-            return []
-        drafts, shares = self.corpus.index.continuation(context.tokens, count, self.config.stop_below,
-                                                        self.config.max_match)
-        logits = self.feature.module.read_out(state[-1])  # read once: the rule's and the first draft's
-        if drafts and shares[0] >= float(logits.float().softmax(-1).max()):
-            self.from_corpus += 1
-            return drafts
-        self.from_feature += 1
-        return self.feature.draft(state, position, count, logits)
+        return self.propose_batch(_one_row(context), [count])[0]
+
+
 @hookimpl
 def earlyexit_register_drafters():
     return [FeatureDrafter, HybridDrafter]

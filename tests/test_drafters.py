@@ -276,15 +276,27 @@ def chi_square_p(a: list[int], b: list[int]) -> float:
     return float(torch.special.gammaincc(torch.tensor((len(bins) - 1) / 2), torch.tensor(statistic / 2)))
 
 
-def test_speculative_sampling_draws_what_the_full_model_draws(opt):
+class AlwaysKeptRows(BatchedDraftVerifyDecoder):
+    """The batched acceptance rule dropped: every row keeps every draft."""
+
+    def _sampled_rows(self, block, drafts):
+        probabilities = self.warp(block.float().flatten(0, 1)).softmax(-1).reshape(*block.shape[:2], -1)
+        return [list(d) + [int(torch.multinomial(probabilities[r, len(d)], 1))] for r, d in enumerate(drafts)]
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["row by row", "the batch at once"])
+def test_speculative_sampling_draws_what_the_full_model_draws(opt, batched):
     rows = 1000
     inputs, prompt, plain = seeded_plain_samples(opt, rows, image_seed=14)
     second = plain[:, 1].tolist()
     likely = max(set(second), key=second.count)  # the drafts are often right, often wrong
     proposal = [likely, likely]
     drawn = {}
-    for name, cls in (("exact", DraftVerifyDecoder), ("always kept", AlwaysKept)):
+    decoders = (BatchedDraftVerifyDecoder, AlwaysKeptRows) if batched else (DraftVerifyDecoder, AlwaysKept)
+    for name, cls in zip(("exact", "always kept"), decoders):
         decoder = cls(EarlyExitForCausalLM(opt), FixedDrafter(opt, proposal))
+        if batched:
+            decoder._one = None  # the row-by-row path: calling it would fail
         torch.manual_seed(1)
         drawn[name] = decoder.generate(**inputs, **SAMPLING)[:, prompt:]
         stats = decoder.last_stats

@@ -9,7 +9,8 @@ from test_drafters import PROMPTS, assert_drafter_matches, chi_square_p, own_tok
 
 from earlyexit.core.drafter import load_drafter, save_drafter
 from earlyexit.core.engine import EarlyExitForCausalLM
-from earlyexit.core.speculative import DraftVerifyDecoder
+from earlyexit.core.generation import unpadded_rows
+from earlyexit.core.speculative import BatchedDraftVerifyDecoder, DraftVerifyDecoder
 from earlyexit.data.scenes import SceneConfig, load_scenes
 from earlyexit.data.tasks import task_of
 from earlyexit.drafters.feature import FeatureDrafter, HybridDrafter
@@ -191,14 +192,112 @@ def test_nothing_to_learn_from_is_one_line(opt, scenes):
         drafter.fit([[1, 2]], **QUIET)
 
 
-def test_seeded_sampling_with_the_feature_drafter_draws_what_the_full_model_draws(opt, feature):
+@pytest.mark.parametrize("cls", [DraftVerifyDecoder, BatchedDraftVerifyDecoder], ids=["row by row", "the batch at once"])
+def test_seeded_sampling_with_the_feature_drafter_draws_what_the_full_model_draws(opt, feature, cls):
     """Sampled speculative decoding hands the drafter the sampled token's state each round; the
     tokens are distributed as the full model's own sampling (chi-square per position)."""
     rows = 600
     inputs, prompt, plain = seeded_plain_samples(opt, rows, image_seed=26)
-    decoder = DraftVerifyDecoder(EarlyExitForCausalLM(opt), feature)
+    decoder = cls(EarlyExitForCausalLM(opt), feature)
     torch.manual_seed(1)
     drawn = decoder.generate(**inputs, **SAMPLING)[:, prompt:]
     assert decoder.last_stats.drafted >= rows and decoder.last_stats.accepted > 0
     for position in (1, 2, 3):
         assert chi_square_p(plain[:, position].tolist(), drawn[:, position].tolist()) > 1e-3
+
+
+# -- a batch drafts at once ---------------------------------------------------------------------------
+class Spied:
+    """Records each `draft_batch` call's states, positions and counts (what every row drafts from)."""
+
+    def __init__(self, drafter):
+        self.drafter, self.calls, self.original = drafter, [], drafter.draft_batch
+
+    def __enter__(self):
+        def spy(state, position, counts, first_logits=None):
+            self.calls.append((state.clone(), position.clone(), list(counts)))
+            return self.original(state, position, counts, first_logits)
+
+        self.drafter.draft_batch = spy
+        return self
+
+    def __exit__(self, *error):
+        del self.drafter.draft_batch
+
+    def by_row(self, rows: int) -> list[list]:
+        """Row r's (position, state) at every round it drafted in."""
+        out = [[] for _ in range(rows)]
+        for state, position, counts in self.calls:
+            for r in range(len(counts)):
+                if counts[r] > 0:
+                    out[r if len(counts) > 1 else 0].append((int(position[r]), state[r]))
+        return out
+
+
+@pytest.mark.parametrize("which", ["feature", "hybrid"])
+def test_a_batch_drafts_together_what_each_row_drafts_alone(request, opt, which):
+    """One drafter cache for the whole batch (rows of different lengths, left-padded prompts,
+    ragged acceptance): every row drafts from the state it has alone, so it drafts, and keeps,
+    what it does alone; and the batch never falls back to decoding row by row."""
+    drafter = request.getfixturevalue(which)
+    feature = drafter if which == "feature" else drafter.feature
+    inputs = opt.prepare_inputs(make_images(6, seed=27), PROMPTS[:6])
+    model = EarlyExitForCausalLM(opt)
+    together = BatchedDraftVerifyDecoder(model, drafter)
+    assert together.batches
+    together._one = None  # the row-by-row path: calling it would fail
+    with Spied(feature) as batched:
+        batch = together.generate(**inputs, max_new_tokens=12)
+    del together._one
+    alone_states = []
+    for row in unpadded_rows(inputs):
+        with Spied(feature) as one:
+            DraftVerifyDecoder(model, drafter).generate(**row, max_new_tokens=12)
+        alone_states.append(one.by_row(1)[0])
+    rows = DraftVerifyDecoder(model, drafter).generate(**inputs, max_new_tokens=12)
+    assert torch.equal(batch, rows)
+    assert together.last_stats.drafted > 0 and 0 < together.last_stats.accepted < together.last_stats.drafted
+    for r, states in enumerate(batched.by_row(6)):
+        assert [p for p, _ in states] == [p for p, _ in alone_states[r]], r
+        for (_, got), (_, want) in zip(states, alone_states[r]):
+            assert torch.allclose(got, want[0] if want.dim() > 1 else want, atol=1e-4), r
+    alone = DraftVerifyDecoder(model, drafter)
+    alone.generate(**inputs, max_new_tokens=12)
+    assert together.last_stats == alone.last_stats  # the same drafts, accepted alike
+
+
+def test_chained_drafts_enter_at_their_own_positions(opt, scenes, feature):
+    """A chained draft is embedded at the position it would take (OPT's learned positions tell):
+    where the full model kept it, its embedding is the one the full model itself gives there."""
+    inputs = opt.prepare_inputs([scenes.samples[0].load_image()], [task_of(scenes).prompt(scenes.samples[0], opt)])
+    chained, run, drafting = [], feature._run, [False]
+
+    def spy(tops, inputs, positions, real=None):
+        if drafting[0]:
+            chained.append((inputs[0, 0].clone(), int(positions[0, 0])))
+        return run(tops, inputs, positions, real)
+
+    draft_batch = feature.draft_batch
+
+    def drafts(*args, **kwargs):
+        drafting[0] = True
+        try:
+            return draft_batch(*args, **kwargs)
+        finally:
+            drafting[0] = False
+
+    feature._run, feature.draft_batch = spy, drafts
+    try:
+        model = EarlyExitForCausalLM(opt)
+        sequence = DraftVerifyDecoder(model, feature).generate(**inputs, max_new_tokens=12)
+    finally:
+        del feature._run, feature.draft_batch
+    prompt = inputs["input_ids"].shape[1]
+    embeds = opt.decoder_inputs_embeds(inputs["pixel_values"], inputs["input_ids"])
+    embeds = torch.cat([embeds, opt.language_model.get_input_embeddings()(sequence[:, prompt:])], 1)
+    model.keep_states = True
+    with torch.no_grad():
+        model.prompt_pass(embeds, torch.ones(embeds.shape[:2], dtype=torch.long), model.new_cache())
+    embedded = model.kept_inputs[0]  # the full model's own embedded input at every position
+    kept = [p for x, p in chained if p + 1 < len(embedded) and torch.allclose(x, embedded[p + 1], atol=1e-6)]
+    assert chained and kept, "no chained draft was embedded as the full model embeds it where it was kept"

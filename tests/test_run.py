@@ -98,9 +98,14 @@ def test_run_with_a_corpus_drafter(tmp_path, capsys):
     assert report["settings"]["drafter_options"] == {"stop_below": 0.3}
     choice = report["drafter_choice"]  # timed on dev beside the full model, at the run's batch size
     assert choice["dev_plain_tokens_per_s"] > 0 and choice["pays"] == (choice["dev_speedup"] > 1)
+    assert choice["given"] == {"draft_length": 3, "stop_below": 0.3} and len(choice["tried"]) == 1  # none searched
+    assert "up to 3 a round, τ = 0.3, as given" in captured.out
     assert "confidence speculative" not in report["results"]
+    argv[argv.index("stop_below=0.3")] = "stop_below=0.5"  # another knob: the same fit drafts with it
     assert main(argv) == 0
-    assert "drafter corpus: reusing" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "drafter corpus: reusing" in captured.err
+    assert json.loads((tmp_path / "run.json").read_text())["drafter_choice"]["stop_below"] == 0.5
 
 
 def test_run_with_the_hybrid_drafter_trains_caches_and_reuses_it(tmp_path, capsys):
@@ -119,8 +124,14 @@ def test_run_with_the_hybrid_drafter_trains_caches_and_reuses_it(tmp_path, capsy
     report = json.loads((tmp_path / "run.json").read_text())
     row = report["results"]["hybrid speculative"]
     assert row["predictions"] == report["results"]["full"]["predictions"]
-    assert row["speed"]["drafter"] == "hybrid" and row["speed"]["draft_length"] == 6  # the hybrid's own default
-    assert report["drafter_choice"]["drafter"] == "hybrid"
+    choice = report["drafter_choice"]  # k and τ not given: chosen on dev (k first, the hybrid's own 6 among them)
+    assert choice["drafter"] == "hybrid" and choice["given"] == {}
+    assert {(t["draft_length"], t["stop_below"]) for t in choice["tried"]} == {
+        (1, 0.0), (2, 0.0), (3, 0.0), (4, 0.0), (6, 0.0), (choice["draft_length"], 0.3)}
+    best = max(choice["tried"], key=lambda t: t["dev_speedup"])
+    assert choice["dev_speedup"] == best["dev_speedup"]
+    assert row["speed"]["drafter"] == "hybrid" and row["speed"]["draft_length"] == choice["draft_length"]
+    assert f"up to {choice['draft_length']} a round" in captured.out and "chosen on dev" in captured.out
     assert main(argv) == 0
     assert "drafter hybrid: reusing" in capsys.readouterr().err
 

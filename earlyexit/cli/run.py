@@ -81,8 +81,12 @@ def format_run(report: dict, color: bool) -> str:
     for result in speculative:
         speed = result["speed"]
         over = f" over {speed['draft_vocabulary']} tokens" if speed.get("draft_vocabulary") else ""
+        choice = report.get("drafter_choice") or {}
+        knobs = "" if "stop_below" not in choice else (
+            f" (up to {choice['draft_length']} a round, τ = {choice['stop_below']:g}, "
+            + ("as given" if len(choice.get("tried", [])) <= 1 else "chosen on dev") + ")")
         where = (f"at layer {speed['draft_exit_layer']}{over}" if speed.get("draft_exit_layer") is not None
-                 else f"with the {speed.get('drafter')} drafter")
+                 else f"with the {speed.get('drafter')} drafter{knobs}")
         lines.append(f"speculative: drafts {where}, {speed['mean_draft_length']:.2f} drafts per round, "
                      f"{100 * speed['acceptance_rate']:.1f}% accepted (the output is the full model's, token for token)")
     strategy = report["strategy_label"]

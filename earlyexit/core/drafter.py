@@ -21,6 +21,7 @@ from earlyexit.core.validation import check_config_fields
 from earlyexit.errors import ConfigError, CorruptAdapterError
 
 DRAFTER_CONFIG = "drafter_config.json"  # beside what `save` writes: which drafter, and its config
+DRAFTING_KNOBS = ("draft_length", "stop_below")  # how a fitted drafter drafts, not what it learned
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -58,6 +59,20 @@ class DraftContext:
     positions: torch.Tensor | None = None  # (positions,)
 
 
+@dataclasses.dataclass
+class BatchDraftContext:
+    """`DraftContext` for a whole batch (`Drafter.propose_batch`): each row's tokens, and for
+    drafters that ask, the last forward's positions for every row at once, padded to the longest:
+    `real[r, j]` says whether position j of row r is one the full model kept (left padding of the
+    prompt and each row's refused drafts are not)."""
+
+    tokens: list[list[int]]
+    hidden: torch.Tensor | None = None  # (rows, positions, width)
+    inputs: torch.Tensor | None = None  # (rows, positions, width)
+    positions: torch.Tensor | None = None  # (rows, positions)
+    real: torch.Tensor | None = None  # (rows, positions): 1 where kept
+
+
 class Drafter:
     """Base class of every drafter. Subclasses set `name`, `description` and `Config`, and
     implement `fit` (when `needs_fitting`), `propose`, `save` and `load`."""
@@ -67,7 +82,10 @@ class Drafter:
     Config: ClassVar[type[DrafterConfig]] = DrafterConfig
     needs_fitting: ClassVar[bool] = True  # learns from the backbone's own outputs before it drafts
     uses_exits: ClassVar[bool] = False  # drafts with the strategy's exits inside the engine (`exit`)
-    wants_hidden: ClassVar[bool] = False  # `DraftContext.hidden` is filled for it (batches decode row by row)
+    wants_hidden: ClassVar[bool] = False  # `DraftContext.hidden` is filled for it
+    # whether a batch drafts at once (`propose_batch`); None: unless it `wants_hidden` (its state is
+    # per sequence, so the default `propose_batch`, row by row over one state, would mix rows up)
+    drafts_batches: ClassVar[bool | None] = None
     wants_samples: ClassVar[bool] = False  # `fit` also takes the samples its outputs belong to
     decoder_only: ClassVar[bool] = False  # refused on encoder-decoder backbones (checked before a model loads)
 
@@ -91,8 +109,19 @@ class Drafter:
         raise NotImplementedError
 
     def recipe(self) -> dict[str, Any]:
-        """What makes two fits of this drafter the same (its cache key): the config, by default."""
-        return {"drafter": self.name, "config": self.config.to_dict()}
+        """What makes two fits of this drafter the same (its cache key): the config but its drafting
+        knobs (`DRAFTING_KNOBS`), by default: one fit drafts at any k and τ."""
+        return {"drafter": self.name,
+                "config": {k: v for k, v in self.config.to_dict().items() if k not in DRAFTING_KNOBS}}
+
+    def with_drafting(self, **knobs) -> Drafter:
+        """Draft with other `DRAFTING_KNOBS` (draft_length, stop_below), e.g. those `run` chose on
+        dev; what was fitted stays. Returns the drafter."""
+        unknown = set(knobs) - set(DRAFTING_KNOBS)
+        if unknown:
+            raise ConfigError(f"not a drafting knob: {', '.join(sorted(unknown))} (knobs: {', '.join(DRAFTING_KNOBS)})")
+        self.config = dataclasses.replace(self.config, **knobs)
+        return self
 
     # -- drafting ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -102,6 +131,21 @@ class Drafter:
         """Up to `count` tokens to follow `context.tokens`; fewer (or none) where the drafter is
         not confident enough (`config.stop_below`)."""
         raise NotImplementedError
+
+    # -- drafting a batch at once (batched speculative decoding) ------------------------------
+    def can_draft_batches(self) -> bool:
+        return self.drafts_batches if self.drafts_batches is not None else not self.wants_hidden
+
+    def start_batch(self, rows: int) -> None:
+        """A batch of `rows` new sequences begins."""
+        self.start()
+
+    def propose_batch(self, context: BatchDraftContext, counts: list[int]) -> list[list[int]]:
+        """Each row's drafts (up to `counts[r]`; a row with 0 gets none). By default `propose` row
+        by row, which is right for drafters without per-sequence state; a drafter with such state
+        overrides this (and `start_batch`) to keep every row's state in one batched structure."""
+        return [self.propose(DraftContext(list(tokens)), count) if count > 0 else []
+                for tokens, count in zip(context.tokens, counts)]
 
 
 def save_drafter(drafter: Drafter, folder: str) -> None:

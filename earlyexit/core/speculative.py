@@ -28,7 +28,7 @@ import time
 import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from earlyexit.core.drafter import DraftContext
+from earlyexit.core.drafter import BatchDraftContext, DraftContext
 from earlyexit.core.engine import check_context
 from earlyexit.core.generation import end_tokens, unpadded_rows
 from earlyexit.errors import ConfigError
@@ -69,7 +69,7 @@ class RowByRowDecoder:
     draft_length: int
     draft_layer: int | None
     drafter_name = "exits"  # what drafts (`earlyexit list`, kind drafter)
-    batches = False  # greedy batches decode together (True) or one row at a time
+    batches = False  # batches decode together (True) or one row at a time
     samples = False  # whether `generate(do_sample=True)` is supported (exactly, in distribution)
     warp = None  # the sampling warpers of the current call (None: greedy)
 
@@ -314,8 +314,7 @@ class DraftVerifyDecoder(RowByRowDecoder):
         drafts = list(self.drafter.propose(DraftContext(list(tokens), **(seen or {})),
                                            min(self.draft_length, budget - 1))
                       if budget > 1 else [])[:max(budget - 1, 0)]
-        ended = next((i for i, t in enumerate(drafts) if t in eos), None)
-        return drafts[:ended + 1] if ended is not None else drafts
+        return cut_after_end(drafts, eos)
 
     def _sampled(self, block: torch.Tensor, drafts: list[int]) -> list[int]:
         """Speculative sampling's acceptance rule for drafts proposed with certainty (q = a point
@@ -341,27 +340,40 @@ class DraftVerifyDecoder(RowByRowDecoder):
 
 
 class BatchedDraftVerifyDecoder(DraftVerifyDecoder):
-    """Greedy speculative decoding of a whole batch at once with a drafter of its own: every round
-    the rows' drafts (ragged, padded to the longest) are verified in one forward of rows x (k + 1)
-    positions, and each row keeps its own prefix. The cache stays rectangular: a row's refused
-    drafts become holes in its attention mask (positions count only what the mask keeps, so the
-    next tokens sit where the full model puts them), and the columns every row refused are cropped.
-    One host read a round. Decoder-only families (a T5 decoder's relative bias counts columns, so
-    holes would move it); sampling, and drafters that read the verified states (their own caches
-    are per row), decode row by row."""
+    """Speculative decoding of a whole batch at once with a drafter of its own: every round the
+    drafter proposes for every row at once (`Drafter.propose_batch`), the rows' drafts (ragged,
+    padded to the longest) are verified in one forward of rows x (k + 1) positions, and each row
+    keeps its own prefix (greedy), or what the acceptance rule keeps (sampling, `_sampled_rows`).
+    The cache stays rectangular: a row's refused drafts become holes in its attention mask
+    (positions count only what the mask keeps, so the next tokens sit where the full model puts
+    them), and the columns every row refused are cropped. A drafter that reads the verified states
+    gets the whole block with each row's kept positions marked. One host read a round, besides
+    the drafter's own. Decoder-only families (a T5 decoder's relative bias counts columns, so holes
+    would move it); elsewhere, and for drafters whose state cannot be batched
+    (`Drafter.can_draft_batches`), batches decode row by row."""
 
     @property
     def batches(self) -> bool:
-        """Whether greedy batches decode together (else row by row, as the plain comparison must)."""
-        return not self.model.encoder_decoder and not self.drafter.wants_hidden
+        """Whether batches decode together (else row by row, as the plain comparison must)."""
+        return not self.model.encoder_decoder and self.drafter.can_draft_batches()
 
+    @torch.no_grad()
     def generate(self, pixel_values=None, input_ids=None, attention_mask=None, max_new_tokens: int = 20,
-                 do_sample: bool = False, **unused) -> torch.Tensor:
-        model = self.model
-        if do_sample or not self.batches or input_ids.shape[0] == 1:
+                 do_sample: bool = False, temperature: float | None = None, top_k: int | None = None,
+                 top_p: float | None = None, **unused) -> torch.Tensor:
+        if not self.batches or input_ids.shape[0] == 1:
             return super().generate(pixel_values, input_ids, attention_mask, max_new_tokens, do_sample=do_sample,
-                                    **unused)
-        self.warp = None
+                                    temperature=temperature, top_k=top_k, top_p=top_p, **unused)
+        self.warp = (sampling_warpers(self.model.generation_config, temperature, top_k, top_p) if do_sample
+                     else None)
+        self.model.keep_states = self.drafter.wants_hidden
+        try:
+            return self._batch(pixel_values, input_ids, attention_mask, max_new_tokens, unused)
+        finally:
+            self.model.keep_states, self.model.kept_inputs, self.model.kept_top = False, None, None
+
+    def _batch(self, pixel_values, input_ids, attention_mask, max_new_tokens: int, unused: dict) -> torch.Tensor:
+        model = self.model
         vision = model.backend.vision_inputs(unused)
         check_context(model.backend, input_ids.shape[1], max_new_tokens)
         rows, device = input_ids.shape[0], input_ids.device
@@ -376,13 +388,20 @@ class BatchedDraftVerifyDecoder(DraftVerifyDecoder):
         try:
             model.force_exit, model.read_block = -1, False
             logits = model.prompt_pass(embeds, attention_mask, cache)
-            tokens = [[t] for t in logits[:, -1].argmax(-1).tolist()]
+            first = (logits[:, -1].argmax(-1) if self.warp is None else
+                     torch.multinomial(self.warp(logits[:, -1].float()).softmax(-1), 1)[:, 0])
+            tokens = [[t] for t in first.tolist()]
             self.last_prompt_seconds = time.perf_counter() - began
             mask = attention_mask.clone()
-            self.drafter.start()
+            self.drafter.start_batch(rows)
             going = [t[-1] not in eos and len(t) < max_new_tokens for t in tokens]
+            # the prompt pass's positions: every real one kept (the prompt is left-padded)
+            seen = self._batch_states(cache, 0, attention_mask, first)
             while any(going):
-                drafts = [self._row_drafts(tokens[r], max_new_tokens, eos) if going[r] else [] for r in range(rows)]
+                counts = [min(self.draft_length, max_new_tokens - len(t) - 1) if g else 0
+                          for t, g in zip(tokens, going)]
+                proposed = self.drafter.propose_batch(BatchDraftContext(tokens, **seen), counts)
+                drafts = [cut_after_end(d[:max(c, 0)], eos) for d, c in zip(proposed, counts)]
                 width = 1 + max(len(d) for d in drafts)
                 fed = torch.full((rows, width), pad, dtype=torch.long)
                 real = torch.zeros(rows, width, dtype=mask.dtype)
@@ -393,20 +412,28 @@ class BatchedDraftVerifyDecoder(DraftVerifyDecoder):
                 mask = torch.cat([mask, real.to(device)], 1)
                 cache.no_padding = False  # holes and finished rows: every block needs its mask
                 model.read_block = True
+                past = cache.total_length
                 block = model(input_ids=fed.to(device), attention_mask=mask, cache=cache).logits
-                verified = block[:, -width:].argmax(-1).tolist()  # the round's one host read
+                block = block[:, -width:]
+                verified = (block.argmax(-1).tolist() if self.warp is None  # the round's one host read
+                            else self._sampled_rows(block, drafts))
                 refused_everywhere = width
+                kept = torch.zeros(rows, width, dtype=mask.dtype)  # each row's positions kept this round
                 for r in range(rows):
                     if not going[r]:
                         continue
                     tokens[r], accepted, ended = kept_tokens(tokens[r], drafts[r], verified[r],
                                                              max_new_tokens - len(tokens[r]), eos, stats)
                     mask[r, mask.shape[1] - width + 1 + accepted:] = 0  # the refused drafts: holes
+                    kept[r, :1 + accepted] = 1
                     refused_everywhere = min(refused_everywhere, width - 1 - accepted)
                     going[r] = not ended and len(tokens[r]) < max_new_tokens
                 if refused_everywhere:  # columns no row kept: gone from the cache and the mask
                     cache.crop(cache.total_length - refused_everywhere)
                     mask = mask[:, :-refused_everywhere]
+                if any(going):
+                    newest = torch.tensor([t[-1] for t in tokens], device=device)
+                    seen = self._batch_states(cache, past, kept[:, :width - refused_everywhere].to(device), newest)
         finally:
             model.force_exit, model.read_block = None, False
         stats.tokens = sum(len(t) for t in tokens)
@@ -418,6 +445,63 @@ class BatchedDraftVerifyDecoder(DraftVerifyDecoder):
         for r, row_tokens in enumerate(tokens):
             new_tokens[r, :len(row_tokens)] = torch.tensor(row_tokens, dtype=input_ids.dtype)
         return torch.cat([input_ids, new_tokens], 1)
+
+    def _sampled_rows(self, block: torch.Tensor, drafts: list[list[int]]) -> list[list[int]]:
+        """`_sampled` for every row at once (block: rows x (k + 1) positions of logits): each row keeps
+        draft i with probability p_i(draft), stops at its first refusal and draws its next token from
+        the residual there (p_k when it kept them all). One host read for the batch."""
+        rows, width = block.shape[:2]
+        probabilities = self.warp(block.reshape(rows * width, -1).float()).softmax(-1).reshape(rows, width, -1)
+        lengths = torch.tensor([len(d) for d in drafts], device=block.device)
+        index = torch.zeros(rows, width, dtype=torch.long)
+        for r, row_drafts in enumerate(drafts):
+            index[r, :len(row_drafts)] = torch.tensor(row_drafts, dtype=torch.long)
+        index = index.to(block.device)
+        drafted = torch.arange(width, device=block.device) < lengths[:, None]  # (rows, width): real drafts
+        chance = probabilities.gather(2, index[..., None])[..., 0]
+        kept = (torch.rand(rows, width, device=block.device) < chance) & drafted
+        accepted = kept.to(torch.int64).cumprod(1).sum(1)  # drafts kept before each row's first refusal
+        residual = probabilities[torch.arange(rows, device=block.device), accepted]
+        refused = index.gather(1, accepted[:, None])  # (unused where every draft was kept)
+        residual = residual.scatter(1, refused, torch.where((accepted < lengths)[:, None], 0.0,
+                                                            residual.gather(1, refused)))
+        total = residual.sum(-1, keepdim=True)
+        replacement = torch.multinomial(residual / total, 1)[:, 0]
+        accepted, replacement = torch.stack([accepted, replacement]).tolist()
+        return [row_drafts[:a] + [t] for row_drafts, a, t in zip(drafts, accepted, replacement)]
+
+    def _batch_states(self, cache, start: int, real: torch.Tensor, newest: torch.Tensor) -> dict:
+        """`_verified_states` for every row at once: of the last forward, which began at cache
+        position `start`, its first `real.shape[1]` positions (`real`: those each row kept, a suffix
+        of the prompt's or a prefix of the round's block), with the embedded input one position
+        after each; after a row's last kept position, its `newest` token (not fed yet). Nothing
+        for a drafter that reads no states."""
+        if not self.drafter.wants_hidden:
+            return {}
+        model = self.model
+        count = real.shape[1]
+        inputs = model.kept_inputs  # (rows, the forward's own positions, width)
+        top = model.kept_top[:, -inputs.shape[1]:][:, :count]
+        positions = cache.positions[:, start:start + count]
+        # each kept column's next kept column (a prompt's padding can sit between two; `count`: none)
+        columns = torch.arange(count, device=real.device).expand_as(real)
+        kept_at = torch.where(real.bool(), columns, count)
+        following = torch.cat([kept_at[:, 1:], kept_at[:, :1].clamp(min=count)], 1)
+        following = following.flip(1).cummin(1).values.flip(1)
+        shifted = inputs[:, :count].gather(1, following.clamp(max=count - 1)[..., None].expand(-1, -1, inputs.shape[2]))
+        # after each row's last kept position comes its newest token, at the position after it
+        last = (count - 1 - real.flip(1).argmax(1)).clamp(min=0)
+        after = positions.gather(1, last[:, None]) + 1
+        newest = model.backend.embed(newest[:, None], None, after).to(shifted.dtype)  # (rows, 1, width)
+        shifted = torch.where((following == count)[..., None], newest, shifted)
+        return {"hidden": top, "inputs": shifted, "positions": positions, "real": real}
+
+
+def cut_after_end(drafts: list[int], eos: set) -> list[int]:
+    """`drafts` up to and including the first end token."""
+    ended = next((i for i, t in enumerate(drafts) if t in eos), None)
+    return drafts[:ended + 1] if ended is not None else drafts
+
 
 def sampling_warpers(config, temperature=None, top_k=None, top_p=None):
     """The warpers the backbone's `generate` applies when sampling (transformers' own, in its

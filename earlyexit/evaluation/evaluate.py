@@ -143,7 +143,7 @@ class Generation:
     def full(self, inputs: dict, rows: int) -> None:
         """The full model on the same inputs, its work counted: the batch at once, or row by row
         where speculative decoding decodes rows one at a time (the exit drafter, T5)."""
-        together = self.decoder is None or (self.decoder.batches and not self.generate.get("do_sample"))
+        together = self.decoder is None or self.decoder.batches
         parts = [(inputs, rows)] if together else [(row, 1) for row in unpadded_rows(inputs)]
         for part, count in parts:
             plain, seconds, prompt = timed(self.run.backend.plain_generate, part, self.generate,

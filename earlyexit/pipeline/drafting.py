@@ -13,7 +13,7 @@ import time
 import torch
 
 from earlyexit.core.choices import draft_exit_index
-from earlyexit.core.drafter import DRAFTER_CONFIG, load_drafter, save_drafter
+from earlyexit.core.drafter import DRAFTER_CONFIG, DRAFTING_KNOBS, load_drafter, save_drafter
 from earlyexit.core.generation import count_tokens, timed
 from earlyexit.core.speculative import DEFAULT_DRAFT_LENGTH, DRAFT_LENGTHS
 from earlyexit.data.splits import load_split
@@ -151,7 +151,8 @@ def make_drafter(run: RunContext):
     cached = os.path.isfile(os.path.join(folder, DRAFTER_CONFIG))
     if shared_from_main(cached and not settings.retrain, process_group()[1]):
         try:
-            drafter = load_drafter(run.registry, f"{drafter.name}:{folder}", run.backend)
+            knobs = {k: getattr(drafter.config, k) for k in DRAFTING_KNOBS}  # how this run drafts, not the fit's
+            drafter = load_drafter(run.registry, f"{drafter.name}:{folder}", run.backend).with_drafting(**knobs)
             run.log(f"drafter {drafter.name}: reusing {folder}")
             return drafter
         except CorruptAdapterError as error:
@@ -174,30 +175,66 @@ def make_drafter(run: RunContext):
     return drafter
 
 
+DRAFT_SEARCH_LENGTHS = (1, 2, 3, 4)  # k tried on dev (with the drafter's own default) where not given
+DRAFT_SEARCH_STOPS = (0.0, 0.3)  # τ tried on dev at the chosen k where not given
+
+
+def given_drafting(settings: RunSettings) -> dict:
+    """The drafting knobs the user pinned (`--draft-length`, `--drafter-option draft_length=/stop_below=`)."""
+    given = {k: v for k, v in settings.drafter_options.items() if k in DRAFTING_KNOBS}
+    if settings.draft_length is not None:
+        given.setdefault("draft_length", settings.draft_length)
+    return given
+
+
 def drafter_pays_on_dev(run: RunContext, drafter) -> dict:
     """Speculative decoding with `drafter` on (part of) dev at the run's batch size, timed beside
-    the full model's own `generate` of the same batches (as the test row will be). Where it does
-    not pay, the run decodes plainly (`decode`: plain, and no drafter row) and says so, unless
-    `--draft-anyway`."""
+    the full model's own `generate` of the same batches (as the test row will be). The knobs not
+    given are chosen here, by that ratio: first k (at the drafter's τ), then τ at that k; a batch
+    verifies rows x (k + 1) positions, so past batch 1 a shorter, more cautious draft may pay where
+    the default does not. Where the best does not pay, the run decodes plainly (`decode`: plain,
+    and no drafter row) and says so, unless `--draft-anyway`."""
     probe = dataclasses.replace(run.evaluation, num_beams=1, progress=False, quick_metrics=True, measure_wall=True)
-    sample = run.dev.subset(min(len(run.dev), max(40, run.evaluation.batch_size)))
-    result = evaluate(run.backend, None, sample, probe, decode="speculative", drafter=drafter)
-    speed = result["speed"]
-    wall = speed["wall"]
-    ratio = speed["wall_speedup"]
-    run.log(f"speculative with the {drafter.name} drafter on dev, batch {run.evaluation.batch_size}: "
-            f"{wall['early_exit']['tokens_per_s']:.1f} tokens/s against {wall['full']['tokens_per_s']:.1f} for the full "
-            f"model ({ratio:.2f}x end to end, {speed['decode_wall_speedup']:.2f}x decoding; "
-            f"{100 * speed['acceptance_rate']:.0f}% of drafts accepted)")
-    pays = ratio > 1
+    batch = run.evaluation.batch_size
+    sample = run.dev.subset(min(len(run.dev), batch * -(-40 // batch)))  # about 40 images, in whole batches
+    given = given_drafting(run.settings)
+    tried = {}
+
+    def measured(length: int, stop_below: float) -> dict:
+        if (length, stop_below) not in tried:
+            drafter.with_drafting(draft_length=length, stop_below=stop_below)
+            speed = evaluate(run.backend, None, sample, probe, decode="speculative", drafter=drafter)["speed"]
+            tried[length, stop_below] = {
+                "draft_length": length, "stop_below": stop_below, "dev_speedup": speed["wall_speedup"],
+                "dev_decode_speedup": speed["decode_wall_speedup"], "dev_acceptance_rate": speed["acceptance_rate"],
+                "dev_tokens_per_s": speed["wall"]["early_exit"]["tokens_per_s"],
+                "dev_plain_tokens_per_s": speed["wall"]["full"]["tokens_per_s"]}
+        return tried[length, stop_below]
+
+    default = drafter.config
+    lengths = ([given["draft_length"]] if "draft_length" in given
+               else sorted({*DRAFT_SEARCH_LENGTHS, default.draft_length}))
+    stops = [given["stop_below"]] if "stop_below" in given else sorted({*DRAFT_SEARCH_STOPS, default.stop_below})
+    first_stop = given.get("stop_below", default.stop_below)
+    length = max(lengths, key=lambda k: (measured(k, first_stop)["dev_speedup"], -k))
+    stop_below = max(stops, key=lambda t: (measured(length, t)["dev_speedup"], t))
+    best = measured(length, stop_below)
+    drafter.with_drafting(draft_length=length, stop_below=stop_below)
+    if len(tried) > 1:
+        run.log(f"speculative with the {drafter.name} drafter on dev, batch {batch}, end to end against the full "
+                "model: " + ", ".join(f"k={k} τ={t:g}: {v['dev_speedup']:.2f}x" for (k, t), v in tried.items()) +
+                f"; drafting {length} a round, τ = {stop_below:g}")
+    run.log(f"speculative with the {drafter.name} drafter on dev, batch {batch}: "
+            f"{best['dev_tokens_per_s']:.1f} tokens/s against {best['dev_plain_tokens_per_s']:.1f} for the full "
+            f"model ({best['dev_speedup']:.2f}x end to end, {best['dev_decode_speedup']:.2f}x decoding; "
+            f"{100 * best['dev_acceptance_rate']:.0f}% of drafts accepted)")
+    pays = best["dev_speedup"] > 1
     decode = "speculative" if pays or run.settings.draft_anyway else "plain"
     if not pays:
         then = ("its row is decoded anyway (--draft-anyway)" if decode == "speculative" else
                 "the test split is decoded plainly (the full row); --draft-anyway decodes its row, a smaller "
                 "--batch-size may pay")
-        run.log(f"note: drafting with {drafter.name} does not pay on dev at batch {run.evaluation.batch_size} "
-                f"({ratio:.2f}x): {then}")
-    return {"drafter": drafter.name, "batch_size": run.evaluation.batch_size,
-            "dev_tokens_per_s": wall["early_exit"]["tokens_per_s"], "dev_plain_tokens_per_s": wall["full"]["tokens_per_s"],
-            "dev_speedup": ratio, "dev_decode_speedup": speed["decode_wall_speedup"],
-            "dev_acceptance_rate": speed["acceptance_rate"], "pays": pays, "decode": decode}
+        run.log(f"note: drafting with {drafter.name} does not pay on dev at batch {batch} "
+                f"({best['dev_speedup']:.2f}x): {then}")
+    return {"drafter": drafter.name, "batch_size": batch, **best, "given": given,
+            "tried": list(tried.values()), "pays": pays, "decode": decode}
