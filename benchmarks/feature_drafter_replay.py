@@ -21,6 +21,10 @@ are then replayed as for the corpus drafter (`drafter_replay.py`), with the veri
 timed there and the drafter's own cost (its layer, projection and read-out on one row) timed
 here: c = draft cost / plain step.
 
+Trees are replayed the same way (`replay_tree`), before any is built: the chain with each draft's
+second choice as a sibling leaf, and two chains from the first and second choice at depth 1; both
+verify 2k + 1 positions a round.
+
 `--measure N`: the first N test images decoded one at a time, alternating the backbone's own
 `generate` and speculative decoding (`DraftVerifyDecoder`) with the feature drafter and with the
 hybrid (corpus where it is sure, feature otherwise; the corpus from the same training outputs),
@@ -39,25 +43,61 @@ LENGTHS = (1, 2, 3, 4)
 
 
 def draft_flags(module, data, passes: int):
-    """Per caption, per pass j: whether the j-th draft after each position is the backbone's token."""
+    """Per caption, per pass j: whether the j-th draft after each position is the backbone's token;
+    and whether the drafter's second choice there is (what a tree's sibling would catch)."""
     import torch
 
-    captions = []
+    captions, seconds = [], []
     with torch.no_grad():
         for features, top, embeds, ahead, scored in data:
-            tops, per_pass = top, []
+            tops, per_pass, second = top, [], []
             for j in range(passes):
                 predicted = module.states(tops, embeds, features.mask, features.positions)
-                tokens = module.vocabulary[module.read_out(predicted).argmax(-1)]
+                best = module.vocabulary[module.read_out(predicted).topk(2, -1).indices]
                 # at q, pass j reads predicted states (of its j earlier drafts) and drafts x_{q+2}: the
                 # (j+1)-th draft of the round begun at q - j (the embeddings are the true tokens',
                 # which a draft equals until the round's first refusal, where the round stops anyway)
-                per_pass.append(tokens == ahead)
+                per_pass.append(best[..., 0] == ahead)
+                second.append(best[..., 1] == ahead)
                 tops = torch.cat([top[:, :1], predicted[:, :-1]], 1)
             for row in range(top.shape[0]):
                 columns = scored[row].nonzero().flatten()
                 captions.append(torch.stack([flags[row, columns] for flags in per_pass]))
-    return captions
+                seconds.append(torch.stack([flags[row, columns] for flags in second]))
+    return captions, seconds
+
+
+def replay_tree(captions, seconds, length: int, shape: str) -> dict:
+    """Rounds of tree drafting, replayed as `replay` does chains: `leaves`, the chain of `length`
+    first choices with each one's second choice as a sibling leaf (2k nodes, drafted at a chain's
+    cost: the second choice is in the same read-out); `two chains`, the first and second choice
+    at depth 1, each followed by first choices (2k nodes, drafted as two rows)."""
+    rounds = nodes = accepted = tokens = 0
+    for flags, second in zip(captions, seconds):
+        positions = flags.shape[1]
+
+        def run(p: int, start: int, k: int) -> int:  # first choices kept from depth `start`
+            good = start
+            while good < k and p + good < positions and bool(flags[good, p + good]):
+                good += 1
+            return good
+
+        p = 0
+        while p < positions:
+            k = min(length, positions - p)
+            good = run(p, 0, k)
+            if shape == "leaves" and good < k and bool(second[good, p + good]):
+                good += 1  # the sibling at the first refused depth was right: kept, and the round ends there
+            elif shape == "two chains" and good == 0 and bool(second[0, p]):
+                good = run(p, 1, k)  # the second choice's chain
+            rounds += 1
+            nodes += 2 * k
+            accepted += good
+            made = min(good + 1, positions - p)
+            tokens += made
+            p += made
+    return {"length": length, "shape": shape, "rounds": rounds, "nodes": nodes, "accepted": accepted,
+            "decode_tokens": tokens, "tokens_per_round": tokens / rounds if rounds else float("nan")}
 
 
 def replay(captions, length: int) -> dict:
@@ -133,28 +173,30 @@ def main(argv=None) -> int:
     print(f"{name}:{args.model}: {len(outputs)} training outputs, {len(own_test)} test captions; training")
     drafter.fit(outputs, samples=train_set)  # the product's own fit: what `run --drafter feature` trains
     module = drafter.module
-    captions = draft_flags(module, test_data, max(LENGTHS))
+    captions, seconds = draft_flags(module, test_data, max(LENGTHS))
     alpha = [float(torch.cat([c[j] for c in captions]).float().mean()) for j in range(max(LENGTHS))]
 
     # costs: one plain step and verifications (the engine, exits off), and one draft on one row
-    costs = timed_costs(backend, context_tokens=10, lengths=LENGTHS, repeats=args.repeats)
+    costs = timed_costs(backend, context_tokens=10, lengths=range(1, 2 * max(LENGTHS) + 1), repeats=args.repeats)
     width = backend.text_config.hidden_size
     with torch.no_grad():  # one row, one position: the drafter's attention over its few earlier drafts is
         one = torch.randn(1, 1, 2 * width)  # left out (at caption lengths it is small beside the projections)
         at = torch.tensor([[48]])
 
-        def draft_once():
-            state = backend.run_layer(module.layer, module.project(one), attention_mask=None, position_ids=at,
-                                      cache=None)
+        def draft_once(rows: int):
+            state = backend.run_layer(module.layer, module.project(one.repeat(rows, 1, 1)), attention_mask=None,
+                                      position_ids=at.repeat(rows, 1), cache=None)
             module.read_out(state[:, -1]).argmax(-1)
 
-        draft_once()
-        times = []
-        for _ in range(args.repeats):
-            began = time.perf_counter()
-            draft_once()
-            times.append(time.perf_counter() - began)
-    draft_ms = 1000 * statistics.median(times)
+        times = {1: [], 2: []}
+        for repeat in range(args.repeats + 1):
+            for rows in times:
+                began = time.perf_counter()
+                draft_once(rows)
+                if repeat:
+                    times[rows].append(time.perf_counter() - began)
+    draft_ms = 1000 * statistics.median(times[1])
+    draft_two_ms = 1000 * statistics.median(times[2])  # two rows in step: a tree's two chains
     c = draft_ms / costs["step_ms"]
     rows = []
     for length in LENGTHS:
@@ -164,6 +206,15 @@ def main(argv=None) -> int:
         rows.append(result)
         print(f"  feature k={length}: α {result['acceptance_rate']:.3f}, {result['tokens_per_round']:.2f} tokens/round, "
               f"c {c:.3f}, est. decode {result['estimated_decode_speedup']:.2f}x")
+    trees = []  # verified as 2k + 1 positions at once (timed with a causal mask: a tree mask costs no less)
+    for shape, per_draft in (("leaves", draft_ms), ("two chains", draft_two_ms)):
+        for length in LENGTHS:
+            result = replay_tree(captions, seconds, length, shape)
+            spent = result["rounds"] * (length * per_draft + costs["verify_ms"][2 * length + 1])
+            result["estimated_decode_speedup"] = result["decode_tokens"] * costs["step_ms"] / spent
+            trees.append(result)
+            print(f"  tree ({shape}) k={length}: {result['tokens_per_round']:.2f} tokens/round over "
+                  f"{2 * length} nodes, est. decode {result['estimated_decode_speedup']:.2f}x")
     print(f"per-step acceptance (pass 1..{max(LENGTHS)}): " + " ".join(f"{a:.3f}" for a in alpha)
           + f"; draft {draft_ms:.2f} ms against a plain step of {costs['step_ms']:.2f} ms; trained in "
           f"{drafter.train_seconds:.0f} s")
@@ -191,7 +242,7 @@ def main(argv=None) -> int:
         "backend": name, "model": args.model, "train_outputs": len(outputs), "test_captions": len(own_test),
         "vocabulary": len(module.vocabulary), "epochs": args.epochs, "train_seconds": drafter.train_seconds,
         "prepare_seconds": prepare_seconds, "per_pass_acceptance": alpha, "draft_ms": draft_ms, "c": c,
-        "timed_ms": costs, "feature": rows, "measured_batch1": measured,
+        "draft_two_rows_ms": draft_two_ms, "timed_ms": costs, "feature": rows, "trees": trees, "measured_batch1": measured,
         "provenance": provenance(),
     })
     print(f"wrote {args.json}")
