@@ -29,7 +29,7 @@ import time
 # torch and transformers are imported inside the methods: `earlyexit list` imports every built-in
 # drafter and stays torch-free (as strategies do)
 from earlyexit import hookimpl
-from earlyexit.core.drafter import BatchDraftContext, DraftContext, Drafter, DrafterConfig
+from earlyexit.core.drafter import BatchDraftContext, DraftContext, Drafter, DrafterConfig, last_kept
 from earlyexit.core.strategy import config_field
 from earlyexit.drafters.corpus import CorpusDrafter
 from earlyexit.errors import ConfigError, CorruptAdapterError
@@ -279,8 +279,7 @@ class FeatureDrafter(Drafter):
         self._forget_drafts()
         states = self._run(context.hidden, context.inputs, context.positions, context.real)
         self.verified += context.hidden.shape[1]
-        count = context.real.shape[1]
-        last = (count - 1 - context.real.flip(1).argmax(1)).clamp(min=0)  # each row's last kept position
+        last = last_kept(context.real)
         state = states.gather(1, last[:, None, None].expand(-1, 1, states.shape[2]))[:, 0]
         return state, context.positions.gather(1, last[:, None])[:, 0] + 1
 
@@ -426,23 +425,20 @@ class HybridDrafter(Drafter):
             return [[] for _ in counts]
         logits = self.feature.module.read_out(state)  # read once: the rule's and the first draft's
         sure = logits.float().softmax(-1).max(-1).values.tolist()
-        out, from_feature = [], []
+        from_corpus = {}
         for r, (tokens, count) in enumerate(zip(context.tokens, counts)):
-            drafts, shares = (self.corpus.index.continuation(tokens, count, self.config.stop_below,
-                                                             self.config.max_match) if count > 0 else ([], []))
-            if drafts and shares[0] >= sure[r]:
-                self.from_corpus += 1
-                out.append(drafts)
-            else:
-                out.append(None)
-                if count > 0:
-                    self.from_feature += 1
-                    from_feature.append(r)
-        if from_feature:  # the feature drafter drafts for every row in step; only these rows take its drafts
-            drafted = self.feature.draft_batch(state, position, [c if out[r] is None else 0
-                                                                 for r, c in enumerate(counts)], logits)
-            out = [d if d is not None else drafted[r] for r, d in enumerate(out)]
-        return [d if d is not None else [] for d in out]
+            if count > 0:
+                drafts, shares = self.corpus.index.continuation(tokens, count, self.config.stop_below,
+                                                                self.config.max_match)
+                if drafts and shares[0] >= sure[r]:
+                    from_corpus[r] = drafts
+        # the feature drafter drafts for the other rows, all in step
+        feature_counts = [0 if r in from_corpus else count for r, count in enumerate(counts)]
+        self.from_corpus += len(from_corpus)
+        self.from_feature += sum(count > 0 for count in feature_counts)
+        drafted = (self.feature.draft_batch(state, position, feature_counts, logits) if any(feature_counts)
+                   else [[] for _ in counts])
+        return [from_corpus.get(r, row) for r, row in enumerate(drafted)]
 
     def propose(self, context: DraftContext, count: int) -> list[int]:
         return self.propose_batch(_one_row(context), [count])[0]

@@ -73,6 +73,11 @@ class BatchDraftContext:
     real: torch.Tensor | None = None  # (rows, positions): 1 where kept
 
 
+def last_kept(real: torch.Tensor) -> torch.Tensor:
+    """Each row's last kept position (the last 1 of `real`, rows x positions; 0 where none is)."""
+    return (real.shape[1] - 1 - real.flip(1).argmax(1)).clamp(min=0)
+
+
 class Drafter:
     """Base class of every drafter. Subclasses set `name`, `description` and `Config`, and
     implement `fit` (when `needs_fitting`), `propose`, `save` and `load`."""

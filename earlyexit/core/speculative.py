@@ -28,7 +28,7 @@ import time
 import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from earlyexit.core.drafter import BatchDraftContext, DraftContext
+from earlyexit.core.drafter import BatchDraftContext, DraftContext, last_kept
 from earlyexit.core.engine import check_context
 from earlyexit.core.generation import end_tokens, unpadded_rows
 from earlyexit.errors import ConfigError
@@ -297,15 +297,13 @@ class DraftVerifyDecoder(RowByRowDecoder):
         """For a drafter that reads states (`wants_hidden`): of the last forward, which began at
         cache position `start`, the final-layer states of the first `count` positions (those kept),
         the embedded input one position after each (the newest token's, not fed yet, last), and
-        their positions; else nothing."""
+        their positions (`_batch_states` for one row); else nothing."""
         if not self.drafter.wants_hidden:
             return {}
-        model = self.model
-        inputs = model.kept_inputs[0]  # the forward's own positions only
-        top = model.kept_top[0, -inputs.shape[0]:]  # (a catch-up block would begin with waiting positions)
-        positions = cache.positions[0, start:start + count]
-        newest = model.backend.embed(torch.tensor([[newest]], device=model.device), None, positions[-1:][None] + 1)[0]
-        return {"hidden": top[:count], "inputs": torch.cat([inputs[1:count], newest]), "positions": positions}
+        device = self.model.device
+        seen = self._batch_states(cache, start, torch.ones(1, count, dtype=torch.long, device=device),
+                                  torch.tensor([newest], device=device))
+        return {"hidden": seen["hidden"][0], "inputs": seen["inputs"][0], "positions": seen["positions"][0]}
 
     def _row_drafts(self, tokens: list[int], max_new_tokens: int, eos: set, seen: dict | None = None) -> list[int]:
         """Up to k drafts after `tokens`, within the row's budget (the verification adds one) and cut
@@ -322,21 +320,59 @@ class DraftVerifyDecoder(RowByRowDecoder):
         model's warped distribution after the drafts before it; the first one refused is replaced
         by a sample of p_i without it (the residual max(p - q, 0), renormalised), and when all are
         kept a bonus token comes from p_k. Each token is then distributed exactly as sampling the
-        full model token by token. One host read: the kept count and the replacement together.
+        full model token by token (`_sampled_rows` on a batch of one: one host read).
         Returned as `verified` is for `_accept`: the kept drafts, then the full model's token."""
-        probabilities = self.warp(block.float()).softmax(-1)  # (drafts + 1, vocabulary)
-        count = len(drafts)
-        if count == 0:
-            return [int(torch.multinomial(probabilities[0], 1))]
-        index = torch.tensor(drafts, device=block.device)
-        kept = torch.rand(count, device=block.device) < probabilities[torch.arange(count), index]
-        accepted = kept.to(torch.int64).cumprod(0).sum()  # drafts kept before the first refusal
-        residual = probabilities[accepted.clamp(max=count)].clone()
-        refused = torch.cat([index, index[:1]])[accepted]  # the refused draft (unused when all were kept)
-        residual[refused] = torch.where(accepted < count, 0.0, residual[refused])
-        replacement = torch.multinomial(residual / residual.sum(), 1)[0]
+        return self._sampled_rows(block[None], [drafts])[0]
+
+    def _sampled_rows(self, block: torch.Tensor, drafts: list[list[int]]) -> list[list[int]]:
+        """`_sampled` for every row at once (block: rows x (k + 1) positions of logits): each row keeps
+        draft i with probability p_i(draft), stops at its first refusal and draws its next token from
+        the residual there (p_k when it kept them all). One host read for the batch."""
+        rows, width = block.shape[:2]
+        probabilities = self.warp(block.reshape(rows * width, -1).float()).softmax(-1).reshape(rows, width, -1)
+        lengths = torch.tensor([len(d) for d in drafts], device=block.device)
+        index = torch.zeros(rows, width, dtype=torch.long)
+        for r, row_drafts in enumerate(drafts):
+            index[r, :len(row_drafts)] = torch.tensor(row_drafts, dtype=torch.long)
+        index = index.to(block.device)
+        drafted = torch.arange(width, device=block.device) < lengths[:, None]  # (rows, width): real drafts
+        chance = probabilities.gather(2, index[..., None])[..., 0]
+        kept = (torch.rand(rows, width, device=block.device) < chance) & drafted
+        accepted = kept.to(torch.int64).cumprod(1).sum(1)  # drafts kept before each row's first refusal
+        residual = probabilities[torch.arange(rows, device=block.device), accepted]
+        refused = index.gather(1, accepted[:, None])  # (unused where every draft was kept)
+        residual = residual.scatter(1, refused, torch.where((accepted < lengths)[:, None], 0.0,
+                                                            residual.gather(1, refused)))
+        total = residual.sum(-1, keepdim=True)
+        replacement = torch.multinomial(residual / total, 1)[:, 0]
         accepted, replacement = torch.stack([accepted, replacement]).tolist()
-        return drafts[:accepted] + [replacement]
+        return [row_drafts[:a] + [t] for row_drafts, a, t in zip(drafts, accepted, replacement)]
+
+    def _batch_states(self, cache, start: int, real: torch.Tensor, newest: torch.Tensor) -> dict:
+        """`_verified_states` for every row at once: of the last forward, which began at cache
+        position `start`, its first `real.shape[1]` positions (`real`: those each row kept, a suffix
+        of the prompt's or a prefix of the round's block), with the embedded input one position
+        after each; after a row's last kept position, its `newest` token (not fed yet). Nothing
+        for a drafter that reads no states."""
+        if not self.drafter.wants_hidden:
+            return {}
+        model = self.model
+        count = real.shape[1]
+        inputs = model.kept_inputs  # (rows, the forward's own positions, width)
+        top = model.kept_top[:, -inputs.shape[1]:][:, :count]
+        positions = cache.positions[:, start:start + count]
+        # each kept column's next kept column (a prompt's padding can sit between two; `count`: none)
+        columns = torch.arange(count, device=real.device).expand_as(real)
+        kept_at = torch.where(real.bool(), columns, count)
+        following = torch.cat([kept_at[:, 1:], kept_at[:, :1].clamp(min=count)], 1)
+        following = following.flip(1).cummin(1).values.flip(1)
+        shifted = inputs[:, :count].gather(1, following.clamp(max=count - 1)[..., None].expand(-1, -1, inputs.shape[2]))
+        # after each row's last kept position comes its newest token, at the position after it
+        last = last_kept(real)
+        after = positions.gather(1, last[:, None]) + 1
+        newest = model.backend.embed(newest[:, None], None, after).to(shifted.dtype)  # (rows, 1, width)
+        shifted = torch.where((following == count)[..., None], newest, shifted)
+        return {"hidden": top, "inputs": shifted, "positions": positions, "real": real}
 
 
 class BatchedDraftVerifyDecoder(DraftVerifyDecoder):
@@ -445,56 +481,6 @@ class BatchedDraftVerifyDecoder(DraftVerifyDecoder):
         for r, row_tokens in enumerate(tokens):
             new_tokens[r, :len(row_tokens)] = torch.tensor(row_tokens, dtype=input_ids.dtype)
         return torch.cat([input_ids, new_tokens], 1)
-
-    def _sampled_rows(self, block: torch.Tensor, drafts: list[list[int]]) -> list[list[int]]:
-        """`_sampled` for every row at once (block: rows x (k + 1) positions of logits): each row keeps
-        draft i with probability p_i(draft), stops at its first refusal and draws its next token from
-        the residual there (p_k when it kept them all). One host read for the batch."""
-        rows, width = block.shape[:2]
-        probabilities = self.warp(block.reshape(rows * width, -1).float()).softmax(-1).reshape(rows, width, -1)
-        lengths = torch.tensor([len(d) for d in drafts], device=block.device)
-        index = torch.zeros(rows, width, dtype=torch.long)
-        for r, row_drafts in enumerate(drafts):
-            index[r, :len(row_drafts)] = torch.tensor(row_drafts, dtype=torch.long)
-        index = index.to(block.device)
-        drafted = torch.arange(width, device=block.device) < lengths[:, None]  # (rows, width): real drafts
-        chance = probabilities.gather(2, index[..., None])[..., 0]
-        kept = (torch.rand(rows, width, device=block.device) < chance) & drafted
-        accepted = kept.to(torch.int64).cumprod(1).sum(1)  # drafts kept before each row's first refusal
-        residual = probabilities[torch.arange(rows, device=block.device), accepted]
-        refused = index.gather(1, accepted[:, None])  # (unused where every draft was kept)
-        residual = residual.scatter(1, refused, torch.where((accepted < lengths)[:, None], 0.0,
-                                                            residual.gather(1, refused)))
-        total = residual.sum(-1, keepdim=True)
-        replacement = torch.multinomial(residual / total, 1)[:, 0]
-        accepted, replacement = torch.stack([accepted, replacement]).tolist()
-        return [row_drafts[:a] + [t] for row_drafts, a, t in zip(drafts, accepted, replacement)]
-
-    def _batch_states(self, cache, start: int, real: torch.Tensor, newest: torch.Tensor) -> dict:
-        """`_verified_states` for every row at once: of the last forward, which began at cache
-        position `start`, its first `real.shape[1]` positions (`real`: those each row kept, a suffix
-        of the prompt's or a prefix of the round's block), with the embedded input one position
-        after each; after a row's last kept position, its `newest` token (not fed yet). Nothing
-        for a drafter that reads no states."""
-        if not self.drafter.wants_hidden:
-            return {}
-        model = self.model
-        count = real.shape[1]
-        inputs = model.kept_inputs  # (rows, the forward's own positions, width)
-        top = model.kept_top[:, -inputs.shape[1]:][:, :count]
-        positions = cache.positions[:, start:start + count]
-        # each kept column's next kept column (a prompt's padding can sit between two; `count`: none)
-        columns = torch.arange(count, device=real.device).expand_as(real)
-        kept_at = torch.where(real.bool(), columns, count)
-        following = torch.cat([kept_at[:, 1:], kept_at[:, :1].clamp(min=count)], 1)
-        following = following.flip(1).cummin(1).values.flip(1)
-        shifted = inputs[:, :count].gather(1, following.clamp(max=count - 1)[..., None].expand(-1, -1, inputs.shape[2]))
-        # after each row's last kept position comes its newest token, at the position after it
-        last = (count - 1 - real.flip(1).argmax(1)).clamp(min=0)
-        after = positions.gather(1, last[:, None]) + 1
-        newest = model.backend.embed(newest[:, None], None, after).to(shifted.dtype)  # (rows, 1, width)
-        shifted = torch.where((following == count)[..., None], newest, shifted)
-        return {"hidden": top, "inputs": shifted, "positions": positions, "real": real}
 
 
 def cut_after_end(drafts: list[int], eos: set) -> list[int]:
